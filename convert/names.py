@@ -1,0 +1,85 @@
+"""Name maps, as data: internal tensor name -> Hugging Face name, GGUF name, and how it splits.
+
+``{i}`` is the layer index and ``{e}`` the expert index (Hugging Face stores experts
+one by one; GGUF stacks them into one 3-D tensor).
+
+Split kinds (see mpillm.partition):
+  replicated  every rank holds all of it
+  vocab_rows  rows of the vocabulary
+  q_rows      rows of this rank's query heads         (column-parallel)
+  kv_rows     rows of the KV heads this rank holds    (column-parallel, replicated where shared)
+  q_cols      columns of this rank's query heads      (row-parallel, then Allreduce)
+  ffn_rows / ffn_cols          dense FFN hidden slice
+  exp_rows / exp_cols          every expert's hidden slice
+"""
+from __future__ import annotations
+
+# internal name, split kind, Hugging Face name, GGUF name
+TENSORS: tuple[tuple[str, str, str, str], ...] = (
+    ("tok_embd", "vocab_rows", "model.embed_tokens.weight", "token_embd.weight"),
+    ("output", "vocab_rows", "lm_head.weight", "output.weight"),
+    ("output_norm", "replicated", "model.norm.weight", "output_norm.weight"),
+    ("layers/{i}/attn_norm", "replicated", "model.layers.{i}.input_layernorm.weight", "blk.{i}.attn_norm.weight"),
+    ("layers/{i}/wq", "q_rows", "model.layers.{i}.self_attn.q_proj.weight", "blk.{i}.attn_q.weight"),
+    ("layers/{i}/wk", "kv_rows", "model.layers.{i}.self_attn.k_proj.weight", "blk.{i}.attn_k.weight"),
+    ("layers/{i}/wv", "kv_rows", "model.layers.{i}.self_attn.v_proj.weight", "blk.{i}.attn_v.weight"),
+    ("layers/{i}/wo", "q_cols", "model.layers.{i}.self_attn.o_proj.weight", "blk.{i}.attn_output.weight"),
+    ("layers/{i}/q_norm", "replicated", "model.layers.{i}.self_attn.q_norm.weight", "blk.{i}.attn_q_norm.weight"),
+    ("layers/{i}/k_norm", "replicated", "model.layers.{i}.self_attn.k_norm.weight", "blk.{i}.attn_k_norm.weight"),
+    ("layers/{i}/ffn_norm", "replicated", "model.layers.{i}.post_attention_layernorm.weight", "blk.{i}.ffn_norm.weight"),
+    ("layers/{i}/w_gate", "ffn_rows", "model.layers.{i}.mlp.gate_proj.weight", "blk.{i}.ffn_gate.weight"),
+    ("layers/{i}/w_up", "ffn_rows", "model.layers.{i}.mlp.up_proj.weight", "blk.{i}.ffn_up.weight"),
+    ("layers/{i}/w_down", "ffn_cols", "model.layers.{i}.mlp.down_proj.weight", "blk.{i}.ffn_down.weight"),
+    ("layers/{i}/router", "replicated", "model.layers.{i}.mlp.gate.weight", "blk.{i}.ffn_gate_inp.weight"),
+    ("layers/{i}/exp_gate", "exp_rows", "model.layers.{i}.mlp.experts.{e}.gate_proj.weight", "blk.{i}.ffn_gate_exps.weight"),
+    ("layers/{i}/exp_up", "exp_rows", "model.layers.{i}.mlp.experts.{e}.up_proj.weight", "blk.{i}.ffn_up_exps.weight"),
+    ("layers/{i}/exp_down", "exp_cols", "model.layers.{i}.mlp.experts.{e}.down_proj.weight", "blk.{i}.ffn_down_exps.weight"),
+)
+
+SPLIT = {name: kind for name, kind, _, _ in TENSORS}
+HF = {name: hf for name, _, hf, _ in TENSORS}
+GGUF = {name: gg for name, _, _, gg in TENSORS}
+
+# which internal tensors each architecture has (per layer names use {i})
+_ATTN = ["layers/{i}/attn_norm", "layers/{i}/wq", "layers/{i}/wk", "layers/{i}/wv", "layers/{i}/wo", "layers/{i}/ffn_norm"]
+_DENSE = ["layers/{i}/w_gate", "layers/{i}/w_up", "layers/{i}/w_down"]
+_MOE = ["layers/{i}/router", "layers/{i}/exp_gate", "layers/{i}/exp_up", "layers/{i}/exp_down"]
+_QK = ["layers/{i}/q_norm", "layers/{i}/k_norm"]
+LAYER_TENSORS = {
+    "llama": _ATTN + _DENSE,
+    "qwen3": _ATTN + _QK + _DENSE,
+    "qwen3moe": _ATTN + _QK + _MOE,
+}
+
+# Hugging Face architectures -> internal architecture
+HF_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "llama",
+    "Qwen3ForCausalLM": "qwen3",
+    "Qwen3MoeForCausalLM": "qwen3moe",
+}
+GGUF_ARCHITECTURES = ("llama", "qwen3", "qwen3moe")
+
+
+def model_tensors(arch: str, n_layers: int, tied: bool) -> list[str]:
+    """Every internal tensor name a model of this architecture has, in file order."""
+    names = ["tok_embd"]
+    for i in range(n_layers):
+        names += [n.format(i=i) for n in LAYER_TENSORS[arch]]
+    names.append("output_norm")
+    if not tied:
+        names.append("output")
+    return names
+
+
+def pattern_of(name: str) -> str:
+    """'layers/7/wq' -> 'layers/{i}/wq'."""
+    parts = name.split("/")
+    if len(parts) == 3 and parts[0] == "layers":
+        return f"layers/{{i}}/{parts[2]}"
+    return name
+
+
+def layer_of(name: str) -> int | None:
+    parts = name.split("/")
+    return int(parts[1]) if len(parts) == 3 else None

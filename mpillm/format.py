@@ -1,0 +1,265 @@
+"""The shard file format: constants, a writer that enforces them, a validating reader.
+
+A converted model is a directory:
+
+  manifest.json           format, version, config, world sizes and their shard files
+  tokenizer.json | tokenizer.model, tokenizer_config.json
+  ws{N}/rank{R}.h5        one HDF5 shard per rank for world size N
+
+A shard holds root attributes (ATTR_*) and one HDF5 group per tensor, named as
+in TENSOR_PATTERNS. The group's attributes give the weight type and logical
+shape; its datasets are the split-layout arrays of mpillm.quant (``qs``, ``d``,
+``m`` or ``w``), contiguous, uncompressed and aligned to 4 KiB so each rank
+memory-maps them (np.memmap at the dataset's file offset) without a copy.
+Expert tensors carry a leading expert axis: shape (n_experts, rows, cols).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import quant
+from .config import ModelConfig
+
+FORMAT_NAME = "mpillm-shard"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "mpillm-model"
+MANIFEST_FILE = "manifest.json"
+ALIGNMENT = 4096
+
+ATTR_FORMAT = "format"
+ATTR_VERSION = "format_version"
+ATTR_WORLD_SIZE = "world_size"
+ATTR_RANK = "rank"
+ATTR_CONFIG = "config"
+ATTR_SLICE = "slice"           # the RankSlice this shard holds, JSON
+T_ATTR_TYPE = "type"
+T_ATTR_SHAPE = "shape"
+
+# Internal tensor names ({i}: layer index). Everything else in a shard is an error.
+TENSOR_PATTERNS = (
+    "tok_embd",            # (vocab_per_partition, dim)  vocabulary-parallel embedding
+    "output",              # (vocab_per_partition, dim)  untied output projection
+    "output_norm",         # (dim,)
+    "layers/{i}/attn_norm",  # (dim,)
+    "layers/{i}/wq",       # (n_heads_per_partition * head_dim, dim)     column-parallel
+    "layers/{i}/wk",       # (n_kv_heads_per_partition * head_dim, dim)
+    "layers/{i}/wv",       # (n_kv_heads_per_partition * head_dim, dim)
+    "layers/{i}/wo",       # (dim, n_heads_per_partition * head_dim)     row-parallel
+    "layers/{i}/q_norm",   # (head_dim,)  Qwen3
+    "layers/{i}/k_norm",   # (head_dim,)  Qwen3
+    "layers/{i}/ffn_norm",  # (dim,)
+    "layers/{i}/w_gate",   # (ffn_per_partition, dim)                    column-parallel
+    "layers/{i}/w_up",     # (ffn_per_partition, dim)
+    "layers/{i}/w_down",   # (dim, ffn_per_partition)                    row-parallel
+    "layers/{i}/router",   # (n_experts, dim)  replicated
+    "layers/{i}/exp_gate",  # (n_experts, expert_ffn_per_partition, dim)
+    "layers/{i}/exp_up",   # (n_experts, expert_ffn_per_partition, dim)
+    "layers/{i}/exp_down",  # (n_experts, dim, expert_ffn_per_partition)
+)
+_NAME_RE = re.compile("^(" + "|".join(p.replace("{i}", r"\d+") for p in TENSOR_PATTERNS) + ")$")
+
+
+def shard_relpath(world_size: int, rank: int) -> str:
+    return f"ws{world_size}/rank{rank}.h5"
+
+
+def check_name(name: str) -> None:
+    if not _NAME_RE.match(name):
+        raise ValueError(f"unknown tensor name {name!r}")
+
+
+@dataclass
+class Tensor:
+    """One weight: its type, logical shape and split-layout arrays (memory-mapped when read)."""
+    name: str
+    wtype: str
+    shape: tuple[int, ...]          # (rows, cols), (n,) for vectors, (E, rows, cols) for experts
+    arrays: dict[str, np.ndarray]
+
+    @property
+    def rows(self) -> int:
+        return self.shape[-2] if len(self.shape) >= 2 else 1
+
+    @property
+    def cols(self) -> int:
+        return self.shape[-1]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays.values())
+
+
+def expected_arrays(wtype: str, shape: tuple[int, ...]) -> dict[str, tuple[tuple[int, ...], str]]:
+    if len(shape) == 1:
+        if wtype not in ("f32", "f16"):
+            raise ValueError(f"vectors are stored as f32 or f16, got {wtype}")
+        return {"w": (tuple(shape), quant.ARRAYS[wtype][0][1])}
+    lead, (rows, cols) = tuple(shape[:-2]), shape[-2:]
+    return {k: (lead + s, dt) for k, (s, dt) in quant.array_shapes(wtype, rows, cols).items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# writing
+# ----------------------------------------------------------------------------------------------
+class ShardWriter:
+    """Writes one shard; the file appears under its final name only when closed successfully."""
+
+    def __init__(self, path: Path, cfg: ModelConfig, world_size: int, rank: int, slice_json: str):
+        import h5py
+
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.path.with_name(self.path.name + f".tmp{os.getpid()}")
+        self.f = h5py.File(self.tmp, "w", alignment_threshold=ALIGNMENT, alignment_interval=ALIGNMENT)
+        self.f.attrs[ATTR_FORMAT] = FORMAT_NAME
+        self.f.attrs[ATTR_VERSION] = FORMAT_VERSION
+        self.f.attrs[ATTR_WORLD_SIZE] = world_size
+        self.f.attrs[ATTR_RANK] = rank
+        self.f.attrs[ATTR_CONFIG] = cfg.to_json()
+        self.f.attrs[ATTR_SLICE] = slice_json
+
+    def add(self, name: str, wtype: str, shape: tuple[int, ...], arrays: dict[str, np.ndarray]) -> None:
+        check_name(name)
+        want = expected_arrays(wtype, tuple(shape))
+        if set(want) != set(arrays):
+            raise ValueError(f"{name}: {wtype} needs arrays {sorted(want)}, got {sorted(arrays)}")
+        g = self.f.create_group(name)
+        g.attrs[T_ATTR_TYPE] = wtype
+        g.attrs[T_ATTR_SHAPE] = np.asarray(shape, dtype=np.int64)
+        for key, (s, dt) in want.items():
+            a = np.ascontiguousarray(arrays[key], dtype=dt)
+            if a.shape != s:
+                raise ValueError(f"{name}/{key}: expected shape {s}, got {a.shape}")
+            # data= makes the dataset contiguous and allocated, so it has a file offset
+            g.create_dataset(key, data=a if a.size else None, shape=s, dtype=dt)
+
+    def close(self) -> None:
+        self.f.close()
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        try:
+            self.f.close()
+        finally:
+            self.tmp.unlink(missing_ok=True)
+
+
+def write_manifest(model_dir: Path, cfg: ModelConfig, world_sizes: list[int], source: str, extra: dict | None = None) -> None:
+    """Create or update manifest.json, merging world sizes converted earlier."""
+    path = Path(model_dir) / MANIFEST_FILE
+    old = read_manifest(model_dir) if path.exists() else None
+    sizes = set(world_sizes) | set(old["world_sizes"] if old else [])
+    if old and old["config"] != cfg.to_dict():
+        sizes = set(world_sizes)  # a different model in the same directory: drop the stale sizes
+    m = {"format": MANIFEST_NAME, "format_version": FORMAT_VERSION, "config": cfg.to_dict(),
+         "world_sizes": sorted(sizes), "source": source, **(extra or {})}
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(m, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def read_manifest(model_dir: Path) -> dict:
+    path = Path(model_dir) / MANIFEST_FILE
+    if not Path(model_dir).is_dir():
+        raise ValueError(f"model directory {model_dir} does not exist")
+    if not path.exists():
+        raise ValueError(f"{model_dir} is not a converted mpillm model (no {MANIFEST_FILE}); "
+                         f"convert it with `python -m convert`")
+    try:
+        m = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is corrupt: {e}") from None
+    if m.get("format") != MANIFEST_NAME:
+        raise ValueError(f"{path}: not an mpillm manifest")
+    if m.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: format version {m.get('format_version')}, this mpillm reads {FORMAT_VERSION}; reconvert")
+    ModelConfig.from_dict(m["config"])  # validates
+    return m
+
+
+# ----------------------------------------------------------------------------------------------
+# reading
+# ----------------------------------------------------------------------------------------------
+class Shard:
+    """A rank's shard, opened read-only with every tensor memory-mapped."""
+
+    def __init__(self, path: Path, world_size: int, rank: int):
+        self.path = Path(path)
+        self.tensors: dict[str, Tensor] = {}
+        if not self.path.exists():
+            raise ValueError(f"shard file {self.path} is missing")
+        import h5py
+
+        try:
+            f = h5py.File(self.path, "r")
+        except OSError as e:
+            raise ValueError(f"shard file {self.path} is corrupt or not HDF5 ({e})") from None
+        size = self.path.stat().st_size
+        with f:
+            try:
+                attrs = dict(f.attrs)
+            except Exception as e:  # noqa: BLE001 - h5py raises several types for damaged headers
+                raise ValueError(f"shard file {self.path} is corrupt ({e})") from None
+            if attrs.get(ATTR_FORMAT) != FORMAT_NAME:
+                raise ValueError(f"{self.path} is not an mpillm shard (format attribute {attrs.get(ATTR_FORMAT)!r})")
+            if int(attrs.get(ATTR_VERSION, -1)) != FORMAT_VERSION:
+                raise ValueError(f"{self.path}: format version {attrs.get(ATTR_VERSION)}, expected {FORMAT_VERSION}")
+            ws, rk = int(attrs[ATTR_WORLD_SIZE]), int(attrs[ATTR_RANK])
+            if ws != world_size or rk != rank:
+                raise ValueError(f"{self.path} was converted for world size {ws} rank {rk}, "
+                                 f"but this is rank {rank} of {world_size}")
+            self.config = ModelConfig.from_json(attrs[ATTR_CONFIG])
+            self.slice = json.loads(attrs[ATTR_SLICE])
+            try:
+                f.visititems(lambda n, obj: self._map(n, obj, size))
+            except ValueError:
+                raise
+            except Exception as e:  # noqa: BLE001
+                raise ValueError(f"shard file {self.path} is corrupt ({e})") from None
+
+    def _map(self, name: str, obj, file_size: int) -> None:
+        import h5py
+
+        if not isinstance(obj, h5py.Group) or T_ATTR_TYPE not in obj.attrs:
+            return
+        check_name(name)
+        wtype = str(obj.attrs[T_ATTR_TYPE])
+        shape = tuple(int(s) for s in obj.attrs[T_ATTR_SHAPE])
+        want = expected_arrays(wtype, shape)
+        arrays = {}
+        for key, (s, dt) in want.items():
+            if key not in obj:
+                raise ValueError(f"{self.path}: tensor {name} lacks its {key!r} array")
+            ds = obj[key]
+            if ds.shape != s or ds.dtype != np.dtype(dt):
+                raise ValueError(f"{self.path}: {name}/{key} has shape {ds.shape} {ds.dtype}, expected {s} {dt}")
+            if ds.size == 0:
+                arrays[key] = np.zeros(s, dtype=dt)
+                continue
+            off = ds.id.get_offset()
+            if off is None or ds.chunks is not None or ds.compression is not None:
+                raise ValueError(f"{self.path}: {name}/{key} is not a contiguous dataset; reconvert")
+            if off + ds.nbytes > file_size:
+                raise ValueError(f"shard file {self.path} is truncated ({name}/{key} ends at byte "
+                                 f"{off + ds.nbytes}, file has {file_size})")
+            arrays[key] = np.memmap(self.path, dtype=dt, mode="r", offset=off, shape=s)
+        self.tensors[name] = Tensor(name, wtype, shape, arrays)
+
+    def get(self, name: str) -> Tensor:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise ValueError(f"{self.path}: tensor {name} is missing") from None
+
+    def has(self, name: str) -> bool:
+        return name in self.tensors
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())

@@ -1,0 +1,246 @@
+"""The transformer forward pass of one tensor-parallel rank.
+
+Per layer (llama / qwen3 / qwen3moe share these blocks):
+
+  rmsnorm -> wq, wk, wv (column-parallel: this rank's heads) [-> q/k head norm] -> RoPE
+  -> attention over this rank's KV cache -> wo (row-parallel) -> Allreduce #1 -> residual
+  rmsnorm -> w_gate, w_up (column-parallel) -> SiLU * up -> w_down (row-parallel)
+          |  or MoE: router (replicated) -> top-k experts, each a slice of its hidden size
+  -> Allreduce #2 -> residual
+
+The embedding and output projection are vocabulary-parallel (rows of the vocabulary);
+the embedding is joined by an Allreduce, the logits are gathered by the engine.
+All buffers are allocated once in ``__init__``; ``forward`` allocates no arrays.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from mpi4py import MPI
+
+from . import kernels, ops
+from .format import Shard, Tensor
+from .partition import RankSlice
+from .quant import QK, QUANTIZED
+
+
+@dataclass
+class CommStats:
+    seconds: float = 0.0       # wall time inside collectives (includes waiting for slower ranks)
+    payload_bytes: int = 0     # bytes handed to Allreduce on this rank
+    calls: int = 0
+
+    def reset(self) -> None:
+        self.seconds, self.payload_bytes, self.calls = 0.0, 0, 0
+
+
+class Acts:
+    """An activation buffer and its q8_0 quantization, for one input width K."""
+
+    def __init__(self, x: np.ndarray):
+        T, K = x.shape
+        self.x = x                                            # (T, K) f32
+        self.xq = np.zeros((T, K), np.int8)                   # (T, K)
+        self.xd = np.zeros((T, max(K // QK, 1)), np.float32)  # (T, K / 32)
+        self.xsum = np.zeros((T, max(K // QK, 1)), np.int32)  # (T, K / 32)
+        self.quantizable = K % QK == 0
+
+    def quantize(self, T: int) -> None:
+        if self.quantizable:
+            kernels.quantize_q8_0(self.x[:T], self.xq[:T], self.xd[:T], self.xsum[:T])
+
+
+class Linear:
+    """y = x W^T for one stored weight (an expert's slice when ``index`` is given)."""
+
+    def __init__(self, t: Tensor, index: int | None = None):
+        a = t.arrays if index is None else {k: v[index] for k, v in t.arrays.items()}
+        self.wtype, self.rows, self.cols = t.wtype, t.shape[-2], t.shape[-1]
+        self.quantized = self.wtype in QUANTIZED
+        self.fn = {"q4_0": kernels.matmul_q4_0_q8_0, "q4_1": kernels.matmul_q4_1_q8_0,
+                   "q8_0": kernels.matmul_q8_0_q8_0, "f16": kernels.matmul_f16_f32,
+                   "f32": kernels.matmul_f32_f32}[self.wtype]
+        self.w = {"q4_0": ("qs", "d"), "q4_1": ("qs", "d", "m"), "q8_0": ("qs", "d"),
+                  "f16": ("w",), "f32": ("w",)}[self.wtype]
+        self.w = tuple(a[k] for k in self.w)
+        self.nbytes = sum(x.nbytes for x in self.w)
+
+    def __call__(self, a: Acts, T: int, out: np.ndarray) -> None:
+        if self.rows == 0:
+            return
+        if self.quantized:
+            self.fn(*self.w, a.xq[:T], a.xd[:T], a.xsum[:T], out[:T])
+        else:
+            self.fn(*self.w, a.x[:T], out[:T])
+
+
+def _vec(t: Tensor) -> np.ndarray:
+    return np.ascontiguousarray(t.arrays["w"], dtype=np.float32)
+
+
+class Layer:
+    def __init__(self, shard: Shard, i: int, moe: bool, qk_norm: bool):
+        g = lambda n: shard.get(f"layers/{i}/{n}")  # noqa: E731
+        self.attn_norm = _vec(g("attn_norm"))  # (dim,)
+        self.ffn_norm = _vec(g("ffn_norm"))    # (dim,)
+        self.wq = Linear(g("wq"))              # (n_heads_per_partition * hd, dim)
+        self.wk = Linear(g("wk"))              # (n_kv_heads_per_partition * hd, dim)
+        self.wv = Linear(g("wv"))              # (n_kv_heads_per_partition * hd, dim)
+        self.wo = Linear(g("wo"))              # (dim, n_heads_per_partition * hd)
+        self.q_norm = _vec(g("q_norm")) if qk_norm else None  # (hd,)
+        self.k_norm = _vec(g("k_norm")) if qk_norm else None  # (hd,)
+        if moe:
+            self.router = Linear(g("router"))  # (n_experts, dim) replicated
+            E = g("exp_gate").shape[0]
+            self.exp_gate = [Linear(g("exp_gate"), e) for e in range(E)]  # (expert_ffn_per_partition, dim)
+            self.exp_up = [Linear(g("exp_up"), e) for e in range(E)]      # (expert_ffn_per_partition, dim)
+            self.exp_down = [Linear(g("exp_down"), e) for e in range(E)]  # (dim, expert_ffn_per_partition)
+        else:
+            self.w_gate = Linear(g("w_gate"))  # (ffn_per_partition, dim)
+            self.w_up = Linear(g("w_up"))      # (ffn_per_partition, dim)
+            self.w_down = Linear(g("w_down"))  # (dim, ffn_per_partition)
+
+
+class Transformer:
+    def __init__(self, shard: Shard, comm: MPI.Comm, max_seq_len: int, max_batch: int = 64):
+        cfg = self.cfg = shard.config
+        rs = self.slice = RankSlice(**{k: tuple(v) if isinstance(v, list) else v for k, v in shard.slice.items()})
+        self.comm, self.tp_size = comm, comm.Get_size()
+        self.max_seq_len, self.max_batch = max_seq_len, max_batch
+        hd = cfg.head_dim
+        nh, nkv = rs.n_heads_per_partition, rs.n_kv_heads_per_partition
+        ffn = rs.expert_ffn_per_partition if cfg.is_moe else rs.ffn_per_partition
+
+        # weights (memory-mapped)
+        self.tok_embd = shard.get("tok_embd")  # (vocab_per_partition, dim)
+        self.embd_arrays = {k: (v.view(np.uint16) if v.dtype == np.float16 else v)
+                            for k, v in self.tok_embd.arrays.items()}
+        self.output = Linear(self.tok_embd if cfg.tied_embeddings else shard.get("output"))  # (vocab_pp, dim)
+        self.output_norm = _vec(shard.get("output_norm"))  # (dim,)
+        self.layers = [Layer(shard, i, cfg.is_moe, cfg.qk_norm) for i in range(cfg.n_layers)]
+        self.weight_bytes = shard.nbytes
+
+        # which local KV head each local query head reads
+        self.kv_of_head = np.array([(rs.heads[0] + h) // cfg.group_size - rs.kv_heads[0] for h in range(nh)], np.int64)
+        self.cos, self.sin = ops.rope_tables(max_seq_len, hd, cfg.rope_theta)  # (S, hd/2)
+
+        # run state, allocated once (T = max_batch)
+        B, D = max_batch, cfg.dim
+        self.x = np.zeros((B, D), np.float32)             # (T, dim) residual stream
+        self.xb = Acts(np.zeros((B, D), np.float32))      # (T, dim) normed input of a block
+        self.q = np.zeros((B, nh * hd), np.float32)       # (T, n_heads_pp * hd)
+        self.k = np.zeros((B, nkv * hd), np.float32)      # (T, n_kv_pp * hd)
+        self.v = np.zeros((B, nkv * hd), np.float32)      # (T, n_kv_pp * hd)
+        self.att = Acts(np.zeros((B, nh * hd), np.float32))  # (T, n_heads_pp * hd) attention output
+        self.scores = np.zeros((max(nh, 1), max_seq_len), np.float32)  # (n_heads_pp, S)
+        self.gate = np.zeros((B, ffn), np.float32)        # (T, ffn_pp)
+        self.up = np.zeros((B, ffn), np.float32)          # (T, ffn_pp)
+        self.hb = Acts(np.zeros((B, ffn), np.float32))    # (T, ffn_pp) SiLU(gate) * up
+        self.partial = np.zeros((B, D), np.float32)       # (T, dim) row-parallel partial sums -> Allreduce
+        self.logits = np.zeros((B, rs.vocab_per_partition), np.float32)  # (T, vocab_pp)
+        # KV cache: (layer, n_kv_pp, S, hd)
+        self.k_cache = np.zeros((cfg.n_layers, nkv, max_seq_len, hd), np.float32)
+        self.v_cache = np.zeros((cfg.n_layers, nkv, max_seq_len, hd), np.float32)
+        if cfg.is_moe:
+            E, K = cfg.n_experts, cfg.n_experts_used
+            self.router_logits = np.zeros((B, E), np.float32)  # (T, n_experts)
+            self.topk_idx = np.zeros((B, K), np.int64)         # (T, top_k)
+            self.topk_w = np.zeros((B, K), np.float32)         # (T, top_k)
+            self.xe = Acts(np.zeros((B, D), np.float32))       # (T_e, dim) tokens routed to one expert
+            self.ye = np.zeros((B, D), np.float32)             # (T_e, dim) that expert's partial output
+            self.rows_e = np.zeros(B, np.int64)                # token rows routed to the expert
+        self.stats = CommStats()
+
+    # ------------------------------------------------------------------------------------------
+    def allreduce(self, buf: np.ndarray) -> None:
+        """Sum a row-parallel partial result over all ranks, in place."""
+        if self.tp_size == 1:
+            return
+        t0 = time.perf_counter()
+        self.comm.Allreduce(MPI.IN_PLACE, buf)
+        self.stats.seconds += time.perf_counter() - t0
+        self.stats.payload_bytes += buf.nbytes
+        self.stats.calls += 1
+
+    def forward(self, tokens: np.ndarray, pos: int, all_logits: bool = False) -> np.ndarray:
+        """Run T = len(tokens) tokens at positions pos.. and return this rank's logits slice:
+        (T, vocab_pp) when ``all_logits`` else (1, vocab_pp) for the last token."""
+        T, cfg = len(tokens), self.cfg
+        if T > self.max_batch:
+            raise ValueError(f"batch of {T} tokens exceeds max_batch {self.max_batch}")
+        if pos + T > self.max_seq_len:
+            raise ValueError(f"position {pos + T} exceeds --max-seq-len {self.max_seq_len}")
+        x = self.x[:T]
+        ops.embed(self.tok_embd.wtype, self.embd_arrays, tokens, self.slice.vocab[0], x)
+        self.allreduce(x)  # vocabulary-parallel embedding: each row comes from one rank
+        for li, L in enumerate(self.layers):
+            self._attention(L, li, T, pos)
+            if cfg.is_moe:
+                self._moe(L, T)
+            else:
+                self._ffn(L, T)
+        if all_logits:
+            ops.rmsnorm(x, self.output_norm, cfg.norm_eps, self.xb.x[:T])
+            self.xb.quantize(T)
+            self.output(self.xb, T, self.logits)
+            return self.logits[:T]
+        ops.rmsnorm(self.x[T - 1:T], self.output_norm, cfg.norm_eps, self.xb.x[:1])
+        self.xb.quantize(1)
+        self.output(self.xb, 1, self.logits)
+        return self.logits[:1]
+
+    def _attention(self, L: Layer, li: int, T: int, pos: int) -> None:
+        cfg, hd = self.cfg, self.cfg.head_dim
+        ops.rmsnorm(self.x[:T], L.attn_norm, cfg.norm_eps, self.xb.x[:T])
+        self.xb.quantize(T)
+        L.wq(self.xb, T, self.q)
+        L.wk(self.xb, T, self.k)
+        L.wv(self.xb, T, self.v)
+        q, k = self.q[:T], self.k[:T]
+        if L.q_norm is not None:
+            ops.rmsnorm_heads(q, L.q_norm, cfg.norm_eps, hd)
+            ops.rmsnorm_heads(k, L.k_norm, cfg.norm_eps, hd)
+        ops.rope_neox(q, pos, hd, self.cos, self.sin)
+        ops.rope_neox(k, pos, hd, self.cos, self.sin)
+        ops.store_kv(k, self.v[:T], self.k_cache[li], self.v_cache[li], pos, hd)
+        ops.attention(q, self.k_cache[li], self.v_cache[li], pos, hd, self.kv_of_head, self.scores, self.att.x[:T])
+        self.att.quantize(T)
+        L.wo(self.att, T, self.partial)
+        self.allreduce(self.partial[:T])  # Allreduce #1: attention output projection
+        ops.add_inplace(self.x[:T], self.partial[:T])
+
+    def _ffn(self, L: Layer, T: int) -> None:
+        ops.rmsnorm(self.x[:T], L.ffn_norm, self.cfg.norm_eps, self.xb.x[:T])
+        self.xb.quantize(T)
+        L.w_gate(self.xb, T, self.gate)
+        L.w_up(self.xb, T, self.up)
+        ops.silu_mul(self.gate[:T], self.up[:T], self.hb.x[:T])
+        self.hb.quantize(T)
+        L.w_down(self.hb, T, self.partial)
+        self.allreduce(self.partial[:T])  # Allreduce #2: FFN down projection
+        ops.add_inplace(self.x[:T], self.partial[:T])
+
+    def _moe(self, L: Layer, T: int) -> None:
+        cfg = self.cfg
+        ops.rmsnorm(self.x[:T], L.ffn_norm, cfg.norm_eps, self.xb.x[:T])
+        self.xb.quantize(T)
+        L.router(self.xb, T, self.router_logits)
+        ops.route_topk(self.router_logits[:T], cfg.norm_topk_prob, self.topk_idx[:T], self.topk_w[:T])
+        out = self.partial[:T]
+        out[:] = 0.0
+        # group the batch's tokens by expert so each expert's weights are read once per batch
+        for e in np.unique(self.topk_idx[:T]):
+            n = ops.gather_expert_rows(self.topk_idx[:T], e, self.rows_e)
+            rows = self.rows_e[:n]
+            ops.gather_rows(self.xb.x, rows, self.xe.x)
+            self.xe.quantize(n)
+            L.exp_gate[e](self.xe, n, self.gate)
+            L.exp_up[e](self.xe, n, self.up)
+            ops.silu_mul(self.gate[:n], self.up[:n], self.hb.x[:n])
+            self.hb.quantize(n)
+            L.exp_down[e](self.hb, n, self.ye)
+            ops.scatter_add_weighted(self.ye, rows, self.topk_idx[:T], self.topk_w[:T], e, out)
+        self.allreduce(out)  # Allreduce #2: the MoE block's summed expert outputs
+        ops.add_inplace(self.x[:T], out)

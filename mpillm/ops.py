@@ -1,0 +1,271 @@
+"""The non-matmul layer operations, numba-jitted: RMSNorm, RoPE, attention, SiLU gate, embedding rows.
+
+Every function writes into buffers the caller allocated once; none allocates.
+Shapes: T tokens in the batch, hd head size, S the KV cache length.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, prange
+
+
+@njit(cache=True, fastmath=True)
+def rmsnorm(x, w, eps, out):
+    """x (T, n) -> out (T, n) = x / rms(x) * w."""
+    T, n = x.shape
+    for t in range(T):
+        ss = np.float32(0.0)
+        for i in range(n):
+            ss += x[t, i] * x[t, i]
+        inv = np.float32(1.0) / np.sqrt(ss / np.float32(n) + np.float32(eps))
+        for i in range(n):
+            out[t, i] = x[t, i] * inv * w[i]
+
+
+@njit(cache=True, fastmath=True)
+def rmsnorm_heads(x, w, eps, hd):
+    """In-place per-head RMSNorm (Qwen3 q_norm/k_norm): x (T, n_heads * hd), w (hd,)."""
+    T, n = x.shape
+    for t in range(T):
+        for h0 in range(0, n, hd):
+            ss = np.float32(0.0)
+            for i in range(hd):
+                ss += x[t, h0 + i] * x[t, h0 + i]
+            inv = np.float32(1.0) / np.sqrt(ss / np.float32(hd) + np.float32(eps))
+            for i in range(hd):
+                x[t, h0 + i] = x[t, h0 + i] * inv * w[i]
+
+
+def rope_tables(max_seq: int, hd: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin (max_seq, hd // 2) in float32, computed in float64 (frequencies theta^(-2j/hd))."""
+    inv_freq = 1.0 / (theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd))
+    ang = np.outer(np.arange(max_seq, dtype=np.float64), inv_freq)
+    return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+
+
+@njit(cache=True, fastmath=True)
+def rope_neox(x, pos0, hd, cos, sin):
+    """In-place NeoX-style RoPE (pairs i, i + hd/2) on x (T, n_heads * hd) at positions pos0 + t."""
+    T, n = x.shape
+    half = hd // 2
+    for t in range(T):
+        p = pos0 + t
+        for h0 in range(0, n, hd):
+            for i in range(half):
+                c = cos[p, i]
+                s = sin[p, i]
+                a = x[t, h0 + i]
+                b = x[t, h0 + half + i]
+                x[t, h0 + i] = a * c - b * s
+                x[t, h0 + half + i] = b * c + a * s
+
+
+@njit(cache=True)
+def store_kv(k, v, kc, vc, pos0, hd):
+    """Copy k, v (T, n_kv * hd) into the layer's caches kc, vc (n_kv, S, hd) at pos0.."""
+    T, n = k.shape
+    for t in range(T):
+        for h in range(n // hd):
+            for i in range(hd):
+                kc[h, pos0 + t, i] = k[t, h * hd + i]
+                vc[h, pos0 + t, i] = v[t, h * hd + i]
+
+
+@njit(cache=True, fastmath=True, parallel=True)
+def attention(q, kc, vc, pos0, hd, kv_of_head, scores, out):
+    """Causal attention for T new tokens at positions pos0..pos0+T-1.
+
+    q (T, nh * hd); kc, vc (n_kv, S, hd); kv_of_head (nh,) local KV index of each local
+    query head; scores (nh, S) scratch; out (T, nh * hd).
+    """
+    T = q.shape[0]
+    nh = q.shape[1] // hd
+    scale = np.float32(1.0 / math.sqrt(hd))
+    for h in prange(nh):
+        kv = kv_of_head[h]
+        for t in range(T):
+            n_ctx = pos0 + t + 1
+            mx = np.float32(-np.inf)
+            for p in range(n_ctx):
+                s = np.float32(0.0)
+                for i in range(hd):
+                    s += q[t, h * hd + i] * kc[kv, p, i]
+                s *= scale
+                scores[h, p] = s
+                if s > mx:
+                    mx = s
+            tot = np.float32(0.0)
+            for p in range(n_ctx):
+                e = np.exp(scores[h, p] - mx)
+                scores[h, p] = e
+                tot += e
+            inv = np.float32(1.0) / tot
+            for i in range(hd):
+                out[t, h * hd + i] = 0.0
+            for p in range(n_ctx):
+                w = scores[h, p] * inv
+                for i in range(hd):
+                    out[t, h * hd + i] += w * vc[kv, p, i]
+
+
+@njit(cache=True, fastmath=True)
+def silu_mul(g, u, out):
+    """out = silu(g) * u, all (T, n)."""
+    T, n = g.shape
+    for t in range(T):
+        for i in range(n):
+            x = g[t, i]
+            out[t, i] = x / (np.float32(1.0) + np.exp(-x)) * u[t, i]
+
+
+@njit(cache=True)
+def add_inplace(x, y):
+    T, n = x.shape
+    for t in range(T):
+        for i in range(n):
+            x[t, i] += y[t, i]
+
+
+@njit(cache=True, inline="always")
+def half_to_float(h):
+    """IEEE fp16 bits (uint16) -> float32 (numba has no float16 type)."""
+    h = np.int32(h)
+    e = (h >> 10) & 0x1F
+    m = np.float32(h & 0x3FF)
+    if e == 0:
+        v = m * np.float32(2.0 ** -24)
+    elif e == 31:
+        v = np.float32(np.inf) if m == 0 else np.float32(np.nan)
+    else:
+        v = (np.float32(1.0) + m * np.float32(1.0 / 1024.0)) * np.float32(2.0) ** np.float32(e - 15)
+    return -v if h & 0x8000 else v
+
+
+# --- embedding rows of the vocabulary-parallel table (rows outside this rank's slice stay zero) ---
+@njit(cache=True)
+def embed_q8_0(tokens, v0, qs, d, out):
+    T, n = out.shape
+    for t in range(T):
+        r = tokens[t] - v0
+        for i in range(n):
+            out[t, i] = 0.0
+        if 0 <= r < qs.shape[0]:
+            for i in range(n):
+                out[t, i] = half_to_float(d[r, i // 32]) * np.float32(qs[r, i])
+
+
+@njit(cache=True)
+def _embed_q4(tokens, v0, qs, d, m, has_min, out):
+    T, n = out.shape
+    for t in range(T):
+        r = tokens[t] - v0
+        for i in range(n):
+            out[t, i] = 0.0
+        if 0 <= r < qs.shape[0]:
+            for b in range(n // 32):
+                sc = half_to_float(d[r, b])
+                mn = half_to_float(m[r, b]) if has_min else np.float32(-8.0) * sc
+                for j in range(16):
+                    byte = qs[r, b * 16 + j]
+                    out[t, b * 32 + j] = sc * np.float32(byte & 15) + mn
+                    out[t, b * 32 + j + 16] = sc * np.float32(byte >> 4) + mn
+
+
+@njit(cache=True)
+def embed_f32(tokens, v0, w, out):
+    T, n = out.shape
+    for t in range(T):
+        r = tokens[t] - v0
+        for i in range(n):
+            out[t, i] = w[r, i] if 0 <= r < w.shape[0] else np.float32(0.0)
+
+
+@njit(cache=True)
+def embed_f16(tokens, v0, w, out):
+    T, n = out.shape
+    for t in range(T):
+        r = tokens[t] - v0
+        for i in range(n):
+            out[t, i] = half_to_float(w[r, i]) if 0 <= r < w.shape[0] else np.float32(0.0)
+
+
+def embed(wtype: str, a: dict, tokens: np.ndarray, v0: int, out: np.ndarray) -> None:
+    """Rows ``tokens`` of an embedding table holding vocabulary rows [v0, v0 + rows) into out (T, dim).
+    ``a``: the table's split-layout arrays with fp16 arrays viewed as uint16."""
+    if wtype == "q8_0":
+        embed_q8_0(tokens, v0, a["qs"], a["d"], out)
+    elif wtype == "q4_0":
+        _embed_q4(tokens, v0, a["qs"], a["d"], a["d"], False, out)
+    elif wtype == "q4_1":
+        _embed_q4(tokens, v0, a["qs"], a["d"], a["m"], True, out)
+    elif wtype == "f16":
+        embed_f16(tokens, v0, a["w"], out)
+    else:
+        embed_f32(tokens, v0, a["w"], out)
+
+
+# --- mixture of experts ---
+@njit(cache=True)
+def route_topk(logits, renormalize, idx, w):
+    """Softmax over experts, keep the top k (ties: lower index first), optionally renormalized.
+    logits (T, E); idx (T, k) expert ids by descending probability; w (T, k) their weights."""
+    T, E = logits.shape
+    k = idx.shape[1]
+    for t in range(T):
+        mx = logits[t, 0]
+        for e in range(1, E):
+            mx = max(mx, logits[t, e])
+        tot = 0.0
+        for e in range(E):
+            tot += math.exp(logits[t, e] - mx)
+        for j in range(k):
+            best = -1
+            for e in range(E):
+                taken = False
+                for jj in range(j):
+                    if idx[t, jj] == e:
+                        taken = True
+                if not taken and (best < 0 or logits[t, e] > logits[t, best]):
+                    best = e
+            idx[t, j] = best
+            w[t, j] = math.exp(logits[t, best] - mx) / tot
+        if renormalize:
+            s = 0.0
+            for j in range(k):
+                s += w[t, j]
+            for j in range(k):
+                w[t, j] /= s
+
+
+@njit(cache=True)
+def gather_expert_rows(idx, e, rows):
+    """Token rows whose top-k includes expert e -> rows[:n]; returns n."""
+    n = 0
+    for t in range(idx.shape[0]):
+        for j in range(idx.shape[1]):
+            if idx[t, j] == e:
+                rows[n] = t
+                n += 1
+                break
+    return n
+
+
+@njit(cache=True)
+def gather_rows(src, rows, dst):
+    for r in range(rows.shape[0]):
+        dst[r, :] = src[rows[r], :]
+
+
+@njit(cache=True)
+def scatter_add_weighted(y, rows, idx, w, e, out):
+    """out[rows[r]] += weight of expert e for that token * y[r]."""
+    for r in range(rows.shape[0]):
+        t = rows[r]
+        wt = np.float32(0.0)
+        for j in range(idx.shape[1]):
+            if idx[t, j] == e:
+                wt = w[t, j]
+        for i in range(out.shape[1]):
+            out[t, i] += wt * y[r, i]
