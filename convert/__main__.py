@@ -44,9 +44,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rank", type=int, nargs="+", default=None,
                    help="write only these ranks' shards (e.g. each node converts its own)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-tokenizer", action="store_true", help="do not write a tokenizer (weights only)")
     a = p.parse_args(argv)
     try:
-        convert(a.src, a.out, a.world_size, a.weight_type, a.rank, progress=not a.no_progress)
+        convert(a.src, a.out, a.world_size, a.weight_type, a.rank, progress=not a.no_progress,
+                tokenizer=not a.no_tokenizer)
     except ValueError as e:
         print(f"convert: error: {e}", file=sys.stderr)
         return 2

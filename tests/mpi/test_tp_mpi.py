@@ -1,0 +1,119 @@
+"""Tensor-parallel correctness, run inside ``mpirun -np N python -m pytest --with-mpi tests/mpi``
+for N = 1, 2, 3, 4 (tests/test_mpi_suite.py launches them with a timeout).
+
+Oracles: the Hugging Face transformers logits committed in tests/fixtures, and the
+single-rank result computed in the same job on rank 0 (COMM_SELF, world-size-1 shards).
+"""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mpi4py import MPI
+
+from mpillm.engine import Engine
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+comm = MPI.COMM_WORLD
+rank, size = comm.Get_rank(), comm.Get_size()
+
+# Relative RMS error of the logits against transformers' float32 logits, per weight type.
+# f32 is exact up to float rounding. Rounding the weights of these random N(0, 0.08^2)
+# models to 4 bits alone moves their logits by ~30% (measured with the float64
+# fake-quantized reference in tests/reference.py), to 8 bits by ~2%; the kernels'
+# q8_0 activations add ~2% (test_quantized_against_fake_quant pins that part down).
+TOLERANCE = {"f32": 1e-4, "f16": 3e-3, "q8_0": 6e-2, "q4_0": 0.45, "q4_1": 0.45}
+# np=N against np=1 with the same weights: only the Allreduce summation order differs, which
+# can flip a q8_0 activation rounding and so move logits by up to the activation-noise level.
+CROSS_RANK = {"f32": 1e-5, "f16": 1e-5, "q8_0": 3e-2, "q4_0": 3e-2, "q4_1": 3e-2}
+
+
+def shared_tmpdir() -> Path:
+    d = tempfile.mkdtemp(prefix="mpillm-test-") if rank == 0 else None
+    return Path(comm.bcast(d, root=0))
+
+
+def convert_on_rank0(src: Path, out: Path, sizes: list[int], wtype: str) -> None:
+    err = None
+    if rank == 0:
+        from convert.__main__ import convert
+
+        try:
+            convert(src, out, sizes, wtype, progress=False, tokenizer=False)
+        except Exception as e:  # noqa: BLE001
+            err = repr(e)
+    err = comm.bcast(err, root=0)
+    assert err is None, err
+
+
+def run_logits(model: Path, tokens: np.ndarray, c: MPI.Comm = comm) -> np.ndarray | None:
+    eng = Engine(model, max_seq_len=len(tokens) + 4, max_batch=8, comm=c, verbose=False)
+    if c.Get_rank() == 0:
+        out = eng.step(tokens, 0, all_logits=True)
+        eng.stop()
+        return out
+    eng.serve()
+    return None
+
+
+def rel_rms(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.sqrt(np.mean((a - b) ** 2)) / np.sqrt(np.mean(b ** 2)))
+
+
+@pytest.fixture(scope="module")
+def tmp() -> Path:
+    return shared_tmpdir()
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("name", ["llama", "llama_tied", "mistral"])
+@pytest.mark.parametrize("wtype", ["f32", "f16", "q8_0", "q4_0", "q4_1"])
+def test_fixture_logits(tmp, name, wtype):
+    exp = np.load(FIXTURES / name / "expected.npz")
+    out = tmp / f"{name}-{wtype}"
+    convert_on_rank0(FIXTURES / name, out, sorted({1, size}), wtype)
+    logits = run_logits(out, exp["tokens"])
+    single = run_logits(out, exp["tokens"], MPI.COMM_SELF) if rank == 0 else None
+    if rank == 0:
+        err = rel_rms(logits, exp["logits"])
+        assert err < TOLERANCE[wtype], f"{name} {wtype} np={size}: relative RMS error {err:.2e}"
+        # distributed result against the single-rank one, same weights
+        d = rel_rms(logits, single)
+        assert d < CROSS_RANK[wtype], f"{name} {wtype}: np={size} vs np=1: relative RMS {d:.2e}"
+        print(f"\n{name} {wtype} np={size}: rel RMS vs transformers {err:.2e}, vs np=1 {d:.2e}")
+        if wtype == "f32":
+            assert (logits.argmax(-1) == exp["logits"].argmax(-1)).all()
+
+
+@pytest.mark.mpi
+def test_gguf_fixture_matches_safetensors(tmp):
+    """The GGUF (Q/K rows permuted, llama.cpp convention) converts to the same logits."""
+    exp = np.load(FIXTURES / "llama" / "expected.npz")
+    out = tmp / "llama-gguf"
+    convert_on_rank0(FIXTURES / "llama" / "model.gguf", out, [size], "auto")
+    logits = run_logits(out, exp["tokens"])
+    if rank == 0:
+        assert rel_rms(logits, exp["logits"]) < 1e-4
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("wtype", ["q8_0", "q4_0", "q4_1"])
+def test_quantized_against_fake_quant(tmp, wtype):
+    """Quantized kernels against a float64 forward of the same rounded weights: what remains is
+    the q8_0 activation quantization (~2% here)."""
+    import sys
+
+    sys.path.insert(0, str(FIXTURES.parent))
+    from reference import gguf_llama_logits
+
+    exp = np.load(FIXTURES / "llama" / "expected.npz")
+    out = tmp / f"llama-gguf-{wtype}"
+    convert_on_rank0(FIXTURES / "llama" / "model.gguf", out, [size], wtype)
+    logits = run_logits(out, exp["tokens"])
+    if rank == 0:
+        ref = gguf_llama_logits(FIXTURES / "llama" / "model.gguf", exp["tokens"], wtype)
+        err = rel_rms(logits, ref)
+        assert err < 4e-2, f"{wtype} np={size}: {err:.2e} from the fake-quantized reference"
+        assert (logits.argmax(-1) == ref.argmax(-1)).mean() >= 0.75
