@@ -1,0 +1,100 @@
+"""Perplexity of a text file, computed the way llama.cpp's llama-perplexity does.
+
+  mpirun -np 2 python -m mpillm.perplexity --file text.txt --ctx 512
+
+The text is tokenized once (with BOS when the model adds one), cut into
+non-overlapping chunks of --ctx tokens (the first token of each chunk replaced by
+BOS when the model adds one), and only the second half of each chunk is scored:
+the negative log-likelihood of token j+1 given the logits at j, for j from
+ctx/2 to ctx-2. The figures are directly comparable with llama.cpp's.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from mpi4py import MPI
+
+from .comm import run
+from .generate import add_model_args, parse_args_bcast
+
+
+def chunk_nll(logits: np.ndarray, tokens: np.ndarray, first: int) -> np.ndarray:
+    """NLL of tokens[j + 1] under logits[j] for j in [first, len - 1), in float64."""
+    lg = logits[first:-1].astype(np.float64)
+    mx = lg.max(axis=1, keepdims=True)
+    lse = mx[:, 0] + np.log(np.exp(lg - mx).sum(axis=1))
+    return lse - lg[np.arange(len(lg)), tokens[first + 1:]]
+
+
+def tokenize_for_perplexity(tok, text: str, ctx: int) -> tuple[list[list[int]], bool]:
+    ids = tok.encode(text)  # adds BOS when the model does
+    add_bos = bool(tok.add_bos) and tok.bos_id is not None
+    n_chunks = len(ids) // ctx
+    chunks = []
+    for i in range(n_chunks):
+        c = list(ids[i * ctx:(i + 1) * ctx])
+        if add_bos:
+            c[0] = tok.bos_id
+        chunks.append(c)
+    return chunks, add_bos
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m mpillm.perplexity", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p)
+    p.add_argument("--file", type=Path, required=True, help="plain-text file")
+    p.add_argument("--ctx", type=int, default=512, help="tokens per chunk (default: %(default)s)")
+    p.add_argument("--chunks", type=int, default=0, help="score at most this many chunks (0 = all)")
+    p.add_argument("--json", type=Path, default=None, help="also write the result as JSON here")
+    args = parse_args_bcast(p, argv)
+    from .engine import Engine, resolve_model
+    from .tokenizer import load_tokenizer
+
+    comm = MPI.COMM_WORLD
+    model_dir = resolve_model(args.model, comm)
+    engine = Engine(model_dir, max_seq_len=max(args.ctx, args.max_seq_len),
+                    threads=args.threads, verbose=False)
+
+    def rank0() -> int:
+        if args.ctx < 4:
+            raise ValueError(f"--ctx must be >= 4, got {args.ctx}")
+        tok = load_tokenizer(Path(model_dir))
+        text = args.file.read_text(encoding="utf-8", errors="replace")
+        chunks, add_bos = tokenize_for_perplexity(tok, text, args.ctx)
+        if not chunks:
+            raise ValueError(f"{args.file} has fewer than --ctx {args.ctx} tokens")
+        if args.chunks:
+            chunks = chunks[: args.chunks]
+        first = args.ctx // 2
+        nll, t0 = [], time.perf_counter()
+        for i, c in enumerate(chunks):
+            logits = engine.step(c, 0, all_logits=True)
+            nll.append(chunk_nll(logits, np.asarray(c), first))
+            ppl = math.exp(float(np.concatenate(nll).mean()))
+            print(f"[{i + 1}/{len(chunks)}] {ppl:.4f}", flush=True)
+        allnll = np.concatenate(nll)
+        ppl = math.exp(float(allnll.mean()))
+        # standard error as llama.cpp reports it: from the variance of the per-token NLL
+        err = ppl * float(allnll.std(ddof=1)) / math.sqrt(len(allnll)) if len(allnll) > 1 else 0.0
+        dt = time.perf_counter() - t0
+        res = {"perplexity": ppl, "stderr": err, "chunks": len(chunks), "ctx": args.ctx,
+               "scored_tokens": int(len(allnll)), "bos_per_chunk": add_bos, "ranks": engine.size,
+               "seconds": dt, "tok_per_s": len(chunks) * args.ctx / dt}
+        print(f"Final estimate: PPL = {ppl:.4f} +/- {err:.5f}", flush=True)
+        print(json.dumps(res), flush=True)
+        if args.json:
+            args.json.write_text(json.dumps(res, indent=1) + "\n")
+        return 0
+
+    return engine.drive(rank0)
+
+
+if __name__ == "__main__":
+    run(main, "mpillm.perplexity")
