@@ -147,6 +147,9 @@ class HFSource:
                              f"{', '.join(N.HF_ARCHITECTURES)}")
         if hf.get("rope_scaling") not in (None, {}):
             raise ValueError(f"{self.path}: RoPE scaling {hf['rope_scaling']} is not supported yet")
+        rope = hf.get("rope_parameters") or {}  # transformers 5 form, next to or instead of rope_theta
+        if rope.get("rope_type", "default") != "default":
+            raise ValueError(f"{self.path}: RoPE scaling {rope} is not supported yet")
         files = sorted(self.path.glob("*.safetensors"))
         if not files:
             raise ValueError(f"{self.path}: no *.safetensors files")
@@ -163,10 +166,11 @@ class HFSource:
             n_kv_heads=hf.get("num_key_value_heads") or heads,
             head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
             ffn_dim=0 if moe else hf["intermediate_size"], vocab_size=hf["vocab_size"],
-            rope_theta=float(hf.get("rope_theta", 10000.0)), norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(hf.get("rope_theta") or rope.get("rope_theta") or 10000.0),
+            norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
             context_length=int(hf.get("max_position_embeddings", 2048)), tied_embeddings=tied,
             qk_norm=arch in ("qwen3", "qwen3moe"),
-            n_experts=hf.get("num_experts", 0) if moe else 0,
+            n_experts=(hf.get("num_experts") or hf.get("num_local_experts") or 0) if moe else 0,
             n_experts_used=hf.get("num_experts_per_tok", 0) if moe else 0,
             expert_ffn_dim=hf.get("moe_intermediate_size", 0) if moe else 0,
             norm_topk_prob=bool(hf.get("norm_topk_prob", True)),

@@ -150,7 +150,12 @@ class Transformer:
             self.topk_w = np.zeros((B, K), np.float32)         # (T, top_k)
             self.xe = Acts(np.zeros((B, D), np.float32))       # (T_e, dim) tokens routed to one expert
             self.ye = np.zeros((B, D), np.float32)             # (T_e, dim) that expert's partial output
-            self.rows_e = np.zeros(B, np.int64)                # token rows routed to the expert
+            self.exp_slots = np.zeros(E + 1, np.int64)         # (E + 1,) counting-sort scratch
+            self.exp_starts = np.zeros(E + 1, np.int64)        # (E + 1,) active expert a owns [starts[a], starts[a+1])
+            self.exp_active = np.zeros(E, np.int64)            # (E,) experts used by the batch, ascending
+            self.exp_rows = np.zeros(B * K, np.int64)          # (T * top_k,) token rows grouped by expert
+            self.exp_wts = np.zeros(B * K, np.float32)         # (T * top_k,) their routing weights
+        self.route_log: list | None = None  # tests: set to [] to record (topk_idx, topk_w) per MoE block
         self.stats = CommStats()
 
     # ------------------------------------------------------------------------------------------
@@ -226,21 +231,29 @@ class Transformer:
         cfg = self.cfg
         ops.rmsnorm(self.x[:T], L.ffn_norm, cfg.norm_eps, self.xb.x[:T])
         self.xb.quantize(T)
-        L.router(self.xb, T, self.router_logits)
+        L.router(self.xb, T, self.router_logits)  # replicated: every rank routes identically
         ops.route_topk(self.router_logits[:T], cfg.norm_topk_prob, self.topk_idx[:T], self.topk_w[:T])
+        if self.route_log is not None:
+            self.route_log.append((self.topk_idx[:T].copy(), self.topk_w[:T].copy()))
         out = self.partial[:T]
         out[:] = 0.0
         # group the batch's tokens by expert so each expert's weights are read once per batch
-        for e in np.unique(self.topk_idx[:T]):
-            n = ops.gather_expert_rows(self.topk_idx[:T], e, self.rows_e)
-            rows = self.rows_e[:n]
-            ops.gather_rows(self.xb.x, rows, self.xe.x)
-            self.xe.quantize(n)
-            L.exp_gate[e](self.xe, n, self.gate)
-            L.exp_up[e](self.xe, n, self.up)
+        n_active = ops.group_by_expert(self.topk_idx[:T], self.topk_w[:T], self.exp_slots, self.exp_starts,
+                                       self.exp_rows, self.exp_wts, self.exp_active)
+        for a in range(n_active):
+            e, r0, r1 = self.exp_active[a], self.exp_starts[a], self.exp_starts[a + 1]
+            n, rows = r1 - r0, self.exp_rows[r0:r1]
+            if n == T:  # every token (always so when decoding): rows are 0..T-1, use xb as it is
+                xe = self.xb
+            else:
+                xe = self.xe
+                ops.gather_rows(self.xb.x, rows, xe.x)
+                xe.quantize(n)
+            L.exp_gate[e](xe, n, self.gate)
+            L.exp_up[e](xe, n, self.up)
             ops.silu_mul(self.gate[:n], self.up[:n], self.hb.x[:n])
             self.hb.quantize(n)
             L.exp_down[e](self.hb, n, self.ye)
-            ops.scatter_add_weighted(self.ye, rows, self.topk_idx[:T], self.topk_w[:T], e, out)
+            ops.scatter_add_rows(self.ye[:n], rows, self.exp_wts[r0:r1], out)
         self.allreduce(out)  # Allreduce #2: the MoE block's summed expert outputs
         ops.add_inplace(self.x[:T], out)

@@ -240,32 +240,51 @@ def route_topk(logits, renormalize, idx, w):
 
 
 @njit(cache=True)
-def gather_expert_rows(idx, e, rows):
-    """Token rows whose top-k includes expert e -> rows[:n]; returns n."""
-    n = 0
-    for t in range(idx.shape[0]):
-        for j in range(idx.shape[1]):
-            if idx[t, j] == e:
-                rows[n] = t
-                n += 1
-                break
-    return n
+def group_by_expert(idx, w, counts, starts, rows, wts, active):
+    """Group a batch's (token, expert) pairs by expert, in preallocated buffers (a counting sort).
+
+    idx, w (T, k) from route_topk; counts, starts (E + 1,) scratch; rows, wts (T * k,) receive,
+    expert by expert in ascending expert order, the token rows routed to it (ascending) and that
+    token's weight for it; active (E,) receives the experts used. Expert active[a] owns
+    rows[starts[a]:starts[a + 1]]. Returns the number of active experts."""
+    T, k = idx.shape
+    E = counts.shape[0] - 1
+    for e in range(E + 1):
+        counts[e] = 0
+    for t in range(T):
+        for j in range(k):
+            counts[idx[t, j]] += 1
+    n_active = 0
+    off = 0
+    for e in range(E):
+        if counts[e] > 0:
+            active[n_active] = e
+            starts[n_active] = off
+            n_active += 1
+            off += counts[e]
+        counts[e] = off - counts[e]  # now: the next free slot of expert e
+    starts[n_active] = off
+    for t in range(T):
+        for j in range(k):
+            e = idx[t, j]
+            rows[counts[e]] = t
+            wts[counts[e]] = w[t, j]
+            counts[e] += 1
+    return n_active
 
 
 @njit(cache=True)
 def gather_rows(src, rows, dst):
+    """dst[r] = src[rows[r]]."""
     for r in range(rows.shape[0]):
         dst[r, :] = src[rows[r], :]
 
 
 @njit(cache=True)
-def scatter_add_weighted(y, rows, idx, w, e, out):
-    """out[rows[r]] += weight of expert e for that token * y[r]."""
+def scatter_add_rows(y, rows, wts, out):
+    """out[rows[r]] += wts[r] * y[r] (the rows are distinct)."""
     for r in range(rows.shape[0]):
         t = rows[r]
-        wt = np.float32(0.0)
-        for j in range(idx.shape[1]):
-            if idx[t, j] == e:
-                wt = w[t, j]
+        wt = wts[r]
         for i in range(out.shape[1]):
             out[t, i] += wt * y[r, i]

@@ -76,11 +76,22 @@ def check_world_size(cfg: ModelConfig, tp_size: int) -> None:
     if tp_size > 1 and cfg.ffn_dim % QK:
         raise ValueError(f"FFN size {cfg.ffn_dim} is not a multiple of {QK}; only world size 1 works")
     if cfg.is_moe:
-        if cfg.expert_ffn_dim % QK and tp_size > 1:
-            raise ValueError(f"expert FFN size {cfg.expert_ffn_dim} is not a multiple of {QK}; only world size 1 works")
-        if cfg.expert_ffn_dim // QK < tp_size:
-            raise ValueError(f"expert FFN size {cfg.expert_ffn_dim} has {cfg.expert_ffn_dim // QK} blocks of {QK}, "
-                             f"fewer than {tp_size} ranks")
+        # every rank holds whole 32-blocks of every expert's hidden size: at most `blocks` ranks
+        blocks = cfg.expert_ffn_dim // QK if cfg.expert_ffn_dim % QK == 0 else 1
+        if tp_size > blocks:
+            # sizes <= blocks pass this check, so asking check_world_size about them cannot recurse here
+            ok = []
+            for n in range(1, min(blocks, cfg.n_heads) + 1):
+                try:
+                    check_world_size(cfg, n)
+                    ok.append(n)
+                except ValueError:
+                    pass
+            why = (f"is not a multiple of {QK}" if cfg.expert_ffn_dim % QK else
+                   f"has only {blocks} blocks of {QK}")
+            raise ValueError(f"expert FFN size {cfg.expert_ffn_dim} {why}, so it cannot be split over {tp_size} "
+                             f"ranks (each rank takes whole {QK}-blocks of every expert); world sizes that work: "
+                             f"{', '.join(map(str, ok)) or 'none'}")
 
 
 def plan(cfg: ModelConfig, tp_size: int) -> list[RankSlice]:
