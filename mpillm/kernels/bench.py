@@ -1,0 +1,141 @@
+"""Kernel micro-benchmark: ``python -m mpillm.kernels.bench``.
+
+Matvec (T = 1): GB/s of weight bytes streamed. "dram" shapes rotate over
+copies of the matrix totalling more than twice the last-level cache, so the
+weights come from memory; "cache" shapes reuse one copy (cache-resident, like
+SmolLM2's layers). Prefill (T = 64): GFLOP/s (2 N K T per call).
+Timings are the best of several repetitions; on a shared machine compare
+ratios within one run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numba
+import numpy as np
+
+from mpillm import kernels, quant
+
+SHAPES = {  # name: (rows N, cols K, placement)
+    "1b-gate 8192x2048": (8192, 2048, "dram"),
+    "1b-down 2048x8192": (2048, 8192, "dram"),
+    "smol-up 1536x576": (1536, 576, "cache"),
+    "smol-down 576x1536": (576, 1536, "cache"),
+}
+LLC_BYTES = 32 << 20
+
+
+@numba.njit(parallel=True, fastmath=True, cache=True)
+def _read_sum(a):
+    """Sum of a large float32 array: the read-bandwidth ceiling for weight streaming."""
+    s = np.float32(0.0)
+    for i in numba.prange(a.shape[0]):
+        s += a[i]
+    return s
+
+
+def read_bandwidth(threads: int, nbytes: int = 256 << 20, reps: int = 5) -> float:
+    a = np.ones(nbytes // 4, np.float32)
+    numba.set_num_threads(threads)
+    sec = _time(lambda: _read_sum(a), reps, 1)
+    numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+    return nbytes / sec / 1e9
+
+
+def _weights(wtype: str, N: int, K: int, copies: int, rng) -> list[dict]:
+    base = quant.quantize(rng.standard_normal((N, K)).astype(np.float32) * 0.02, wtype)
+    return [{k: v.copy() for k, v in base.items()} for _ in range(copies)]
+
+
+def _time(fn, reps: int, inner: int) -> float:
+    """Best of ``reps`` wall-clock timings of ``inner`` calls (the machine is shared: the minimum
+    is the least disturbed figure)."""
+    fn()
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        ts.append((time.perf_counter() - t) / inner)
+    return float(np.min(ts))
+
+
+def run(paths, wtypes, threads, shapes, T_prefill=64, reps=7, quick=False) -> list[dict]:
+    rng = np.random.default_rng(0)
+    rows = []
+    for sname in shapes:
+        N, K, place = SHAPES[sname]
+        for wtype in wtypes:
+            nbytes = quant.nbytes(wtype, N, K)
+            copies = max(1, -(-2 * LLC_BYTES // nbytes)) if place == "dram" else 1
+            ws = _weights(wtype, N, K, copies, rng)
+            for T in (1, T_prefill):
+                x = rng.standard_normal((T, K)).astype(np.float32)
+                xq = np.empty((T, K), np.int8)
+                xd = np.empty((T, K // 32), np.float32)
+                xs = np.empty((T, K // 32), np.int32)
+                out = np.empty((T, N), np.float32)
+                for pname in paths:
+                    p = kernels.get_path(pname)
+                    p.quantize_q8_0(x, xq, xd, xs)
+                    if T > 1 and pname == "portable" and quick:
+                        continue
+                    for nt in threads:
+                        numba.set_num_threads(nt)
+                        state = {"i": 0}
+
+                        def call():
+                            w = ws[state["i"] % copies]
+                            state["i"] += 1
+                            p.matmul(wtype, w, xq, xd, xs, x, out)
+
+                        est = _time(call, 1, 1)
+                        inner = max(1, min(200, int(0.05 / max(est, 1e-7))))
+                        if T == 1:
+                            inner = max(inner, copies)
+                        sec = _time(call, 3 if quick else reps, inner)
+                        row = dict(path=pname, wtype=wtype, shape=sname, place=place, T=T, threads=nt,
+                                   us=round(sec * 1e6, 1))
+                        if T == 1:
+                            row["GB/s"] = round(nbytes / sec / 1e9, 2)
+                        else:
+                            row["GFLOP/s"] = round(2 * N * K * T / sec / 1e9, 1)
+                        rows.append(row)
+                        print(_fmt(row), flush=True)
+    numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+    return rows
+
+
+def _fmt(r: dict) -> str:
+    val = f"{r['GB/s']:7.2f} GB/s" if "GB/s" in r else f"{r['GFLOP/s']:7.1f} GFLOP/s"
+    return (f"{r['path']:9s} {r['wtype']:5s} {r['shape']:20s} {r['place']:5s} T={r['T']:<3d} "
+            f"thr={r['threads']}  {r['us']:10.1f} us  {val}")
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--paths", default=",".join(kernels.available_paths()), help="comma-separated kernel paths")
+    ap.add_argument("--types", default=",".join(quant.WEIGHT_TYPES), help="comma-separated weight types")
+    ap.add_argument("--threads", default="1,2", help="comma-separated thread counts")
+    ap.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated shape names")
+    ap.add_argument("--prefill-tokens", type=int, default=64)
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions; skip portable prefill")
+    ap.add_argument("--json", help="write the rows as JSON to this file")
+    a = ap.parse_args(argv)
+    threads = [t for t in map(int, a.threads.split(",")) if t <= numba.config.NUMBA_NUM_THREADS]
+    for pname in a.paths.split(","):
+        kernels.get_path(pname).warmup()
+    print(f"# host paths: {kernels.available_paths()}; numba threading layer: {numba.threading_layer()}")
+    for nt in threads:
+        print(f"# read bandwidth (sum of 256 MiB f32), {nt} thread(s): {read_bandwidth(nt):.2f} GB/s", flush=True)
+    rows = run(a.paths.split(","), a.types.split(","), threads, a.shapes.split(","),
+               T_prefill=a.prefill_tokens, quick=a.quick)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,506 @@
+"""x86-64 SIMD kernels: AVX-512 VNNI (``vpdpbusd``) and AVX2 (``vpmaddubsw`` + ``vpmaddwd``).
+
+The inner loop of every quantized matmul is a numba ``intrinsic`` whose body is
+written with llvmlite's IR builder and calls the x86 dot-product instruction
+explicitly (numba's own integer code widens int8 to int64 and never reaches
+these instructions). Each intrinsic computes an R x U tile of ``out`` (R weight
+rows x U tokens) over the whole K, keeping one ``<L x float>`` accumulator per
+(row, token) in registers; the caller loops over tiles (``prange`` over rows).
+
+One *group* is one SIMD register of weight bytes: W = 64 bytes (VNNI) or 32
+(AVX2), i.e. W/16 blocks of q4 (nibbles) or W/32 blocks of q8_0. Per group:
+
+q4_0 / q4_1 (weights in GGML nibble order: byte j of a block holds elements
+  j and j+16). lo = w & 15, hi = w >> 4 (unsigned bytes). The activation
+  bytes of the group's blocks (natural order, 2W bytes) are permuted in
+  registers so the first 16 bytes of each block sit in XL and the last 16 in
+  XH (a 128-bit-lane shuffle: vshufi64x2 / vperm2i128). Then
+  ``acc_i32 = dot(init, lo, XL) + dot(hi, XH)``: each i32 lane sums 4 byte
+  products, 4 lanes per block. q4_0 folds its -8 offset into ``init`` as
+  -2 * xsum per lane (4 lanes: -8 * xsum per block); q4_1 adds
+  ``m * xd * xsum`` per block in a separate ``<blocks x float>`` accumulator.
+q8_0 signed x signed: VNNI uses (w ^ 0x80) = w + 128 as the unsigned operand
+  and folds -128 * xsum into ``init`` (-16 per lane, 8 lanes per block); AVX2
+  uses |w| and sign(w) * x (vpsignb) so vpmaddubsw cannot saturate.
+Then ``acc_f32 = fma(sitofp(acc_i32), d_lanes * xd_lanes, acc_f32)`` with the
+fp16 scales loaded as ``<blocks x half>``, extended and shuffled to lanes.
+Trailing blocks (nb not a multiple of the group) use masked loads.
+"""
+from __future__ import annotations
+
+from llvmlite import binding as _llvm
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from . import portable
+
+_JIT_PAR = dict(cache=True, fastmath=True, nogil=True, parallel=True)
+_JIT = dict(cache=True, fastmath=True, nogil=True)
+
+I1, I8, I16, I32, I64 = (ir.IntType(w) for w in (1, 8, 16, 32, 64))
+F16, F32 = ir.HalfType(), ir.FloatType()
+PTR = ir.PointerType()
+# LLVM >= 22 declares the VNNI intrinsics on byte vectors (older: i32 vectors; 22 still upgrades those)
+_VNNI_BYTE_OPERANDS = _llvm.llvm_version_info >= (22,)
+
+
+def _vec(t, n):
+    return ir.VectorType(t, n)
+
+
+def _suffix(t):
+    return {8: "i8", 16: "i16", 32: "i32", 64: "i64"}[t.width] if isinstance(t, ir.IntType) else (
+        "f32" if isinstance(t, ir.FloatType) else "f16")
+
+
+class _Emit:
+    """Small IR-emission helpers bound to one builder."""
+
+    def __init__(self, builder: ir.IRBuilder, isa: str):
+        self.b = builder
+        self.isa = isa
+
+    def decl(self, name, ret, args):
+        m = self.b.module
+        f = m.globals.get(name)
+        if f is None:
+            f = ir.Function(m, ir.FunctionType(ret, args), name)
+        return f
+
+    def const(self, ty, n, vals):
+        return ir.Constant(_vec(ty, n), [ir.Constant(ty, v) for v in vals])
+
+    def splat(self, scalar, n):
+        ty = _vec(scalar.type, n)
+        v = self.b.insert_element(ir.Constant(ty, ir.Undefined), scalar, I32(0))
+        return self.b.shuffle_vector(v, ir.Constant(ty, ir.Undefined), ir.Constant(_vec(I32, n), None))
+
+    def shuffle(self, a, b, idx):
+        if b is None:
+            b = ir.Constant(a.type, ir.Undefined)
+        return self.b.shuffle_vector(a, b, self.const(I32, len(idx), idx))
+
+    def addr(self, base, off):
+        return self.b.inttoptr(self.b.add(base, off) if off is not None else base, PTR)
+
+    def load(self, base, off, vty, mask=None):
+        """Unaligned vector load at base + off (bytes); masked lanes read nothing and give 0."""
+        p = self.addr(base, off)
+        if mask is None:
+            return self.b.load(p, typ=vty, align=1)
+        f = self.decl(f"llvm.masked.load.v{vty.count}{_suffix(vty.element)}.p0", vty,
+                      [PTR, I32, _vec(I1, vty.count), vty])
+        return self.b.call(f, [p, I32(1), mask, ir.Constant(vty, None)])
+
+    def lanes_below(self, n, limit):
+        """<n x i1>: lane index < limit (limit an i32 value; negative gives all false)."""
+        return self.b.icmp_signed("<", self.const(I32, n, range(n)), self.splat(limit, n))
+
+    def half4(self, base, off, n, mask):
+        """n fp16 values -> <n x float>."""
+        h = self.load(base, off, _vec(I16, n), mask)
+        return self.b.fpext(self.b.bitcast(h, _vec(F16, n)), _vec(F32, n))
+
+    def prefetch(self, base, off):
+        f = self.decl("llvm.prefetch.p0", ir.VoidType(), [PTR, I32, I32, I32])
+        self.b.call(f, [self.addr(base, off), I32(0), I32(3), I32(1)])
+
+    def fma(self, a, b, c):
+        t = a.type
+        f = self.decl(f"llvm.fma.v{t.count}f32", t, [t, t, t])
+        return self.b.call(f, [a, b, c])
+
+    def hsum(self, v):
+        """Tree reduction of a float vector to a scalar."""
+        n = v.type.count
+        while n > 1:
+            n //= 2
+            v = self.b.fadd(self.shuffle(v, None, range(n)), self.shuffle(v, None, range(n, 2 * n)))
+        return self.b.extract_element(v, I32(0))
+
+    # -- dot products: i32 lanes += sum of 4 (u8 * s8) products ------------------------
+    def _vpdpbusd(self, acc, a, b):
+        n = acc.type.count
+        opty = _vec(I8, 4 * n) if _VNNI_BYTE_OPERANDS else acc.type
+        f = self.decl(f"llvm.x86.avx512.vpdpbusd.{32 * n}", acc.type, [acc.type, opty, opty])
+        if not _VNNI_BYTE_OPERANDS:
+            a, b = self.b.bitcast(a, opty), self.b.bitcast(b, opty)
+        return self.b.call(f, [acc, a, b])
+
+    def _maddubs(self, a, b):
+        f = self.decl("llvm.x86.avx2.pmadd.ub.sw", _vec(I16, 16), [_vec(I8, 32), _vec(I8, 32)])
+        return self.b.call(f, [a, b])
+
+    def _maddwd_ones(self, p):
+        f = self.decl("llvm.x86.avx2.pmadd.wd", _vec(I32, 8), [_vec(I16, 16), _vec(I16, 16)])
+        return self.b.call(f, [p, self.const(I16, 16, [1] * 16)])
+
+    def dot2(self, acc, a1, b1, a2, b2):
+        """acc + dot(a1, b1) + dot(a2, b2); a unsigned bytes, b signed; |sum of pair| < 2^15 (AVX2)."""
+        if self.isa == "vnni":
+            return self._vpdpbusd(self._vpdpbusd(acc, a1, b1), a2, b2)
+        p = self.b.add(self._maddubs(a1, b1), self._maddubs(a2, b2))
+        return self.b.add(acc, self._maddwd_ones(p))
+
+    def dot1(self, acc, a, b):
+        if self.isa == "vnni":
+            return self._vpdpbusd(acc, a, b)
+        return self.b.add(acc, self._maddwd_ones(self._maddubs(a, b)))
+
+    def psign(self, x, w):
+        f = self.decl("llvm.x86.avx2.psign.b", _vec(I8, 32), [_vec(I8, 32), _vec(I8, 32)])
+        return self.b.call(f, [x, w])
+
+    def iabs(self, w):
+        f = self.decl(f"llvm.abs.v{w.type.count}i8", w.type, [w.type, I1])
+        return self.b.call(f, [w, I1(0)])
+
+
+def _q_codegen(kind: str, isa: str, R: int, U: int, prefetch: int = 0):
+    """IR body of an R-row x U-token tile of a quantized matmul (see the module docstring).
+
+    prefetch: > 0: software-prefetch each row's weights this many bytes ahead; < 0: prefetch the
+    next R-row tile (the rows are contiguous, so tile i+1 follows tile i) linearly while this
+    tile is processed, R * W bytes per group step."""
+    W = 64 if isa == "vnni" else 32  # weight bytes per group and row
+    L = W // 4  # i32 / f32 lanes
+    q8 = kind == "q8_0"
+    nbg = W // 32 if q8 else W // 16  # blocks per group
+    lpb = L // nbg  # lanes per block
+    xbytes = 32 * nbg  # activation bytes per group and token
+    lanes = [i // lpb for i in range(L)]
+    lo_idx = [32 * k + j for k in range(nbg) for j in range(16)]
+    hi_idx = [32 * k + 16 + j for k in range(nbg) for j in range(16)]
+
+    def codegen(context, builder, signature, args):
+        (wq, wstride, dp, mp, dstride, xp, xstride, xdp, xsp, sstride, op, ostride, nb, n0, t0) = args
+        b = builder
+        e = _Emit(b, isa)
+        i64 = lambda v: ir.Constant(I64, v)  # noqa: E731
+        wq = b.add(wq, b.mul(n0, wstride))
+        dp = b.add(dp, b.mul(n0, dstride))
+        mp = b.add(mp, b.mul(n0, dstride))
+        xp = b.add(xp, b.mul(t0, xstride))
+        xdp = b.add(xdp, b.mul(t0, sstride))
+        xsp = b.add(xsp, b.mul(t0, sstride))
+        op = b.add(b.add(op, b.mul(t0, ostride)), b.mul(n0, i64(4)))
+        fz = ir.Constant(_vec(F32, L), None)
+        acc = [[cgutils.alloca_once_value(b, fz) for _ in range(U)] for _ in range(R)]
+        macc = None
+        if kind == "q4_1":
+            mz = ir.Constant(_vec(F32, nbg), None)
+            macc = [[cgutils.alloca_once_value(b, mz) for _ in range(U)] for _ in range(R)]
+
+        def group(g, rem):
+            """Accumulate group g (i64); rem = number of valid blocks (i32) in a partial group, or None."""
+            if rem is None:
+                mw = mx0 = mx1 = mblk = None
+            else:
+                mw = e.lanes_below(W, b.mul(rem, I32(16 if not q8 else 32)))
+                mx0 = e.lanes_below(W, b.mul(rem, I32(32)))
+                mx1 = e.lanes_below(W, b.sub(b.mul(rem, I32(32)), I32(W)))
+                mblk = e.lanes_below(nbg, rem)
+            goff_w = b.mul(g, i64(W))
+            goff_x = b.mul(g, i64(xbytes))
+            goff_s = b.mul(g, i64(4 * nbg))
+            goff_h = b.mul(g, i64(2 * nbg))
+            X1, X2, init, xdl, xdsum = [], [], [], [], []
+            for u in range(U):
+                xo = b.add(b.mul(i64(u), xstride), goff_x)
+                so = b.add(b.mul(i64(u), sstride), goff_s)
+                xd = e.load(xdp, so, _vec(F32, nbg), mblk)
+                xs = e.load(xsp, so, _vec(I32, nbg), mblk)
+                xdl.append(e.shuffle(xd, None, lanes))
+                if q8:
+                    X1.append(e.load(xp, xo, _vec(I8, W), mx0))
+                else:
+                    xa = e.load(xp, xo, _vec(I8, W), mx0)
+                    xb = e.load(xp, b.add(xo, i64(W)), _vec(I8, W), mx1)
+                    X1.append(e.shuffle(xa, xb, lo_idx))
+                    X2.append(e.shuffle(xa, xb, hi_idx))
+                if kind == "q4_0":  # sum (nib - 8) x = sum nib x - 8 xsum; 4 lanes per block
+                    init.append(e.shuffle(b.mul(xs, e.const(I32, nbg, [-2] * nbg)), None, lanes))
+                elif q8 and isa == "vnni":  # sum (w + 128) x - 128 xsum; 8 lanes per block
+                    init.append(e.shuffle(b.mul(xs, e.const(I32, nbg, [-16] * nbg)), None, lanes))
+                else:
+                    init.append(ir.Constant(_vec(I32, L), None))
+                if kind == "q4_1":
+                    xdsum.append(b.fmul(xd, b.sitofp(xs, _vec(F32, nbg))))
+            if prefetch < 0 and rem is None:
+                nxt = b.add(b.mul(i64(R), wstride), b.mul(goff_w, i64(R)))
+                for r in range(R):
+                    e.prefetch(wq, b.add(nxt, i64(r * W)))
+                e.prefetch(dp, b.add(b.mul(i64(R), dstride), b.mul(goff_h, i64(R))))
+            for r in range(R):
+                if prefetch > 0 and rem is None:
+                    e.prefetch(wq, b.add(b.mul(i64(r), wstride), b.add(goff_w, i64(prefetch))))
+                w = e.load(wq, b.add(b.mul(i64(r), wstride), goff_w), _vec(I8, W), mw)
+                ho = b.add(b.mul(i64(r), dstride), goff_h)
+                dl = e.shuffle(e.half4(dp, ho, nbg, mblk), None, lanes)
+                if kind == "q4_1":
+                    m4 = e.half4(mp, ho, nbg, mblk)
+                if q8:
+                    wu = b.xor(w, e.const(I8, W, [-128] * W)) if isa == "vnni" else e.iabs(w)
+                else:
+                    lo = b.and_(w, e.const(I8, W, [15] * W))
+                    hi = b.lshr(w, e.const(I8, W, [4] * W))
+                for u in range(U):
+                    if q8:
+                        xs_ = X1[u] if isa == "vnni" else e.psign(X1[u], w)
+                        a = e.dot1(init[u], wu, xs_)
+                    else:
+                        a = e.dot2(init[u], lo, X1[u], hi, X2[u])
+                    f = b.sitofp(a, _vec(F32, L))
+                    sc = b.fmul(dl, xdl[u])
+                    b.store(e.fma(f, sc, b.load(acc[r][u])), acc[r][u])
+                    if kind == "q4_1":
+                        b.store(e.fma(m4, xdsum[u], b.load(macc[r][u])), macc[r][u])
+
+        ngroups = b.udiv(nb, i64(nbg))
+        rem = b.trunc(b.urem(nb, i64(nbg)), I32)
+        with cgutils.for_range(b, ngroups) as loop:
+            group(loop.index, None)
+        with b.if_then(b.icmp_unsigned("!=", rem, I32(0)), likely=False):
+            group(ngroups, rem)
+        for r in range(R):
+            for u in range(U):
+                s = e.hsum(b.load(acc[r][u]))
+                if macc is not None:
+                    s = b.fadd(s, e.hsum(b.load(macc[r][u])))
+                b.store(s, e.addr(op, b.add(b.mul(i64(u), ostride), i64(4 * r))))
+        return context.get_dummy_value()
+
+    return codegen
+
+
+def _make_tile(kind: str, isa: str, R: int, U: int, prefetch: int = 0):
+    gen = _q_codegen(kind, isa, R, U, prefetch)
+
+    def tile(typingctx, wq, wstride, dp, mp, dstride, xp, xstride, xdp, xsp, sstride, op, ostride, nb, n0, t0):
+        argtys = (wq, wstride, dp, mp, dstride, xp, xstride, xdp, xsp, sstride, op, ostride, nb, n0, t0)
+        if not all(isinstance(t, types.Integer) for t in argtys):
+            return None
+        return types.void(*argtys), gen
+
+    tile.__name__ = tile.__qualname__ = f"{isa}_{kind}_tile_{R}x{U}"
+    return intrinsic(tile)
+
+
+# R rows x U tokens per tile: the T = 1 (decode) tile is R x 1; prefill uses R x U.
+R_VNNI, U_VNNI = 4, 3
+R_AVX2, U_AVX2 = 2, 2
+
+_v40_RU = _make_tile("q4_0", "vnni", R_VNNI, U_VNNI)
+_v40_R1 = _make_tile("q4_0", "vnni", R_VNNI, 1)
+_v40_1U = _make_tile("q4_0", "vnni", 1, U_VNNI)
+_v40_11 = _make_tile("q4_0", "vnni", 1, 1)
+_v41_RU = _make_tile("q4_1", "vnni", R_VNNI, U_VNNI)
+_v41_R1 = _make_tile("q4_1", "vnni", R_VNNI, 1)
+_v41_1U = _make_tile("q4_1", "vnni", 1, U_VNNI)
+_v41_11 = _make_tile("q4_1", "vnni", 1, 1)
+_v80_RU = _make_tile("q8_0", "vnni", R_VNNI, U_VNNI)
+_v80_R1 = _make_tile("q8_0", "vnni", R_VNNI, 1)
+_v80_1U = _make_tile("q8_0", "vnni", 1, U_VNNI)
+_v80_11 = _make_tile("q8_0", "vnni", 1, 1)
+_a40_RU = _make_tile("q4_0", "avx2", R_AVX2, U_AVX2)
+_a40_R1 = _make_tile("q4_0", "avx2", R_AVX2, 1)
+_a40_1U = _make_tile("q4_0", "avx2", 1, U_AVX2)
+_a40_11 = _make_tile("q4_0", "avx2", 1, 1)
+_a41_RU = _make_tile("q4_1", "avx2", R_AVX2, U_AVX2)
+_a41_R1 = _make_tile("q4_1", "avx2", R_AVX2, 1)
+_a41_1U = _make_tile("q4_1", "avx2", 1, U_AVX2)
+_a41_11 = _make_tile("q4_1", "avx2", 1, 1)
+_a80_RU = _make_tile("q8_0", "avx2", R_AVX2, U_AVX2)
+_a80_R1 = _make_tile("q8_0", "avx2", R_AVX2, 1)
+_a80_1U = _make_tile("q8_0", "avx2", 1, U_AVX2)
+_a80_11 = _make_tile("q8_0", "avx2", 1, 1)
+
+
+# ----------------------------------------------------------------------------
+# shape checks (kept in this file: numba's cache does not follow calls into other files)
+# ----------------------------------------------------------------------------
+@njit(**_JIT)
+def _check_q(qs, d, m, xq, xd, xsum, out, qs_per_block):
+    N = qs.shape[0]
+    T, K = xq.shape
+    nb = K // 32
+    if K % 32:
+        raise ValueError("matmul: K must be a multiple of 32")
+    if qs.shape[1] != nb * qs_per_block or d.shape[0] != N or d.shape[1] != nb:
+        raise ValueError("matmul: weight arrays do not match (N, K)")
+    if m.shape[0] != N or m.shape[1] != nb:
+        raise ValueError("matmul: m must have the shape of d")
+    if xd.shape[0] != T or xd.shape[1] != nb or xsum.shape[0] != T or xsum.shape[1] != nb:
+        raise ValueError("matmul: xd and xsum must be (T, K // 32)")
+    if out.shape[0] != T or out.shape[1] != N:
+        raise ValueError("matmul: out must be (T, N)")
+
+
+# ----------------------------------------------------------------------------
+# VNNI kernels
+# ----------------------------------------------------------------------------
+@njit(**_JIT_PAR)
+def vnni_matmul_q4_0_q8_0(qs, d, xq, xd, xsum, out):
+    _check_q(qs, d, d, xq, xd, xsum, out, 16)
+    N, T, nb = qs.shape[0], xq.shape[0], xd.shape[1]
+    R, U = R_VNNI, U_VNNI
+    a = (qs.ctypes.data, qs.strides[0], d.ctypes.data, 0, d.strides[0], xq.ctypes.data, xq.strides[0],
+         xd.ctypes.data, xsum.ctypes.data, xd.strides[0], out.ctypes.data, out.strides[0], nb)
+    for i in prange((N + R - 1) // R):
+        n0 = i * R
+        if n0 + R <= N:
+            t0 = 0
+            while t0 + U <= T:
+                _v40_RU(*a, n0, t0)
+                t0 += U
+            for t in range(t0, T):
+                _v40_R1(*a, n0, t)
+        else:
+            for n in range(n0, N):
+                t0 = 0
+                while t0 + U <= T:
+                    _v40_1U(*a, n, t0)
+                    t0 += U
+                for t in range(t0, T):
+                    _v40_11(*a, n, t)
+
+
+@njit(**_JIT_PAR)
+def vnni_matmul_q4_1_q8_0(qs, d, m, xq, xd, xsum, out):
+    _check_q(qs, d, m, xq, xd, xsum, out, 16)
+    N, T, nb = qs.shape[0], xq.shape[0], xd.shape[1]
+    R, U = R_VNNI, U_VNNI
+    a = (qs.ctypes.data, qs.strides[0], d.ctypes.data, m.ctypes.data, d.strides[0], xq.ctypes.data,
+         xq.strides[0], xd.ctypes.data, xsum.ctypes.data, xd.strides[0], out.ctypes.data, out.strides[0], nb)
+    for i in prange((N + R - 1) // R):
+        n0 = i * R
+        if n0 + R <= N:
+            t0 = 0
+            while t0 + U <= T:
+                _v41_RU(*a, n0, t0)
+                t0 += U
+            for t in range(t0, T):
+                _v41_R1(*a, n0, t)
+        else:
+            for n in range(n0, N):
+                t0 = 0
+                while t0 + U <= T:
+                    _v41_1U(*a, n, t0)
+                    t0 += U
+                for t in range(t0, T):
+                    _v41_11(*a, n, t)
+
+
+@njit(**_JIT_PAR)
+def vnni_matmul_q8_0_q8_0(qs, d, xq, xd, xsum, out):
+    _check_q(qs, d, d, xq, xd, xsum, out, 32)
+    N, T, nb = qs.shape[0], xq.shape[0], xd.shape[1]
+    R, U = R_VNNI, U_VNNI
+    a = (qs.ctypes.data, qs.strides[0], d.ctypes.data, 0, d.strides[0], xq.ctypes.data, xq.strides[0],
+         xd.ctypes.data, xsum.ctypes.data, xd.strides[0], out.ctypes.data, out.strides[0], nb)
+    for i in prange((N + R - 1) // R):
+        n0 = i * R
+        if n0 + R <= N:
+            t0 = 0
+            while t0 + U <= T:
+                _v80_RU(*a, n0, t0)
+                t0 += U
+            for t in range(t0, T):
+                _v80_R1(*a, n0, t)
+        else:
+            for n in range(n0, N):
+                t0 = 0
+                while t0 + U <= T:
+                    _v80_1U(*a, n, t0)
+                    t0 += U
+                for t in range(t0, T):
+                    _v80_11(*a, n, t)
+
+
+# ----------------------------------------------------------------------------
+# AVX2 kernels
+# ----------------------------------------------------------------------------
+@njit(**_JIT_PAR)
+def avx2_matmul_q4_0_q8_0(qs, d, xq, xd, xsum, out):
+    _check_q(qs, d, d, xq, xd, xsum, out, 16)
+    N, T, nb = qs.shape[0], xq.shape[0], xd.shape[1]
+    R, U = R_AVX2, U_AVX2
+    a = (qs.ctypes.data, qs.strides[0], d.ctypes.data, 0, d.strides[0], xq.ctypes.data, xq.strides[0],
+         xd.ctypes.data, xsum.ctypes.data, xd.strides[0], out.ctypes.data, out.strides[0], nb)
+    for i in prange((N + R - 1) // R):
+        n0 = i * R
+        if n0 + R <= N:
+            t0 = 0
+            while t0 + U <= T:
+                _a40_RU(*a, n0, t0)
+                t0 += U
+            for t in range(t0, T):
+                _a40_R1(*a, n0, t)
+        else:
+            for n in range(n0, N):
+                t0 = 0
+                while t0 + U <= T:
+                    _a40_1U(*a, n, t0)
+                    t0 += U
+                for t in range(t0, T):
+                    _a40_11(*a, n, t)
+
+
+@njit(**_JIT_PAR)
+def avx2_matmul_q4_1_q8_0(qs, d, m, xq, xd, xsum, out):
+    _check_q(qs, d, m, xq, xd, xsum, out, 16)
+    N, T, nb = qs.shape[0], xq.shape[0], xd.shape[1]
+    R, U = R_AVX2, U_AVX2
+    a = (qs.ctypes.data, qs.strides[0], d.ctypes.data, m.ctypes.data, d.strides[0], xq.ctypes.data,
+         xq.strides[0], xd.ctypes.data, xsum.ctypes.data, xd.strides[0], out.ctypes.data, out.strides[0], nb)
+    for i in prange((N + R - 1) // R):
+        n0 = i * R
+        if n0 + R <= N:
+            t0 = 0
+            while t0 + U <= T:
+                _a41_RU(*a, n0, t0)
+                t0 += U
+            for t in range(t0, T):
+                _a41_R1(*a, n0, t)
+        else:
+            for n in range(n0, N):
+                t0 = 0
+                while t0 + U <= T:
+                    _a41_1U(*a, n, t0)
+                    t0 += U
+                for t in range(t0, T):
+                    _a41_11(*a, n, t)
+
+
+@njit(**_JIT_PAR)
+def avx2_matmul_q8_0_q8_0(qs, d, xq, xd, xsum, out):
+    _check_q(qs, d, d, xq, xd, xsum, out, 32)
+    N, T, nb = qs.shape[0], xq.shape[0], xd.shape[1]
+    R, U = R_AVX2, U_AVX2
+    a = (qs.ctypes.data, qs.strides[0], d.ctypes.data, 0, d.strides[0], xq.ctypes.data, xq.strides[0],
+         xd.ctypes.data, xsum.ctypes.data, xd.strides[0], out.ctypes.data, out.strides[0], nb)
+    for i in prange((N + R - 1) // R):
+        n0 = i * R
+        if n0 + R <= N:
+            t0 = 0
+            while t0 + U <= T:
+                _a80_RU(*a, n0, t0)
+                t0 += U
+            for t in range(t0, T):
+                _a80_R1(*a, n0, t)
+        else:
+            for n in range(n0, N):
+                t0 = 0
+                while t0 + U <= T:
+                    _a80_1U(*a, n, t0)
+                    t0 += U
+                for t in range(t0, T):
+                    _a80_11(*a, n, t)
+
+
+# activation quantization and float matmuls: the portable kernels (LLVM vectorizes them for the host)
+vnni_quantize_q8_0 = avx2_quantize_q8_0 = portable.quantize_q8_0
+vnni_matmul_f16_f32 = avx2_matmul_f16_f32 = portable.matmul_f16_f32
+vnni_matmul_f32_f32 = avx2_matmul_f32_f32 = portable.matmul_f32_f32

@@ -1,0 +1,113 @@
+#!/usr/bin/env python
+"""Compile every kernel of the x86 and portable paths in a fresh numba cache and count the
+SIMD instructions in the generated assembly (inspect_asm does not work for cache-loaded
+functions, hence the fresh cache).
+
+    python scripts/asm_check.py [--dump DIR]    # DIR: write each kernel's assembly there
+    python scripts/asm_check.py --cpu haswell   # as compiled for an AVX2-only CPU
+    python scripts/asm_check.py --aarch64       # portable path: lower its IR for aarch64
+
+``--aarch64`` compiles the portable kernels' unoptimized IR (NUMBA_OPT=0: the optimized IR
+contains x86-specific intrinsics numba's runtime gets from LLVM's x86 passes) for a
+Cortex-A76 (Raspberry Pi 5) target machine, proving the path has no x86 dependence.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import tempfile
+
+PATTERNS = {
+    "vpdpbusd": r"\bvpdpbusd\b",
+    "vpmaddubsw": r"\bvpmaddubsw\b",
+    "vpmaddwd": r"\bvpmaddwd\b",
+    "vpsignb": r"\bvpsignb\b",
+    "vshufi64x2/vperm2i128": r"\b(vshufi64x2|vperm2i128|vpermt2q|vpermi2q|vinserti)",
+    "vcvtph2ps": r"\bvcvtph2ps\b",
+    "vfmadd*ps": r"\bvfmadd\w*ps\b",
+    "zmm": r"%zmm",
+    "ymm": r"%ymm",
+    "stack spills": r"(\(%rsp\)|\(%rbp\)).*%[xyz]mm|%[xyz]mm.*(\(%rsp\)|\(%rbp\))",
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--dump", help="directory for the full assembly of each kernel")
+    ap.add_argument("--cpu", help="compile for this LLVM CPU name (e.g. haswell) instead of the host")
+    ap.add_argument("--features", default="+avx2,+fma,+f16c,+bmi2,+popcnt",
+                    help="LLVM features with --cpu (default: AVX2 without AVX-512)")
+    ap.add_argument("--aarch64", action="store_true", help="lower the portable path for aarch64")
+    ap.add_argument("--paths", help="comma-separated paths (default: the host's; with --cpu: avx2,portable)")
+    a = ap.parse_args()
+    os.environ["NUMBA_CACHE_DIR"] = tempfile.mkdtemp(prefix="mpillm-asm-")
+    if a.cpu:
+        os.environ["NUMBA_CPU_NAME"] = a.cpu
+        os.environ["NUMBA_CPU_FEATURES"] = a.features
+    if a.aarch64:
+        os.environ["NUMBA_OPT"] = "0"
+        sys.exit(aarch64())
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+    from mpillm import kernels
+
+    ok = True
+    paths = a.paths.split(",") if a.paths else (["avx2", "portable"] if a.cpu else kernels.available_paths())
+    for pname in paths:
+        p = kernels.get_path(pname)
+        p.warmup()
+        for name in kernels._JitView.NAMES:
+            disp = getattr(p.jit, name)
+            asm = "\n".join(disp.inspect_asm(sig) for sig in disp.signatures)
+            # the parallel region body is a separate function: include every gufunc numba emitted
+            counts = {k: len(re.findall(v, asm)) for k, v in PATTERNS.items()}
+            shown = ", ".join(f"{k}={v}" for k, v in counts.items() if v)
+            print(f"{pname:9s} {name:18s} {len(disp.signatures)} sig(s): {shown}")
+            if a.dump:
+                os.makedirs(a.dump, exist_ok=True)
+                with open(os.path.join(a.dump, f"{pname}_{name}.s"), "w") as f:
+                    f.write(asm)
+            if pname == "vnni" and "q8_0" in name and "matmul" in name or pname == "vnni" and "q4" in name:
+                ok &= counts["vpdpbusd"] > 0
+            if pname == "avx2" and name.startswith("matmul_q"):
+                ok &= counts["vpmaddubsw"] > 0 and counts["vpdpbusd"] == 0
+                if a.cpu:
+                    ok &= counts["zmm"] == 0
+    print("OK: explicit dot-product instructions present" if ok else "MISSING dot-product instructions")
+    sys.exit(0 if ok else 1)
+
+
+def aarch64() -> int:
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+    import llvmlite.binding as llvm
+
+    from mpillm import kernels
+
+    p = kernels.get_path("portable")
+    p.warmup()
+    llvm.initialize_all_targets()
+    llvm.initialize_all_asmprinters()
+    triple = "aarch64-unknown-linux-gnu"
+    tm = llvm.Target.from_triple(triple).create_target_machine(cpu="cortex-a76", features="+dotprod,+fullfp16",
+                                                               opt=3)
+    bad = 0
+    for name in kernels._JitView.NAMES:
+        disp = getattr(p.jit, name)
+        for sig in disp.signatures:
+            text = disp.inspect_llvm(sig)
+            bad += "llvm.x86." in text
+            text = re.sub(r"^target triple = .*$", f'target triple = "{triple}"', text, flags=re.M)
+            text = re.sub(r"^target datalayout = .*$", f'target datalayout = "{tm.target_data}"', text, flags=re.M)
+            text = re.sub(r'"target-(cpu|features)"="[^"]*"', "", text)
+            mod = llvm.parse_assembly(text)
+            mod.verify()
+            asm = tm.emit_assembly(mod)
+            print(f"aarch64 {name:18s} {sig}: {len(asm.splitlines())} asm lines, fcvt*: "
+                  f"{len(re.findall(r'fcvt', asm))}")
+    print("OK: portable path lowers for aarch64" if not bad else "x86 intrinsics in the portable path")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    main()
