@@ -52,21 +52,22 @@ def main(argv: list[str] | None = None) -> int:
     comm = MPI.COMM_WORLD
     model_dir = resolve_model(args.model, comm)
     need = args.prompt_tokens + args.gen_tokens + 1
-    engine = Engine(model_dir, max_seq_len=max(args.max_seq_len, need), threads=args.threads, verbose=False)
+    engine = Engine(model_dir, max_seq_len=max(args.max_seq_len, need), threads=args.threads, verbose=False,
+                    buffer_type=args.buffer_type)
     m = engine.model
 
     def measure() -> dict:
         rng = np.random.default_rng(0)
         prompt = rng.integers(0, engine.cfg.vocab_size, args.prompt_tokens)
         t0 = time.perf_counter()
-        logits = engine.step(prompt, 0)
+        tok = engine.step_greedy(prompt, 0)
         prompt_s = time.perf_counter() - t0
         m.stats.reset()
-        tok, pos = int(np.argmax(logits[0])), args.prompt_tokens
+        pos = args.prompt_tokens
         t0 = time.perf_counter()
         for _ in range(args.gen_tokens):
-            logits = engine.step([tok], pos)
-            tok, pos = int(np.argmax(logits[0])), pos + 1
+            tok = engine.step_greedy([tok], pos)
+            pos += 1
         gen_s = time.perf_counter() - t0
         n = args.gen_tokens
         return {"prompt_tok_s": args.prompt_tokens / prompt_s, "generate_tok_s": n / gen_s,
@@ -87,9 +88,11 @@ def main(argv: list[str] | None = None) -> int:
     def report(res: dict, rss: list[int]) -> int:
         res.update({
             "model": str(model_dir), "arch": engine.cfg.arch, "ranks": engine.size, "threads_per_rank": args.threads,
+            "buffer_type": args.buffer_type,
             "kernels": __import__("mpillm.kernels", fromlist=["active_path"]).active_path(),
             "prompt_tokens": args.prompt_tokens, "gen_tokens": args.gen_tokens,
-            "logits_gather_bytes_per_token": engine.logits_bytes_per_token,
+            "greedy_token_bytes_per_rank": 16 if engine.size > 1 else 0,
+            "logits_gather_bytes_per_token_when_sampling": engine.logits_bytes_per_token,
             "weight_bytes_per_token_per_rank": m.weight_bytes,
             "weight_bytes_per_token": comm_sum_weights,
             "flops_per_token": 2 * n_params,

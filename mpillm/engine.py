@@ -21,7 +21,8 @@ from .config import ModelConfig
 from .model import Transformer
 from .partition import plan, valid_world_sizes
 
-CMD_STOP, CMD_FORWARD, CMD_RESET = 0, 1, 2
+CMD_STOP, CMD_FORWARD = 0, 1
+OUT_LAST, OUT_ALL, OUT_ARGMAX = 0, 1, 2  # what a forward returns: last-token logits, all logits, greedy token
 
 
 def bundled_gguf() -> Path:
@@ -113,6 +114,7 @@ class Stats:
 
 class Engine:
     def __init__(self, model_dir: Path, max_seq_len: int = 2048, threads: int = 1, max_batch: int = 64,
+                 buffer_type: str = "f32",
                  comm: MPI.Comm = MPI.COMM_WORLD, verbose: bool = True):
         self.comm = comm
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
@@ -148,12 +150,14 @@ class Engine:
         try:
             kernels.set_threads(threads)
             kernels.warmup()
-            self.model = Transformer(shard, comm, max_seq_len, max_batch)
+            self.model = Transformer(shard, comm, max_seq_len, max_batch, buffer_type)
         except (ValueError, MemoryError) as e:
             err = f"{type(e).__name__}: {e}"
         agree(comm, err)
         self.vocab_counts = np.array([s[1] - s[0] for s in (p.vocab for p in plan(cfg, self.size))], np.int64)
-        self.header = np.zeros(4, np.int64)       # [command, n_tokens, position, all_logits]
+        self.header = np.zeros(4, np.int64)       # [command, n_tokens, position, OUT_*]
+        self.best = np.zeros(2, np.float64)       # this rank's (max logit, global token id)
+        self.bests = np.zeros((self.size, 2), np.float64) if self.rank == 0 else None
         self.tokens = np.zeros(max_batch, np.int64)
         self.full_logits = np.zeros((max_batch, cfg.vocab_size), np.float32) if self.rank == 0 else None
         self.gather_buf = np.zeros(max_batch * cfg.vocab_size, np.float32) if self.rank == 0 else None
@@ -167,7 +171,8 @@ class Engine:
         cfg = self.cfg
         print(f"mpillm plan: {cfg.arch}, {cfg.n_layers} layers, dim {cfg.dim}, {cfg.n_heads} heads / "
               f"{cfg.n_kv_heads} KV heads, vocab {cfg.vocab_size}; world size {self.size}, "
-              f"{threads} thread(s) per rank, max-seq-len {self.max_seq_len}", flush=True)
+              f"{threads} thread(s) per rank, max-seq-len {self.max_seq_len}, kernels {kernels.active_path()}",
+              flush=True)
         for rs, (wb, kb, host) in zip(plan(cfg, self.size), sizes):
             ffn = rs.expert_ffn if cfg.is_moe else rs.ffn
             print(f"  rank {rs.tp_rank} on {host}: heads [{rs.heads[0]},{rs.heads[1]}) "
@@ -176,8 +181,10 @@ class Engine:
                   f"KV cache {kb / 2**20:.1f} MiB = {(wb + kb) / 2**20:.1f} MiB", flush=True)
 
     # ------------------------------------------------------------------------------------------
-    def _forward_and_gather(self, T: int, pos: int, all_logits: bool) -> np.ndarray | None:
-        local = self.model.forward(self.tokens[:T], pos, all_logits)
+    def _forward_and_gather(self, T: int, pos: int, out: int) -> np.ndarray | int | None:
+        local = self.model.forward(self.tokens[:T], pos, out == OUT_ALL)
+        if out == OUT_ARGMAX:
+            return self._argmax(local[0])
         rows = local.shape[0]
         if self.size == 1:
             return local
@@ -201,20 +208,38 @@ class Engine:
             v0 += c
         return out
 
-    def step(self, tokens, pos: int, all_logits: bool = False) -> np.ndarray:
-        """Rank 0: run tokens at pos on every rank; full logits (T or 1, vocab)."""
+    def _argmax(self, local: np.ndarray) -> int | None:
+        """Greedy token without gathering logits: each rank sends (max, id) of its vocabulary slice."""
+        i = int(np.argmax(local))
+        if self.size == 1:
+            return i
+        self.best[:] = (local[i], self.model.slice.vocab[0] + i)
+        t0 = time.perf_counter()
+        self.comm.Gather(self.best, self.bests, root=0)
+        self.model.stats.seconds += time.perf_counter() - t0
+        if self.rank != 0:
+            return None
+        return int(self.bests[int(np.argmax(self.bests[:, 0])), 1])  # ties: the lowest id, as np.argmax
+
+    def step_greedy(self, tokens, pos: int) -> int:
+        """Rank 0: run tokens at pos on every rank and return the greedy next token (16 bytes per rank)."""
+        return self.step(tokens, pos, out=OUT_ARGMAX)
+
+    def step(self, tokens, pos: int, all_logits: bool = False, out: int | None = None):
+        """Rank 0: run tokens at pos on every rank; full logits (T or 1, vocab), or the greedy token."""
+        mode = out if out is not None else (OUT_ALL if all_logits else OUT_LAST)
         T = len(tokens)
         if pos + T > self.max_seq_len:
             raise ValueError(f"sequence of {pos + T} tokens exceeds --max-seq-len {self.max_seq_len}")
         out = None
         for s in range(0, T, self.max_batch):
             n = min(self.max_batch, T - s)
-            self.header[:] = (CMD_FORWARD, n, pos + s, int(all_logits))
+            self.header[:] = (CMD_FORWARD, n, pos + s, mode)
             self.comm.Bcast(self.header, root=0)
             self.tokens[:n] = tokens[s:s + n]
             self.comm.Bcast(self.tokens[:n], root=0)
-            logits = self._forward_and_gather(n, pos + s, all_logits)
-            if all_logits:
+            logits = self._forward_and_gather(n, pos + s, mode)
+            if mode == OUT_ALL:
                 out = logits.copy() if out is None else np.concatenate([out, logits])
             else:
                 out = logits
@@ -224,11 +249,11 @@ class Engine:
         """Ranks > 0: follow rank 0's commands until STOP; returns the exit code rank 0 sent."""
         while True:
             self.comm.Bcast(self.header, root=0)
-            cmd, n, pos, all_logits = (int(v) for v in self.header)
+            cmd, n, pos, mode = (int(v) for v in self.header)
             if cmd == CMD_STOP:
                 return n
             self.comm.Bcast(self.tokens[:n], root=0)
-            self._forward_and_gather(n, pos, bool(all_logits))
+            self._forward_and_gather(n, pos, mode)
 
     def stop(self, exit_code: int = 0) -> None:
         """Rank 0: release the other ranks from serve(), telling them the job's exit code."""

@@ -24,6 +24,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=1, help="numba threads per rank (default: %(default)s)")
     p.add_argument("--max-seq-len", type=int, default=2048,
                    help="KV cache length per sequence, prompt included (default: %(default)s)")
+    p.add_argument("--buffer-type", choices=("f32", "f16", "q8_0"), default="f32",
+                   help="precision of the partial sums exchanged between ranks: f32 (MPI_Allreduce), "
+                        "f16 or q8_0 (compressed, Allgather + local sum) (default: %(default)s)")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -70,8 +73,9 @@ def generate(engine, tok, ids: list[int], sampler, max_tokens: int, out=sys.stdo
     from .tokenizer import StreamDecoder
 
     m = engine.model
+    greedy = sampler.temperature == 0.0  # then only the winning token id crosses the network
     t0 = time.perf_counter()
-    logits = engine.step(ids, 0)
+    res = engine.step_greedy(ids, 0) if greedy else engine.step(ids, 0)
     t1 = time.perf_counter()
     if stats is not None:
         stats.prompt_tokens, stats.prompt_s = len(ids), t1 - t0
@@ -80,7 +84,7 @@ def generate(engine, tok, ids: list[int], sampler, max_tokens: int, out=sys.stdo
     gen, pos = [], len(ids)
     tg0 = time.perf_counter()
     for _ in range(max_tokens):
-        nxt = sampler(logits[0])
+        nxt = res if greedy else sampler(res[0])
         gen.append(nxt)
         if nxt in tok.eos_ids:
             break
@@ -90,7 +94,7 @@ def generate(engine, tok, ids: list[int], sampler, max_tokens: int, out=sys.stdo
             out.flush()
         if pos >= engine.max_seq_len:
             break
-        logits = engine.step([nxt], pos)
+        res = engine.step_greedy([nxt], pos) if greedy else engine.step([nxt], pos)
         pos += 1
     tail = dec.flush()
     if tail and out is not None:
@@ -109,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
 
     comm = MPI.COMM_WORLD
     model_dir = resolve_model(args.model, comm)
-    engine = Engine(model_dir, max_seq_len=args.max_seq_len, threads=args.threads, verbose=not args.quiet)
+    engine = Engine(model_dir, max_seq_len=args.max_seq_len, threads=args.threads, verbose=not args.quiet,
+                    buffer_type=args.buffer_type)
 
     def rank0() -> int:
         tok = load_tokenizer(Path(model_dir))
@@ -122,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"start-up {engine.startup_s:.2f} s; prompt {len(ids)} tokens", flush=True)
         stats = Stats()
         generate(engine, tok, ids, sampler, args.max_tokens, stats=stats)
-        stats.gather_bytes = engine.logits_bytes_per_token
+        stats.gather_bytes = 16 if args.temperature == 0.0 and engine.size > 1 else engine.logits_bytes_per_token
         print(flush=True)
         print(stats.line(engine.size), flush=True)
         return 0

@@ -26,6 +26,9 @@ from .partition import RankSlice
 from .quant import QK, QUANTIZED
 
 
+BUFFER_TYPES = ("f32", "f16", "q8_0")
+
+
 @dataclass
 class CommStats:
     seconds: float = 0.0       # wall time inside collectives (includes waiting for slower ranks)
@@ -104,7 +107,8 @@ class Layer:
 
 
 class Transformer:
-    def __init__(self, shard: Shard, comm: MPI.Comm, max_seq_len: int, max_batch: int = 64):
+    def __init__(self, shard: Shard, comm: MPI.Comm, max_seq_len: int, max_batch: int = 64,
+                 buffer_type: str = "f32"):
         cfg = self.cfg = shard.config
         rs = self.slice = RankSlice(**{k: tuple(v) if isinstance(v, list) else v for k, v in shard.slice.items()})
         self.comm, self.tp_size = comm, comm.Get_size()
@@ -157,6 +161,19 @@ class Transformer:
             self.exp_wts = np.zeros(B * K, np.float32)         # (T * top_k,) their routing weights
         self.route_log: list | None = None  # tests: set to [] to record (topk_idx, topk_w) per MoE block
         self.stats = CommStats()
+        # sync buffers: f32 uses MPI_Allreduce; f16 / q8_0 send compressed partials with
+        # Allgather and every rank sums them in rank order (as distributed-llama's q80 sync does)
+        if buffer_type not in BUFFER_TYPES:
+            raise ValueError(f"--buffer-type must be one of {', '.join(BUFFER_TYPES)}, got {buffer_type!r}")
+        self.buffer_type = buffer_type
+        P = self.tp_size
+        if buffer_type == "f16" and P > 1:
+            self.send16 = np.zeros(B * D, np.float16)           # (T * dim) own partial
+            self.recv16 = np.zeros(P * B * D, np.float16)       # (ranks, T * dim)
+        if buffer_type == "q8_0" and P > 1:
+            self.sendq = Acts(np.zeros((B, D), np.float32))     # own partial, quantized
+            self.recvq = np.zeros(P * B * D, np.int8)           # (ranks, T * dim)
+            self.recvd = np.zeros(P * B * (D // QK), np.float32)  # (ranks, T * dim / 32)
 
     # ------------------------------------------------------------------------------------------
     def allreduce(self, buf: np.ndarray) -> None:
@@ -164,9 +181,27 @@ class Transformer:
         if self.tp_size == 1:
             return
         t0 = time.perf_counter()
-        self.comm.Allreduce(MPI.IN_PLACE, buf)
+        T, P, n = buf.shape[0], self.tp_size, buf.size
+        if self.buffer_type == "f32":
+            self.comm.Allreduce(MPI.IN_PLACE, buf)
+            sent = buf.nbytes
+        elif self.buffer_type == "f16":
+            own = self.send16[:n]
+            np.copyto(own, buf.reshape(-1), casting="same_kind")
+            self.comm.Allgather(own, self.recv16[:P * n])
+            ops.sum_f16_parts(self.recv16[:P * n].view(np.uint16).reshape(P, T, -1), buf)
+            sent = own.nbytes
+        else:  # q8_0
+            a = self.sendq
+            a.x[:T] = buf
+            a.quantize(T)
+            nb = n // QK
+            self.comm.Allgather(a.xq[:T], self.recvq[:P * n])
+            self.comm.Allgather(a.xd[:T], self.recvd[:P * nb])
+            ops.sum_q8_parts(self.recvq[:P * n].reshape(P, T, -1), self.recvd[:P * nb].reshape(P, T, -1), buf)
+            sent = a.xq[:T].nbytes + a.xd[:T].nbytes
         self.stats.seconds += time.perf_counter() - t0
-        self.stats.payload_bytes += buf.nbytes
+        self.stats.payload_bytes += sent
         self.stats.calls += 1
 
     def forward(self, tokens: np.ndarray, pos: int, all_logits: bool = False) -> np.ndarray:

@@ -143,6 +143,30 @@ def half_to_float(h):
     return -v if h & 0x8000 else v
 
 
+@njit(cache=True)
+def sum_f16_parts(parts, out):
+    """out (T, n) = sum over ranks, in rank order, of parts (P, T, n) given as fp16 bits."""
+    P, T, n = parts.shape
+    for t in range(T):
+        for i in range(n):
+            s = np.float32(0.0)
+            for r in range(P):
+                s += half_to_float(parts[r, t, i])
+            out[t, i] = s
+
+
+@njit(cache=True)
+def sum_q8_parts(q, d, out):
+    """out (T, n) = sum over ranks, in rank order, of q8_0 parts q (P, T, n) int8, d (P, T, n/32)."""
+    P, T, n = q.shape
+    for t in range(T):
+        for i in range(n):
+            s = np.float32(0.0)
+            for r in range(P):
+                s += d[r, t, i // 32] * np.float32(q[r, t, i])
+            out[t, i] = s
+
+
 # --- embedding rows of the vocabulary-parallel table (rows outside this rank's slice stay zero) ---
 @njit(cache=True)
 def embed_q8_0(tokens, v0, qs, d, out):

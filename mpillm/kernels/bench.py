@@ -39,9 +39,9 @@ def _read_sum(a):
 def read_bandwidth(threads: int, nbytes: int = 256 << 20, reps: int = 5) -> float:
     a = np.ones(nbytes // 4, np.float32)
     numba.set_num_threads(threads)
-    sec = _time(lambda: _read_sum(a), reps, 1)
+    sec, cpu = _time(lambda: _read_sum(a), reps, 1)
     numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
-    return nbytes / sec / 1e9
+    return nbytes / sec / 1e9, nbytes / cpu / 1e9
 
 
 def _weights(wtype: str, N: int, K: int, copies: int, rng) -> list[dict]:
@@ -49,17 +49,21 @@ def _weights(wtype: str, N: int, K: int, copies: int, rng) -> list[dict]:
     return [{k: v.copy() for k, v in base.items()} for _ in range(copies)]
 
 
-def _time(fn, reps: int, inner: int) -> float:
-    """Best of ``reps`` wall-clock timings of ``inner`` calls (the machine is shared: the minimum
-    is the least disturbed figure)."""
+def _time(fn, reps: int, inner: int) -> tuple[float, float]:
+    """(wall, cpu) seconds per call: best of ``reps`` timings of ``inner`` calls. The machine is
+    shared, so the minimum is the least disturbed figure; cpu is this process's CPU time per
+    call divided by the numba thread count (immune to being descheduled, not to others'
+    memory traffic)."""
     fn()
-    ts = []
+    nt = numba.get_num_threads()
+    ws, cs = [], []
     for _ in range(reps):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         for _ in range(inner):
             fn()
-        ts.append((time.perf_counter() - t) / inner)
-    return float(np.min(ts))
+        ws.append((time.perf_counter() - t) / inner)
+        cs.append((time.process_time() - c) / inner / nt)
+    return float(np.min(ws)), float(np.min(cs))
 
 
 def run(paths, wtypes, threads, shapes, T_prefill=64, reps=7, quick=False) -> list[dict]:
@@ -91,17 +95,19 @@ def run(paths, wtypes, threads, shapes, T_prefill=64, reps=7, quick=False) -> li
                             state["i"] += 1
                             p.matmul(wtype, w, xq, xd, xs, x, out)
 
-                        est = _time(call, 1, 1)
+                        est = _time(call, 1, 1)[0]
                         inner = max(1, min(200, int(0.05 / max(est, 1e-7))))
                         if T == 1:
                             inner = max(inner, copies)
-                        sec = _time(call, 3 if quick else reps, inner)
+                        sec, cpu = _time(call, 3 if quick else reps, inner)
                         row = dict(path=pname, wtype=wtype, shape=sname, place=place, T=T, threads=nt,
                                    us=round(sec * 1e6, 1))
                         if T == 1:
                             row["GB/s"] = round(nbytes / sec / 1e9, 2)
+                            row["GB/s_cpu"] = round(nbytes / cpu / 1e9, 2)
                         else:
                             row["GFLOP/s"] = round(2 * N * K * T / sec / 1e9, 1)
+                            row["GFLOP/s_cpu"] = round(2 * N * K * T / cpu / 1e9, 1)
                         rows.append(row)
                         print(_fmt(row), flush=True)
     numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
@@ -109,7 +115,10 @@ def run(paths, wtypes, threads, shapes, T_prefill=64, reps=7, quick=False) -> li
 
 
 def _fmt(r: dict) -> str:
-    val = f"{r['GB/s']:7.2f} GB/s" if "GB/s" in r else f"{r['GFLOP/s']:7.1f} GFLOP/s"
+    if "GB/s" in r:
+        val = f"{r['GB/s']:7.2f} GB/s  (cpu-time {r['GB/s_cpu']:6.2f})"
+    else:
+        val = f"{r['GFLOP/s']:7.1f} GFLOP/s  (cpu-time {r['GFLOP/s_cpu']:6.1f})"
     return (f"{r['path']:9s} {r['wtype']:5s} {r['shape']:20s} {r['place']:5s} T={r['T']:<3d} "
             f"thr={r['threads']}  {r['us']:10.1f} us  {val}")
 
@@ -129,7 +138,9 @@ def main(argv=None) -> None:
         kernels.get_path(pname).warmup()
     print(f"# host paths: {kernels.available_paths()}; numba threading layer: {numba.threading_layer()}")
     for nt in threads:
-        print(f"# read bandwidth (sum of 256 MiB f32), {nt} thread(s): {read_bandwidth(nt):.2f} GB/s", flush=True)
+        bw, bwc = read_bandwidth(nt)
+        print(f"# read bandwidth (sum of 256 MiB f32), {nt} thread(s): {bw:.2f} GB/s (cpu-time {bwc:.2f})",
+              flush=True)
     rows = run(a.paths.split(","), a.types.split(","), threads, a.shapes.split(","),
                T_prefill=a.prefill_tokens, quick=a.quick)
     if a.json:

@@ -28,6 +28,7 @@ Trailing blocks (nb not a multiple of the group) use masked loads.
 """
 from __future__ import annotations
 
+import numpy as np
 from llvmlite import binding as _llvm
 from llvmlite import ir
 from numba import njit, prange, types
@@ -158,33 +159,106 @@ class _Emit:
         return self.b.call(f, [w, I1(0)])
 
 
-def _q_codegen(kind: str, isa: str, R: int, U: int, prefetch: int = 0):
-    """IR body of an R-row x U-token tile of a quantized matmul (see the module docstring).
+class _Geom:
+    """Sizes of one group for a weight kind and ISA (see the module docstring)."""
 
-    prefetch: > 0: software-prefetch each row's weights this many bytes ahead; < 0: prefetch the
-    next R-row tile (the rows are contiguous, so tile i+1 follows tile i) linearly while this
-    tile is processed, R * W bytes per group step."""
-    W = 64 if isa == "vnni" else 32  # weight bytes per group and row
-    L = W // 4  # i32 / f32 lanes
-    q8 = kind == "q8_0"
-    nbg = W // 32 if q8 else W // 16  # blocks per group
-    lpb = L // nbg  # lanes per block
-    xbytes = 32 * nbg  # activation bytes per group and token
+    def __init__(self, kind: str, isa: str):
+        self.kind, self.isa = kind, isa
+        self.W = W = 64 if isa == "vnni" else 32  # weight bytes per group and row
+        self.L = W // 4  # i32 / f32 lanes
+        self.q8 = kind == "q8_0"
+        self.nbg = W // 32 if self.q8 else W // 16  # blocks per group
+        self.lpb = self.L // self.nbg  # lanes per block
+        self.nx = 1 if self.q8 else 2  # activation vectors per group
+        self.GB = (self.nx + 2) * W  # prepared bytes per group and token: X.. | init | xd lanes
+
+
+def _prep_codegen(kind: str, isa: str):
+    """IR body that prepares the activations of T tokens for a kind's tiles.
+
+    Per token and group (zero-padded to whole groups), ``GB`` bytes:
+      X1 [, X2]  the group's activation bytes as the dot-product operand(s): q4: the first and
+                 last 16 bytes of each block gathered (a 128-bit-lane shuffle); q8_0: as is
+      init       <L x i32> accumulator start: q4_0 -2*xsum per lane; q8_0 (VNNI) -16*xsum
+                 per lane; else 0. q4_1 keeps xd * xsum per block (<nbg x float>) here instead
+      xdl        <L x float> activation scale of each lane's block
+    """
+    G = _Geom(kind, isa)
+    W, L, nbg, lpb = G.W, G.L, G.nbg, G.lpb
     lanes = [i // lpb for i in range(L)]
     lo_idx = [32 * k + j for k in range(nbg) for j in range(16)]
     hi_idx = [32 * k + 16 + j for k in range(nbg) for j in range(16)]
 
     def codegen(context, builder, signature, args):
-        (wq, wstride, dp, mp, dstride, xp, xstride, xdp, xsp, sstride, op, ostride, nb, n0, t0) = args
+        (xp, xstride, xdp, xsp, sstride, nb, T, bp, bstride) = args
+        b = builder
+        e = _Emit(b, isa)
+        i64 = lambda v: ir.Constant(I64, v)  # noqa: E731
+
+        def group(xrow, srow, brow, g, rem):
+            if rem is None:
+                mx0 = mx1 = mblk = None
+            else:
+                mx0 = e.lanes_below(W, b.mul(rem, I32(32)))
+                mx1 = e.lanes_below(W, b.sub(b.mul(rem, I32(32)), I32(W)))
+                mblk = e.lanes_below(nbg, rem)
+            xo = b.add(xrow, b.mul(g, i64(32 * nbg)))
+            so = b.add(srow, b.mul(g, i64(4 * nbg)))
+            bo = b.add(brow, b.mul(g, i64(G.GB)))
+            xd = e.load(xdp, so, _vec(F32, nbg), mblk)
+            xs = e.load(xsp, so, _vec(I32, nbg), mblk)
+            if G.q8:
+                xs_ = [e.load(xp, xo, _vec(I8, W), mx0)]
+            else:
+                xa = e.load(xp, xo, _vec(I8, W), mx0)
+                xb = e.load(xp, b.add(xo, i64(W)), _vec(I8, W), mx1)
+                xs_ = [e.shuffle(xa, xb, lo_idx), e.shuffle(xa, xb, hi_idx)]
+            if kind == "q4_0":  # sum (nib - 8) x = sum nib x - 8 xsum; 4 lanes per block
+                init = e.shuffle(b.mul(xs, e.const(I32, nbg, [-2] * nbg)), None, lanes)
+            elif G.q8 and isa == "vnni":  # sum (w + 128) x - 128 xsum; 8 lanes per block
+                init = e.shuffle(b.mul(xs, e.const(I32, nbg, [-16] * nbg)), None, lanes)
+            elif kind == "q4_1":
+                xdsum = b.fmul(xd, b.sitofp(xs, _vec(F32, nbg)))
+                widen = [min(i, nbg) for i in range(L)]  # lanes >= nbg: 0.0 from the second operand
+                init = b.bitcast(e.shuffle(xdsum, ir.Constant(_vec(F32, nbg), None), widen), _vec(I32, L))
+            else:
+                init = ir.Constant(_vec(I32, L), None)
+            for i, v in enumerate(xs_ + [init, e.shuffle(xd, None, lanes)]):
+                b.store(v, e.addr(bp, b.add(bo, i64(i * W))), align=1)
+
+        ngroups = b.udiv(nb, i64(nbg))
+        rem = b.trunc(b.urem(nb, i64(nbg)), I32)
+        with cgutils.for_range(b, T) as tl:
+            t = tl.index
+            xrow, srow, brow = b.mul(t, xstride), b.mul(t, sstride), b.mul(t, bstride)
+            with cgutils.for_range(b, ngroups) as gl:
+                group(xrow, srow, brow, gl.index, None)
+            with b.if_then(b.icmp_unsigned("!=", rem, I32(0)), likely=False):
+                group(xrow, srow, brow, ngroups, rem)
+        return context.get_dummy_value()
+
+    return codegen
+
+
+def _q_codegen(kind: str, isa: str, R: int, U: int, prefetch: int = 0):
+    """IR body of an R-row x U-token tile of a quantized matmul over prepared activations.
+
+    prefetch: > 0: software-prefetch each row's weights this many bytes ahead; < 0: prefetch the
+    next R-row tile (the rows are contiguous, so tile i+1 follows tile i) linearly while this
+    tile is processed, R * W bytes per group step."""
+    G = _Geom(kind, isa)
+    W, L, nbg, lpb, q8 = G.W, G.L, G.nbg, G.lpb, G.q8
+    lanes = [i // lpb for i in range(L)]
+
+    def codegen(context, builder, signature, args):
+        (wq, wstride, dp, mp, dstride, bp, bstride, op, ostride, nb, n0, t0) = args
         b = builder
         e = _Emit(b, isa)
         i64 = lambda v: ir.Constant(I64, v)  # noqa: E731
         wq = b.add(wq, b.mul(n0, wstride))
         dp = b.add(dp, b.mul(n0, dstride))
         mp = b.add(mp, b.mul(n0, dstride))
-        xp = b.add(xp, b.mul(t0, xstride))
-        xdp = b.add(xdp, b.mul(t0, sstride))
-        xsp = b.add(xsp, b.mul(t0, sstride))
+        bp = b.add(bp, b.mul(t0, bstride))
         op = b.add(b.add(op, b.mul(t0, ostride)), b.mul(n0, i64(4)))
         fz = ir.Constant(_vec(F32, L), None)
         acc = [[cgutils.alloca_once_value(b, fz) for _ in range(U)] for _ in range(R)]
@@ -196,38 +270,23 @@ def _q_codegen(kind: str, isa: str, R: int, U: int, prefetch: int = 0):
         def group(g, rem):
             """Accumulate group g (i64); rem = number of valid blocks (i32) in a partial group, or None."""
             if rem is None:
-                mw = mx0 = mx1 = mblk = None
+                mw = mblk = None
             else:
-                mw = e.lanes_below(W, b.mul(rem, I32(16 if not q8 else 32)))
-                mx0 = e.lanes_below(W, b.mul(rem, I32(32)))
-                mx1 = e.lanes_below(W, b.sub(b.mul(rem, I32(32)), I32(W)))
+                mw = e.lanes_below(W, b.mul(rem, I32(32 if q8 else 16)))
                 mblk = e.lanes_below(nbg, rem)
             goff_w = b.mul(g, i64(W))
-            goff_x = b.mul(g, i64(xbytes))
-            goff_s = b.mul(g, i64(4 * nbg))
             goff_h = b.mul(g, i64(2 * nbg))
-            X1, X2, init, xdl, xdsum = [], [], [], [], []
+            goff_b = b.mul(g, i64(G.GB))
+            X, init, xdl, xdsum = [], [], [], []
             for u in range(U):
-                xo = b.add(b.mul(i64(u), xstride), goff_x)
-                so = b.add(b.mul(i64(u), sstride), goff_s)
-                xd = e.load(xdp, so, _vec(F32, nbg), mblk)
-                xs = e.load(xsp, so, _vec(I32, nbg), mblk)
-                xdl.append(e.shuffle(xd, None, lanes))
-                if q8:
-                    X1.append(e.load(xp, xo, _vec(I8, W), mx0))
-                else:
-                    xa = e.load(xp, xo, _vec(I8, W), mx0)
-                    xb = e.load(xp, b.add(xo, i64(W)), _vec(I8, W), mx1)
-                    X1.append(e.shuffle(xa, xb, lo_idx))
-                    X2.append(e.shuffle(xa, xb, hi_idx))
-                if kind == "q4_0":  # sum (nib - 8) x = sum nib x - 8 xsum; 4 lanes per block
-                    init.append(e.shuffle(b.mul(xs, e.const(I32, nbg, [-2] * nbg)), None, lanes))
-                elif q8 and isa == "vnni":  # sum (w + 128) x - 128 xsum; 8 lanes per block
-                    init.append(e.shuffle(b.mul(xs, e.const(I32, nbg, [-16] * nbg)), None, lanes))
-                else:
-                    init.append(ir.Constant(_vec(I32, L), None))
+                bo = b.add(b.mul(i64(u), bstride), goff_b)
+                X.append([e.load(bp, b.add(bo, i64(i * W)), _vec(I8, W)) for i in range(G.nx)])
+                iv = e.load(bp, b.add(bo, i64(G.nx * W)), _vec(I32, L))
                 if kind == "q4_1":
-                    xdsum.append(b.fmul(xd, b.sitofp(xs, _vec(F32, nbg))))
+                    xdsum.append(e.shuffle(b.bitcast(iv, _vec(F32, L)), None, range(nbg)))
+                    iv = ir.Constant(_vec(I32, L), None)
+                init.append(iv)
+                xdl.append(e.load(bp, b.add(bo, i64((G.nx + 1) * W)), _vec(F32, L)))
             if prefetch < 0 and rem is None:
                 nxt = b.add(b.mul(i64(R), wstride), b.mul(goff_w, i64(R)))
                 for r in range(R):
@@ -248,10 +307,10 @@ def _q_codegen(kind: str, isa: str, R: int, U: int, prefetch: int = 0):
                     hi = b.lshr(w, e.const(I8, W, [4] * W))
                 for u in range(U):
                     if q8:
-                        xs_ = X1[u] if isa == "vnni" else e.psign(X1[u], w)
+                        xs_ = X[u][0] if isa == "vnni" else e.psign(X[u][0], w)
                         a = e.dot1(init[u], wu, xs_)
                     else:
-                        a = e.dot2(init[u], lo, X1[u], hi, X2[u])
+                        a = e.dot2(init[u], lo, X[u][0], hi, X[u][1])
                     f = b.sitofp(a, _vec(F32, L))
                     sc = b.fmul(dl, xdl[u])
                     b.store(e.fma(f, sc, b.load(acc[r][u])), acc[r][u])
@@ -278,8 +337,8 @@ def _q_codegen(kind: str, isa: str, R: int, U: int, prefetch: int = 0):
 def _make_tile(kind: str, isa: str, R: int, U: int, prefetch: int = 0):
     gen = _q_codegen(kind, isa, R, U, prefetch)
 
-    def tile(typingctx, wq, wstride, dp, mp, dstride, xp, xstride, xdp, xsp, sstride, op, ostride, nb, n0, t0):
-        argtys = (wq, wstride, dp, mp, dstride, xp, xstride, xdp, xsp, sstride, op, ostride, nb, n0, t0)
+    def tile(typingctx, wq, wstride, dp, mp, dstride, bp, bstride, op, ostride, nb, n0, t0):
+        argtys = (wq, wstride, dp, mp, dstride, bp, bstride, op, ostride, nb, n0, t0)
         if not all(isinstance(t, types.Integer) for t in argtys):
             return None
         return types.void(*argtys), gen
@@ -288,34 +347,72 @@ def _make_tile(kind: str, isa: str, R: int, U: int, prefetch: int = 0):
     return intrinsic(tile)
 
 
-# R rows x U tokens per tile: the T = 1 (decode) tile is R x 1; prefill uses R x U.
-R_VNNI, U_VNNI = 4, 3
-R_AVX2, U_AVX2 = 2, 2
+def _make_prep(kind: str, isa: str):
+    gen = _prep_codegen(kind, isa)
 
-_v40_RU = _make_tile("q4_0", "vnni", R_VNNI, U_VNNI)
-_v40_R1 = _make_tile("q4_0", "vnni", R_VNNI, 1)
+    def prep(typingctx, xp, xstride, xdp, xsp, sstride, nb, T, bp, bstride):
+        argtys = (xp, xstride, xdp, xsp, sstride, nb, T, bp, bstride)
+        if not all(isinstance(t, types.Integer) for t in argtys):
+            return None
+        return types.void(*argtys), gen
+
+    prep.__name__ = prep.__qualname__ = f"{isa}_{kind}_prep"
+    return intrinsic(prep)
+
+
+def group_bytes(kind: str, isa: str) -> tuple[int, int]:
+    """(blocks per group, prepared activation bytes per group and token)."""
+    g = _Geom(kind, isa)
+    return g.nbg, g.GB
+
+
+# R rows x U tokens per tile: the T = 1 (decode) tile is R x 1 (R1 rows); prefill uses R x U.
+R_VNNI, U_VNNI, R1_VNNI = 4, 3, 4
+R_AVX2, U_AVX2, R1_AVX2 = 2, 2, 2
+PF_VNNI = PF_AVX2 = -1  # prefetch the next tile (see _q_codegen)
+
+_v40_prep = _make_prep("q4_0", "vnni")
+_v40_RU = _make_tile("q4_0", "vnni", R_VNNI, U_VNNI, PF_VNNI)
+_v40_R1 = _make_tile("q4_0", "vnni", R1_VNNI, 1, PF_VNNI)
+_v40_RT = _v40_R1 if R1_VNNI == R_VNNI else _make_tile("q4_0", "vnni", R_VNNI, 1, PF_VNNI)
 _v40_1U = _make_tile("q4_0", "vnni", 1, U_VNNI)
 _v40_11 = _make_tile("q4_0", "vnni", 1, 1)
-_v41_RU = _make_tile("q4_1", "vnni", R_VNNI, U_VNNI)
-_v41_R1 = _make_tile("q4_1", "vnni", R_VNNI, 1)
+NBG_V40, GB_V40 = group_bytes("q4_0", "vnni")
+_v41_prep = _make_prep("q4_1", "vnni")
+_v41_RU = _make_tile("q4_1", "vnni", R_VNNI, U_VNNI, PF_VNNI)
+_v41_R1 = _make_tile("q4_1", "vnni", R1_VNNI, 1, PF_VNNI)
+_v41_RT = _v41_R1 if R1_VNNI == R_VNNI else _make_tile("q4_1", "vnni", R_VNNI, 1, PF_VNNI)
 _v41_1U = _make_tile("q4_1", "vnni", 1, U_VNNI)
 _v41_11 = _make_tile("q4_1", "vnni", 1, 1)
-_v80_RU = _make_tile("q8_0", "vnni", R_VNNI, U_VNNI)
-_v80_R1 = _make_tile("q8_0", "vnni", R_VNNI, 1)
+NBG_V41, GB_V41 = group_bytes("q4_1", "vnni")
+_v80_prep = _make_prep("q8_0", "vnni")
+_v80_RU = _make_tile("q8_0", "vnni", R_VNNI, U_VNNI, PF_VNNI)
+_v80_R1 = _make_tile("q8_0", "vnni", R1_VNNI, 1, PF_VNNI)
+_v80_RT = _v80_R1 if R1_VNNI == R_VNNI else _make_tile("q8_0", "vnni", R_VNNI, 1, PF_VNNI)
 _v80_1U = _make_tile("q8_0", "vnni", 1, U_VNNI)
 _v80_11 = _make_tile("q8_0", "vnni", 1, 1)
-_a40_RU = _make_tile("q4_0", "avx2", R_AVX2, U_AVX2)
-_a40_R1 = _make_tile("q4_0", "avx2", R_AVX2, 1)
+NBG_V80, GB_V80 = group_bytes("q8_0", "vnni")
+_a40_prep = _make_prep("q4_0", "avx2")
+_a40_RU = _make_tile("q4_0", "avx2", R_AVX2, U_AVX2, PF_AVX2)
+_a40_R1 = _make_tile("q4_0", "avx2", R1_AVX2, 1, PF_AVX2)
+_a40_RT = _a40_R1 if R1_AVX2 == R_AVX2 else _make_tile("q4_0", "avx2", R_AVX2, 1, PF_AVX2)
 _a40_1U = _make_tile("q4_0", "avx2", 1, U_AVX2)
 _a40_11 = _make_tile("q4_0", "avx2", 1, 1)
-_a41_RU = _make_tile("q4_1", "avx2", R_AVX2, U_AVX2)
-_a41_R1 = _make_tile("q4_1", "avx2", R_AVX2, 1)
+NBG_A40, GB_A40 = group_bytes("q4_0", "avx2")
+_a41_prep = _make_prep("q4_1", "avx2")
+_a41_RU = _make_tile("q4_1", "avx2", R_AVX2, U_AVX2, PF_AVX2)
+_a41_R1 = _make_tile("q4_1", "avx2", R1_AVX2, 1, PF_AVX2)
+_a41_RT = _a41_R1 if R1_AVX2 == R_AVX2 else _make_tile("q4_1", "avx2", R_AVX2, 1, PF_AVX2)
 _a41_1U = _make_tile("q4_1", "avx2", 1, U_AVX2)
 _a41_11 = _make_tile("q4_1", "avx2", 1, 1)
-_a80_RU = _make_tile("q8_0", "avx2", R_AVX2, U_AVX2)
-_a80_R1 = _make_tile("q8_0", "avx2", R_AVX2, 1)
+NBG_A41, GB_A41 = group_bytes("q4_1", "avx2")
+_a80_prep = _make_prep("q8_0", "avx2")
+_a80_RU = _make_tile("q8_0", "avx2", R_AVX2, U_AVX2, PF_AVX2)
+_a80_R1 = _make_tile("q8_0", "avx2", R1_AVX2, 1, PF_AVX2)
+_a80_RT = _a80_R1 if R1_AVX2 == R_AVX2 else _make_tile("q8_0", "avx2", R_AVX2, 1, PF_AVX2)
 _a80_1U = _make_tile("q8_0", "avx2", 1, U_AVX2)
 _a80_11 = _make_tile("q8_0", "avx2", 1, 1)
+NBG_A80, GB_A80 = group_bytes("q8_0", "avx2")
 
 
 # ----------------------------------------------------------------------------
@@ -345,78 +442,120 @@ def _check_q(qs, d, m, xq, xd, xsum, out, qs_per_block):
 def vnni_matmul_q4_0_q8_0(qs, d, xq, xd, xsum, out):
     _check_q(qs, d, d, xq, xd, xsum, out, 16)
     N, T, nb = qs.shape[0], xq.shape[0], xd.shape[1]
-    R, U = R_VNNI, U_VNNI
-    a = (qs.ctypes.data, qs.strides[0], d.ctypes.data, 0, d.strides[0], xq.ctypes.data, xq.strides[0],
-         xd.ctypes.data, xsum.ctypes.data, xd.strides[0], out.ctypes.data, out.strides[0], nb)
-    for i in prange((N + R - 1) // R):
-        n0 = i * R
-        if n0 + R <= N:
-            t0 = 0
-            while t0 + U <= T:
-                _v40_RU(*a, n0, t0)
-                t0 += U
-            for t in range(t0, T):
-                _v40_R1(*a, n0, t)
-        else:
-            for n in range(n0, N):
+    R, U, R1 = R_VNNI, U_VNNI, R1_VNNI
+    bstride = (nb + NBG_V40 - 1) // NBG_V40 * GB_V40
+    buf = np.empty(max(1, T * bstride), np.uint8)  # prepared activations (see _prep_codegen)
+    _v40_prep(xq.ctypes.data, xq.strides[0], xd.ctypes.data, xsum.ctypes.data, xd.strides[0], nb, T,
+              buf.ctypes.data, bstride)
+    a = (qs.ctypes.data, qs.strides[0], d.ctypes.data, 0, d.strides[0], buf.ctypes.data, bstride,
+         out.ctypes.data, out.strides[0], nb)
+    if T == 1:
+        for i in prange((N + R1 - 1) // R1):
+            n0 = i * R1
+            if n0 + R1 <= N:
+                _v40_R1(*a, n0, 0)
+            else:
+                for n in range(n0, N):
+                    _v40_11(*a, n, 0)
+    else:
+        for i in prange((N + R - 1) // R):
+            n0 = i * R
+            if n0 + R <= N:
                 t0 = 0
                 while t0 + U <= T:
-                    _v40_1U(*a, n, t0)
+                    _v40_RU(*a, n0, t0)
                     t0 += U
                 for t in range(t0, T):
-                    _v40_11(*a, n, t)
+                    _v40_RT(*a, n0, t)
+            else:
+                for n in range(n0, N):
+                    t0 = 0
+                    while t0 + U <= T:
+                        _v40_1U(*a, n, t0)
+                        t0 += U
+                    for t in range(t0, T):
+                        _v40_11(*a, n, t)
+    return buf.size  # keeps buf alive until the tiles are done
 
 
 @njit(**_JIT_PAR)
 def vnni_matmul_q4_1_q8_0(qs, d, m, xq, xd, xsum, out):
     _check_q(qs, d, m, xq, xd, xsum, out, 16)
     N, T, nb = qs.shape[0], xq.shape[0], xd.shape[1]
-    R, U = R_VNNI, U_VNNI
-    a = (qs.ctypes.data, qs.strides[0], d.ctypes.data, m.ctypes.data, d.strides[0], xq.ctypes.data,
-         xq.strides[0], xd.ctypes.data, xsum.ctypes.data, xd.strides[0], out.ctypes.data, out.strides[0], nb)
-    for i in prange((N + R - 1) // R):
-        n0 = i * R
-        if n0 + R <= N:
-            t0 = 0
-            while t0 + U <= T:
-                _v41_RU(*a, n0, t0)
-                t0 += U
-            for t in range(t0, T):
-                _v41_R1(*a, n0, t)
-        else:
-            for n in range(n0, N):
+    R, U, R1 = R_VNNI, U_VNNI, R1_VNNI
+    bstride = (nb + NBG_V41 - 1) // NBG_V41 * GB_V41
+    buf = np.empty(max(1, T * bstride), np.uint8)  # prepared activations (see _prep_codegen)
+    _v41_prep(xq.ctypes.data, xq.strides[0], xd.ctypes.data, xsum.ctypes.data, xd.strides[0], nb, T,
+              buf.ctypes.data, bstride)
+    a = (qs.ctypes.data, qs.strides[0], d.ctypes.data, m.ctypes.data, d.strides[0], buf.ctypes.data, bstride,
+         out.ctypes.data, out.strides[0], nb)
+    if T == 1:
+        for i in prange((N + R1 - 1) // R1):
+            n0 = i * R1
+            if n0 + R1 <= N:
+                _v41_R1(*a, n0, 0)
+            else:
+                for n in range(n0, N):
+                    _v41_11(*a, n, 0)
+    else:
+        for i in prange((N + R - 1) // R):
+            n0 = i * R
+            if n0 + R <= N:
                 t0 = 0
                 while t0 + U <= T:
-                    _v41_1U(*a, n, t0)
+                    _v41_RU(*a, n0, t0)
                     t0 += U
                 for t in range(t0, T):
-                    _v41_11(*a, n, t)
+                    _v41_RT(*a, n0, t)
+            else:
+                for n in range(n0, N):
+                    t0 = 0
+                    while t0 + U <= T:
+                        _v41_1U(*a, n, t0)
+                        t0 += U
+                    for t in range(t0, T):
+                        _v41_11(*a, n, t)
+    return buf.size  # keeps buf alive until the tiles are done
 
 
 @njit(**_JIT_PAR)
 def vnni_matmul_q8_0_q8_0(qs, d, xq, xd, xsum, out):
     _check_q(qs, d, d, xq, xd, xsum, out, 32)
     N, T, nb = qs.shape[0], xq.shape[0], xd.shape[1]
-    R, U = R_VNNI, U_VNNI
-    a = (qs.ctypes.data, qs.strides[0], d.ctypes.data, 0, d.strides[0], xq.ctypes.data, xq.strides[0],
-         xd.ctypes.data, xsum.ctypes.data, xd.strides[0], out.ctypes.data, out.strides[0], nb)
-    for i in prange((N + R - 1) // R):
-        n0 = i * R
-        if n0 + R <= N:
-            t0 = 0
-            while t0 + U <= T:
-                _v80_RU(*a, n0, t0)
-                t0 += U
-            for t in range(t0, T):
-                _v80_R1(*a, n0, t)
-        else:
-            for n in range(n0, N):
+    R, U, R1 = R_VNNI, U_VNNI, R1_VNNI
+    bstride = (nb + NBG_V80 - 1) // NBG_V80 * GB_V80
+    buf = np.empty(max(1, T * bstride), np.uint8)  # prepared activations (see _prep_codegen)
+    _v80_prep(xq.ctypes.data, xq.strides[0], xd.ctypes.data, xsum.ctypes.data, xd.strides[0], nb, T,
+              buf.ctypes.data, bstride)
+    a = (qs.ctypes.data, qs.strides[0], d.ctypes.data, 0, d.strides[0], buf.ctypes.data, bstride,
+         out.ctypes.data, out.strides[0], nb)
+    if T == 1:
+        for i in prange((N + R1 - 1) // R1):
+            n0 = i * R1
+            if n0 + R1 <= N:
+                _v80_R1(*a, n0, 0)
+            else:
+                for n in range(n0, N):
+                    _v80_11(*a, n, 0)
+    else:
+        for i in prange((N + R - 1) // R):
+            n0 = i * R
+            if n0 + R <= N:
                 t0 = 0
                 while t0 + U <= T:
-                    _v80_1U(*a, n, t0)
+                    _v80_RU(*a, n0, t0)
                     t0 += U
                 for t in range(t0, T):
-                    _v80_11(*a, n, t)
+                    _v80_RT(*a, n0, t)
+            else:
+                for n in range(n0, N):
+                    t0 = 0
+                    while t0 + U <= T:
+                        _v80_1U(*a, n, t0)
+                        t0 += U
+                    for t in range(t0, T):
+                        _v80_11(*a, n, t)
+    return buf.size  # keeps buf alive until the tiles are done
 
 
 # ----------------------------------------------------------------------------
@@ -426,78 +565,120 @@ def vnni_matmul_q8_0_q8_0(qs, d, xq, xd, xsum, out):
 def avx2_matmul_q4_0_q8_0(qs, d, xq, xd, xsum, out):
     _check_q(qs, d, d, xq, xd, xsum, out, 16)
     N, T, nb = qs.shape[0], xq.shape[0], xd.shape[1]
-    R, U = R_AVX2, U_AVX2
-    a = (qs.ctypes.data, qs.strides[0], d.ctypes.data, 0, d.strides[0], xq.ctypes.data, xq.strides[0],
-         xd.ctypes.data, xsum.ctypes.data, xd.strides[0], out.ctypes.data, out.strides[0], nb)
-    for i in prange((N + R - 1) // R):
-        n0 = i * R
-        if n0 + R <= N:
-            t0 = 0
-            while t0 + U <= T:
-                _a40_RU(*a, n0, t0)
-                t0 += U
-            for t in range(t0, T):
-                _a40_R1(*a, n0, t)
-        else:
-            for n in range(n0, N):
+    R, U, R1 = R_AVX2, U_AVX2, R1_AVX2
+    bstride = (nb + NBG_A40 - 1) // NBG_A40 * GB_A40
+    buf = np.empty(max(1, T * bstride), np.uint8)  # prepared activations (see _prep_codegen)
+    _a40_prep(xq.ctypes.data, xq.strides[0], xd.ctypes.data, xsum.ctypes.data, xd.strides[0], nb, T,
+              buf.ctypes.data, bstride)
+    a = (qs.ctypes.data, qs.strides[0], d.ctypes.data, 0, d.strides[0], buf.ctypes.data, bstride,
+         out.ctypes.data, out.strides[0], nb)
+    if T == 1:
+        for i in prange((N + R1 - 1) // R1):
+            n0 = i * R1
+            if n0 + R1 <= N:
+                _a40_R1(*a, n0, 0)
+            else:
+                for n in range(n0, N):
+                    _a40_11(*a, n, 0)
+    else:
+        for i in prange((N + R - 1) // R):
+            n0 = i * R
+            if n0 + R <= N:
                 t0 = 0
                 while t0 + U <= T:
-                    _a40_1U(*a, n, t0)
+                    _a40_RU(*a, n0, t0)
                     t0 += U
                 for t in range(t0, T):
-                    _a40_11(*a, n, t)
+                    _a40_RT(*a, n0, t)
+            else:
+                for n in range(n0, N):
+                    t0 = 0
+                    while t0 + U <= T:
+                        _a40_1U(*a, n, t0)
+                        t0 += U
+                    for t in range(t0, T):
+                        _a40_11(*a, n, t)
+    return buf.size  # keeps buf alive until the tiles are done
 
 
 @njit(**_JIT_PAR)
 def avx2_matmul_q4_1_q8_0(qs, d, m, xq, xd, xsum, out):
     _check_q(qs, d, m, xq, xd, xsum, out, 16)
     N, T, nb = qs.shape[0], xq.shape[0], xd.shape[1]
-    R, U = R_AVX2, U_AVX2
-    a = (qs.ctypes.data, qs.strides[0], d.ctypes.data, m.ctypes.data, d.strides[0], xq.ctypes.data,
-         xq.strides[0], xd.ctypes.data, xsum.ctypes.data, xd.strides[0], out.ctypes.data, out.strides[0], nb)
-    for i in prange((N + R - 1) // R):
-        n0 = i * R
-        if n0 + R <= N:
-            t0 = 0
-            while t0 + U <= T:
-                _a41_RU(*a, n0, t0)
-                t0 += U
-            for t in range(t0, T):
-                _a41_R1(*a, n0, t)
-        else:
-            for n in range(n0, N):
+    R, U, R1 = R_AVX2, U_AVX2, R1_AVX2
+    bstride = (nb + NBG_A41 - 1) // NBG_A41 * GB_A41
+    buf = np.empty(max(1, T * bstride), np.uint8)  # prepared activations (see _prep_codegen)
+    _a41_prep(xq.ctypes.data, xq.strides[0], xd.ctypes.data, xsum.ctypes.data, xd.strides[0], nb, T,
+              buf.ctypes.data, bstride)
+    a = (qs.ctypes.data, qs.strides[0], d.ctypes.data, m.ctypes.data, d.strides[0], buf.ctypes.data, bstride,
+         out.ctypes.data, out.strides[0], nb)
+    if T == 1:
+        for i in prange((N + R1 - 1) // R1):
+            n0 = i * R1
+            if n0 + R1 <= N:
+                _a41_R1(*a, n0, 0)
+            else:
+                for n in range(n0, N):
+                    _a41_11(*a, n, 0)
+    else:
+        for i in prange((N + R - 1) // R):
+            n0 = i * R
+            if n0 + R <= N:
                 t0 = 0
                 while t0 + U <= T:
-                    _a41_1U(*a, n, t0)
+                    _a41_RU(*a, n0, t0)
                     t0 += U
                 for t in range(t0, T):
-                    _a41_11(*a, n, t)
+                    _a41_RT(*a, n0, t)
+            else:
+                for n in range(n0, N):
+                    t0 = 0
+                    while t0 + U <= T:
+                        _a41_1U(*a, n, t0)
+                        t0 += U
+                    for t in range(t0, T):
+                        _a41_11(*a, n, t)
+    return buf.size  # keeps buf alive until the tiles are done
 
 
 @njit(**_JIT_PAR)
 def avx2_matmul_q8_0_q8_0(qs, d, xq, xd, xsum, out):
     _check_q(qs, d, d, xq, xd, xsum, out, 32)
     N, T, nb = qs.shape[0], xq.shape[0], xd.shape[1]
-    R, U = R_AVX2, U_AVX2
-    a = (qs.ctypes.data, qs.strides[0], d.ctypes.data, 0, d.strides[0], xq.ctypes.data, xq.strides[0],
-         xd.ctypes.data, xsum.ctypes.data, xd.strides[0], out.ctypes.data, out.strides[0], nb)
-    for i in prange((N + R - 1) // R):
-        n0 = i * R
-        if n0 + R <= N:
-            t0 = 0
-            while t0 + U <= T:
-                _a80_RU(*a, n0, t0)
-                t0 += U
-            for t in range(t0, T):
-                _a80_R1(*a, n0, t)
-        else:
-            for n in range(n0, N):
+    R, U, R1 = R_AVX2, U_AVX2, R1_AVX2
+    bstride = (nb + NBG_A80 - 1) // NBG_A80 * GB_A80
+    buf = np.empty(max(1, T * bstride), np.uint8)  # prepared activations (see _prep_codegen)
+    _a80_prep(xq.ctypes.data, xq.strides[0], xd.ctypes.data, xsum.ctypes.data, xd.strides[0], nb, T,
+              buf.ctypes.data, bstride)
+    a = (qs.ctypes.data, qs.strides[0], d.ctypes.data, 0, d.strides[0], buf.ctypes.data, bstride,
+         out.ctypes.data, out.strides[0], nb)
+    if T == 1:
+        for i in prange((N + R1 - 1) // R1):
+            n0 = i * R1
+            if n0 + R1 <= N:
+                _a80_R1(*a, n0, 0)
+            else:
+                for n in range(n0, N):
+                    _a80_11(*a, n, 0)
+    else:
+        for i in prange((N + R - 1) // R):
+            n0 = i * R
+            if n0 + R <= N:
                 t0 = 0
                 while t0 + U <= T:
-                    _a80_1U(*a, n, t0)
+                    _a80_RU(*a, n0, t0)
                     t0 += U
                 for t in range(t0, T):
-                    _a80_11(*a, n, t)
+                    _a80_RT(*a, n0, t)
+            else:
+                for n in range(n0, N):
+                    t0 = 0
+                    while t0 + U <= T:
+                        _a80_1U(*a, n, t0)
+                        t0 += U
+                    for t in range(t0, T):
+                        _a80_11(*a, n, t)
+    return buf.size  # keeps buf alive until the tiles are done
 
 
 # activation quantization and float matmuls: the portable kernels (LLVM vectorizes them for the host)
