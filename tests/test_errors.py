@@ -37,7 +37,7 @@ def fresh_copy(model: Path, tmp_path: Path) -> Path:
 
 def run_logits(np_: int, model: Path, tmp_path: Path, extra_env=None):
     t0 = time.monotonic()
-    r = mpirun(np_, ["tests/scripts/logits.py", str(model), str(tmp_path / "out.npy"), *TOKENS], timeout=60,
+    r = mpirun(np_, ["tests/scripts/logits.py", str(model), str(tmp_path / "out.npy"), *TOKENS], timeout=120,
                env=extra_env)
     return r, time.monotonic() - t0
 
