@@ -5,6 +5,7 @@ bindings). mpillm.baseline starts it as a subprocess:
 
     python _llamacpp_worker.py bench GGUF --threads N [--n-prompt 64 --n-gen 64 --repeats 3]
     python _llamacpp_worker.py quantize IN.gguf OUT.gguf --ftype q4_0 [--pure] [--threads N]
+    python _llamacpp_worker.py perplexity GGUF TOKENS.json [--threads N]
 
 and reads one JSON object from the last line of stdout. llama.cpp's own log goes
 to stderr.
@@ -188,6 +189,34 @@ def quantize(args):
             "seconds": time.perf_counter() - t0, "llama_cpp_python": L.__version__}
 
 
+def perplexity(args):
+    """llama-perplexity's method on given token chunks: score the second half of each chunk."""
+    chunks = json.load(open(args.tokens))
+    ctx = len(chunks[0])
+    eng = Engine(args.gguf, args.threads, ctx, ctx)
+    first = ctx // 2
+    nll = []
+    for c in chunks:
+        eng.clear()
+        b = eng.batch
+        for i, t in enumerate(c):
+            b.token[i] = t
+            b.pos[i] = i
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = 0
+            b.logits[i] = 1 if i >= first else 0
+        b.n_tokens = ctx
+        if L.llama_decode(eng.ctx, b) != 0:
+            raise RuntimeError("llama_decode failed")
+        for j in range(first, ctx - 1):
+            lg = np.ctypeslib.as_array(L.llama_get_logits_ith(eng.ctx, j), shape=(eng.n_vocab,)).astype(np.float64)
+            mx = lg.max()
+            nll.append(mx + np.log(np.exp(lg - mx).sum()) - lg[c[j + 1]])
+    eng.close()
+    return {"perplexity": float(np.exp(np.mean(nll))), "scored_tokens": len(nll), "chunks": len(chunks),
+            "ctx": ctx, "llama_cpp_python": L.__version__}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -203,8 +232,12 @@ def main(argv=None):
     q.add_argument("--ftype", choices=sorted(FTYPES), default="q4_0")
     q.add_argument("--pure", action="store_true")
     q.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    pp = sub.add_parser("perplexity")
+    pp.add_argument("gguf")
+    pp.add_argument("tokens", help="JSON list of equal-length token chunks")
+    pp.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args = ap.parse_args(argv)
-    result = bench(args) if args.cmd == "bench" else quantize(args)
+    result = {"bench": bench, "quantize": quantize, "perplexity": perplexity}[args.cmd](args)
     sys.stdout.write(json.dumps(result) + "\n")
     sys.stdout.flush()
 

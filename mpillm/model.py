@@ -27,6 +27,7 @@ from .quant import QK, QUANTIZED
 
 
 BUFFER_TYPES = ("f32", "f16", "q8_0")
+_quantize_q8_0 = kernels.get_path(kernels.active_path()).jit.quantize_q8_0
 
 
 @dataclass
@@ -52,22 +53,27 @@ class Acts:
 
     def quantize(self, T: int) -> None:
         if self.quantizable:
-            kernels.quantize_q8_0(self.x[:T], self.xq[:T], self.xd[:T], self.xsum[:T])
+            _quantize_q8_0(self.x[:T], self.xq[:T], self.xd[:T], self.xsum[:T])
 
 
 class Linear:
-    """y = x W^T for one stored weight (an expert's slice when ``index`` is given)."""
+    """y = x W^T for one stored weight (an expert's slice when ``index`` is given).
+
+    Holds the raw jitted kernel of the active path and plain-ndarray views of the weights
+    (fp16 as uint16, as the kernels take them), so a call costs one numba dispatch."""
 
     def __init__(self, t: Tensor, index: int | None = None):
         a = t.arrays if index is None else {k: v[index] for k, v in t.arrays.items()}
         self.wtype, self.rows, self.cols = t.wtype, t.shape[-2], t.shape[-1]
         self.quantized = self.wtype in QUANTIZED
-        self.fn = {"q4_0": kernels.matmul_q4_0_q8_0, "q4_1": kernels.matmul_q4_1_q8_0,
-                   "q8_0": kernels.matmul_q8_0_q8_0, "f16": kernels.matmul_f16_f32,
-                   "f32": kernels.matmul_f32_f32}[self.wtype]
-        self.w = {"q4_0": ("qs", "d"), "q4_1": ("qs", "d", "m"), "q8_0": ("qs", "d"),
-                  "f16": ("w",), "f32": ("w",)}[self.wtype]
-        self.w = tuple(a[k] for k in self.w)
+        jit = kernels.get_path(kernels.active_path()).jit
+        self.fn = {"q4_0": jit.matmul_q4_0_q8_0, "q4_1": jit.matmul_q4_1_q8_0,
+                   "q8_0": jit.matmul_q8_0_q8_0, "f16": jit.matmul_f16_f32,
+                   "f32": jit.matmul_f32_f32}[self.wtype]
+        keys = {"q4_0": ("qs", "d"), "q4_1": ("qs", "d", "m"), "q8_0": ("qs", "d"),
+                "f16": ("w",), "f32": ("w",)}[self.wtype]
+        plain = (np.asarray(a[k]) for k in keys)  # drop np.memmap: its view/slice hooks cost per call
+        self.w = tuple(v.view(np.uint16) if v.dtype == np.float16 else v for v in plain)
         self.nbytes = sum(x.nbytes for x in self.w)
 
     def __call__(self, a: Acts, T: int, out: np.ndarray) -> None:

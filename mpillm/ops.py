@@ -73,7 +73,15 @@ def store_kv(k, v, kc, vc, pos0, hd):
                 vc[h, pos0 + t, i] = v[t, h * hd + i]
 
 
-@njit(cache=True, fastmath=True, parallel=True)
+@njit(cache=True, fastmath=True, inline="always")
+def _dot(a, b):
+    s = np.float32(0.0)
+    for i in range(a.shape[0]):
+        s += a[i] * b[i]
+    return s
+
+
+@njit(cache=True, fastmath=True)
 def attention(q, kc, vc, pos0, hd, kv_of_head, scores, out):
     """Causal attention for T new tokens at positions pos0..pos0+T-1.
 
@@ -83,31 +91,30 @@ def attention(q, kc, vc, pos0, hd, kv_of_head, scores, out):
     T = q.shape[0]
     nh = q.shape[1] // hd
     scale = np.float32(1.0 / math.sqrt(hd))
-    for h in prange(nh):
+    for h in range(nh):  # serial: a parallel region costs more than a decode step's attention
         kv = kv_of_head[h]
+        sc = scores[h]
         for t in range(T):
             n_ctx = pos0 + t + 1
+            qh = q[t, h * hd:(h + 1) * hd]
             mx = np.float32(-np.inf)
             for p in range(n_ctx):
-                s = np.float32(0.0)
-                for i in range(hd):
-                    s += q[t, h * hd + i] * kc[kv, p, i]
-                s *= scale
-                scores[h, p] = s
-                if s > mx:
-                    mx = s
+                v = _dot(qh, kc[kv, p]) * scale
+                sc[p] = v
+                mx = max(mx, v)
             tot = np.float32(0.0)
             for p in range(n_ctx):
-                e = np.exp(scores[h, p] - mx)
-                scores[h, p] = e
+                e = np.exp(sc[p] - mx)
+                sc[p] = e
                 tot += e
             inv = np.float32(1.0) / tot
-            for i in range(hd):
-                out[t, h * hd + i] = 0.0
+            o = out[t, h * hd:(h + 1) * hd]
+            o[:] = 0.0
             for p in range(n_ctx):
-                w = scores[h, p] * inv
+                w = sc[p] * inv
+                vp = vc[kv, p]
                 for i in range(hd):
-                    out[t, h * hd + i] += w * vc[kv, p, i]
+                    o[i] += w * vp[i]
 
 
 @njit(cache=True, fastmath=True)

@@ -53,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ctx", type=int, default=512, help="tokens per chunk (default: %(default)s)")
     p.add_argument("--chunks", type=int, default=0, help="score at most this many chunks (0 = all)")
     p.add_argument("--json", type=Path, default=None, help="also write the result as JSON here")
+    p.add_argument("--dump-tokens", type=Path, default=None,
+                   help="write the token chunks as JSON (to score the same chunks with another engine)")
     args = parse_args_bcast(p, argv)
     from .engine import Engine, resolve_model
     from .tokenizer import load_tokenizer
@@ -72,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"{args.file} has fewer than --ctx {args.ctx} tokens")
         if args.chunks:
             chunks = chunks[: args.chunks]
+        if args.dump_tokens:
+            args.dump_tokens.write_text(json.dumps(chunks))
         first = args.ctx // 2
         nll, t0 = [], time.perf_counter()
         for i, c in enumerate(chunks):
