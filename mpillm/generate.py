@@ -24,9 +24,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=1, help="numba threads per rank (default: %(default)s)")
     p.add_argument("--max-seq-len", type=int, default=2048,
                    help="KV cache length per sequence, prompt included (default: %(default)s)")
-    p.add_argument("--buffer-type", choices=("f32", "f16", "q8_0"), default="f32",
+    p.add_argument("--buffer-type", choices=("f32", "f16", "q8_0", "f64"), default="f32",
                    help="precision of the partial sums exchanged between ranks: f32 (MPI_Allreduce), "
-                        "f16 or q8_0 (compressed, Allgather + local sum) (default: %(default)s)")
+                        "f16 or q8_0 (compressed, Allgather + local sum), or f64 (exact sums: the same "
+                        "tokens at every rank count, twice the bytes of f32) (default: %(default)s)")
 
 
 def parser() -> argparse.ArgumentParser:

@@ -21,12 +21,13 @@ import numpy as np
 from mpi4py import MPI
 
 from . import kernels, ops
+from .kernels import exact
 from .format import Shard, Tensor
 from .partition import RankSlice
 from .quant import QK, QUANTIZED
 
 
-BUFFER_TYPES = ("f32", "f16", "q8_0")
+BUFFER_TYPES = ("f32", "f16", "q8_0", "f64")
 _quantize_q8_0 = kernels.get_path(kernels.active_path()).jit.quantize_q8_0
 
 
@@ -70,6 +71,7 @@ class Linear:
         self.fn = {"q4_0": jit.matmul_q4_0_q8_0, "q4_1": jit.matmul_q4_1_q8_0,
                    "q8_0": jit.matmul_q8_0_q8_0, "f16": jit.matmul_f16_f32,
                    "f32": jit.matmul_f32_f32}[self.wtype]
+        self.fn64 = exact.KERNELS[self.wtype]  # float64 output, for --buffer-type f64
         keys = {"q4_0": ("qs", "d"), "q4_1": ("qs", "d", "m"), "q8_0": ("qs", "d"),
                 "f16": ("w",), "f32": ("w",)}[self.wtype]
         plain = (np.asarray(a[k]) for k in keys)  # drop np.memmap: its view/slice hooks cost per call
@@ -77,12 +79,14 @@ class Linear:
         self.nbytes = sum(x.nbytes for x in self.w)
 
     def __call__(self, a: Acts, T: int, out: np.ndarray) -> None:
+        """out[:T] = x W^T; a float64 ``out`` selects the exact-summation kernels."""
         if self.rows == 0:
             return
+        fn = self.fn64 if out.dtype == np.float64 else self.fn
         if self.quantized:
-            self.fn(*self.w, a.xq[:T], a.xd[:T], a.xsum[:T], out[:T])
+            fn(*self.w, a.xq[:T], a.xd[:T], a.xsum[:T], out[:T])
         else:
-            self.fn(*self.w, a.x[:T], out[:T])
+            fn(*self.w, a.x[:T], out[:T])
 
 
 def _vec(t: Tensor) -> np.ndarray:
@@ -149,6 +153,7 @@ class Transformer:
         self.up = np.zeros((B, ffn), np.float32)          # (T, ffn_pp)
         self.hb = Acts(np.zeros((B, ffn), np.float32))    # (T, ffn_pp) SiLU(gate) * up
         self.partial = np.zeros((B, D), np.float32)       # (T, dim) row-parallel partial sums -> Allreduce
+        self.partial64 = np.zeros((B, D), np.float64) if buffer_type == "f64" else None  # (T, dim) exact mode
         self.logits = np.zeros((B, rs.vocab_per_partition), np.float32)  # (T, vocab_pp)
         # KV cache: (layer, n_kv_pp, S, hd)
         self.k_cache = np.zeros((cfg.n_layers, nkv, max_seq_len, hd), np.float32)
@@ -188,7 +193,7 @@ class Transformer:
             return
         t0 = time.perf_counter()
         T, P, n = buf.shape[0], self.tp_size, buf.size
-        if self.buffer_type == "f32":
+        if self.buffer_type in ("f32", "f64") or buf.dtype == np.float64:
             self.comm.Allreduce(MPI.IN_PLACE, buf)
             sent = buf.nbytes
         elif self.buffer_type == "f16":
@@ -253,9 +258,10 @@ class Transformer:
         ops.store_kv(k, self.v[:T], self.k_cache[li], self.v_cache[li], pos, hd)
         ops.attention(q, self.k_cache[li], self.v_cache[li], pos, hd, self.kv_of_head, self.scores, self.att.x[:T])
         self.att.quantize(T)
-        L.wo(self.att, T, self.partial)
-        self.allreduce(self.partial[:T])  # Allreduce #1: attention output projection
-        ops.add_inplace(self.x[:T], self.partial[:T])
+        part = self.partial if self.partial64 is None else self.partial64
+        L.wo(self.att, T, part)
+        self.allreduce(part[:T])  # Allreduce #1: attention output projection
+        ops.add_inplace(self.x[:T], part[:T])
 
     def _ffn(self, L: Layer, T: int) -> None:
         ops.rmsnorm(self.x[:T], L.ffn_norm, self.cfg.norm_eps, self.xb.x[:T])
@@ -264,9 +270,10 @@ class Transformer:
         L.w_up(self.xb, T, self.up)
         ops.silu_mul(self.gate[:T], self.up[:T], self.hb.x[:T])
         self.hb.quantize(T)
-        L.w_down(self.hb, T, self.partial)
-        self.allreduce(self.partial[:T])  # Allreduce #2: FFN down projection
-        ops.add_inplace(self.x[:T], self.partial[:T])
+        part = self.partial if self.partial64 is None else self.partial64
+        L.w_down(self.hb, T, part)
+        self.allreduce(part[:T])  # Allreduce #2: FFN down projection
+        ops.add_inplace(self.x[:T], part[:T])
 
     def _moe(self, L: Layer, T: int) -> None:
         cfg = self.cfg

@@ -129,10 +129,11 @@ def silu_mul(g, u, out):
 
 @njit(cache=True)
 def add_inplace(x, y):
+    """x += y (y float32, or float64 rounded once to float32 first)."""
     T, n = x.shape
     for t in range(T):
         for i in range(n):
-            x[t, i] += y[t, i]
+            x[t, i] += np.float32(y[t, i])
 
 
 @njit(cache=True, inline="always")

@@ -1,7 +1,8 @@
 """The bundled SmolLM2-135M-Instruct (Q4_1 GGUF, converted bit-exactly) at every rank count
 against one rank (computed in the same job on rank 0 with COMM_SELF).
 
-Rank counts change the order in which the row-parallel partial sums are added (Allreduce),
+With ``--buffer-type f64`` (exact float64 sums in the row-parallel layers) the greedy tokens
+are the same at every rank count. With the default f32: rank counts change the order in which the row-parallel partial sums are added (Allreduce),
 which can flip a q8_0 activation rounding and so move logits by the activation-quantization
 noise (~1e-2 relative); greedy decoding then follows the other branch wherever the top two
 logits are closer than that. So the check is teacher-forced on the single-rank greedy
@@ -29,12 +30,44 @@ MARGIN = 0.5     # logits; the measured cross-rank logit noise is ~0.1-0.3 on th
 REL_RMS = 6e-2   # the q8_0 activation noise level: np=1 vs np=3 measured 3.0e-2
 
 
-def open_engine(c: MPI.Comm) -> Engine:
-    return Engine(resolve_model(None, c), max_seq_len=128, max_batch=64, comm=c, verbose=False)
+def open_engine(c: MPI.Comm, buffer_type: str = "f32") -> Engine:
+    return Engine(resolve_model(None, c), max_seq_len=128, max_batch=64, comm=c, verbose=False,
+                  buffer_type=buffer_type)
+
+
+def greedy(eng: Engine, ids: list[int]) -> list[int]:
+    out = [eng.step_greedy(ids, 0)]
+    while len(out) < N_TOKENS:
+        out.append(eng.step_greedy([out[-1]], len(ids) + len(out) - 1))
+    return out
+
+
+@pytest.mark.mpi
+def test_bundled_exact_greedy_same_at_every_rank_count():
+    """--buffer-type f64: the same 32 greedy tokens for each prompt as on one rank."""
+    from mpillm.tokenizer import load_tokenizer
+
+    ids, single = None, None
+    if rank == 0:
+        tok = load_tokenizer(Path(resolve_model(None, MPI.COMM_SELF)))
+        ids = [tok.encode(p) for p in PROMPTS]
+        eng = open_engine(MPI.COMM_SELF, "f64")
+        single = [greedy(eng, i) for i in ids]
+        assert "Paris" in tok.decode(single[0]), tok.decode(single[0])
+    ids = comm.bcast(ids, root=0)
+    eng = open_engine(comm, "f64")
+    if rank != 0:
+        eng.serve()
+        return
+    for p, i, ref in zip(PROMPTS, ids, single):
+        got = greedy(eng, i)
+        assert got == ref, f"np={comm.Get_size()} {p!r}:\n{tok.decode(got)!r}\nnp=1:\n{tok.decode(ref)!r}"
+    eng.stop()
 
 
 @pytest.mark.mpi
 def test_bundled_greedy_at_every_rank_count():
+    """Default f32 sums: teacher-forced agreement with one rank."""
     from mpillm.tokenizer import load_tokenizer
 
     seqs, ref = None, None
