@@ -7,9 +7,10 @@ functions, hence the fresh cache).
     python scripts/asm_check.py --cpu haswell   # as compiled for an AVX2-only CPU
     python scripts/asm_check.py --aarch64       # portable path: lower its IR for aarch64
 
-``--aarch64`` compiles the portable kernels' unoptimized IR (NUMBA_OPT=0: the optimized IR
-contains x86-specific intrinsics numba's runtime gets from LLVM's x86 passes) for a
-Cortex-A76 (Raspberry Pi 5) target machine, proving the path has no x86 dependence.
+``--aarch64`` takes the portable kernels' unoptimized IR (NUMBA_OPT=0: numba's optimized IR
+already contains x86-specific intrinsics from LLVM's x86 passes), runs LLVM's O3 pipeline
+for a Cortex-A76 (Raspberry Pi 5, +dotprod) target machine and emits its assembly: the path
+has no x86 dependence, and the block dot products become ``sdot``.
 """
 from __future__ import annotations
 
@@ -48,7 +49,7 @@ def main() -> None:
         os.environ["NUMBA_CPU_FEATURES"] = a.features
     if a.aarch64:
         os.environ["NUMBA_OPT"] = "0"
-        sys.exit(aarch64())
+        sys.exit(aarch64(a.dump))
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
     from mpillm import kernels
 
@@ -78,7 +79,7 @@ def main() -> None:
     sys.exit(0 if ok else 1)
 
 
-def aarch64() -> int:
+def aarch64(dump=None) -> int:
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
     import llvmlite.binding as llvm
 
@@ -102,10 +103,24 @@ def aarch64() -> int:
             text = re.sub(r'"target-(cpu|features)"="[^"]*"', "", text)
             mod = llvm.parse_assembly(text)
             mod.verify()
+            pto = llvm.create_pipeline_tuning_options(speed_level=3)
+            pto.loop_vectorization = pto.slp_vectorization = True
+            pb = llvm.create_pass_builder(tm, pto)
+            pb.getModulePassManager().run(mod, pb)  # O3 for aarch64, as numba would run it there
             asm = tm.emit_assembly(mod)
-            print(f"aarch64 {name:18s} {sig}: {len(asm.splitlines())} asm lines, fcvt*: "
-                  f"{len(re.findall(r'fcvt', asm))}")
-    print("OK: portable path lowers for aarch64" if not bad else "x86 intrinsics in the portable path")
+            if dump:
+                os.makedirs(dump, exist_ok=True)
+                with open(os.path.join(dump, f"aarch64_{name}.s"), "w") as f:
+                    f.write(asm)
+            cnt = {k: len(re.findall(v, asm)) for k, v in
+                   {"sdot": r"\bsdot\b", "fcvtl": r"\bfcvtl2?\b", "fmla": r"\bfmla\b"}.items()}
+            ro = "read-only weights" if not getattr(sig[0], "mutable", True) else "writable weights"
+            print(f"aarch64 {name:18s} ({ro}): {len(asm.splitlines())} asm lines, "
+                  + ", ".join(f"{k}={v}" for k, v in cnt.items()))
+            if name.startswith("matmul_q"):
+                bad += cnt["sdot"] == 0
+    print("OK: portable path lowers for aarch64, sdot in every quantized matmul" if not bad
+          else "FAILED: x86 intrinsics in the portable path, or no sdot")
     return 1 if bad else 0
 
 

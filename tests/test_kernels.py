@@ -290,3 +290,26 @@ def test_avx2_path_compiled_for_an_avx2_only_cpu():
                        env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert " passed" in r.stdout
+
+
+@pytest.mark.parametrize("path_name", PATHS)
+def test_strided_rows_and_noncontiguous(path_name, weights):
+    """Row-strided views (every other row) work; non-contiguous rows raise ValueError."""
+    path = _path(path_name)
+    T, K = 3, 96
+    x = _activations(T, K, seed=9)
+    xq, xd, xs = _quantized(path, x)
+    for wtype in WTYPES:
+        full = weights(wtype, K, readonly=False)
+        sub = {k: v[::2] for k, v in full.items()}
+        out = np.full((T, (N + 1) // 2), np.nan, np.float32)
+        path.matmul(wtype, sub, xq, xd, xs, x, out)
+        ref = np.empty((T, N), np.float32)
+        path.matmul(wtype, full, xq, xd, xs, x, ref)
+        np.testing.assert_allclose(out, ref[:, ::2], rtol=1e-5, atol=1e-6 * np.abs(ref).max())
+    with pytest.raises(ValueError):
+        w = weights("f32", K, readonly=False)["w"]
+        path.matmul_f32_f32(w[:, ::2], x[:, ::2], np.empty((T, N), np.float32))
+    with pytest.raises(ValueError):
+        path.matmul_q4_0_q8_0(np.zeros((4, 96), np.uint8)[:, ::2], np.zeros((4, 3), np.float16), xq, xd, xs,
+                              np.empty((T, 4), np.float32))

@@ -1,7 +1,8 @@
 """Quantized matmul kernels (numba), with CPU-feature dispatch.
 
-API (all arrays C-contiguous numpy; weights may be read-only memmaps; T tokens,
-N weight rows, K columns, nb = K // 32; ``out`` is always overwritten)::
+API (numpy arrays whose rows are contiguous -- C-contiguous, or row-strided views;
+weights may be read-only memmaps; T tokens, N weight rows, K columns, nb = K // 32;
+``out`` is always overwritten; wrong shapes raise ValueError)::
 
     set_threads(n)                               numba threads of this rank
     quantize_q8_0(x, xq, xd, xsum)               x f32 (T,K) -> xq i8 (T,K), xd f32 (T,nb), xsum i32 (T,nb)
@@ -14,9 +15,17 @@ N weight rows, K columns, nb = K // 32; ``out`` is always overwritten)::
     warmup()                                     compile (or load from cache) every kernel of the active path
     get_path(name) -> KernelPath                 the same API for one path (tests, benchmarks)
     available_paths() -> list of paths this CPU can run
+    matmul(wtype, arrays, xq, xd, xsum, x, out)  dispatch on a weight type name (quant split-layout dict)
+    jit                                          the active path's raw jitted kernels (see below)
 
 The path is chosen at import from the host CPU (best first: vnni, avx2,
 portable) and can be forced with ``MPILLM_KERNELS=vnni|avx2|portable``.
+
+Paths: ``vnni`` and ``avx2`` (``x86.py``: llvmlite IR calling vpdpbusd /
+vpmaddubsw explicitly), ``portable`` (``portable.py``: target-neutral vector
+IR; sdot on AArch64). The x86 quantized kernels allocate one scratch buffer per
+call (~2 x T x K bytes: the activations rearranged for the dot instructions).
+Every kernel is ``cache=True``; ``warmup()`` compiles or loads them all.
 
 numba's CPU target has no float16 type: the functions above take fp16 arrays
 and pass ``view(np.uint16)`` to the jitted kernels. Jitted callers (a fused
@@ -71,11 +80,8 @@ def missing_features(name: str) -> list[str]:
     return [f for f in _NEEDS[name] if f not in have]
 
 
-_IMPLEMENTED = ("vnni", "avx2", "portable")
-
-
 def available_paths() -> list[str]:
-    return [p for p in PATHS if p in _IMPLEMENTED and not missing_features(p)]
+    return [p for p in PATHS if not missing_features(p)]
 
 
 class KernelPath:
@@ -89,9 +95,6 @@ class KernelPath:
         mf16, mf32 = j.matmul_f16_f32, j.matmul_f32_f32
         u16 = np.uint16
 
-        def quantize_q8_0(x, xq, xd, xsum):
-            q8(x, xq, xd, xsum)
-
         def matmul_q4_0_q8_0(qs, d, xq, xd, xsum, out):
             mq40(qs, d.view(u16), xq, xd, xsum, out)
 
@@ -104,15 +107,12 @@ class KernelPath:
         def matmul_f16_f32(w, x, out):
             mf16(w.view(u16), x, out)
 
-        def matmul_f32_f32(w, x, out):
-            mf32(w, x, out)
-
-        self.quantize_q8_0 = quantize_q8_0
+        self.quantize_q8_0 = q8  # no fp16 arguments: the jitted function itself
         self.matmul_q4_0_q8_0 = matmul_q4_0_q8_0
         self.matmul_q4_1_q8_0 = matmul_q4_1_q8_0
         self.matmul_q8_0_q8_0 = matmul_q8_0_q8_0
         self.matmul_f16_f32 = matmul_f16_f32
-        self.matmul_f32_f32 = matmul_f32_f32
+        self.matmul_f32_f32 = mf32
 
     def matmul(self, wtype: str, arrays: dict, xq, xd, xsum, x, out) -> None:
         """Dispatch on a weight type name (``mpillm.quant`` split-layout arrays)."""
@@ -184,8 +184,6 @@ def get_path(name: str) -> KernelPath:
     if name in _cache:
         return _cache[name]
     miss = missing_features(name)
-    if name not in _IMPLEMENTED:
-        raise RuntimeError(f"kernel path {name!r} is not implemented yet")
     if miss:
         raise RuntimeError(f"kernel path {name!r} needs CPU features this host lacks: {', '.join(miss)}")
     mod = importlib.import_module(f"{__name__}.{_MODULES[name]}")

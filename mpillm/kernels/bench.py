@@ -23,6 +23,9 @@ SHAPES = {  # name: (rows N, cols K, placement)
     "1b-down 2048x8192": (2048, 8192, "dram"),
     "smol-up 1536x576": (1536, 576, "cache"),
     "smol-down 576x1536": (576, 1536, "cache"),
+    # the whole SmolLM2 model (~76 MB) does not fit in cache: in decode its layers stream too
+    "smol-up-stream 1536x576": (1536, 576, "dram"),
+    "smol-down-stream 576x1536": (576, 1536, "dram"),
 }
 LLC_BYTES = 32 << 20
 
@@ -66,7 +69,7 @@ def _time(fn, reps: int, inner: int) -> tuple[float, float]:
     return float(np.min(ws)), float(np.min(cs))
 
 
-def run(paths, wtypes, threads, shapes, T_prefill=64, reps=7, quick=False) -> list[dict]:
+def run(paths, wtypes, threads, shapes, T_prefill=64, reps=7, quick=False, decode_only=False) -> list[dict]:
     rng = np.random.default_rng(0)
     rows = []
     for sname in shapes:
@@ -75,7 +78,7 @@ def run(paths, wtypes, threads, shapes, T_prefill=64, reps=7, quick=False) -> li
             nbytes = quant.nbytes(wtype, N, K)
             copies = max(1, -(-2 * LLC_BYTES // nbytes)) if place == "dram" else 1
             ws = _weights(wtype, N, K, copies, rng)
-            for T in (1, T_prefill):
+            for T in (1,) if decode_only else (1, T_prefill):
                 x = rng.standard_normal((T, K)).astype(np.float32)
                 xq = np.empty((T, K), np.int8)
                 xd = np.empty((T, K // 32), np.float32)
@@ -131,6 +134,7 @@ def main(argv=None) -> None:
     ap.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated shape names")
     ap.add_argument("--prefill-tokens", type=int, default=64)
     ap.add_argument("--quick", action="store_true", help="fewer repetitions; skip portable prefill")
+    ap.add_argument("--decode-only", action="store_true", help="T = 1 only")
     ap.add_argument("--json", help="write the rows as JSON to this file")
     a = ap.parse_args(argv)
     threads = [t for t in map(int, a.threads.split(",")) if t <= numba.config.NUMBA_NUM_THREADS]
@@ -142,7 +146,7 @@ def main(argv=None) -> None:
         print(f"# read bandwidth (sum of 256 MiB f32), {nt} thread(s): {bw:.2f} GB/s (cpu-time {bwc:.2f})",
               flush=True)
     rows = run(a.paths.split(","), a.types.split(","), threads, a.shapes.split(","),
-               T_prefill=a.prefill_tokens, quick=a.quick)
+               T_prefill=a.prefill_tokens, quick=a.quick, decode_only=a.decode_only)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(rows, f, indent=1)

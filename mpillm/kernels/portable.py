@@ -1,25 +1,30 @@
-"""Portable kernels: plain numba, no target-specific intrinsics.
+"""Portable kernels: target-neutral LLVM vector IR, no target-specific intrinsics.
 
-Compiles for any LLVM target numba supports (x86_64, aarch64). The only
-extension is ``h2f``, a target-neutral ``fpext half -> float`` (numba's CPU
-target has no float16 type, so fp16 arrays arrive here as uint16 views).
+Compiles for any LLVM target numba supports (x86_64, aarch64). The inner loops
+are numba ``intrinsic``s written with llvmlite's IR builder in generic vector
+IR (numba's own integer code widens int8 to int64 and never vectorizes):
+quantized blocks use ``reduce.add(sext(a) * sext(x))`` over <16 x i8>, the
+shape LLVM selects ``sdot`` for on AArch64 with +dotprod (Raspberry Pi 5) and
+``pmaddwd`` on x86; fp16 is ``fpext <16 x half>`` (fcvtl / vcvtph2ps).
+numba's CPU target has no float16 type, so fp16 arrays arrive as uint16 views.
 
 Array conventions (shared by every path; see ``mpillm.kernels`` for the API):
   xq int8 (T, K), xd float32 (T, nb), xsum int32 (T, nb)   q8_0 activations
   out float32 (T, N), overwritten
-Work is split over weight rows N (``prange`` over tiles of ROWS rows; numba
-hands each thread a contiguous range of tiles). Each weight row is read once per call and used for all T tokens.
+Work is split over weight rows N (``prange`` over tiles of R rows; numba hands
+each thread a contiguous range of tiles); a tile of R rows is used for all T
+tokens (U at a time) while it is in L1, so each weight row is read once per call.
 """
 from __future__ import annotations
 
 import numpy as np
+from llvmlite import binding as _llvm
 from llvmlite import ir
 from numba import njit, prange
-from numba.core import types
+from numba.core import cgutils, types
 from numba.extending import intrinsic
 
 QK = 32
-ROWS = 8  # rows per parallel tile (numba's get_num_threads() in a kernel defeats cache=True)
 _JIT = dict(cache=True, fastmath=True, nogil=True)
 _JIT_PAR = dict(_JIT, parallel=True)
 # quantization must round exactly like the numpy reference: no fast-math there
@@ -97,10 +102,248 @@ def quantize_q8_0(x, xq, xd, xsum):
 
 
 # ----------------------------------------------------------------------------
-# shape checks and work split
+# target-neutral vector IR
+# ----------------------------------------------------------------------------
+I1, I8, I16, I32, I64 = (ir.IntType(w) for w in (1, 8, 16, 32, 64))
+F16, F32 = ir.HalfType(), ir.FloatType()
+PTR = ir.PointerType()
+_PARTIAL_REDUCE = _llvm.llvm_version_info >= (22,)
+
+
+def _vec(t, n):
+    return ir.VectorType(t, n)
+
+
+class _Emit:
+    def __init__(self, builder):
+        self.b = builder
+
+    def decl(self, name, ret, args):
+        m = self.b.module
+        f = m.globals.get(name)
+        if f is None:
+            f = ir.Function(m, ir.FunctionType(ret, args), name)
+        return f
+
+    def const(self, ty, n, vals):
+        return ir.Constant(_vec(ty, n), [ir.Constant(ty, v) for v in vals])
+
+    def splat(self, scalar, n):
+        ty = _vec(scalar.type, n)
+        v = self.b.insert_element(ir.Constant(ty, ir.Undefined), scalar, I32(0))
+        return self.b.shuffle_vector(v, ir.Constant(ty, ir.Undefined), ir.Constant(_vec(I32, n), None))
+
+    def addr(self, base, off):
+        return self.b.inttoptr(self.b.add(base, off), PTR)
+
+    def load(self, base, off, ty, mask=None):
+        p = self.addr(base, off)
+        if mask is None:
+            return self.b.load(p, typ=ty, align=1)
+        el = ty.element
+        sfx = f"i{el.width}" if isinstance(el, ir.IntType) else ("f32" if isinstance(el, ir.FloatType) else "f16")
+        f = self.decl(f"llvm.masked.load.v{ty.count}{sfx}.p0", ty, [PTR, I32, _vec(I1, ty.count), ty])
+        return self.b.call(f, [p, I32(1), mask, ir.Constant(ty, None)])
+
+    def half(self, base, off):
+        return self.b.fpext(self.b.bitcast(self.load(base, off, I16), F16), F32)
+
+    def fma(self, a, b, c):
+        t = a.type
+        name = f"llvm.fma.v{t.count}f32" if isinstance(t, ir.VectorType) else "llvm.fma.f32"
+        return self.b.call(self.decl(name, t, [t, t, t]), [a, b, c])
+
+    def sdot(self, pairs):
+        """sum over (a, x) pairs of sum(sext(a) * sext(x)), a and x <16 x i8>, as i32.
+
+        Written as ``partial.reduce.add`` into <4 x i32> (LLVM >= 22), which AArch64 with
+        +dotprod selects as one ``sdot`` per pair (plain NEON: smull/saddw), then one
+        horizontal add. Older LLVM: ``reduce.add`` of the products."""
+        v16, v4 = _vec(I32, 16), _vec(I32, 4)
+        prods = [self.b.mul(self.b.sext(a, v16), self.b.sext(x, v16)) for a, x in pairs]
+        if _PARTIAL_REDUCE:
+            f = self.decl("llvm.vector.partial.reduce.add.v4i32.v16i32", v4, [v4, v16])
+            acc = ir.Constant(v4, None)
+            for p in prods:
+                acc = self.b.call(f, [acc, p])
+            return self.b.call(self.decl("llvm.vector.reduce.add.v4i32", I32, [v4]), [acc])
+        tot = prods[0]
+        for p in prods[1:]:
+            tot = self.b.add(tot, p)
+        return self.b.call(self.decl("llvm.vector.reduce.add.v16i32", I32, [v16]), [tot])
+
+    def hsum(self, v):
+        n = v.type.count
+        while n > 1:
+            n //= 2
+            lo = self.b.shuffle_vector(v, ir.Constant(v.type, ir.Undefined), self.const(I32, n, range(n)))
+            hi = self.b.shuffle_vector(v, ir.Constant(v.type, ir.Undefined), self.const(I32, n, range(n, 2 * n)))
+            v = self.b.fadd(lo, hi)
+        return self.b.extract_element(v, I32(0))
+
+
+def _qtile_codegen(kind: str, R: int, U: int):
+    """R rows x U tokens of a quantized matmul, one 32-block at a time: an exact int32 dot per
+    block (sdot shape), then one float FMA with d * xd per block and (row, token)."""
+
+    def codegen(context, builder, signature, args):
+        (wq, wstride, dp, mp, dstride, xp, xstride, xdp, xsp, sstride, op, ostride, nb, n0, t0) = args
+        b = builder
+        e = _Emit(b)
+        i64 = lambda v: ir.Constant(I64, v)  # noqa: E731
+        wq = b.add(wq, b.mul(n0, wstride))
+        dp = b.add(dp, b.mul(n0, dstride))
+        mp = b.add(mp, b.mul(n0, dstride))
+        xp = b.add(xp, b.mul(t0, xstride))
+        xdp = b.add(xdp, b.mul(t0, sstride))
+        xsp = b.add(xsp, b.mul(t0, sstride))
+        op = b.add(b.add(op, b.mul(t0, ostride)), b.mul(n0, i64(4)))
+        acc = [[cgutils.alloca_once_value(b, ir.Constant(F32, 0.0)) for _ in range(U)] for _ in range(R)]
+        wpb = 32 if kind == "q8_0" else 16  # weight bytes per block
+        with cgutils.for_range(b, nb) as loop:
+            blk = loop.index
+            xs_, xd_, xds, xsum_ = [], [], [], []
+            for u in range(U):
+                xo = b.add(b.mul(i64(u), xstride), b.mul(blk, i64(32)))
+                so = b.add(b.mul(i64(u), sstride), b.mul(blk, i64(4)))
+                xs_.append((e.load(xp, xo, _vec(I8, 16)), e.load(xp, b.add(xo, i64(16)), _vec(I8, 16))))
+                xd = e.load(xdp, so, F32)
+                xd_.append(xd)
+                if kind == "q4_1":
+                    xsum_.append(e.load(xsp, so, I32))
+                    xds.append(b.fmul(xd, b.sitofp(xsum_[-1], F32)))
+            for r in range(R):
+                wo = b.add(b.mul(i64(r), wstride), b.mul(blk, i64(wpb)))
+                ho = b.add(b.mul(i64(r), dstride), b.mul(blk, i64(2)))
+                d = e.half(dp, ho)
+                if kind == "q8_0":
+                    w1, w2 = e.load(wq, wo, _vec(I8, 16)), e.load(wq, b.add(wo, i64(16)), _vec(I8, 16))
+                else:
+                    w = e.load(wq, wo, _vec(I8, 16))
+                    # signed nibbles (nib - 8) for both q4 types: sdot is signed x signed
+                    w1 = b.sub(b.and_(w, e.const(I8, 16, [15] * 16)), e.const(I8, 16, [8] * 16))
+                    w2 = b.sub(b.lshr(w, e.const(I8, 16, [4] * 16)), e.const(I8, 16, [8] * 16))
+                    if kind == "q4_1":
+                        m = e.half(mp, ho)
+                for u in range(U):
+                    s = e.sdot([(w1, xs_[u][0]), (w2, xs_[u][1])])
+                    if kind == "q4_1":  # sum nib x = sum (nib - 8) x + 8 xsum
+                        s = b.add(s, b.shl(xsum_[u], I32(3)))
+                    a = e.fma(b.sitofp(s, F32), b.fmul(d, xd_[u]), b.load(acc[r][u]))
+                    if kind == "q4_1":
+                        a = e.fma(m, xds[u], a)
+                    b.store(a, acc[r][u])
+        for r in range(R):
+            for u in range(U):
+                b.store(b.load(acc[r][u]), e.addr(op, b.add(b.mul(i64(u), ostride), i64(4 * r))))
+        return context.get_dummy_value()
+
+    return codegen
+
+
+def _ftile_codegen(half: bool, R: int, U: int, V: int = 16):
+    """R rows x U tokens of a float matmul: <V x float> FMAs over K, masked tail, tree reduction."""
+    esz = 2 if half else 4
+
+    def codegen(context, builder, signature, args):
+        (wp, wstride, xp, xstride, op, ostride, K, n0, t0) = args
+        b = builder
+        e = _Emit(b)
+        i64 = lambda v: ir.Constant(I64, v)  # noqa: E731
+        wp = b.add(wp, b.mul(n0, wstride))
+        xp = b.add(xp, b.mul(t0, xstride))
+        op = b.add(b.add(op, b.mul(t0, ostride)), b.mul(n0, i64(4)))
+        vz = ir.Constant(_vec(F32, V), None)
+        acc = [[cgutils.alloca_once_value(b, vz) for _ in range(U)] for _ in range(R)]
+
+        def step(k, mask):
+            xv = [e.load(xp, b.add(b.mul(i64(u), xstride), b.mul(k, i64(4 * V))), _vec(F32, V), mask)
+                  for u in range(U)]
+            for r in range(R):
+                wo = b.add(b.mul(i64(r), wstride), b.mul(k, i64(esz * V)))
+                if half:
+                    w = b.fpext(b.bitcast(e.load(wp, wo, _vec(I16, V), mask), _vec(F16, V)), _vec(F32, V))
+                else:
+                    w = e.load(wp, wo, _vec(F32, V), mask)
+                for u in range(U):
+                    b.store(e.fma(w, xv[u], b.load(acc[r][u])), acc[r][u])
+
+        nk = b.udiv(K, i64(V))
+        rem = b.trunc(b.urem(K, i64(V)), I32)
+        with cgutils.for_range(b, nk) as loop:
+            step(loop.index, None)
+        with b.if_then(b.icmp_unsigned("!=", rem, I32(0)), likely=False):
+            mask = b.icmp_signed("<", e.const(I32, V, range(V)), e.splat(rem, V))
+            step(nk, mask)
+        for r in range(R):
+            for u in range(U):
+                b.store(e.hsum(b.load(acc[r][u])), e.addr(op, b.add(b.mul(i64(u), ostride), i64(4 * r))))
+        return context.get_dummy_value()
+
+    return codegen
+
+
+def _make_qtile(kind, R, U):
+    gen = _qtile_codegen(kind, R, U)
+
+    def tile(typingctx, wq, wstride, dp, mp, dstride, xp, xstride, xdp, xsp, sstride, op, ostride, nb, n0, t0):
+        argtys = (wq, wstride, dp, mp, dstride, xp, xstride, xdp, xsp, sstride, op, ostride, nb, n0, t0)
+        if not all(isinstance(t, types.Integer) for t in argtys):
+            return None
+        return types.void(*argtys), gen
+
+    tile.__name__ = tile.__qualname__ = f"generic_{kind}_tile_{R}x{U}"
+    return intrinsic(tile)
+
+
+def _make_ftile(half, R, U):
+    gen = _ftile_codegen(half, R, U)
+
+    def tile(typingctx, wp, wstride, xp, xstride, op, ostride, K, n0, t0):
+        argtys = (wp, wstride, xp, xstride, op, ostride, K, n0, t0)
+        if not all(isinstance(t, types.Integer) for t in argtys):
+            return None
+        return types.void(*argtys), gen
+
+    tile.__name__ = tile.__qualname__ = f"generic_{'f16' if half else 'f32'}_tile_{R}x{U}"
+    return intrinsic(tile)
+
+
+RQ, UQ = 4, 2  # quantized tiles: R rows x U tokens (T = 1: R x 1)
+RF, UF = 4, 3  # float tiles
+_q40_RU = _make_qtile("q4_0", RQ, UQ)
+_q40_R1 = _make_qtile("q4_0", RQ, 1)
+_q40_OU = _make_qtile("q4_0", 1, UQ)
+_q40_O1 = _make_qtile("q4_0", 1, 1)
+_q41_RU = _make_qtile("q4_1", RQ, UQ)
+_q41_R1 = _make_qtile("q4_1", RQ, 1)
+_q41_OU = _make_qtile("q4_1", 1, UQ)
+_q41_O1 = _make_qtile("q4_1", 1, 1)
+_q80_RU = _make_qtile("q8_0", RQ, UQ)
+_q80_R1 = _make_qtile("q8_0", RQ, 1)
+_q80_OU = _make_qtile("q8_0", 1, UQ)
+_q80_O1 = _make_qtile("q8_0", 1, 1)
+_f16_RU = _make_ftile(True, RF, UF)
+_f16_R1 = _make_ftile(True, RF, 1)
+_f16_OU = _make_ftile(True, 1, UF)
+_f16_O1 = _make_ftile(True, 1, 1)
+_f32_RU = _make_ftile(False, RF, UF)
+_f32_R1 = _make_ftile(False, RF, 1)
+_f32_OU = _make_ftile(False, 1, UF)
+_f32_O1 = _make_ftile(False, 1, 1)
+
+
+# ----------------------------------------------------------------------------
+# shape checks
 # ----------------------------------------------------------------------------
 @njit(**_JIT)
-def check_q(qs, d, xq, xd, xsum, out, qs_per_block):
+def _rows_ok(a):
+    """The elements of each row are contiguous (rows themselves may be strided)."""
+    return a.shape[1] <= 1 or a.strides[1] == a.itemsize
+
+
+@njit(**_JIT)
+def check_q(qs, d, m, xq, xd, xsum, out, qs_per_block):
     N = qs.shape[0]
     T, K = xq.shape
     nb = K // QK
@@ -108,140 +351,180 @@ def check_q(qs, d, xq, xd, xsum, out, qs_per_block):
         raise ValueError("matmul: K must be a multiple of 32")
     if qs.shape[1] != nb * qs_per_block or d.shape[0] != N or d.shape[1] != nb:
         raise ValueError("matmul: weight arrays do not match (N, K)")
+    if m.shape[0] != N or m.shape[1] != nb:
+        raise ValueError("matmul: m must have the shape of d")
     if xd.shape[0] != T or xd.shape[1] != nb or xsum.shape[0] != T or xsum.shape[1] != nb:
         raise ValueError("matmul: xd and xsum must be (T, K // 32)")
     if out.shape[0] != T or out.shape[1] != N:
         raise ValueError("matmul: out must be (T, N)")
+    # the kernels use one row stride for d and m, and one for xd and xsum; rows must be contiguous
+    if (N > 1 and m.strides[0] != d.strides[0]) or (T > 1 and xsum.strides[0] != xd.strides[0]):
+        raise ValueError("matmul: d and m (xd and xsum) must have the same row stride")
+    if not (_rows_ok(qs) and _rows_ok(d) and _rows_ok(m) and _rows_ok(xq) and _rows_ok(xd) and _rows_ok(xsum)
+            and _rows_ok(out)):
+        raise ValueError("matmul: every array's rows must be contiguous")
 
 
 @njit(**_JIT)
 def check_f(w, x, out):
     if w.shape[1] != x.shape[1] or out.shape[0] != x.shape[0] or out.shape[1] != w.shape[0]:
         raise ValueError("matmul: shapes must be w (N, K), x (T, K), out (T, N)")
-
-
-@njit(**_JIT)
-def tile_bounds(i, N, rows):
-    """Rows of tile i (tiles of ``rows`` rows; the last one may be short)."""
-    return i * rows, min(N, (i + 1) * rows)
+    if not (_rows_ok(w) and _rows_ok(x) and _rows_ok(out)):
+        raise ValueError("matmul: every array's rows must be contiguous")
 
 
 # ----------------------------------------------------------------------------
-# quantized matmuls
+# kernels: prange over R-row tiles; each tile loops over U-token tiles. The array-typed
+# entry points (one compilation per array type, e.g. read-only memmaps) only check shapes
+# and call the pointer-typed parallel body (compiled once).
 # ----------------------------------------------------------------------------
-@njit(**_JIT)
-def _dot32(w, xq, t, o):
-    s = np.float32(0.0)
-    for i in range(QK):
-        s += w[i] * np.float32(xq[t, o + i])
-    return s
+@njit(**_JIT_PAR)
+def _q40_run(wq, wstride, dp, mp, dstride, xp, xstride, xdp, xsp, sstride, op, ostride, nb, N, T):
+    a = (wq, wstride, dp, mp, dstride, xp, xstride, xdp, xsp, sstride, op, ostride, nb)
+    for i in prange((N + RQ - 1) // RQ):
+        n0 = i * RQ
+        if n0 + RQ <= N:
+            t0 = 0
+            while t0 + UQ <= T:
+                _q40_RU(*a, n0, t0)
+                t0 += UQ
+            for t in range(t0, T):
+                _q40_R1(*a, n0, t)
+        else:
+            for n in range(n0, N):
+                t0 = 0
+                while t0 + UQ <= T:
+                    _q40_OU(*a, n, t0)
+                    t0 += UQ
+                for t in range(t0, T):
+                    _q40_O1(*a, n, t)
 
 
 @njit(**_JIT_PAR)
+def _q41_run(wq, wstride, dp, mp, dstride, xp, xstride, xdp, xsp, sstride, op, ostride, nb, N, T):
+    a = (wq, wstride, dp, mp, dstride, xp, xstride, xdp, xsp, sstride, op, ostride, nb)
+    for i in prange((N + RQ - 1) // RQ):
+        n0 = i * RQ
+        if n0 + RQ <= N:
+            t0 = 0
+            while t0 + UQ <= T:
+                _q41_RU(*a, n0, t0)
+                t0 += UQ
+            for t in range(t0, T):
+                _q41_R1(*a, n0, t)
+        else:
+            for n in range(n0, N):
+                t0 = 0
+                while t0 + UQ <= T:
+                    _q41_OU(*a, n, t0)
+                    t0 += UQ
+                for t in range(t0, T):
+                    _q41_O1(*a, n, t)
+
+
+@njit(**_JIT_PAR)
+def _q80_run(wq, wstride, dp, mp, dstride, xp, xstride, xdp, xsp, sstride, op, ostride, nb, N, T):
+    a = (wq, wstride, dp, mp, dstride, xp, xstride, xdp, xsp, sstride, op, ostride, nb)
+    for i in prange((N + RQ - 1) // RQ):
+        n0 = i * RQ
+        if n0 + RQ <= N:
+            t0 = 0
+            while t0 + UQ <= T:
+                _q80_RU(*a, n0, t0)
+                t0 += UQ
+            for t in range(t0, T):
+                _q80_R1(*a, n0, t)
+        else:
+            for n in range(n0, N):
+                t0 = 0
+                while t0 + UQ <= T:
+                    _q80_OU(*a, n, t0)
+                    t0 += UQ
+                for t in range(t0, T):
+                    _q80_O1(*a, n, t)
+
+
+@njit(**_JIT_PAR)
+def _f16_run(wp, wstride, xp, xstride, op, ostride, K, N, T):
+    a = (wp, wstride, xp, xstride, op, ostride, K)
+    for i in prange((N + RF - 1) // RF):
+        n0 = i * RF
+        if n0 + RF <= N:
+            t0 = 0
+            while t0 + UF <= T:
+                _f16_RU(*a, n0, t0)
+                t0 += UF
+            for t in range(t0, T):
+                _f16_R1(*a, n0, t)
+        else:
+            for n in range(n0, N):
+                t0 = 0
+                while t0 + UF <= T:
+                    _f16_OU(*a, n, t0)
+                    t0 += UF
+                for t in range(t0, T):
+                    _f16_O1(*a, n, t)
+
+
+@njit(**_JIT_PAR)
+def _f32_run(wp, wstride, xp, xstride, op, ostride, K, N, T):
+    a = (wp, wstride, xp, xstride, op, ostride, K)
+    for i in prange((N + RF - 1) // RF):
+        n0 = i * RF
+        if n0 + RF <= N:
+            t0 = 0
+            while t0 + UF <= T:
+                _f32_RU(*a, n0, t0)
+                t0 += UF
+            for t in range(t0, T):
+                _f32_R1(*a, n0, t)
+        else:
+            for n in range(n0, N):
+                t0 = 0
+                while t0 + UF <= T:
+                    _f32_OU(*a, n, t0)
+                    t0 += UF
+                for t in range(t0, T):
+                    _f32_O1(*a, n, t)
+
+
+@njit(**_JIT)
 def matmul_q4_0_q8_0(qs, d, xq, xd, xsum, out):
     """out[t, n] = sum_b d[n, b] * xd[t, b] * sum_i (nib - 8) * xq. d is a uint16 view of fp16."""
-    check_q(qs, d, xq, xd, xsum, out, 16)
-    N = qs.shape[0]
-    T, K = xq.shape
-    nb = K // QK
-    for c in prange((N + ROWS - 1) // ROWS):
-        n0, n1 = tile_bounds(c, N, ROWS)
-        w = np.empty(QK, np.float32)
-        acc = np.empty(T, np.float32)
-        for n in range(n0, n1):
-            acc[:] = 0.0
-            for b in range(nb):
-                for j in range(16):
-                    byte = np.int32(qs[n, b * 16 + j])
-                    w[j] = np.float32((byte & 15) - 8)
-                    w[j + 16] = np.float32((byte >> 4) - 8)
-                dd = h2f(d[n, b])
-                for t in range(T):
-                    acc[t] += dd * xd[t, b] * _dot32(w, xq, t, b * QK)
-            for t in range(T):
-                out[t, n] = acc[t]
+    check_q(qs, d, d, xq, xd, xsum, out, 16)
+    _q40_run(qs.ctypes.data, qs.strides[0], d.ctypes.data, 0, d.strides[0], xq.ctypes.data, xq.strides[0],
+             xd.ctypes.data, xsum.ctypes.data, xd.strides[0], out.ctypes.data, out.strides[0], xd.shape[1],
+             qs.shape[0], xq.shape[0])
 
 
-@njit(**_JIT_PAR)
+@njit(**_JIT)
 def matmul_q4_1_q8_0(qs, d, m, xq, xd, xsum, out):
     """value = d * nib + m; d, m uint16 views of fp16."""
-    check_q(qs, d, xq, xd, xsum, out, 16)
-    N = qs.shape[0]
-    if m.shape[0] != N or m.shape[1] != d.shape[1]:
-        raise ValueError("matmul: m must have the shape of d")
-    T, K = xq.shape
-    nb = K // QK
-    for c in prange((N + ROWS - 1) // ROWS):
-        n0, n1 = tile_bounds(c, N, ROWS)
-        w = np.empty(QK, np.float32)
-        acc = np.empty(T, np.float32)
-        for n in range(n0, n1):
-            acc[:] = 0.0
-            for b in range(nb):
-                for j in range(16):
-                    byte = np.int32(qs[n, b * 16 + j])
-                    w[j] = np.float32(byte & 15)
-                    w[j + 16] = np.float32(byte >> 4)
-                dd = h2f(d[n, b])
-                mm = h2f(m[n, b])
-                for t in range(T):
-                    acc[t] += xd[t, b] * (dd * _dot32(w, xq, t, b * QK) + mm * np.float32(xsum[t, b]))
-            for t in range(T):
-                out[t, n] = acc[t]
+    check_q(qs, d, m, xq, xd, xsum, out, 16)
+    _q41_run(qs.ctypes.data, qs.strides[0], d.ctypes.data, m.ctypes.data, d.strides[0], xq.ctypes.data,
+             xq.strides[0], xd.ctypes.data, xsum.ctypes.data, xd.strides[0], out.ctypes.data, out.strides[0],
+             xd.shape[1], qs.shape[0], xq.shape[0])
 
 
-@njit(**_JIT_PAR)
+@njit(**_JIT)
 def matmul_q8_0_q8_0(qs, d, xq, xd, xsum, out):
     """qs int8 (N, K); d uint16 view of fp16."""
-    check_q(qs, d, xq, xd, xsum, out, 32)
-    N = qs.shape[0]
-    T, K = xq.shape
-    nb = K // QK
-    for c in prange((N + ROWS - 1) // ROWS):
-        n0, n1 = tile_bounds(c, N, ROWS)
-        w = np.empty(QK, np.float32)
-        acc = np.empty(T, np.float32)
-        for n in range(n0, n1):
-            acc[:] = 0.0
-            for b in range(nb):
-                for i in range(QK):
-                    w[i] = np.float32(qs[n, b * QK + i])
-                dd = h2f(d[n, b])
-                for t in range(T):
-                    acc[t] += dd * xd[t, b] * _dot32(w, xq, t, b * QK)
-            for t in range(T):
-                out[t, n] = acc[t]
+    check_q(qs, d, d, xq, xd, xsum, out, 32)
+    _q80_run(qs.ctypes.data, qs.strides[0], d.ctypes.data, 0, d.strides[0], xq.ctypes.data, xq.strides[0],
+             xd.ctypes.data, xsum.ctypes.data, xd.strides[0], out.ctypes.data, out.strides[0], xd.shape[1],
+             qs.shape[0], xq.shape[0])
 
 
-# ----------------------------------------------------------------------------
-# float matmuls
-# ----------------------------------------------------------------------------
-@njit(**_JIT_PAR)
+@njit(**_JIT)
 def matmul_f16_f32(w, x, out):
     """w uint16 view of fp16 (N, K), x f32 (T, K), out f32 (T, N)."""
     check_f(w, x, out)
-    N, K = w.shape
-    T = x.shape[0]
-    for c in prange((N + ROWS - 1) // ROWS):
-        n0, n1 = tile_bounds(c, N, ROWS)
-        for n in range(n0, n1):
-            for t in range(T):
-                s = np.float32(0.0)
-                for k in range(K):
-                    s += h2f(w[n, k]) * x[t, k]
-                out[t, n] = s
+    _f16_run(w.ctypes.data, w.strides[0], x.ctypes.data, x.strides[0], out.ctypes.data, out.strides[0],
+             w.shape[1], w.shape[0], x.shape[0])
 
 
-@njit(**_JIT_PAR)
+@njit(**_JIT)
 def matmul_f32_f32(w, x, out):
     check_f(w, x, out)
-    N, K = w.shape
-    T = x.shape[0]
-    for c in prange((N + ROWS - 1) // ROWS):
-        n0, n1 = tile_bounds(c, N, ROWS)
-        for n in range(n0, n1):
-            for t in range(T):
-                s = np.float32(0.0)
-                for k in range(K):
-                    s += w[n, k] * x[t, k]
-                out[t, n] = s
+    _f32_run(w.ctypes.data, w.strides[0], x.ctypes.data, x.strides[0], out.ctypes.data, out.strides[0],
+             w.shape[1], w.shape[0], x.shape[0])
