@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 from mpi4py import MPI
 
-from . import kernels, ops
+from . import fused, kernels, ops
 from .kernels import exact
 from .format import Shard, Tensor
 from .partition import RankSlice
@@ -186,6 +186,37 @@ class Transformer:
             self.recvq = np.zeros(P * B * D, np.int8)           # (ranks, T * dim)
             self.recvd = np.zeros(P * B * (D // QK), np.float32)  # (ranks, T * dim / 32)
 
+        self._setup_fused()
+
+    def _setup_fused(self) -> None:
+        """Per-layer argument tuples for the whole-block jitted functions (mpillm.fused).
+        Off for --buffer-type f64 (its wo/w_down kernels differ) and with MPILLM_FUSED=0."""
+        import os
+
+        self.fused = None
+        if self.partial64 is not None or os.environ.get("MPILLM_FUSED", "1") == "0":
+            return
+        cfg, hd = self.cfg, self.cfg.head_dim
+        one = np.ones(1, np.float32)
+        self.fused = []
+        for li, L in enumerate(self.layers):
+            types = {"wq": L.wq.wtype, "wk": L.wk.wtype, "wv": L.wv.wtype, "wo": L.wo.wtype}
+            if not cfg.is_moe:
+                types.update(w_gate=L.w_gate.wtype, w_up=L.w_up.wtype, w_down=L.w_down.wtype)
+            else:  # the generated module needs FFN types; MoE layers keep their Python FFN
+                types.update(w_gate="f32", w_up="f32", w_down="f32")
+            mod = fused.blocks(types, cfg.qk_norm)
+            xb, at, hb = self.xb, self.att, self.hb
+            attn = (cfg.norm_eps, hd, self.x, L.attn_norm, xb.x, xb.xq, xb.xd, xb.xsum,
+                    *L.wq.w, *L.wk.w, *L.wv.w,
+                    L.q_norm if L.q_norm is not None else one, L.k_norm if L.k_norm is not None else one,
+                    self.q, self.k, self.v, self.cos, self.sin, self.k_cache[li], self.v_cache[li],
+                    self.kv_of_head, self.scores, at.x, at.xq, at.xd, at.xsum, *L.wo.w, self.partial)
+            ffn = None if cfg.is_moe else (
+                cfg.norm_eps, self.x, L.ffn_norm, xb.x, xb.xq, xb.xd, xb.xsum, *L.w_gate.w, *L.w_up.w,
+                self.gate, self.up, hb.x, hb.xq, hb.xd, hb.xsum, *L.w_down.w, self.partial)
+            self.fused.append((mod, attn, ffn))
+
     # ------------------------------------------------------------------------------------------
     def allreduce(self, buf: np.ndarray) -> None:
         """Sum a row-parallel partial result over all ranks, in place."""
@@ -231,7 +262,7 @@ class Transformer:
             if cfg.is_moe:
                 self._moe(L, T)
             else:
-                self._ffn(L, T)
+                self._ffn(L, T, li)
         if all_logits:
             ops.rmsnorm(x, self.output_norm, cfg.norm_eps, self.xb.x[:T])
             self.xb.quantize(T)
@@ -244,6 +275,12 @@ class Transformer:
 
     def _attention(self, L: Layer, li: int, T: int, pos: int) -> None:
         cfg, hd = self.cfg, self.cfg.head_dim
+        if self.fused is not None:
+            mod, args, _ = self.fused[li]
+            mod.attn_block(T, pos, *args)  # norm .. wo in one jitted call
+            self.allreduce(self.partial[:T])  # Allreduce #1: attention output projection
+            ops.add_inplace(self.x[:T], self.partial[:T])
+            return
         ops.rmsnorm(self.x[:T], L.attn_norm, cfg.norm_eps, self.xb.x[:T])
         self.xb.quantize(T)
         L.wq(self.xb, T, self.q)
@@ -263,7 +300,13 @@ class Transformer:
         self.allreduce(part[:T])  # Allreduce #1: attention output projection
         ops.add_inplace(self.x[:T], part[:T])
 
-    def _ffn(self, L: Layer, T: int) -> None:
+    def _ffn(self, L: Layer, T: int, li: int) -> None:
+        if self.fused is not None:
+            mod, _, args = self.fused[li]
+            mod.ffn_block(T, *args)  # norm .. w_down in one jitted call
+            self.allreduce(self.partial[:T])  # Allreduce #2: FFN down projection
+            ops.add_inplace(self.x[:T], self.partial[:T])
+            return
         ops.rmsnorm(self.x[:T], L.ffn_norm, self.cfg.norm_eps, self.xb.x[:T])
         self.xb.quantize(T)
         L.w_gate(self.xb, T, self.gate)
