@@ -19,6 +19,7 @@ TENSORS: tuple[tuple[str, str, str, str], ...] = (
     ("tok_embd", "vocab_rows", "model.embed_tokens.weight", "token_embd.weight"),
     ("output", "vocab_rows", "lm_head.weight", "output.weight"),
     ("output_norm", "replicated", "model.norm.weight", "output_norm.weight"),
+    ("rope_freqs", "replicated", "", "rope_freqs.weight"),  # GGUF only: Llama 3.x RoPE scaling
     ("layers/{i}/attn_norm", "replicated", "model.layers.{i}.input_layernorm.weight", "blk.{i}.attn_norm.weight"),
     ("layers/{i}/wq", "q_rows", "model.layers.{i}.self_attn.q_proj.weight", "blk.{i}.attn_q.weight"),
     ("layers/{i}/wk", "kv_rows", "model.layers.{i}.self_attn.k_proj.weight", "blk.{i}.attn_k.weight"),
@@ -61,9 +62,9 @@ HF_ARCHITECTURES = {
 GGUF_ARCHITECTURES = ("llama", "qwen3", "qwen3moe")
 
 
-def model_tensors(arch: str, n_layers: int, tied: bool) -> list[str]:
+def model_tensors(arch: str, n_layers: int, tied: bool, rope_freqs: bool = False) -> list[str]:
     """Every internal tensor name a model of this architecture has, in file order."""
-    names = ["tok_embd"]
+    names = ["tok_embd"] + (["rope_freqs"] if rope_freqs else [])
     for i in range(n_layers):
         names += [n.format(i=i) for n in LAYER_TENSORS[arch]]
     names.append("output_norm")

@@ -73,7 +73,8 @@ class GGUFSource:
         )
         if g("rope.scaling.type") not in (None, "none"):
             raise ValueError(f"{self.path}: RoPE scaling {g('rope.scaling.type')!r} is not supported yet")
-        self.names = [n for n in N.model_tensors(arch, self.config.n_layers, self.config.tied_embeddings)]
+        self.names = N.model_tensors(arch, self.config.n_layers, self.config.tied_embeddings,
+                                     rope_freqs="rope_freqs.weight" in self.tensors)
         missing = [N.GGUF[N.pattern_of(n)].format(i=N.layer_of(n)) for n in self.names
                    if N.GGUF[N.pattern_of(n)].format(i=N.layer_of(n)) not in self.tensors]
         if missing:

@@ -40,7 +40,7 @@ def logical_shape(cfg: ModelConfig, name: str) -> tuple[int, ...]:
     p = N.pattern_of(name).split("/")[-1]
     D, hd, E = cfg.dim, cfg.head_dim, cfg.n_experts
     return {
-        "tok_embd": (cfg.vocab_size, D), "output": (cfg.vocab_size, D), "output_norm": (D,),
+        "tok_embd": (cfg.vocab_size, D), "output": (cfg.vocab_size, D), "output_norm": (D,), "rope_freqs": (hd // 2,),
         "attn_norm": (D,), "ffn_norm": (D,), "q_norm": (hd,), "k_norm": (hd,),
         "wq": (cfg.q_dim, D), "wk": (cfg.kv_dim, D), "wv": (cfg.kv_dim, D), "wo": (D, cfg.q_dim),
         "w_gate": (cfg.ffn_dim, D), "w_up": (cfg.ffn_dim, D), "w_down": (D, cfg.ffn_dim),

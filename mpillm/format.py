@@ -46,6 +46,7 @@ TENSOR_PATTERNS = (
     "tok_embd",            # (vocab_per_partition, dim)  vocabulary-parallel embedding
     "output",              # (vocab_per_partition, dim)  untied output projection
     "output_norm",         # (dim,)
+    "rope_freqs",          # (head_dim / 2,)  per-frequency RoPE divisors (Llama 3.x), optional
     "layers/{i}/attn_norm",  # (dim,)
     "layers/{i}/wq",       # (n_heads_per_partition * head_dim, dim)     column-parallel
     "layers/{i}/wk",       # (n_kv_heads_per_partition * head_dim, dim)

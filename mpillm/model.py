@@ -138,7 +138,8 @@ class Transformer:
 
         # which local KV head each local query head reads
         self.kv_of_head = np.array([(rs.heads[0] + h) // cfg.group_size - rs.kv_heads[0] for h in range(nh)], np.int64)
-        self.cos, self.sin = ops.rope_tables(max_seq_len, hd, cfg.rope_theta)  # (S, hd/2)
+        freqs = _vec(shard.get("rope_freqs")) if shard.has("rope_freqs") else None  # (hd/2,) Llama 3.x scaling
+        self.cos, self.sin = ops.rope_tables(max_seq_len, hd, cfg.rope_theta, freqs)  # (S, hd/2)
 
         # run state, allocated once (T = max_batch)
         B, D = max_batch, cfg.dim

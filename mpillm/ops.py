@@ -38,9 +38,12 @@ def rmsnorm_heads(x, w, eps, hd):
                 x[t, h0 + i] = x[t, h0 + i] * inv * w[i]
 
 
-def rope_tables(max_seq: int, hd: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
-    """cos, sin (max_seq, hd // 2) in float32, computed in float64 (frequencies theta^(-2j/hd))."""
+def rope_tables(max_seq: int, hd: int, theta: float, freq_factors=None) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin (max_seq, hd // 2) in float32, computed in float64 (frequencies theta^(-2j/hd),
+    divided by per-frequency factors when the model has them: Llama 3.x's rope_freqs)."""
     inv_freq = 1.0 / (theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd))
+    if freq_factors is not None:
+        inv_freq = inv_freq / np.asarray(freq_factors, dtype=np.float64)
     ang = np.outer(np.arange(max_seq, dtype=np.float64), inv_freq)
     return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
 
