@@ -27,6 +27,11 @@ SHAPES = {  # name: (rows N, cols K, placement)
     "smol-up-stream 1536x576": (1536, 576, "dram"),
     "smol-down-stream 576x1536": (576, 1536, "dram"),
 }
+DEFAULT_SHAPES = tuple(SHAPES)
+SHAPES.update({  # by name only (--shapes): SmolLM2's attention and output (q8_0 in its GGUF) matrices
+    "smol-attn-stream 576x576": (576, 576, "dram"),
+    "smol-out-stream 49152x576": (49152, 576, "dram"),
+})
 LLC_BYTES = 32 << 20
 
 
@@ -131,7 +136,8 @@ def main(argv=None) -> None:
     ap.add_argument("--paths", default=",".join(kernels.available_paths()), help="comma-separated kernel paths")
     ap.add_argument("--types", default=",".join(quant.WEIGHT_TYPES), help="comma-separated weight types")
     ap.add_argument("--threads", default="1,2", help="comma-separated thread counts")
-    ap.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated shape names")
+    ap.add_argument("--shapes", default=",".join(DEFAULT_SHAPES),
+                    help=f"comma-separated shape names (of: {', '.join(SHAPES)})")
     ap.add_argument("--prefill-tokens", type=int, default=64)
     ap.add_argument("--quick", action="store_true", help="fewer repetitions; skip portable prefill")
     ap.add_argument("--decode-only", action="store_true", help="T = 1 only")

@@ -36,7 +36,8 @@ T = 1 (decode) is bound by memory, not by these instructions: one row at a
 time, so the matrix is read as one sequential stream, with ``prefetcht1`` 16 KiB
 ahead. Without it the core and the memory took turns (~12-15 GB/s on one
 thread with the data in DRAM against ~28 GB/s for a plain read); with it
-~20-22 GB/s.
+~20-22 GB/s. Short rows (SmolLM2: K = 576) run 4-row tiles that prefetch the same
+stream at a fixed distance, and each thread prefetches the head of its rows first (see R1S).
 
 Each lane's float product rounds separately (the lanes of a block are not
 summed in integers first), so the error is ~1e-7 relative to the sum of
@@ -50,10 +51,17 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
+from numba.np.ufunc.parallel import _iget_num_threads  # the thread count, cacheable (no ctypes global)
 
 from . import portable
 
 _JIT_PAR = dict(cache=True, fastmath=True, nogil=True, parallel=True)
+# VNNI q4_1 without fastmath: with it LLVM reassociated the inlined tiles' float operations
+# differently per tile shape (the last bit of a row depended on its tile, i.e. on N and the row
+# offset); without it each row is the same sequence of operations in any tile (and it is
+# no slower here). q4_0 / q8_0 keep fastmath, so their prefill code is unchanged; their rows
+# were checked bit-identical across tiles, thread counts and row offsets.
+_JIT_PAR_STRICT = dict(_JIT_PAR, fastmath=False)
 _JIT = dict(cache=True, fastmath=True, nogil=True)
 
 I1, I8, I16, I32, I64 = (ir.IntType(w) for w in (1, 8, 16, 32, 64))
@@ -258,12 +266,13 @@ def _prep_codegen(kind: str, isa: str):
     return codegen
 
 
-def _q_codegen(kind: str, isa: str, R: int, U: int, prefetch: int = 0):
+def _q_codegen(kind: str, isa: str, R: int, U: int, prefetch: int = 0, pf_d: int = 0):
     """IR body of an R-row x U-token tile of a quantized matmul over prepared activations.
 
-    prefetch: > 0: software-prefetch each row's weights this many bytes ahead; < 0: prefetch the
-    next R-row tile (the rows are contiguous, so tile i+1 follows tile i) linearly while this
-    tile is processed, R * W bytes per group step."""
+    prefetch: > 0: software-prefetch the weights this many bytes ahead (the rows are contiguous, so
+    the tiles of a matrix are one stream; see below), and with pf_d > 0 the scales pf_d bytes
+    ahead; < 0: prefetch the next R-row tile linearly while this tile is processed, R * W bytes
+    per group step (the AVX2 short-row tiles)."""
     G = _Geom(kind, isa)
     W, L, nbg, lpb, q8 = G.W, G.L, G.nbg, G.lpb, G.q8
     lanes = [i // lpb for i in range(L)]
@@ -310,9 +319,18 @@ def _q_codegen(kind: str, isa: str, R: int, U: int, prefetch: int = 0):
                 for r in range(R):
                     e.prefetch(wq, b.add(nxt, i64(r * W)))
                 e.prefetch(dp, b.add(b.mul(i64(R), dstride), b.mul(goff_h, i64(R))))
+            if prefetch > 0:
+                # The R rows of a tile are contiguous (and so are the tiles), so the weights are one
+                # stream: per group step (a partial one too) prefetch the next R * W bytes of it,
+                # `prefetch` bytes ahead of the tile's start. R * W * ceil(nb / nbg) >= R * row bytes:
+                # every line of the stream is covered whatever the row length.
+                for r in range(R):
+                    e.prefetch(wq, b.add(b.mul(goff_w, i64(R)), i64(prefetch + r * W)), _PF_LOCALITY)
+                if pf_d > 0:  # the scales likewise: R rows of d (and m) are nb * 2 R contiguous bytes
+                    e.prefetch(dp, b.add(b.mul(goff_h, i64(R)), i64(pf_d)), _PF_LOCALITY)
+                    if kind == "q4_1":
+                        e.prefetch(mp, b.add(b.mul(goff_h, i64(R)), i64(pf_d)), _PF_LOCALITY)
             for r in range(R):
-                if prefetch > 0 and rem is None:
-                    e.prefetch(wq, b.add(b.mul(i64(r), wstride), b.add(goff_w, i64(prefetch))), _PF_LOCALITY)
                 w = e.load(wq, b.add(b.mul(i64(r), wstride), goff_w), _vec(I8, W), mw)
                 ho = b.add(b.mul(i64(r), dstride), goff_h)
                 dl = e.shuffle(e.half4(dp, ho, nbg, mblk), None, lanes)
@@ -352,8 +370,8 @@ def _q_codegen(kind: str, isa: str, R: int, U: int, prefetch: int = 0):
     return codegen
 
 
-def _make_tile(kind: str, isa: str, R: int, U: int, prefetch: int = 0):
-    gen = _q_codegen(kind, isa, R, U, prefetch)
+def _make_tile(kind: str, isa: str, R: int, U: int, prefetch: int = 0, pf_d: int = 0):
+    gen = _q_codegen(kind, isa, R, U, prefetch, pf_d)
 
     def tile(typingctx, wq, wstride, dp, mp, dstride, bp, bstride, op, ostride, nb, n0, t0):
         argtys = (wq, wstride, dp, mp, dstride, bp, bstride, op, ostride, nb, n0, t0)
@@ -378,6 +396,23 @@ def _make_prep(kind: str, isa: str):
     return intrinsic(prep)
 
 
+def _prefetch_range_codegen(context, builder, signature, args):
+    base, n = args
+    e = _Emit(builder, "")
+    with cgutils.for_range(builder, builder.udiv(n, ir.Constant(I64, 64))) as loop:
+        e.prefetch(base, builder.mul(loop.index, ir.Constant(I64, 64)), _PF_LOCALITY)
+    return context.get_dummy_value()
+
+
+@intrinsic
+def _prefetch_range(typingctx, base, n):
+    """Prefetch (into L2) the cache lines of n bytes from base: a stream's first PF bytes, which
+    the tiles' own prefetches (PF bytes ahead of their loads) do not cover."""
+    if not (isinstance(base, types.Integer) and isinstance(n, types.Integer)):
+        return None
+    return types.void(types.int64, types.int64), _prefetch_range_codegen
+
+
 def group_bytes(kind: str, isa: str) -> tuple[int, int]:
     """(blocks per group, prepared activation bytes per group and token)."""
     g = _Geom(kind, isa)
@@ -391,29 +426,39 @@ R_AVX2, U_AVX2 = 2, 2
 # time (the rows are contiguous, so the matrix is one sequential stream) with a software
 # prefetch into L2 PF bytes ahead (measured here: ~1.3-1.7x the bandwidth of no prefetch or of
 # 4 interleaved rows). Short rows: R1S rows per tile (per-row costs such as the masked tail and
-# the final reduction are shared), prefetching the next tile.
+# the final reduction are shared); the tiles are one stream too. VNNI: the short-row tiles
+# prefetch PF_S bytes ahead and the scales PF_D bytes ahead, and each thread first prefetches
+# the head of its range of rows (which the tiles' own prefetches do not reach). Measured here
+# with the matrices in DRAM (SmolLM2 shapes, K = 576): ~1.3-1.5x the bandwidth of prefetching
+# only the next tile (prefetcht0 instead of prefetcht1 was slower, 4 KiB distances slower,
+# 8 KiB about the same).
+# q8_0 (no partial group at K = 576): one row at a time for every K (NB_LONG_80), ~1.2x on the
+# 49152 x 576 output matrix. The VNNI T = 1 row split and these choices do not change results:
+# every row is computed by the same sequence of operations in any tile (see _JIT_PAR_STRICT).
 R1S, PF, NB_LONG = 4, 16384, 32
+PF_S, PF_D = 16384, 2048
+NB_LONG_40, NB_LONG_41, NB_LONG_80 = NB_LONG, NB_LONG, 0
 
 _v40_prep = _make_prep("q4_0", "vnni")
 _v40_RU = _make_tile("q4_0", "vnni", R_VNNI, U_VNNI)
-_v40_R1 = _make_tile("q4_0", "vnni", 1, 1, PF)
-_v40_RS = _make_tile("q4_0", "vnni", R1S, 1, -1)
+_v40_R1 = _make_tile("q4_0", "vnni", 1, 1, PF, PF_D)
+_v40_RS = _make_tile("q4_0", "vnni", R1S, 1, PF_S, PF_D)
 _v40_RT = _make_tile("q4_0", "vnni", R_VNNI, 1)
 _v40_1U = _make_tile("q4_0", "vnni", 1, U_VNNI)
 _v40_11 = _make_tile("q4_0", "vnni", 1, 1)
 NBG_V40, GB_V40 = group_bytes("q4_0", "vnni")
 _v41_prep = _make_prep("q4_1", "vnni")
 _v41_RU = _make_tile("q4_1", "vnni", R_VNNI, U_VNNI)
-_v41_R1 = _make_tile("q4_1", "vnni", 1, 1, PF)
-_v41_RS = _make_tile("q4_1", "vnni", R1S, 1, -1)
+_v41_R1 = _make_tile("q4_1", "vnni", 1, 1, PF, PF_D)
+_v41_RS = _make_tile("q4_1", "vnni", R1S, 1, PF_S, PF_D)
 _v41_RT = _make_tile("q4_1", "vnni", R_VNNI, 1)
 _v41_1U = _make_tile("q4_1", "vnni", 1, U_VNNI)
 _v41_11 = _make_tile("q4_1", "vnni", 1, 1)
 NBG_V41, GB_V41 = group_bytes("q4_1", "vnni")
 _v80_prep = _make_prep("q8_0", "vnni")
 _v80_RU = _make_tile("q8_0", "vnni", R_VNNI, U_VNNI)
-_v80_R1 = _make_tile("q8_0", "vnni", 1, 1, PF)
-_v80_RS = _make_tile("q8_0", "vnni", R1S, 1, -1)
+_v80_R1 = _make_tile("q8_0", "vnni", 1, 1, PF, PF_D)
+_v80_RS = _make_tile("q8_0", "vnni", R1S, 1, PF_S, PF_D)
 _v80_RT = _make_tile("q8_0", "vnni", R_VNNI, 1)
 _v80_1U = _make_tile("q8_0", "vnni", 1, U_VNNI)
 _v80_11 = _make_tile("q8_0", "vnni", 1, 1)
@@ -488,16 +533,25 @@ def _vnni_40_run(wq, wstride, dp, mp, dstride, xp, xstride, xdp, xsp, sstride, o
     buf = np.empty(max(1, T * bstride), np.uint8)  # prepared activations (see _prep_codegen)
     _v40_prep(xp, xstride, xdp, xsp, sstride, nb, T, buf.ctypes.data, bstride)
     a = (wq, wstride, dp, mp, dstride, buf.ctypes.data, bstride, op, ostride, nb)
-    if T == 1 and nb >= NB_LONG:
-        for n in prange(N):
-            _v40_R1(*a, n, 0)
-    elif T == 1:
-        for i in prange((N + R1S - 1) // R1S):
-            n0 = i * R1S
-            if n0 + R1S <= N:
-                _v40_RS(*a, n0, 0)
+    if T == 1:
+        # one contiguous range of rows per thread; each starts by prefetching the head of its streams
+        rt = 1 if nb >= NB_LONG_40 else R1S
+        ntiles = (N + rt - 1) // rt
+        nch = max(1, min(_iget_num_threads(), ntiles))
+        for c in prange(nch):
+            n0 = c * ntiles // nch * rt
+            n1 = min(N, (c + 1) * ntiles // nch * rt)
+            _prefetch_range(wq + n0 * wstride, min(PF if rt == 1 else PF_S, (n1 - n0) * wstride))
+            _prefetch_range(dp + n0 * dstride, min(PF_D, (n1 - n0) * dstride))
+            if rt == 1:
+                for n in range(n0, n1):
+                    _v40_R1(*a, n, 0)
             else:
-                for n in range(n0, N):
+                n = n0
+                while n + R1S <= n1:
+                    _v40_RS(*a, n, 0)
+                    n += R1S
+                for n in range(n, n1):
                     _v40_11(*a, n, 0)
     else:
         for i in prange((N + R - 1) // R):
@@ -528,23 +582,33 @@ def vnni_matmul_q4_0_q8_0(qs, d, xq, xd, xsum, out):
                  xd.shape[1], qs.shape[0], xq.shape[0])
 
 
-@njit(**_JIT_PAR)
+@njit(**_JIT_PAR_STRICT)
 def _vnni_41_run(wq, wstride, dp, mp, dstride, xp, xstride, xdp, xsp, sstride, op, ostride, nb, N, T):
     R, U = R_VNNI, U_VNNI
     bstride = (nb + NBG_V41 - 1) // NBG_V41 * GB_V41
     buf = np.empty(max(1, T * bstride), np.uint8)  # prepared activations (see _prep_codegen)
     _v41_prep(xp, xstride, xdp, xsp, sstride, nb, T, buf.ctypes.data, bstride)
     a = (wq, wstride, dp, mp, dstride, buf.ctypes.data, bstride, op, ostride, nb)
-    if T == 1 and nb >= NB_LONG:
-        for n in prange(N):
-            _v41_R1(*a, n, 0)
-    elif T == 1:
-        for i in prange((N + R1S - 1) // R1S):
-            n0 = i * R1S
-            if n0 + R1S <= N:
-                _v41_RS(*a, n0, 0)
+    if T == 1:
+        # one contiguous range of rows per thread; each starts by prefetching the head of its streams
+        rt = 1 if nb >= NB_LONG_41 else R1S
+        ntiles = (N + rt - 1) // rt
+        nch = max(1, min(_iget_num_threads(), ntiles))
+        for c in prange(nch):
+            n0 = c * ntiles // nch * rt
+            n1 = min(N, (c + 1) * ntiles // nch * rt)
+            _prefetch_range(wq + n0 * wstride, min(PF if rt == 1 else PF_S, (n1 - n0) * wstride))
+            _prefetch_range(dp + n0 * dstride, min(PF_D, (n1 - n0) * dstride))
+            _prefetch_range(mp + n0 * dstride, min(PF_D, (n1 - n0) * dstride))
+            if rt == 1:
+                for n in range(n0, n1):
+                    _v41_R1(*a, n, 0)
             else:
-                for n in range(n0, N):
+                n = n0
+                while n + R1S <= n1:
+                    _v41_RS(*a, n, 0)
+                    n += R1S
+                for n in range(n, n1):
                     _v41_11(*a, n, 0)
     else:
         for i in prange((N + R - 1) // R):
@@ -582,16 +646,25 @@ def _vnni_80_run(wq, wstride, dp, mp, dstride, xp, xstride, xdp, xsp, sstride, o
     buf = np.empty(max(1, T * bstride), np.uint8)  # prepared activations (see _prep_codegen)
     _v80_prep(xp, xstride, xdp, xsp, sstride, nb, T, buf.ctypes.data, bstride)
     a = (wq, wstride, dp, mp, dstride, buf.ctypes.data, bstride, op, ostride, nb)
-    if T == 1 and nb >= NB_LONG:
-        for n in prange(N):
-            _v80_R1(*a, n, 0)
-    elif T == 1:
-        for i in prange((N + R1S - 1) // R1S):
-            n0 = i * R1S
-            if n0 + R1S <= N:
-                _v80_RS(*a, n0, 0)
+    if T == 1:
+        # one contiguous range of rows per thread; each starts by prefetching the head of its streams
+        rt = 1 if nb >= NB_LONG_80 else R1S
+        ntiles = (N + rt - 1) // rt
+        nch = max(1, min(_iget_num_threads(), ntiles))
+        for c in prange(nch):
+            n0 = c * ntiles // nch * rt
+            n1 = min(N, (c + 1) * ntiles // nch * rt)
+            _prefetch_range(wq + n0 * wstride, min(PF if rt == 1 else PF_S, (n1 - n0) * wstride))
+            _prefetch_range(dp + n0 * dstride, min(PF_D, (n1 - n0) * dstride))
+            if rt == 1:
+                for n in range(n0, n1):
+                    _v80_R1(*a, n, 0)
             else:
-                for n in range(n0, N):
+                n = n0
+                while n + R1S <= n1:
+                    _v80_RS(*a, n, 0)
+                    n += R1S
+                for n in range(n, n1):
                     _v80_11(*a, n, 0)
     else:
         for i in prange((N + R - 1) // R):
