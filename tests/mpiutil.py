@@ -14,6 +14,7 @@ def mpi_env(extra: dict | None = None) -> dict:
     env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
     env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
     env.setdefault("PRTE_MCA_rmaps_default_mapping_policy", ":oversubscribe")
+    env.setdefault("OMPI_MCA_mpi_yield_when_idle", "1")  # more ranks than cores: do not busy-poll
     env.setdefault("NUMBA_CACHE_DIR", str(ROOT / ".numba_cache"))
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     if extra:
