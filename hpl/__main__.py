@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 from mpi4py import MPI
 
@@ -127,15 +126,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        code = main()
-    except SystemExit:
-        raise
-    except BaseException:                       # an unexpected failure on one rank: take the job down
-        import traceback
-        traceback.print_exc()
-        sys.stderr.flush()
-        if MPI.COMM_WORLD.Get_size() > 1:
-            MPI.COMM_WORLD.Abort(1)
-        raise
-    sys.exit(code)
+    from mpillm.comm import run
+
+    run(main, "hpl")  # an unexpected failure on one rank takes the whole job down

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -98,7 +98,6 @@ class Stats:
     gen_comm_s: float = 0.0
     gen_allreduce_bytes: int = 0
     gather_bytes: int = 0
-    extra: dict = field(default_factory=dict)
 
     def line(self, tp_size: int) -> str:
         pt = self.prompt_tokens / self.prompt_s if self.prompt_s else 0.0
@@ -161,7 +160,6 @@ class Engine:
         self.tokens = np.zeros(max_batch, np.int64)
         self.full_logits = np.zeros((max_batch, cfg.vocab_size), np.float32) if self.rank == 0 else None
         self.gather_buf = np.zeros(max_batch * cfg.vocab_size, np.float32) if self.rank == 0 else None
-        self.gather_bytes = 0
         # bytes the largest non-root vocabulary slice sends to rank 0 per generated token
         self.logits_bytes_per_token = int(self.vocab_counts[1:].max()) * 4 if self.size > 1 else 0
         comm.Barrier()
@@ -194,7 +192,6 @@ class Engine:
             self.comm.Gatherv(local, [self.gather_buf, counts, None, MPI.FLOAT], root=0)
         else:
             self.comm.Gatherv(local, None, root=0)
-            self.gather_bytes += local.nbytes
         self.model.stats.seconds += time.perf_counter() - t0
         if self.rank != 0:
             return None

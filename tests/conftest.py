@@ -39,7 +39,6 @@ def pytest_sessionstart(session):
     import subprocess
     import sys
     import tempfile
-    from pathlib import Path
 
     from mpiutil import ROOT, mpi_env
 

@@ -28,16 +28,22 @@ def mpirun_cmd(np: int) -> list[str]:
     return [str(mpirun) if mpirun.exists() else "mpirun", "-np", str(np), "--bind-to", "none"]
 
 
-def mpirun(np: int, args: list[str], timeout: float = 120, env: dict | None = None,
-           cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """Run ``python args...`` on ``np`` ranks; raise TimeoutExpired (after killing the job) on a hang."""
-    cmd = mpirun_cmd(np) + [sys.executable] + args
+def run_killing_on_timeout(cmd: list[str], env: dict, timeout: float, what: str,
+                          cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run a job in its own session; on a hang kill the whole process group and fail the test."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=mpi_env(env), cwd=cwd or ROOT, start_new_session=True)
+                            env=env, cwd=cwd or ROOT, start_new_session=True)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, 9)
         out, err = proc.communicate()
-        raise AssertionError(f"mpirun -np {np} {' '.join(args)} hung for {timeout}s\n{out}\n{err}")
+        raise AssertionError(f"{what} hung for {timeout}s\n{out}\n{err}")
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def mpirun(np: int, args: list[str], timeout: float = 120, env: dict | None = None,
+           cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run ``python args...`` on ``np`` ranks; a hang kills the job and fails the test."""
+    return run_killing_on_timeout(mpirun_cmd(np) + [sys.executable] + args, mpi_env(env), timeout,
+                                  f"mpirun -np {np} {' '.join(args)}", cwd)

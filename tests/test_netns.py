@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "cluster"))
 
 import netns  # noqa: E402
 from common import GEN_ARGS, single_host_text, text_of  # noqa: E402
+from mpiutil import run_killing_on_timeout  # noqa: E402
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
@@ -53,15 +54,7 @@ def run_on(c: netns.Cluster, tmp: Path, np_: int, args: list[str], timeout: floa
            env: dict | None = None) -> subprocess.CompletedProcess:
     hf = c.write_hostfile(tmp / f"hostfile{c.n}", slots=-(-np_ // c.n))
     argv = c.mpirun_argv(np_, hf, [sys.executable] + args)
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=c.env(yield_env(np_, env)), start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)
-        out, err = proc.communicate()
-        raise AssertionError(f"mpirun across {c.n} hosts hung for {timeout}s:\n{out}\n{err}")
-    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+    return run_killing_on_timeout(argv, c.env(yield_env(np_, env)), timeout, f"mpirun across {c.n} hosts")
 
 
 def yield_env(np_: int, env: dict | None) -> dict:

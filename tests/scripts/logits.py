@@ -5,7 +5,6 @@
 import sys
 
 import numpy as np
-from mpi4py import MPI
 
 from mpillm.comm import run
 from mpillm.engine import Engine
