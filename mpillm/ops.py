@@ -10,6 +10,8 @@ import math
 import numpy as np
 from numba import njit
 
+from .kernels.vmath import exp_sub_sum, silu_mul_row
+
 
 @njit(cache=True, fastmath=True)
 def rmsnorm(x, w, eps, out):
@@ -105,11 +107,7 @@ def attention(q, kc, vc, pos0, hd, kv_of_head, scores, out):
                 v = _dot(qh, kc[kv, p]) * scale
                 sc[p] = v
                 mx = max(mx, v)
-            tot = np.float32(0.0)
-            for p in range(n_ctx):
-                e = np.exp(sc[p] - mx)
-                sc[p] = e
-                tot += e
+            tot = exp_sub_sum(sc.ctypes.data, n_ctx, mx)  # sc[p] = exp(sc[p] - mx), summed
             inv = np.float32(1.0) / tot
             o = out[t, h * hd:(h + 1) * hd]
             o[:] = 0.0
@@ -122,12 +120,13 @@ def attention(q, kc, vc, pos0, hd, kv_of_head, scores, out):
 
 @njit(cache=True, fastmath=True)
 def silu_mul(g, u, out):
-    """out = silu(g) * u, all (T, n)."""
+    """out = silu(g) * u, all (T, n) float32 with contiguous rows (vector exp: kernels.vmath)."""
     T, n = g.shape
+    if n > 1 and (g.strides[1] != 4 or u.strides[1] != 4 or out.strides[1] != 4):
+        raise ValueError("silu_mul: rows must be contiguous")
     for t in range(T):
-        for i in range(n):
-            x = g[t, i]
-            out[t, i] = x / (np.float32(1.0) + np.exp(-x)) * u[t, i]
+        silu_mul_row(g.ctypes.data + t * g.strides[0], u.ctypes.data + t * u.strides[0],
+                     out.ctypes.data + t * out.strides[0], n)
 
 
 @njit(cache=True)

@@ -24,6 +24,8 @@ from numba import njit, prange
 from numba.core import cgutils, types
 from numba.extending import intrinsic
 
+from .vmath import quantize_rows_q8_0
+
 QK = 32
 _JIT = dict(cache=True, fastmath=True, nogil=True)
 _JIT_PAR = dict(_JIT, parallel=True)
@@ -50,28 +52,6 @@ def h2f(typingctx, u):
 # activation quantization
 # ----------------------------------------------------------------------------
 @njit(**_JIT_EXACT)
-def _quantize_row(x, xq, xd, xsum, t):
-    nb = x.shape[1] // QK
-    for b in range(nb):
-        o = b * QK
-        amax = np.float32(0.0)
-        for i in range(QK):
-            a = abs(x[t, o + i])
-            if a > amax:
-                amax = a
-        dd = amax / np.float32(127.0)
-        idn = np.float32(1.0) / dd if dd > 0 else np.float32(0.0)
-        s = 0
-        for i in range(QK):
-            v = np.float64(x[t, o + i] * idn)  # float32 product, then exact +-0.5
-            q = int(v + 0.5) if v >= 0 else -int(0.5 - v)  # C roundf: halves away from zero
-            xq[t, o + i] = q
-            s += q
-        xd[t, b] = dd
-        xsum[t, b] = s
-
-
-@njit(**_JIT_EXACT)
 def _check_q8(x, xq, xd, xsum):
     T, K = x.shape
     if K % QK:
@@ -81,12 +61,20 @@ def _check_q8(x, xq, xd, xsum):
         raise ValueError("quantize_q8_0: xq must have the shape of x")
     if xd.shape[0] != T or xd.shape[1] != nb or xsum.shape[0] != T or xsum.shape[1] != nb:
         raise ValueError("quantize_q8_0: xd and xsum must be (T, K // 32)")
+    if x.itemsize != 4 or xq.itemsize != 1 or xd.itemsize != 4 or xsum.itemsize != 4:
+        raise ValueError("quantize_q8_0: x, xd float32; xq int8; xsum int32")
+    if (K > 1 and (x.strides[1] != 4 or xq.strides[1] != 1)) or (nb > 1 and (xd.strides[1] != 4 or xsum.strides[1] != 4)):
+        raise ValueError("quantize_q8_0: every array's rows must be contiguous")
+    if T > 1 and xsum.strides[0] != xd.strides[0]:
+        raise ValueError("quantize_q8_0: xd and xsum must have the same row stride")
 
 
 @njit(**dict(_JIT_EXACT, parallel=True))
 def _quantize_par(x, xq, xd, xsum):
     for t in prange(x.shape[0]):
-        _quantize_row(x, xq, xd, xsum, t)
+        quantize_rows_q8_0(x.ctypes.data + t * x.strides[0], 0, xq.ctypes.data + t * xq.strides[0], 0,
+                           xd.ctypes.data + t * xd.strides[0], xsum.ctypes.data + t * xsum.strides[0], 0,
+                           1, x.shape[1] // QK)
 
 
 @njit(**_JIT_EXACT)
@@ -96,9 +84,9 @@ def quantize_q8_0(x, xq, xd, xsum):
     T = x.shape[0]
     if T > 1 and T * x.shape[1] >= 65536:
         _quantize_par(x, xq, xd, xsum)
-    else:
-        for t in range(T):
-            _quantize_row(x, xq, xd, xsum, t)
+    elif T > 0:
+        quantize_rows_q8_0(x.ctypes.data, x.strides[0], xq.ctypes.data, xq.strides[0], xd.ctypes.data,
+                           xsum.ctypes.data, xd.strides[0], T, x.shape[1] // QK)
 
 
 # ----------------------------------------------------------------------------
