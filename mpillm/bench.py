@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = resolve_model(args.model, comm)
     need = args.prompt_tokens + args.gen_tokens + 1
     engine = Engine(model_dir, max_seq_len=max(args.max_seq_len, need), threads=args.threads, verbose=False,
-                    buffer_type=args.buffer_type)
+                    buffer_type=args.buffer_type, kv_type=args.kv_type)
     m = engine.model
 
     def measure() -> dict:
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     def report(res: dict, rss: list[int]) -> int:
         res.update({
             "model": str(model_dir), "arch": engine.cfg.arch, "ranks": engine.size, "threads_per_rank": args.threads,
-            "buffer_type": args.buffer_type,
+            "buffer_type": args.buffer_type, "kv_type": args.kv_type,
             "kernels": __import__("mpillm.kernels", fromlist=["active_path"]).active_path(),
             "prompt_tokens": args.prompt_tokens, "gen_tokens": args.gen_tokens,
             "greedy_token_bytes_per_rank": 16 if engine.size > 1 else 0,

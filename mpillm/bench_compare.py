@@ -82,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3,
                    help="rounds of all four runs; figures and ratios are medians over rounds")
     p.add_argument("--buffer-type", default="f32")
+    p.add_argument("--kv-type", default="f16", help="mpillm's KV cache type (llama.cpp's default is f16 too)")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--timeout", type=float, default=1800)
     a = p.parse_args(argv)
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     from . import baseline
 
     extra = ["--prompt-tokens", str(a.prompt_tokens), "--gen-tokens", str(a.gen_tokens),
-             "--repeats", str(a.repeats), "--buffer-type", a.buffer_type]
+             "--repeats", str(a.repeats), "--buffer-type", a.buffer_type, "--kv-type", a.kv_type]
     have_llamacpp = baseline.available()
     rounds = []
     for i in range(max(1, a.rounds)):

@@ -113,7 +113,7 @@ class Stats:
 
 class Engine:
     def __init__(self, model_dir: Path, max_seq_len: int = 2048, threads: int = 1, max_batch: int = 64,
-                 buffer_type: str = "f32",
+                 buffer_type: str = "f32", kv_type: str = "f16",
                  comm: MPI.Comm = MPI.COMM_WORLD, verbose: bool = True):
         self.comm = comm
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
@@ -141,7 +141,8 @@ class Engine:
         agree(comm, err)
         self.cfg, self.shard = cfg, shard
         self.max_seq_len, self.max_batch = max_seq_len, max_batch
-        kv_bytes = 2 * cfg.n_layers * (shard.slice["kv_heads"][1] - shard.slice["kv_heads"][0]) * max_seq_len * cfg.head_dim * 4
+        kv_bytes = 2 * cfg.n_layers * (shard.slice["kv_heads"][1] - shard.slice["kv_heads"][0]) * max_seq_len * \
+            cfg.head_dim * (2 if kv_type == "f16" else 4)
         sizes = comm.gather((shard.nbytes, kv_bytes, MPI.Get_processor_name()), root=0)
         if self.rank == 0 and verbose:
             self.print_plan(sizes, threads)
@@ -149,7 +150,7 @@ class Engine:
         try:
             kernels.set_threads(threads)
             kernels.warmup()
-            self.model = Transformer(shard, comm, max_seq_len, max_batch, buffer_type)
+            self.model = Transformer(shard, comm, max_seq_len, max_batch, buffer_type, kv_type)
         except (ValueError, MemoryError) as e:
             err = f"{type(e).__name__}: {e}"
         agree(comm, err)

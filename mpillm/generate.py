@@ -28,6 +28,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="precision of the partial sums exchanged between ranks: f32 (MPI_Allreduce), "
                         "f16 or q8_0 (compressed, Allgather + local sum), or f64 (exact sums: the same "
                         "tokens at every rank count, twice the bytes of f32) (default: %(default)s)")
+    p.add_argument("--kv-type", choices=("f16", "f32"), default="f16",
+                   help="KV cache element type: f16 halves the cache's memory and the bytes attention reads "
+                        "per token (default: %(default)s)")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -115,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     comm = MPI.COMM_WORLD
     model_dir = resolve_model(args.model, comm)
     engine = Engine(model_dir, max_seq_len=args.max_seq_len, threads=args.threads, verbose=not args.quiet,
-                    buffer_type=args.buffer_type)
+                    buffer_type=args.buffer_type, kv_type=args.kv_type)
 
     def rank0() -> int:
         tok = load_tokenizer(Path(model_dir))

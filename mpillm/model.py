@@ -28,6 +28,7 @@ from .quant import QK, QUANTIZED
 
 
 BUFFER_TYPES = ("f32", "f16", "q8_0", "f64")
+KV_TYPES = ("f16", "f32")
 _quantize_q8_0 = kernels.get_path(kernels.active_path()).jit.quantize_q8_0
 
 
@@ -118,7 +119,7 @@ class Layer:
 
 class Transformer:
     def __init__(self, shard: Shard, comm: MPI.Comm, max_seq_len: int, max_batch: int = 64,
-                 buffer_type: str = "f32"):
+                 buffer_type: str = "f32", kv_type: str = "f16"):
         cfg = self.cfg = shard.config
         rs = self.slice = RankSlice(**{k: tuple(v) if isinstance(v, list) else v for k, v in shard.slice.items()})
         self.comm, self.tp_size = comm, comm.Get_size()
@@ -156,9 +157,12 @@ class Transformer:
         self.partial = np.zeros((B, D), np.float32)       # (T, dim) row-parallel partial sums -> Allreduce
         self.partial64 = np.zeros((B, D), np.float64) if buffer_type == "f64" else None  # (T, dim) exact mode
         self.logits = np.zeros((B, rs.vocab_per_partition), np.float32)  # (T, vocab_pp)
-        # KV cache: (layer, n_kv_pp, S, hd)
-        self.k_cache = np.zeros((cfg.n_layers, nkv, max_seq_len, hd), np.float32)
-        self.v_cache = np.zeros((cfg.n_layers, nkv, max_seq_len, hd), np.float32)
+        # KV cache: (layer, n_kv_pp, S, hd), float32 or fp16 bits (uint16: numba has no float16)
+        if kv_type not in KV_TYPES:
+            raise ValueError(f"--kv-type must be one of {', '.join(KV_TYPES)}, got {kv_type!r}")
+        kv_dtype = np.uint16 if kv_type == "f16" else np.float32
+        self.k_cache = np.zeros((cfg.n_layers, nkv, max_seq_len, hd), kv_dtype)
+        self.v_cache = np.zeros((cfg.n_layers, nkv, max_seq_len, hd), kv_dtype)
         if cfg.is_moe:
             E, K = cfg.n_experts, cfg.n_experts_used
             self.router_logits = np.zeros((B, E), np.float32)  # (T, n_experts)

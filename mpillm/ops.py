@@ -10,7 +10,9 @@ import math
 import numpy as np
 from numba import njit
 
-from .kernels.vmath import exp_sub_sum, silu_mul_row
+from .kernels.attention import (attend_row_f16_64, attend_row_f16_128, attend_row_f16_any, attend_row_f32_64,
+                                attend_row_f32_128, attend_row_f32_any)
+from .kernels.vmath import f2h, silu_mul_row
 
 
 @njit(cache=True, fastmath=True)
@@ -69,53 +71,56 @@ def rope_neox(x, pos0, hd, cos, sin):
 
 @njit(cache=True)
 def store_kv(k, v, kc, vc, pos0, hd):
-    """Copy k, v (T, n_kv * hd) into the layer's caches kc, vc (n_kv, S, hd) at pos0.."""
+    """Copy k, v (T, n_kv * hd) into the layer's caches kc, vc (n_kv, S, hd) at pos0..;
+    a uint16 cache holds fp16 bits (rounded to nearest even)."""
     T, n = k.shape
     for t in range(T):
         for h in range(n // hd):
             for i in range(hd):
-                kc[h, pos0 + t, i] = k[t, h * hd + i]
-                vc[h, pos0 + t, i] = v[t, h * hd + i]
+                if kc.itemsize == 2:
+                    kc[h, pos0 + t, i] = f2h(np.float32(k[t, h * hd + i]))
+                    vc[h, pos0 + t, i] = f2h(np.float32(v[t, h * hd + i]))
+                else:
+                    kc[h, pos0 + t, i] = k[t, h * hd + i]
+                    vc[h, pos0 + t, i] = v[t, h * hd + i]
 
 
-@njit(cache=True, fastmath=True, inline="always")
-def _dot(a, b):
-    s = np.float32(0.0)
-    for i in range(a.shape[0]):
-        s += a[i] * b[i]
-    return s
-
-
-@njit(cache=True, fastmath=True)
+@njit(cache=True)
 def attention(q, kc, vc, pos0, hd, kv_of_head, scores, out):
     """Causal attention for T new tokens at positions pos0..pos0+T-1.
 
-    q (T, nh * hd); kc, vc (n_kv, S, hd); kv_of_head (nh,) local KV index of each local
-    query head; scores (nh, S) scratch; out (T, nh * hd).
+    q (T, nh * hd); kc, vc (n_kv, S, hd) float32, or uint16 holding fp16 bits; kv_of_head
+    (nh,) local KV index of each local query head; scores (nh, S) scratch; out (T, nh * hd).
+    One row at a time in vector IR (kernels.attention).
     """
     T = q.shape[0]
     nh = q.shape[1] // hd
+    if kc.strides[2] != kc.itemsize or vc.strides[1] != kc.strides[1] or q.strides[1] != 4 \
+            or out.strides[1] != 4 or scores.strides[1] != 4:
+        raise ValueError("attention: rows must be contiguous and K, V alike")
     scale = np.float32(1.0 / math.sqrt(hd))
+    rs = kc.strides[1]
     for h in range(nh):  # serial: a parallel region costs more than a decode step's attention
         kv = kv_of_head[h]
-        sc = scores[h]
+        kp, vp = kc.ctypes.data + kv * kc.strides[0], vc.ctypes.data + kv * vc.strides[0]
+        sp = scores.ctypes.data + h * scores.strides[0]
         for t in range(T):
-            n_ctx = pos0 + t + 1
-            qh = q[t, h * hd:(h + 1) * hd]
-            mx = np.float32(-np.inf)
-            for p in range(n_ctx):
-                v = _dot(qh, kc[kv, p]) * scale
-                sc[p] = v
-                mx = max(mx, v)
-            tot = exp_sub_sum(sc.ctypes.data, n_ctx, mx)  # sc[p] = exp(sc[p] - mx), summed
-            inv = np.float32(1.0) / tot
-            o = out[t, h * hd:(h + 1) * hd]
-            o[:] = 0.0
-            for p in range(n_ctx):
-                w = sc[p] * inv
-                vp = vc[kv, p]
-                for i in range(hd):
-                    o[i] += w * vp[i]
+            qp = q.ctypes.data + t * q.strides[0] + h * hd * 4
+            op = out.ctypes.data + t * out.strides[0] + h * hd * 4
+            n = pos0 + t + 1
+            if kc.itemsize == 2:
+                if hd == 64:
+                    attend_row_f16_64(qp, kp, vp, rs, n, hd, scale, sp, op)
+                elif hd == 128:
+                    attend_row_f16_128(qp, kp, vp, rs, n, hd, scale, sp, op)
+                else:
+                    attend_row_f16_any(qp, kp, vp, rs, n, hd, scale, sp, op)
+            elif hd == 64:
+                attend_row_f32_64(qp, kp, vp, rs, n, hd, scale, sp, op)
+            elif hd == 128:
+                attend_row_f32_128(qp, kp, vp, rs, n, hd, scale, sp, op)
+            else:
+                attend_row_f32_any(qp, kp, vp, rs, n, hd, scale, sp, op)
 
 
 @njit(cache=True, fastmath=True)

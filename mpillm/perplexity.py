@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     comm = MPI.COMM_WORLD
     model_dir = resolve_model(args.model, comm)
     engine = Engine(model_dir, max_seq_len=max(args.ctx, args.max_seq_len),
-                    threads=args.threads, verbose=False, buffer_type=args.buffer_type)
+                    threads=args.threads, verbose=False, buffer_type=args.buffer_type,
+                    kv_type=args.kv_type)
 
     def rank0() -> int:
         if args.ctx < 4:
@@ -89,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         dt = time.perf_counter() - t0
         res = {"perplexity": ppl, "stderr": err, "chunks": len(chunks), "ctx": args.ctx,
                "scored_tokens": int(len(allnll)), "bos_per_chunk": add_bos, "ranks": engine.size, "buffer_type": args.buffer_type,
+               "kv_type": args.kv_type,
                "seconds": dt, "tok_per_s": len(chunks) * args.ctx / dt}
         print(f"Final estimate: PPL = {ppl:.4f} +/- {err:.5f}", flush=True)
         print(json.dumps(res), flush=True)

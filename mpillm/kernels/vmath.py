@@ -22,7 +22,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-I1, I8, I32, I64 = ir.IntType(1), ir.IntType(8), ir.IntType(32), ir.IntType(64)
+I1, I8, I16, I32, I64 = (ir.IntType(w) for w in (1, 8, 16, 32, 64))
 F32 = ir.FloatType()
 PTR = ir.PointerType()
 N = 16  # float lanes per step
@@ -228,3 +228,15 @@ def quantize_rows_q8_0(typingctx, xp, xstride, qp, qstride, dp, sp, sstride, T, 
         return context.get_dummy_value()
 
     return types.void(*(types.int64,) * 9), codegen
+
+
+@intrinsic
+def f2h(typingctx, x):
+    """float32 -> the uint16 bits of the nearest IEEE half (round to nearest even, as numpy)."""
+    if x != types.float32:
+        return None
+
+    def codegen(context, b, sig, args):
+        return b.bitcast(b.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+
+    return types.uint16(types.float32), codegen

@@ -26,7 +26,10 @@ PROMPTS = [
     "<|im_start|>user\nName three colours of the rainbow.<|im_end|>\n<|im_start|>assistant\n",
 ]
 N_TOKENS = 32
-MARGIN = 0.5     # logits; the measured cross-rank logit noise is ~0.1-0.3 on this model
+# logits: np=N moves the gap between np=1's top two logits by up to 1.0 on these prompts
+# (measured at np 2 and 3, f32 and f16 KV caches: p99 0.17-0.80), from q8_0 activation
+# roundings that the Allreduce order flips; argmax must agree wherever the gap is larger
+MARGIN = 1.25
 REL_RMS = 6e-2   # the q8_0 activation noise level: np=1 vs np=3 measured 3.0e-2
 
 

@@ -53,7 +53,8 @@ def run(model: Path, tokens: np.ndarray, c: MPI.Comm = comm, max_batch: int = 16
     """(logits (T, vocab) on rank 0 else None, this rank's route log or None).
 
     The whole prompt goes in one batch (max_batch >= T), or token by token with ``one_by_one``."""
-    eng = Engine(model, max_seq_len=len(tokens) + 4, max_batch=max_batch, comm=c, verbose=False)
+    eng = Engine(model, max_seq_len=len(tokens) + 4, max_batch=max_batch, comm=c, verbose=False,
+                 kv_type="f32")  # the oracle tolerances are an f32 cache's
     if log_routes:
         eng.model.route_log = []
     out = None

@@ -48,8 +48,9 @@ def convert_on_rank0(src: Path, out: Path, sizes: list[int], wtype: str) -> None
     assert err is None, err
 
 
-def run_logits(model: Path, tokens: np.ndarray, c: MPI.Comm = comm) -> np.ndarray | None:
-    eng = Engine(model, max_seq_len=len(tokens) + 4, max_batch=8, comm=c, verbose=False)
+def run_logits(model: Path, tokens: np.ndarray, c: MPI.Comm = comm, kv_type: str = "f32") -> np.ndarray | None:
+    """Teacher-forced logits; an f32 KV cache unless asked (the oracle tolerances are f32's)."""
+    eng = Engine(model, max_seq_len=len(tokens) + 4, max_batch=8, comm=c, verbose=False, kv_type=kv_type)
     if c.Get_rank() == 0:
         out = eng.step(tokens, 0, all_logits=True)
         eng.stop()
@@ -85,6 +86,21 @@ def test_fixture_logits(tmp, name, wtype):
         print(f"\n{name} {wtype} np={size}: rel RMS vs transformers {err:.2e}, vs np=1 {d:.2e}")
         if wtype == "f32":
             assert (logits.argmax(-1) == exp["logits"].argmax(-1)).all()
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("name", ["llama", "mistral"])
+def test_f16_kv_cache(tmp, name):
+    """The default fp16 KV cache: close to transformers at f32 weights, and to the f32 cache."""
+    exp = np.load(FIXTURES / name / "expected.npz")
+    out = tmp / f"{name}-f32"
+    convert_on_rank0(FIXTURES / name, out, sorted({1, size}), "f32")
+    logits = run_logits(out, exp["tokens"], kv_type="f16")
+    if rank == 0:
+        err = rel_rms(logits, exp["logits"])
+        assert 0 < err < 2e-3, f"{name} f16 KV np={size}: relative RMS error {err:.2e}"
+        assert (logits.argmax(-1) == exp["logits"].argmax(-1)).all()
+        print(f"\n{name} f16 KV np={size}: rel RMS vs transformers {err:.2e}")
 
 
 @pytest.mark.mpi
