@@ -58,6 +58,16 @@ class Acts:
             _quantize_q8_0(self.x[:T], self.xq[:T], self.xd[:T], self.xsum[:T])
 
 
+_KEYS = {"q4_0": ("qs", "d"), "q4_1": ("qs", "d", "m"), "q8_0": ("qs", "d"), "f16": ("w",), "f32": ("w",)}
+
+
+def _plain(arrays: dict, wtype: str) -> tuple:
+    """A weight's arrays as the kernels take them: plain ndarrays (np.memmap's view and slice
+    hooks cost per call), fp16 as uint16."""
+    plain = (np.asarray(arrays[k]) for k in _KEYS[wtype])
+    return tuple(v.view(np.uint16) if v.dtype == np.float16 else v for v in plain)
+
+
 class Linear:
     """y = x W^T for one stored weight (an expert's slice when ``index`` is given).
 
@@ -73,10 +83,7 @@ class Linear:
                    "q8_0": jit.matmul_q8_0_q8_0, "f16": jit.matmul_f16_f32,
                    "f32": jit.matmul_f32_f32}[self.wtype]
         self.fn64 = exact.KERNELS[self.wtype]  # float64 output, for --buffer-type f64
-        keys = {"q4_0": ("qs", "d"), "q4_1": ("qs", "d", "m"), "q8_0": ("qs", "d"),
-                "f16": ("w",), "f32": ("w",)}[self.wtype]
-        plain = (np.asarray(a[k]) for k in keys)  # drop np.memmap: its view/slice hooks cost per call
-        self.w = tuple(v.view(np.uint16) if v.dtype == np.float16 else v for v in plain)
+        self.w = _plain(a, self.wtype)
         self.nbytes = sum(x.nbytes for x in self.w)
 
     def __call__(self, a: Acts, T: int, out: np.ndarray) -> None:
@@ -111,6 +118,9 @@ class Layer:
             self.exp_gate = [Linear(g("exp_gate"), e) for e in range(E)]  # (expert_ffn_per_partition, dim)
             self.exp_up = [Linear(g("exp_up"), e) for e in range(E)]      # (expert_ffn_per_partition, dim)
             self.exp_down = [Linear(g("exp_down"), e) for e in range(E)]  # (dim, expert_ffn_per_partition)
+            # the stacked (E, rows, cols) arrays, for the jitted MoE block (mpillm.fused)
+            self.exp_types = {n: g(n).wtype for n in ("exp_gate", "exp_up", "exp_down")}
+            self.exp_w = {n: _plain(g(n).arrays, t) for n, t in self.exp_types.items()}
         else:
             self.w_gate = Linear(g("w_gate"))  # (ffn_per_partition, dim)
             self.w_up = Linear(g("w_up"))      # (ffn_per_partition, dim)
@@ -208,8 +218,8 @@ class Transformer:
             types = {"wq": L.wq.wtype, "wk": L.wk.wtype, "wv": L.wv.wtype, "wo": L.wo.wtype}
             if not cfg.is_moe:
                 types.update(w_gate=L.w_gate.wtype, w_up=L.w_up.wtype, w_down=L.w_down.wtype)
-            else:  # the generated module needs FFN types; MoE layers keep their Python FFN
-                types.update(w_gate="f32", w_up="f32", w_down="f32")
+            else:  # ffn_block is generated for some FFN types but not used; moe_block is
+                types.update(w_gate="f32", w_up="f32", w_down="f32", router=L.router.wtype, **L.exp_types)
             mod = fused.blocks(types, cfg.qk_norm)
             xb, at, hb = self.xb, self.att, self.hb
             attn = (cfg.norm_eps, hd, self.x, L.attn_norm, xb.x, xb.xq, xb.xd, xb.xsum,
@@ -217,9 +227,16 @@ class Transformer:
                     L.q_norm if L.q_norm is not None else one, L.k_norm if L.k_norm is not None else one,
                     self.q, self.k, self.v, self.cos, self.sin, self.k_cache[li], self.v_cache[li],
                     self.kv_of_head, self.scores, at.x, at.xq, at.xd, at.xsum, *L.wo.w, self.partial)
-            ffn = None if cfg.is_moe else (
-                cfg.norm_eps, self.x, L.ffn_norm, xb.x, xb.xq, xb.xd, xb.xsum, *L.w_gate.w, *L.w_up.w,
-                self.gate, self.up, hb.x, hb.xq, hb.xd, hb.xsum, *L.w_down.w, self.partial)
+            if cfg.is_moe:
+                xe, ew = self.xe, L.exp_w
+                ffn = (cfg.norm_eps, cfg.norm_topk_prob, self.x, L.ffn_norm, xb.x, xb.xq, xb.xd, xb.xsum,
+                       *L.router.w, self.router_logits, self.topk_idx, self.topk_w, self.exp_slots,
+                       self.exp_starts, self.exp_rows, self.exp_wts, self.exp_active, xe.x, xe.xq, xe.xd,
+                       xe.xsum, *ew["exp_gate"], *ew["exp_up"], *ew["exp_down"], self.gate, self.up,
+                       hb.x, hb.xq, hb.xd, hb.xsum, self.ye, self.partial)
+            else:
+                ffn = (cfg.norm_eps, self.x, L.ffn_norm, xb.x, xb.xq, xb.xd, xb.xsum, *L.w_gate.w, *L.w_up.w,
+                       self.gate, self.up, hb.x, hb.xq, hb.xd, hb.xsum, *L.w_down.w, self.partial)
             self.fused.append((mod, attn, ffn))
 
     # ------------------------------------------------------------------------------------------
@@ -265,7 +282,7 @@ class Transformer:
         for li, L in enumerate(self.layers):
             self._attention(L, li, T, pos)
             if cfg.is_moe:
-                self._moe(L, T)
+                self._moe(L, T, li)
             else:
                 self._ffn(L, T, li)
         if all_logits:
@@ -323,8 +340,14 @@ class Transformer:
         self.allreduce(part[:T])  # Allreduce #2: FFN down projection
         ops.add_inplace(self.x[:T], part[:T])
 
-    def _moe(self, L: Layer, T: int) -> None:
+    def _moe(self, L: Layer, T: int, li: int) -> None:
         cfg = self.cfg
+        if self.fused is not None and self.route_log is None:
+            mod, _, args = self.fused[li]
+            mod.moe_block(T, *args)  # norm, router, top-k, every active expert: one jitted call
+            self.allreduce(self.partial[:T])  # Allreduce #2: the MoE block's summed expert outputs
+            ops.add_inplace(self.x[:T], self.partial[:T])
+            return
         ops.rmsnorm(self.x[:T], L.ffn_norm, cfg.norm_eps, self.xb.x[:T])
         self.xb.quantize(T)
         L.router(self.xb, T, self.router_logits)  # replicated: every rank routes identically

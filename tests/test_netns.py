@@ -5,8 +5,10 @@ Rank kill: after ``kill -9`` of rank 1 the job ends on every host in well under 
 Who reports it is a race inside Open MPI: usually rank 0's TCP link notices first and the
 message is "An MPI communication peer process has unexpectedly disconnected ... Peer host:
 h1" followed by "prterun has exited due to process rank 0 ... calling abort"; sometimes
-prterun's "process rank 1 ... on node h1 exited on signal 9". Only the second names the
-rank number. Naming the rank always needs the engine's help (mpirun --with-ft ulfm and
+prterun's "process rank 1 ... on node h1 exited on signal 9"; and now and then rank 0's TCP
+BTL aborts first with "An error occurred in Socket closed ... on a NULL communicator", which
+names neither host nor rank (seen once in ~20 runs here). Only the second names the rank
+number. Naming the rank always needs the engine's help (mpirun --with-ft ulfm and
 MPI.Comm.Get_failed), which it does not have yet.
 """
 from __future__ import annotations
@@ -148,7 +150,10 @@ def test_rank_kill_ends_job_everywhere(clusters, tmp_path):
     # signal 9", or (when rank 0's TCP link notices first, the usual case) the peer-disconnect
     # report with "Peer host: h1". Only the first names the rank number; see the module notes.
     named = ("rank 1" in msg and "signal 9" in msg) or "Peer host:  h1" in msg or "Peer host: h1" in msg
-    assert named, msg[-3000:]
+    # the third report of the race (module notes) names nothing; it must still be Open MPI's
+    # own report of the lost socket and the abort it caused, not a hang or a silent exit
+    anonymous = "Socket closed" in msg and "process rank 0" in msg and "abort" in msg
+    assert named or anonymous, msg[-3000:]
     # and the cluster is usable again at once
     r = run_on(c, tmp_path, 2, GEN_ARGS[:-3] + ["--max-tokens", "4", "--quiet"], timeout=180)
     assert r.returncode == 0, r.stdout + r.stderr
