@@ -66,7 +66,7 @@ def median_of(rounds: list[dict]) -> dict:
     for eng in ("mpillm", "llama_cpp"):
         out[eng] = {}
         for size, first in rounds[0][eng].items():
-            out[eng][size] = {k: (float(np.median([r[eng][size][k] for r in rounds]))
+            out[eng][size] = {k: (type(v)(np.median([r[eng][size][k] for r in rounds]))
                                   if isinstance(v, (int, float)) and not isinstance(v, bool) else v)
                               for k, v in first.items()}
     return out
