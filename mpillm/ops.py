@@ -10,8 +10,7 @@ import math
 import numpy as np
 from numba import njit
 
-from .kernels.attention import (attend_row_f16_64, attend_row_f16_128, attend_row_f16_any, attend_row_f32_64,
-                                attend_row_f32_128, attend_row_f32_any)
+from .kernels.attention import attend_row_f16, attend_row_f32
 from .kernels.vmath import f2h, silu_mul_row
 
 
@@ -107,20 +106,10 @@ def attention(q, kc, vc, pos0, hd, kv_of_head, scores, out):
         for t in range(T):
             qp = q.ctypes.data + t * q.strides[0] + h * hd * 4
             op = out.ctypes.data + t * out.strides[0] + h * hd * 4
-            n = pos0 + t + 1
             if kc.itemsize == 2:
-                if hd == 64:
-                    attend_row_f16_64(qp, kp, vp, rs, n, hd, scale, sp, op)
-                elif hd == 128:
-                    attend_row_f16_128(qp, kp, vp, rs, n, hd, scale, sp, op)
-                else:
-                    attend_row_f16_any(qp, kp, vp, rs, n, hd, scale, sp, op)
-            elif hd == 64:
-                attend_row_f32_64(qp, kp, vp, rs, n, hd, scale, sp, op)
-            elif hd == 128:
-                attend_row_f32_128(qp, kp, vp, rs, n, hd, scale, sp, op)
+                attend_row_f16(qp, kp, vp, rs, pos0 + t + 1, hd, scale, sp, op)
             else:
-                attend_row_f32_any(qp, kp, vp, rs, n, hd, scale, sp, op)
+                attend_row_f32(qp, kp, vp, rs, pos0 + t + 1, hd, scale, sp, op)
 
 
 @njit(cache=True, fastmath=True)

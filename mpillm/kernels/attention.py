@@ -178,24 +178,39 @@ def _emit(kv_f16: bool, HD: int | None):
     return codegen
 
 
-def _make(kv_f16: bool, hd: int | None):
-    gen = _emit(kv_f16, hd)
+def _make(kv_f16: bool):
+    """One intrinsic per cache type; it branches on hd to the bodies specialised for 64 and
+    128 (the common head sizes: q and the output row stay in registers) or the generic one."""
+    bodies = {64: _emit(kv_f16, 64), 128: _emit(kv_f16, 128), None: _emit(kv_f16, None)}
 
-    def attend(typingctx, qp, kp, vp, rstride, n, hd_, scale, sp, op):
-        ints = (qp, kp, vp, rstride, n, hd_, sp, op)
+    def gen(context, b, sig, args):
+        hd = args[5]
+
+        def pick(sizes):
+            if not sizes:
+                bodies[None](context, b, sig, args)
+                return
+            with b.if_else(b.icmp_unsigned("==", hd, ir.Constant(I64, sizes[0]))) as (this, rest):
+                with this:
+                    bodies[sizes[0]](context, b, sig, args)
+                with rest:
+                    pick(sizes[1:])
+
+        pick([64, 128])
+        return context.get_dummy_value()
+
+    def attend(typingctx, qp, kp, vp, rstride, n, hd, scale, sp, op):
+        ints = (qp, kp, vp, rstride, n, hd, sp, op)
         if not (all(isinstance(t, types.Integer) for t in ints) and scale == types.float32):
             return None
         sig = types.void(types.int64, types.int64, types.int64, types.int64, types.int64, types.int64,
                          types.float32, types.int64, types.int64)
         return sig, gen
 
-    attend.__name__ = attend.__qualname__ = f"attend_row_{'f16' if kv_f16 else 'f32'}_{hd or 'any'}"
+    attend.__name__ = attend.__qualname__ = f"attend_row_{'f16' if kv_f16 else 'f32'}"
     return intrinsic(attend)
 
 
-# attend_row_<kv type>_<hd>(q, K, V, row_stride_bytes, n, hd, scale, scores, out): addresses as
-# int64; q, scores and out float32; K and V rows float32 or fp16 bits. _64 and _128 take hd as
-# a constant (the common head sizes; q and the output row stay in registers); _any any hd.
-attend_row_f32_any, attend_row_f16_any = _make(False, None), _make(True, None)
-attend_row_f32_64, attend_row_f16_64 = _make(False, 64), _make(True, 64)
-attend_row_f32_128, attend_row_f16_128 = _make(False, 128), _make(True, 128)
+# attend_row_<kv type>(q, K, V, row_stride_bytes, n, hd, scale, scores, out): addresses as
+# int64; q, scores and out float32; K and V rows float32 or fp16 bits
+attend_row_f32, attend_row_f16 = _make(False), _make(True)
