@@ -15,14 +15,16 @@ import numpy as np
 from mpi4py import MPI
 
 from . import format as fmt
-from . import kernels
+from . import kernels, ops
 from .comm import FatalError, agree
 from .config import ModelConfig
 from .model import Transformer
 from .partition import plan, valid_world_sizes
 
 CMD_STOP, CMD_FORWARD = 0, 1
-OUT_LAST, OUT_ALL, OUT_ARGMAX = 0, 1, 2  # what a forward returns: last-token logits, all logits, greedy token
+# what a forward returns: last-token logits, all logits, greedy token, nothing (KV cache only),
+# or the NLL of given target tokens (vocabulary-parallel: no logits are gathered)
+OUT_LAST, OUT_ALL, OUT_ARGMAX, OUT_NONE, OUT_NLL = 0, 1, 2, 3, 4
 
 
 def bundled_gguf() -> Path:
@@ -159,6 +161,9 @@ class Engine:
         self.best = np.zeros(2, np.float64)       # this rank's (max logit, global token id)
         self.bests = np.zeros((self.size, 2), np.float64) if self.rank == 0 else None
         self.tokens = np.zeros(max_batch, np.int64)
+        self.targets = np.full(max_batch, -1, np.int64)    # OUT_NLL: next token per row, -1 = not scored
+        self.nll_parts = np.zeros((max_batch, 3), np.float64)  # this rank's (max, lse - max, target logit)
+        self.nll_all = np.zeros(self.size * max_batch * 3, np.float64) if self.rank == 0 else None  # (ranks, T, 3)
         self.full_logits = np.zeros((max_batch, cfg.vocab_size), np.float32) if self.rank == 0 else None
         self.gather_buf = np.zeros(max_batch * cfg.vocab_size, np.float32) if self.rank == 0 else None
         # bytes the largest non-root vocabulary slice sends to rank 0 per generated token
@@ -181,9 +186,13 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------
     def _forward_and_gather(self, T: int, pos: int, out: int) -> np.ndarray | int | None:
-        local = self.model.forward(self.tokens[:T], pos, out == OUT_ALL)
+        local = self.model.forward(self.tokens[:T], pos, out in (OUT_ALL, OUT_NLL), out != OUT_NONE)
+        if out == OUT_NONE:
+            return None
         if out == OUT_ARGMAX:
             return self._argmax(local[0])
+        if out == OUT_NLL:
+            return self._nll(local, T)
         rows = local.shape[0]
         if self.size == 1:
             return local
@@ -219,6 +228,53 @@ class Engine:
             return None
         return int(self.bests[int(np.argmax(self.bests[:, 0])), 1])  # ties: the lowest id, as np.argmax
 
+    def _nll(self, local: np.ndarray, T: int) -> np.ndarray | None:
+        """-log p(target) per row from the vocabulary slices: each rank sends (max, log-sum-exp
+        relative to it, target logit or -inf) per row, 24 bytes a row instead of its logits."""
+        parts = self.nll_parts[:T]
+        ops.nll_parts(local, self.targets[:T], self.model.slice.vocab[0], parts)
+        if self.size == 1:
+            allp = parts[None]
+        else:
+            t0 = time.perf_counter()
+            buf = self.nll_all[:self.size * T * 3] if self.rank == 0 else None
+            self.comm.Gather(parts, buf, root=0)
+            self.model.stats.seconds += time.perf_counter() - t0
+            if self.rank != 0:
+                return None
+            allp = buf.reshape(self.size, T, 3)
+        m = allp[:, :, 0].max(axis=0)                                      # (T,) global max
+        lse = m + np.log(np.sum(np.exp(allp[:, :, 1] + allp[:, :, 0] - m), axis=0))
+        tgt = allp[:, :, 2].max(axis=0)                                    # the owner's target logit
+        return np.where(self.targets[:T] >= 0, lse - tgt, np.nan)
+
+    def score(self, tokens, first: int) -> np.ndarray:
+        """Rank 0: run a sequence from position 0 and return -log p(tokens[j + 1] | tokens[:j + 1])
+        for j in [first, len - 1), in float64 (perplexity). Batches before ``first`` only fill
+        the KV cache; the others compute their logits, and the ranks reduce them to one NLL per
+        token without gathering the vocabulary."""
+        T = len(tokens)
+        if T > self.max_seq_len:
+            raise ValueError(f"sequence of {T} tokens exceeds --max-seq-len {self.max_seq_len}")
+        toks = np.asarray(tokens, np.int64)
+        out = []
+        for s in range(0, T, self.max_batch):
+            n = min(self.max_batch, T - s)
+            j = np.arange(s, s + n)
+            tg = np.where((j >= first) & (j < T - 1), toks[np.minimum(j + 1, T - 1)], -1)
+            mode = OUT_NLL if (tg >= 0).any() else OUT_NONE
+            self.header[:] = (CMD_FORWARD, n, s, mode)
+            self.comm.Bcast(self.header, root=0)
+            self.tokens[:n] = toks[s:s + n]
+            self.targets[:n] = tg
+            self.comm.Bcast(self.tokens[:n], root=0)
+            if mode == OUT_NLL:
+                self.comm.Bcast(self.targets[:n], root=0)
+            r = self._forward_and_gather(n, s, mode)
+            if mode == OUT_NLL:
+                out.append(r[tg >= 0])
+        return np.concatenate(out) if out else np.zeros(0)
+
     def step_greedy(self, tokens, pos: int) -> int:
         """Rank 0: run tokens at pos on every rank and return the greedy next token (16 bytes per rank)."""
         return self.step(tokens, pos, out=OUT_ARGMAX)
@@ -251,6 +307,8 @@ class Engine:
             if cmd == CMD_STOP:
                 return n
             self.comm.Bcast(self.tokens[:n], root=0)
+            if mode == OUT_NLL:
+                self.comm.Bcast(self.targets[:n], root=0)
             self._forward_and_gather(n, pos, mode)
 
     def stop(self, exit_code: int = 0) -> None:

@@ -268,9 +268,11 @@ class Transformer:
         self.stats.payload_bytes += sent
         self.stats.calls += 1
 
-    def forward(self, tokens: np.ndarray, pos: int, all_logits: bool = False) -> np.ndarray:
+    def forward(self, tokens: np.ndarray, pos: int, all_logits: bool = False,
+                logits: bool = True) -> np.ndarray | None:
         """Run T = len(tokens) tokens at positions pos.. and return this rank's logits slice:
-        (T, vocab_pp) when ``all_logits`` else (1, vocab_pp) for the last token."""
+        (T, vocab_pp) when ``all_logits`` else (1, vocab_pp) for the last token; with
+        ``logits=False`` only fill the KV cache (no output projection) and return None."""
         T, cfg = len(tokens), self.cfg
         if T > self.max_batch:
             raise ValueError(f"batch of {T} tokens exceeds max_batch {self.max_batch}")
@@ -285,6 +287,8 @@ class Transformer:
                 self._moe(L, T, li)
             else:
                 self._ffn(L, T, li)
+        if not logits:
+            return None
         if all_logits:
             ops.rmsnorm(x, self.output_norm, cfg.norm_eps, self.xb.x[:T])
             self.xb.quantize(T)

@@ -316,3 +316,22 @@ def scatter_add_rows(y, rows, wts, out):
         wt = wts[r]
         for i in range(out.shape[1]):
             out[t, i] += wt * y[r, i]
+
+
+@njit(cache=True)
+def nll_parts(logits, targets, v0, out):
+    """This rank's share of -log softmax(logits)[target], per row of its vocabulary slice
+    logits (T, V_pp) (columns are global ids v0..): out[t] = (max, log sum exp(l - max),
+    l[target] if this slice holds the target else -inf), in float64 (exp in float64 too)."""
+    T, V = logits.shape
+    for t in range(T):
+        m = -np.inf
+        for v in range(V):
+            m = max(m, np.float64(logits[t, v]))
+        s = 0.0
+        for v in range(V):
+            s += np.exp(np.float64(logits[t, v]) - m)
+        g = targets[t] - v0
+        out[t, 0] = m
+        out[t, 1] = np.log(s)
+        out[t, 2] = np.float64(logits[t, g]) if 0 <= g < V else -np.inf

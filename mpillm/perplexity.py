@@ -23,14 +23,6 @@ from .comm import run
 from .generate import add_model_args, parse_args_bcast
 
 
-def chunk_nll(logits: np.ndarray, tokens: np.ndarray, first: int) -> np.ndarray:
-    """NLL of tokens[j + 1] under logits[j] for j in [first, len - 1), in float64."""
-    lg = logits[first:-1].astype(np.float64)
-    mx = lg.max(axis=1, keepdims=True)
-    lse = mx[:, 0] + np.log(np.exp(lg - mx).sum(axis=1))
-    return lse - lg[np.arange(len(lg)), tokens[first + 1:]]
-
-
 def tokenize_for_perplexity(tok, text: str, ctx: int) -> tuple[list[list[int]], bool]:
     ids = tok.encode(text)  # adds BOS when the model does
     add_bos = bool(tok.add_bos) and tok.bos_id is not None
@@ -79,8 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         first = args.ctx // 2
         nll, t0 = [], time.perf_counter()
         for i, c in enumerate(chunks):
-            logits = engine.step(c, 0, all_logits=True)
-            nll.append(chunk_nll(logits, np.asarray(c), first))
+            nll.append(engine.score(c, first))  # vocabulary-parallel: no logits are gathered
             ppl = math.exp(float(np.concatenate(nll).mean()))
             print(f"[{i + 1}/{len(chunks)}] {ppl:.4f}", flush=True)
         allnll = np.concatenate(nll)

@@ -89,6 +89,29 @@ def test_fixture_logits(tmp, name, wtype):
 
 
 @pytest.mark.mpi
+def test_score_equals_log_softmax_of_gathered_logits(tmp):
+    """Engine.score (vocabulary-parallel NLL, batches before ``first`` without logits) against
+    float64 log-softmax of the full logits that step() gathers, on the same ranks."""
+    exp = np.load(FIXTURES / "llama" / "expected.npz")
+    out = tmp / "llama-q8_0"
+    convert_on_rank0(FIXTURES / "llama", out, sorted({1, size}), "q8_0")
+    toks = np.asarray(exp["tokens"])
+    first = 8
+    assert len(toks) > first + 2
+    eng = Engine(out, max_seq_len=len(toks) + 4, max_batch=4, comm=comm, verbose=False)
+    if rank != 0:
+        eng.serve()
+        return
+    nll = eng.score(toks, first)
+    logits = eng.step(toks, 0, all_logits=True).astype(np.float64)[first:-1]
+    eng.stop()
+    m = logits.max(axis=1, keepdims=True)
+    ref = m[:, 0] + np.log(np.exp(logits - m).sum(axis=1)) - logits[np.arange(len(logits)), toks[first + 1:]]
+    assert nll.shape == ref.shape == (len(toks) - 1 - first,)
+    np.testing.assert_allclose(nll, ref, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.mpi
 @pytest.mark.parametrize("name", ["llama", "mistral"])
 def test_f16_kv_cache(tmp, name):
     """The default fp16 KV cache: close to transformers at f32 weights, and to the f32 cache."""
