@@ -78,8 +78,10 @@ def moe_block(T, eps, renorm, x, norm_w, xb_x, xb_q, xb_d, xb_s, {wa("router")},
 '''
 
 
-def _source(types: dict[str, str], qk_norm: bool, path_mod: str, prefix: str) -> str:
-    imports = "\n".join(f"from {path_mod} import {prefix}{_KERNEL[t]} as K_{n}" for n, t in types.items())
+def _source(types: dict[str, str], qk_norm: bool, path_mod: str, prefix: str, f64_out: bool = False) -> str:
+    """f64_out: wo and w_down write float64 partial sums (kernels.exact, --buffer-type f64)."""
+    imports = "\n".join(f"from mpillm.kernels.exact import {_KERNEL[t]}_f64 as K_{n}" if f64_out and n in ("wo", "w_down")
+                        else f"from {path_mod} import {prefix}{_KERNEL[t]} as K_{n}" for n, t in types.items())
     wa = lambda *ns: ", ".join(a for n in ns for a in _w(n, types[n]))  # noqa: E731
     norm = ("    rmsnorm_heads(q[:T], q_norm, eps, hd)\n    rmsnorm_heads(k[:T], k_norm, eps, hd)\n"
             if qk_norm else "")
@@ -120,12 +122,13 @@ def ffn_block(T, eps, x, norm_w, xb_x, xb_q, xb_d, xb_s, {wa("w_gate", "w_up")},
 ''' + (_moe_source(types) if "router" in types else "")
 
 
-def blocks(types: dict[str, str], qk_norm: bool):
-    """The generated module (attn_block, ffn_block) for this weight-type combination."""
+def blocks(types: dict[str, str], qk_norm: bool, f64_out: bool = False):
+    """The generated module (attn_block, ffn_block[, moe_block]) for this weight-type combination;
+    with f64_out the blocks' wo / w_down write float64 partial sums (--buffer-type f64)."""
     name = kernels.active_path()
     path_mod = "mpillm.kernels.portable" if name == "portable" else "mpillm.kernels.x86"
     prefix = "" if name == "portable" else name + "_"
-    src = _source(types, qk_norm, path_mod, prefix)
+    src = _source(types, qk_norm, path_mod, prefix, f64_out)
     tag = hashlib.sha1(src.encode()).hexdigest()[:12]
     base = Path(os.environ.get("NUMBA_CACHE_DIR") or Path.home() / ".cache" / "mpillm" / "numba") / "mpillm_fused"
     base.mkdir(parents=True, exist_ok=True)

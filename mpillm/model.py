@@ -205,12 +205,14 @@ class Transformer:
 
     def _setup_fused(self) -> None:
         """Per-layer argument tuples for the whole-block jitted functions (mpillm.fused).
-        Off for --buffer-type f64 (its wo/w_down kernels differ) and with MPILLM_FUSED=0."""
+        Off with MPILLM_FUSED=0, and for MoE models with --buffer-type f64."""
         import os
 
         self.fused = None
-        if self.partial64 is not None or os.environ.get("MPILLM_FUSED", "1") == "0":
+        exact64 = self.partial64 is not None
+        if os.environ.get("MPILLM_FUSED", "1") == "0" or (exact64 and self.cfg.is_moe):
             return
+        part = self.partial64 if exact64 else self.partial  # where wo / w_down write
         cfg, hd = self.cfg, self.cfg.head_dim
         one = np.ones(1, np.float32)
         self.fused = []
@@ -220,13 +222,13 @@ class Transformer:
                 types.update(w_gate=L.w_gate.wtype, w_up=L.w_up.wtype, w_down=L.w_down.wtype)
             else:  # ffn_block is generated for some FFN types but not used; moe_block is
                 types.update(w_gate="f32", w_up="f32", w_down="f32", router=L.router.wtype, **L.exp_types)
-            mod = fused.blocks(types, cfg.qk_norm)
+            mod = fused.blocks(types, cfg.qk_norm, exact64)
             xb, at, hb = self.xb, self.att, self.hb
             attn = (cfg.norm_eps, hd, self.x, L.attn_norm, xb.x, xb.xq, xb.xd, xb.xsum,
                     *L.wq.w, *L.wk.w, *L.wv.w,
                     L.q_norm if L.q_norm is not None else one, L.k_norm if L.k_norm is not None else one,
                     self.q, self.k, self.v, self.cos, self.sin, self.k_cache[li], self.v_cache[li],
-                    self.kv_of_head, self.scores, at.x, at.xq, at.xd, at.xsum, *L.wo.w, self.partial)
+                    self.kv_of_head, self.scores, at.x, at.xq, at.xd, at.xsum, *L.wo.w, part)
             if cfg.is_moe:
                 xe, ew = self.xe, L.exp_w
                 ffn = (cfg.norm_eps, cfg.norm_topk_prob, self.x, L.ffn_norm, xb.x, xb.xq, xb.xd, xb.xsum,
@@ -236,7 +238,7 @@ class Transformer:
                        hb.x, hb.xq, hb.xd, hb.xsum, self.ye, self.partial)
             else:
                 ffn = (cfg.norm_eps, self.x, L.ffn_norm, xb.x, xb.xq, xb.xd, xb.xsum, *L.w_gate.w, *L.w_up.w,
-                       self.gate, self.up, hb.x, hb.xq, hb.xd, hb.xsum, *L.w_down.w, self.partial)
+                       self.gate, self.up, hb.x, hb.xq, hb.xd, hb.xsum, *L.w_down.w, part)
             self.fused.append((mod, attn, ffn))
 
     # ------------------------------------------------------------------------------------------
@@ -304,8 +306,9 @@ class Transformer:
         if self.fused is not None:
             mod, args, _ = self.fused[li]
             mod.attn_block(T, pos, *args)  # norm .. wo in one jitted call
-            self.allreduce(self.partial[:T])  # Allreduce #1: attention output projection
-            ops.add_inplace(self.x[:T], self.partial[:T])
+            part = self.partial if self.partial64 is None else self.partial64
+            self.allreduce(part[:T])  # Allreduce #1: attention output projection
+            ops.add_inplace(self.x[:T], part[:T])
             return
         ops.rmsnorm(self.x[:T], L.attn_norm, cfg.norm_eps, self.xb.x[:T])
         self.xb.quantize(T)
@@ -330,8 +333,9 @@ class Transformer:
         if self.fused is not None:
             mod, _, args = self.fused[li]
             mod.ffn_block(T, *args)  # norm .. w_down in one jitted call
-            self.allreduce(self.partial[:T])  # Allreduce #2: FFN down projection
-            ops.add_inplace(self.x[:T], self.partial[:T])
+            part = self.partial if self.partial64 is None else self.partial64
+            self.allreduce(part[:T])  # Allreduce #2: FFN down projection
+            ops.add_inplace(self.x[:T], part[:T])
             return
         ops.rmsnorm(self.x[:T], L.ffn_norm, self.cfg.norm_eps, self.xb.x[:T])
         self.xb.quantize(T)

@@ -18,56 +18,67 @@ import numpy as np
 from numba import njit, prange
 
 from ..ops import half_to_float as h2f
+from .portable import _make_qtile, check_q
 
 QK = 32
 _JIT = dict(cache=True, fastmath=True, parallel=True)
 
 
+# the quantized kinds: the portable kernels' block tiles with float64 accumulation (each block's
+# integer dot exact, then acc += d * xd * isum in float64), R rows x 1 token per tile
+R = 4
+_T40, _O40 = _make_qtile("q4_0", R, 1, f64=True), _make_qtile("q4_0", 1, 1, f64=True)
+_T41, _O41 = _make_qtile("q4_1", R, 1, f64=True), _make_qtile("q4_1", 1, 1, f64=True)
+_T80, _O80 = _make_qtile("q8_0", R, 1, f64=True), _make_qtile("q8_0", 1, 1, f64=True)
+Q40, Q41, Q80 = 0, 1, 2
+
+
 @njit(**_JIT)
+def _q_run(kind, wq, wstride, dp, mp, dstride, xp, xstride, xdp, xsp, sstride, op, ostride, nb, N, T):
+    a = (wq, wstride, dp, mp, dstride, xp, xstride, xdp, xsp, sstride, op, ostride, nb)
+    for i in prange((N + R - 1) // R):
+        n0 = i * R
+        for t in range(T):
+            if n0 + R <= N:
+                if kind == Q40:
+                    _T40(*a, n0, t)
+                elif kind == Q41:
+                    _T41(*a, n0, t)
+                else:
+                    _T80(*a, n0, t)
+            else:
+                for n in range(n0, N):
+                    if kind == Q40:
+                        _O40(*a, n, t)
+                    elif kind == Q41:
+                        _O41(*a, n, t)
+                    else:
+                        _O80(*a, n, t)
+
+
+@njit(cache=True)
+def _q(kind, qs, d, m, xq, xd, xsum, out, qs_per_block):
+    check_q(qs, d, m, xq, xd, xsum, out, qs_per_block)
+    if out.itemsize != 8:
+        raise ValueError("matmul: out must be float64")
+    _q_run(kind, qs.ctypes.data, qs.strides[0], d.ctypes.data, m.ctypes.data, d.strides[0], xq.ctypes.data,
+           xq.strides[0], xd.ctypes.data, xsum.ctypes.data, xd.strides[0], out.ctypes.data, out.strides[0],
+           xd.shape[1], qs.shape[0], xq.shape[0])
+
+
+@njit(cache=True)
 def matmul_q4_0_q8_0_f64(qs, d, xq, xd, xsum, out):
-    N, T, nb = qs.shape[0], xq.shape[0], xq.shape[1] // QK
-    for n in prange(N):
-        for t in range(T):
-            acc = 0.0
-            for b in range(nb):
-                isum = np.int32(0)
-                for j in range(16):
-                    byte = np.int32(qs[n, b * 16 + j])
-                    isum += (byte & 15) * np.int32(xq[t, b * QK + j]) + (byte >> 4) * np.int32(xq[t, b * QK + j + 16])
-                isum -= 8 * xsum[t, b]
-                acc += np.float64(h2f(d[n, b])) * np.float64(xd[t, b]) * np.float64(isum)
-            out[t, n] = acc
+    _q(Q40, qs, d, d, xq, xd, xsum, out, 16)
 
 
-@njit(**_JIT)
+@njit(cache=True)
 def matmul_q4_1_q8_0_f64(qs, d, m, xq, xd, xsum, out):
-    N, T, nb = qs.shape[0], xq.shape[0], xq.shape[1] // QK
-    for n in prange(N):
-        for t in range(T):
-            acc = 0.0
-            for b in range(nb):
-                isum = np.int32(0)
-                for j in range(16):
-                    byte = np.int32(qs[n, b * 16 + j])
-                    isum += (byte & 15) * np.int32(xq[t, b * QK + j]) + (byte >> 4) * np.int32(xq[t, b * QK + j + 16])
-                dx = np.float64(xd[t, b])
-                acc += np.float64(h2f(d[n, b])) * dx * np.float64(isum)
-                acc += np.float64(h2f(m[n, b])) * dx * np.float64(xsum[t, b])
-            out[t, n] = acc
+    _q(Q41, qs, d, m, xq, xd, xsum, out, 16)
 
 
-@njit(**_JIT)
+@njit(cache=True)
 def matmul_q8_0_q8_0_f64(qs, d, xq, xd, xsum, out):
-    N, T, nb = qs.shape[0], xq.shape[0], xq.shape[1] // QK
-    for n in prange(N):
-        for t in range(T):
-            acc = 0.0
-            for b in range(nb):
-                isum = np.int32(0)
-                for i in range(QK):
-                    isum += np.int32(qs[n, b * QK + i]) * np.int32(xq[t, b * QK + i])
-                acc += np.float64(h2f(d[n, b])) * np.float64(xd[t, b]) * np.float64(isum)
-            out[t, n] = acc
+    _q(Q80, qs, d, d, xq, xd, xsum, out, 32)
 
 
 @njit(**_JIT)

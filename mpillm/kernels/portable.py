@@ -170,9 +170,13 @@ class _Emit:
         return self.b.extract_element(v, I32(0))
 
 
-def _qtile_codegen(kind: str, R: int, U: int):
+def _qtile_codegen(kind: str, R: int, U: int, f64: bool = False):
     """R rows x U tokens of a quantized matmul, one 32-block at a time: an exact int32 dot per
-    block (sdot shape), then one float FMA with d * xd per block and (row, token)."""
+    block (sdot shape), then one float FMA with d * xd per block and (row, token).
+
+    f64: float64 output (kernels.exact): per block acc += d * xd * isum in float64, every term
+    exact (fp16 x float32 x int32 < 53 bits); q4_1 adds m * xd * xsum likewise."""
+    FT, esz = (ir.DoubleType(), 8) if f64 else (F32, 4)
 
     def codegen(context, builder, signature, args):
         (wq, wstride, dp, mp, dstride, xp, xstride, xdp, xsp, sstride, op, ostride, nb, n0, t0) = args
@@ -185,9 +189,10 @@ def _qtile_codegen(kind: str, R: int, U: int):
         xp = b.add(xp, b.mul(t0, xstride))
         xdp = b.add(xdp, b.mul(t0, sstride))
         xsp = b.add(xsp, b.mul(t0, sstride))
-        op = b.add(b.add(op, b.mul(t0, ostride)), b.mul(n0, i64(4)))
-        acc = [[cgutils.alloca_once_value(b, ir.Constant(F32, 0.0)) for _ in range(U)] for _ in range(R)]
+        op = b.add(b.add(op, b.mul(t0, ostride)), b.mul(n0, i64(esz)))
+        acc = [[cgutils.alloca_once_value(b, ir.Constant(FT, 0.0)) for _ in range(U)] for _ in range(R)]
         wpb = 32 if kind == "q8_0" else 16  # weight bytes per block
+        D = lambda v: b.fpext(v, FT)  # noqa: E731
         with cgutils.for_range(b, nb) as loop:
             blk = loop.index
             xs_, xd_, xds, xsum_ = [], [], [], []
@@ -217,13 +222,18 @@ def _qtile_codegen(kind: str, R: int, U: int):
                     s = e.sdot([(w1, xs_[u][0]), (w2, xs_[u][1])])
                     if kind == "q4_1":  # sum nib x = sum (nib - 8) x + 8 xsum
                         s = b.add(s, b.shl(xsum_[u], I32(3)))
-                    a = e.fma(b.sitofp(s, F32), b.fmul(d, xd_[u]), b.load(acc[r][u]))
-                    if kind == "q4_1":
-                        a = e.fma(m, xds[u], a)
+                    if f64:
+                        a = b.fadd(b.load(acc[r][u]), b.fmul(b.fmul(D(d), D(xd_[u])), b.sitofp(s, FT)))
+                        if kind == "q4_1":
+                            a = b.fadd(a, b.fmul(b.fmul(D(m), D(xd_[u])), b.sitofp(xsum_[u], FT)))
+                    else:
+                        a = e.fma(b.sitofp(s, F32), b.fmul(d, xd_[u]), b.load(acc[r][u]))
+                        if kind == "q4_1":
+                            a = e.fma(m, xds[u], a)
                     b.store(a, acc[r][u])
         for r in range(R):
             for u in range(U):
-                b.store(b.load(acc[r][u]), e.addr(op, b.add(b.mul(i64(u), ostride), i64(4 * r))))
+                b.store(b.load(acc[r][u]), e.addr(op, b.add(b.mul(i64(u), ostride), i64(esz * r))))
         return context.get_dummy_value()
 
     return codegen
@@ -271,8 +281,8 @@ def _ftile_codegen(half: bool, R: int, U: int, V: int = 16):
     return codegen
 
 
-def _make_qtile(kind, R, U):
-    gen = _qtile_codegen(kind, R, U)
+def _make_qtile(kind, R, U, f64=False):
+    gen = _qtile_codegen(kind, R, U, f64)
 
     def tile(typingctx, wq, wstride, dp, mp, dstride, xp, xstride, xdp, xsp, sstride, op, ostride, nb, n0, t0):
         argtys = (wq, wstride, dp, mp, dstride, xp, xstride, xdp, xsp, sstride, op, ostride, nb, n0, t0)
@@ -280,7 +290,7 @@ def _make_qtile(kind, R, U):
             return None
         return types.void(*argtys), gen
 
-    tile.__name__ = tile.__qualname__ = f"generic_{kind}_tile_{R}x{U}"
+    tile.__name__ = tile.__qualname__ = f"generic_{kind}_tile_{R}x{U}{'_f64' if f64 else ''}"
     return intrinsic(tile)
 
 
