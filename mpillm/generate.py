@@ -26,7 +26,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="KV cache length per sequence, prompt included (default: %(default)s)")
     p.add_argument("--buffer-type", choices=("f32", "f16", "q8_0", "f64"), default="f32",
                    help="precision of the partial sums exchanged between ranks: f32 (MPI_Allreduce), "
-                        "f16 or q8_0 (compressed, Allgather + local sum), or f64 (exact sums: the same "
+                        "f16 or q8_0 (compressed, Allgather + local sum), or f64 (exact sums, dense models: the same "
                         "tokens at every rank count, twice the bytes of f32) (default: %(default)s)")
     p.add_argument("--kv-type", choices=("f16", "f32"), default="f16",
                    help="KV cache element type: f16 halves the cache's memory and the bytes attention reads "

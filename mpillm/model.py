@@ -191,6 +191,9 @@ class Transformer:
         # Allgather and every rank sums them in rank order (as distributed-llama's q80 sync does)
         if buffer_type not in BUFFER_TYPES:
             raise ValueError(f"--buffer-type must be one of {', '.join(BUFFER_TYPES)}, got {buffer_type!r}")
+        if buffer_type == "f64" and cfg.is_moe:  # the experts' outputs are summed in float32
+            raise ValueError("--buffer-type f64 (exact sums) is implemented for dense models only, "
+                             f"not for {cfg.arch}; use f32, f16 or q8_0")
         self.buffer_type = buffer_type
         P = self.tp_size
         if buffer_type == "f16" and P > 1:
@@ -205,12 +208,12 @@ class Transformer:
 
     def _setup_fused(self) -> None:
         """Per-layer argument tuples for the whole-block jitted functions (mpillm.fused).
-        Off with MPILLM_FUSED=0, and for MoE models with --buffer-type f64."""
+        Off with MPILLM_FUSED=0."""
         import os
 
         self.fused = None
         exact64 = self.partial64 is not None
-        if os.environ.get("MPILLM_FUSED", "1") == "0" or (exact64 and self.cfg.is_moe):
+        if os.environ.get("MPILLM_FUSED", "1") == "0":
             return
         part = self.partial64 if exact64 else self.partial  # where wo / w_down write
         cfg, hd = self.cfg, self.cfg.head_dim

@@ -89,3 +89,16 @@ def test_route_topk_and_grouping():
         want = [t for t in range(T) if e in idx[t]]
         assert list(r) == want
         np.testing.assert_array_equal(wts[starts[a]:starts[a + 1]], [w[t][list(idx[t]).index(e)] for t in want])
+
+
+def test_exact_buffers_refused_for_moe(tmp_path):
+    """--buffer-type f64 promises exact sums, which the MoE block does not do: refused by name."""
+    from mpi4py import MPI
+
+    from convert.__main__ import convert
+    from mpillm.comm import FatalError
+    from mpillm.engine import Engine
+
+    convert(FIXTURES / "qwen3_moe", tmp_path / "m", [1], "f32", progress=False, tokenizer=False)
+    with pytest.raises(FatalError, match=r"rank 0: .*--buffer-type f64 .* dense models only, not for qwen3moe"):
+        Engine(tmp_path / "m", max_seq_len=16, max_batch=4, comm=MPI.COMM_SELF, verbose=False, buffer_type="f64")
