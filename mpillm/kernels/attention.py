@@ -21,9 +21,9 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .vmath import F32, I1, I16, I32, I64, N, PTR, _E, _vec
+from .irgen import F16, F32, I1, I16, I32, I64, PTR
+from .vmath import N, _E, _vec
 
-F16 = ir.HalfType()
 P = 4  # positions per step
 
 
@@ -36,7 +36,7 @@ def _emit(kv_f16: bool, HD: int | None):
         nch = b.udiv(b.add(hd, i64(N - 1)), i64(N))  # 16-lane chunks per row
         full = b.udiv(hd, i64(N))
         rem = b.trunc(b.urem(hd, i64(N)), I32)
-        tail_mask = e.mask(rem)
+        tail_mask = e.lanes_below(N, rem)
 
         def chunk_mask(c):
             """None for a full chunk, else the tail mask (selected at run time)."""
@@ -46,31 +46,26 @@ def _emit(kv_f16: bool, HD: int | None):
 
         def load_kv(base, row, c, m):
             off = b.add(b.mul(row, rstride), b.mul(c, i64(N * esize)))
-            p = e.ptr(base, off)
             if not kv_f16:
-                f = e.decl(f"llvm.masked.load.v{N}f32.p0", _vec(F32), [PTR, I32, _vec(I1), _vec(F32)])
-                return b.call(f, [p, I32(4), m, e.splat(0.0)])
-            ty = _vec(I16)
-            f = e.decl(f"llvm.masked.load.v{N}i16.p0", ty, [PTR, I32, _vec(I1), ty])
-            h = b.call(f, [p, I32(2), m, ir.Constant(ty, None)])
+                return e.loadf(base, off, m)
+            h = e.load(base, off, _vec(I16), m, align=2)
             return b.fpext(b.bitcast(h, _vec(F16)), _vec(F32))
 
         def load_kv_full(base, row, c):
             """Chunk c (a Python int) of a row, unmasked (hd a multiple of 16)."""
-            p = e.ptr(base, b.add(b.mul(row, rstride), i64(c * N * esize)))
+            p = e.addr(base, b.add(b.mul(row, rstride), i64(c * N * esize)))
             if not kv_f16:
                 return b.load(p, typ=_vec(F32), align=4)
             return b.fpext(b.bitcast(b.load(p, typ=_vec(I16), align=2), _vec(F16)), _vec(F32))
 
         def load_q(c, m):
-            f = e.decl(f"llvm.masked.load.v{N}f32.p0", _vec(F32), [PTR, I32, _vec(I1), _vec(F32)])
-            return b.call(f, [e.ptr(qp, b.mul(c, i64(N * 4))), I32(4), m, e.splat(0.0)])
+            return e.loadf(qp, b.mul(c, i64(N * 4)), m)
 
         # ---- scores: sp[p] = dot(q, K[p]) * scale, and their max
         mx = cgutils.alloca_once_value(b, ir.Constant(F32, float("-inf")))
-        zero = e.splat(0.0)
+        zero = e.fconst(0.0)
         if HD:  # q held in registers; chunks unrolled, no masks
-            qv = [b.load(e.ptr(qp, i64(4 * N * c)), typ=_vec(F32), align=4) for c in range(HD // N)]
+            qv = [b.load(e.addr(qp, i64(4 * N * c)), typ=_vec(F32), align=4) for c in range(HD // N)]
 
         def scores_step_hd(p0, npos):
             for j in range(npos):
@@ -80,7 +75,7 @@ def _emit(kv_f16: bool, HD: int | None):
                     kv = load_kv_full(kp, row, c)
                     acc = b.fmul(qv[c], kv) if acc is None else e.fma(qv[c], kv, acc)
                 s = b.fmul(e.hsum(acc), scale)
-                b.store(s, e.ptr(sp, b.mul(row, i64(4))))
+                b.store(s, e.addr(sp, b.mul(row, i64(4))))
                 b.store(b.call(e.decl("llvm.maxnum.f32", F32, [F32, F32]), [b.load(mx), s]), mx)
 
         def scores_step(p0, npos):
@@ -99,7 +94,7 @@ def _emit(kv_f16: bool, HD: int | None):
                     b.store(e.fma(qv, kv, b.load(accs[j])), accs[j])
             for j in range(npos):
                 s = b.fmul(e.hsum(b.load(accs[j])), scale)
-                b.store(s, e.ptr(sp, b.mul(b.add(p0, i64(j)), i64(4))))
+                b.store(s, e.addr(sp, b.mul(b.add(p0, i64(j)), i64(4))))
                 b.store(b.call(e.decl("llvm.maxnum.f32", F32, [F32, F32]), [b.load(mx), s]), mx)
 
         steps = b.udiv(n, i64(P))
@@ -110,30 +105,26 @@ def _emit(kv_f16: bool, HD: int | None):
 
         # ---- softmax numerators and their sum
         tot = cgutils.alloca_once_value(b, zero)
-        mxv = b.shuffle_vector(b.insert_element(ir.Constant(_vec(F32), ir.Undefined), b.load(mx), I32(0)),
-                               ir.Constant(_vec(F32), ir.Undefined), ir.Constant(_vec(I32), None))
+        mxv = e.splat(b.load(mx), N)
         nfull = b.udiv(n, i64(N))
         with cgutils.for_range(b, nfull) as sl:
             off = b.mul(sl.index, i64(4 * N))
-            v = e.exp(b.fsub(e.load(sp, off), mxv))
+            v = e.exp(b.fsub(e.loadf(sp, off), mxv))
             e.store(v, sp, off)
             b.store(b.fadd(b.load(tot), v), tot)
         srem = b.trunc(b.urem(n, i64(N)), I32)
         with b.if_then(b.icmp_unsigned("!=", srem, I32(0)), likely=True):
-            sm = e.mask(srem)
+            sm = e.lanes_below(N, srem)
             off = b.mul(nfull, i64(4 * N))
-            v = b.select(sm, e.exp(b.fsub(e.load(sp, off, sm), mxv)), zero)
+            v = b.select(sm, e.exp(b.fsub(e.loadf(sp, off, sm), mxv)), zero)
             e.store(v, sp, off, sm)
             b.store(b.fadd(b.load(tot), v), tot)
         inv = b.fdiv(ir.Constant(F32, 1.0), e.hsum(b.load(tot)))
-        invv = b.shuffle_vector(b.insert_element(ir.Constant(_vec(F32), ir.Undefined), inv, I32(0)),
-                                ir.Constant(_vec(F32), ir.Undefined), ir.Constant(_vec(I32), None))
+        invv = e.splat(inv, N)
 
         # ---- output: per chunk, sum_p w[p] V[p] in P accumulators
         def splat_w(p):
-            w = b.load(e.ptr(sp, b.mul(p, i64(4))), typ=F32)
-            return b.shuffle_vector(b.insert_element(ir.Constant(_vec(F32), ir.Undefined), w, I32(0)),
-                                    ir.Constant(_vec(F32), ir.Undefined), ir.Constant(_vec(I32), None))
+            return e.splat(b.load(e.addr(sp, b.mul(p, i64(4))), typ=F32), N)
 
         if HD:  # every chunk's accumulators in registers, two positions per step
             nc = HD // N
@@ -154,7 +145,7 @@ def _emit(kv_f16: bool, HD: int | None):
                 out_pos(b.sub(n, i64(1)), accs[0])
             for c in range(nc):
                 o = b.fmul(b.fadd(b.load(accs[0][c]), b.load(accs[1][c])), invv)
-                b.store(o, e.ptr(op, i64(4 * N * c)), align=4)
+                b.store(o, e.addr(op, i64(4 * N * c)), align=4)
             return context.get_dummy_value()
 
         with cgutils.for_range(b, nch) as cl:
@@ -172,7 +163,7 @@ def _emit(kv_f16: bool, HD: int | None):
                 b.store(e.fma(splat_w(p), load_kv(vp, p, c, m), b.load(accs[0])), accs[0])
             o = b.fadd(b.fadd(b.load(accs[0]), b.load(accs[1])), b.fadd(b.load(accs[2]), b.load(accs[3])))
             f = e.decl(f"llvm.masked.store.v{N}f32.p0", ir.VoidType(), [_vec(F32), PTR, I32, _vec(I1)])
-            b.call(f, [b.fmul(o, invv), e.ptr(op, b.mul(c, i64(N * 4))), I32(4), m])
+            b.call(f, [b.fmul(o, invv), e.addr(op, b.mul(c, i64(N * 4))), I32(4), m])
         return context.get_dummy_value()
 
     return codegen

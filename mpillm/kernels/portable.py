@@ -17,13 +17,14 @@ tokens (U at a time) while it is in L1, so each weight row is read once per call
 """
 from __future__ import annotations
 
-import numpy as np
 from llvmlite import binding as _llvm
 from llvmlite import ir
 from numba import njit, prange
 from numba.core import cgutils, types
 from numba.extending import intrinsic
 
+from .irgen import F16, F32, I8, I16, I32, I64, Emit
+from .irgen import vec as _vec
 from .vmath import quantize_rows_q8_0
 
 QK = 32
@@ -92,54 +93,14 @@ def quantize_q8_0(x, xq, xd, xsum):
 # ----------------------------------------------------------------------------
 # target-neutral vector IR
 # ----------------------------------------------------------------------------
-I1, I8, I16, I32, I64 = (ir.IntType(w) for w in (1, 8, 16, 32, 64))
-F16, F32 = ir.HalfType(), ir.FloatType()
-PTR = ir.PointerType()
 _PARTIAL_REDUCE = _llvm.llvm_version_info >= (22,)
 
 
-def _vec(t, n):
-    return ir.VectorType(t, n)
-
-
-class _Emit:
-    def __init__(self, builder):
-        self.b = builder
-
-    def decl(self, name, ret, args):
-        m = self.b.module
-        f = m.globals.get(name)
-        if f is None:
-            f = ir.Function(m, ir.FunctionType(ret, args), name)
-        return f
-
-    def const(self, ty, n, vals):
-        return ir.Constant(_vec(ty, n), [ir.Constant(ty, v) for v in vals])
-
-    def splat(self, scalar, n):
-        ty = _vec(scalar.type, n)
-        v = self.b.insert_element(ir.Constant(ty, ir.Undefined), scalar, I32(0))
-        return self.b.shuffle_vector(v, ir.Constant(ty, ir.Undefined), ir.Constant(_vec(I32, n), None))
-
-    def addr(self, base, off):
-        return self.b.inttoptr(self.b.add(base, off), PTR)
-
-    def load(self, base, off, ty, mask=None):
-        p = self.addr(base, off)
-        if mask is None:
-            return self.b.load(p, typ=ty, align=1)
-        el = ty.element
-        sfx = f"i{el.width}" if isinstance(el, ir.IntType) else ("f32" if isinstance(el, ir.FloatType) else "f16")
-        f = self.decl(f"llvm.masked.load.v{ty.count}{sfx}.p0", ty, [PTR, I32, _vec(I1, ty.count), ty])
-        return self.b.call(f, [p, I32(1), mask, ir.Constant(ty, None)])
+class _Emit(Emit):
+    """The shared emitter plus the portable kernels' fp16 scalar load and signed dot product."""
 
     def half(self, base, off):
         return self.b.fpext(self.b.bitcast(self.load(base, off, I16), F16), F32)
-
-    def fma(self, a, b, c):
-        t = a.type
-        name = f"llvm.fma.v{t.count}f32" if isinstance(t, ir.VectorType) else "llvm.fma.f32"
-        return self.b.call(self.decl(name, t, [t, t, t]), [a, b, c])
 
     def sdot(self, pairs):
         """sum over (a, x) pairs of sum(sext(a) * sext(x)), a and x <16 x i8>, as i32.
@@ -160,14 +121,6 @@ class _Emit:
             tot = self.b.add(tot, p)
         return self.b.call(self.decl("llvm.vector.reduce.add.v16i32", I32, [v16]), [tot])
 
-    def hsum(self, v):
-        n = v.type.count
-        while n > 1:
-            n //= 2
-            lo = self.b.shuffle_vector(v, ir.Constant(v.type, ir.Undefined), self.const(I32, n, range(n)))
-            hi = self.b.shuffle_vector(v, ir.Constant(v.type, ir.Undefined), self.const(I32, n, range(n, 2 * n)))
-            v = self.b.fadd(lo, hi)
-        return self.b.extract_element(v, I32(0))
 
 
 def _qtile_codegen(kind: str, R: int, U: int, f64: bool = False):

@@ -22,26 +22,20 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-I1, I8, I16, I32, I64 = (ir.IntType(w) for w in (1, 8, 16, 32, 64))
-F32 = ir.FloatType()
-PTR = ir.PointerType()
+from .irgen import F32, I1, I8, I32, I64, PTR, Emit, vec
+
 N = 16  # float lanes per step
 
 
 def _vec(t, n=N):
-    return ir.VectorType(t, n)
+    return vec(t, n)
 
 
-class _E:
-    def __init__(self, b: ir.IRBuilder):
-        self.b = b
+class _E(Emit):
+    """The shared emitter plus float vector math on <n x float> (n = 16 by default)."""
 
-    def decl(self, name, ret, args):
-        f = self.b.module.globals.get(name)
-        return f if f is not None else ir.Function(self.b.module, ir.FunctionType(ret, args), name)
-
-    def splat(self, c, ty=F32, n=N):
-        return ir.Constant(_vec(ty, n), [ir.Constant(ty, c)] * n)
+    def fconst(self, c, n=N):
+        return ir.Constant(_vec(F32, n), [ir.Constant(F32, c)] * n)
 
     def call1(self, name, v):
         return self.b.call(self.decl(f"{name}.v{v.type.count}f32", v.type, [v.type]), [v])
@@ -49,29 +43,12 @@ class _E:
     def call2(self, name, a, c):
         return self.b.call(self.decl(f"{name}.v{a.type.count}f32", a.type, [a.type, a.type]), [a, c])
 
-    def fma(self, a, x, c):
-        t = a.type
-        return self.b.call(self.decl(f"llvm.fma.v{t.count}f32", t, [t, t, t]), [a, x, c])
-
-    def ptr(self, base, off):
-        return self.b.inttoptr(self.b.add(base, off), PTR)
-
-    def mask(self, n_valid, n=N):
-        lanes = ir.Constant(_vec(I32, n), [ir.Constant(I32, i) for i in range(n)])
-        v = self.b.insert_element(ir.Constant(_vec(I32, n), ir.Undefined), n_valid, I32(0))
-        v = self.b.shuffle_vector(v, ir.Constant(_vec(I32, n), ir.Undefined), ir.Constant(_vec(I32, n), None))
-        return self.b.icmp_signed("<", lanes, v)
-
-    def load(self, base, off, mask=None, n=N, fill=0.0):
-        ty = _vec(F32, n)
-        p = self.ptr(base, off)
-        if mask is None:
-            return self.b.load(p, typ=ty, align=4)
-        f = self.decl(f"llvm.masked.load.v{n}f32.p0", ty, [PTR, I32, _vec(I1, n), ty])
-        return self.b.call(f, [p, I32(4), mask, self.splat(fill, n=n)])
+    def loadf(self, base, off, mask=None, n=N, fill=0.0):
+        """<n x float> at base + off; masked lanes give ``fill``."""
+        return self.load(base, off, _vec(F32, n), mask, align=4, fill=self.fconst(fill, n))
 
     def store(self, v, base, off, mask=None):
-        p = self.ptr(base, off)
+        p = self.addr(base, off)
         if mask is None:
             self.b.store(v, p, align=4)
             return
@@ -80,30 +57,20 @@ class _E:
                       [v.type, PTR, I32, _vec(I1, n)])
         self.b.call(f, [v, p, I32(1 if v.type.element == I8 else 4), mask])
 
-    def hsum(self, v):
-        n = v.type.count
-        while n > 1:
-            n //= 2
-            u = ir.Constant(v.type, ir.Undefined)
-            lo = self.b.shuffle_vector(v, u, ir.Constant(_vec(I32, n), [ir.Constant(I32, i) for i in range(n)]))
-            hi = self.b.shuffle_vector(v, u, ir.Constant(_vec(I32, n), [ir.Constant(I32, i) for i in range(n, 2 * n)]))
-            v = self.b.fadd(lo, hi)
-        return self.b.extract_element(v, I32(0))
-
     def round_half_away(self, x):
         """C roundf (halves away from zero), exactly. llvm.round has no vector instruction on
         x86 (it becomes a libm call per lane): trunc, then add sign(x) where |x - trunc| >= 0.5
         (x - trunc(x) is exact in float)."""
         b, n = self.b, x.type.count
         t = self.call1("llvm.trunc", x)
-        up = b.fcmp_ordered(">=", self.call1("llvm.fabs", b.fsub(x, t)), self.splat(0.5, n=n))
-        one = self.call2("llvm.copysign", self.splat(1.0, n=n), x)
-        return b.fadd(t, b.select(up, one, self.splat(0.0, n=n)))
+        up = b.fcmp_ordered(">=", self.call1("llvm.fabs", b.fsub(x, t)), self.fconst(0.5, n))
+        one = self.call2("llvm.copysign", self.fconst(1.0, n), x)
+        return b.fadd(t, b.select(up, one, self.fconst(0.0, n)))
 
     def exp(self, x):
         """Cephes expf on a <n x float> (see the module docstring)."""
         b, n = self.b, x.type.count
-        s = lambda c: self.splat(c, n=n)  # noqa: E731
+        s = lambda c: self.fconst(c, n)  # noqa: E731
         x = self.call2("llvm.minnum", self.call2("llvm.maxnum", x, s(-87.33654)), s(88.37626))
         k = self.call1("llvm.rint", b.fmul(x, s(1.44269504088896341)))
         r = self.fma(k, s(-0.693359375), x)
@@ -124,7 +91,7 @@ def _strided_loop(b, e, n, body):
         body(b.mul(loop.index, ir.Constant(I64, N)), None)
     rem = b.trunc(b.urem(n, ir.Constant(I64, N)), I32)
     with b.if_then(b.icmp_unsigned("!=", rem, I32(0)), likely=False):
-        body(b.mul(full, ir.Constant(I64, N)), e.mask(rem))
+        body(b.mul(full, ir.Constant(I64, N)), e.lanes_below(N, rem))
 
 
 def _ints(*tys):
@@ -143,9 +110,9 @@ def silu_mul_row(typingctx, gp, up, op, n):
 
         def body(i, m):
             off = b.mul(i, ir.Constant(I64, 4))
-            g = e.load(gp, off, m)
-            u = e.load(up, off, m)
-            sig_ = b.fdiv(g, b.fadd(e.splat(1.0), e.exp(b.fsub(e.splat(0.0), g))))
+            g = e.loadf(gp, off, m)
+            u = e.loadf(up, off, m)
+            sig_ = b.fdiv(g, b.fadd(e.fconst(1.0), e.exp(b.fsub(e.fconst(0.0), g))))
             e.store(b.fmul(sig_, u), op, off, m)
 
         _strided_loop(b, e, n, body)
@@ -165,15 +132,14 @@ def exp_sub_sum(typingctx, p, n, mx):
         e = _E(b)
         if mx.type != F32:
             mx = b.fptrunc(mx, F32)
-        mxv = b.shuffle_vector(b.insert_element(ir.Constant(_vec(F32), ir.Undefined), mx, I32(0)),
-                               ir.Constant(_vec(F32), ir.Undefined), ir.Constant(_vec(I32), None))
-        acc = cgutils.alloca_once_value(b, e.splat(0.0))
+        mxv = e.splat(mx, N)
+        acc = cgutils.alloca_once_value(b, e.fconst(0.0))
 
         def body(i, m):
             off = b.mul(i, ir.Constant(I64, 4))
-            v = e.exp(b.fsub(e.load(p, off, m), mxv))
+            v = e.exp(b.fsub(e.loadf(p, off, m), mxv))
             if m is not None:
-                v = b.select(m, v, e.splat(0.0))
+                v = b.select(m, v, e.fconst(0.0))
             e.store(v, p, off, m)
             b.store(b.fadd(b.load(acc), v), acc)
 
@@ -197,7 +163,7 @@ def quantize_rows_q8_0(typingctx, xp, xstride, qp, qstride, dp, sp, sstride, T, 
         v32 = _vec(F32, 32)
 
         def block(xrow, qrow, srow, blk):
-            x = b.load(e.ptr(xp, b.add(xrow, b.mul(blk, i64(128)))), typ=v32, align=4)
+            x = b.load(e.addr(xp, b.add(xrow, b.mul(blk, i64(128)))), typ=v32, align=4)
             # max |x| as the max of the bit patterns of |x| (ordered like the values; no NaN
             # bookkeeping, which made LLVM reduce a float max one lane at a time)
             ax = b.bitcast(e.call1("llvm.fabs", x), _vec(I32, 32))
@@ -205,14 +171,13 @@ def quantize_rows_q8_0(typingctx, xp, xstride, qp, qstride, dp, sp, sstride, T, 
             d = b.fdiv(amax, ir.Constant(F32, 127.0))
             inv = b.select(b.fcmp_ordered(">", d, ir.Constant(F32, 0.0)),
                            b.fdiv(ir.Constant(F32, 1.0), d), ir.Constant(F32, 0.0))
-            invv = b.shuffle_vector(b.insert_element(ir.Constant(v32, ir.Undefined), inv, I32(0)),
-                                    ir.Constant(v32, ir.Undefined), ir.Constant(_vec(I32, 32), None))
+            invv = e.splat(inv, 32)
             q = b.fptosi(e.round_half_away(b.fmul(x, invv)), _vec(I32, 32))
             s = b.call(e.decl("llvm.vector.reduce.add.v32i32", I32, [_vec(I32, 32)]), [q])
-            b.store(b.trunc(q, _vec(I8, 32)), e.ptr(qp, b.add(qrow, b.mul(blk, i64(32)))), align=1)
+            b.store(b.trunc(q, _vec(I8, 32)), e.addr(qp, b.add(qrow, b.mul(blk, i64(32)))), align=1)
             so = b.add(srow, b.mul(blk, i64(4)))
-            b.store(d, e.ptr(dp, so), align=4)
-            b.store(s, e.ptr(sp, so), align=4)
+            b.store(d, e.addr(dp, so), align=4)
+            b.store(s, e.addr(sp, so), align=4)
 
         # UNROLL independent blocks per step: each block is a chain of dependent latencies
         # (max reduction, two divisions, rounding, sum), which the core overlaps across blocks

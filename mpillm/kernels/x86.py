@@ -54,6 +54,8 @@ from numba.extending import intrinsic
 from numba.np.ufunc.parallel import _iget_num_threads  # the thread count, cacheable (no ctypes global)
 
 from . import portable
+from .irgen import F16, F32, I1, I8, I16, I32, I64, PTR, Emit
+from .irgen import vec as _vec
 
 _JIT_PAR = dict(cache=True, fastmath=True, nogil=True, parallel=True)
 # VNNI q4_1 without fastmath: with it LLVM reassociated the inlined tiles' float operations
@@ -64,65 +66,17 @@ _JIT_PAR = dict(cache=True, fastmath=True, nogil=True, parallel=True)
 _JIT_PAR_STRICT = dict(_JIT_PAR, fastmath=False)
 _JIT = dict(cache=True, fastmath=True, nogil=True)
 
-I1, I8, I16, I32, I64 = (ir.IntType(w) for w in (1, 8, 16, 32, 64))
-F16, F32 = ir.HalfType(), ir.FloatType()
-PTR = ir.PointerType()
 # LLVM >= 22 declares the VNNI intrinsics on byte vectors (older: i32 vectors; 22 still upgrades those)
 _VNNI_BYTE_OPERANDS = _llvm.llvm_version_info >= (22,)
 _PF_LOCALITY = 2  # software prefetch into L2 (prefetcht1; see _Emit.prefetch)
 
 
-def _vec(t, n):
-    return ir.VectorType(t, n)
-
-
-def _suffix(t):
-    return {8: "i8", 16: "i16", 32: "i32", 64: "i64"}[t.width] if isinstance(t, ir.IntType) else (
-        "f32" if isinstance(t, ir.FloatType) else "f16")
-
-
-class _Emit:
-    """Small IR-emission helpers bound to one builder."""
+class _Emit(Emit):
+    """The shared emitter plus x86's instructions (bound to one ISA)."""
 
     def __init__(self, builder: ir.IRBuilder, isa: str):
-        self.b = builder
+        super().__init__(builder)
         self.isa = isa
-
-    def decl(self, name, ret, args):
-        m = self.b.module
-        f = m.globals.get(name)
-        if f is None:
-            f = ir.Function(m, ir.FunctionType(ret, args), name)
-        return f
-
-    def const(self, ty, n, vals):
-        return ir.Constant(_vec(ty, n), [ir.Constant(ty, v) for v in vals])
-
-    def splat(self, scalar, n):
-        ty = _vec(scalar.type, n)
-        v = self.b.insert_element(ir.Constant(ty, ir.Undefined), scalar, I32(0))
-        return self.b.shuffle_vector(v, ir.Constant(ty, ir.Undefined), ir.Constant(_vec(I32, n), None))
-
-    def shuffle(self, a, b, idx):
-        if b is None:
-            b = ir.Constant(a.type, ir.Undefined)
-        return self.b.shuffle_vector(a, b, self.const(I32, len(idx), idx))
-
-    def addr(self, base, off):
-        return self.b.inttoptr(self.b.add(base, off) if off is not None else base, PTR)
-
-    def load(self, base, off, vty, mask=None):
-        """Unaligned vector load at base + off (bytes); masked lanes read nothing and give 0."""
-        p = self.addr(base, off)
-        if mask is None:
-            return self.b.load(p, typ=vty, align=1)
-        f = self.decl(f"llvm.masked.load.v{vty.count}{_suffix(vty.element)}.p0", vty,
-                      [PTR, I32, _vec(I1, vty.count), vty])
-        return self.b.call(f, [p, I32(1), mask, ir.Constant(vty, None)])
-
-    def lanes_below(self, n, limit):
-        """<n x i1>: lane index < limit (limit an i32 value; negative gives all false)."""
-        return self.b.icmp_signed("<", self.const(I32, n, range(n)), self.splat(limit, n))
 
     def half4(self, base, off, n, mask):
         """n fp16 values -> <n x float>."""
@@ -133,19 +87,6 @@ class _Emit:
         """Prefetch for read; locality 3: all cache levels (prefetcht0), 2: L2 (prefetcht1)."""
         f = self.decl("llvm.prefetch.p0", ir.VoidType(), [PTR, I32, I32, I32])
         self.b.call(f, [self.addr(base, off), I32(0), I32(locality), I32(1)])
-
-    def fma(self, a, b, c):
-        t = a.type
-        f = self.decl(f"llvm.fma.v{t.count}f32", t, [t, t, t])
-        return self.b.call(f, [a, b, c])
-
-    def hsum(self, v):
-        """Tree reduction of a float vector to a scalar."""
-        n = v.type.count
-        while n > 1:
-            n //= 2
-            v = self.b.fadd(self.shuffle(v, None, range(n)), self.shuffle(v, None, range(n, 2 * n)))
-        return self.b.extract_element(v, I32(0))
 
     # -- dot products: i32 lanes += sum of 4 (u8 * s8) products ------------------------
     def _vpdpbusd(self, acc, a, b):
