@@ -46,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="timed repetitions; the best is reported")
     p.add_argument("--json", type=Path, default=None, help="also write the JSON here")
     args = parse_args_bcast(p, argv)
-    from .engine import Engine, resolve_model
+    from .engine import Engine
+    from .models import resolve_model
 
     comm = MPI.COMM_WORLD
     model_dir = resolve_model(args.model, comm)

@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args_bcast(parser(), argv)
     comm = MPI.COMM_WORLD
     rank = comm.Get_rank()
-    from .engine import resolve_model   # collective: locates (or converts, like a real job) the model
+    from .models import resolve_model   # collective: locates (or converts, like a real job) the model
 
     model_dir = resolve_model(args.model, comm)
     rep = local_report(args, model_dir, comm)

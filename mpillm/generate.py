@@ -111,7 +111,8 @@ def generate(engine, tok, ids: list[int], sampler, max_tokens: int, out=sys.stdo
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args_bcast(parser(), argv)
-    from .engine import Engine, Stats, resolve_model
+    from .engine import Engine, Stats
+    from .models import resolve_model
     from .sampling import Sampler
     from .tokenizer import load_tokenizer
 

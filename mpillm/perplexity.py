@@ -47,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dump-tokens", type=Path, default=None,
                    help="write the token chunks as JSON (to score the same chunks with another engine)")
     args = parse_args_bcast(p, argv)
-    from .engine import Engine, resolve_model
+    from .engine import Engine
+    from .models import resolve_model
     from .tokenizer import load_tokenizer
 
     comm = MPI.COMM_WORLD

@@ -16,7 +16,7 @@ T = gguf.GGMLQuantizationType
 def bundled(tmp_path_factory):
     from convert.sources import open_source
     from convert.shards import convert_model
-    from mpillm.engine import bundled_gguf
+    from mpillm.models import bundled_gguf
 
     src = open_source(bundled_gguf())
     out = tmp_path_factory.mktemp("bundled")

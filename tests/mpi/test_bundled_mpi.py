@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
-from mpillm.engine import Engine, resolve_model
+from mpillm.engine import Engine
+from mpillm.models import resolve_model
 
 comm = MPI.COMM_WORLD
 rank = comm.Get_rank()
