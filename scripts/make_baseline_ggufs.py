@@ -3,7 +3,7 @@
 
 Run it with the project venv (it has gguf, numpy and the bundled SmolLM2 model);
 the requantization step calls llama.cpp's own quantizer in the bench venv through
-mpillm.baseline, so `bash scripts/setup_llamacpp.sh` must have run first:
+benchmarks.baseline, so `bash scripts/setup_llamacpp.sh` must have run first:
 
     source scripts/env.sh && python scripts/make_baseline_ggufs.py [--verify] [--force]
 
@@ -48,7 +48,7 @@ from gguf import GGMLQuantizationType as QT
 
 ROOT = Path(os.environ.get("MPILLM_ROOT") or Path(__file__).resolve().parent.parent)
 sys.path.insert(0, str(ROOT))
-from mpillm import baseline  # noqa: E402  (stdlib only)
+from benchmarks import baseline  # noqa: E402  (stdlib only)
 
 SMOL_NAME = "smollm2-135m-q4_0.gguf"
 SHAPE_NAME = "llama-3.2-1b-shape-q4_0.gguf"

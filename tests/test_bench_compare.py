@@ -1,5 +1,5 @@
-"""bench_compare's arithmetic: ratios within a round, medians over rounds."""
-from mpillm.bench_compare import median_of, ratios_of
+"""benchmarks.compare's arithmetic: ratios within a round, medians over rounds."""
+from benchmarks.compare import median_of, ratios_of
 
 
 def _round(scale_ours: float, scale_theirs: float) -> dict:

@@ -1,7 +1,7 @@
 """Side-by-side benchmark in one run: mpillm at -np 1 and -np 2 (one thread per rank), the
 machine's STREAM-triad bandwidth, and llama.cpp on the same GGUF with 1 and 2 threads.
 
-  python -m mpillm.bench_compare --model cache/baseline/smollm2-135m-q4_0.gguf [--json out.json]
+  python -m benchmarks.compare --model cache/baseline/smollm2-135m-q4_0.gguf [--json out.json]
 
 Not run under mpirun: it launches each MPI job itself. llama.cpp comes from the separate
 bench venv (scripts/setup_llamacpp.sh); without it those columns are left out, saying why.
@@ -73,7 +73,7 @@ def median_of(rounds: list[dict]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mpillm.bench_compare", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m benchmarks.compare", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="a GGUF file (both engines run it)")
     p.add_argument("--prompt-tokens", type=int, default=64)

@@ -1,7 +1,7 @@
 """Runs inside the benchmark venv (scripts/setup_llamacpp.sh), never in mpillm's own.
 
 Imports only the standard library, numpy and llama_cpp (llama-cpp-python's ctypes
-bindings). mpillm.baseline starts it as a subprocess:
+bindings). benchmarks.baseline starts it as a subprocess:
 
     python _llamacpp_worker.py bench GGUF --threads N [--n-prompt 64 --n-gen 64 --repeats 3]
     python _llamacpp_worker.py quantize IN.gguf OUT.gguf --ftype q4_0 [--pure] [--threads N]
