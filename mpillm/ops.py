@@ -11,7 +11,7 @@ import numpy as np
 from numba import njit
 
 from .kernels.attention import attend_row_f16, attend_row_f32
-from .kernels.vmath import f2h, silu_mul_row
+from .kernels.vmath import f2h, half_to_float, silu_mul_row
 
 
 @njit(cache=True, fastmath=True)
@@ -130,21 +130,6 @@ def add_inplace(x, y):
     for t in range(T):
         for i in range(n):
             x[t, i] += np.float32(y[t, i])
-
-
-@njit(cache=True, inline="always")
-def half_to_float(h):
-    """IEEE fp16 bits (uint16) -> float32 (numba has no float16 type)."""
-    h = np.int32(h)
-    e = (h >> 10) & 0x1F
-    m = np.float32(h & 0x3FF)
-    if e == 0:
-        v = m * np.float32(2.0 ** -24)
-    elif e == 31:
-        v = np.float32(np.inf) if m == 0 else np.float32(np.nan)
-    else:
-        v = (np.float32(1.0) + m * np.float32(1.0 / 1024.0)) * np.float32(2.0) ** np.float32(e - 15)
-    return -v if h & 0x8000 else v
 
 
 @njit(cache=True)

@@ -17,8 +17,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from ..ops import half_to_float as h2f
 from .portable import _make_qtile, check_q
+from .vmath import half_to_float as h2f
 
 QK = 32
 _JIT = dict(cache=True, fastmath=True, parallel=True)

@@ -17,8 +17,9 @@ Quantization rounds exactly like the numpy reference (float32 product x / d, the
 """
 from __future__ import annotations
 
+import numpy as np
 from llvmlite import ir
-from numba import types
+from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
@@ -205,3 +206,18 @@ def f2h(typingctx, x):
         return b.bitcast(b.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
 
     return types.uint16(types.float32), codegen
+
+
+@njit(cache=True, inline="always")
+def half_to_float(h):
+    """IEEE fp16 bits (uint16) -> float32 (numba has no float16 type)."""
+    h = np.int32(h)
+    e = (h >> 10) & 0x1F
+    m = np.float32(h & 0x3FF)
+    if e == 0:
+        v = m * np.float32(2.0 ** -24)
+    elif e == 31:
+        v = np.float32(np.inf) if m == 0 else np.float32(np.nan)
+    else:
+        v = (np.float32(1.0) + m * np.float32(1.0 / 1024.0)) * np.float32(2.0) ** np.float32(e - 15)
+    return -v if h & 0x8000 else v
