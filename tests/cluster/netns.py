@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shlex
+import statistics
 import subprocess
 import sys
 import time
@@ -42,21 +44,34 @@ SUBNET = f"{SUBNET_BASE}.0/24"
 @dataclass(frozen=True)
 class LinkProfile:
     name: str
-    rate: str          # tc rate
+    rate: str          # tc rate (line rate)
     mtu: int
     about: str
+    rtt_us: float = 0.0     # round trip of a small ping, end to end; 0 = no relay (veth + bridge only)
+    goodput_bps: float = 0.0  # what a bulk TCP transfer gets on the real link (iperf3-style)
 
 
-# Rates are the nominal line rates; tbf at 1 Gbit measures ~952 Mbit/s of TCP payload here.
+# Figures and where they come from: tests/cluster/README.md ("Link profiles"). A profile with
+# an RTT runs every frame through the delay relay (linkemu.py) instead of the kernel bridge.
 PROFILES = {
-    "1gbe": LinkProfile("1gbe", "1gbit", 1500, "1 Gigabit Ethernet (Raspberry Pi 5)"),
-    "2.5gbe": LinkProfile("2.5gbe", "2500mbit", 1500, "2.5 Gigabit Ethernet (most mini PCs)"),
-    "5gbe": LinkProfile("5gbe", "5gbit", 1500, "5 Gigabit Ethernet (Framework Desktop)"),
-    "10gbe": LinkProfile("10gbe", "10gbit", 1500, "10 Gigabit Ethernet"),
+    "1gbe": LinkProfile("1gbe", "1gbit", 1500, "1 Gigabit Ethernet through a switch (Raspberry Pi 5)",
+                        300, 940e6),
+    "2.5gbe": LinkProfile("2.5gbe", "2500mbit", 1500, "2.5 Gigabit Ethernet (most mini PCs)", 250, 2.35e9),
+    "5gbe": LinkProfile("5gbe", "5gbit", 1500, "5 Gigabit Ethernet (Framework Desktop)", 250, 4.7e9),
+    "10gbe": LinkProfile("10gbe", "10gbit", 1500, "10 Gigabit Ethernet", 200, 9.4e9),
     "thunderbolt": LinkProfile("thunderbolt", "10gbit", 9000,
-                               "Thunderbolt networking, ~10 Gbit/s usable, large MTU"),
+                               "Thunderbolt networking, ~10 Gbit/s usable, large MTU", 300, 9.4e9),
+    "wifi": LinkProfile("wifi", "600mbit", 1500, "Wi-Fi 6 through one access point", 4000, 560e6),
     "none": LinkProfile("none", "", 1500, "unshaped veth (memory speed)"),
+    # the relay with a delay but no rate limit: how much the emulator itself can carry here
+    "relay-unshaped": LinkProfile("relay-unshaped", "", 1500, "the delay relay, no rate limit", 250),
 }
+# the same rates on the kernel bridge without added latency (the round-1 emulation)
+for _k in ("1gbe", "2.5gbe", "5gbe", "10gbe", "thunderbolt"):
+    _p = PROFILES[_k]
+    PROFILES[_k + "-nodelay"] = LinkProfile(_p.name + "-nodelay", _p.rate, _p.mtu, _p.about + ", no added delay")
+
+LINKEMU = HERE / "linkemu.py"
 
 
 def have_netns() -> str | None:
@@ -160,6 +175,9 @@ class Cluster:
         self.hosts = [f"{PREFIX}{self.tag}-h{i}" for i in range(n_hosts)]
         self.addrs = [f"{SUBNET_BASE}.{i + 1}" for i in range(n_hosts)]
         self.created: list[str] = []
+        self.relay: subprocess.Popen | None = None
+        self.one_way_us = 0.0          # what the relay holds each frame (after calibration)
+        self.base_rtt_us = None        # median ping RTT through the relay with no hold: its own cost
 
     # -- lifecycle ---------------------------------------------------------------------------
     def up(self) -> "Cluster":
@@ -172,6 +190,8 @@ class Cluster:
         return self
 
     def _build(self) -> None:
+        if self.profile.rtt_us:
+            return self._build_relay()
         sw = self.switch
         _ip("netns", "add", sw)
         self.created.append(sw)
@@ -191,6 +211,10 @@ class Cluster:
             _ip("link", "set", "lo", "up", ns=h)
             _ip("addr", "add", f"{addr}/24", "dev", "eth0", ns=h)
             _ip("link", "set", "eth0", "up", ns=h)
+            # Linux's default congestion control (this machine's root namespace runs bbr, whose
+            # pacing reads the relay's scheduling jitter as a slower link)
+            subprocess.run(["ip", "netns", "exec", h, "sysctl", "-qw", "net.ipv4.tcp_congestion_control=cubic"],
+                           capture_output=True, timeout=10)
             if self.profile.rate:
                 _tc(h, "qdisc", "add", "dev", "eth0", "root", "tbf", *_tbf_args(self.profile.rate))
                 _tc(sw, "qdisc", "add", "dev", port, "root", "tbf", *_tbf_args(self.profile.rate))
@@ -209,7 +233,117 @@ class Cluster:
                 raise RuntimeError(f"links of cluster {self.tag} not up after {timeout}s:\n{ports}")
             time.sleep(0.05)
 
+    # -- links with latency: TAP devices served by the relay ------------------------------------
+    def _build_relay(self) -> None:
+        """The relay (linkemu.py) runs in the switch namespace and creates one TAP per host;
+        each TAP moves into its host's namespace as eth0 and gets the profile's tbf on egress
+        (the line rate, with TCP's back-pressure); the relay adds the delay. The relay does not
+        also serialize its ports (it could: ``--rate``): on this shared machine it is sometimes
+        descheduled for milliseconds, and a serializing relay then loses that time for good,
+        while a plain delay lets the backlog catch up, so the tbf pacing sets the rate."""
+        import select as _select
+
+        sw = self.switch
+        _ip("netns", "add", sw)
+        self.created.append(sw)
+        _ip("link", "set", "lo", "up", ns=sw)
+        self.relay = subprocess.Popen(
+            ["ip", "netns", "exec", sw, "nice", "-n", "-10", sys.executable, str(LINKEMU), "--ports", str(self.n)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            start_new_session=True)
+        ready, _, _ = _select.select([self.relay.stdout], [], [], 20)
+        line = self.relay.stdout.readline() if ready else ""
+        if line.strip() != "ready":
+            raise RuntimeError(f"link relay did not start (got {line!r}, exit {self.relay.poll()})")
+        mtu = str(self.profile.mtu)
+        for i, (h, addr) in enumerate(zip(self.hosts, self.addrs)):
+            _ip("netns", "add", h)
+            self.created.append(h)
+            _ip("link", "set", f"p{i}", "netns", h, ns=sw)
+            _ip("link", "set", f"p{i}", "name", "eth0", ns=h)
+            _ip("link", "set", "eth0", "mtu", mtu, ns=h)
+            _ip("link", "set", "lo", "up", ns=h)
+            _ip("addr", "add", f"{addr}/24", "dev", "eth0", ns=h)
+            _ip("link", "set", "eth0", "up", ns=h)
+            # Linux's default congestion control (this machine's root namespace runs bbr, whose
+            # pacing reads the relay's scheduling jitter as a slower link)
+            subprocess.run(["ip", "netns", "exec", h, "sysctl", "-qw", "net.ipv4.tcp_congestion_control=cubic"],
+                           capture_output=True, timeout=10)
+            if self.profile.rate:
+                _tc(h, "qdisc", "add", "dev", "eth0", "root", "tbf", *_tbf_args(self.profile.rate))
+        deadline = time.monotonic() + 10
+        for a in self.addrs[1:]:
+            while not self.ping(0, a, count=1, interval=0.2):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"host {a} unreachable through the link relay")
+        self.calibrate()
+
+    def relay_cmd(self, line: str) -> str | None:
+        """Send a command to the relay; ``stats`` returns its JSON line."""
+        self.relay.stdin.write(line + "\n")
+        self.relay.stdin.flush()
+        return self.relay.stdout.readline().strip() if line == "stats" else None
+
+    def bulk(self, i: int, j: int, seconds: int = 2) -> float:
+        """Bits per second of one iperf3 TCP stream from host i to host j (receiver's count)."""
+        import json as _json
+
+        srv = subprocess.Popen(self.exec_argv(j, ["iperf3", "-s", "-1", "-B", self.addrs[j]]),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            for _ in range(50):        # until the server listens
+                r = subprocess.run(self.exec_argv(i, ["iperf3", "-c", self.addrs[j], "-t", str(seconds), "-J"]),
+                                   capture_output=True, text=True, timeout=30 + seconds)
+                try:
+                    return float(_json.loads(r.stdout)["end"]["sum_received"]["bits_per_second"])
+                except (ValueError, KeyError):      # not listening yet: iperf3 reports an error
+                    time.sleep(0.1)
+            raise RuntimeError(f"iperf3 from h{i} to h{j} failed: {r.stdout[-500:]} {r.stderr[-500:]}")
+        finally:
+            try:
+                srv.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                srv.kill()
+                srv.wait(timeout=5)
+
+    def ping(self, i: int, addr: str, count: int = 20, interval: float = 0.005, size: int = 56) -> list[float]:
+        """RTTs in microseconds of ``ping`` from host i to addr (empty when nothing came back)."""
+        r = subprocess.run(["ip", "netns", "exec", self.hosts[i], "ping", "-n", "-c", str(count), "-i", str(interval),
+                            "-s", str(size), "-W", "1", addr], capture_output=True, text=True, timeout=30 + count)
+        return [float(t) * 1e3 for t in re.findall(r"time=([\d.]+) ms", r.stdout)]
+
+    def calibrate(self, rounds: int = 3) -> None:
+        """Set the relay's hold so the median ping RTT h0 -> h1 matches the profile: the relay
+        and the veth-less TAP path cost some tens of microseconds of their own (measured here
+        with no hold: ``base_rtt_us``), which the hold leaves out; two feedback rounds then
+        absorb the extra cost of a timed wake-up."""
+        if self.n < 2:
+            return
+        self.relay_cmd("delay 0")
+        base = self.ping(0, self.addrs[1], count=30, interval=0.003)
+        self.base_rtt_us = statistics.median(base) if base else 0.0
+        hold = max(0.0, (self.profile.rtt_us - self.base_rtt_us) / 2)
+        for _ in range(rounds):
+            self.relay_cmd(f"delay {hold:.1f}")
+            got = self.ping(0, self.addrs[1], count=30, interval=0.003)
+            if not got:
+                break
+            err = statistics.median(got) - self.profile.rtt_us
+            if abs(err) < 0.03 * self.profile.rtt_us:
+                break
+            hold = max(0.0, hold - err / 2)
+        self.one_way_us = hold
+        self.relay_cmd(f"delay {hold:.1f}")
+        self.relay_cmd("reset")
+
     def down(self) -> None:
+        if self.relay is not None:
+            try:
+                self.relay.stdin.close()          # the relay exits on end of input
+                self.relay.wait(timeout=5)
+            except (OSError, subprocess.TimeoutExpired, ValueError):
+                self.relay.kill()
+                self.relay.wait(timeout=5)
+            self.relay = None
         for ns in reversed(self.created):
             kill_and_delete(ns)
         self.created.clear()
