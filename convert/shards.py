@@ -84,12 +84,15 @@ def to_type(arrays: dict, src_type: str, wtype: str) -> dict:
 
 
 def convert_model(source, out_dir: Path, world_sizes: list[int], weight_type: str = "auto",
-                  ranks: list[int] | None = None, progress: bool = True, write_tokenizer=None) -> None:
-    """Write shards (all ranks, or only ``ranks``) for every world size, then the manifest."""
+                  ranks: list[int] | None = None, progress: bool = True, write_tokenizer=None,
+                  splits: dict | None = None) -> None:
+    """Write shards (all ranks, or only ``ranks``) for every world size, then the manifest.
+    ``splits``: world size -> {"weights": [...], "gbps": [...] or None} for uneven splits."""
     cfg = source.config
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    plans = {ws: plan(cfg, ws) for ws in world_sizes}  # raises for impossible world sizes
+    splits = splits or {}
+    plans = {ws: plan(cfg, ws, (splits.get(ws) or {}).get("weights")) for ws in world_sizes}  # raises if impossible
     writers: list[tuple[RankSlice, fmt.ShardWriter]] = []
     try:
         for ws, slices in plans.items():
@@ -129,9 +132,25 @@ def convert_model(source, out_dir: Path, world_sizes: list[int], weight_type: st
                 w.abort()
         raise
     fmt.write_manifest(out_dir, cfg, list(world_sizes), source=str(getattr(source, "path", "synthetic")),
-                       extra={"weight_type": weight_type})
+                       extra={"weight_type": weight_type,
+                              fmt.MANIFEST_SPLITS: _merged_splits(out_dir, cfg, world_sizes, splits)})
     if write_tokenizer is not None:
         write_tokenizer(out_dir)
+
+
+def _merged_splits(out_dir: Path, cfg, world_sizes: list[int], splits: dict) -> dict:
+    """The manifest's splits: earlier world sizes keep theirs, the ones written now get the new
+    split (or none: even)."""
+    old = {}
+    if (out_dir / fmt.MANIFEST_FILE).exists():
+        m = fmt.read_manifest(out_dir)
+        if m["config"] == cfg.to_dict():
+            old = dict(m.get(fmt.MANIFEST_SPLITS) or {})
+    for ws in world_sizes:
+        old.pop(str(ws), None)
+        if splits.get(ws):
+            old[str(ws)] = {"weights": list(splits[ws]["weights"]), "gbps": splits[ws].get("gbps")}
+    return old
 
 
 def _logical_cols(arrays: dict, wtype: str) -> int:

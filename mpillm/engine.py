@@ -6,6 +6,8 @@ rank 0. The other ranks sit in ``serve()`` until rank 0 broadcasts STOP.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import os
 import time
 from dataclasses import dataclass
@@ -19,7 +21,7 @@ from . import kernels, ops
 from .comm import FatalError, agree
 from .config import ModelConfig
 from .model import Transformer
-from .partition import plan, valid_world_sizes
+from .partition import plan, share_notes, valid_world_sizes
 
 CMD_STOP, CMD_FORWARD = 0, 1
 # what a forward returns: last-token logits, all logits, greedy token, nothing (KV cache only),
@@ -74,6 +76,12 @@ class Engine:
             shard = fmt.Shard(Path(model_dir) / fmt.shard_relpath(self.size, self.rank), self.size, self.rank)
             if shard.config.to_dict() != cfg.to_dict():
                 raise ValueError(f"{shard.path} belongs to a different model than {model_dir}/manifest.json")
+            self.split = fmt.split_of(manifest, self.size)   # uneven split (convert --split/--cluster) or None
+            self.slices = plan(cfg, self.size, self.split and self.split["weights"])
+            if dataclasses.asdict(self.slices[self.rank]) != {k: tuple(v) if isinstance(v, list) else v
+                                                              for k, v in shard.slice.items()}:
+                raise ValueError(f"{shard.path} holds a different split than {model_dir}/manifest.json records; "
+                                 f"reconvert this world size")
         except ValueError as e:
             err = str(e)
         agree(comm, err)
@@ -92,7 +100,7 @@ class Engine:
         except (ValueError, MemoryError) as e:
             err = f"{type(e).__name__}: {e}"
         agree(comm, err)
-        self.vocab_counts = np.array([s[1] - s[0] for s in (p.vocab for p in plan(cfg, self.size))], np.int64)
+        self.vocab_counts = np.array([p.vocab[1] - p.vocab[0] for p in self.slices], np.int64)
         self.header = np.zeros(4, np.int64)       # [command, n_tokens, position, OUT_*]
         self.best = np.zeros(2, np.float64)       # this rank's (max logit, global token id)
         self.bests = np.zeros((self.size, 2), np.float64) if self.rank == 0 else None
@@ -113,12 +121,13 @@ class Engine:
               f"{cfg.n_kv_heads} KV heads, vocab {cfg.vocab_size}; world size {self.size}, "
               f"{threads} thread(s) per rank, max-seq-len {self.max_seq_len}, kernels {kernels.active_path()}",
               flush=True)
-        for rs, (wb, kb, host) in zip(plan(cfg, self.size), sizes):
+        shares = share_notes(cfg, self.slices, self.split, [wb for wb, _, _ in sizes])
+        for rs, (wb, kb, host), share in zip(self.slices, sizes, shares):
             ffn = rs.expert_ffn if cfg.is_moe else rs.ffn
             print(f"  rank {rs.tp_rank} on {host}: heads [{rs.heads[0]},{rs.heads[1]}) "
                   f"KV heads [{rs.kv_heads[0]},{rs.kv_heads[1]}) {'expert ' if cfg.is_moe else ''}FFN "
                   f"[{ffn[0]},{ffn[1]}) vocab [{rs.vocab[0]},{rs.vocab[1]}) | weights {wb / 2**20:.1f} MiB + "
-                  f"KV cache {kb / 2**20:.1f} MiB = {(wb + kb) / 2**20:.1f} MiB", flush=True)
+                  f"KV cache {kb / 2**20:.1f} MiB = {(wb + kb) / 2**20:.1f} MiB | {share}", flush=True)
 
     # ------------------------------------------------------------------------------------------
     def _forward_and_gather(self, T: int, pos: int, out: int) -> np.ndarray | int | None:

@@ -30,6 +30,7 @@ FORMAT_NAME = "mpillm-shard"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "mpillm-model"
 MANIFEST_FILE = "manifest.json"
+MANIFEST_SPLITS = "splits"       # world size -> {"weights": per-rank split weights, "gbps": measured speeds}
 ALIGNMENT = 4096
 
 ATTR_FORMAT = "format"
@@ -163,6 +164,17 @@ def write_manifest(model_dir: Path, cfg: ModelConfig, world_sizes: list[int], so
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(m, indent=1, sort_keys=True) + "\n")
     os.replace(tmp, path)
+
+
+def split_of(manifest: dict, world_size: int) -> dict | None:
+    """The uneven split a world size was converted with: {"weights": [...], "gbps": [...] or None},
+    or None for the even split. ``partition.plan(cfg, ws, split["weights"])`` rebuilds the slices."""
+    sp = (manifest.get(MANIFEST_SPLITS) or {}).get(str(world_size))
+    if sp is None:
+        return None
+    if not isinstance(sp, dict) or len(sp.get("weights") or []) != world_size:
+        raise ValueError(f"manifest: split for world size {world_size} is malformed: {sp}")
+    return sp
 
 
 def read_manifest(model_dir: Path) -> dict:

@@ -1,0 +1,335 @@
+"""What a cluster will give before anyone buys it: a performance model of one generated token.
+
+    python -m mpillm.planner --model llama-3.2-1b --node pi5 --link 1gbe --nodes 1 2 4 8
+    python -m mpillm.planner --model DIR --cluster cluster.json          # a calibrated cluster
+    python -m mpillm.planner --model qwen3-30b-a3b --node framework-desktop --link 5gbe --nodes 1 2 4
+
+One token of generation on P ranks costs
+
+    max over ranks (weight bytes the rank reads / its streaming speed + layers x per-layer cost)
+  + (2 x layers + 1) x sync(message, P, link)         two Allreduce per layer + the embedding's
+  + 3 x sync(16 bytes, P, link)                       the step header, the token, the argmax
+
+The weight bytes per rank come from the partition the converter would write
+(``partition.plan``, uneven when the cluster is), so a slow rank shows up as the max. A sync
+is Open MPI's choice between recursive doubling (log2 P rounds of the whole message; small
+messages) and a ring (2(P-1) rounds of 1/P of it; large ones), each round paying the
+link's one-way latency plus the per-message cost of the MPI/TCP stack, and the bytes at the
+link's goodput. ``--buffer-type f16|q8_0`` exchange compressed partials with Allgather
+(each rank receives (P-1) shares; distributed-llama's sync). The link figures are the
+emulated cluster's profiles (tests/cluster/netns.py), whose round trips and rates the
+link tests check on real packets; the node figures are cited in the README.
+
+It also writes and reads the cluster file of ``mpillm.check --calibrate`` and fits a split
+to the ranks' memory (``fit_memory``), which ``python -m convert --cluster`` uses.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import partition
+from .config import ModelConfig
+
+CLUSTER_FORMAT = "mpillm-cluster"
+CLUSTER_VERSION = 1
+# Resident memory of a rank besides weights and KV cache (mpillm.check's figure)
+RUNTIME_OVERHEAD = 256 * 2**20
+BYTES_PER_WEIGHT = {"q4_0": 18 / 32, "q4_1": 20 / 32, "q8_0": 34 / 32, "f16": 2.0, "f32": 4.0}
+
+
+@dataclass(frozen=True)
+class Link:
+    name: str
+    rtt_us: float          # small-packet round trip, end to end
+    goodput_bps: float     # bulk TCP rate
+    stack_us: float = 25.0  # per message and round: Open MPI ob1/TCP send + receive path (fitted on
+    #                         the emulated cluster: README "Performance model")
+
+
+# the same figures as the emulated profiles (tests/cluster/netns.py PROFILES; sources in the README)
+LINKS = {
+    "1gbe": Link("1gbe", 300, 940e6),
+    "2.5gbe": Link("2.5gbe", 250, 2.35e9),
+    "5gbe": Link("5gbe", 250, 4.7e9),
+    "10gbe": Link("10gbe", 200, 9.4e9),
+    "thunderbolt": Link("thunderbolt", 300, 9.4e9),
+    "wifi": Link("wifi", 4000, 560e6),
+    "shm": Link("shm", 0, 40e9, 2.0),   # ranks on one host (shared memory)
+}
+
+
+@dataclass(frozen=True)
+class Node:
+    name: str
+    stream_gbps: float      # memory bandwidth the kernels reach on this node (all cores of one rank)
+    mem_bytes: float
+    layer_us: float         # per layer and token, not counting weight streaming (norms, RoPE, dispatch)
+    about: str
+
+
+# Assumptions, each cited in the README ("Planner"): bandwidth the q4 kernels reach, memory a
+# job can use, and the per-layer fixed cost scaled from this machine by single-core speed.
+NODES = {
+    "pi5": Node("pi5", 9.0, 8e9 - 1.2e9, 60.0, "Raspberry Pi 5 8 GB: LPDDR4X-4267 x32 (17 GB/s peak)"),
+    "framework-desktop": Node("framework-desktop", 110.0, 128e9 - 8e9, 12.0,
+                              "Framework Desktop, Ryzen AI Max+ 395, 128 GB LPDDR5X-8000 x256"),
+    "this-machine": Node("this-machine", 20.0, 16e9, 25.0, "this project's 2-core AVX-512 VM, one thread"),
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# communication
+# ----------------------------------------------------------------------------------------------
+def allreduce_s(nbytes: float, P: int, link: Link) -> float:
+    """Seconds for one Allreduce of nbytes over P ranks (the cheaper of the two algorithms)."""
+    if P <= 1:
+        return 0.0
+    lat = (link.rtt_us / 2 + link.stack_us) * 1e-6
+    bw = link.goodput_bps / 8
+    rounds = math.ceil(math.log2(P)) + (2 if P & (P - 1) else 0)   # non-power-of-two: fold in and out
+    rd = rounds * (lat + nbytes / bw)
+    ring = 2 * (P - 1) * (lat + nbytes / P / bw)
+    return min(rd, ring)
+
+
+def allgather_s(nbytes_each: float, P: int, link: Link) -> float:
+    """Seconds for an Allgather where each rank contributes nbytes_each."""
+    if P <= 1:
+        return 0.0
+    lat = (link.rtt_us / 2 + link.stack_us) * 1e-6
+    bw = link.goodput_bps / 8
+    rounds = math.ceil(math.log2(P))
+    return min(rounds * lat + (P - 1) * nbytes_each / bw, (P - 1) * (lat + nbytes_each / bw))
+
+
+def sync_s(cfg: ModelConfig, P: int, link: Link, buffer_type: str = "f32") -> float:
+    """Seconds of one of the model's per-layer syncs (one generated token, T = 1)."""
+    d = cfg.dim
+    if buffer_type in ("f32", "f64"):
+        return allreduce_s(d * (8 if buffer_type == "f64" else 4), P, link)
+    if buffer_type == "f16":
+        return allgather_s(2 * d, P, link)
+    if buffer_type == "q8_0":    # two Allgathers: int8 codes and float32 block scales
+        return allgather_s(d, P, link) + allgather_s(d // 32 * 4, P, link)
+    raise ValueError(f"unknown buffer type {buffer_type!r}")
+
+
+def comm_s(cfg: ModelConfig, P: int, link: Link, buffer_type: str = "f32") -> float:
+    if P <= 1:
+        return 0.0
+    n_sync = 2 * cfg.n_layers + 1
+    return n_sync * sync_s(cfg, P, link, buffer_type) + 3 * allreduce_s(16, P, link)
+
+
+# ----------------------------------------------------------------------------------------------
+# compute
+# ----------------------------------------------------------------------------------------------
+def rank_read_bytes(cfg: ModelConfig, rs: partition.RankSlice, wtype: str = "q4_0") -> float:
+    """Weight bytes one rank streams per generated token."""
+    return sum(partition.rank_elements(cfg, rs).values()) * BYTES_PER_WEIGHT[wtype]
+
+
+def rank_stored_bytes(cfg: ModelConfig, rs: partition.RankSlice, wtype: str = "q4_0") -> float:
+    """Bytes of a rank's shard (every expert's slice, the embedding and the output rows)."""
+    router = cfg.n_layers * cfg.n_experts * cfg.dim * 4 if cfg.is_moe else 0
+    return partition.rank_stored_elements(cfg, rs) * BYTES_PER_WEIGHT[wtype] + router
+
+
+def kv_bytes(cfg: ModelConfig, rs: partition.RankSlice, max_seq_len: int, kv_type: str = "f16") -> int:
+    return 2 * cfg.n_layers * rs.n_kv_heads_per_partition * max_seq_len * cfg.head_dim * (2 if kv_type == "f16" else 4)
+
+
+def predict(cfg: ModelConfig, speeds_gbps: list[float], link: Link, wtype: str = "q4_0",
+            buffer_type: str = "f32", weights=None, layer_us=None) -> dict:
+    """Predicted ms per generated token on len(speeds_gbps) ranks with the given streaming speeds
+    (GB/s); ``weights`` the split (default: even), ``layer_us`` per-rank fixed cost per layer."""
+    P = len(speeds_gbps)
+    slices = partition.plan(cfg, P, weights)
+    layer_us = layer_us or [0.0] * P
+    comp = [rank_read_bytes(cfg, rs, wtype) / (s * 1e9) + cfg.n_layers * lu * 1e-6
+            for rs, s, lu in zip(slices, speeds_gbps, layer_us)]
+    comm = comm_s(cfg, P, link, buffer_type)
+    total = max(comp) + comm
+    return {"ranks": P, "compute_ms": [round(c * 1e3, 3) for c in comp], "comm_ms": round(comm * 1e3, 3),
+            "ms_per_token": round(total * 1e3, 3), "tok_s": round(1.0 / total, 2),
+            "sync_us": round(sync_s(cfg, P, link, buffer_type) * 1e6, 1) if P > 1 else 0.0}
+
+
+def ideal_weights(speeds: list[float]) -> list[float]:
+    return [float(s) for s in speeds]
+
+
+# ----------------------------------------------------------------------------------------------
+# cluster file and memory
+# ----------------------------------------------------------------------------------------------
+def write_cluster(path: Path, ranks: list[dict], allreduce: list | None = None, model: str | None = None,
+                  weight_types: dict | None = None) -> None:
+    doc = {"format": CLUSTER_FORMAT, "version": CLUSTER_VERSION, "model": model, "weight_types": weight_types or {},
+           "ranks": ranks, "allreduce": allreduce or []}
+    Path(path).write_text(json.dumps(doc, indent=1) + "\n")
+
+
+def read_cluster(path: Path) -> dict:
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"cluster file {path}: {e}") from None
+    if doc.get("format") != CLUSTER_FORMAT or doc.get("version") != CLUSTER_VERSION:
+        raise ValueError(f"{path} is not an mpillm cluster file (write one with `mpillm.check --calibrate`)")
+    ranks = doc.get("ranks") or []
+    for i, r in enumerate(ranks):
+        if r.get("rank") != i or not r.get("weight_gbps", 0) > 0:
+            raise ValueError(f"{path}: rank entry {i} is malformed: {r}")
+    return doc
+
+
+def fit_memory(cfg: ModelConfig, weights: list[float], avail: list[float], wtype: str, max_seq_len: int,
+               adjust: bool = True, kv_type: str = "f16") -> list[float]:
+    """Split weights such that every rank's shard + KV cache + runtime fit its memory.
+
+    ``adjust``: lower an over-full rank's weight (its work moves to the others) until all
+    fit; without it (an explicit --split) the split is only checked. Raises ValueError naming
+    the rank and the numbers when no split fits."""
+    w = [float(x) for x in weights]
+    for _ in range(60):
+        slices = partition.plan(cfg, len(w), w)
+        need = [rank_stored_bytes(cfg, rs, wtype) + kv_bytes(cfg, rs, max_seq_len, kv_type) + RUNTIME_OVERHEAD
+                for rs in slices]
+        over = [(r, n, a) for r, (n, a) in enumerate(zip(need, avail)) if n > a]
+        if not over:
+            return w
+        if not adjust or all(n > a for n, a in zip(need, avail)):
+            break
+        for r, n, a in over:
+            w[r] *= max(0.5, 0.97 * a / n)
+        if min(w) <= 1e-6 * max(w):
+            break
+    r, n, a = over[0]
+    detail = "; ".join(f"rank {r} needs {n / 2**20:,.0f} MiB, has {a / 2**20:,.0f} MiB" for r, n, a in over)
+    what = "the split" if not adjust else "no split of the model over these ranks"
+    raise ValueError(f"{what} does not fit in memory: {detail} (shard + KV cache at max-seq-len {max_seq_len} "
+                     f"+ {RUNTIME_OVERHEAD // 2**20} MiB runtime)")
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------------
+def model_config(name: str) -> tuple[ModelConfig, str]:
+    """A shape name (synth shapes, ``smollm2-135m``) or a converted model directory -> (config, weight type)."""
+    if name == "smollm2-135m":
+        return ModelConfig("llama", 576, 30, 9, 3, 64, 1536, 49152, 100000.0, tied_embeddings=True), "q4_1"
+    p = Path(name)
+    if p.is_dir():
+        from . import format as fmt
+
+        m = fmt.read_manifest(p)
+        wt = m.get("weight_type", "q4_0")
+        return ModelConfig.from_dict(m["config"]), wt if wt in BYTES_PER_WEIGHT else "q4_0"
+    from convert.synth import SHAPES
+
+    if name not in SHAPES:
+        raise ValueError(f"unknown model {name!r}: a converted model directory or one of "
+                         f"smollm2-135m, {', '.join(SHAPES)}")
+    return ModelConfig(**SHAPES[name]), "q4_0"
+
+
+def table(cfg: ModelConfig, node: Node, link: Link, counts: list[int], wtype: str, buffer_type: str,
+          max_seq_len: int = 4096) -> list[dict]:
+    rows = []
+    for n in counts:
+        try:
+            partition.check_world_size(cfg, n)
+        except ValueError as e:
+            rows.append({"nodes": n, "error": str(e)})
+            continue
+        r = predict(cfg, [node.stream_gbps] * n, link if n > 1 else LINKS["shm"], wtype, buffer_type,
+                    layer_us=[node.layer_us] * n)
+        rs = partition.plan(cfg, n)
+        need = max(rank_stored_bytes(cfg, s, wtype) + kv_bytes(cfg, s, max_seq_len) + RUNTIME_OVERHEAD for s in rs)
+        r.update(nodes=n, fits=need <= node.mem_bytes, need_gb=round(need / 1e9, 2))
+        rows.append(r)
+    return rows
+
+
+def verdicts(rows: list[dict]) -> list[str]:
+    out = []
+    prev = None
+    for r in rows:
+        if "error" in r:
+            out.append(f"{r['nodes']} nodes: {r['error']}")
+            continue
+        if not r["fits"]:
+            out.append(f"{r['nodes']} node(s): does not fit ({r['need_gb']} GB per node needed)")
+        if prev is not None and prev["fits"] and r["tok_s"] < prev["tok_s"]:
+            out.append(f"going from {prev['nodes']} to {r['nodes']} nodes makes it SLOWER "
+                       f"({prev['tok_s']} -> {r['tok_s']} tok/s): the syncs cost {r['comm_ms']} ms per token, "
+                       f"more than the {round(max(prev['compute_ms']) - max(r['compute_ms']), 2)} ms of compute saved")
+        prev = r
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m mpillm.planner", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m",
+                   help="converted model directory, or a shape: smollm2-135m, llama-3.2-1b, llama-3.1-8b, qwen3-30b-a3b")
+    p.add_argument("--node", choices=list(NODES), default="pi5", help="node type (default: %(default)s)")
+    p.add_argument("--nodes", type=int, nargs="+", default=[1, 2, 4, 8], help="node counts to compare")
+    p.add_argument("--link", choices=[k for k in LINKS if k != "shm"], default="1gbe")
+    p.add_argument("--cluster", type=Path, default=None,
+                   help="a cluster file from `mpillm.check --calibrate`: predict for its measured ranks")
+    p.add_argument("--weight-type", choices=list(BYTES_PER_WEIGHT), default=None,
+                   help="weight type (default: the model's, q4_0 for shapes)")
+    p.add_argument("--buffer-type", choices=["f32", "f16", "q8_0"], default="f32")
+    p.add_argument("--max-seq-len", type=int, default=4096, help="KV cache length for the memory check")
+    p.add_argument("--json", action="store_true", help="print JSON only")
+    a = p.parse_args(argv)
+    try:
+        cfg, wt = model_config(a.model)
+    except ValueError as e:
+        print(f"planner: error: {e}", file=sys.stderr)
+        return 2
+    wt = a.weight_type or wt
+    link = LINKS[a.link]
+    if a.cluster:
+        doc = read_cluster(a.cluster)
+        speeds = [r["weight_gbps"] for r in doc["ranks"]]
+        even = predict(cfg, speeds, link, wt, a.buffer_type)
+        split = predict(cfg, speeds, link, wt, a.buffer_type, weights=speeds)
+        out = {"model": a.model, "link": a.link, "speeds_gbps": speeds, "even": even, "calibrated_split": split}
+        if a.json:
+            print(json.dumps(out))
+            return 0
+        print(f"{a.model} on {len(speeds)} calibrated ranks ({', '.join(f'{s:.1f}' for s in speeds)} GB/s), {a.link}:")
+        for k in ("even", "calibrated_split"):
+            r = out[k]
+            print(f"  {k:>16}: {r['tok_s']:7.1f} tok/s = {r['ms_per_token']:.2f} ms/token "
+                  f"(compute per rank {r['compute_ms']} ms, comm {r['comm_ms']} ms)")
+        return 0
+    node = NODES[a.node]
+    rows = table(cfg, node, link, a.nodes, wt, a.buffer_type, a.max_seq_len)
+    if a.json:
+        print(json.dumps({"model": a.model, "node": a.node, "link": a.link, "weight_type": wt,
+                          "buffer_type": a.buffer_type, "rows": rows}))
+        return 0
+    print(f"{a.model} ({wt}) on {node.about}, {node.stream_gbps} GB/s each, linked by {a.link} "
+          f"(RTT {link.rtt_us:.0f} us, {link.goodput_bps / 1e9:.2f} Gbit/s), {a.buffer_type} syncs:")
+    print(f"  {'nodes':>5} {'tok/s':>8} {'ms/token':>9} {'compute':>9} {'comm':>8} {'per sync':>9} {'GB/node':>8}")
+    for r in rows:
+        if "error" in r:
+            print(f"  {r['nodes']:>5}  {r['error']}")
+            continue
+        print(f"  {r['nodes']:>5} {r['tok_s']:>8.1f} {r['ms_per_token']:>9.2f} {max(r['compute_ms']):>9.2f} "
+              f"{r['comm_ms']:>8.2f} {r['sync_us']:>7.0f}us {r['need_gb']:>8.2f}{'' if r['fits'] else '  (does not fit)'}")
+    for v in verdicts(rows):
+        print(f"  - {v}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
