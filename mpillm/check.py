@@ -43,6 +43,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--comm-iters", type=float, default=1.0,
                    help="scale the Allreduce repetition counts (default: %(default)s)")
     p.add_argument("--no-comm", action="store_true", help="skip the Allreduce timings")
+    p.add_argument("--calibrate", nargs="?", const="cluster.json", default=None, metavar="FILE",
+                   help="also measure each rank's weight-streaming speed for the model's types and write a "
+                        "cluster file for `python -m convert --cluster` (default file: cluster.json)")
+    p.add_argument("--calibrate-seconds", type=float, default=0.6, help="timing per weight type (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="numba threads per rank for --calibrate, as the job will run (default: %(default)s)")
     p.add_argument("--read-all", action="store_true",
                    help="also read every byte of each shard (finds I/O errors; costs a full read)")
     return p
@@ -258,6 +264,26 @@ def print_table(reps: list[dict], model_dir: Path, args, bench, out=sys.stdout) 
                       f"{2 * layers * t * 1e3:.2f} ms per token at this latency", file=out)
 
 
+def calibrate_step(args, comm: MPI.Comm, model_dir: Path, rep: dict, bench) -> list[dict] | None:
+    """--calibrate: every rank times its kernels at once; rank 0 writes the cluster file."""
+    if not args.calibrate:
+        return None
+    from .calibrate import calibrate_rank, write_cluster_file
+
+    err, mine = None, None
+    try:
+        mine = calibrate_rank(comm, model_dir, rep.get("avail"), args.calibrate_seconds, args.threads)
+    except (ValueError, OSError) as e:
+        err = f"calibration failed: {e}"
+    from .comm import agree
+
+    agree(comm, err)
+    reps = comm.gather(mine, root=0)
+    if comm.Get_rank() == 0:
+        write_cluster_file(Path(args.calibrate), reps, model_dir, bench)
+    return reps
+
+
 def main(argv: list[str] | None = None) -> int:
     from .generate import parse_args_bcast
 
@@ -273,10 +299,15 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_comm and comm.Get_size() > 1:
         dims = comm.allgather(rep.get("dim"))
         bench = comm_bench(comm, args.comm_iters, (dims[0] or 0) * 4 or None)
+    cal = calibrate_step(args, comm, model_dir, rep, bench)
     rc = 0
     if rank == 0:
         problems = judge(reps)
         print_table(reps, model_dir, args, bench)
+        if cal:
+            from .calibrate import print_calibration
+
+            print_calibration(cal, Path(args.calibrate))
         if problems:
             print(f"mpillm.check: FAILED ({len(problems)} problem{'s' if len(problems) > 1 else ''}):",
                   file=sys.stderr)

@@ -158,6 +158,11 @@ def reap_stale() -> list[str]:
 _counter = 0
 
 
+def rtt_p25(rtts: list[float]) -> float | None:
+    """The 25th percentile of ping RTTs: the link's RTT under noise that only ever adds delay."""
+    return statistics.quantiles(rtts, n=4)[0] if len(rtts) >= 2 else (rtts[0] if rtts else None)
+
+
 class Cluster:
     """n emulated hosts on a shaped bridge. Use as a context manager; ``down`` always runs."""
 
@@ -311,29 +316,43 @@ class Cluster:
                             "-s", str(size), "-W", "1", addr], capture_output=True, text=True, timeout=30 + count)
         return [float(t) * 1e3 for t in re.findall(r"time=([\d.]+) ms", r.stdout)]
 
-    def calibrate(self, rounds: int = 3) -> None:
-        """Set the relay's hold so the median ping RTT h0 -> h1 matches the profile: the relay
-        and the veth-less TAP path cost some tens of microseconds of their own (measured here
-        with no hold: ``base_rtt_us``), which the hold leaves out; two feedback rounds then
-        absorb the extra cost of a timed wake-up."""
+    def rtt(self, i: int = 0, j: int = 1) -> float:
+        """The RTT h_i -> h_j as the profiles define it: 25th percentile of 40 pings 2 ms apart."""
+        return rtt_p25(self.ping(i, self.addrs[j], count=40, interval=0.002)) or 0.0
+
+    def calibrate(self, rounds: int = 5) -> None:
+        """Set the relay's hold so the ping RTT h0 -> h1 matches the profile. RTTs here are the
+        25th percentile of 40 pings (``rtt_p25``): the machine's other tenants only ever add
+        delay, and on a busy 2-core machine the median swings by half its value from one minute
+        to the next. The relay and the TAP path cost some tens of microseconds of their own
+        (measured first with no hold: ``base_rtt_us``), which the hold leaves out; feedback
+        rounds then absorb the extra cost of a timed wake-up (within 3% ends it)."""
         if self.n < 2:
             return
         self.relay_cmd("delay 0")
-        base = self.ping(0, self.addrs[1], count=30, interval=0.003)
-        self.base_rtt_us = statistics.median(base) if base else 0.0
+        self.base_rtt_us = self.rtt()
         hold = max(0.0, (self.profile.rtt_us - self.base_rtt_us) / 2)
         for _ in range(rounds):
             self.relay_cmd(f"delay {hold:.1f}")
-            got = self.ping(0, self.addrs[1], count=30, interval=0.003)
+            got = self.rtt()
             if not got:
                 break
-            err = statistics.median(got) - self.profile.rtt_us
+            err = got - self.profile.rtt_us
             if abs(err) < 0.03 * self.profile.rtt_us:
                 break
-            hold = max(0.0, hold - err / 2)
+            hold = min(self.profile.rtt_us / 2, max(0.0, hold - err / 2))
         self.one_way_us = hold
         self.relay_cmd(f"delay {hold:.1f}")
         self.relay_cmd("reset")
+
+    def set_shaping(self, on: bool) -> None:
+        """Remove (or restore) every host's tbf: what the links carry without the rate limit."""
+        for h in self.hosts:
+            if on and self.profile.rate:
+                _tc(h, "qdisc", "replace", "dev", "eth0", "root", "tbf", *_tbf_args(self.profile.rate))
+            elif not on:
+                subprocess.run(["ip", "netns", "exec", h, "tc", "qdisc", "del", "dev", "eth0", "root"],
+                               capture_output=True, timeout=10)
 
     def down(self) -> None:
         if self.relay is not None:
