@@ -105,3 +105,25 @@ def test_compressed_syncs_cost_less_bandwidth(bt):
     assert planner.sync_s(MOE, 4, link, bt) > 0
     big = planner.LINKS["1gbe"]
     assert planner.comm_s(MOE, 8, big, bt) > 0
+
+
+def test_calibrate_writes_a_cluster_file_convert_reads(tmp_path):
+    """mpillm.check --calibrate on 2 ranks -> cluster file -> convert --cluster -> planner --cluster."""
+    from convert.__main__ import convert
+    from convert.__main__ import main as convert_main
+    from mpillm import format as fmt
+    from mpiutil import mpirun
+
+    fx = Path(__file__).resolve().parent / "fixtures" / "llama"
+    convert(fx, tmp_path / "even", [2], "q4_0", progress=False, tokenizer=False)
+    cf = tmp_path / "cluster.json"
+    r = mpirun(2, ["-m", "mpillm.check", "--model", str(tmp_path / "even"), "--no-comm", "--calibrate", str(cf),
+                   "--calibrate-seconds", "0.2", "--max-seq-len", "64"], timeout=180)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "calibration (weight streaming" in r.stdout and "split weight" in r.stdout, r.stdout
+    doc = planner.read_cluster(cf)
+    assert [x["rank"] for x in doc["ranks"]] == [0, 1]
+    assert all(x["weight_gbps"] > 0 and set(x["gbps"]) == {"q4_0"} and x["avail_bytes"] > 0 for x in doc["ranks"])
+    assert convert_main([str(fx), str(tmp_path / "split"), "--cluster", str(cf), "--no-progress", "--no-tokenizer"]) == 0
+    sp = fmt.split_of(fmt.read_manifest(tmp_path / "split"), 2)
+    assert sp["gbps"] == [x["weight_gbps"] for x in doc["ranks"]]
