@@ -107,9 +107,31 @@ def allgather_s(nbytes_each: float, P: int, link: Link) -> float:
     return min(rounds * lat + (P - 1) * nbytes_each / bw, (P - 1) * (lat + nbytes_each / bw))
 
 
-def sync_s(cfg: ModelConfig, P: int, link: Link, buffer_type: str = "f32") -> float:
-    """Seconds of one of the model's per-layer syncs (one generated token, T = 1)."""
+def table_s(table: list, nbytes: float) -> float:
+    """Seconds for an Allreduce of nbytes from a measured [[bytes, seconds], ...] table
+    (mpillm.check's timings, kept in the cluster file): log-log interpolation, clamped at the ends."""
+    pts = sorted((float(b), float(t)) for b, t in table if b > 0 and t > 0)
+    if nbytes <= pts[0][0]:
+        return pts[0][1]
+    for (b0, t0), (b1, t1) in zip(pts, pts[1:]):
+        if nbytes <= b1:
+            f = math.log(nbytes / b0) / math.log(b1 / b0)
+            return math.exp(math.log(t0) + f * math.log(t1 / t0))
+    (b0, t0), (b1, t1) = pts[-2], pts[-1]
+    return t1 * nbytes / b1
+
+
+def sync_s(cfg: ModelConfig, P: int, link: Link, buffer_type: str = "f32", table: list | None = None) -> float:
+    """Seconds of one of the model's per-layer syncs (one generated token, T = 1); ``table`` a
+    measured Allreduce table for these ranks (then the Allgathers of f16 / q8_0 are costed as
+    Allreduces of the bytes each rank receives: both are latency-bound at these sizes)."""
     d = cfg.dim
+    if table:
+        if buffer_type in ("f32", "f64"):
+            return table_s(table, d * (8 if buffer_type == "f64" else 4))
+        if buffer_type == "f16":
+            return table_s(table, 2 * d * (P - 1))
+        return table_s(table, d * (P - 1)) + table_s(table, d // 32 * 4 * (P - 1))
     if buffer_type in ("f32", "f64"):
         return allreduce_s(d * (8 if buffer_type == "f64" else 4), P, link)
     if buffer_type == "f16":
@@ -119,11 +141,12 @@ def sync_s(cfg: ModelConfig, P: int, link: Link, buffer_type: str = "f32") -> fl
     raise ValueError(f"unknown buffer type {buffer_type!r}")
 
 
-def comm_s(cfg: ModelConfig, P: int, link: Link, buffer_type: str = "f32") -> float:
+def comm_s(cfg: ModelConfig, P: int, link: Link, buffer_type: str = "f32", table: list | None = None) -> float:
     if P <= 1:
         return 0.0
     n_sync = 2 * cfg.n_layers + 1
-    return n_sync * sync_s(cfg, P, link, buffer_type) + 3 * allreduce_s(16, P, link)
+    small = table_s(table, 16) if table else allreduce_s(16, P, link)
+    return n_sync * sync_s(cfg, P, link, buffer_type, table) + 3 * small
 
 
 # ----------------------------------------------------------------------------------------------
@@ -145,19 +168,20 @@ def kv_bytes(cfg: ModelConfig, rs: partition.RankSlice, max_seq_len: int, kv_typ
 
 
 def predict(cfg: ModelConfig, speeds_gbps: list[float], link: Link, wtype: str = "q4_0",
-            buffer_type: str = "f32", weights=None, layer_us=None) -> dict:
+            buffer_type: str = "f32", weights=None, layer_us=None, table: list | None = None) -> dict:
     """Predicted ms per generated token on len(speeds_gbps) ranks with the given streaming speeds
-    (GB/s); ``weights`` the split (default: even), ``layer_us`` per-rank fixed cost per layer."""
+    (GB/s); ``weights`` the split (default: even), ``layer_us`` per-rank fixed cost per layer,
+    ``table`` measured Allreduce timings to use instead of the link model."""
     P = len(speeds_gbps)
     slices = partition.plan(cfg, P, weights)
     layer_us = layer_us or [0.0] * P
     comp = [rank_read_bytes(cfg, rs, wtype) / (s * 1e9) + cfg.n_layers * lu * 1e-6
             for rs, s, lu in zip(slices, speeds_gbps, layer_us)]
-    comm = comm_s(cfg, P, link, buffer_type)
+    comm = comm_s(cfg, P, link, buffer_type, table)
     total = max(comp) + comm
     return {"ranks": P, "compute_ms": [round(c * 1e3, 3) for c in comp], "comm_ms": round(comm * 1e3, 3),
             "ms_per_token": round(total * 1e3, 3), "tok_s": round(1.0 / total, 2),
-            "sync_us": round(sync_s(cfg, P, link, buffer_type) * 1e6, 1) if P > 1 else 0.0}
+            "sync_us": round(sync_s(cfg, P, link, buffer_type, table) * 1e6, 1) if P > 1 else 0.0}
 
 
 def ideal_weights(speeds: list[float]) -> list[float]:
@@ -280,7 +304,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="converted model directory, or a shape: smollm2-135m, llama-3.2-1b, llama-3.1-8b, qwen3-30b-a3b")
     p.add_argument("--node", choices=list(NODES), default="pi5", help="node type (default: %(default)s)")
     p.add_argument("--nodes", type=int, nargs="+", default=[1, 2, 4, 8], help="node counts to compare")
-    p.add_argument("--link", choices=[k for k in LINKS if k != "shm"], default="1gbe")
+    p.add_argument("--link", choices=[k for k in LINKS if k != "shm"], default=None,
+                   help="link profile (default: 1gbe; with --cluster: the Allreduce timings in the file)")
+    p.add_argument("--layer-us", type=float, default=None,
+                   help="with --cluster: fixed cost per layer and token on these ranks (default: 0)")
     p.add_argument("--cluster", type=Path, default=None,
                    help="a cluster file from `mpillm.check --calibrate`: predict for its measured ranks")
     p.add_argument("--weight-type", choices=list(BYTES_PER_WEIGHT), default=None,
@@ -295,17 +322,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"planner: error: {e}", file=sys.stderr)
         return 2
     wt = a.weight_type or wt
-    link = LINKS[a.link]
+    link = LINKS[a.link or "1gbe"]
     if a.cluster:
         doc = read_cluster(a.cluster)
         speeds = [r["weight_gbps"] for r in doc["ranks"]]
-        even = predict(cfg, speeds, link, wt, a.buffer_type)
-        split = predict(cfg, speeds, link, wt, a.buffer_type, weights=speeds)
-        out = {"model": a.model, "link": a.link, "speeds_gbps": speeds, "even": even, "calibrated_split": split}
+        ar_table = doc.get("allreduce") if a.link is None else None
+        lu = [a.layer_us or 0.0] * len(speeds)
+        even = predict(cfg, speeds, link, wt, a.buffer_type, layer_us=lu, table=ar_table)
+        split = predict(cfg, speeds, link, wt, a.buffer_type, weights=speeds, layer_us=lu, table=ar_table)
+        out = {"model": a.model, "link": "measured Allreduce table" if ar_table else a.link or "1gbe",
+               "speeds_gbps": speeds, "even": even, "calibrated_split": split}
         if a.json:
             print(json.dumps(out))
             return 0
-        print(f"{a.model} on {len(speeds)} calibrated ranks ({', '.join(f'{s:.1f}' for s in speeds)} GB/s), {a.link}:")
+        print(f"{a.model} on {len(speeds)} calibrated ranks ({', '.join(f'{s:.1f}' for s in speeds)} GB/s), "
+              f"{out['link']}:")
         for k in ("even", "calibrated_split"):
             r = out[k]
             print(f"  {k:>16}: {r['tok_s']:7.1f} tok/s = {r['ms_per_token']:.2f} ms/token "

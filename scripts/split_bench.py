@@ -38,7 +38,7 @@ from mpiutil import mpi_env, mpirun_cmd  # noqa: E402
 class CpuQuota:
     """A cgroup limiting its members to ``cpus`` CPUs; removed on exit."""
 
-    def __init__(self, cpus: float, period_us: int = 100_000):
+    def __init__(self, cpus: float, period_us: int = 10_000):
         name = f"mpillm-split-{os.getpid()}"
         v2 = Path("/sys/fs/cgroup/unified")
         v2 = v2 if v2.is_dir() else Path("/sys/fs/cgroup")
@@ -99,6 +99,9 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, default=None, help="GGUF or HF source (default: the bundled SmolLM2)")
     p.add_argument("--quota", type=float, default=0.5, help="CPUs rank 1 may use (default: %(default)s)")
+    p.add_argument("--period-us", type=int, default=10_000,
+                   help="quota period: short, so a rank that spends its quota waiting in a collective "
+                        "is not frozen for many tokens at once (default: %(default)s)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--gen-tokens", type=int, default=48)
     p.add_argument("--timeout", type=float, default=600)
@@ -109,7 +112,7 @@ def main() -> int:
 
         a.model = bundled_gguf()
     t0 = time.time()
-    with CpuQuota(a.quota) as cg, tempfile.TemporaryDirectory(prefix="mpillm-split-") as td:
+    with CpuQuota(a.quota, a.period_us) as cg, tempfile.TemporaryDirectory(prefix="mpillm-split-") as td:
         td = Path(td)
         even, split, cluster = td / "even", td / "split", td / "cluster.json"
         run([sys.executable, "-m", "convert", str(a.model), str(even), "--world-size", "2", "--no-progress"], a.timeout)
