@@ -1,6 +1,12 @@
 """The batch scripts in slurm/ under a real single-node Slurm (tests/cluster/slurm.py).
 
-Needs Debian's slurm-wlm, munge and libpmix-dev (srun --mpi=pmix) and root; skips otherwise.
+Needs Debian's slurm-wlm, munge and libpmix-dev (srun --mpi=pmix) and root; the tests that use
+the cluster skip otherwise (the staging script's own test needs none of it and always runs).
+
+Timeouts: module fixtures count toward the first test that uses them, so every cluster test may
+pay for starting Slurm (<= 90 s), converting (240 s) and its own job (<= 300 s): pytest-timeout
+gets TIMEOUT, above their sum; each job's limit is also clipped to what is left of it
+(tests/mpiutil.py), so a job is always cancelled and reported before pytest-timeout fires.
 """
 from __future__ import annotations
 
@@ -18,11 +24,9 @@ sys.path.insert(0, str(HERE / "cluster"))
 import slurm  # noqa: E402
 from common import PROMPT, single_host_text, text_of  # noqa: E402
 
-pytestmark = [pytest.mark.slurm, pytest.mark.slow]
-
+TIMEOUT = 900
+pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.timeout(TIMEOUT)]
 _reason = slurm.missing_reason()
-if _reason:
-    pytestmark.append(pytest.mark.skip(reason=_reason))
 
 SLURM = ROOT / "slurm"
 GEN = ["--prompt", PROMPT, "--max-tokens", "16", "--quiet"]
@@ -30,6 +34,8 @@ GEN = ["--prompt", PROMPT, "--max-tokens", "16", "--quiet"]
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
+    if _reason:
+        pytest.skip(_reason)
     d = tmp_path_factory.mktemp("slurm")
     with slurm.SlurmCluster(d) as c:
         yield c

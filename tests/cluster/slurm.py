@@ -7,7 +7,9 @@ Starts munged, slurmctld and slurmd (Debian ``slurm-wlm`` and ``munge``) in the
 foreground of processes this module owns, with a minimal slurm.conf: no systemd, no
 cgroups (proctrack/linuxproc, task/none), select/cons_tres, ports picked free on the
 loopback, everything (key, sockets, state, spool, logs) under the given directory.
-``stop`` cancels the jobs left, then ends exactly the daemons it started.
+``stop`` cancels the jobs left, then ends exactly the daemons it started. The daemons get
+SIGTERM from the kernel if the process that started them dies (PR_SET_PDEATHSIG), and under
+pytest a job's timeout is clipped to the running test's own (tests/mpiutil.py ``budget``).
 """
 from __future__ import annotations
 
@@ -19,6 +21,14 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+try:  # under pytest: keep job timeouts inside the test's pytest-timeout, and reap with it
+    from mpiutil import term_with_parent, budget
+except ImportError:  # pragma: no cover - used outside the test suite
+    term_with_parent = None
+
+    def budget(timeout: float) -> tuple[float, str]:
+        return timeout, ""
 
 DAEMONS = ("munged", "slurmctld", "slurmd")
 CLIENTS = ("sbatch", "squeue", "sinfo", "scontrol", "scancel", "srun", "sbcast")
@@ -130,7 +140,7 @@ PartitionName=debug Nodes={self.node} Default=YES MaxTime=60 State=UP
     def _spawn(self, name: str, argv: list[str]) -> None:
         log = open(self.dir / "log" / f"{name}.out", "w")
         self.procs[name] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=self.env(),
-                                            start_new_session=True)
+                                            start_new_session=True, preexec_fn=term_with_parent)
         log.close()
 
     def start(self, timeout: float = 60) -> "SlurmCluster":
@@ -223,6 +233,7 @@ PartitionName=debug Nodes={self.node} Default=YES MaxTime=60 State=UP
         ``wait="sbatch"`` uses ``sbatch --wait``, whose poll interval grows to tens of seconds
         (a 10 s job can take 40 s to return); the default submits with ``sbatch`` and polls
         ``scontrol show job`` every 0.2 s, which returns as soon as the job has ended."""
+        timeout, note = budget(timeout)
         outdir = self.dir / "jobs"
         outdir.mkdir(exist_ok=True)
         stamp = f"{time.monotonic_ns()}"
@@ -260,7 +271,7 @@ PartitionName=debug Nodes={self.node} Default=YES MaxTime=60 State=UP
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
-            raise AssertionError(f"sbatch {script} did not finish in {timeout}s\n{so}\n{se}\n"
+            raise AssertionError(f"sbatch {script} did not finish in {timeout:.0f}s{note}; cancelled\n{so}\n{se}\n"
                                  f"{out.read_text() if out.exists() else ''}\n{err.read_text() if err.exists() else ''}")
         if jid > 0 and not state:
             state = self.job_info(jid).get("JobState", "")
