@@ -27,6 +27,29 @@ class SrcTensor:
     src_type: str                # the source's own type name, for messages
 
 
+def refuse_sliding_window(where, window, context_length: int) -> None:
+    """Sliding-window attention is not implemented: a model whose window is shorter than the context
+    it would run with would silently attend past the window and give wrong results, so refuse it.
+    A window that covers the whole context is the same as full attention (Mistral-style configs)."""
+    if window and 0 < int(window) < context_length:
+        raise ValueError(f"{where}: sliding-window attention (window {int(window)} tokens) is not supported yet, "
+                         f"and the window is shorter than the model's context length {context_length}: "
+                         f"past {int(window)} tokens the results would be wrong")
+
+
+def _hf_sliding_window(hf: dict) -> int | None:
+    """The window a Hugging Face config applies to some layer, or None.
+
+    ``layer_types`` (transformers 5) says per layer; otherwise ``sliding_window`` is used unless
+    ``use_sliding_window`` (Qwen2/Qwen3 configs) is false."""
+    window = hf.get("sliding_window")
+    if not window:
+        return None
+    if hf.get("layer_types") is not None:
+        return window if "sliding_attention" in hf["layer_types"] else None
+    return window if hf.get("use_sliding_window", True) else None
+
+
 def _unpermute_rows(a: np.ndarray, n_head: int) -> np.ndarray:
     """Undo llama.cpp's Q/K row permutation (interleaved-pair RoPE) -> Hugging Face (NeoX) order."""
     rows = a.shape[0]
@@ -71,6 +94,7 @@ class GGUFSource:
             expert_ffn_dim=int(g("expert_feed_forward_length", 0)) if moe else 0,
             norm_topk_prob=bool(g("expert_weights_norm", True)),
         )
+        refuse_sliding_window(self.path, g("attention.sliding_window"), self.config.context_length)
         if g("rope.scaling.type") not in (None, "none"):
             raise ValueError(f"{self.path}: RoPE scaling {g('rope.scaling.type')!r} is not supported yet")
         self.names = N.model_tensors(arch, self.config.n_layers, self.config.tied_embeddings,
@@ -176,6 +200,7 @@ class HFSource:
             expert_ffn_dim=hf.get("moe_intermediate_size", 0) if moe else 0,
             norm_topk_prob=bool(hf.get("norm_topk_prob", True)),
         )
+        refuse_sliding_window(self.path, _hf_sliding_window(hf), self.config.context_length)
         self.names = N.model_tensors(arch, self.config.n_layers, tied)
         for n in self.names:
             for hn in self._hf_names(n):

@@ -1,10 +1,17 @@
-"""Bad input: each case names its cause (and rank), every rank exits non-zero, nothing hangs.
+"""Bad input: each case names its cause (the file, the rank, the numbers), every rank exits
+through the clean path, nothing hangs.
 
-Each MPI job runs under a 60 s timeout (tests/mpiutil.py kills the job and fails the test).
+The clean path (mpillm.comm.run): the ranks agree on the error, rank 0 prints one
+``PROG: error: ...`` line, and every rank leaves with exit code 1 through ``sys.exit``. Each job
+runs under tests/scripts/exits.py, which records each rank's own exit code, so the checks prove
+that every rank exited by itself (not that mpirun killed the stragglers), that there was no
+MPI_Abort, and that no other rank printed anything. Each MPI job runs under a 120 s timeout
+(tests/mpiutil.py kills the whole job and fails the test).
 """
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -35,24 +42,46 @@ def fresh_copy(model: Path, tmp_path: Path) -> Path:
     return dst
 
 
-def run_logits(np_: int, model: Path, tmp_path: Path, extra_env=None):
+def run_probed(np_: int, args: list[str], tmp_path: Path):
+    """mpirun of ``args`` under tests/scripts/exits.py: (result, seconds, {rank: exit code})."""
+    exits = tmp_path / "exits"
+    shutil.rmtree(exits, ignore_errors=True)
+    exits.mkdir()
     t0 = time.monotonic()
-    r = mpirun(np_, ["tests/scripts/logits.py", str(model), str(tmp_path / "out.npy"), *TOKENS], timeout=120,
-               env=extra_env)
+    r = mpirun(np_, ["tests/scripts/exits.py", str(exits), *args], timeout=120)
+    codes = {int(p.stem[4:]): int(p.read_text()) for p in exits.glob("rank*.exit")}
+    r.np, r.exits = np_, codes
     return r, time.monotonic() - t0
 
 
-def assert_failed(r, *needles):
+def run_logits(np_: int, model: Path, tmp_path: Path):
+    return run_probed(np_, ["tests/scripts/logits.py", str(model), str(tmp_path / "out.npy"), *TOKENS], tmp_path)
+
+
+def error_lines(r) -> list[str]:
+    return [ln for ln in (r.stdout + r.stderr).splitlines() if "error" in ln.lower()]
+
+
+def assert_failed(r, message: str, prog: str = "logits"):
+    """The clean failure: every rank exited 1 by itself, and the only error output is rank 0's one
+    line ``PROG: error: MESSAGE...`` (no traceback, no MPI_Abort, no per-rank crash line)."""
     text = r.stdout + r.stderr
     assert r.returncode != 0, f"expected a failure, got exit 0:\n{text}"
-    for n in needles:
-        assert n in text, f"{n!r} not in output:\n{text[-3000:]}"
+    assert r.exits == {k: 1 for k in range(r.np)}, \
+        f"not every rank of {r.np} exited 1 through the clean path: {r.exits}\n{text[-3000:]}"
+    errs = error_lines(r)
+    assert len(errs) == 1 and errs[0].startswith(f"{prog}: error: {message}"), \
+        f"want exactly one line '{prog}: error: {message}...', got {errs}\n{text[-3000:]}"
+    assert "mpi_abort" not in text.lower(), text[-3000:]
     assert "Traceback" not in text, f"an input error must not show a traceback:\n{text[-3000:]}"
+    return errs[0]
 
 
 def test_good_model_runs(model, tmp_path):
+    """The positive control of the probe: every rank exits 0, no error line."""
     r, _ = run_logits(2, model, tmp_path)
     assert r.returncode == 0, r.stderr
+    assert r.exits == {0: 0, 1: 0} and error_lines(r) == [], (r.exits, r.stderr)
     assert np.load(tmp_path / "out.npy").shape == (4, 512)
 
 
@@ -60,20 +89,24 @@ def test_missing_shard(model, tmp_path):
     m = fresh_copy(model, tmp_path)
     (m / "ws3" / "rank1.h5").unlink()
     r, dt = run_logits(3, m, tmp_path)
-    assert_failed(r, "rank 1", "missing")
+    line = assert_failed(r, f"rank 1: shard file {m / 'ws3' / 'rank1.h5'} is missing")
+    assert "rank 0" not in line and "rank 2" not in line, line
     assert dt < 30
 
 
 def test_wrong_world_size(model, tmp_path):
     r, _ = run_logits(4, model, tmp_path)
-    assert_failed(r, "converted for world sizes [1, 2, 3]", "4 ranks")
+    assert_failed(r, f"{model} was converted for world sizes [1, 2, 3], this job has 4 ranks; "
+                     f"convert it with --world-size 4")
 
 
 def test_shard_of_another_world_size(model, tmp_path):
     m = fresh_copy(model, tmp_path)
     shutil.copy(m / "ws3" / "rank0.h5", m / "ws2" / "rank0.h5")
     r, _ = run_logits(2, m, tmp_path)
-    assert_failed(r, "rank 0", "converted for world size 3 rank 0")
+    line = assert_failed(r, f"rank 0: {m / 'ws2' / 'rank0.h5'} was converted for world size 3 rank 0, "
+                            f"but this is rank 0 of 2")
+    assert "rank 1" not in line, line
 
 
 def test_truncated_shard(model, tmp_path):
@@ -83,8 +116,9 @@ def test_truncated_shard(model, tmp_path):
     with open(p, "r+b") as fh:
         fh.truncate(size // 2)
     r, _ = run_logits(2, m, tmp_path)
-    assert_failed(r, "rank 1")
-    assert "truncated" in r.stderr or "corrupt" in r.stderr
+    line = assert_failed(r, f"rank 1: shard file {p} is corrupt or not HDF5")
+    assert f"truncated file: eof = {size // 2}" in line and f"stored_eof = {size}" in line, line
+    assert "rank 0" not in line, line
 
 
 def test_corrupt_shard(model, tmp_path):
@@ -94,24 +128,45 @@ def test_corrupt_shard(model, tmp_path):
         fh.seek(0)
         fh.write(b"\0" * 4096)
     r, _ = run_logits(2, m, tmp_path)
-    assert_failed(r, "rank 0", "corrupt")
+    line = assert_failed(r, f"rank 0: shard file {p} is corrupt or not HDF5")
+    assert "file signature not found" in line and "rank 1" not in line, line
 
 
 def test_not_a_model_dir(tmp_path):
-    r, _ = run_logits(2, tmp_path, tmp_path)
-    assert_failed(r, "not a converted mpillm model")
+    d = tmp_path / "empty"
+    d.mkdir()
+    r, _ = run_logits(2, d, tmp_path)
+    assert_failed(r, f"{d} is not a converted mpillm model (no manifest.json)")
+    r, _ = run_logits(2, tmp_path / "absent", tmp_path)
+    assert_failed(r, f"model directory {tmp_path / 'absent'} does not exist (on every rank)")
 
 
 def test_more_ranks_than_heads(tmp_path):
     """The fixture has 6 query heads: 7 ranks cannot split it, at conversion or at run time."""
     from convert.__main__ import convert
 
-    with pytest.raises(ValueError, match="exceeds the model's 6 query heads"):
+    with pytest.raises(ValueError, match="world size 7 exceeds the model's 6 query heads"):
         convert(FIX, tmp_path / "x", [7], "f32", progress=False, tokenizer=False)
     m = tmp_path / "m1"
     convert(FIX, m, [1], "f32", progress=False, tokenizer=False)
     r, _ = run_logits(7, m, tmp_path)
-    assert_failed(r, "exceeds the model's 6 query heads")
+    line = assert_failed(r, f"{m} was converted for world sizes [1], this job has 7 ranks; ")
+    assert "world size 7 exceeds the model's 6 query heads" in line and "use at most 6 ranks" in line, line
+
+
+def test_assert_failed_rejects_the_abort_path(model, tmp_path):
+    """Negative control for assert_failed: a failure on one rank only (MPI_Abort) does not pass as
+    the clean path."""
+    r, _ = run_probed(2, ["-c", "import sys; from mpi4py import MPI; from mpillm.comm import run\n"
+                                "def main():\n"
+                                "    if MPI.COMM_WORLD.Get_rank() == 1: raise RuntimeError('boom 42')\n"
+                                "    MPI.COMM_WORLD.Barrier(); return 0\n"
+                                "run(main, 'probe')"], tmp_path)
+    assert r.returncode != 0
+    with pytest.raises(AssertionError, match="not every rank of 2 exited 1"):
+        assert_failed(r, "", prog="probe")
+    assert "probe: error on rank 1 of 2" in r.stderr and "boom 42" in r.stderr, r.stderr
+    assert "mpi_abort" in r.stderr.lower() and r.exits == {}, (r.exits, r.stderr)   # what the checks look for
 
 
 def _convert_cli(*args) -> subprocess.CompletedProcess:
@@ -130,12 +185,11 @@ def test_unknown_architecture(tmp_path):
     assert "unknown architecture 'GPT2LMHeadModel'" in r.stderr and "LlamaForCausalLM" in r.stderr
 
 
-def test_unsupported_tensor_type(tmp_path):
-    """A GGUF tensor in a type we do not store (Q5_0) is refused under auto, converted when asked."""
+def _rewrite_gguf(path: Path, extra_kv: dict | None = None, q5_0_tensor: str | None = None) -> Path:
+    """The llama fixture's GGUF written again, with extra metadata and one tensor stored as Q5_0."""
     import gguf
 
     src = gguf.GGUFReader(FIX / "model.gguf")
-    path = tmp_path / "k.gguf"
     w = gguf.GGUFWriter(path, "llama")
     for f in src.fields.values():
         if f.name.startswith("GGUF.") or f.name == "general.architecture":
@@ -145,9 +199,11 @@ def test_unsupported_tensor_type(tmp_path):
             w.add_array(f.name, f.contents())
         else:
             w.add_key_value(f.name, f.contents(), vt)
+    for k, v in (extra_kv or {}).items():
+        w.add_uint32(k, v)
     for t in src.tensors:
         data = np.asarray(t.data)
-        if t.name == "blk.1.attn_v.weight":
+        if t.name == q5_0_tensor:
             q = gguf.quants.quantize(np.ascontiguousarray(data), gguf.GGMLQuantizationType.Q5_0)
             w.add_tensor(t.name, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q5_0)
         else:
@@ -156,6 +212,12 @@ def test_unsupported_tensor_type(tmp_path):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+    return path
+
+
+def test_unsupported_tensor_type(tmp_path):
+    """A GGUF tensor in a type we do not store (Q5_0) is refused under auto, converted when asked."""
+    path = _rewrite_gguf(tmp_path / "k.gguf", q5_0_tensor="blk.1.attn_v.weight")
     r = _convert_cli(path, tmp_path / "out", "--world-size", "1", "--no-tokenizer")
     assert r.returncode != 0
     assert "blk.1.attn_v" in r.stderr or "layers/1/wv" in r.stderr
@@ -164,10 +226,117 @@ def test_unsupported_tensor_type(tmp_path):
     assert r.returncode == 0, r.stderr
 
 
-def test_prompt_longer_than_max_seq_len():
+def _hf_copy(tmp_path: Path, name: str, **changes) -> Path:
+    """A fixture directory whose config.json has ``changes`` (None deletes a key); weights linked."""
+    src, dst = ROOT / "tests" / "fixtures" / name, tmp_path / f"{name}-hf"
+    dst.mkdir()
+    cfg = json.loads((src / "config.json").read_text())
+    for k, v in changes.items():
+        cfg.pop(k, None) if v is None else cfg.__setitem__(k, v)
+    (dst / "config.json").write_text(json.dumps(cfg))
+    (dst / "model.safetensors").symlink_to(src / "model.safetensors")
+    return dst
+
+
+SLIDING_REFUSED = "sliding-window attention (window 128 tokens) is not supported yet"
+
+
+@pytest.mark.parametrize("name, changes", [
+    ("mistral", {"sliding_window": 128}),                                           # Mistral-7B-v0.1 style
+    ("qwen3", {"sliding_window": 128, "use_sliding_window": True, "layer_types": None}),
+    ("qwen3", {"sliding_window": 128, "layer_types": ["sliding_attention", "full_attention"]}),
+])
+def test_sliding_window_shorter_than_context_is_refused(tmp_path, name, changes):
+    """The engine attends to the whole context: a model that attends to only the last 128 tokens of
+    its 256 would be converted into one that is silently wrong past 128 tokens."""
+    r = _convert_cli(_hf_copy(tmp_path, name, **changes), tmp_path / "out", "--world-size", "1")
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert SLIDING_REFUSED in r.stderr and "context length 256" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name, changes", [
+    ("mistral", {"sliding_window": 256}),                   # the window covers the whole context
+    ("mistral", {"sliding_window": 4096}),
+    ("qwen3", {"sliding_window": 128, "use_sliding_window": False, "layer_types": None}),  # Qwen: off
+    ("qwen3", {"sliding_window": 128}),                     # layer_types: every layer full attention
+])
+def test_sliding_window_that_never_applies_converts(tmp_path, name, changes):
+    r = _convert_cli(_hf_copy(tmp_path, name, **changes), tmp_path / "out", "--world-size", "1",
+                     "--no-tokenizer")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "out" / "ws1" / "rank0.h5").exists()
+
+
+def test_gguf_sliding_window(tmp_path):
+    """GGUF ``llama.attention.sliding_window``: 128 of a 256 context is refused, 256 converts."""
+    r = _convert_cli(_rewrite_gguf(tmp_path / "swa.gguf", {"llama.attention.sliding_window": 128}),
+                     tmp_path / "out", "--world-size", "1", "--no-tokenizer")
+    assert r.returncode == 2 and SLIDING_REFUSED in r.stderr and "context length 256" in r.stderr, r.stderr
+    r = _convert_cli(_rewrite_gguf(tmp_path / "full.gguf", {"llama.attention.sliding_window": 256}),
+                     tmp_path / "out", "--world-size", "1", "--no-tokenizer")
+    assert r.returncode == 0, r.stderr
+
+
+def test_prompt_longer_than_max_seq_len(tmp_path):
+    r, dt = run_probed(2, ["-m", "mpillm.generate", "--max-seq-len", "8", "--quiet", "--prompt",
+                           "one two three four five six seven eight nine ten eleven twelve"], tmp_path)
+    assert_failed(r, "the prompt has 12 tokens; --max-seq-len 8 leaves no room to generate", prog="mpillm.generate")
+    assert dt < 120
+
+
+SLEEPER = ("import os, sys, time; from mpi4py import MPI\n"
+           "open(os.path.join(sys.argv[1], f'pid{MPI.COMM_WORLD.Get_rank()}'), 'w').write(str(os.getpid()))\n"
+           "time.sleep(600)\n")
+
+
+def _rank_pids(d: Path, n: int, wait: float = 60) -> list[int]:
+    deadline = time.monotonic() + wait
+    while len(list(d.glob("pid*"))) < n and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return [int(p.read_text()) for p in sorted(d.glob("pid*"))]
+
+
+def _alive(pids: list[int]) -> list[int]:
+    out = []
+    for p in pids:
+        try:
+            state = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            out.append(p)
+    return out
+
+
+@pytest.mark.timeout(45)
+def test_hung_job_is_reaped_inside_the_test_timeout(tmp_path):
+    """A hung 2-rank job asked for 300 s inside a test allowed 45: the job limit is clipped to the
+    test's own (so our kill and report come before pytest-timeout's), and every rank is killed,
+    though Open MPI puts each rank in a process group of its own."""
     t0 = time.monotonic()
-    r = mpirun(2, ["-m", "mpillm.generate", "--max-seq-len", "8", "--quiet", "--prompt",
-                   "one two three four five six seven eight nine ten eleven twelve"], timeout=120)
-    assert_failed(r, "--max-seq-len 8")
-    assert "tokens" in r.stderr
-    assert time.monotonic() - t0 < 120
+    with pytest.raises(AssertionError, match=r"hung for \d+s \(clipped from 300s"):
+        mpirun(2, ["-c", SLEEPER, str(tmp_path)], timeout=300)
+    pids = _rank_pids(tmp_path, 2, wait=0)
+    assert len(pids) == 2 and time.monotonic() - t0 < 45 - 5
+    time.sleep(0.5)
+    assert _alive(pids) == [], f"ranks left running after the timeout: {_alive(pids)}"
+
+
+def test_job_dies_with_pytest(tmp_path):
+    """If the process that launched a job dies (pytest-timeout's thread method ends pytest with
+    os._exit), mpirun gets SIGTERM from the kernel and ends its ranks."""
+    code = ("import sys, os; sys.path.insert(0, 'tests'); import mpiutil\n"
+            "mpiutil.popen_job(mpiutil.mpirun_cmd(2) + [sys.executable, '-c', sys.argv[1], sys.argv[2]],"
+            " mpiutil.mpi_env(), stdout=None, stderr=None)\n"
+            "import time; d = sys.argv[2]\n"
+            "while len([f for f in os.listdir(d) if f.startswith('pid')]) < 2: time.sleep(0.2)\n"
+            "os._exit(1)\n")
+    r = subprocess.run([sys.executable, "-c", code, SLEEPER, str(tmp_path)], cwd=ROOT, timeout=90)
+    assert r.returncode == 1
+    pids = _rank_pids(tmp_path, 2, wait=0)
+    assert len(pids) == 2
+    deadline = time.monotonic() + 15
+    while _alive(pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _alive(pids) == [], f"ranks outlived the process that launched them: {_alive(pids)}"
