@@ -86,10 +86,18 @@ def test_too_little_memory(model_dir):
 
 def test_max_seq_len_counts(model_dir):
     """The KV cache at --max-seq-len counts: a budget that fits 2048 positions (about 750 MiB for
-    two ranks) does not fit 8192 (about 1.1 GiB)."""
-    r = mpirun(2, ["-m", "mpillm.check", "--model", str(model_dir), "--no-comm", "--max-seq-len", "8192",
-                   "--simulate-mem-bytes", str(900 * 2**20)], timeout=120)
-    assert r.returncode == 1 and "too little memory" in r.stderr, r.stdout + r.stderr
+    two ranks) does not fit 8192 (about 1.1 GiB). Both sides are checked, so an estimate that
+    left the KV cache out (or counted it at any length) fails one of them."""
+    def check(seq: int):
+        return mpirun(2, ["-m", "mpillm.check", "--model", str(model_dir), "--no-comm", "--max-seq-len", str(seq),
+                          "--simulate-mem-bytes", str(900 * 2**20)], timeout=120)
+
+    short, long_ = check(2048), check(8192)
+    assert short.returncode == 0 and "mpillm.check: OK" in short.stdout, short.stdout + short.stderr
+    assert "too little memory" not in short.stdout + short.stderr
+    assert long_.returncode == 1, long_.stdout + long_.stderr
+    m = re.search(r"too little memory on \S+: ranks 0,1 need ([\d,]+) MiB .* 900 MiB available", long_.stderr)
+    assert m and 900 < int(m[1].replace(",", "")) < 1300, long_.stderr
 
 
 def test_mixed_cluster_is_refused():
@@ -100,6 +108,7 @@ def test_mixed_cluster_is_refused():
     reps = [dict(base, rank=0, mpillm="0.1.0+aaaa"), dict(base, rank=1, host="b", mpillm="0.1.0+bbbb")]
     problems = judge(reps)
     assert any("mixed cluster: mpillm version differs" in p and "on ranks 1" in p for p in problems), problems
+    assert judge([dict(base, rank=0, mpillm="0.1.0+aaaa"), dict(base, rank=1, host="b", mpillm="0.1.0+aaaa")]) == []
 
 
 def test_memory_is_summed_per_host():
