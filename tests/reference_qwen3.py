@@ -1,5 +1,6 @@
-"""A slow float64 numpy forward of a Qwen3 / Qwen3-MoE Hugging Face directory, written independently
-of mpillm (safetensors read with the safetensors package, config.json read directly).
+"""A slow float64 numpy forward of a Qwen3 / Qwen3-MoE (and Llama / Mistral: no q/k norm) Hugging
+Face directory, written independently of mpillm (safetensors read with the safetensors package,
+config.json read directly).
 
 With ``fake_quant`` every weight matrix mpillm would quantize (embedding, attention, dense FFN,
 experts, untied output) is first rounded to that weight type; the router stays float, as the
@@ -38,6 +39,7 @@ def qwen3_forward(model_dir, tokens, fake_quant: str | None = None) -> tuple[np.
         return w
 
     moe = hf["architectures"][0] == "Qwen3MoeForCausalLM"
+    qk_norm = hf["architectures"][0] in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM")
     dim, nl, nh = hf["hidden_size"], hf["num_hidden_layers"], hf["num_attention_heads"]
     nkv = hf.get("num_key_value_heads") or nh
     hd = hf.get("head_dim") or dim // nh
@@ -64,8 +66,10 @@ def qwen3_forward(model_dir, tokens, fake_quant: str | None = None) -> tuple[np.
     for i in range(nl):
         p = f"model.layers.{i}."
         h = norm(x, W(p + "input_layernorm.weight"))
-        q = norm((h @ W(p + "self_attn.q_proj.weight").T).reshape(n, nh, hd), W(p + "self_attn.q_norm.weight"))
-        k = norm((h @ W(p + "self_attn.k_proj.weight").T).reshape(n, nkv, hd), W(p + "self_attn.k_norm.weight"))
+        q = (h @ W(p + "self_attn.q_proj.weight").T).reshape(n, nh, hd)
+        k = (h @ W(p + "self_attn.k_proj.weight").T).reshape(n, nkv, hd)
+        if qk_norm:
+            q, k = norm(q, W(p + "self_attn.q_norm.weight")), norm(k, W(p + "self_attn.k_norm.weight"))
         v = (h @ W(p + "self_attn.v_proj.weight").T).reshape(n, nkv, hd)
         q, k = rope(q), rope(k)
         o = np.zeros((n, nh, hd))

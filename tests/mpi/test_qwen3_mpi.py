@@ -15,7 +15,7 @@ import pytest
 from mpi4py import MPI
 
 from mpillm.engine import Engine
-from test_tp_mpi import CROSS_RANK, TOLERANCE, convert_on_rank0, rel_rms, shared_tmpdir
+from test_tp_mpi import CROSS_RANK, FAKE_QUANT, TOLERANCE, convert_on_rank0, rel_rms, shared_tmpdir
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 sys.path.insert(0, str(FIXTURES.parent))
@@ -24,10 +24,10 @@ rank, size = comm.Get_rank(), comm.Get_size()
 MODELS = ["qwen3", "qwen3_moe"]
 
 # Engine (q8_0 activations, float32 arithmetic) against the float64 forward of the same rounded
-# weights, over the tokens the engine routes like the reference (MoE: the activation noise can flip
-# a close router call; q4_0 flips 1 of 24 token-layers here, a 0.0012 probability gap, and that
-# token then differs by ~24%). Measured at np 1-4: q8_0 2.2e-2 dense / 1.4e-2 MoE, q4_0 2.3e-2 / 1.5e-2.
-FAKE_QUANT = {"q8_0": 4e-2, "q4_0": 4e-2}
+# weights (FAKE_QUANT, from test_tp_mpi), over the tokens the engine routes like the reference (MoE:
+# the activation noise can flip a close router call; q4_0 flips 1 of 24 token-layers here, a 0.0012
+# probability gap, and that token then differs by ~24%). Measured at np 1-4: q8_0 2.2e-2 dense /
+# 1.4e-2 MoE, q4_0 2.3e-2 / 1.5e-2, q4_1 2.3e-2 / 1.6e-2.
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +71,7 @@ def run(model: Path, tokens: np.ndarray, c: MPI.Comm = comm, max_batch: int = 16
 
 @pytest.mark.mpi
 @pytest.mark.parametrize("name", MODELS)
-@pytest.mark.parametrize("wtype", ["f32", "q8_0", "q4_0"])
+@pytest.mark.parametrize("wtype", ["f32", "q8_0", "q4_0", "q4_1"])
 def test_qwen_fixture_logits(tmp, name, wtype):
     exp = np.load(FIXTURES / name / "expected.npz")
     out = converted(tmp, name, wtype)
