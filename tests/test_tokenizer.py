@@ -280,8 +280,7 @@ def test_sentencepiece_from_gguf(spm):
 
 
 def test_sentencepiece_proto_matches_protobuf(spm):
-    """Our hand-written ModelProto parses with sentencepiece's own protobuf classes (when protobuf is there)."""
-    pytest.importorskip("google.protobuf")
+    """Our hand-written ModelProto parses with sentencepiece's own protobuf classes (protobuf: test extra)."""
     from sentencepiece import sentencepiece_model_pb2 as pb
 
     out, ids = spm
