@@ -1,8 +1,12 @@
 """The distributed engine: open shards, print the plan, run forward steps in lock-step.
 
-Rank 0 drives: it broadcasts a command header and the tokens, every rank runs the
-same forward on its slice, and the vocabulary-parallel logits are gathered to
-rank 0. The other ranks sit in ``serve()`` until rank 0 broadcasts STOP.
+Rank 0 drives. Each step is a plan (mpillm.scheduler makes it): for every row of the batch a
+token id, its position and its sequence's KV slot, and which rows need output (the greedy
+token, or the row's full logits for sampling). Rank 0 broadcasts the plan as two int64
+buffers (a header and the packed arrays), every rank runs the same forward on its shard
+(model.py: two Allreduce per layer), and rank 0 gets back what sampling needs: the
+distributed argmax of greedy rows (16 bytes per rank and row) and the gathered logits of
+sampling rows only. The other ranks sit in ``serve()`` until rank 0 broadcasts STOP.
 """
 from __future__ import annotations
 
@@ -23,10 +27,10 @@ from .config import ModelConfig
 from .model import Transformer
 from .partition import plan, share_notes, valid_world_sizes
 
-CMD_STOP, CMD_FORWARD = 0, 1
-# what a forward returns: last-token logits, all logits, greedy token, nothing (KV cache only),
-# or the NLL of given target tokens (vocabulary-parallel: no logits are gathered)
-OUT_LAST, OUT_ALL, OUT_ARGMAX, OUT_NONE, OUT_NLL = 0, 1, 2, 3, 4
+# commands: stop; a step (output rows get the greedy token or their logits); a scoring step
+# (output rows get -log p(target), vocabulary-parallel: no logits are gathered)
+CMD_STOP, CMD_STEP, CMD_SCORE = 0, 1, 2
+OUT_GREEDY, OUT_LOGITS = 0, 1  # what an output row of a CMD_STEP needs
 
 
 @dataclass
@@ -52,9 +56,13 @@ class Stats:
 
 
 class Engine:
+    """One rank's share of the model and the step protocol. ``n_slots`` sequences of up to
+    ``max_seq_len`` tokens each have their own KV cache slot; a step carries up to
+    ``max_batch`` rows."""
+
     def __init__(self, model_dir: Path, max_seq_len: int = 2048, threads: int = 1, max_batch: int = 64,
                  buffer_type: str = "f32", kv_type: str = "f16",
-                 comm: MPI.Comm = MPI.COMM_WORLD, verbose: bool = True):
+                 comm: MPI.Comm = MPI.COMM_WORLD, verbose: bool = True, n_slots: int = 1):
         self.comm = comm
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
         t0 = time.perf_counter()
@@ -71,8 +79,10 @@ class Engine:
                 raise ValueError(f"{model_dir} was converted for world sizes {manifest['world_sizes']}, "
                                  f"this job has {self.size} ranks{hint} (possible: {valid_world_sizes(cfg)})")
             if max_seq_len < 2 or max_seq_len > cfg.context_length:
-                raise ValueError(f"--max-seq-len {max_seq_len} must be in [2, {cfg.context_length}] "
+                raise ValueError(f"--ctx-size {max_seq_len} must be in [2, {cfg.context_length}] "
                                  f"(the model's context length)")
+            if n_slots < 1 or max_batch < 1:
+                raise ValueError(f"--parallel ({n_slots}) and --batch-tokens ({max_batch}) must be >= 1")
             shard = fmt.Shard(Path(model_dir) / fmt.shard_relpath(self.size, self.rank), self.size, self.rank)
             if shard.config.to_dict() != cfg.to_dict():
                 raise ValueError(f"{shard.path} belongs to a different model than {model_dir}/manifest.json")
@@ -86,31 +96,35 @@ class Engine:
             err = str(e)
         agree(comm, err)
         self.cfg, self.shard = cfg, shard
-        self.max_seq_len, self.max_batch = max_seq_len, max_batch
-        kv_bytes = 2 * cfg.n_layers * (shard.slice["kv_heads"][1] - shard.slice["kv_heads"][0]) * max_seq_len * \
-            cfg.head_dim * (2 if kv_type == "f16" else 4)
+        self.max_seq_len, self.max_batch, self.n_slots = max_seq_len, max_batch, n_slots
+        kv_heads = shard.slice["kv_heads"][1] - shard.slice["kv_heads"][0]
+        kv_per_token = 2 * cfg.n_layers * kv_heads * cfg.head_dim * (2 if kv_type == "f16" else 4)
+        kv_bytes = kv_per_token * max_seq_len * n_slots
         sizes = comm.gather((shard.nbytes, kv_bytes, MPI.Get_processor_name()), root=0)
         if self.rank == 0 and verbose:
             self.print_plan(sizes, threads)
+        agree(comm, kv_memory_error(kv_per_token, n_slots, max_seq_len, self.rank))
         err = None
         try:
             kernels.set_threads(threads)
             kernels.warmup()
-            self.model = Transformer(shard, comm, max_seq_len, max_batch, buffer_type, kv_type)
+            self.model = Transformer(shard, comm, max_seq_len, max_batch, buffer_type, kv_type, n_slots)
         except (ValueError, MemoryError) as e:
             err = f"{type(e).__name__}: {e}"
         agree(comm, err)
         self.vocab_counts = np.array([p.vocab[1] - p.vocab[0] for p in self.slices], np.int64)
-        self.header = np.zeros(4, np.int64)       # [command, n_tokens, position, OUT_*]
-        self.best = np.zeros(2, np.float64)       # this rank's (max logit, global token id)
-        self.bests = np.zeros((self.size, 2), np.float64) if self.rank == 0 else None
-        self.tokens = np.zeros(max_batch, np.int64)
-        self.targets = np.full(max_batch, -1, np.int64)    # OUT_NLL: next token per row, -1 = not scored
-        self.nll_parts = np.zeros((max_batch, 3), np.float64)  # this rank's (max, lse - max, target logit)
-        self.nll_all = np.zeros(self.size * max_batch * 3, np.float64) if self.rank == 0 else None  # (ranks, T, 3)
-        self.full_logits = np.zeros((max_batch, cfg.vocab_size), np.float32) if self.rank == 0 else None
-        self.gather_buf = np.zeros(max_batch * cfg.vocab_size, np.float32) if self.rank == 0 else None
-        # bytes the largest non-root vocabulary slice sends to rank 0 per generated token
+        B, V = max_batch, cfg.vocab_size
+        self.header = np.zeros(4, np.int64)           # [command, T rows, R output rows, rows of kind LOGITS]
+        self.plan = np.zeros(5 * B, np.int64)         # tokens (T), positions (T), slots (T), output rows (R),
+        #                                               and per output row its OUT_* kind (STEP) or target (SCORE)
+        self.best = np.zeros((B, 2), np.float64)      # (R, 2) this rank's (max logit, global id) per output row
+        self.bests = np.zeros(self.size * B * 2, np.float64) if self.rank == 0 else None  # (ranks, R, 2)
+        self.send = np.zeros(B * int(self.vocab_counts.max()), np.float32)  # (R_logits, vocab_pp) packed rows
+        self.nll_parts = np.zeros((B, 3), np.float64)  # this rank's (max, lse - max, target logit)
+        self.nll_all = np.zeros(self.size * B * 3, np.float64) if self.rank == 0 else None  # (ranks, R, 3)
+        self.full_logits = np.zeros((B, V), np.float32) if self.rank == 0 else None   # (R_logits, vocab)
+        self.gather_buf = np.zeros(B * V, np.float32) if self.rank == 0 else None
+        # bytes the largest non-root vocabulary slice sends to rank 0 per sampled token
         self.logits_bytes_per_token = int(self.vocab_counts[1:].max()) * 4 if self.size > 1 else 0
         comm.Barrier()
         self.startup_s = time.perf_counter() - t0
@@ -119,8 +133,8 @@ class Engine:
         cfg = self.cfg
         print(f"mpillm plan: {cfg.arch}, {cfg.n_layers} layers, dim {cfg.dim}, {cfg.n_heads} heads / "
               f"{cfg.n_kv_heads} KV heads, vocab {cfg.vocab_size}; world size {self.size}, "
-              f"{threads} thread(s) per rank, max-seq-len {self.max_seq_len}, kernels {kernels.active_path()}",
-              flush=True)
+              f"{threads} thread(s) per rank, {self.n_slots} slot(s) x {self.max_seq_len} tokens, "
+              f"{self.max_batch} rows per step, kernels {kernels.active_path()}", flush=True)
         shares = share_notes(cfg, self.slices, self.split, [wb for wb, _, _ in sizes])
         for rs, (wb, kb, host), share in zip(self.slices, sizes, shares):
             ffn = rs.expert_ffn if cfg.is_moe else rs.ffn
@@ -129,132 +143,153 @@ class Engine:
                   f"[{ffn[0]},{ffn[1]}) vocab [{rs.vocab[0]},{rs.vocab[1]}) | weights {wb / 2**20:.1f} MiB + "
                   f"KV cache {kb / 2**20:.1f} MiB = {(wb + kb) / 2**20:.1f} MiB | {share}", flush=True)
 
-    # ------------------------------------------------------------------------------------------
-    def _forward_and_gather(self, T: int, pos: int, out: int) -> np.ndarray | int | None:
-        local = self.model.forward(self.tokens[:T], pos, out in (OUT_ALL, OUT_NLL), out != OUT_NONE)
-        if out == OUT_NONE:
+    # ---- every rank: one step of the plan in self.plan ----------------------------------------
+    def _execute(self, cmd: int, T: int, R: int, n_logits: int):
+        p = self.plan
+        out_rows, per_row = p[3 * T:3 * T + R], p[3 * T + R:3 * T + 2 * R]
+        local = self.model.forward(p[:T], p[T:2 * T], p[2 * T:3 * T], out_rows)
+        if R == 0:
             return None
-        if out == OUT_ARGMAX:
-            return self._argmax(local[0])
-        if out == OUT_NLL:
-            return self._nll(local, T)
-        rows = local.shape[0]
-        if self.size == 1:
-            return local
+        if cmd == CMD_SCORE:
+            return self._nll(local, per_row, R)
+        ids = self._argmax(local, R) if n_logits < R else None
+        logits = self._gather_logits(local, per_row, R, n_logits) if n_logits else None
+        return ids, logits
+
+    def _timed(self, fn, *args) -> None:
         t0 = time.perf_counter()
-        if self.rank == 0:
-            counts = self.vocab_counts * rows
-            self.comm.Gatherv(local, [self.gather_buf, counts, None, MPI.FLOAT], root=0)
-        else:
-            self.comm.Gatherv(local, None, root=0)
+        fn(*args)
         self.model.stats.seconds += time.perf_counter() - t0
+
+    def _argmax(self, local: np.ndarray, R: int) -> np.ndarray | None:
+        """Greedy tokens without gathering logits: each rank sends (max, id) of its vocabulary
+        slice per output row; rank 0 keeps the best (ties: the lowest id, as np.argmax)."""
+        best = self.best[:R]
+        ops.argmax_rows(local, self.model.slice.vocab[0], best)
+        if self.size == 1:
+            return best[:, 1].astype(np.int64)
+        allb = self.bests[:self.size * R * 2] if self.rank == 0 else None
+        self._timed(self.comm.Gather, best, allb, 0)
         if self.rank != 0:
             return None
-        if rows == 1:
-            return self.gather_buf[: self.cfg.vocab_size].reshape(1, -1)
-        out, off = self.full_logits[:rows], 0
-        v0 = 0
+        allb = allb.reshape(self.size, R, 2)
+        return allb[np.argmax(allb[:, :, 0], axis=0), np.arange(R), 1].astype(np.int64)
+
+    def _gather_logits(self, local: np.ndarray, kinds: np.ndarray, R: int, n: int) -> np.ndarray | None:
+        """The full logits of the rows that sample: (n, vocab) on rank 0."""
+        if n == R:
+            rows = local
+        else:
+            rows = self.send[:n * local.shape[1]].reshape(n, local.shape[1])
+            ops.gather_rows(local, np.flatnonzero(kinds == OUT_LOGITS), rows)
+        if self.size == 1:
+            return rows
+        if self.rank != 0:
+            self._timed(self.comm.Gatherv, rows, None, 0)
+            return None
+        self._timed(self.comm.Gatherv, rows, [self.gather_buf, self.vocab_counts * n, None, MPI.FLOAT], 0)
+        out, off, v0 = self.full_logits[:n], 0, 0
         for c in self.vocab_counts:
-            out[:, v0:v0 + c] = self.gather_buf[off:off + rows * c].reshape(rows, c)
-            off += rows * c
+            out[:, v0:v0 + c] = self.gather_buf[off:off + n * c].reshape(n, c)
+            off += n * c
             v0 += c
         return out
 
-    def _argmax(self, local: np.ndarray) -> int | None:
-        """Greedy token without gathering logits: each rank sends (max, id) of its vocabulary slice."""
-        i = int(np.argmax(local))
-        if self.size == 1:
-            return i
-        self.best[:] = (local[i], self.model.slice.vocab[0] + i)
-        t0 = time.perf_counter()
-        self.comm.Gather(self.best, self.bests, root=0)
-        self.model.stats.seconds += time.perf_counter() - t0
-        if self.rank != 0:
-            return None
-        return int(self.bests[int(np.argmax(self.bests[:, 0])), 1])  # ties: the lowest id, as np.argmax
-
-    def _nll(self, local: np.ndarray, T: int) -> np.ndarray | None:
-        """-log p(target) per row from the vocabulary slices: each rank sends (max, log-sum-exp
-        relative to it, target logit or -inf) per row, 24 bytes a row instead of its logits."""
-        parts = self.nll_parts[:T]
-        ops.nll_parts(local, self.targets[:T], self.model.slice.vocab[0], parts)
+    def _nll(self, local: np.ndarray, targets: np.ndarray, R: int) -> np.ndarray | None:
+        """-log p(target) per output row from the vocabulary slices: each rank sends (max,
+        log-sum-exp relative to it, target logit or -inf) per row, 24 bytes instead of its logits."""
+        parts = self.nll_parts[:R]
+        ops.nll_parts(local, targets, self.model.slice.vocab[0], parts)
         if self.size == 1:
             allp = parts[None]
         else:
-            t0 = time.perf_counter()
-            buf = self.nll_all[:self.size * T * 3] if self.rank == 0 else None
-            self.comm.Gather(parts, buf, root=0)
-            self.model.stats.seconds += time.perf_counter() - t0
+            buf = self.nll_all[:self.size * R * 3] if self.rank == 0 else None
+            self._timed(self.comm.Gather, parts, buf, 0)
             if self.rank != 0:
                 return None
-            allp = buf.reshape(self.size, T, 3)
-        m = allp[:, :, 0].max(axis=0)                                      # (T,) global max
+            allp = buf.reshape(self.size, R, 3)
+        m = allp[:, :, 0].max(axis=0)                                      # (R,) global max
         lse = m + np.log(np.sum(np.exp(allp[:, :, 1] + allp[:, :, 0] - m), axis=0))
-        tgt = allp[:, :, 2].max(axis=0)                                    # the owner's target logit
-        return np.where(self.targets[:T] >= 0, lse - tgt, np.nan)
+        return lse - allp[:, :, 2].max(axis=0)                             # the owner's target logit
 
-    def score(self, tokens, first: int) -> np.ndarray:
+    # ---- rank 0: drive the others -------------------------------------------------------------
+    def run(self, tokens, positions, slots, out_rows=(), per_row=(), cmd: int = CMD_STEP):
+        """Rank 0: broadcast one step's plan and run it on every rank. Rows t: token tokens[t]
+        of slot slots[t] at positions[t]; out_rows (ascending) need output, per_row[r] saying
+        OUT_GREEDY or OUT_LOGITS (or the target token, with CMD_SCORE). Returns (ids, logits):
+        ids (R,) the greedy token of each output row (valid for OUT_GREEDY rows; None when every
+        row asked for logits), logits (n, vocab) of the OUT_LOGITS rows in order (None if none);
+        with CMD_SCORE, (R,) -log p(target). None when no row needs output."""
+        T, R = len(tokens), len(out_rows)
+        if not 0 < T <= self.max_batch:
+            raise ValueError(f"a step carries 1..{self.max_batch} rows, got {T}")
+        p = self.plan
+        p[:T], p[T:2 * T], p[2 * T:3 * T] = tokens, positions, slots
+        p[3 * T:3 * T + R], p[3 * T + R:3 * T + 2 * R] = out_rows, per_row
+        pos, sl = p[T:2 * T], p[2 * T:3 * T]
+        if pos.min() < 0 or pos.max() >= self.max_seq_len or sl.min() < 0 or sl.max() >= self.n_slots:
+            raise ValueError(f"a step's positions must be in [0, {self.max_seq_len}) and its slots in "
+                             f"[0, {self.n_slots})")
+        n_logits = int(np.count_nonzero(p[3 * T + R:3 * T + 2 * R] == OUT_LOGITS)) if cmd == CMD_STEP else 0
+        self.header[:] = (cmd, T, R, n_logits)
+        if self.size > 1:
+            self.comm.Bcast(self.header, root=0)
+            self.comm.Bcast(p[:3 * T + 2 * R], root=0)
+        return self._execute(cmd, T, R, n_logits)
+
+    def step(self, tokens, pos: int, all_logits: bool = False, greedy: bool = False, slot: int = 0):
+        """Rank 0, one sequence: run tokens at positions pos.. of KV slot ``slot`` (in batches of
+        up to max_batch rows). Returns the logits (T, vocab) with ``all_logits``, else (1, vocab)
+        of the last token, or with ``greedy`` the greedy next token."""
+        T = len(tokens)
+        if pos + T > self.max_seq_len:
+            raise ValueError(f"sequence of {pos + T} tokens exceeds --ctx-size {self.max_seq_len}")
+        toks = np.asarray(tokens, np.int64)
+        outs = []
+        for s in range(0, T, self.max_batch):
+            n = min(self.max_batch, T - s)
+            last = s + n == T
+            rows = np.arange(n) if all_logits else (np.array([n - 1]) if last else np.zeros(0, np.int64))
+            kind = OUT_GREEDY if greedy else OUT_LOGITS
+            res = self.run(toks[s:s + n], np.arange(pos + s, pos + s + n), np.full(n, slot), rows,
+                           np.full(len(rows), kind))
+            if res is not None:
+                outs.append(res[0] if greedy else res[1].copy())
+        if greedy:
+            return int(outs[-1][-1])
+        return np.concatenate(outs) if all_logits else outs[-1]
+
+    def step_greedy(self, tokens, pos: int, slot: int = 0) -> int:
+        """Rank 0: run tokens at pos and return the greedy next token (16 bytes per rank)."""
+        return self.step(tokens, pos, greedy=True, slot=slot)
+
+    def score(self, tokens, first: int, slot: int = 0) -> np.ndarray:
         """Rank 0: run a sequence from position 0 and return -log p(tokens[j + 1] | tokens[:j + 1])
         for j in [first, len - 1), in float64 (perplexity). Batches before ``first`` only fill
-        the KV cache; the others compute their logits, and the ranks reduce them to one NLL per
-        token without gathering the vocabulary."""
+        the KV cache; the others reduce their logits to one NLL per token on the ranks."""
         T = len(tokens)
         if T > self.max_seq_len:
-            raise ValueError(f"sequence of {T} tokens exceeds --max-seq-len {self.max_seq_len}")
+            raise ValueError(f"sequence of {T} tokens exceeds --ctx-size {self.max_seq_len}")
         toks = np.asarray(tokens, np.int64)
         out = []
         for s in range(0, T, self.max_batch):
             n = min(self.max_batch, T - s)
             j = np.arange(s, s + n)
-            tg = np.where((j >= first) & (j < T - 1), toks[np.minimum(j + 1, T - 1)], -1)
-            mode = OUT_NLL if (tg >= 0).any() else OUT_NONE
-            self.header[:] = (CMD_FORWARD, n, s, mode)
-            self.comm.Bcast(self.header, root=0)
-            self.tokens[:n] = toks[s:s + n]
-            self.targets[:n] = tg
-            self.comm.Bcast(self.tokens[:n], root=0)
-            if mode == OUT_NLL:
-                self.comm.Bcast(self.targets[:n], root=0)
-            r = self._forward_and_gather(n, s, mode)
-            if mode == OUT_NLL:
-                out.append(r[tg >= 0])
+            rows = np.flatnonzero((j >= first) & (j < T - 1))
+            r = self.run(toks[s:s + n], j, np.full(n, slot), rows, toks[s + rows + 1], cmd=CMD_SCORE)
+            if r is not None:
+                out.append(r)
         return np.concatenate(out) if out else np.zeros(0)
 
-    def step_greedy(self, tokens, pos: int) -> int:
-        """Rank 0: run tokens at pos on every rank and return the greedy next token (16 bytes per rank)."""
-        return self.step(tokens, pos, out=OUT_ARGMAX)
-
-    def step(self, tokens, pos: int, all_logits: bool = False, out: int | None = None):
-        """Rank 0: run tokens at pos on every rank; full logits (T or 1, vocab), or the greedy token."""
-        mode = out if out is not None else (OUT_ALL if all_logits else OUT_LAST)
-        T = len(tokens)
-        if pos + T > self.max_seq_len:
-            raise ValueError(f"sequence of {pos + T} tokens exceeds --max-seq-len {self.max_seq_len}")
-        out = None
-        for s in range(0, T, self.max_batch):
-            n = min(self.max_batch, T - s)
-            self.header[:] = (CMD_FORWARD, n, pos + s, mode)
-            self.comm.Bcast(self.header, root=0)
-            self.tokens[:n] = tokens[s:s + n]
-            self.comm.Bcast(self.tokens[:n], root=0)
-            logits = self._forward_and_gather(n, pos + s, mode)
-            if mode == OUT_ALL:
-                out = logits.copy() if out is None else np.concatenate([out, logits])
-            else:
-                out = logits
-        return out
-
     def serve(self) -> int:
-        """Ranks > 0: follow rank 0's commands until STOP; returns the exit code rank 0 sent."""
+        """Ranks > 0: follow rank 0's steps until STOP; returns the exit code rank 0 sent."""
         while True:
             self.comm.Bcast(self.header, root=0)
-            cmd, n, pos, mode = (int(v) for v in self.header)
+            cmd, T, R, n_logits = (int(v) for v in self.header)
             if cmd == CMD_STOP:
-                return n
-            self.comm.Bcast(self.tokens[:n], root=0)
-            if mode == OUT_NLL:
-                self.comm.Bcast(self.targets[:n], root=0)
-            self._forward_and_gather(n, pos, mode)
+                return T
+            self.comm.Bcast(self.plan[:3 * T + 2 * R], root=0)
+            self._execute(cmd, T, R, n_logits)
 
     def stop(self, exit_code: int = 0) -> None:
         """Rank 0: release the other ranks from serve(), telling them the job's exit code."""
@@ -279,4 +314,35 @@ class Engine:
         return rc
 
 
-__all__ = ["Engine", "FatalError"]
+def available_memory() -> int | None:
+    """MemAvailable from /proc/meminfo in bytes (None where there is no such file)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def kv_memory_error(kv_per_token: int, n_slots: int, ctx: int, rank: int, avail: int | None = None) -> str | None:
+    """The KV cache is allocated memory (the weights are memory-mapped and may page): refuse a
+    slots x context that does not fit in what this node has available, with what would fit.
+    MPILLM_MEMORY_LIMIT (bytes) overrides the measured figure (tests, cgroup-limited jobs)."""
+    env = os.environ.get("MPILLM_MEMORY_LIMIT")
+    avail = int(env) if env else (available_memory() if avail is None else avail)
+    if avail is None:
+        return None
+    local = max(1, int(os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE", "1") or 1))
+    budget = int(avail * 0.9) // local  # ranks on one node share its memory; keep 10% for the rest
+    need = kv_per_token * n_slots * ctx
+    if need <= budget:
+        return None
+    fit_slots = budget // (kv_per_token * ctx)
+    fit_ctx = budget // (kv_per_token * n_slots)
+    return (f"rank {rank}: the KV cache for {n_slots} slot(s) x {ctx} tokens needs {need / 2**20:.0f} MiB but "
+            f"{budget / 2**20:.0f} MiB is available to this rank ({local} rank(s) on the node); at most "
+            f"--parallel {fit_slots} at --ctx-size {ctx}, or --ctx-size {fit_ctx} at --parallel {n_slots}")
+
+
+__all__ = ["Engine", "FatalError", "OUT_GREEDY", "OUT_LOGITS", "CMD_STEP", "CMD_SCORE"]

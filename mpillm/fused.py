@@ -94,17 +94,17 @@ from {path_mod} import {prefix}quantize_q8_0 as QUANT
 
 
 @njit(cache=True)
-def attn_block(T, pos, eps, hd, x, norm_w, xb_x, xb_q, xb_d, xb_s, {wa("wq", "wk", "wv")}, q_norm, k_norm,
+def attn_block(T, positions, slots, eps, hd, x, norm_w, xb_x, xb_q, xb_d, xb_s, {wa("wq", "wk", "wv")}, q_norm, k_norm,
                q, k, v, cos, sin, kc, vc, kv_of_head, scores, at_x, at_q, at_d, at_s, {wa("wo")}, out):
     rmsnorm(x[:T], norm_w, eps, xb_x[:T])
     QUANT(xb_x[:T], xb_q[:T], xb_d[:T], xb_s[:T])
     {_mm("wq", types["wq"], "xb", "q")}
     {_mm("wk", types["wk"], "xb", "k")}
     {_mm("wv", types["wv"], "xb", "v")}
-{norm}    rope_neox(q[:T], pos, hd, cos, sin)
-    rope_neox(k[:T], pos, hd, cos, sin)
-    store_kv(k[:T], v[:T], kc, vc, pos, hd)
-    attention(q[:T], kc, vc, pos, hd, kv_of_head, scores, at_x[:T])
+{norm}    rope_neox(q[:T], positions, hd, cos, sin)
+    rope_neox(k[:T], positions, hd, cos, sin)
+    store_kv(k[:T], v[:T], kc, vc, slots, positions, hd)
+    attention(q[:T], kc, vc, slots, positions, hd, kv_of_head, scores, at_x[:T])
     QUANT(at_x[:T], at_q[:T], at_d[:T], at_s[:T])
     {_mm("wo", types["wo"], "at", "out")}
 

@@ -22,8 +22,14 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="converted model directory, or a GGUF file / Hugging Face directory to convert on first use "
                         "(default: the bundled SmolLM2-135M-Instruct)")
     p.add_argument("--threads", type=int, default=1, help="numba threads per rank (default: %(default)s)")
-    p.add_argument("--max-seq-len", type=int, default=2048,
-                   help="KV cache length per sequence, prompt included (default: %(default)s)")
+    p.add_argument("--ctx-size", "--max-seq-len", dest="max_seq_len", type=int, default=2048,
+                   help="tokens per sequence slot, prompt and completion together (default: %(default)s)")
+    p.add_argument("--parallel", type=int, default=1,
+                   help="sequence slots: how many sequences run at once, each with its own KV cache "
+                        "(default: %(default)s)")
+    p.add_argument("--batch-tokens", type=int, default=64,
+                   help="rows per step: every running sequence's next token plus prompt chunks "
+                        "(default: %(default)s)")
     p.add_argument("--buffer-type", choices=("f32", "f16", "q8_0", "f64"), default="f32",
                    help="precision of the partial sums exchanged between ranks: f32 (MPI_Allreduce), "
                         "f16 or q8_0 (compressed, Allgather + local sum), or f64 (exact sums, dense models: the same "
@@ -44,6 +50,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: %(default)s)")
     p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens; 0 = all")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default: %(default)s)")
+    p.add_argument("--min-p", type=float, default=0.0,
+                   help="drop tokens less likely than min-p times the most likely one (default: %(default)s)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off (default: %(default)s)")
+    p.add_argument("--presence-penalty", type=float, default=0.0, help="(default: %(default)s)")
+    p.add_argument("--frequency-penalty", type=float, default=0.0, help="(default: %(default)s)")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed")
     p.add_argument("--quiet", action="store_true", help="print only the generated text and the stats line")
     return p
@@ -64,6 +76,16 @@ def parse_args_bcast(p: argparse.ArgumentParser, argv: list[str] | None) -> argp
     return args
 
 
+def open_engine(args, model_dir, verbose: bool | None = None, **kw):
+    """The engine for the shared model flags (every rank)."""
+    from .engine import Engine
+
+    return Engine(model_dir, max_seq_len=args.max_seq_len, threads=args.threads,
+                  verbose=not getattr(args, "quiet", False) if verbose is None else verbose,
+                  buffer_type=args.buffer_type, kv_type=args.kv_type, n_slots=args.parallel,
+                  max_batch=args.batch_tokens, **kw)
+
+
 def build_prompt(tok, args) -> list[int]:
     if args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
@@ -72,67 +94,57 @@ def build_prompt(tok, args) -> list[int]:
     return tok.encode(args.prompt)
 
 
-def generate(engine, tok, ids: list[int], sampler, max_tokens: int, out=sys.stdout, stats=None):
-    """Rank 0: prefill ``ids`` then sample up to max_tokens, streaming text; returns generated ids."""
-    from .tokenizer import StreamDecoder
+def sampling_params(args) -> "SamplingParams":
+    from .sampling import SamplingParams
 
-    m = engine.model
-    greedy = sampler.temperature == 0.0  # then only the winning token id crosses the network
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, min_p=args.min_p, seed=args.seed,
+                          repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
+                          frequency_penalty=args.frequency_penalty, stop=tuple(args.stop))
+
+
+def generate(service, ids: list[int], params, out=sys.stdout, stats=None) -> list[int]:
+    """Rank 0: run one request through the service, streaming its text; returns the generated ids."""
+    m = service.engine.model
+    gen: list[int] = []
     t0 = time.perf_counter()
-    res = engine.step_greedy(ids, 0) if greedy else engine.step(ids, 0)
-    t1 = time.perf_counter()
+    t1 = None
+    for o in service.stream(ids, params):
+        if t1 is None:  # the first token ends the prompt phase
+            t1 = time.perf_counter()
+            m.stats.reset()
+        gen.extend(o.token_ids)
+        if o.text and out is not None:
+            out.write(o.text)
+            out.flush()
     if stats is not None:
         stats.prompt_tokens, stats.prompt_s = len(ids), t1 - t0
-    m.stats.reset()
-    dec = StreamDecoder(tok)
-    gen, pos = [], len(ids)
-    tg0 = time.perf_counter()
-    for _ in range(max_tokens):
-        nxt = res if greedy else sampler(res[0])
-        gen.append(nxt)
-        if nxt in tok.eos_ids:
-            break
-        piece = dec.put(nxt)
-        if piece and out is not None:
-            out.write(piece)
-            out.flush()
-        if pos >= engine.max_seq_len:
-            break
-        res = engine.step_greedy([nxt], pos) if greedy else engine.step([nxt], pos)
-        pos += 1
-    tail = dec.flush()
-    if tail and out is not None:
-        out.write(tail)
-    if stats is not None:
-        stats.gen_tokens, stats.gen_s = len(gen), time.perf_counter() - tg0
+        stats.gen_tokens, stats.gen_s = len(gen) - 1, time.perf_counter() - t1
         stats.gen_comm_s, stats.gen_allreduce_bytes = m.stats.seconds, m.stats.payload_bytes
     return gen
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args_bcast(parser(), argv)
-    from .engine import Engine, Stats
+    from .engine import Stats
     from .models import resolve_model
-    from .sampling import Sampler
+    from .service import Service
     from .tokenizer import load_tokenizer
 
     comm = MPI.COMM_WORLD
     model_dir = resolve_model(args.model, comm)
-    engine = Engine(model_dir, max_seq_len=args.max_seq_len, threads=args.threads, verbose=not args.quiet,
-                    buffer_type=args.buffer_type, kv_type=args.kv_type)
+    engine = open_engine(args, model_dir)
 
     def rank0() -> int:
         tok = load_tokenizer(Path(model_dir))
-        sampler = Sampler(engine.cfg.vocab_size, args.temperature, args.top_k, args.top_p, args.seed)
+        params = sampling_params(args)
+        params.validate()
         ids = build_prompt(tok, args)
-        if len(ids) >= engine.max_seq_len:
-            raise ValueError(f"the prompt has {len(ids)} tokens; --max-seq-len {engine.max_seq_len} leaves no room "
-                             f"to generate (raise --max-seq-len or shorten the prompt)")
         if not args.quiet:
             print(f"start-up {engine.startup_s:.2f} s; prompt {len(ids)} tokens", flush=True)
         stats = Stats()
-        generate(engine, tok, ids, sampler, args.max_tokens, stats=stats)
-        stats.gather_bytes = 16 if args.temperature == 0.0 and engine.size > 1 else engine.logits_bytes_per_token
+        generate(Service(engine, tok), ids, params, stats=stats)
+        stats.gather_bytes = engine.logits_bytes_per_token if params.needs_logits else 16 * (engine.size > 1)
         print(flush=True)
         print(stats.line(engine.size), flush=True)
         return 0

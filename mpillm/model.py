@@ -129,11 +129,11 @@ class Layer:
 
 class Transformer:
     def __init__(self, shard: Shard, comm: MPI.Comm, max_seq_len: int, max_batch: int = 64,
-                 buffer_type: str = "f32", kv_type: str = "f16"):
+                 buffer_type: str = "f32", kv_type: str = "f16", n_slots: int = 1):
         cfg = self.cfg = shard.config
         rs = self.slice = RankSlice(**{k: tuple(v) if isinstance(v, list) else v for k, v in shard.slice.items()})
         self.comm, self.tp_size = comm, comm.Get_size()
-        self.max_seq_len, self.max_batch = max_seq_len, max_batch
+        self.max_seq_len, self.max_batch, self.n_slots = max_seq_len, max_batch, n_slots
         hd = cfg.head_dim
         nh, nkv = rs.n_heads_per_partition, rs.n_kv_heads_per_partition
         ffn = rs.expert_ffn_per_partition if cfg.is_moe else rs.ffn_per_partition
@@ -167,12 +167,14 @@ class Transformer:
         self.partial = np.zeros((B, D), np.float32)       # (T, dim) row-parallel partial sums -> Allreduce
         self.partial64 = np.zeros((B, D), np.float64) if buffer_type == "f64" else None  # (T, dim) exact mode
         self.logits = np.zeros((B, rs.vocab_per_partition), np.float32)  # (T, vocab_pp)
-        # KV cache: (layer, n_kv_pp, S, hd), float32 or fp16 bits (uint16: numba has no float16)
+        # KV cache: one slot per sequence, (layer, n_slots, n_kv_pp, S, hd), float32 or fp16 bits
+        # (uint16: numba has no float16). Which tokens a slot holds is rank 0's bookkeeping
+        # (mpillm.scheduler): positions are explicit, so a reset costs nothing here.
         if kv_type not in KV_TYPES:
             raise ValueError(f"--kv-type must be one of {', '.join(KV_TYPES)}, got {kv_type!r}")
         kv_dtype = np.uint16 if kv_type == "f16" else np.float32
-        self.k_cache = np.zeros((cfg.n_layers, nkv, max_seq_len, hd), kv_dtype)
-        self.v_cache = np.zeros((cfg.n_layers, nkv, max_seq_len, hd), kv_dtype)
+        self.k_cache = np.zeros((cfg.n_layers, n_slots, nkv, max_seq_len, hd), kv_dtype)
+        self.v_cache = np.zeros((cfg.n_layers, n_slots, nkv, max_seq_len, hd), kv_dtype)
         if cfg.is_moe:
             E, K = cfg.n_experts, cfg.n_experts_used
             self.router_logits = np.zeros((B, E), np.float32)  # (T, n_experts)
@@ -273,42 +275,44 @@ class Transformer:
         self.stats.payload_bytes += sent
         self.stats.calls += 1
 
-    def forward(self, tokens: np.ndarray, pos: int, all_logits: bool = False,
-                logits: bool = True) -> np.ndarray | None:
-        """Run T = len(tokens) tokens at positions pos.. and return this rank's logits slice:
-        (T, vocab_pp) when ``all_logits`` else (1, vocab_pp) for the last token; with
-        ``logits=False`` only fill the KV cache (no output projection) and return None."""
+    def forward(self, tokens: np.ndarray, positions: np.ndarray, slots: np.ndarray,
+                out_rows: np.ndarray) -> np.ndarray | None:
+        """Run one step of T = len(tokens) rows: row t is token tokens[t] of the sequence in KV
+        slot slots[t], at position positions[t] (a step may mix decode rows of many sequences
+        with prompt chunks; the matmuls read each weight once for all rows). Returns this
+        rank's logits slice for the rows ``out_rows`` (ascending), (R, vocab_pp), or None
+        when no row needs logits (the step only fills KV caches)."""
         T, cfg = len(tokens), self.cfg
         if T > self.max_batch:
             raise ValueError(f"batch of {T} tokens exceeds max_batch {self.max_batch}")
-        if pos + T > self.max_seq_len:
-            raise ValueError(f"position {pos + T} exceeds --max-seq-len {self.max_seq_len}")
         x = self.x[:T]
         ops.embed(self.tok_embd.wtype, self.embd_arrays, tokens, self.slice.vocab[0], x)
         self.allreduce(x)  # vocabulary-parallel embedding: each row comes from one rank
         for li, L in enumerate(self.layers):
-            self._attention(L, li, T, pos)
+            self._attention(L, li, T, positions, slots)
             if cfg.is_moe:
                 self._moe(L, T, li)
             else:
                 self._ffn(L, T, li)
-        if not logits:
+        R = len(out_rows)
+        if R == 0:
             return None
-        if all_logits:
-            ops.rmsnorm(x, self.output_norm, cfg.norm_eps, self.xb.x[:T])
-            self.xb.quantize(T)
-            self.output(self.xb, T, self.logits)
-            return self.logits[:T]
-        ops.rmsnorm(self.x[T - 1:T], self.output_norm, cfg.norm_eps, self.xb.x[:1])
-        self.xb.quantize(1)
-        self.output(self.xb, 1, self.logits)
-        return self.logits[:1]
+        r0 = int(out_rows[0])
+        if int(out_rows[-1]) - r0 == R - 1:  # a run of rows (the whole batch, the last row): no copy
+            rows = self.x[r0:r0 + R]
+        else:
+            rows = self.partial[:R]  # free until the next layer
+            ops.gather_rows(self.x, out_rows, rows)
+        ops.rmsnorm(rows, self.output_norm, cfg.norm_eps, self.xb.x[:R])
+        self.xb.quantize(R)
+        self.output(self.xb, R, self.logits)
+        return self.logits[:R]
 
-    def _attention(self, L: Layer, li: int, T: int, pos: int) -> None:
+    def _attention(self, L: Layer, li: int, T: int, positions: np.ndarray, slots: np.ndarray) -> None:
         cfg, hd = self.cfg, self.cfg.head_dim
         if self.fused is not None:
             mod, args, _ = self.fused[li]
-            mod.attn_block(T, pos, *args)  # norm .. wo in one jitted call
+            mod.attn_block(T, positions, slots, *args)  # norm .. wo in one jitted call
             part = self.partial if self.partial64 is None else self.partial64
             self.allreduce(part[:T])  # Allreduce #1: attention output projection
             ops.add_inplace(self.x[:T], part[:T])
@@ -322,10 +326,11 @@ class Transformer:
         if L.q_norm is not None:
             ops.rmsnorm_heads(q, L.q_norm, cfg.norm_eps, hd)
             ops.rmsnorm_heads(k, L.k_norm, cfg.norm_eps, hd)
-        ops.rope_neox(q, pos, hd, self.cos, self.sin)
-        ops.rope_neox(k, pos, hd, self.cos, self.sin)
-        ops.store_kv(k, self.v[:T], self.k_cache[li], self.v_cache[li], pos, hd)
-        ops.attention(q, self.k_cache[li], self.v_cache[li], pos, hd, self.kv_of_head, self.scores, self.att.x[:T])
+        ops.rope_neox(q, positions, hd, self.cos, self.sin)
+        ops.rope_neox(k, positions, hd, self.cos, self.sin)
+        ops.store_kv(k, self.v[:T], self.k_cache[li], self.v_cache[li], slots, positions, hd)
+        ops.attention(q, self.k_cache[li], self.v_cache[li], slots, positions, hd, self.kv_of_head, self.scores,
+                      self.att.x[:T])
         self.att.quantize(T)
         part = self.partial if self.partial64 is None else self.partial64
         L.wo(self.att, T, part)

@@ -52,12 +52,12 @@ def rope_tables(max_seq: int, hd: int, theta: float, freq_factors=None) -> tuple
 
 
 @njit(cache=True, fastmath=True)
-def rope_neox(x, pos0, hd, cos, sin):
-    """In-place NeoX-style RoPE (pairs i, i + hd/2) on x (T, n_heads * hd) at positions pos0 + t."""
+def rope_neox(x, positions, hd, cos, sin):
+    """In-place NeoX-style RoPE (pairs i, i + hd/2) on x (T, n_heads * hd), row t at positions[t]."""
     T, n = x.shape
     half = hd // 2
     for t in range(T):
-        p = pos0 + t
+        p = positions[t]
         for h0 in range(0, n, hd):
             for i in range(half):
                 c = cos[p, i]
@@ -69,47 +69,52 @@ def rope_neox(x, pos0, hd, cos, sin):
 
 
 @njit(cache=True)
-def store_kv(k, v, kc, vc, pos0, hd):
-    """Copy k, v (T, n_kv * hd) into the layer's caches kc, vc (n_kv, S, hd) at pos0..;
-    a uint16 cache holds fp16 bits (rounded to nearest even)."""
+def store_kv(k, v, kc, vc, slots, positions, hd):
+    """Copy row t of k, v (T, n_kv * hd) into the layer's caches kc, vc (n_slots, n_kv, S, hd) at
+    slot slots[t], position positions[t]; a uint16 cache holds fp16 bits (rounded to nearest even)."""
     T, n = k.shape
     for t in range(T):
+        s, p = slots[t], positions[t]
         for h in range(n // hd):
             for i in range(hd):
                 if kc.itemsize == 2:
-                    kc[h, pos0 + t, i] = f2h(np.float32(k[t, h * hd + i]))
-                    vc[h, pos0 + t, i] = f2h(np.float32(v[t, h * hd + i]))
+                    kc[s, h, p, i] = f2h(np.float32(k[t, h * hd + i]))
+                    vc[s, h, p, i] = f2h(np.float32(v[t, h * hd + i]))
                 else:
-                    kc[h, pos0 + t, i] = k[t, h * hd + i]
-                    vc[h, pos0 + t, i] = v[t, h * hd + i]
+                    kc[s, h, p, i] = k[t, h * hd + i]
+                    vc[s, h, p, i] = v[t, h * hd + i]
 
 
 @njit(cache=True)
-def attention(q, kc, vc, pos0, hd, kv_of_head, scores, out):
-    """Causal attention for T new tokens at positions pos0..pos0+T-1.
+def attention(q, kc, vc, slots, positions, hd, kv_of_head, scores, out):
+    """Causal attention for a batch of rows, each of its own sequence slot and position: row t
+    attends over positions 0..positions[t] of slot slots[t] (store_kv has put the batch's own
+    keys and values there first, so rows of one sequence in one batch see each other causally).
 
-    q (T, nh * hd); kc, vc (n_kv, S, hd) float32, or uint16 holding fp16 bits; kv_of_head
-    (nh,) local KV index of each local query head; scores (nh, S) scratch; out (T, nh * hd).
-    One row at a time in vector IR (kernels.attention).
+    q (T, nh * hd); kc, vc (n_slots, n_kv, S, hd) float32, or uint16 holding fp16 bits;
+    kv_of_head (nh,) local KV index of each local query head; scores (nh, S) scratch;
+    out (T, nh * hd). One row at a time in vector IR (kernels.attention).
     """
     T = q.shape[0]
     nh = q.shape[1] // hd
-    if kc.strides[2] != kc.itemsize or vc.strides[1] != kc.strides[1] or q.strides[1] != 4 \
-            or out.strides[1] != 4 or scores.strides[1] != 4:
+    if kc.strides[3] != kc.itemsize or vc.strides[2] != kc.strides[2] or vc.strides[1] != kc.strides[1] \
+            or vc.strides[0] != kc.strides[0] or q.strides[1] != 4 or out.strides[1] != 4 \
+            or scores.strides[1] != 4:
         raise ValueError("attention: rows must be contiguous and K, V alike")
     scale = np.float32(1.0 / math.sqrt(hd))
-    rs = kc.strides[1]
+    rs = kc.strides[2]
     for h in range(nh):  # serial: a parallel region costs more than a decode step's attention
         kv = kv_of_head[h]
-        kp, vp = kc.ctypes.data + kv * kc.strides[0], vc.ctypes.data + kv * vc.strides[0]
         sp = scores.ctypes.data + h * scores.strides[0]
         for t in range(T):
+            base = slots[t] * kc.strides[0] + kv * kc.strides[1]
+            kp, vp = kc.ctypes.data + base, vc.ctypes.data + base
             qp = q.ctypes.data + t * q.strides[0] + h * hd * 4
             op = out.ctypes.data + t * out.strides[0] + h * hd * 4
             if kc.itemsize == 2:
-                attend_row_f16(qp, kp, vp, rs, pos0 + t + 1, hd, scale, sp, op)
+                attend_row_f16(qp, kp, vp, rs, positions[t] + 1, hd, scale, sp, op)
             else:
-                attend_row_f32(qp, kp, vp, rs, pos0 + t + 1, hd, scale, sp, op)
+                attend_row_f32(qp, kp, vp, rs, positions[t] + 1, hd, scale, sp, op)
 
 
 @njit(cache=True, fastmath=True)
@@ -301,6 +306,19 @@ def scatter_add_rows(y, rows, wts, out):
         wt = wts[r]
         for i in range(out.shape[1]):
             out[t, i] += wt * y[r, i]
+
+
+@njit(cache=True)
+def argmax_rows(logits, v0, out):
+    """out[t] = (max, v0 + argmax) of each row of logits (T, V_pp); ties: the lowest id."""
+    T, V = logits.shape
+    for t in range(T):
+        b = 0
+        for v in range(1, V):
+            if logits[t, v] > logits[t, b]:
+                b = v
+        out[t, 0] = logits[t, b]
+        out[t, 1] = v0 + b
 
 
 @njit(cache=True)

@@ -1,5 +1,6 @@
 """ops.attention (kernels/attention.py) against a float64 softmax(QK^T)V, for every head-size
-path (64 and 128 specialised, any other size generic) and both KV cache types."""
+path (64 and 128 specialised, any other size generic), both KV cache types, and batches whose
+rows belong to different sequence slots at different positions."""
 import numpy as np
 import pytest
 from numba import njit
@@ -8,13 +9,15 @@ from mpillm import ops
 from mpillm.kernels.vmath import f2h
 
 
-def reference(q, kc, vc, pos0, hd, kv_of_head):
+def reference(q, kc, vc, slots, positions, hd, kv_of_head):
+    """kc, vc (n_slots, n_kv, S, hd); row t reads slot slots[t] up to positions[t]."""
     T, nh = q.shape[0], q.shape[1] // hd
     out = np.zeros((T, nh * hd))
     for h in range(nh):
         for t in range(T):
-            n = pos0 + t + 1
-            K, V = kc[kv_of_head[h], :n].astype(np.float64), vc[kv_of_head[h], :n].astype(np.float64)
+            n = positions[t] + 1
+            K = kc[slots[t], kv_of_head[h], :n].astype(np.float64)
+            V = vc[slots[t], kv_of_head[h], :n].astype(np.float64)
             s = K @ q[t, h * hd:(h + 1) * hd].astype(np.float64) / np.sqrt(hd)
             w = np.exp(s - s.max())
             out[t, h * hd:(h + 1) * hd] = (w / w.sum()) @ V
@@ -27,8 +30,8 @@ def reference(q, kc, vc, pos0, hd, kv_of_head):
 def test_attention_matches_float64(hd, T, pos0, kv):
     rng = np.random.default_rng(hd * 1000 + T * 100 + pos0)
     nh, nkv, S = 3, 2, 64
-    kc = (rng.standard_normal((nkv, S, hd)) * 2).astype(np.float32)
-    vc = rng.standard_normal((nkv, S, hd)).astype(np.float32)
+    kc = (rng.standard_normal((3, nkv, S, hd)) * 2).astype(np.float32)  # 3 slots; the sequence is in slot 1
+    vc = rng.standard_normal((3, nkv, S, hd)).astype(np.float32)
     if kv == "f16":
         kc, vc = kc.astype(np.float16).astype(np.float32), vc.astype(np.float16).astype(np.float32)
         kc_arg, vc_arg = kc.astype(np.float16).view(np.uint16), vc.astype(np.float16).view(np.uint16)
@@ -38,17 +41,41 @@ def test_attention_matches_float64(hd, T, pos0, kv):
     q = rng.standard_normal((T, nh * hd)).astype(np.float32)
     out = np.full((T, nh * hd), np.nan, np.float32)
     scores = np.zeros((nh, S), np.float32)
-    ops.attention(q, kc_arg, vc_arg, pos0, hd, kv_of_head, scores, out)
-    np.testing.assert_allclose(out, reference(q, kc, vc, pos0, hd, kv_of_head), rtol=0, atol=2e-6)
+    slots, positions = np.ones(T, np.int64), np.arange(pos0, pos0 + T)
+    ops.attention(q, kc_arg, vc_arg, slots, positions, hd, kv_of_head, scores, out)
+    np.testing.assert_allclose(out, reference(q, kc, vc, slots, positions, hd, kv_of_head), rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("kv", ["f32", "f16"])
+def test_attention_rows_of_many_slots(kv):
+    """A continuous-batching step: decode rows of three sequences and a prompt chunk of a fourth,
+    each row reading only its own slot up to its own position."""
+    rng = np.random.default_rng(7)
+    hd, nh, nkv, S = 64, 2, 1, 32
+    kc = rng.standard_normal((4, nkv, S, hd)).astype(np.float32)
+    vc = rng.standard_normal((4, nkv, S, hd)).astype(np.float32)
+    kc, vc = kc.astype(np.float16).astype(np.float32), vc.astype(np.float16).astype(np.float32)
+    kc_arg, vc_arg = (kc, vc) if kv == "f32" else (kc.astype(np.float16).view(np.uint16),
+                                                    vc.astype(np.float16).view(np.uint16))
+    slots = np.array([2, 0, 3, 1, 1, 1], np.int64)
+    positions = np.array([17, 3, 30, 5, 6, 7], np.int64)
+    q = rng.standard_normal((len(slots), nh * hd)).astype(np.float32)
+    out = np.zeros((len(slots), nh * hd), np.float32)
+    kv_of_head = np.zeros(nh, np.int64)
+    ops.attention(q, kc_arg, vc_arg, slots, positions, hd, kv_of_head, np.zeros((nh, S), np.float32), out)
+    want = reference(q, kc, vc, slots, positions, hd, kv_of_head)
+    np.testing.assert_allclose(out, want, rtol=0, atol=2e-6)
+    # a row's result depends on its slot: the same query over another slot differs
+    assert np.abs(out[0] - reference(q[:1], kc, vc, [0], [17], hd, kv_of_head)[0]).max() > 1e-2
 
 
 def test_attention_refuses_mixed_caches():
     q = np.zeros((1, 64), np.float32)
-    kc = np.zeros((1, 8, 64), np.float32)
-    vc = np.zeros((1, 8, 64), np.uint16)
+    kc = np.zeros((1, 1, 8, 64), np.float32)
+    vc = np.zeros((1, 1, 8, 64), np.uint16)
     with pytest.raises(ValueError, match="K, V alike"):
-        ops.attention(q, kc, vc, 0, 64, np.zeros(1, np.int64), np.zeros((1, 8), np.float32),
-                      np.zeros((1, 64), np.float32))
+        ops.attention(q, kc, vc, np.zeros(1, np.int64), np.zeros(1, np.int64), 64, np.zeros(1, np.int64),
+                      np.zeros((1, 8), np.float32), np.zeros((1, 64), np.float32))
 
 
 @njit(cache=True)

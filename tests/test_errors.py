@@ -281,7 +281,8 @@ def test_gguf_sliding_window(tmp_path):
 def test_prompt_longer_than_max_seq_len(tmp_path):
     r, dt = run_probed(2, ["-m", "mpillm.generate", "--max-seq-len", "8", "--quiet", "--prompt",
                            "one two three four five six seven eight nine ten eleven twelve"], tmp_path)
-    assert_failed(r, "the prompt has 12 tokens; --max-seq-len 8 leaves no room to generate", prog="mpillm.generate")
+    assert_failed(r, "the prompt has 12 tokens but --ctx-size 8 must hold the prompt and at least one generated token",
+                  prog="mpillm.generate")
     assert dt < 120
 
 

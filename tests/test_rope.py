@@ -19,7 +19,7 @@ def test_rope_neox_rotates_pairs_half_apart():
     cos, sin = ops.rope_tables(4, hd, 10000.0)
     x = np.array([[1.0, 2.0, 3.0, 4.0]], np.float32)
     y = x.copy()
-    ops.rope_neox(y, 3, hd, cos, sin)
+    ops.rope_neox(y, np.array([3]), hd, cos, sin)
     c, s = cos[3], sin[3]
     want = [x[0, 0] * c[0] - x[0, 2] * s[0], x[0, 1] * c[1] - x[0, 3] * s[1],
             x[0, 2] * c[0] + x[0, 0] * s[0], x[0, 3] * c[1] + x[0, 1] * s[1]]
