@@ -94,7 +94,7 @@ def build_prompt(tok, args) -> list[int]:
     return tok.encode(args.prompt)
 
 
-def sampling_params(args) -> "SamplingParams":
+def sampling_params(args):
     from .sampling import SamplingParams
 
     return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,

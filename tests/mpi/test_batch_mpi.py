@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
-from mpillm.engine import OUT_LOGITS, Engine, resolve_model
+from mpillm.engine import OUT_LOGITS, Engine
+from mpillm.models import resolve_model
 from mpillm.sampling import SamplingParams
 from mpillm.service import Service
 
