@@ -1,0 +1,163 @@
+// mpillm chat page: multi-turn chat over the server's own /v1/chat/completions (SSE stream).
+// Model output is inserted with textContent only, never as HTML.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const history = [];          // {role, content} of the finished turns
+let controller = null;       // AbortController of the running request
+let model = null;
+
+const settings = ["system", "temperature", "max-tokens", "api-key"];
+for (const id of settings) {
+  const saved = localStorage.getItem("mpillm." + id);
+  if (saved !== null) $(id).value = saved;
+  $(id).addEventListener("change", () => localStorage.setItem("mpillm." + id, $(id).value));
+}
+
+function headers() {
+  const h = { "Content-Type": "application/json" };
+  const key = $("api-key").value.trim();
+  if (key) h["Authorization"] = "Bearer " + key;
+  return h;
+}
+
+async function loadModel() {
+  try {
+    const r = await fetch("/v1/models", { headers: headers() });
+    const j = await r.json();
+    if (!r.ok) throw new Error(j.error ? j.error.message : r.statusText);
+    model = j.data[0].id;
+    $("model").textContent = model + (j.data[0].max_model_len ? ` · context ${j.data[0].max_model_len}` : "");
+  } catch (e) {
+    $("model").textContent = "not connected: " + e.message;
+    setTimeout(loadModel, 3000);
+  }
+}
+
+function addMessage(role, text) {
+  const div = document.createElement("div");
+  div.className = "msg " + role;
+  const span = document.createElement("span");
+  span.className = "text";
+  span.textContent = text;
+  div.appendChild(span);
+  $("log").appendChild(div);
+  div.scrollIntoView({ block: "end" });
+  return div;
+}
+
+function setMeta(div, text) {
+  let meta = div.querySelector(".meta");
+  if (!meta) { meta = document.createElement("span"); meta.className = "meta"; div.appendChild(meta); }
+  meta.textContent = text;
+}
+
+function setBusy(busy) {
+  $("send").disabled = busy;
+  $("stop").disabled = !busy;
+}
+
+async function send(text) {
+  history.push({ role: "user", content: text });
+  addMessage("user", text);
+  const out = addMessage("assistant streaming", "");
+  const span = out.querySelector(".text");
+  const messages = [];
+  const system = $("system").value.trim();
+  if (system) messages.push({ role: "system", content: system });
+  messages.push(...history);
+  const body = {
+    model: model || undefined, messages, stream: true, stream_options: { include_usage: true },
+    temperature: Number($("temperature").value), max_tokens: Number($("max-tokens").value),
+  };
+  controller = new AbortController();
+  setBusy(true);
+  const t0 = performance.now();
+  let tFirst = null, pieces = 0, usage = null, finish = null, stopped = false;
+  try {
+    const r = await fetch("/v1/chat/completions", {
+      method: "POST", headers: headers(), body: JSON.stringify(body), signal: controller.signal,
+    });
+    if (!r.ok) {
+      let msg = r.status + " " + r.statusText;
+      try { const j = await r.json(); if (j.error) msg = j.error.message; } catch (_) {}
+      throw new Error(msg);
+    }
+    const reader = r.body.getReader();
+    const decoder = new TextDecoder();
+    let buf = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      buf += decoder.decode(value, { stream: true });
+      let i;
+      while ((i = buf.indexOf("\n\n")) >= 0) {
+        const event = buf.slice(0, i);
+        buf = buf.slice(i + 2);
+        for (const line of event.split("\n")) {
+          if (!line.startsWith("data: ")) continue;
+          const data = line.slice(6);
+          if (data === "[DONE]") continue;
+          const j = JSON.parse(data);
+          if (j.error) throw new Error(j.error.message);
+          if (j.usage) usage = j.usage;
+          for (const c of j.choices || []) {
+            if (c.delta && c.delta.content) {
+              if (tFirst === null) tFirst = performance.now();
+              span.textContent += c.delta.content;
+              pieces++;
+              const s = (performance.now() - tFirst) / 1000;
+              if (s > 0) $("speed").textContent = (pieces / s).toFixed(1) + " tok/s";
+              out.scrollIntoView({ block: "end" });
+            }
+            if (c.finish_reason) finish = c.finish_reason;
+          }
+        }
+      }
+    }
+  } catch (e) {
+    if (e.name === "AbortError") stopped = true;
+    else { out.classList.add("error"); setMeta(out, "error: " + e.message); }
+  } finally {
+    out.classList.remove("streaming");
+    setBusy(false);
+    controller = null;
+  }
+  const reply = span.textContent;
+  history.push({ role: "assistant", content: reply });
+  const t1 = performance.now();
+  const n = usage ? usage.completion_tokens : pieces;
+  const gen = tFirst ? (t1 - tFirst) / 1000 : 0;
+  const rate = gen > 0 && n > 1 ? ((n - 1) / gen).toFixed(1) + " tok/s" : "";
+  if (!out.classList.contains("error")) {
+    const parts = [];
+    if (stopped) parts.push("stopped");
+    else if (finish === "length") parts.push("cut at max tokens");
+    parts.push(n + " tokens");
+    if (rate) parts.push(rate);
+    if (tFirst) parts.push("first token " + ((tFirst - t0) / 1000).toFixed(2) + " s");
+    if (usage && usage.prompt_tokens_details && usage.prompt_tokens_details.cached_tokens)
+      parts.push(usage.prompt_tokens_details.cached_tokens + " prompt tokens reused");
+    setMeta(out, parts.join(" · "));
+    if (rate) $("speed").textContent = rate;
+  }
+}
+
+$("composer").addEventListener("submit", (ev) => {
+  ev.preventDefault();
+  const text = $("input").value.trim();
+  if (!text || controller) return;
+  $("input").value = "";
+  send(text);
+});
+$("input").addEventListener("keydown", (ev) => {
+  if (ev.key === "Enter" && !ev.shiftKey) { ev.preventDefault(); $("composer").requestSubmit(); }
+});
+$("stop").addEventListener("click", () => { if (controller) controller.abort(); });
+$("new-chat").addEventListener("click", () => {
+  if (controller) controller.abort();
+  history.length = 0;
+  $("log").textContent = "";
+  $("speed").textContent = "";
+});
+loadModel();
