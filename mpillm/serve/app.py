@@ -201,12 +201,11 @@ def create_app(config: ServerConfig, state: State) -> Starlette:
         if n_prompt >= ctx:
             raise P.bad(prompt_field, f"the prompt has {n_prompt} tokens; the context size is {ctx} tokens "
                         "(prompt and completion together)", "context_length_exceeded")
+        # A prompt that fits generates until max_tokens or the end of the context, whichever comes
+        # first (finish_reason "length"), as llama.cpp's server does: a chat page's long history
+        # should not turn a fixed max_tokens setting into an error.
         room = ctx - n_prompt
-        max_tokens = req.max_tokens if req.max_tokens is not None else room
-        if max_tokens > room:
-            raise P.bad("max_tokens", f"the prompt has {n_prompt} tokens and max_tokens is {max_tokens}: together "
-                        f"{n_prompt + max_tokens} tokens, more than the context size of {ctx} tokens",
-                        "context_length_exceeded")
+        max_tokens = room if req.max_tokens is None else min(req.max_tokens, room)
         params = SamplingParams(max_tokens=max_tokens, logprobs=req.logprobs, top_logprobs=req.top_logprobs,
                                 **req.sampling)
         try:
