@@ -1,0 +1,170 @@
+"""Chat with a model in the terminal, across MPI ranks.
+
+  mpirun -np 4 --hostfile hostfile python -m mpillm.chat [--model DIR] [--system "..."]
+
+Multi-turn: each turn is rendered with the model's chat template, and the tokens of the
+conversation so far (the previous prompt plus the tokens the model generated, exactly as
+generated) are kept, so the service finds them in the slot's KV cache and only the new turn
+is prefilled. Commands: /reset starts a new conversation, /exit (or end of input) leaves.
+Rank 0 reads standard input (mpirun forwards it there) and prints the replies.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from mpi4py import MPI
+
+from .comm import run
+from .generate import add_model_args, parse_args_bcast
+
+HELP = "commands: /reset (new conversation), /exit (leave); anything else is your next message"
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m mpillm.chat", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p)
+    p.add_argument("--system", default=None, help="system message (default: the template's own)")
+    p.add_argument("--max-tokens", type=int, default=512, help="tokens per reply at most (default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default: %(default)s)")
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens; 0 = all")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling threshold (default: %(default)s)")
+    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p x the top probability")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed")
+    p.add_argument("--no-stats", action="store_true", help="do not print the token counts and speed after a reply")
+    return p
+
+
+class Conversation:
+    """The messages and the exact token ids of the conversation so far (for prefix reuse)."""
+
+    def __init__(self, tok, system: str | None):
+        self.tok, self.system = tok, system
+        self.reset()
+
+    def reset(self) -> None:
+        self.messages: list[dict] = [{"role": "system", "content": self.system}] if self.system else []
+        self.known_ids: list[int] = []     # prompt + generated ids of the last turn
+        self.known_text = ""               # the text those ids decode to
+
+    def prompt_ids(self, user_text: str) -> list[int]:
+        """The next prompt: the tokens already known, then only the new part of the rendered chat
+        (when the template renders the history as a prefix of the new prompt, as chat templates do)."""
+        self.messages.append({"role": "user", "content": user_text})
+        full = self.tok.apply_chat_template(self.messages, add_generation_prompt=True)
+        if self.known_ids and full.startswith(self.known_text):
+            return self.known_ids + self.tok.encode(full[len(self.known_text):], add_bos=False)
+        return self.tok.encode(full, add_bos=False)
+
+    def answered(self, prompt_ids: list[int], gen_ids: list[int], reply: str) -> None:
+        self.messages.append({"role": "assistant", "content": reply})
+        self.known_ids = list(prompt_ids) + list(gen_ids)
+        self.known_text = self.tok.decode(self.known_ids)
+
+    def undo(self) -> None:
+        """Forget the last user message (its reply failed)."""
+        if self.messages and self.messages[-1]["role"] == "user":
+            self.messages.pop()
+
+
+def chat_loop(service, tok, args, inp=sys.stdin, out=sys.stdout) -> int:
+    from .sampling import SamplingParams
+
+    conv = Conversation(tok, args.system)
+    interactive = inp.isatty()
+    out.write(f"mpillm chat: {HELP}\n")
+    out.flush()
+    while True:
+        if interactive:
+            out.write("\n> ")
+            out.flush()
+        line = inp.readline()
+        if not line:
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            break
+        if text == "/reset":
+            conv.reset()
+            out.write("(new conversation)\n")
+            out.flush()
+            continue
+        if text.startswith("/"):
+            out.write(f"unknown command {text.split()[0]}; {HELP}\n")
+            out.flush()
+            continue
+        ids = conv.prompt_ids(text)
+        room = service.context_size - len(ids)
+        if room < 1:
+            conv.undo()
+            out.write(f"(the conversation has {len(ids)} tokens, the context holds {service.context_size}: "
+                      "/reset to start a new one)\n")
+            out.flush()
+            continue
+        params = SamplingParams(max_tokens=min(args.max_tokens, room), temperature=args.temperature,
+                                top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                                repetition_penalty=args.repetition_penalty, seed=args.seed)
+        gen, parts, last = [], [], None
+        t0 = time.perf_counter()
+        t_first = None
+        try:
+            for o in service.stream(ids, params):
+                if o.token_ids and t_first is None:
+                    t_first = time.perf_counter()
+                gen.extend(o.token_ids)
+                if o.text:
+                    parts.append(o.text)
+                    out.write(o.text)
+                    out.flush()
+                last = o
+        except ValueError as e:
+            conv.undo()
+            out.write(f"(refused: {e})\n")
+            out.flush()
+            continue
+        t1 = time.perf_counter()
+        out.write("\n")
+        if last is None or last.finish_reason not in ("stop", "length"):
+            conv.undo()
+            out.write(f"(the reply failed: {getattr(last, 'error', None) or getattr(last, 'finish_reason', '?')})\n")
+            out.flush()
+            continue
+        conv.answered(ids, gen, "".join(parts))
+        if not args.no_stats:
+            n = last.completion_tokens
+            rate = (n - 1) / (t1 - t_first) if t_first and n > 1 and t1 > t_first else 0.0
+            out.write(f"[prompt {last.prompt_tokens} tokens, {last.cached_tokens} reused from the KV cache, "
+                      f"{last.prompt_tokens - last.cached_tokens} prefilled | reply {n} tokens, {rate:.1f} tok/s | "
+                      f"first token {(t_first or t1) - t0:.2f} s{' | cut at --max-tokens' if last.finish_reason == 'length' else ''}]\n")
+        out.flush()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args_bcast(parser(), argv)
+    from .engine import Engine
+    from .models import resolve_model
+    from .service import Service
+    from .tokenizer import load_tokenizer
+
+    comm = MPI.COMM_WORLD
+    model_dir = resolve_model(args.model, comm)
+    engine = Engine(model_dir, max_seq_len=args.max_seq_len, threads=args.threads,
+                    buffer_type=args.buffer_type, kv_type=args.kv_type, verbose=False)
+
+    def rank0() -> int:
+        tok = load_tokenizer(Path(model_dir))
+        service = Service(engine, tok, parallel=1)
+        return chat_loop(service, tok, args)
+
+    return engine.drive(rank0)
+
+
+if __name__ == "__main__":
+    run(main, "mpillm.chat")

@@ -1,0 +1,44 @@
+"""The terminal chat under mpirun: multi-turn with the KV cache reused between turns, /reset, /exit."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from mpiutil import ROOT, mpi_env, mpirun_cmd
+
+STATS = re.compile(r"\[prompt (\d+) tokens, (\d+) reused from the KV cache, (\d+) prefilled \| reply (\d+) tokens")
+
+
+def run_chat(np_: int, text: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    cmd = mpirun_cmd(np_) + [sys.executable, "-m", "mpillm.chat", "--max-seq-len", "512", "--temperature", "0",
+                             "--max-tokens", "12"]
+    p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=mpi_env(), cwd=ROOT, start_new_session=True)
+    try:
+        out, err = p.communicate(text, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, 9)
+        out, err = p.communicate()
+        raise AssertionError(f"mpillm.chat hung for {timeout}s\n{out}\n{err}")
+    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
+
+
+@pytest.mark.parametrize("np_", [1, 2])
+def test_chat_reuses_cache_and_resets(np_):
+    r = run_chat(np_, "What is the capital of France?\nAnd of Italy?\n/bogus\n/reset\nWhat is the capital of France?\n"
+                      "/exit\nthis line is never read\n")
+    assert r.returncode == 0, r.stderr[-3000:]
+    stats = [tuple(map(int, m)) for m in STATS.findall(r.stdout)]
+    assert len(stats) == 3, r.stdout
+    (p1, c1, f1, n1), (p2, c2, f2, n2), (p3, c3, f3, n3) = stats
+    # turn 2 reuses the whole first exchange: only the new user turn is prefilled
+    assert p2 > p1 + n1 and c2 >= p1 + n1 - 1 and f2 == p2 - c2 and f2 < p2 - p1, stats
+    # after /reset the first question is asked again: the same prompt
+    assert p3 == p1
+    assert "unknown command /bogus" in r.stdout and "(new conversation)" in r.stdout
+    replies = [b for b in r.stdout.split("\n") if b and not b.startswith(("[", "(", "mpillm chat", "unknown"))]
+    assert len(replies) >= 3 and replies[0] == replies[-1], r.stdout   # greedy: the same answer after /reset
