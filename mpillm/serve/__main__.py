@@ -107,7 +107,7 @@ def model_name(args, model_dir: Path | None) -> str:
     if args.served_model_name:
         return args.served_model_name
     if args.model is None:
-        from ..engine import bundled_gguf
+        from ..models import bundled_gguf
 
         return bundled_gguf().stem
     p = Path(args.model)
@@ -227,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
             err = str(e)
     agree(comm, err)
 
-    from ..engine import Engine, resolve_model
+    from ..engine import Engine
+    from ..models import resolve_model
     from ..tokenizer import load_tokenizer
 
     model_dir = resolve_model(args.model, comm)
