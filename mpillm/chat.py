@@ -18,7 +18,7 @@ from pathlib import Path
 from mpi4py import MPI
 
 from .comm import run
-from .generate import add_model_args, parse_args_bcast
+from .generate import add_model_args, open_engine, parse_args_bcast
 
 HELP = "commands: /reset (new conversation), /exit (leave); anything else is your next message"
 
@@ -148,19 +148,17 @@ def chat_loop(service, tok, args, inp=sys.stdin, out=sys.stdout) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args_bcast(parser(), argv)
-    from .engine import Engine
     from .models import resolve_model
     from .service import Service
     from .tokenizer import load_tokenizer
 
     comm = MPI.COMM_WORLD
     model_dir = resolve_model(args.model, comm)
-    engine = Engine(model_dir, max_seq_len=args.max_seq_len, threads=args.threads,
-                    buffer_type=args.buffer_type, kv_type=args.kv_type, verbose=False)
+    engine = open_engine(args, model_dir, verbose=False)
 
     def rank0() -> int:
         tok = load_tokenizer(Path(model_dir))
-        service = Service(engine, tok, parallel=1)
+        service = Service(engine, tok)
         return chat_loop(service, tok, args)
 
     return engine.drive(rank0)

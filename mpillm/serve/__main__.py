@@ -27,7 +27,7 @@ from pathlib import Path
 from mpi4py import MPI
 
 from ..comm import FatalError, agree, run
-from ..generate import add_model_args, parse_args_bcast
+from ..generate import add_model_args, open_engine, parse_args_bcast
 
 
 def parser() -> argparse.ArgumentParser:
@@ -52,11 +52,8 @@ def parser() -> argparse.ArgumentParser:
                    help="log prompts and completions (off by default: only ids, token counts and timings)")
     g.add_argument("--access-log", action="store_true", help="log every HTTP request line (method, path, status)")
     g.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.set_defaults(parallel=4)   # slots: requests batched together in each engine step
     g = p.add_argument_group("load")
-    g.add_argument("--parallel", type=int, default=4,
-                   help="slots: requests batched together in one engine step (default: %(default)s)")
-    g.add_argument("--batch-tokens", type=int, default=64,
-                   help="tokens per engine step, prompt chunks included (default: %(default)s)")
     g.add_argument("--max-queue", type=int, default=64,
                    help="requests waiting for a slot before new ones get 503 + Retry-After (default: %(default)s)")
     g.add_argument("--queue-timeout", type=float, default=60.0,
@@ -227,13 +224,11 @@ def main(argv: list[str] | None = None) -> int:
             err = str(e)
     agree(comm, err)
 
-    from ..engine import Engine
     from ..models import resolve_model
     from ..tokenizer import load_tokenizer
 
     model_dir = resolve_model(args.model, comm)
-    engine = Engine(model_dir, max_seq_len=args.max_seq_len, threads=args.threads,
-                    buffer_type=args.buffer_type, kv_type=args.kv_type)
+    engine = open_engine(args, model_dir, verbose=True)
     peers = comm.gather((MPI.Get_processor_name(), os.getpid()), root=0)
     if rank != 0:
         return engine.serve()
@@ -242,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
 
     teardown = Teardown(state, peers, log)
     tok = load_tokenizer(Path(model_dir))
-    service = Service(engine, tok, parallel=args.parallel, batch_tokens=args.batch_tokens, max_queue=args.max_queue)
+    service = Service(engine, tok, max_queue=args.max_queue)
     state.ready(service, tok, size)
     teardown.service = service
     print(f"mpillm.serve: ready: {size} rank(s), {args.parallel} slot(s) of {service.context_size} tokens, "

@@ -260,7 +260,7 @@ def _sampling(body: dict, max_tokens_fields: tuple[str, ...]) -> tuple[dict, int
         top_p=get_float(body, "top_p", 0.0, 1.0, 1.0, lo_open=True),
         top_k=max(top_k, 0),                       # -1 (vLLM, llama.cpp) and 0 both mean off
         min_p=get_float(body, "min_p", 0.0, 1.0, 0.0),
-        seed=get_int(body, "seed", -INT64_MAX - 1, INT64_MAX),
+        seed=_seed(get_int(body, "seed", -INT64_MAX - 1, 2**64 - 1)),
         presence_penalty=get_float(body, "presence_penalty", -2.0, 2.0, 0.0),
         frequency_penalty=get_float(body, "frequency_penalty", -2.0, 2.0, 0.0),
         repetition_penalty=get_float(body, "repetition_penalty", 0.0, 10.0, 1.0, lo_open=True),
@@ -268,6 +268,11 @@ def _sampling(body: dict, max_tokens_fields: tuple[str, ...]) -> tuple[dict, int
         ignore_eos=get_bool(body, "ignore_eos"),
     )
     return kw, max_tokens
+
+
+def _seed(v: int | None) -> int | None:
+    """OpenAI's seed is a signed 64-bit integer; the sampler takes its two's-complement bits."""
+    return None if v is None else v % 2**64
 
 
 def _stream_options(body: dict, stream: bool) -> bool:
