@@ -422,3 +422,19 @@ def test_rank_killed_during_stream(tmp_path):
         print(f"error event: {error['message']!r}; job gone {time.monotonic() - killed_at:.1f} s after the kill")
     finally:
         s.stop()
+
+
+def test_bench_serve_smoke(server, tmp_path):
+    """benchmarks.serve against the running server: every level answers, figures are filled in."""
+    import benchmarks.serve as bench
+
+    out = tmp_path / "bench.json"
+    args = ["--url", server.url, "--clients", "1", "3", "--requests", "1", "--max-tokens", "6", "--json", str(out)]
+    if server.api_key:
+        args += ["--api-key", server.api_key]
+    assert bench.main(args) == 0
+    rep = json.loads(out.read_text())
+    assert [lv["clients"] for lv in rep["levels"]] == [1, 3]
+    for lv in rep["levels"]:
+        assert lv["errors"] == 0 and lv["tokens"] == 6 * lv["clients"]
+        assert lv["aggregate_tok_s"] > 0 and lv["ttft_ms_p50"] > 0 and lv["itl_ms_p99"] >= lv["itl_ms_p50"] > 0
