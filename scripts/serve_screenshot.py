@@ -18,7 +18,7 @@ from selenium.webdriver.common.by import By
 def main(url: str, out: str) -> None:
     opts = Options()
     opts.binary_location = shutil.which("chromium")
-    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1000,760", "--hide-scrollbars"):
+    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1000,900", "--hide-scrollbars"):
         opts.add_argument(a)
     d = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=opts)
     try:
