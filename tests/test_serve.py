@@ -438,3 +438,60 @@ def test_bench_serve_smoke(server, tmp_path):
     for lv in rep["levels"]:
         assert lv["errors"] == 0 and lv["tokens"] == 6 * lv["clients"]
         assert lv["aggregate_tok_s"] > 0 and lv["ttft_ms_p50"] > 0 and lv["itl_ms_p99"] >= lv["itl_ms_p50"] > 0
+
+
+def test_queue_full_is_503_with_retry_after(server):
+    """--parallel 4 --max-queue 16: of 24 requests at once, those beyond 16 waiting (4 of them, or a few
+    more when requests arrive before the engine step that gives the first ones their slots) get
+    503 + Retry-After at once; closing the others frees every slot and the queue."""
+    import asyncio
+
+    m = model_of(server)
+    body = {"model": m, "messages": Q, "temperature": 0, "max_tokens": 300, "ignore_eos": True, "stream": True}
+
+    async def go():
+        async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=40)) as c:
+            async def one():
+                async with c.stream("POST", server.url + "/v1/chat/completions", json=body,
+                                    headers=server.headers()) as r:
+                    return r.status_code, r.headers.get("retry-after"), (await r.aread())[:500]
+            tasks = [asyncio.ensure_future(one()) for _ in range(24)]
+            refused = []
+            deadline = time.monotonic() + 60
+            while len(refused) < 4 and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+                refused = [t.result() for t in tasks if t.done()]
+            await asyncio.sleep(1.0)       # requests submitted before the engine's next step count as waiting
+            refused = [t.result() for t in tasks if t.done()]
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            return refused
+    refused = asyncio.run(go())
+    assert 4 <= len(refused) <= 8, refused     # 16 can always wait; 4 more once the slots are taken
+    for status, retry, text in refused:
+        assert status == 503 and retry and int(retry) >= 1, (status, retry, text)
+        assert json.loads(text)["error"]["code"] == "queue_full"
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        m_ = server.metrics()
+        if m_["mpillm_slots_busy"] == 0 and m_["mpillm_queue_length"] == 0:
+            break
+        time.sleep(0.2)
+    assert m_["mpillm_slots_busy"] == 0 and m_["mpillm_queue_length"] == 0, m_
+
+
+def test_logprobs(server):
+    c, m = client(server), model_of(server)
+    r = c.chat.completions.create(model=m, messages=Q, temperature=0, max_tokens=6, logprobs=True, top_logprobs=3)
+    lp = r.choices[0].logprobs.content
+    assert len(lp) == r.usage.completion_tokens or (r.choices[0].finish_reason == "stop" and
+                                                   len(lp) == r.usage.completion_tokens - 1)
+    for t in lp:
+        assert len(t.top_logprobs) == 3 and t.logprob <= 0
+        assert t.top_logprobs[0].token == t.token and abs(t.top_logprobs[0].logprob - t.logprob) < 1e-6  # greedy
+    assert "".join(t.token for t in lp).startswith(r.choices[0].message.content[:5])
+    r = c.completions.create(model=m, prompt="The sky is", temperature=0, max_tokens=4, logprobs=2)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 4
+    assert lp.text_offset[0] == 0 and "".join(lp.tokens) == r.choices[0].text
