@@ -17,7 +17,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from mpiutil import ROOT, mpi_env, mpirun_cmd
+from mpiutil import ROOT, budget, kill_session, mpi_env, mpirun_cmd, popen_job, session_pids
 
 LISTEN = re.compile(r"listening on (http://[^ ]+)")
 
@@ -34,8 +34,7 @@ class Server:
             kf.chmod(0o600)
             cmd += ["--api-key-file", str(kf)]
         self.cmd = cmd
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     env=mpi_env(env), cwd=ROOT, start_new_session=True)
+        self.proc = popen_job(cmd, mpi_env(env), ROOT, stderr=subprocess.STDOUT)
         self.lines: list[str] = []
         self.url: str | None = None
         self.saw_loading = False
@@ -55,7 +54,8 @@ class Server:
     def output(self) -> str:
         return "".join(self.lines)
 
-    def wait_ready(self, timeout: float = 600) -> "Server":
+    def wait_ready(self, timeout: float = 300) -> "Server":
+        timeout, note = budget(timeout)
         deadline = time.monotonic() + timeout
         if not self._got_url.wait(timeout) or self.url is None:
             self.stop()
@@ -74,7 +74,7 @@ class Server:
                 pass
             time.sleep(0.2)
         self.stop()
-        raise AssertionError(f"server not ready within {timeout}s:\n{self.output[-4000:]}")
+        raise AssertionError(f"server not ready within {timeout:.0f}s{note}:\n{self.output[-4000:]}")
 
     def headers(self) -> dict:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
@@ -97,18 +97,14 @@ class Server:
             return json.loads(r.read())
 
     def pids(self) -> list[int]:
-        """Processes of this job still alive: mpirun and the ranks (each rank has a process group of its
-        own, but all stay in the session the test started)."""
+        """Processes of this job still alive (not zombies): mpirun and the ranks, all in the session
+        the test started (each rank has a process group of its own)."""
         out = []
-        for d in Path("/proc").iterdir():
-            if not d.name.isdigit():
-                continue
+        for pid in session_pids(self.proc.pid):
             try:
-                if os.getsid(int(d.name)) == self.proc.pid:
-                    stat = (d / "stat").read_text()
-                    if stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X"):
-                        out.append(int(d.name))
-            except (OSError, ProcessLookupError):
+                if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X"):
+                    out.append(pid)
+            except OSError:
                 pass
         return out
 
@@ -123,19 +119,7 @@ class Server:
         raise AssertionError(f"no process of rank {rank} found")
 
     def stop(self, timeout: float = 15) -> int:
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                pass
-        for pid in [self.proc.pid] + self.pids():
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        """SIGTERM to mpirun (it ends the ranks), then SIGKILL to whatever is left in the session."""
+        kill_session(self.proc, grace=timeout)
         self.proc.wait(10)
         return self.proc.returncode

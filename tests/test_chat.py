@@ -1,14 +1,13 @@
 """The terminal chat under mpirun: multi-turn with the KV cache reused between turns, /reset, /exit."""
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
 
 import pytest
 
-from mpiutil import ROOT, mpi_env, mpirun_cmd
+from mpiutil import ROOT, budget, kill_session, mpi_env, mpirun_cmd, popen_job
 
 STATS = re.compile(r"\[prompt (\d+) tokens, (\d+) reused from the KV cache, (\d+) prefilled \| reply (\d+) tokens")
 
@@ -16,14 +15,16 @@ STATS = re.compile(r"\[prompt (\d+) tokens, (\d+) reused from the KV cache, (\d+
 def run_chat(np_: int, text: str, timeout: float = 300) -> subprocess.CompletedProcess:
     cmd = mpirun_cmd(np_) + [sys.executable, "-m", "mpillm.chat", "--max-seq-len", "512", "--temperature", "0",
                              "--max-tokens", "12"]
-    p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         env=mpi_env(), cwd=ROOT, start_new_session=True)
+    limit, note = budget(timeout)
+    p = popen_job(cmd, mpi_env(), ROOT, stdin=subprocess.PIPE)
     try:
-        out, err = p.communicate(text, timeout=timeout)
+        out, err = p.communicate(text, timeout=limit)
     except subprocess.TimeoutExpired:
-        os.killpg(p.pid, 9)
+        kill_session(p)
         out, err = p.communicate()
-        raise AssertionError(f"mpillm.chat hung for {timeout}s\n{out}\n{err}")
+        raise AssertionError(f"mpillm.chat hung for {limit:.0f}s{note}\n{out}\n{err}") from None
+    finally:
+        kill_session(p, grace=0)
     return subprocess.CompletedProcess(cmd, p.returncode, out, err)
 
 

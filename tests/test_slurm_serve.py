@@ -20,7 +20,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE / "cluster"))
 
 import slurm  # noqa: E402
-from mpiutil import mpi_env  # noqa: E402
+from mpiutil import kill_session, mpi_env, popen_job  # noqa: E402
 
 
 def healthy(port: int) -> bool:
@@ -92,8 +92,7 @@ def test_serve_sbatch_restarts_after_a_rank_dies(tmp_path):
 
 def test_serve_sh_starts_and_stops(tmp_path):
     env = mpi_env({"MPILLM_NP": "1", "MPILLM_SERVE_ARGS": "--port 0 --max-seq-len 256"})
-    p = subprocess.Popen([str(ROOT / "scripts" / "serve.sh")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                         text=True, env=env, cwd=tmp_path, start_new_session=True)
+    p = popen_job([str(ROOT / "scripts" / "serve.sh")], env, tmp_path, stderr=subprocess.STDOUT)
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(p.stdout), daemon=True)
     reader.start()
@@ -107,9 +106,7 @@ def test_serve_sh_starts_and_stops(tmp_path):
         p.wait(15)                              # every rank ends with it
         wait(lambda: not _session(p.pid), 10, f"every process of the job to end: {_session(p.pid)}")
     finally:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait(10)
+        kill_session(p, grace=0)
 
 
 def _session(sid: int) -> list[str]:
