@@ -497,3 +497,56 @@ def test_logprobs(server):
     lp = r.choices[0].logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 4
     assert lp.text_offset[0] == 0 and "".join(lp.tokens) == r.choices[0].text
+
+
+def test_busy_port_fails_at_once(server):
+    """A second server on the same port ends every rank at once, naming the address (no model load)."""
+    from mpiutil import mpirun
+
+    port = server.url.rsplit(":", 1)[1]
+    t0 = time.monotonic()
+    r = mpirun(2, ["-m", "mpillm.serve", "--port", port], timeout=120)
+    assert r.returncode != 0
+    assert f"cannot listen on 127.0.0.1:{port}" in r.stdout + r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    assert time.monotonic() - t0 < 60
+
+
+def test_queue_and_request_timeouts():
+    """--queue-timeout: a request that waits for a slot too long gets 503 + Retry-After;
+    --request-timeout: a stream that runs too long ends with an error event, a plain request with 504."""
+    import threading
+
+    s = Server(1, "--parallel", "1", "--queue-timeout", "2", "--request-timeout", "4", "--ctx-size", "2048")
+    try:
+        s.wait_ready()
+        assert s.post("/v1/completions", {"prompt": "warm up", "max_tokens": 2})["choices"]
+        long = {"messages": Q, "temperature": 0, "max_tokens": 2000, "ignore_eos": True}   # > 10 s of work
+        events: list[str] = []
+        started = threading.Event()
+
+        def stream_a():
+            with httpx.stream("POST", s.url + "/v1/chat/completions", json={**long, "stream": True},
+                              timeout=60) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: "):
+                        events.append(line)
+                        started.set()
+            started.set()
+        ta = threading.Thread(target=stream_a)
+        ta.start()
+        assert started.wait(30)
+        r = httpx.post(s.url + "/v1/chat/completions", json={**long, "max_tokens": 4}, timeout=30)
+        assert r.status_code == 503 and r.headers["retry-after"], r.text
+        assert r.json()["error"]["code"] == "queue_timeout"
+        ta.join(30)
+        last = json.loads(events[-1][6:])
+        assert "error" in last and last["error"]["code"] == "request_timeout", events[-2:]
+        r = httpx.post(s.url + "/v1/chat/completions", json=long, timeout=30)
+        assert r.status_code == 504 and r.json()["error"]["code"] == "request_timeout", r.text
+        deadline = time.monotonic() + 10
+        while s.metrics()["mpillm_slots_busy"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert s.metrics()["mpillm_slots_busy"] == 0
+    finally:
+        s.stop()
