@@ -45,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gen-tokens", type=int, default=64, help="tokens generated (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=3, help="timed repetitions; the best is reported")
     p.add_argument("--json", type=Path, default=None, help="also write the JSON here")
+    p.add_argument("--concurrency", type=int, nargs="*", default=[],
+                   help="also measure continuous batching: aggregate generate tok/s with this many sequences "
+                        "decoding at once, e.g. --concurrency 1 2 4 8 16 (greedy, through mpillm.service)")
     args = parse_args_bcast(p, argv)
     from .engine import Engine
     from .models import resolve_model
@@ -52,8 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     comm = MPI.COMM_WORLD
     model_dir = resolve_model(args.model, comm)
     need = args.prompt_tokens + args.gen_tokens + 1
+    slots = max(args.concurrency or [1])
     engine = Engine(model_dir, max_seq_len=max(args.max_seq_len, need), threads=args.threads, verbose=False,
-                    buffer_type=args.buffer_type, kv_type=args.kv_type)
+                    buffer_type=args.buffer_type, kv_type=args.kv_type, n_slots=slots,
+                    max_batch=max(args.batch_tokens, slots))
     m = engine.model
 
     def measure() -> dict:
@@ -76,13 +81,54 @@ def main(argv: list[str] | None = None) -> int:
                 "allreduce_payload_bytes_per_token": m.stats.payload_bytes / n,
                 "allreduce_calls_per_token": m.stats.calls / n}
 
+    tokenizer = None
+
+    def measure_batched(n: int) -> dict:
+        """n sequences (distinct random prompts) through the service: once all have their first
+        token, time the lock-step decode of the rest; every step carries one row per sequence."""
+        from .sampling import SamplingParams
+        from .service import Service
+
+        rng = np.random.default_rng(n)
+        svc = Service(engine, tokenizer, parallel=n)
+        params = SamplingParams(max_tokens=args.gen_tokens + 1, ignore_eos=True)
+        hs = [svc.submit(list(rng.integers(0, engine.cfg.vocab_size, args.prompt_tokens)), params)
+              for _ in range(n)]
+        while not all(h.outputs.qsize() for h in hs):
+            svc.step()
+        m.stats.reset()
+        steps0, t0 = svc.counters["steps_total"], time.perf_counter()
+        while svc.step():
+            pass
+        dt, steps = time.perf_counter() - t0, svc.counters["steps_total"] - steps0
+        assert all(h.finished for h in hs)
+        toks = n * args.gen_tokens
+        return {"sequences": n, "aggregate_tok_s": toks / dt, "per_sequence_tok_s": args.gen_tokens / dt,
+                "ms_per_step": 1e3 * dt / steps, "comm_ms_per_step": 1e3 * m.stats.seconds / steps,
+                "allreduce_payload_bytes_per_step": m.stats.payload_bytes / steps}
+
     def rank0() -> int:
+        nonlocal tokenizer
+        if args.concurrency:
+            from .tokenizer import load_tokenizer
+
+            tokenizer = load_tokenizer(Path(model_dir))
         engine.step([0], 0)  # first token: compiles/loads every kernel, touches the weights
         startup = process_age_s()
         runs = [measure() for _ in range(max(1, args.repeats))]
         best = max(runs, key=lambda r: r["generate_tok_s"])
         best["prompt_tok_s"] = max(r["prompt_tok_s"] for r in runs)
         best["startup_s"] = startup
+        if args.concurrency:
+            batched = []
+            for n in args.concurrency:
+                rs = [measure_batched(n) for _ in range(max(1, args.repeats))]
+                batched.append(max(rs, key=lambda r: r["aggregate_tok_s"]))
+            best["batched"] = batched
+            by_n = {r["sequences"]: r["aggregate_tok_s"] for r in batched}
+            if 1 in by_n:
+                best["batched_speedup_vs_1"] = {str(n): v / by_n[1] for n, v in by_n.items()}
+            best["batched_over_prompt_rate"] = {str(n): v / best["prompt_tok_s"] for n, v in by_n.items()}
         return best
 
     def report(res: dict, rss: list[int]) -> int:
