@@ -27,7 +27,7 @@ import numpy as np
 from .engine import OUT_GREEDY, OUT_LOGITS
 
 
-@dataclass
+@dataclass(eq=False)  # identity: two requests with the same tokens are still two sequences
 class Sequence:
     """One request's tokens as the scheduler sees them."""
     id: str
