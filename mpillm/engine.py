@@ -103,7 +103,7 @@ class Engine:
         sizes = comm.gather((shard.nbytes, kv_bytes, MPI.Get_processor_name()), root=0)
         if self.rank == 0 and verbose:
             self.print_plan(sizes, threads)
-        agree(comm, kv_memory_error(kv_per_token, n_slots, max_seq_len, self.rank))
+        agree(comm, kv_memory_error(kv_per_token, n_slots, max_seq_len))
         err = None
         try:
             kernels.set_threads(threads)
@@ -325,7 +325,7 @@ def available_memory() -> int | None:
     return None
 
 
-def kv_memory_error(kv_per_token: int, n_slots: int, ctx: int, rank: int, avail: int | None = None) -> str | None:
+def kv_memory_error(kv_per_token: int, n_slots: int, ctx: int, avail: int | None = None) -> str | None:
     """The KV cache is allocated memory (the weights are memory-mapped and may page): refuse a
     slots x context that does not fit in what this node has available, with what would fit.
     MPILLM_MEMORY_LIMIT (bytes) overrides the measured figure (tests, cgroup-limited jobs)."""
@@ -340,7 +340,7 @@ def kv_memory_error(kv_per_token: int, n_slots: int, ctx: int, rank: int, avail:
         return None
     fit_slots = budget // (kv_per_token * ctx)
     fit_ctx = budget // (kv_per_token * n_slots)
-    return (f"rank {rank}: the KV cache for {n_slots} slot(s) x {ctx} tokens needs {need / 2**20:.0f} MiB but "
+    return (f"the KV cache for {n_slots} slot(s) x {ctx} tokens needs {need / 2**20:.0f} MiB but "
             f"{budget / 2**20:.0f} MiB is available to this rank ({local} rank(s) on the node); at most "
             f"--parallel {fit_slots} at --ctx-size {ctx}, or --ctx-size {fit_ctx} at --parallel {n_slots}")
 
