@@ -11,7 +11,6 @@ MPI_Abort, and that no other rank printed anything. Each MPI job runs under a 12
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import subprocess
 import sys
@@ -346,7 +345,6 @@ def test_job_dies_with_pytest(tmp_path):
 def test_kv_slots_that_do_not_fit_are_refused(tmp_path):
     """--parallel x --ctx-size beyond a rank's memory: refused before allocating, naming the rank,
     the need, what is available and the largest --parallel / --ctx-size that fit; every rank exits."""
-    from mpiutil import mpi_env  # noqa: F401  (the probe passes the environment through)
     import os
 
     os.environ["MPILLM_MEMORY_LIMIT"] = str(200 * 2**20)
