@@ -15,7 +15,10 @@ The weight bytes per rank come from the partition the converter would write
 is Open MPI's choice between recursive doubling (log2 P rounds of the whole message; small
 messages) and a ring (2(P-1) rounds of 1/P of it; large ones), each round paying the
 link's one-way latency plus the per-message cost of the MPI/TCP stack, and the bytes at the
-link's goodput. ``--buffer-type f16|q8_0`` exchange compressed partials with Allgather
+link's goodput. (On the emulated links an Allreduce of 2304 B between 2 ranks measured about one
+full RTT, not half, even with recursive doubling: the link model may under-predict the syncs by
+up to 2x; ``--cluster`` with the Allreduce timings measured on the real ranks avoids the model.)
+``--buffer-type f16|q8_0`` exchange compressed partials with Allgather
 (each rank receives (P-1) shares; distributed-llama's sync). The link figures are the
 emulated cluster's profiles (tests/cluster/netns.py), whose round trips and rates the
 link tests check on real packets; the node figures are cited in the README.
