@@ -14,7 +14,7 @@ from mpillm.partition import RankSlice, plan
 from . import names as N
 from .sources import SrcTensor
 
-WEIGHT_TYPE_CHOICES = ("auto",) + quant.WEIGHT_TYPES
+WEIGHT_TYPE_CHOICES = ("auto",) + quant.QUANTIZABLE
 
 
 def target_type(name: str, src: SrcTensor, weight_type: str, vector: bool) -> str:
@@ -29,8 +29,9 @@ def target_type(name: str, src: SrcTensor, weight_type: str, vector: bool) -> st
         return src.wtype
     if src.src_type in ("BF16", "F64"):
         return "f32"
-    raise ValueError(f"tensor {name} has type {src.src_type}, which mpillm does not store; pass "
-                     f"--weight-type q4_0|q4_1|q8_0|f16|f32 to requantize it")
+    raise ValueError(f"tensor {name} has type {src.src_type}, which mpillm does not store (stored as they "
+                     f"are: {', '.join(t for t in quant.WEIGHT_TYPES if not t.endswith('_32'))}); pass "
+                     f"--weight-type {'|'.join(quant.QUANTIZABLE)} to requantize the model")
 
 
 def _ranges(kind: str, rs: RankSlice, cfg) -> tuple[str, int, int] | None:
@@ -49,17 +50,23 @@ def _ranges(kind: str, rs: RankSlice, cfg) -> tuple[str, int, int] | None:
     }[kind]
 
 
-def slice_arrays(arrays: dict, wtype: str, axis: str, start: int, stop: int) -> dict:
-    """Slice split-layout arrays along logical rows or (32-aligned) columns."""
+def slice_arrays(arrays: dict, wtype: str, axis: str, start: int, stop: int) -> tuple[dict, str]:
+    """Slice split-layout arrays along logical rows or (32-aligned) columns -> (arrays, type).
+
+    A K-quant cut inside a 256-wide super-block is first re-encoded losslessly as its ``_32``
+    variant (super-block scales repeated per 32-block; see mpillm.quant), so the type can change."""
     if axis == "rows":
-        return {k: v[..., start:stop, :] for k, v in arrays.items()}
+        return {k: v[..., start:stop, :] for k, v in arrays.items()}, wtype
+    if wtype in quant.K_TYPES and (start % quant.QK_K or stop % quant.QK_K):
+        arrays, wtype = quant.to_per32(arrays, wtype)
+    cols = _logical_cols(arrays, wtype)
     out = {}
     for k, v in arrays.items():
-        per = {"w": 1, "qs": 2 if wtype in ("q4_0", "q4_1") else 1, "d": quant.QK, "m": quant.QK}[k]
+        per = cols // v.shape[-1]  # logical columns per array column
         if k != "w" and (start % quant.QK or stop % quant.QK):
             raise ValueError(f"column slice [{start}, {stop}) does not fall on {quant.QK}-blocks")
         out[k] = v[..., start // per:stop // per]
-    return out
+    return out, wtype
 
 
 def as_float(arrays: dict, wtype: str) -> np.ndarray:
@@ -120,10 +127,14 @@ def convert_model(source, out_dir: Path, world_sizes: list[int], weight_type: st
             shape = next(iter(data.values())).shape[:-1] + (_logical_cols(data, dtype),)
             for rs, w in writers:
                 rng = _ranges(kind, rs, cfg)
-                part = data if rng is None else slice_arrays(data, dtype, *rng)
-                stored = to_type(part, dtype, wtype)
+                part, ptype = (data, dtype) if rng is None else slice_arrays(data, dtype, *rng)
+                stype = ptype if wtype == dtype else wtype
+                if ptype != dtype and stype == ptype:
+                    w.note(f"{name}: {dtype} stored as {ptype} (columns [{rng[1]}, {rng[2]}) cut "
+                           f"{quant.QK_K}-wide super-blocks; same values, scales per {quant.QK} columns)")
+                stored = to_type(part, ptype, stype)
                 pshape = shape if rng is None else _sliced_shape(shape, *rng)
-                w.add(name, wtype, pshape, stored)
+                w.add(name, stype, pshape, stored)
         for _, w in writers:
             w.close()
     except BaseException:
@@ -156,7 +167,7 @@ def _merged_splits(out_dir: Path, cfg, world_sizes: list[int], splits: dict) -> 
 def _logical_cols(arrays: dict, wtype: str) -> int:
     if "w" in arrays:
         return arrays["w"].shape[-1]
-    return arrays["d"].shape[-1] * quant.QK
+    return arrays["qs"].shape[-1] // quant.QS_BYTES[wtype] * quant.QK
 
 
 def _sliced_shape(shape: tuple, axis: str, start: int, stop: int) -> tuple:

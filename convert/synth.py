@@ -104,7 +104,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--shape", choices=sorted(SHAPES), required=True)
     p.add_argument("out", type=Path)
     p.add_argument("--world-size", type=int, nargs="+", required=True)
-    p.add_argument("--weight-type", choices=quant.WEIGHT_TYPES, default="q4_0")
+    p.add_argument("--weight-type", choices=("q4_0", "q4_1", "q8_0", "f16", "f32"), default="q4_0")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)

@@ -33,6 +33,17 @@ CMD_STOP, CMD_STEP, CMD_SCORE = 0, 1, 2
 OUT_GREEDY, OUT_LOGITS = 0, 1  # what an output row of a CMD_STEP needs
 
 
+def _summarize_notes(notes: list[str]) -> list[tuple[str, int]]:
+    """A shard's converter notes with the layer index folded: [(note with layers/*/, count)]."""
+    import re
+
+    out: dict[str, int] = {}
+    for n in notes:
+        k = re.sub(r"layers/\d+/", "layers/*/", n)
+        out[k] = out.get(k, 0) + 1
+    return list(out.items())
+
+
 @dataclass
 class Stats:
     prompt_tokens: int = 0
@@ -100,7 +111,7 @@ class Engine:
         kv_heads = shard.slice["kv_heads"][1] - shard.slice["kv_heads"][0]
         kv_per_token = 2 * cfg.n_layers * kv_heads * cfg.head_dim * (2 if kv_type == "f16" else 4)
         kv_bytes = kv_per_token * max_seq_len * n_slots
-        sizes = comm.gather((shard.nbytes, kv_bytes, MPI.Get_processor_name()), root=0)
+        sizes = comm.gather((shard.nbytes, kv_bytes, MPI.Get_processor_name(), shard.notes), root=0)
         if self.rank == 0 and verbose:
             self.print_plan(sizes, threads)
         agree(comm, kv_memory_error(kv_per_token, n_slots, max_seq_len))
@@ -135,13 +146,15 @@ class Engine:
               f"{cfg.n_kv_heads} KV heads, vocab {cfg.vocab_size}; world size {self.size}, "
               f"{threads} thread(s) per rank, {self.n_slots} slot(s) x {self.max_seq_len} tokens, "
               f"{self.max_batch} rows per step, kernels {kernels.active_path()}", flush=True)
-        shares = share_notes(cfg, self.slices, self.split, [wb for wb, _, _ in sizes])
-        for rs, (wb, kb, host), share in zip(self.slices, sizes, shares):
+        shares = share_notes(cfg, self.slices, self.split, [s[0] for s in sizes])
+        for rs, (wb, kb, host, notes), share in zip(self.slices, sizes, shares):
             ffn = rs.expert_ffn if cfg.is_moe else rs.ffn
             print(f"  rank {rs.tp_rank} on {host}: heads [{rs.heads[0]},{rs.heads[1]}) "
                   f"KV heads [{rs.kv_heads[0]},{rs.kv_heads[1]}) {'expert ' if cfg.is_moe else ''}FFN "
                   f"[{ffn[0]},{ffn[1]}) vocab [{rs.vocab[0]},{rs.vocab[1]}) | weights {wb / 2**20:.1f} MiB + "
                   f"KV cache {kb / 2**20:.1f} MiB = {(wb + kb) / 2**20:.1f} MiB | {share}", flush=True)
+            for note, n in _summarize_notes(notes):  # lossless re-encodings the converter made
+                print(f"    {note}{f' ({n} layers)' if n > 1 else ''}", flush=True)
 
     # ---- every rank: one step of the plan in self.plan ----------------------------------------
     def _execute(self, cmd: int, T: int, R: int, n_logits: int):

@@ -39,6 +39,8 @@ ATTR_WORLD_SIZE = "world_size"
 ATTR_RANK = "rank"
 ATTR_CONFIG = "config"
 ATTR_SLICE = "slice"           # the RankSlice this shard holds, JSON
+ATTR_NOTES = "notes"           # JSON list of what the converter changed for this rank (lossless
+                               # re-encodings, e.g. a K-quant cut by the column split), optional
 T_ATTR_TYPE = "type"
 T_ATTR_SHAPE = "shape"
 
@@ -125,7 +127,11 @@ class ShardWriter:
         self.f.attrs[ATTR_RANK] = rank
         self.f.attrs[ATTR_CONFIG] = cfg.to_json()
         self.f.attrs[ATTR_SLICE] = slice_json
+        self.notes: list[str] = []
 
+    def note(self, text: str) -> None:
+        """Record a change the converter made to this rank's tensors (printed in the plan)."""
+        self.notes.append(text)
     def add(self, name: str, wtype: str, shape: tuple[int, ...], arrays: dict[str, np.ndarray]) -> None:
         check_name(name)
         want = expected_arrays(wtype, tuple(shape))
@@ -142,6 +148,7 @@ class ShardWriter:
             g.create_dataset(key, data=a if a.size else None, shape=s, dtype=dt)
 
     def close(self) -> None:
+        self.f.attrs[ATTR_NOTES] = json.dumps(self.notes)
         self.f.close()
         os.replace(self.tmp, self.path)
 
@@ -229,6 +236,7 @@ class Shard:
                                  f"but this is rank {rank} of {world_size}")
             self.config = ModelConfig.from_json(attrs[ATTR_CONFIG])
             self.slice = json.loads(attrs[ATTR_SLICE])
+            self.notes = json.loads(attrs.get(ATTR_NOTES, "[]"))
             try:
                 f.visititems(lambda n, obj: self._map(n, obj, size))
             except ValueError:

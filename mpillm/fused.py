@@ -19,11 +19,13 @@ import os
 import sys
 from pathlib import Path
 
-from . import kernels
+from . import kernels, quant
 
-_ARGS = {"q4_0": ("qs", "d"), "q4_1": ("qs", "d", "m"), "q8_0": ("qs", "d"), "f16": ("w",), "f32": ("w",)}
-_KERNEL = {"q4_0": "matmul_q4_0_q8_0", "q4_1": "matmul_q4_1_q8_0", "q8_0": "matmul_q8_0_q8_0",
-           "f16": "matmul_f16_f32", "f32": "matmul_f32_f32"}
+_ARGS = {t: tuple(k for k, _ in quant.ARRAYS[t]) for t in quant.WEIGHT_TYPES}  # kernel argument order
+# weight type -> kernel name (the K-quant ``_32`` variants share their type's kernel)
+_KERNEL = {t: (f"matmul_{t}_f32" if t in ("f16", "f32") else f"matmul_{quant.base_type(t)}_q8_0")
+           for t in quant.WEIGHT_TYPES}
+KERNEL_NAME = _KERNEL
 
 
 def _w(name: str, wtype: str) -> list[str]:

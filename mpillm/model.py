@@ -24,6 +24,7 @@ from . import fused, kernels, ops
 from .kernels import exact
 from .format import Shard, Tensor
 from .partition import RankSlice
+from . import quant
 from .quant import QK, QUANTIZED
 
 
@@ -58,7 +59,7 @@ class Acts:
             _quantize_q8_0(self.x[:T], self.xq[:T], self.xd[:T], self.xsum[:T])
 
 
-_KEYS = {"q4_0": ("qs", "d"), "q4_1": ("qs", "d", "m"), "q8_0": ("qs", "d"), "f16": ("w",), "f32": ("w",)}
+_KEYS = {t: tuple(k for k, _ in quant.ARRAYS[t]) for t in quant.WEIGHT_TYPES}  # kernel argument order
 
 
 def _plain(arrays: dict, wtype: str) -> tuple:
@@ -79,9 +80,7 @@ class Linear:
         self.wtype, self.rows, self.cols = t.wtype, t.shape[-2], t.shape[-1]
         self.quantized = self.wtype in QUANTIZED
         jit = kernels.get_path(kernels.active_path()).jit
-        self.fn = {"q4_0": jit.matmul_q4_0_q8_0, "q4_1": jit.matmul_q4_1_q8_0,
-                   "q8_0": jit.matmul_q8_0_q8_0, "f16": jit.matmul_f16_f32,
-                   "f32": jit.matmul_f32_f32}[self.wtype]
+        self.fn = getattr(jit, fused.KERNEL_NAME[self.wtype])
         self.fn64 = exact.KERNELS[self.wtype]  # float64 output, for --buffer-type f64
         self.w = _plain(a, self.wtype)
         self.nbytes = sum(x.nbytes for x in self.w)

@@ -220,8 +220,17 @@ def embed(wtype: str, a: dict, tokens: np.ndarray, v0: int, out: np.ndarray) -> 
         _embed_q4(tokens, v0, a["qs"], a["d"], a["m"], True, out)
     elif wtype == "f16":
         embed_f16(tokens, v0, a["w"], out)
-    else:
+    elif wtype == "f32":
         embed_f32(tokens, v0, a["w"], out)
+    else:  # the 5-bit, K-quant and MXFP4 types: dequantize this rank's rows (numpy, GGML-exact)
+        from . import quant
+
+        rows = np.asarray(tokens, np.int64) - v0
+        hit = (rows >= 0) & (rows < next(iter(a.values())).shape[0])
+        out[:len(rows)] = 0.0
+        if hit.any():
+            sel = {k: np.asarray(a[k])[rows[hit]].view(np.dtype(dt)) for k, dt in quant.ARRAYS[wtype]}
+            out[:len(rows)][hit] = quant.dequantize(sel, wtype)
 
 
 # --- mixture of experts ---

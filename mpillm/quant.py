@@ -14,42 +14,103 @@ mpillm stores a quantized matrix W of shape (rows, cols) as separate arrays
   f16:  w  float16 (rows, cols)
   f32:  w  float32 (rows, cols)
 
+The 5-bit, 6-bit, K-quant and MXFP4 types (nb = cols / 32 sub-blocks, ns = cols / 256
+super-blocks). Every one keeps its low 4 bits in ``qs`` in the q4_0 nibble order per
+32-element sub-block, high bits as per-sub-block bit masks (4 bytes = a little-endian
+uint32 whose bit i belongs to element i), and its scales one per byte:
+
+  q5_0: qs u8 (rows, nb*16), qh u8 (rows, nb*4), d f16 (rows, nb)      d * (q - 16)
+  q5_1: qs, qh, d, m f16 (rows, nb)                                     d * q + m
+  q4_K: qs u8 (rows, nb*16), sc u8 (rows, nb), mn u8 (rows, nb),        (d*sc) * q - (dmin*mn)
+        d f16 (rows, ns), dmin f16 (rows, ns)                           (sc, mn: 6-bit, unpacked)
+  q5_K: qs, qh u8 (rows, nb*4), sc, mn, d, dmin                         as q4_K, q 5-bit
+  q6_K: qs u8 (rows, nb*16), qh u8 (rows, nb*8) = per sub-block the     (d*sc) * (q - 32)
+        bit-4 mask then the bit-5 mask, sc i8 (rows, nb*2) one per 16
+        elements, d f16 (rows, ns)
+  mxfp4: qs u8 (rows, nb*16) E2M1 codes, e u8 (rows, nb) E8M0 exponent  2^(e-128) * kvalue[code]
+                                                                        (kvalue = 2 x E2M1 value)
+
+GGML's q5_0 / q5_1 / mxfp4 blocks already are these fields (split, not rearranged). The
+K-quant blocks are rearranged: q4_K/q5_K's 64-element nibble pairs and q6_K's 128-element
+ql/qh interleave become the q4_0 order per 32-element sub-block, the 12 bytes of packed
+6-bit scales and mins become one byte each. Every step is a bijection on the bits, so
+``join_ggml(split_ggml(raw)) == raw`` (tested); the unpacked scales cost 4 bytes per 256
+weights (q4_K: 4.625 instead of 4.5 bits per weight).
+
+``<t>_32`` (q4_K_32, q5_K_32, q6_K_32): the same type with its super-block scales d (and
+dmin) repeated for each 32-element sub-block, shape (rows, nb). A K-quant matrix whose
+columns are split at a point that is not a multiple of 256 (a row-parallel layer at an
+uneven head split) is stored so: the values are unchanged (lossless), the kernels are the
+same, and it costs 16 bits (q6_K) or 32 bits (q4_K, q5_K) more per 32 weights.
+
 A GGML block (e.g. block_q4_0 = {fp16 d; uint8 qs[16]}) maps to these arrays by
 splitting its fields, so a GGUF tensor is copied bit-exactly (``split_ggml``).
-The quantizers reproduce GGML's reference rounding (quantize_row_*_ref).
+The quantizers reproduce GGML's reference rounding (quantize_row_*_ref); q5_0, q5_1
+and mxfp4 quantize through ``gguf.quants``; the K-quants have no quantizer here (they
+are copied from GGUF files, never produced).
 """
 from __future__ import annotations
 
 import numpy as np
 
-QK = 32  # weights per quantization block, for every quantized type
+QK = 32  # weights per quantization block (sub-block of the K-quants), for every quantized type
+QK_K = 256  # weights per K-quant super-block
 
-# type name -> (arrays with their dtypes, bytes per GGML block or per element)
+# type name -> its arrays with their dtypes, in the order the kernels take them
 ARRAYS: dict[str, tuple[tuple[str, str], ...]] = {
     "q4_0": (("qs", "uint8"), ("d", "float16")),
     "q4_1": (("qs", "uint8"), ("d", "float16"), ("m", "float16")),
     "q8_0": (("qs", "int8"), ("d", "float16")),
+    "q5_0": (("qs", "uint8"), ("qh", "uint8"), ("d", "float16")),
+    "q5_1": (("qs", "uint8"), ("qh", "uint8"), ("d", "float16"), ("m", "float16")),
+    "q4_K": (("qs", "uint8"), ("sc", "uint8"), ("mn", "uint8"), ("d", "float16"), ("dmin", "float16")),
+    "q5_K": (("qs", "uint8"), ("qh", "uint8"), ("sc", "uint8"), ("mn", "uint8"), ("d", "float16"),
+             ("dmin", "float16")),
+    "q6_K": (("qs", "uint8"), ("qh", "uint8"), ("sc", "int8"), ("d", "float16")),
+    "mxfp4": (("qs", "uint8"), ("e", "uint8")),
     "f16": (("w", "float16"),),
     "f32": (("w", "float32"),),
 }
+K_TYPES = ("q4_K", "q5_K", "q6_K")
+for _t in K_TYPES:  # the same arrays with per-32 super-block scales (see the module docstring)
+    ARRAYS[_t + "_32"] = ARRAYS[_t]
 WEIGHT_TYPES = tuple(ARRAYS)
-QUANTIZED = ("q4_0", "q4_1", "q8_0")
+QUANTIZED = tuple(t for t in WEIGHT_TYPES if t not in ("f16", "f32"))
+# types quantize() can produce from float values (--weight-type); the others are only copied
+QUANTIZABLE = ("q4_0", "q4_1", "q8_0", "q5_0", "q5_1", "mxfp4", "f16", "f32")
+# bytes of qs per 32-block
+QS_BYTES = {t: (32 if t == "q8_0" else 16) for t in QUANTIZED}
+
+
+def base_type(wtype: str) -> str:
+    """q4_K_32 -> q4_K (the kernel and the values are the same)."""
+    return wtype[:-3] if wtype.endswith("_32") else wtype
+
+
+def block_cols(wtype: str) -> int:
+    """Columns of a block that a column split must not cut: 256 for the K-quants, else 32."""
+    return QK_K if wtype in K_TYPES else (QK if wtype in QUANTIZED else 1)
 
 
 def array_shapes(wtype: str, rows: int, cols: int) -> dict[str, tuple[tuple[int, int], str]]:
     """Shapes and dtypes of the split-layout arrays of a (rows, cols) matrix."""
     if wtype not in ARRAYS:
         raise ValueError(f"unknown weight type {wtype!r}; supported: {', '.join(WEIGHT_TYPES)}")
-    if wtype in QUANTIZED and cols % QK:
-        raise ValueError(f"{wtype} needs a column count divisible by {QK}, got {cols}")
+    if wtype in QUANTIZED and cols % block_cols(wtype):
+        raise ValueError(f"{wtype} needs a column count divisible by {block_cols(wtype)}, got {cols}")
     nb = cols // QK
-    shapes = {
-        "q4_0": {"qs": (rows, cols // 2), "d": (rows, nb)},
-        "q4_1": {"qs": (rows, cols // 2), "d": (rows, nb), "m": (rows, nb)},
-        "q8_0": {"qs": (rows, cols), "d": (rows, nb)},
-        "f16": {"w": (rows, cols)},
-        "f32": {"w": (rows, cols)},
-    }[wtype]
+    ns = nb if wtype.endswith("_32") else cols // QK_K  # super-block scales
+    per_block = {"qs": QS_BYTES.get(wtype, 0), "qh": 8 if base_type(wtype) == "q6_K" else 4,
+                 "sc": 2 if base_type(wtype) == "q6_K" else 1, "mn": 1, "e": 1, "m": 1,
+                 "d": 1 if wtype in ("q4_0", "q4_1", "q8_0", "q5_0", "q5_1") else None, "dmin": None}
+    shapes = {}
+    for k, _ in ARRAYS[wtype]:
+        if k == "w":
+            shapes[k] = (rows, cols)
+        elif per_block[k] is None:
+            shapes[k] = (rows, ns)
+        else:
+            shapes[k] = (rows, nb * per_block[k])
     return {k: (shapes[k], dt) for k, dt in ARRAYS[wtype]}
 
 
@@ -112,6 +173,15 @@ def quantize(w: np.ndarray, wtype: str) -> dict[str, np.ndarray]:
             idn = np.where(d != 0, 1.0 / d, 0.0).astype(np.float32)
         q = np.minimum(15, ((x - vmin[..., None]) * idn[..., None] + np.float32(0.5)).astype(np.int8)).astype(np.uint8)
         return {"qs": _pack_nibbles(q), "d": d.astype(np.float16), "m": vmin.astype(np.float16)}
+    if wtype in ("q5_0", "q5_1", "mxfp4"):  # gguf's quantizers (GGML's reference rounding)
+        import gguf
+
+        qt = getattr(gguf.GGMLQuantizationType, wtype.upper())
+        raw = gguf.quants.quantize(np.ascontiguousarray(w, dtype=np.float32), qt)
+        return split_ggml(raw, wtype, w.shape[0], w.shape[1])
+    if wtype in WEIGHT_TYPES:
+        raise ValueError(f"mpillm has no quantizer for {wtype} (it stores {wtype} tensors copied from GGUF "
+                         f"files); quantize to one of {', '.join(QUANTIZABLE)}")
     raise ValueError(f"unknown weight type {wtype!r}; supported: {', '.join(WEIGHT_TYPES)}")
 
 
@@ -119,6 +189,8 @@ def dequantize(arrays: dict[str, np.ndarray], wtype: str) -> np.ndarray:
     """Split-layout arrays -> float32 (rows, cols), exactly as GGML dequantizes."""
     if wtype in ("f32", "f16"):
         return np.asarray(arrays["w"], dtype=np.float32)
+    if wtype not in ("q4_0", "q4_1", "q8_0"):
+        return _dequantize_new(arrays, wtype)
     d = np.asarray(arrays["d"], dtype=np.float32)[..., None]
     if wtype == "q8_0":
         q = np.asarray(arrays["qs"]).reshape(d.shape[0], -1, QK).astype(np.float32)
@@ -133,38 +205,233 @@ def dequantize(arrays: dict[str, np.ndarray], wtype: str) -> np.ndarray:
     return out.reshape(out.shape[0], -1)
 
 
-# GGML block structs: (type name, bytes per block)
-GGML_BLOCK_BYTES = {"q4_0": 2 + 16, "q4_1": 2 + 2 + 16, "q8_0": 2 + 32}
+def codes(arrays: dict[str, np.ndarray], wtype: str) -> np.ndarray:
+    """The integer code of every weight, (rows, nb, 32): 5/6-bit q (unsigned), 4-bit nibbles,
+    or the E2M1 code (mxfp4)."""
+    q = _unpack_nibbles(np.asarray(arrays["qs"])).astype(np.int16)
+    rows, nb = q.shape[:2]
+    bt = base_type(wtype)
+    if bt in ("q5_0", "q5_1", "q5_K"):
+        hb = np.unpackbits(np.asarray(arrays["qh"]).reshape(rows, nb, 4), axis=-1, bitorder="little")
+        q |= hb.astype(np.int16) << 4
+    elif bt == "q6_K":
+        hb = np.unpackbits(np.asarray(arrays["qh"]).reshape(rows, nb, 2, 4), axis=-1, bitorder="little")
+        q |= (hb[:, :, 0].astype(np.int16) << 4) | (hb[:, :, 1].astype(np.int16) << 5)
+    return q
+
+
+MXFP4_KVALUES = np.array([0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12], np.int8)
+
+
+def e8m0_half(e: np.ndarray) -> np.ndarray:
+    """GGML's ggml_e8m0_to_fp32_half: 2^(e - 128) as float32 (denormal for e < 2)."""
+    e = np.asarray(e).astype(np.uint32)
+    bits = np.where(e < 2, np.uint32(0x00200000) << e, (e - np.uint32(1)) << np.uint32(23))
+    return bits.astype(np.uint32).view(np.float32)
+
+
+def block_scales(arrays: dict[str, np.ndarray], wtype: str) -> tuple[np.ndarray, np.ndarray | None, int]:
+    """(scale, min, offset) such that value = scale * (code - offset) + min, scale per (rows, nb, g)
+    with g = 2 for q6_K (per 16 elements) else 1, min per (rows, nb, 1) or None; float32 as GGML
+    computes them (d*sc and dmin*mn are exact in float32)."""
+    bt = base_type(wtype)
+    f32 = np.float32
+    if bt in ("q5_0", "q5_1"):
+        d = np.asarray(arrays["d"], f32)[..., None]
+        return d, (np.asarray(arrays["m"], f32)[..., None] if bt == "q5_1" else None), (16 if bt == "q5_0" else 0)
+    if bt == "mxfp4":
+        return e8m0_half(arrays["e"])[..., None], None, 0
+    rows = arrays["qs"].shape[0]
+    nb = arrays["qs"].shape[1] // 16
+    rep = nb // arrays["d"].shape[1]  # 8, or 1 for the _32 variants
+    d = np.repeat(np.asarray(arrays["d"], f32), rep, axis=1)
+    if bt == "q6_K":
+        sc = np.asarray(arrays["sc"]).astype(f32).reshape(rows, nb, 2)
+        return d[..., None] * sc, None, 32
+    dmin = np.repeat(np.asarray(arrays["dmin"], f32), rep, axis=1)
+    sc = np.asarray(arrays["sc"]).astype(f32)
+    mn = np.asarray(arrays["mn"]).astype(f32)
+    return (d * sc)[..., None], -(dmin * mn)[..., None], 0
+
+
+def _dequantize_new(arrays, wtype):
+    q = codes(arrays, wtype)
+    rows, nb = q.shape[:2]
+    if base_type(wtype) == "mxfp4":
+        return (e8m0_half(arrays["e"])[..., None] * MXFP4_KVALUES[q].astype(np.float32)).reshape(rows, -1)
+    scale, mn, off = block_scales(arrays, wtype)
+    g = scale.shape[-1]
+    v = (q - off).astype(np.float32).reshape(rows, nb, g, -1) * scale[..., None]
+    v = v.reshape(rows, nb, 32)
+    if mn is not None:
+        v = v + mn
+    return v.reshape(rows, -1)
+
+
+# GGML block structs: bytes per block (32 weights, or 256 for the K-quants)
+GGML_BLOCK_BYTES = {"q4_0": 2 + 16, "q4_1": 2 + 2 + 16, "q8_0": 2 + 32, "q5_0": 2 + 4 + 16, "q5_1": 2 + 2 + 4 + 16,
+                    "mxfp4": 1 + 16, "q4_K": 2 + 2 + 12 + 128, "q5_K": 2 + 2 + 12 + 32 + 128, "q6_K": 128 + 64 + 16 + 2}
+
+
+def _f16(b: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(b).view(np.float16)[..., 0]
+
+
+def _bytes(a: np.ndarray, n: int) -> np.ndarray:
+    """An array's elements as n bytes each, on a new last axis."""
+    a = np.ascontiguousarray(a)
+    return a.view(np.uint8).reshape(a.shape + (n,))
+
+
+def _unpack_scales_k(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """GGML's 12 bytes of 6-bit scales and mins (get_scale_min_k4) -> sc, mn (..., 8) uint8."""
+    a, b, c = s[..., 0:4], s[..., 4:8], s[..., 8:12]
+    sc = np.concatenate([a & 0x3F, (c & 0x0F) | ((a >> 2) & 0x30)], axis=-1)
+    mn = np.concatenate([b & 0x3F, (c >> 4) | ((b >> 2) & 0x30)], axis=-1)
+    return sc, mn
+
+
+def _pack_scales_k(sc: np.ndarray, mn: np.ndarray) -> np.ndarray:
+    a = (sc[..., :4] & 0x3F) | ((sc[..., 4:] >> 4) << 6)
+    b = (mn[..., :4] & 0x3F) | ((mn[..., 4:] >> 4) << 6)
+    c = (sc[..., 4:] & 0x0F) | ((mn[..., 4:] & 0x0F) << 4)
+    return np.concatenate([a, b, c], axis=-1).astype(np.uint8)
+
+
+def _bitmask(bits: np.ndarray) -> np.ndarray:
+    """(..., 32) of 0/1 -> (..., 4) bytes, bit i of the little-endian uint32 = element i."""
+    return np.packbits(bits.astype(np.uint8), axis=-1, bitorder="little")
 
 
 def split_ggml(raw: np.ndarray, wtype: str, rows: int, cols: int) -> dict[str, np.ndarray]:
-    """GGML block bytes (uint8, rows * cols / 32 blocks) -> split-layout arrays, bit-exact."""
+    """GGML block bytes (uint8, rows x blocks) -> split-layout arrays, bit-exact (lossless)."""
     if wtype in ("f32", "f16"):
         return {"w": np.asarray(raw).view(np.dtype(wtype.replace("f", "float"))).reshape(rows, cols)}
+    if wtype not in GGML_BLOCK_BYTES:
+        raise ValueError(f"no GGML block layout for {wtype!r}")
     bb = GGML_BLOCK_BYTES[wtype]
-    b = np.asarray(raw, dtype=np.uint8).reshape(rows, cols // QK, bb)
+    nb = cols // QK
+    b = np.asarray(raw, dtype=np.uint8).reshape(rows, cols // block_cols(wtype), bb)
+    c = np.ascontiguousarray
     if wtype == "q4_0":
-        return {"qs": np.ascontiguousarray(b[..., 2:]).reshape(rows, -1),
-                "d": np.ascontiguousarray(b[..., :2]).view(np.float16)[..., 0]}
+        return {"qs": c(b[..., 2:]).reshape(rows, -1), "d": _f16(b[..., :2])}
     if wtype == "q4_1":
-        return {"qs": np.ascontiguousarray(b[..., 4:]).reshape(rows, -1),
-                "d": np.ascontiguousarray(b[..., 0:2]).view(np.float16)[..., 0],
-                "m": np.ascontiguousarray(b[..., 2:4]).view(np.float16)[..., 0]}
+        return {"qs": c(b[..., 4:]).reshape(rows, -1), "d": _f16(b[..., 0:2]), "m": _f16(b[..., 2:4])}
     if wtype == "q8_0":
-        return {"qs": np.ascontiguousarray(b[..., 2:]).view(np.int8).reshape(rows, -1),
-                "d": np.ascontiguousarray(b[..., :2]).view(np.float16)[..., 0]}
+        return {"qs": c(b[..., 2:]).view(np.int8).reshape(rows, -1), "d": _f16(b[..., :2])}
+    if wtype == "q5_0":
+        return {"qs": c(b[..., 6:]).reshape(rows, -1), "qh": c(b[..., 2:6]).reshape(rows, -1), "d": _f16(b[..., :2])}
+    if wtype == "q5_1":
+        return {"qs": c(b[..., 8:]).reshape(rows, -1), "qh": c(b[..., 4:8]).reshape(rows, -1),
+                "d": _f16(b[..., 0:2]), "m": _f16(b[..., 2:4])}
+    if wtype == "mxfp4":
+        return {"qs": c(b[..., 1:]).reshape(rows, -1), "e": c(b[..., 0])}
+    ns = b.shape[1]
+    if wtype in ("q4_K", "q5_K"):
+        sc, mn = _unpack_scales_k(b[..., 4:16])
+        qs = b[..., -128:].reshape(rows, ns, 4, 1, 32) >> np.array([0, 4], np.uint8).reshape(2, 1)
+        q = (qs & 0x0F).reshape(rows, nb, 32)  # sub-block 2j: low nibbles of bytes 32j.., 2j+1: high
+        out = {"qs": _pack_nibbles(q)}
+        if wtype == "q5_K":
+            qh = b[..., 16:48].reshape(rows, ns, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(8, 1)
+            out["qh"] = _bitmask(qh & 1).reshape(rows, -1)  # sub-block j: bit j of qh[0..31]
+        out.update(sc=c(sc).reshape(rows, nb), mn=c(mn).reshape(rows, nb), d=_f16(b[..., 0:2]),
+                   dmin=_f16(b[..., 2:4]))
+        return out
+    if wtype == "q6_K":
+        ql = b[..., 0:128].reshape(rows, ns, 2, 1, 64) >> np.array([0, 4], np.uint8).reshape(2, 1)
+        ql = (ql & 0x0F).reshape(rows, ns, 2, 4, 32)
+        qh = b[..., 128:192].reshape(rows, ns, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(4, 1)
+        qh = (qh & 3).reshape(rows, ns, 2, 4, 32)
+        q = (ql | (qh << 4)).reshape(rows, nb, 32)
+        hb = np.stack([_bitmask((q >> 4) & 1), _bitmask((q >> 5) & 1)], axis=-2)  # (rows, nb, 2, 4)
+        return {"qs": _pack_nibbles(q & 0x0F), "qh": hb.reshape(rows, -1),
+                "sc": c(b[..., 192:208]).view(np.int8).reshape(rows, -1), "d": _f16(b[..., 208:210])}
     raise ValueError(f"unknown weight type {wtype!r}")
 
 
 def join_ggml(arrays: dict[str, np.ndarray], wtype: str) -> np.ndarray:
-    """Inverse of split_ggml: split-layout arrays -> GGML block bytes (rows, nb * block_bytes)."""
+    """Inverse of split_ggml: split-layout arrays -> GGML block bytes (rows, blocks * block_bytes)."""
     if wtype in ("f32", "f16"):
         return np.ascontiguousarray(arrays["w"]).view(np.uint8)
-    d = np.ascontiguousarray(arrays["d"]).view(np.uint8).reshape(arrays["d"].shape + (2,))
-    rows, nb = arrays["d"].shape
+    rows, nb = arrays["qs"].shape[0], arrays["qs"].shape[1] // QS_BYTES[wtype]
     qs = np.ascontiguousarray(arrays["qs"]).view(np.uint8).reshape(rows, nb, -1)
-    parts = [d]
-    if wtype == "q4_1":
-        parts.append(np.ascontiguousarray(arrays["m"]).view(np.uint8).reshape(rows, nb, 2))
-    parts.append(qs)
-    return np.concatenate(parts, axis=-1).reshape(rows, -1)
+    if wtype in ("q4_0", "q4_1", "q8_0", "q5_0", "q5_1", "mxfp4"):
+        parts = [] if wtype == "mxfp4" else [_bytes(arrays["d"], 2)]
+        if wtype in ("q4_1", "q5_1"):
+            parts.append(_bytes(arrays["m"], 2))
+        if wtype in ("q5_0", "q5_1"):
+            parts.append(np.asarray(arrays["qh"], np.uint8).reshape(rows, nb, 4))
+        if wtype == "mxfp4":
+            parts.append(np.asarray(arrays["e"], np.uint8).reshape(rows, nb, 1))
+        parts.append(qs)
+        return np.concatenate(parts, axis=-1).reshape(rows, -1)
+    if wtype not in K_TYPES:
+        raise ValueError(f"no GGML block layout for {wtype!r}")
+    ns = nb // 8
+    q = codes(arrays, wtype).astype(np.uint8).reshape(rows, ns, 8, 32)
+    if wtype in ("q4_K", "q5_K"):
+        lo = q.reshape(rows, ns, 4, 2, 32) & 0x0F
+        packed = lo[:, :, :, 0] | (lo[:, :, :, 1] << 4)
+        parts = [_bytes(arrays["d"], 2), _bytes(arrays["dmin"], 2),
+                 _pack_scales_k(np.asarray(arrays["sc"], np.uint8).reshape(rows, ns, 8),
+                                np.asarray(arrays["mn"], np.uint8).reshape(rows, ns, 8))]
+        if wtype == "q5_K":
+            hb = ((q >> 4) & 1).astype(np.uint8)  # (rows, ns, 8, 32)
+            parts.append((hb << np.arange(8, dtype=np.uint8).reshape(8, 1)).sum(axis=2, dtype=np.uint8))
+        parts.append(packed.reshape(rows, ns, 128))
+        return np.concatenate(parts, axis=-1).reshape(rows, -1)
+    # q6_K
+    q = q.reshape(rows, ns, 2, 4, 32)
+    lo, hi = q & 0x0F, q >> 4
+    ql = np.concatenate([lo[:, :, :, 0] | (lo[:, :, :, 2] << 4), lo[:, :, :, 1] | (lo[:, :, :, 3] << 4)], axis=-1)
+    qh = hi[:, :, :, 0] | (hi[:, :, :, 1] << 2) | (hi[:, :, :, 2] << 4) | (hi[:, :, :, 3] << 6)
+    parts = [ql.reshape(rows, ns, 128), qh.reshape(rows, ns, 64),
+             np.asarray(arrays["sc"]).view(np.uint8).reshape(rows, ns, 16), _bytes(arrays["d"], 2)]
+    return np.concatenate([p.astype(np.uint8) for p in parts], axis=-1).reshape(rows, -1)
+
+
+def to_per32(arrays: dict[str, np.ndarray], wtype: str) -> tuple[dict[str, np.ndarray], str]:
+    """A K-quant's arrays with d (and dmin) repeated per 32-block: type <t>_32, same values."""
+    if wtype not in K_TYPES:
+        return arrays, wtype
+    out = dict(arrays)
+    for k in ("d", "dmin"):
+        if k in out:
+            out[k] = np.repeat(np.asarray(out[k]), QK_K // QK, axis=-1)
+    return out, wtype + "_32"
+
+
+def random_ggml(wtype: str, rows: int, cols: int, rng: np.random.Generator, scale: float = 0.02) -> np.ndarray:
+    """Random, valid GGML blocks of a type (tests, benchmarks): uniform random codes with scales
+    chosen so the values have about ``scale`` magnitude."""
+    bb = GGML_BLOCK_BYTES[wtype]
+    n = rows * cols // block_cols(wtype)
+    raw = rng.integers(0, 256, (n, bb), dtype=np.uint8)
+
+    def put_f16(off, vals):
+        raw[:, off:off + 2] = _bytes(np.asarray(vals, np.float16), 2).reshape(n, 2)
+
+    u = lambda lo, hi: rng.uniform(lo, hi, n)  # noqa: E731
+    if wtype in ("q4_0", "q8_0", "q5_0"):
+        put_f16(0, u(0.5, 1.5) * scale / {"q4_0": 8, "q8_0": 127, "q5_0": 16}[wtype])
+    elif wtype in ("q4_1", "q5_1"):
+        put_f16(0, u(0.5, 1.5) * scale / 16)
+        put_f16(2, -u(0.5, 1.5) * scale)
+    elif wtype == "mxfp4":
+        raw[:, 0] = np.round(127 + np.log2(scale / 6) + rng.integers(-1, 2, n)).astype(np.uint8)
+    elif wtype in ("q4_K", "q5_K"):
+        put_f16(0, u(0.5, 1.5) * scale / (63 * 16))
+        put_f16(2, u(0.5, 1.5) * scale / 63)
+    elif wtype == "q6_K":
+        put_f16(208, u(0.5, 1.5) * scale / (127 * 32))
+    return raw.reshape(rows, -1)
+
+
+def random_arrays(wtype: str, rows: int, cols: int, rng: np.random.Generator, scale: float = 0.02) -> dict:
+    """Random split-layout arrays of any type (K-quants too: they have no quantizer here)."""
+    if wtype in ("f16", "f32"):
+        return quantize(rng.standard_normal((rows, cols)).astype(np.float32) * scale, wtype)
+    bt = base_type(wtype)
+    a = split_ggml(random_ggml(bt, rows, cols, rng, scale), bt, rows, cols)
+    return to_per32(a, bt)[0] if wtype.endswith("_32") else a

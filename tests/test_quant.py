@@ -62,7 +62,7 @@ def test_quantizers_round_like_ggml(wtype, gtype):
         assert np.array_equal(ours, ref.view(np.uint8).reshape(ours.shape))
 
 
-@pytest.mark.parametrize("wtype", quant.WEIGHT_TYPES)
+@pytest.mark.parametrize("wtype", quant.QUANTIZABLE)  # the K-quants: tests/test_kquant.py
 def test_split_join_round_trip(wtype):
     w = np.random.default_rng(4).standard_normal((8, 96)).astype(np.float32)
     a = quant.quantize(w, wtype)

@@ -9,6 +9,12 @@ weights may be read-only memmaps; T tokens, N weight rows, K columns, nb = K // 
     matmul_q4_0_q8_0(qs, d, xq, xd, xsum, out)   qs u8 (N,K/2), d f16 (N,nb) -> out f32 (T,N)
     matmul_q4_1_q8_0(qs, d, m, xq, xd, xsum, out)
     matmul_q8_0_q8_0(qs, d, xq, xd, xsum, out)   qs i8 (N,K)
+    matmul_q5_0_q8_0(qs, qh, d, xq, xd, xsum, out)       the types of ``kquant.py`` (arrays in the
+    matmul_q5_1_q8_0(qs, qh, d, m, xq, xd, xsum, out)    order of ``quant.ARRAYS``; the ``_32``
+    matmul_q4_K_q8_0(qs, sc, mn, d, dmin, ...)           K-quant variants use the same kernels)
+    matmul_q5_K_q8_0(qs, qh, sc, mn, d, dmin, ...)
+    matmul_q6_K_q8_0(qs, qh, sc, d, ...)
+    matmul_mxfp4_q8_0(qs, e, ...)
     matmul_f16_f32(w, x, out)                    w f16 (N,K), x f32 (T,K)
     matmul_f32_f32(w, x, out)                    w f32 (N,K)
     active_path() -> "vnni" | "avx2" | "portable"
@@ -41,7 +47,10 @@ from types import ModuleType
 import numba
 import numpy as np
 
+from .. import quant
+
 PATHS = ("vnni", "avx2", "portable")  # best first
+KQ_TYPES = ("q5_0", "q5_1", "q4_K", "q5_K", "q6_K", "mxfp4")  # kernels in kquant.py
 _MODULES = {"vnni": "x86", "avx2": "x86", "portable": "portable"}
 ENV = "MPILLM_KERNELS"
 
@@ -113,6 +122,8 @@ class KernelPath:
         self.matmul_q8_0_q8_0 = matmul_q8_0_q8_0
         self.matmul_f16_f32 = matmul_f16_f32
         self.matmul_f32_f32 = mf32
+        for t in KQ_TYPES:
+            setattr(self, f"matmul_{t}_q8_0", _fp16_views(getattr(j, f"matmul_{t}_q8_0")))
 
     def matmul(self, wtype: str, arrays: dict, xq, xd, xsum, x, out) -> None:
         """Dispatch on a weight type name (``mpillm.quant`` split-layout arrays)."""
@@ -126,12 +137,16 @@ class KernelPath:
             self.matmul_f16_f32(arrays["w"], x, out)
         elif wtype == "f32":
             self.matmul_f32_f32(arrays["w"], x, out)
+        elif quant.base_type(wtype) in KQ_TYPES:
+            getattr(self, f"matmul_{quant.base_type(wtype)}_q8_0")(*(arrays[k] for k, _ in quant.ARRAYS[wtype]),
+                                                                  xq, xd, xsum, out)
         else:
             raise ValueError(f"unknown weight type {wtype!r}")
 
     def warmup(self) -> None:
         """Compile (or load from the numba cache) every kernel for the argument types the
-        runtime uses: writable and read-only weights, T = 1 and T > 1 share one compilation."""
+        runtime uses: writable and read-only weights, T = 1 and T > 1 share one compilation.
+        The ``kquant`` types compile on first use (a model's fused blocks compile the ones it has)."""
         rng = np.random.default_rng(0)
         T, N, K = 2, 5, 128
         nb = K // 32
@@ -165,11 +180,22 @@ class KernelPath:
         return f"<KernelPath {self.name}>"
 
 
+def _fp16_views(fn):
+    """A jitted kernel called with fp16 arrays: passes them as uint16 views."""
+    u16 = np.uint16
+
+    def call(*args):
+        fn(*(a.view(u16) if a.dtype == np.float16 else a for a in args))
+
+    return call
+
+
 class _JitView:
     """Attribute view of a path module's jitted kernels (``<prefix><name>``)."""
 
     NAMES = ("quantize_q8_0", "matmul_q4_0_q8_0", "matmul_q4_1_q8_0", "matmul_q8_0_q8_0",
-             "matmul_f16_f32", "matmul_f32_f32")
+             "matmul_f16_f32", "matmul_f32_f32") + tuple(f"matmul_{t}_q8_0" for t in ("q5_0", "q5_1", "q4_K", "q5_K",
+                                                                                     "q6_K", "mxfp4"))
 
     def __init__(self, mod: ModuleType, prefix: str):
         for n in self.NAMES:

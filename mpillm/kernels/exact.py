@@ -103,5 +103,12 @@ def matmul_f32_f32_f64(w, x, out):
             out[t, n] = acc
 
 
+from .kquant import (matmul_mxfp4_q8_0_f64, matmul_q4_K_q8_0_f64, matmul_q5_0_q8_0_f64,  # noqa: E402
+                     matmul_q5_1_q8_0_f64, matmul_q5_K_q8_0_f64, matmul_q6_K_q8_0_f64)
+
 KERNELS = {"q4_0": matmul_q4_0_q8_0_f64, "q4_1": matmul_q4_1_q8_0_f64, "q8_0": matmul_q8_0_q8_0_f64,
-           "f16": matmul_f16_f32_f64, "f32": matmul_f32_f32_f64}
+           "f16": matmul_f16_f32_f64, "f32": matmul_f32_f32_f64,
+           "q5_0": matmul_q5_0_q8_0_f64, "q5_1": matmul_q5_1_q8_0_f64, "q4_K": matmul_q4_K_q8_0_f64,
+           "q5_K": matmul_q5_K_q8_0_f64, "q6_K": matmul_q6_K_q8_0_f64, "mxfp4": matmul_mxfp4_q8_0_f64}
+for _t in ("q4_K", "q5_K", "q6_K"):
+    KERNELS[_t + "_32"] = KERNELS[_t]

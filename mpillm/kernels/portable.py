@@ -479,3 +479,12 @@ def matmul_f32_f32(w, x, out):
     check_f(w, x, out)
     _f32_run(w.ctypes.data, w.strides[0], x.ctypes.data, x.strides[0], out.ctypes.data, out.strides[0],
              w.shape[1], w.shape[0], x.shape[0])
+
+
+# the 5-bit, K-quant and MXFP4 types (kquant.py: the same IR for every path, portable flavour here)
+from .kquant import portable_matmul_q4_K_q8_0 as matmul_q4_K_q8_0  # noqa: E402
+from .kquant import portable_matmul_q5_0_q8_0 as matmul_q5_0_q8_0  # noqa: E402
+from .kquant import portable_matmul_q5_1_q8_0 as matmul_q5_1_q8_0  # noqa: E402
+from .kquant import portable_matmul_q5_K_q8_0 as matmul_q5_K_q8_0  # noqa: E402
+from .kquant import portable_matmul_q6_K_q8_0 as matmul_q6_K_q8_0  # noqa: E402
+from .kquant import portable_matmul_mxfp4_q8_0 as matmul_mxfp4_q8_0  # noqa: E402

@@ -786,3 +786,10 @@ def avx2_matmul_q8_0_q8_0(qs, d, xq, xd, xsum, out):
 vnni_quantize_q8_0 = avx2_quantize_q8_0 = portable.quantize_q8_0
 vnni_matmul_f16_f32 = avx2_matmul_f16_f32 = portable.matmul_f16_f32
 vnni_matmul_f32_f32 = avx2_matmul_f32_f32 = portable.matmul_f32_f32
+
+
+# the 5-bit, K-quant and MXFP4 types: kquant.py (vpdpbusd / vpmaddubsw on codes in element order)
+from .kquant import (avx2_matmul_mxfp4_q8_0, avx2_matmul_q4_K_q8_0, avx2_matmul_q5_0_q8_0,  # noqa: E402, F401
+                     avx2_matmul_q5_1_q8_0, avx2_matmul_q5_K_q8_0, avx2_matmul_q6_K_q8_0, vnni_matmul_mxfp4_q8_0,
+                     vnni_matmul_q4_K_q8_0, vnni_matmul_q5_0_q8_0, vnni_matmul_q5_1_q8_0, vnni_matmul_q5_K_q8_0,
+                     vnni_matmul_q6_K_q8_0)

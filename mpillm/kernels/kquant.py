@@ -1,0 +1,704 @@
+"""Matmul kernels for the 5-bit, K-quant and MXFP4 weight types, in all three paths.
+
+Types and their split layouts: ``mpillm.quant`` (q5_0, q5_1, q4_K, q5_K, q6_K, mxfp4; the
+``_32`` K-quant variants use the same kernels: the super-block scale index is b >> dshift,
+dshift = 3 for per-256 scales, 0 for per-32 ones, read from the shape of ``d``).
+
+Activations are q8_0 (xq int8, xd float32 and xsum int32 per 32-block), as for q4_0. Every
+kernel computes, per 32-element sub-block b of a row and a token,
+
+    out += xd_b * ( sum_g D_bg * isum_bg  +  M_b * xsum_b )
+
+with isum an exact integer dot product of the sub-block's codes and activation bytes (per
+16 elements for q6_K, g = 0, 1; one g otherwise), D the float scale and M the float
+offset term of the type:
+
+    q5_0   D = d          M = -16 d           (codes 0..31)
+    q5_1   D = d          M = m
+    q4_K   D = d_s * sc   M = -dmin_s * mn    (codes 0..15; s = super-block)
+    q5_K   as q4_K                            (codes 0..31)
+    q6_K   D = d_s * sc_g, codes 0..63 with the offset 32 inside the integer dot
+    mxfp4  D = 2^(e-128)  M = -12 D           (codes: 12 + 2 x E2M1 value, 0..24)
+
+(the portable path uses signed codes instead: q - 16, q - 32, 2 x E2M1, and no M for those).
+
+Decoding: the low nibbles are in the q4_0 order (byte j of a sub-block: element j low, j + 16
+high), so ``lo``/``hi`` of 16 bytes concatenated give the sub-block's 32 codes in element
+order, matching the activation bytes as they are (no preparation pass, unlike the q4_0
+kernels); high bits come from 32-bit masks (``bitcast i32 -> <32 x i1>``, zero-extended to
+bytes: kmov + vpmovm2b on AVX-512); MXFP4 codes map through a 16-entry table (pshufb on x86,
+selects in the portable IR).
+
+x86 (``vnni``, ``avx2``): a group is two sub-blocks (64 codes; a trailing odd sub-block is a
+group of one); ``vpdpbusd`` (VNNI) or ``vpmaddubsw`` + ``vpmaddwd`` (AVX2; codes < 64 so
+the i16 pair sums cannot saturate) give <16 x i32> lanes of 4 products each, converted
+and FMA'd with per-lane D * xd into a <16 x float> accumulator per (row, token); M terms
+go to a scalar accumulator. q6_K starts each dot at -32 * (sum of the lane's 4 activations),
+computed once per token and group. Portable: one sub-block at a time, ``sdot`` shape
+(``reduce.add(sext * sext)``) per 16 bytes as in ``portable.py``. ``f64`` tiles accumulate
+in float64 (``--buffer-type f64``, kernels.exact).
+"""
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import binding as _llvm
+from llvmlite import ir
+from numba import njit
+from numba.core import cgutils, types
+from numba.extending import intrinsic
+
+from .. import quant
+from .irgen import F16, F32, F64, I1, I8, I16, I32, I64, Emit
+from .irgen import vec as _vec
+
+KINDS = ("q5_0", "q5_1", "q4_K", "q5_K", "q6_K", "mxfp4")
+KIND_ID = {k: i for i, k in enumerate(KINDS)}
+ARR = {k: tuple(n for n, _ in quant.ARRAYS[k]) for k in KINDS}
+NSLOT = 6  # array slots in a tile's arguments (q5_K has six arrays)
+
+_JIT = dict(cache=True, fastmath=True, nogil=True)
+_JIT_PAR = dict(_JIT, parallel=True)
+_VNNI_BYTE_OPERANDS = _llvm.llvm_version_info >= (22,)
+_PARTIAL_REDUCE = _llvm.llvm_version_info >= (22,)
+_MXFP4_U = [12 + v for v in (0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12)]
+
+
+class _E(Emit):
+    def __init__(self, builder, isa):
+        super().__init__(builder)
+        self.isa = isa
+
+    def i64(self, v):
+        return ir.Constant(I64, v)
+
+    def half(self, base, off):
+        return self.b.fpext(self.b.bitcast(self.load(base, off, I16), F16), F32)
+
+    def u8f(self, base, off):
+        return self.b.uitofp(self.load(base, off, I8), F32)
+
+    def s8f(self, base, off):
+        return self.b.sitofp(self.load(base, off, I8), F32)
+
+    def e8m0_half(self, base, off):
+        """GGML's ggml_e8m0_to_fp32_half of a byte: float bits (e - 1) << 23, or 0x200000 << e for e < 2."""
+        b = self.b
+        e = b.zext(self.load(base, off, I8), I32)
+        norm = b.shl(b.sub(e, I32(1)), I32(23))
+        den = b.shl(I32(0x00200000), e)
+        return b.bitcast(b.select(b.icmp_unsigned("<", e, I32(2)), den, norm), F32)
+
+    def splat_const(self, ty, n, v):
+        return self.const(ty, n, [v] * n)
+
+    def bits_to_bytes(self, masks, n):
+        """<k x i32> bit masks -> <32k x i8> of 0/1, element i = bit i (little-endian)."""
+        b = self.b
+        bits = b.bitcast(masks, _vec(I1, 32 * n))
+        return b.zext(bits, _vec(I8, 32 * n))
+
+    # -- x86 dot products: i32 lanes += 4 (u8 x s8) products ------------------------------
+    def dot(self, acc, a, x):
+        n = a.type.count
+        b = self.b
+        if self.isa == "vnni":
+            lanes = n // 4
+            opty = _vec(I8, n) if _VNNI_BYTE_OPERANDS else _vec(I32, lanes)
+            f = self.decl(f"llvm.x86.avx512.vpdpbusd.{32 * lanes}", acc.type, [acc.type, opty, opty])
+            if not _VNNI_BYTE_OPERANDS:
+                a, x = b.bitcast(a, opty), b.bitcast(x, opty)
+            return b.call(f, [acc, a, x])
+        mub = self.decl("llvm.x86.avx2.pmadd.ub.sw", _vec(I16, 16), [_vec(I8, 32), _vec(I8, 32)])
+        mwd = self.decl("llvm.x86.avx2.pmadd.wd", _vec(I32, 8), [_vec(I16, 16), _vec(I16, 16)])
+        parts = []
+        for c in range(n // 32):
+            ac = self.shuffle(a, None, range(32 * c, 32 * c + 32)) if n > 32 else a
+            xc = self.shuffle(x, None, range(32 * c, 32 * c + 32)) if n > 32 else x
+            parts.append(b.call(mwd, [b.call(mub, [ac, xc]), self.splat_const(I16, 16, 1)]))
+        res = parts[0] if len(parts) == 1 else self.shuffle(parts[0], parts[1], range(16))
+        return b.add(acc, res)
+
+    def pshufb(self, table, idx):
+        """Per-128-bit-lane byte table lookup (idx < 16), any multiple of 32 bytes."""
+        n = idx.type.count
+        b = self.b
+        if self.isa == "vnni" and n == 64:
+            f = self.decl("llvm.x86.avx512.pshuf.b.512", _vec(I8, 64), [_vec(I8, 64), _vec(I8, 64)])
+            return b.call(f, [self.const(I8, 64, table * 4), idx])
+        f = self.decl("llvm.x86.avx2.pshuf.b", _vec(I8, 32), [_vec(I8, 32), _vec(I8, 32)])
+        parts = [b.call(f, [self.const(I8, 32, table * 2), self.shuffle(idx, None, range(32 * c, 32 * c + 32))
+                            if n > 32 else idx]) for c in range(n // 32)]
+        return parts[0] if len(parts) == 1 else self.shuffle(parts[0], parts[1], range(64))
+
+    def sdot(self, pairs):
+        """Portable: sum of sext(a) * sext(x) over <16 x i8> pairs, as i32 (sdot shape)."""
+        v16, v4 = _vec(I32, 16), _vec(I32, 4)
+        prods = [self.b.mul(self.b.sext(a, v16), self.b.sext(x, v16)) for a, x in pairs]
+        if _PARTIAL_REDUCE:
+            f = self.decl("llvm.vector.partial.reduce.add.v4i32.v16i32", v4, [v4, v16])
+            acc = ir.Constant(v4, None)
+            for p in prods:
+                acc = self.b.call(f, [acc, p])
+            return self.b.call(self.decl("llvm.vector.reduce.add.v4i32", I32, [v4]), [acc])
+        tot = prods[0]
+        for p in prods[1:]:
+            tot = self.b.add(tot, p)
+        return self.b.call(self.decl("llvm.vector.reduce.add.v16i32", I32, [v16]), [tot])
+
+
+def _codes(e: _E, kind: str, A: dict, r, b0, nsub: int):
+    """The codes of sub-blocks [b0, b0 + nsub) of row r: <32 nsub x i8> in element order.
+    x86: unsigned (see the table in the module docstring); portable: signed values."""
+    b = e.b
+    i64 = e.i64
+    base, stride = A["qs"]
+    n = 16 * nsub
+    w = e.load(base, b.add(b.mul(r, stride), b.mul(b0, i64(16))), _vec(I8, n))
+    lo = b.and_(w, e.splat_const(I8, n, 15))
+    hi = b.lshr(w, e.splat_const(I8, n, 4))
+    order = [i for j in range(nsub) for i in list(range(16 * j, 16 * j + 16)) + list(range(n + 16 * j, n + 16 * j + 16))]
+    q = e.shuffle(lo, hi, order)
+    N = 32 * nsub
+    if kind in ("q5_0", "q5_1", "q5_K"):
+        hb, hs = A["qh"]
+        m = e.load(hb, b.add(b.mul(r, hs), b.mul(b0, i64(4))), _vec(I32, nsub))
+        q = b.or_(q, b.shl(e.bits_to_bytes(m, nsub), e.splat_const(I8, N, 4)))
+    elif kind == "q6_K":
+        hb, hs = A["qh"]
+        m = e.load(hb, b.add(b.mul(r, hs), b.mul(b0, i64(8))), _vec(I32, 2 * nsub))
+        h = e.bits_to_bytes(m, 2 * nsub)  # per sub-block: 32 bit-4 flags, then 32 bit-5 flags
+        p4 = e.shuffle(h, None, [64 * j + i for j in range(nsub) for i in range(32)])
+        p5 = e.shuffle(h, None, [64 * j + 32 + i for j in range(nsub) for i in range(32)])
+        q = b.or_(q, b.or_(b.shl(p4, e.splat_const(I8, N, 4)), b.shl(p5, e.splat_const(I8, N, 5))))
+    if e.isa == "portable":
+        if kind == "q5_0":
+            q = b.sub(q, e.splat_const(I8, N, 16))
+        elif kind == "q6_K":
+            q = b.sub(q, e.splat_const(I8, N, 32))
+        elif kind == "mxfp4":  # 2 x E2M1 value of the code: m < 4: m; m < 6: 2m - 4; else 4m - 16
+            mag = b.and_(q, e.splat_const(I8, N, 7))
+            lt = lambda v: b.icmp_unsigned("<", mag, e.splat_const(I8, N, v))  # noqa: E731
+            v6 = b.sub(b.shl(mag, e.splat_const(I8, N, 1)), e.splat_const(I8, N, 4))
+            v8 = b.sub(b.shl(mag, e.splat_const(I8, N, 2)), e.splat_const(I8, N, 16))
+            v = b.select(lt(4), mag, b.select(lt(6), v6, v8))
+            neg = b.icmp_unsigned(">", q, e.splat_const(I8, N, 7))
+            q = b.select(neg, b.sub(ir.Constant(_vec(I8, N), None), v), v)
+    elif kind == "mxfp4":
+        q = e.pshufb(_MXFP4_U, q)
+    return q
+
+
+def _scales(e: _E, kind: str, A: dict, r, blk, dshift):
+    """Float scales of sub-block blk of row r: ([D] or [D0, D1] for q6_K, M or None)."""
+    b = e.b
+    i64 = e.i64
+    row = lambda name: b.mul(r, A[name][1])  # noqa: E731
+    port = e.isa == "portable"
+    if kind in ("q5_0", "q5_1"):
+        d = e.half(A["d"][0], b.add(row("d"), b.mul(blk, i64(2))))
+        if kind == "q5_1":
+            return [d], e.half(A["m"][0], b.add(row("m"), b.mul(blk, i64(2))))
+        return [d], (None if port else b.fmul(d, ir.Constant(F32, -16.0)))
+    if kind == "mxfp4":
+        d = e.e8m0_half(A["e"][0], b.add(row("e"), blk))
+        return [d], (None if port else b.fmul(d, ir.Constant(F32, -12.0)))
+    s = b.lshr(blk, dshift)
+    d = e.half(A["d"][0], b.add(row("d"), b.mul(s, i64(2))))
+    if kind == "q6_K":
+        so = b.add(row("sc"), b.mul(blk, i64(2)))
+        return [b.fmul(d, e.s8f(A["sc"][0], so)), b.fmul(d, e.s8f(A["sc"][0], b.add(so, i64(1))))], None
+    dm = e.half(A["dmin"][0], b.add(row("dmin"), b.mul(s, i64(2))))
+    sc = e.u8f(A["sc"][0], b.add(row("sc"), blk))
+    mn = e.u8f(A["mn"][0], b.add(row("mn"), blk))
+    return [b.fmul(d, sc)], b.fmul(b.fmul(dm, mn), ir.Constant(F32, -1.0))
+
+
+def _tile_codegen(kind: str, isa: str, R: int, U: int, f64: bool = False):
+    has_min = kind in ("q5_1", "q4_K", "q5_K") or (isa != "portable" and kind in ("q5_0", "mxfp4"))
+    FT, esz = (F64, 8) if f64 else (F32, 4)
+
+    def codegen(context, builder, signature, args):
+        b = builder
+        e = _E(b, isa)
+        i64 = e.i64
+        slots = args[:2 * NSLOT]
+        dshift, xp, xstride, xdp, xsp, sstride, op, ostride, nb, n0, t0 = args[2 * NSLOT:]
+        A = {}
+        for i, name in enumerate(ARR[kind]):
+            p, s = slots[2 * i], slots[2 * i + 1]
+            A[name] = (b.add(p, b.mul(n0, s)), s)
+        xp = b.add(xp, b.mul(t0, xstride))
+        xdp = b.add(xdp, b.mul(t0, sstride))
+        xsp = b.add(xsp, b.mul(t0, sstride))
+        op = b.add(b.add(op, b.mul(t0, ostride)), b.mul(n0, i64(esz)))
+        rows = [i64(r) for r in range(R)]
+        if isa == "portable":
+            acc = [[cgutils.alloca_once_value(b, ir.Constant(FT, 0.0)) for _ in range(U)] for _ in range(R)]
+        else:
+            acc = [[cgutils.alloca_once_value(b, ir.Constant(_vec(F32, 16), None)) for _ in range(U)] for _ in range(R)]
+        macc = [[cgutils.alloca_once_value(b, ir.Constant(FT, 0.0)) for _ in range(U)] for _ in range(R)]
+        D = (lambda v: b.fpext(v, FT)) if f64 else (lambda v: v)  # noqa: E731
+
+        def tok(u, blk):
+            """Token u's xd and xd * xsum of sub-block blk (float scalars) and xsum (i32)."""
+            so = b.add(b.mul(i64(u), sstride), b.mul(blk, i64(4)))
+            xd = e.load(xdp, so, F32)
+            xs = e.load(xsp, so, I32)
+            return xd, xs
+
+        def group_portable(blk):
+            xv, xdv = [], []
+            for u in range(U):
+                xo = b.add(b.mul(i64(u), xstride), b.mul(blk, i64(32)))
+                xv.append((e.load(xp, xo, _vec(I8, 16)), e.load(xp, b.add(xo, i64(16)), _vec(I8, 16))))
+                xdv.append(tok(u, blk))
+            for r in range(R):
+                q = _codes(e, kind, A, rows[r], blk, 1)
+                q0, q1 = e.shuffle(q, None, range(16)), e.shuffle(q, None, range(16, 32))
+                Ds, M = _scales(e, kind, A, rows[r], blk, dshift)
+                for u in range(U):
+                    xd, xs = xdv[u]
+                    if kind == "q6_K":
+                        s0, s1 = e.sdot([(q0, xv[u][0])]), e.sdot([(q1, xv[u][1])])
+                        t = b.fadd(b.fmul(D(Ds[0]), b.sitofp(s0, FT)), b.fmul(D(Ds[1]), b.sitofp(s1, FT)))
+                    else:
+                        s = e.sdot([(q0, xv[u][0]), (q1, xv[u][1])])
+                        t = b.fmul(D(Ds[0]), b.sitofp(s, FT))
+                    b.store(b.fadd(b.load(acc[r][u]), b.fmul(t, D(xd))), acc[r][u])
+                    if M is not None:
+                        mt = b.fmul(b.fmul(D(M), D(xd)), b.sitofp(xs, FT))
+                        b.store(b.fadd(b.load(macc[r][u]), mt), macc[r][u])
+
+        def group_x86(b0, nsub):
+            L = 8 * nsub
+            xv, xdl, toks, init = [], [], [], []
+            for u in range(U):
+                xo = b.add(b.mul(i64(u), xstride), b.mul(b0, i64(32)))
+                x = e.load(xp, xo, _vec(I8, 32 * nsub))
+                xv.append(x)
+                so = b.add(b.mul(i64(u), sstride), b.mul(b0, i64(4)))
+                xdl.append(e.load(xdp, so, _vec(F32, nsub)))
+                toks.append([tok(u, b.add(b0, i64(j))) for j in range(nsub)] if has_min else None)
+                if kind == "q6_K":  # -32 * (sum of each lane's 4 activations)
+                    s = e.dot(ir.Constant(_vec(I32, L), None), e.splat_const(I8, 32 * nsub, 32), x)
+                    init.append(b.sub(ir.Constant(_vec(I32, L), None), s))
+                else:
+                    init.append(ir.Constant(_vec(I32, L), None))
+            G = 2 * nsub if kind == "q6_K" else nsub
+            for r in range(R):
+                q = _codes(e, kind, A, rows[r], b0, nsub)
+                Dv = ir.Constant(_vec(F32, G), None)
+                Ms = []
+                for j in range(nsub):
+                    Ds, M = _scales(e, kind, A, rows[r], b.add(b0, i64(j)), dshift)
+                    for g, dd in enumerate(Ds):
+                        Dv = b.insert_element(Dv, dd, I32(j * len(Ds) + g))
+                    Ms.append(M)
+                for u in range(U):
+                    lanes = e.dot(init[u], q, xv[u])
+                    xg = e.shuffle(xdl[u], None, [i * nsub // G for i in range(G)])
+                    fs = e.shuffle(b.fmul(Dv, xg), None, [i * G // L for i in range(L)])
+                    if L < 16:
+                        fs = e.shuffle(fs, ir.Constant(fs.type, None), list(range(L)) + [L] * (16 - L))
+                        lanes = e.shuffle(lanes, ir.Constant(lanes.type, None), list(range(L)) + [L] * (16 - L))
+                    b.store(e.fma(b.sitofp(lanes, _vec(F32, 16)), fs, b.load(acc[r][u])), acc[r][u])
+                    if has_min:
+                        m = b.load(macc[r][u])
+                        for j in range(nsub):
+                            xd, xs = toks[u][j]
+                            m = e.fma(Ms[j], b.fmul(xd, b.sitofp(xs, F32)), m)
+                        b.store(m, macc[r][u])
+
+        if isa == "portable":
+            with cgutils.for_range(b, nb) as loop:
+                group_portable(loop.index)
+        else:
+            ng = b.udiv(nb, i64(2))
+            with cgutils.for_range(b, ng) as loop:
+                group_x86(b.mul(loop.index, i64(2)), 2)
+            with b.if_then(b.icmp_unsigned("!=", b.urem(nb, i64(2)), i64(0)), likely=False):
+                group_x86(b.sub(nb, i64(1)), 1)
+        for r in range(R):
+            for u in range(U):
+                a = b.load(acc[r][u])
+                if isa != "portable":
+                    a = e.hsum(a)
+                b.store(b.fadd(a, b.load(macc[r][u])), e.addr(op, b.add(b.mul(i64(u), ostride), i64(esz * r))))
+        return context.get_dummy_value()
+
+    return codegen
+
+
+def _make_tile(kind, isa, R, U, f64=False):
+    gen = _tile_codegen(kind, isa, R, U, f64)
+
+    def tile(typingctx, a0, s0, a1, s1, a2, s2, a3, s3, a4, s4, a5, s5, dshift, xp, xstride, xdp, xsp, sstride,
+             op, ostride, nb, n0, t0):
+        argtys = (a0, s0, a1, s1, a2, s2, a3, s3, a4, s4, a5, s5, dshift, xp, xstride, xdp, xsp, sstride,
+                  op, ostride, nb, n0, t0)
+        if not all(isinstance(t, types.Integer) for t in argtys):
+            return None
+        return types.void(*argtys), gen
+
+    tile.__name__ = tile.__qualname__ = f"kq_{isa}_{kind}_tile_{R}x{U}{'_f64' if f64 else ''}"
+    return intrinsic(tile)
+
+
+# tiles per path and kind: R rows x U tokens (T > 1), R1 rows x 1 token (decode), single rows
+R_X, U_X, R1_X = 4, 2, 2
+R_P, U_P = 4, 2
+SHAPES = {"vnni": dict(RU=(R_X, U_X), R1=(R_X, 1), OU=(1, U_X), O1=(1, 1), D=(R1_X, 1)),
+          "avx2": dict(RU=(R_X, U_X), R1=(R_X, 1), OU=(1, U_X), O1=(1, 1), D=(R1_X, 1)),
+          "portable": dict(RU=(R_P, U_P), R1=(R_P, 1), OU=(1, U_P), O1=(1, 1), D=(R_P, 1)),
+          "f64": dict(RU=(R_P, 1), R1=(R_P, 1), OU=(1, 1), O1=(1, 1), D=(R_P, 1))}
+TILES = {}  # "<path>_<kind>_<shape>" -> intrinsic (made on first use: see _tiles_of)
+
+
+def tile(path: str, kind: str, shape: str):
+    key = f"{path}_{kind}_{shape}"
+    if key not in TILES:
+        R, U = SHAPES[path][shape]
+        TILES[key] = _make_tile(kind, "portable" if path == "f64" else path, R, U, path == "f64")
+    return TILES[key]
+
+
+# ----------------------------------------------------------------------------------------------
+# runners: one per path and type, generated from _RUN below into a file (numba caches only
+# functions that live in files; one runner per type keeps each compilation to that type's tiles).
+# prange over row tiles (numba gives each thread a contiguous range); a row tile is used for all
+# T tokens, U at a time, while it is in cache. ``a``: the tile arguments from the slots to nb.
+# ----------------------------------------------------------------------------------------------
+_RUN = """
+@njit(cache=True, fastmath=True, nogil=True, parallel=True)
+def run_{P}_{K}(a, N, T):
+    RD, R, U = {RD}, {R}, {U}
+    if T == 1:
+        for i in prange((N + RD - 1) // RD):
+            n0 = i * RD
+            if n0 + RD <= N:
+                {P}_{K}_D(*a, n0, 0)
+            else:
+                for n in range(n0, N):
+                    {P}_{K}_O1(*a, n, 0)
+        return
+    for i in prange((N + R - 1) // R):
+        n0 = i * R
+        if n0 + R <= N:
+            t0 = 0
+            while t0 + U <= T:
+                {P}_{K}_RU(*a, n0, t0)
+                t0 += U
+            for t in range(t0, T):
+                {P}_{K}_R1(*a, n0, t)
+        else:
+            for n in range(n0, N):
+                t0 = 0
+                while t0 + U <= T:
+                    {P}_{K}_OU(*a, n, t0)
+                    t0 += U
+                for t in range(t0, T):
+                    {P}_{K}_O1(*a, n, t)
+"""
+
+
+def _runners_source() -> str:
+    lines = ["# generated by mpillm.kernels.kquant (do not edit)", "from numba import njit, prange",
+             "from mpillm.kernels.kquant import tile", ""]
+    for P in SHAPES:
+        for K in KINDS:
+            for sh in SHAPES[P]:
+                lines.append(f"{P}_{K}_{sh} = tile({P!r}, {K!r}, {sh!r})")
+    src = "\n".join(lines) + "\n"
+    for P, sh in SHAPES.items():
+        for K in KINDS:
+            src += _RUN.format(P=P, K=K, RD=sh["D"][0], R=sh["RU"][0], U=sh["RU"][1])
+    return src
+
+
+def _load_runners():
+    import hashlib
+    import importlib.util
+    import os
+    import sys
+    from pathlib import Path
+
+    src = _runners_source()
+    tag = hashlib.sha1(src.encode()).hexdigest()[:12]
+    modname = f"mpillm_kq_run_{tag}"
+    if modname in sys.modules:
+        return sys.modules[modname]
+    base = Path(os.environ.get("NUMBA_CACHE_DIR") or Path.home() / ".cache" / "mpillm" / "numba") / "mpillm_kq"
+    base.mkdir(parents=True, exist_ok=True)
+    file = base / f"kq_run_{tag}.py"
+    if not file.exists():
+        tmp = file.with_name(file.name + f".tmp{os.getpid()}")
+        tmp.write_text(src)
+        os.replace(tmp, file)
+    spec = importlib.util.spec_from_file_location(modname, file)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[modname] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+_R = _load_runners()
+# ----------------------------------------------------------------------------------------------
+# shape checks and the array-typed entry points
+# ----------------------------------------------------------------------------------------------
+@njit(**_JIT)
+def _rows_ok(a):
+    return a.shape[1] <= 1 or a.strides[1] == a.itemsize
+
+
+@njit(**_JIT)
+def _chk(w, N, width):
+    if w.shape[0] != N or w.shape[1] != width:
+        raise ValueError("matmul: weight arrays do not match (N, K)")
+    if not _rows_ok(w):
+        raise ValueError("matmul: every array's rows must be contiguous")
+
+
+@njit(**_JIT)
+def _check(qs, xq, xd, xsum, out):
+    """(N, nb, T) after checking the activations and out against qs (16 bytes per 32-block)."""
+    N = qs.shape[0]
+    T, K = xq.shape
+    nb = K // 32
+    if K % 32 or qs.shape[1] != nb * 16:
+        raise ValueError("matmul: weight arrays do not match (N, K)")
+    if xd.shape[0] != T or xd.shape[1] != nb or xsum.shape[0] != T or xsum.shape[1] != nb:
+        raise ValueError("matmul: xd and xsum must be (T, K // 32)")
+    if out.shape[0] != T or out.shape[1] != N:
+        raise ValueError("matmul: out must be (T, N)")
+    if T > 1 and xsum.strides[0] != xd.strides[0]:
+        raise ValueError("matmul: xd and xsum must have the same row stride")
+    if not (_rows_ok(qs) and _rows_ok(xq) and _rows_ok(xd) and _rows_ok(xsum) and _rows_ok(out)):
+        raise ValueError("matmul: every array's rows must be contiguous")
+    return N, nb, T
+
+
+@njit(**_JIT)
+def _dshift(d, N, nb):
+    """3 when d holds one scale per 256 columns, 0 for one per 32 (the ``_32`` variants)."""
+    if nb % 8 == 0 and d.shape[1] == nb // 8 and nb > 0:
+        _chk(d, N, nb // 8)
+        return 3
+    _chk(d, N, nb)
+    return 0
+
+
+@njit(**_JIT)
+def _args(p0, s0, p1, s1, p2, s2, p3, s3, p4, s4, p5, s5, dshift, xq, xd, xsum, out, nb):
+    """The tile arguments as one tuple type (all int64), so each runner compiles once for every type."""
+    i = np.int64
+    return (i(p0), i(s0), i(p1), i(s1), i(p2), i(s2), i(p3), i(s3), i(p4), i(s4), i(p5), i(s5), i(dshift),
+            i(xq.ctypes.data), i(xq.strides[0]), i(xd.ctypes.data), i(xsum.ctypes.data), i(xd.strides[0]),
+            i(out.ctypes.data), i(out.strides[0]), i(nb))
+
+
+@njit(**_JIT)
+def q5_0(qs, qh, d, xq, xd, xsum, out):
+    N, nb, T = _check(qs, xq, xd, xsum, out)
+    _chk(qh, N, nb * 4)
+    _chk(d, N, nb)
+    return _args(qs.ctypes.data, qs.strides[0], qh.ctypes.data, qh.strides[0], d.ctypes.data, d.strides[0],
+        0, 0, 0, 0, 0, 0, 0, xq, xd, xsum, out, nb), N, T
+
+
+@njit(**_JIT)
+def q5_1(qs, qh, d, m, xq, xd, xsum, out):
+    N, nb, T = _check(qs, xq, xd, xsum, out)
+    _chk(qh, N, nb * 4)
+    _chk(d, N, nb)
+    _chk(m, N, nb)
+    return _args(qs.ctypes.data, qs.strides[0], qh.ctypes.data, qh.strides[0], d.ctypes.data, d.strides[0],
+        m.ctypes.data, m.strides[0], 0, 0, 0, 0, 0, xq, xd, xsum, out, nb), N, T
+
+
+@njit(**_JIT)
+def q4_K(qs, sc, mn, d, dmin, xq, xd, xsum, out):
+    N, nb, T = _check(qs, xq, xd, xsum, out)
+    _chk(sc, N, nb)
+    _chk(mn, N, nb)
+    ds = _dshift(d, N, nb)
+    _chk(dmin, N, d.shape[1])
+    return _args(qs.ctypes.data, qs.strides[0], sc.ctypes.data, sc.strides[0], mn.ctypes.data, mn.strides[0],
+        d.ctypes.data, d.strides[0], dmin.ctypes.data, dmin.strides[0], 0, 0, ds, xq, xd, xsum, out, nb), N, T
+
+
+@njit(**_JIT)
+def q5_K(qs, qh, sc, mn, d, dmin, xq, xd, xsum, out):
+    N, nb, T = _check(qs, xq, xd, xsum, out)
+    _chk(qh, N, nb * 4)
+    _chk(sc, N, nb)
+    _chk(mn, N, nb)
+    ds = _dshift(d, N, nb)
+    _chk(dmin, N, d.shape[1])
+    return _args(qs.ctypes.data, qs.strides[0], qh.ctypes.data, qh.strides[0], sc.ctypes.data, sc.strides[0],
+        mn.ctypes.data, mn.strides[0], d.ctypes.data, d.strides[0], dmin.ctypes.data, dmin.strides[0], ds,
+        xq, xd, xsum, out, nb), N, T
+
+
+@njit(**_JIT)
+def q6_K(qs, qh, sc, d, xq, xd, xsum, out):
+    N, nb, T = _check(qs, xq, xd, xsum, out)
+    _chk(qh, N, nb * 8)
+    _chk(sc, N, nb * 2)
+    ds = _dshift(d, N, nb)
+    return _args(qs.ctypes.data, qs.strides[0], qh.ctypes.data, qh.strides[0], sc.ctypes.data, sc.strides[0],
+        d.ctypes.data, d.strides[0], 0, 0, 0, 0, ds, xq, xd, xsum, out, nb), N, T
+
+
+@njit(**_JIT)
+def mxfp4(qs, e, xq, xd, xsum, out):
+    N, nb, T = _check(qs, xq, xd, xsum, out)
+    _chk(e, N, nb)
+    return _args(qs.ctypes.data, qs.strides[0], e.ctypes.data, e.strides[0], 0, 0, 0, 0, 0, 0, 0, 0, 0,
+        xq, xd, xsum, out, nb), N, T
+
+
+# the per-path entry points (the kernel API's names; fp16 arrays as uint16 views)
+
+
+@njit(**_JIT)
+def vnni_matmul_q5_0_q8_0(qs, qh, d, xq, xd, xsum, out):
+    a, N, T = q5_0(qs, qh, d, xq, xd, xsum, out)
+    _R.run_vnni_q5_0(a, N, T)
+
+
+@njit(**_JIT)
+def vnni_matmul_q5_1_q8_0(qs, qh, d, m, xq, xd, xsum, out):
+    a, N, T = q5_1(qs, qh, d, m, xq, xd, xsum, out)
+    _R.run_vnni_q5_1(a, N, T)
+
+
+@njit(**_JIT)
+def vnni_matmul_q4_K_q8_0(qs, sc, mn, d, dmin, xq, xd, xsum, out):
+    a, N, T = q4_K(qs, sc, mn, d, dmin, xq, xd, xsum, out)
+    _R.run_vnni_q4_K(a, N, T)
+
+
+@njit(**_JIT)
+def vnni_matmul_q5_K_q8_0(qs, qh, sc, mn, d, dmin, xq, xd, xsum, out):
+    a, N, T = q5_K(qs, qh, sc, mn, d, dmin, xq, xd, xsum, out)
+    _R.run_vnni_q5_K(a, N, T)
+
+
+@njit(**_JIT)
+def vnni_matmul_q6_K_q8_0(qs, qh, sc, d, xq, xd, xsum, out):
+    a, N, T = q6_K(qs, qh, sc, d, xq, xd, xsum, out)
+    _R.run_vnni_q6_K(a, N, T)
+
+
+@njit(**_JIT)
+def vnni_matmul_mxfp4_q8_0(qs, e, xq, xd, xsum, out):
+    a, N, T = mxfp4(qs, e, xq, xd, xsum, out)
+    _R.run_vnni_mxfp4(a, N, T)
+
+
+@njit(**_JIT)
+def avx2_matmul_q5_0_q8_0(qs, qh, d, xq, xd, xsum, out):
+    a, N, T = q5_0(qs, qh, d, xq, xd, xsum, out)
+    _R.run_avx2_q5_0(a, N, T)
+
+
+@njit(**_JIT)
+def avx2_matmul_q5_1_q8_0(qs, qh, d, m, xq, xd, xsum, out):
+    a, N, T = q5_1(qs, qh, d, m, xq, xd, xsum, out)
+    _R.run_avx2_q5_1(a, N, T)
+
+
+@njit(**_JIT)
+def avx2_matmul_q4_K_q8_0(qs, sc, mn, d, dmin, xq, xd, xsum, out):
+    a, N, T = q4_K(qs, sc, mn, d, dmin, xq, xd, xsum, out)
+    _R.run_avx2_q4_K(a, N, T)
+
+
+@njit(**_JIT)
+def avx2_matmul_q5_K_q8_0(qs, qh, sc, mn, d, dmin, xq, xd, xsum, out):
+    a, N, T = q5_K(qs, qh, sc, mn, d, dmin, xq, xd, xsum, out)
+    _R.run_avx2_q5_K(a, N, T)
+
+
+@njit(**_JIT)
+def avx2_matmul_q6_K_q8_0(qs, qh, sc, d, xq, xd, xsum, out):
+    a, N, T = q6_K(qs, qh, sc, d, xq, xd, xsum, out)
+    _R.run_avx2_q6_K(a, N, T)
+
+
+@njit(**_JIT)
+def avx2_matmul_mxfp4_q8_0(qs, e, xq, xd, xsum, out):
+    a, N, T = mxfp4(qs, e, xq, xd, xsum, out)
+    _R.run_avx2_mxfp4(a, N, T)
+
+
+@njit(**_JIT)
+def portable_matmul_q5_0_q8_0(qs, qh, d, xq, xd, xsum, out):
+    a, N, T = q5_0(qs, qh, d, xq, xd, xsum, out)
+    _R.run_portable_q5_0(a, N, T)
+
+
+@njit(**_JIT)
+def portable_matmul_q5_1_q8_0(qs, qh, d, m, xq, xd, xsum, out):
+    a, N, T = q5_1(qs, qh, d, m, xq, xd, xsum, out)
+    _R.run_portable_q5_1(a, N, T)
+
+
+@njit(**_JIT)
+def portable_matmul_q4_K_q8_0(qs, sc, mn, d, dmin, xq, xd, xsum, out):
+    a, N, T = q4_K(qs, sc, mn, d, dmin, xq, xd, xsum, out)
+    _R.run_portable_q4_K(a, N, T)
+
+
+@njit(**_JIT)
+def portable_matmul_q5_K_q8_0(qs, qh, sc, mn, d, dmin, xq, xd, xsum, out):
+    a, N, T = q5_K(qs, qh, sc, mn, d, dmin, xq, xd, xsum, out)
+    _R.run_portable_q5_K(a, N, T)
+
+
+@njit(**_JIT)
+def portable_matmul_q6_K_q8_0(qs, qh, sc, d, xq, xd, xsum, out):
+    a, N, T = q6_K(qs, qh, sc, d, xq, xd, xsum, out)
+    _R.run_portable_q6_K(a, N, T)
+
+
+@njit(**_JIT)
+def portable_matmul_mxfp4_q8_0(qs, e, xq, xd, xsum, out):
+    a, N, T = mxfp4(qs, e, xq, xd, xsum, out)
+    _R.run_portable_mxfp4(a, N, T)
+
+
+@njit(**_JIT)
+def matmul_q5_0_q8_0_f64(qs, qh, d, xq, xd, xsum, out):
+    a, N, T = q5_0(qs, qh, d, xq, xd, xsum, out)
+    _R.run_f64_q5_0(a, N, T)
+
+
+@njit(**_JIT)
+def matmul_q5_1_q8_0_f64(qs, qh, d, m, xq, xd, xsum, out):
+    a, N, T = q5_1(qs, qh, d, m, xq, xd, xsum, out)
+    _R.run_f64_q5_1(a, N, T)
+
+
+@njit(**_JIT)
+def matmul_q4_K_q8_0_f64(qs, sc, mn, d, dmin, xq, xd, xsum, out):
+    a, N, T = q4_K(qs, sc, mn, d, dmin, xq, xd, xsum, out)
+    _R.run_f64_q4_K(a, N, T)
+
+
+@njit(**_JIT)
+def matmul_q5_K_q8_0_f64(qs, qh, sc, mn, d, dmin, xq, xd, xsum, out):
+    a, N, T = q5_K(qs, qh, sc, mn, d, dmin, xq, xd, xsum, out)
+    _R.run_f64_q5_K(a, N, T)
+
+
+@njit(**_JIT)
+def matmul_q6_K_q8_0_f64(qs, qh, sc, d, xq, xd, xsum, out):
+    a, N, T = q6_K(qs, qh, sc, d, xq, xd, xsum, out)
+    _R.run_f64_q6_K(a, N, T)
+
+
+@njit(**_JIT)
+def matmul_mxfp4_q8_0_f64(qs, e, xq, xd, xsum, out):
+    a, N, T = mxfp4(qs, e, xq, xd, xsum, out)
+    _R.run_f64_mxfp4(a, N, T)
