@@ -24,6 +24,9 @@ from . import names as N
 from .shards import _ranges
 
 SHAPES = {
+    # for tests and the kernel warm-up: every tensor kind of a dense llama, a few KiB each
+    "tiny": dict(arch="llama", dim=128, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32, ffn_dim=256,
+                 vocab_size=256, rope_theta=10000.0, context_length=512, tied_embeddings=False),
     "llama-3.2-1b": dict(arch="llama", dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, head_dim=64, ffn_dim=8192,
                          vocab_size=128256, rope_theta=500000.0, context_length=131072, tied_embeddings=True),
     "llama-3.1-8b": dict(arch="llama", dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128, ffn_dim=14336,

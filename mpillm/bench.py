@@ -50,10 +50,10 @@ def main(argv: list[str] | None = None) -> int:
                         "decoding at once, e.g. --concurrency 1 2 4 8 16 (greedy, through mpillm.service)")
     args = parse_args_bcast(p, argv)
     from .engine import Engine
-    from .models import resolve_model
+    from .models import prepare_model
 
     comm = MPI.COMM_WORLD
-    model_dir = resolve_model(args.model, comm)
+    model_dir = prepare_model(args, comm)
     need = args.prompt_tokens + args.gen_tokens + 1
     slots = max(args.concurrency or [1])
     engine = Engine(model_dir, max_seq_len=max(args.max_seq_len, need), threads=args.threads, verbose=False,

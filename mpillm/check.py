@@ -4,9 +4,12 @@
 
 Every rank reports its host, MPI library, Python / mpi4py / numpy / mpillm versions,
 the memory its shard and KV cache need against what its host has free, and whether
-its shard file is present and intact; then all ranks time Allreduce at a few sizes.
+its shard file is present and intact (every rank checks each tensor of its own shard
+against the checksum the converter wrote, all ranks in parallel, with a progress bar on
+rank 0); then all ranks time Allreduce at a few sizes.
 Rank 0 prints one table and exits non-zero, naming the cause, when anything is wrong
-(mixed software versions, a missing or damaged shard, a world size the model was not
+(mixed software versions, a missing or damaged shard -- naming the rank, the file and the
+tensor --, a world size the model was not
 converted for, too little memory). Every rank exits with the same code; none hangs.
 """
 from __future__ import annotations
@@ -49,8 +52,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--calibrate-seconds", type=float, default=0.6, help="timing per weight type (default: %(default)s)")
     p.add_argument("--threads", type=int, default=1,
                    help="numba threads per rank for --calibrate, as the job will run (default: %(default)s)")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip the per-tensor checksum check (which reads every byte of each shard)")
     p.add_argument("--read-all", action="store_true",
-                   help="also read every byte of each shard (finds I/O errors; costs a full read)")
+                   help="read every byte of each shard even with --no-verify (finds I/O errors)")
     return p
 
 
@@ -103,12 +108,13 @@ def software() -> dict:
             "python": platform.python_version(), "numpy": np.__version__}
 
 
-def shard_report(model_dir: Path, size: int, rank: int, max_seq_len: int, read_all: bool) -> dict:
+def shard_report(model_dir: Path, size: int, rank: int, max_seq_len: int, read_all: bool,
+                 verify: bool = True) -> dict:
     """Open this rank's shard the way the engine does; return sizes or the problem found."""
     from . import format as fmt
     from .config import ModelConfig
 
-    out: dict = {"shard": None, "weights": None, "kv": None, "problem": None}
+    out: dict = {"shard": None, "weights": None, "kv": None, "problem": None, "verify": None}
     try:
         manifest = fmt.read_manifest(model_dir)
         cfg = ModelConfig.from_dict(manifest["config"])
@@ -123,7 +129,15 @@ def shard_report(model_dir: Path, size: int, rank: int, max_seq_len: int, read_a
         shard = fmt.Shard(path, size, rank)
         if shard.config.to_dict() != cfg.to_dict():
             raise ValueError(f"{path} belongs to a different model than the manifest")
-        if read_all:
+        if verify:
+            from .models import verify_shard
+
+            res = verify_shard(shard, rank == 0, f"checking rank 0's shard ({size} ranks in parallel)")
+            out["verify"] = res.status
+            out["verify_line"] = res.describe()
+            if res.bad:
+                raise ValueError(res.describe())
+        elif read_all:
             for t in shard.tensors.values():
                 for a in t.arrays.values():
                     np.asarray(a).view(np.uint8).sum(dtype=np.uint64)
@@ -148,7 +162,7 @@ def local_report(args, model_dir: Path, comm: MPI.Comm) -> dict:
     except Exception as e:  # noqa: BLE001
         rep["avail"] = None
         rep["problems"].append(f"cannot read free memory: {e}")
-    sh = shard_report(model_dir, size, rank, args.max_seq_len, args.read_all)
+    sh = shard_report(model_dir, size, rank, args.max_seq_len, args.read_all, not args.no_verify)
     cfg = sh.pop("cfg", None)
     rep["dim"], rep["n_layers"] = (cfg.dim, cfg.n_layers) if cfg else (None, None)
     if sh["problem"]:
@@ -244,11 +258,16 @@ def print_table(reps: list[dict], model_dir: Path, args, bench, out=sys.stdout) 
            f"{'free(host)':>11}  status"
     print(head, file=out)
     for r in reps:
-        status = "ok" if not r["problems"] else r["problems"][0]
+        status = (r.get("verify") or "ok") if not r["problems"] else r["problems"][0]
         if len(status) > 90:
             status = status[:87] + "..."
         print(f"  {r['rank']:>4}  {r['host']:<12} {r['cpus']:>4}  {mib(r.get('weights')):>9} "
               f"{mib(r.get('kv')):>9} {mib(r.get('need')):>9} {mib(r.get('avail')):>11}  {status}", file=out)
+    if any(r.get("verify_line") for r in reps):
+        print("  shards:", file=out)
+        for r in reps:
+            if r.get("verify_line"):
+                print(f"    rank {r['rank']}: {r['verify_line']}", file=out)
     if bench:
         n = len(reps)
         print(f"  Allreduce (float32 sum, {n} ranks; slowest rank):", file=out)
@@ -315,7 +334,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  - {p}", file=sys.stderr)
             rc = 1
         else:
-            print("mpillm.check: OK", flush=True)
+            unverifiable = [r["rank"] for r in reps if r.get("verify") == "unverifiable"]
+            if unverifiable:
+                print(f"mpillm.check: OK, but the shards of rank(s) {','.join(map(str, unverifiable))} are "
+                      f"unverifiable (no checksums: written by an older converter)", flush=True)
+            else:
+                print("mpillm.check: OK", flush=True)
     sys.stdout.flush()
     sys.stderr.flush()
     return comm.bcast(rc, root=0)

@@ -12,6 +12,11 @@ shape; its datasets are the split-layout arrays of mpillm.quant (``qs``, ``d``,
 ``m`` or ``w``), contiguous, uncompressed and aligned to 4 KiB so each rank
 memory-maps them (np.memmap at the dataset's file offset) without a copy.
 Expert tensors carry a leading expert axis: shape (n_experts, rows, cols).
+
+Each tensor group carries a checksum attribute (``xxh3_64:<16 hex digits>``): XXH3-64 over
+its arrays' bytes in sorted array-name order, written by ShardWriter and checked by
+``Shard.verify`` (``python -m mpillm.check``, ``--verify``). Shards written before checksums
+existed have none: they read as before, and verify reports them unverifiable, never intact.
 """
 from __future__ import annotations
 
@@ -43,6 +48,9 @@ ATTR_NOTES = "notes"           # JSON list of what the converter changed for thi
                                # re-encodings, e.g. a K-quant cut by the column split), optional
 T_ATTR_TYPE = "type"
 T_ATTR_SHAPE = "shape"
+T_ATTR_CHECKSUM = "checksum"    # "<algorithm>:<hex digest>" over the tensor's arrays
+CHECKSUM_ALGORITHM = "xxh3_64"
+_CHUNK = 64 << 20               # bytes hashed per update (bounded memory, progress granularity)
 
 # Internal tensor names ({i}: layer index). Everything else in a shard is an error.
 TENSOR_PATTERNS = (
@@ -85,6 +93,7 @@ class Tensor:
     wtype: str
     shape: tuple[int, ...]          # (rows, cols), (n,) for vectors, (E, rows, cols) for experts
     arrays: dict[str, np.ndarray]
+    checksum: str | None = None     # as stored in the shard; None: written before checksums existed
 
     @property
     def rows(self) -> int:
@@ -97,6 +106,52 @@ class Tensor:
     @property
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.arrays.values())
+
+
+def checksum(arrays: dict[str, np.ndarray], progress=None) -> str:
+    """XXH3-64 of the arrays' bytes (sorted by array name), read in chunks so a memory-mapped
+    multi-GB tensor is hashed without a copy; ``progress(nbytes)`` is called after each chunk."""
+    import xxhash
+
+    h = xxhash.xxh3_64()
+    for key in sorted(arrays):
+        a = arrays[key]
+        if not a.size:
+            continue
+        mv = memoryview(np.ascontiguousarray(a)).cast("B")
+        for off in range(0, len(mv), _CHUNK):
+            piece = mv[off:off + _CHUNK]
+            h.update(piece)
+            if progress is not None:
+                progress(len(piece))
+    return f"{CHECKSUM_ALGORITHM}:{h.hexdigest()}"
+
+
+@dataclass
+class VerifyResult:
+    """What ``Shard.verify`` found: tensors whose bytes do not match their checksum, tensors
+    without a checksum (older shards), and the bytes hashed."""
+    path: Path
+    bad: list[str]
+    unverifiable: list[str]
+    nbytes: int
+    seconds: float
+
+    @property
+    def status(self) -> str:
+        """"damaged", "unverifiable" (some tensors have no checksum) or "intact"."""
+        return "damaged" if self.bad else "unverifiable" if self.unverifiable else "intact"
+
+    def describe(self, rank: int | None = None) -> str:
+        who = f"rank {rank}: " if rank is not None else ""
+        if self.bad:
+            more = f" (and {len(self.bad) - 3} more)" if len(self.bad) > 3 else ""
+            return (f"{who}shard file {self.path} is damaged: tensor {', '.join(self.bad[:3])}{more} "
+                    f"does not match its checksum; copy or convert it again")
+        if self.unverifiable:
+            return (f"{who}{self.path}: unverifiable, {len(self.unverifiable)} tensor(s) carry no checksum "
+                    f"(written by an older converter; convert again to add them)")
+        return f"{who}{self.path}: intact ({self.nbytes / 2**20:.1f} MiB checked in {self.seconds:.2f} s)"
 
 
 def expected_arrays(wtype: str, shape: tuple[int, ...]) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -146,6 +201,8 @@ class ShardWriter:
                 raise ValueError(f"{name}/{key}: expected shape {s}, got {a.shape}")
             # data= makes the dataset contiguous and allocated, so it has a file offset
             g.create_dataset(key, data=a if a.size else None, shape=s, dtype=dt)
+        g.attrs[T_ATTR_CHECKSUM] = checksum({k: np.ascontiguousarray(arrays[k], dtype=dt)
+                                             for k, (_, dt) in want.items()})
 
     def close(self) -> None:
         self.f.attrs[ATTR_NOTES] = json.dumps(self.notes)
@@ -270,7 +327,31 @@ class Shard:
                 raise ValueError(f"shard file {self.path} is truncated ({name}/{key} ends at byte "
                                  f"{off + ds.nbytes}, file has {file_size})")
             arrays[key] = np.memmap(self.path, dtype=dt, mode="r", offset=off, shape=s)
-        self.tensors[name] = Tensor(name, wtype, shape, arrays)
+        ck = obj.attrs.get(T_ATTR_CHECKSUM)
+        self.tensors[name] = Tensor(name, wtype, shape, arrays, str(ck) if ck is not None else None)
+
+    def verify(self, progress=None) -> VerifyResult:
+        """Hash every tensor's mapped bytes and compare with its stored checksum.
+        ``progress(nbytes)`` is called as bytes are hashed (for a progress bar)."""
+        import time
+
+        t0 = time.perf_counter()
+        bad, unverifiable, n = [], [], 0
+        for name in sorted(self.tensors):
+            t = self.tensors[name]
+            n += t.nbytes
+            if t.checksum is None:
+                unverifiable.append(name)
+                if progress is not None:
+                    progress(t.nbytes)
+                continue
+            algo = t.checksum.split(":", 1)[0]
+            if algo != CHECKSUM_ALGORITHM:
+                raise ValueError(f"{self.path}: tensor {name} has a {algo!r} checksum; this mpillm knows "
+                                 f"{CHECKSUM_ALGORITHM!r}")
+            if checksum(t.arrays, progress) != t.checksum:
+                bad.append(name)
+        return VerifyResult(self.path, bad, unverifiable, n, time.perf_counter() - t0)
 
     def get(self, name: str) -> Tensor:
         try:

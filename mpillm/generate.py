@@ -37,6 +37,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-type", choices=("f16", "f32"), default="f16",
                    help="KV cache element type: f16 halves the cache's memory and the bytes attention reads "
                         "per token (default: %(default)s)")
+    p.add_argument("--verify", action="store_true",
+                   help="check every tensor of each rank's shard against its checksum before loading "
+                        "(all ranks in parallel; a damaged shard stops every rank, naming rank, file and tensor)")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -127,12 +130,12 @@ def generate(service, ids: list[int], params, out=sys.stdout, stats=None) -> lis
 def main(argv: list[str] | None = None) -> int:
     args = parse_args_bcast(parser(), argv)
     from .engine import Stats
-    from .models import resolve_model
+    from .models import prepare_model
     from .service import Service
     from .tokenizer import load_tokenizer
 
     comm = MPI.COMM_WORLD
-    model_dir = resolve_model(args.model, comm)
+    model_dir = prepare_model(args, comm)
     engine = open_engine(args, model_dir)
 
     def rank0() -> int:

@@ -7,6 +7,7 @@ check, ...) import this, so the engine never imports the converter.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 from mpi4py import MPI
@@ -79,4 +80,65 @@ def convert_meta(src: Path, out: Path, size: int) -> None:
     write_tokenizer_for(source)(out)
 
 
-__all__ = ["bundled_gguf", "cache_root", "resolve_model", "convert_meta"]
+def verify_shard(shard, show_progress: bool, desc: str = "verifying shard"):
+    """Check every tensor of an open ``format.Shard`` against its checksum, with a tqdm bar
+    when ``show_progress`` (rank 0). Returns the ``format.VerifyResult``."""
+    if not show_progress:
+        return shard.verify()
+    from tqdm import tqdm
+
+    with tqdm(total=shard.nbytes, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
+              leave=False, mininterval=0.3) as bar:
+        return shard.verify(bar.update)
+
+
+def verify_model(model_dir: Path, comm: MPI.Comm, verbose: bool = True) -> None:
+    """``--verify``: every rank checks its own shard in parallel before the engine loads it.
+    A damaged shard names the rank, the file and the tensor, and every rank exits non-zero;
+    a shard without checksums (older converter) is reported as unverifiable and used."""
+    rank, size = comm.Get_rank(), comm.Get_size()
+    err, res = None, None
+    try:
+        shard = fmt.Shard(Path(model_dir) / fmt.shard_relpath(size, rank), size, rank)
+        res = verify_shard(shard, verbose and rank == 0, f"verifying rank 0's shard ({size} ranks in parallel)")
+        if res.bad:
+            err = res.describe()
+    except ValueError as e:
+        err = str(e)
+    agree(comm, err)
+    lines = comm.gather(res.describe(rank), root=0)
+    if rank == 0 and verbose:
+        for line in lines:
+            print(f"  verify {line}", flush=True)
+
+
+def prepare_model(args, comm: MPI.Comm) -> Path:
+    """What every entry point does before constructing the Engine: locate (or convert) the
+    model, check its shards when ``--verify`` is given, and make sure the kernels are compiled."""
+    model_dir = resolve_model(args.model, comm)
+    if getattr(args, "verify", False):
+        verify_model(model_dir, comm, verbose=not getattr(args, "quiet", False))
+    warm_kernels(model_dir, comm, getattr(args, "kv_type", "f16"), getattr(args, "buffer_type", "f32"))
+    return model_dir
+
+
+def warm_kernels(model_dir: Path, comm: MPI.Comm, kv_type: str = "f16", buffer_type: str = "f32") -> None:
+    """Compile the kernels this model needs if the cache lacks them, saying so first; one rank per
+    node compiles while the others wait on a file lock, then load from the cache (mpillm.warmup)."""
+    from . import warmup
+
+    rank, size = comm.Get_rank(), comm.Get_size()
+    try:
+        shard = fmt.Shard(Path(model_dir) / fmt.shard_relpath(size, rank), size, rank)
+        cold = not warmup.is_warm(warmup.signature(shard, kv_type, buffer_type))
+    except ValueError:
+        return   # the engine reports a missing or damaged shard, naming rank and file
+    n_cold = comm.allreduce(int(cold), op=MPI.SUM)
+    if rank == 0 and n_cold:
+        print(f"compiling kernels for this CPU, once (about {warmup.estimate_s():.0f} s; "
+              f"`scripts/setup.sh` or `mpillm warmup` does it ahead of time) ...", file=sys.stderr, flush=True)
+    if cold:
+        warmup.ensure(model_dir, rank, size, kv_type, buffer_type, announce=False)
+
+
+__all__ = ["bundled_gguf", "cache_root", "resolve_model", "convert_meta", "verify_model", "prepare_model"]

@@ -48,11 +48,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="write the token chunks as JSON (to score the same chunks with another engine)")
     args = parse_args_bcast(p, argv)
     from .engine import Engine
-    from .models import resolve_model
+    from .models import prepare_model
     from .tokenizer import load_tokenizer
 
     comm = MPI.COMM_WORLD
-    model_dir = resolve_model(args.model, comm)
+    model_dir = prepare_model(args, comm)
     engine = Engine(model_dir, max_seq_len=max(args.ctx, args.max_seq_len),
                     threads=args.threads, verbose=False, buffer_type=args.buffer_type,
                     kv_type=args.kv_type)

@@ -9,7 +9,3 @@ if [ "$(id -u)" = 0 ]; then
 fi
 # Allow more ranks than cores on a laptop-sized machine (Open MPI 5 / PRRTE).
 export PRTE_MCA_rmaps_default_mapping_policy="${PRTE_MCA_rmaps_default_mapping_policy:-:oversubscribe}"
-# Ranks waiting in a collective yield the core: with more ranks than cores (4 ranks on a
-# 2-core laptop) busy-polling starves the rank doing the work (1.6 -> 83 tok/s measured).
-export OMPI_MCA_mpi_yield_when_idle="${OMPI_MCA_mpi_yield_when_idle:-1}"
-export NUMBA_CACHE_DIR="${NUMBA_CACHE_DIR:-$MPILLM_ROOT/.numba_cache}"

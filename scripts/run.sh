@@ -3,7 +3,7 @@
 # Extra arguments go to mpillm.generate, e.g.: scripts/run.sh --prompt "Hello" --max-tokens 64
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
-"$here/setup.sh"
+"$here/setup.sh"      # quick when nothing changed: compares two stamps
 source "$here/env.sh"
 cd "$MPILLM_ROOT"
 if [ $# -eq 0 ]; then

@@ -55,6 +55,9 @@ mpillm_stage() {
         [ -e "$f" ] || continue
         sbcast --force --preserve "$f" "$dest/${f#"$src"/}"
       done
+      # every node checks the shards it received against their checksums (exits non-zero on damage)
+      srun --kill-on-bad-exit=1 --ntasks-per-node=1 --ntasks="${SLURM_JOB_NUM_NODES:-1}" \
+        python -m mpillm.verify "$dest/ws$ws"/rank*.h5 >&2
       MPILLM_MODEL_LOCAL="$dest" ;;
     *) echo "mpillm slurm: MPILLM_STAGE must be copy, sbcast or none" >&2; return 2 ;;
   esac

@@ -49,7 +49,7 @@ def test_healthy(healthy):
     assert re.search(r"Open MPI v\d|MPICH", healthy.stdout), out
     assert "Allreduce" in healthy.stdout and " us " in healthy.stdout
     for rank in (0, 1):
-        assert re.search(rf"^\s+{rank}\s+\S+\s+\d+\s+[\d.,]+ MiB .* ok$", healthy.stdout, re.M), out
+        assert re.search(rf"^\s+{rank}\s+\S+\s+\d+\s+[\d.,]+ MiB .* (intact|unverifiable)$", healthy.stdout, re.M), out
 
 
 def test_missing_shard(model_dir, tmp_path):

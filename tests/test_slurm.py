@@ -105,21 +105,3 @@ def test_hpl(cluster, job_env):
                          timeout=180, cwd=ROOT)
     assert job.returncode == 0 and job.state == "COMPLETED", describe(job)
     assert "PASSED" in job.stdout and "1 tests completed and passed" in job.stdout, describe(job)
-
-
-def test_stage_task_reuses_copies(tmp_path):
-    """A node-local copy left by an earlier job is not copied again (no Slurm needed)."""
-    src = tmp_path / "model"
-    (src / "ws2").mkdir(parents=True)
-    (src / "manifest.json").write_text("{}")
-    (src / "ws2" / "rank1.h5").write_bytes(b"x" * 1000)
-    dest = tmp_path / "local"
-    env = dict(os.environ, SLURM_PROCID="1", SLURM_LOCALID="0")
-    first = subprocess.run(["bash", str(SLURM / "stage_task.sh"), str(src), str(dest), "2"], env=env,
-                           capture_output=True, text=True, timeout=30)
-    second = subprocess.run(["bash", str(SLURM / "stage_task.sh"), str(src), str(dest), "2"], env=env,
-                            capture_output=True, text=True, timeout=30)
-    assert first.returncode == 0 and "staged rank1.h5" in first.stderr, first.stderr
-    assert second.returncode == 0 and "staged" not in second.stderr, second.stderr
-    assert (dest / "ws2" / "rank1.h5").read_bytes() == b"x" * 1000
-    assert not (dest / "ws2" / "rank0.h5").exists()
