@@ -148,12 +148,12 @@ def chat_loop(service, tok, args, inp=sys.stdin, out=sys.stdout) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args_bcast(parser(), argv)
-    from .models import resolve_model
+    from .models import prepare_model
     from .service import Service
     from .tokenizer import load_tokenizer
 
     comm = MPI.COMM_WORLD
-    model_dir = resolve_model(args.model, comm)
+    model_dir = prepare_model(args, comm)   # --verify, kernel warm-up
     engine = open_engine(args, model_dir, verbose=False)
 
     def rank0() -> int:

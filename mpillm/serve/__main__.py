@@ -224,10 +224,10 @@ def main(argv: list[str] | None = None) -> int:
             err = str(e)
     agree(comm, err)
 
-    from ..models import resolve_model
+    from ..models import prepare_model
     from ..tokenizer import load_tokenizer
 
-    model_dir = resolve_model(args.model, comm)
+    model_dir = prepare_model(args, comm)   # --verify, kernel warm-up
     engine = open_engine(args, model_dir, verbose=True)
     peers = comm.gather((MPI.Get_processor_name(), os.getpid()), root=0)
     if rank != 0:
