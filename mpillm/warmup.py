@@ -214,7 +214,7 @@ def ensure(model_dir: Path, rank: int, size: int, kv_type: str = "f16", buffer_t
             from tqdm import tqdm
 
             bar = tqdm(total=STEPS, desc="compiling kernels", unit="step", file=sys.stderr,
-                       bar_format="{desc}: {n}/{total} {bar} {elapsed} [{postfix}]")
+                       bar_format="{desc}: {n}/{total} {bar} {elapsed}{postfix}")
 
         started = []
 
@@ -222,9 +222,9 @@ def ensure(model_dir: Path, rank: int, size: int, kv_type: str = "f16", buffer_t
             if bar is None:
                 return
             if started:
-                bar.update(1)
+                bar.n += 1
             started.append(name)
-            bar.set_postfix_str(name)
+            bar.set_postfix_str(name)   # refreshes: the count of steps done and the one now running
 
         try:
             compile_for(shard, kv_type, buffer_type, step)
