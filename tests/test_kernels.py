@@ -170,7 +170,7 @@ def test_quantize_q8_0(path_name, T, K):
 
 @pytest.mark.parametrize("path_name", PATHS)
 @pytest.mark.parametrize("wtype", WTYPES)
-@pytest.mark.parametrize("T", [1, 3, 64])
+@pytest.mark.parametrize("T", [1, 2, 3, 5, 8, 17, 64])
 @pytest.mark.parametrize("K", [32, 96, 2048])
 def test_matmul(path_name, wtype, T, K, weights):
     path = _path(path_name)
@@ -199,6 +199,26 @@ def test_matmul(path_name, wtype, T, K, weights):
     w64 = _float_weights(K).astype(np.float64)
     lim = {"q4_0": 0.2, "q4_1": 0.2, "q8_0": 3e-2, "f16": 1e-3, "f32": 1e-5}[wtype]
     assert np.max(np.abs(out - x64 @ w64.T) / scale) < lim  # against the unquantized weights
+
+
+@pytest.mark.parametrize("path_name", PATHS)
+@pytest.mark.parametrize("wtype", WTYPES)
+def test_row_does_not_depend_on_its_batch(path_name, wtype, weights):
+    """Continuous batching relies on it: a token's output row is bit-identical whether it is
+    computed alone (T = 1, the streaming tiles), in a small batch (the prefetching decode tiles
+    with their 2- and 1-token tails) or in a prompt-sized batch, at any position in it."""
+    path = _path(path_name)
+    K = 576
+    arrays = weights(wtype, K)
+    x = _activations(20, K, seed=11)
+    xq, xd, xs = _quantized(path, x)
+    alone = np.empty((20, N), np.float32)
+    for t in range(20):
+        path.matmul(wtype, arrays, xq[t:t + 1], xd[t:t + 1], xs[t:t + 1], x[t:t + 1], alone[t:t + 1])
+    for T in (2, 4, 5, 8, 16, 20):
+        out = np.full((T, N), np.nan, np.float32)
+        path.matmul(wtype, arrays, xq[:T], xd[:T], xs[:T], x[:T], out)
+        np.testing.assert_array_equal(out, alone[:T], err_msg=f"{path_name} {wtype}: batch of {T}")
 
 
 @pytest.mark.parametrize("path_name", PATHS)
