@@ -29,6 +29,13 @@ llama-3.2-1b-shape-q4_0.gguf
     time; no float copy of any tensor exists. The vocabulary is SmolLM2's gpt2 BPE
     (tokens, merges, pre-tokenizer "smollm") padded with control tokens
     <|reserved_special_token_N|> to 128256.
+
+llama-3.2-1b-shape-q4_k_m.gguf
+    The same shape with llama.cpp's Q4_K_M type choice: Q4_K everywhere except attn_v and
+    ffn_down in the layers llama.cpp's use_more_bits picks (the first and last eighth,
+    every third in between: Q6_K) and the tied token_embd/output (Q6_K). Random valid
+    blocks (mpillm.quant.random_ggml: uniform codes, scales for a weight std of about
+    1/sqrt(fan_in)); llama.cpp and mpillm both read them as they are.
 """
 
 from __future__ import annotations
@@ -52,6 +59,7 @@ from benchmarks import baseline  # noqa: E402  (stdlib only)
 
 SMOL_NAME = "smollm2-135m-q4_0.gguf"
 SHAPE_NAME = "llama-3.2-1b-shape-q4_0.gguf"
+SHAPE_KM_NAME = "llama-3.2-1b-shape-q4_k_m.gguf"
 
 LLAMA_32_1B = dict(
     dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, head_dim=64, ffn=8192,
@@ -119,6 +127,34 @@ def random_q8_0(rng, rows: int, cols: int, std: float) -> np.ndarray:
 RANDOM_BLOCKS = {"q4_0": (QT.Q4_0, 18, random_q4_0), "q8_0": (QT.Q8_0, 34, random_q8_0)}
 
 
+def _random_k(wtype: str):
+    """Random blocks of a K-quant through mpillm.quant.random_ggml (bytes per 256-weight block)."""
+    from mpillm import quant
+
+    def make(rng, rows, cols, std):
+        return quant.random_ggml(wtype, rows, cols, rng, scale=2.0 * std)
+
+    return getattr(QT, wtype.upper()), quant.GGML_BLOCK_BYTES[wtype], make  # bytes per 256-block
+
+
+for _t in ("q4_K", "q6_K"):
+    RANDOM_BLOCKS[_t] = _random_k(_t)
+
+
+def use_more_bits(i: int, n: int) -> bool:
+    """llama.cpp's choice of layers that get more bits in Q4_K_M (attn_v, ffn_down)."""
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+def q4_k_m_types(name: str, n_layers: int) -> str:
+    if name == "token_embd.weight":
+        return "q6_K"
+    i = int(name.split(".")[1]) if name.startswith("blk.") else 0
+    if name.endswith(("attn_v.weight", "ffn_down.weight")) and use_more_bits(i, n_layers):
+        return "q6_K"
+    return "q4_K"
+
+
 def llama3_rope_factors(c: dict) -> np.ndarray:
     """The per-frequency divisors llama.cpp reads from rope_freqs.weight (llama3 scaling)."""
     half = c["head_dim"] // 2
@@ -172,7 +208,7 @@ def _padded_vocab(n_vocab: int):
     return tokens, types, merges, r.fields
 
 
-def make_shape_gguf(out: Path, c: dict, embd_type: str, seed: int = 0) -> dict:
+def make_shape_gguf(out: Path, c: dict, embd_type: str, seed: int = 0, k_m: bool = False) -> dict:
     rng = np.random.default_rng(seed)
     tmp = out.with_suffix(".tmp")
     w = gguf.GGUFWriter(str(tmp), "llama")
@@ -189,7 +225,7 @@ def make_shape_gguf(out: Path, c: dict, embd_type: str, seed: int = 0) -> dict:
     w.add_rope_freq_base(c["rope_theta"])
     w.add_layer_norm_rms_eps(c["rms_eps"])
     w.add_vocab_size(c["vocab"])
-    w.add_file_type(int(gguf.LlamaFileType.MOSTLY_Q4_0))
+    w.add_file_type(int(gguf.LlamaFileType.MOSTLY_Q4_K_M if k_m else gguf.LlamaFileType.MOSTLY_Q4_0))
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     tokens, types, merges, fields = _padded_vocab(c["vocab"])
     w.add_tokenizer_model("gpt2")
@@ -206,13 +242,16 @@ def make_shape_gguf(out: Path, c: dict, embd_type: str, seed: int = 0) -> dict:
     w.add_add_bos_token(False)
 
     specs = list(shape_tensors(c, embd_type))
+    if k_m:
+        specs = [(n, r, co, k if k in ("f32", "rope") else q4_k_m_types(n, c["n_layers"]), sd)
+                 for n, r, co, k, sd in specs]
     for name, rows, cols, kind, _std in specs:
         if kind in ("f32", "rope"):
             w.add_tensor_info(name, (cols,), np.dtype(np.float32), cols * 4)
         else:
             qt, bsize, _ = RANDOM_BLOCKS[kind]
-            nbytes = rows * cols // 32 * bsize
-            w.add_tensor_info(name, (rows, cols // 32 * bsize), np.dtype(np.uint8), nbytes, raw_dtype=qt)
+            row_bytes = cols // (256 if kind.endswith("_K") else 32) * bsize
+            w.add_tensor_info(name, (rows, row_bytes), np.dtype(np.uint8), rows * row_bytes, raw_dtype=qt)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
@@ -235,10 +274,10 @@ def make_shape_gguf(out: Path, c: dict, embd_type: str, seed: int = 0) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out-dir", type=Path, default=ROOT / "cache" / "baseline")
-    ap.add_argument("--embd-type", choices=sorted(RANDOM_BLOCKS), default="q4_0",
+    ap.add_argument("--embd-type", choices=["q4_0", "q8_0"], default="q4_0",
                     help="token_embd type of the 1B-shape model (default q4_0)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--only", choices=["smollm2", "shape"], help="make just one of the two")
+    ap.add_argument("--only", choices=["smollm2", "shape", "shape-q4_k_m"], help="make just one of them")
     ap.add_argument("--force", action="store_true", help="remake files that exist")
     ap.add_argument("--verify", action="store_true",
                     help="load each file in llama.cpp and generate a few tokens")
@@ -246,7 +285,8 @@ def main(argv=None) -> int:
     a.out_dir.mkdir(parents=True, exist_ok=True)
     report = {}
     jobs = [("smollm2", SMOL_NAME, lambda p: make_smollm2_q4_0(p)),
-            ("shape", SHAPE_NAME, lambda p: make_shape_gguf(p, LLAMA_32_1B, a.embd_type, a.seed))]
+            ("shape", SHAPE_NAME, lambda p: make_shape_gguf(p, LLAMA_32_1B, a.embd_type, a.seed)),
+            ("shape-q4_k_m", SHAPE_KM_NAME, lambda p: make_shape_gguf(p, LLAMA_32_1B, "q6_K", a.seed, k_m=True))]
     for key, fname, make in jobs:
         if a.only and a.only != key:
             continue

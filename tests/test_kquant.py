@@ -25,7 +25,7 @@ import kquant_gguf  # noqa: E402
 
 NEW = ["q5_0", "q5_1", "q4_K", "q5_K", "q6_K", "mxfp4"]
 ALL = NEW + ["q4_K_32", "q5_K_32", "q6_K_32"]
-SHAPES = [(1, 7, 512), (3, 9, 768), (5, 6, 288)]  # (T, N, K): N not a multiple of the tiles; odd nb
+SHAPES = [(1, 7, 512), (3, 9, 768), (5, 6, 352)]  # (T, N, K): N not a multiple of the tiles; 11 sub-blocks = 8 + a pair + 1
 
 
 def _gguf_type(t):

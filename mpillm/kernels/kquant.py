@@ -74,6 +74,11 @@ class _E(Emit):
     def half(self, base, off):
         return self.b.fpext(self.b.bitcast(self.load(base, off, I16), F16), F32)
 
+    def half4(self, base, off, n):
+        """n fp16 values -> <n x float>."""
+        h = self.load(base, off, _vec(I16, n))
+        return self.b.fpext(self.b.bitcast(h, _vec(F16, n)), _vec(F32, n))
+
     def u8f(self, base, off):
         return self.b.uitofp(self.load(base, off, I8), F32)
 
@@ -237,6 +242,8 @@ def _tile_codegen(kind: str, isa: str, R: int, U: int, f64: bool = False):
         else:
             acc = [[cgutils.alloca_once_value(b, ir.Constant(_vec(F32, 16), None)) for _ in range(U)] for _ in range(R)]
         macc = [[cgutils.alloca_once_value(b, ir.Constant(FT, 0.0)) for _ in range(U)] for _ in range(R)]
+        macc8 = [[cgutils.alloca_once_value(b, ir.Constant(_vec(F32, 8), None)) for _ in range(U)] for _ in range(R)]
+        rows_cur = [None]  # the row dvec reads (set by scales_vec)
         D = (lambda v: b.fpext(v, FT)) if f64 else (lambda v: v)  # noqa: E731
 
         def tok(u, blk):
@@ -269,60 +276,113 @@ def _tile_codegen(kind: str, isa: str, R: int, U: int, f64: bool = False):
                         mt = b.fmul(b.fmul(D(M), D(xd)), b.sitofp(xs, FT))
                         b.store(b.fadd(b.load(macc[r][u]), mt), macc[r][u])
 
-        def group_x86(b0, nsub):
-            L = 8 * nsub
-            xv, xdl, toks, init = [], [], [], []
+        def dvec(name, b0, n):
+            """<n x float> super-block scales of sub-blocks [b0, b0 + n): one fp16 splat when d is
+            per 256 columns (dshift 3; the n sub-blocks then share it), else n fp16 values."""
+            base, st = A[name]
+            row = b.mul(rows_cur[0], st)
+            with b.if_else(b.icmp_unsigned("==", dshift, i64(3))) as (sup, per32):
+                with sup:
+                    v1 = e.splat(e.half(base, b.add(row, b.mul(b.lshr(b0, i64(3)), i64(2)))), n)
+                    bb1 = b.block
+                with per32:
+                    v2 = e.half4(base, b.add(row, b.mul(b0, i64(2))), n)
+                    bb2 = b.block
+            phi = b.phi(v1.type)
+            phi.add_incoming(v1, bb1)
+            phi.add_incoming(v2, bb2)
+            return phi
+
+        def scales_vec(r, b0, n):
+            """(D <G x float>, M <n x float> or None) of row r's sub-blocks [b0, b0 + n); G = 2n for
+            q6_K (per 16 elements), else n."""
+            rows_cur[0] = r
+            row = lambda name: b.mul(r, A[name][1])  # noqa: E731
+            if kind in ("q5_0", "q5_1"):
+                d = e.half4(A["d"][0], b.add(row("d"), b.mul(b0, i64(2))), n)
+                if kind == "q5_1":
+                    return d, e.half4(A["m"][0], b.add(row("m"), b.mul(b0, i64(2))), n)
+                return d, b.fmul(d, e.splat(ir.Constant(F32, -16.0), n))
+            if kind == "mxfp4":
+                ev = b.zext(e.load(A["e"][0], b.add(row("e"), b0), _vec(I8, n)), _vec(I32, n))
+                den = b.shl(e.splat(I32(0x00200000), n), ev)
+                norm = b.shl(b.sub(ev, e.splat(I32(1), n)), e.splat(I32(23), n))
+                d = b.bitcast(b.select(b.icmp_unsigned("<", ev, e.splat(I32(2), n)), den, norm), _vec(F32, n))
+                return d, b.fmul(d, e.splat(ir.Constant(F32, -12.0), n))
+            d = dvec("d", b0, n)
+            if kind == "q6_K":
+                sc = b.sitofp(e.load(A["sc"][0], b.add(row("sc"), b.mul(b0, i64(2))), _vec(I8, 2 * n)), _vec(F32, 2 * n))
+                return b.fmul(e.shuffle(d, None, [i // 2 for i in range(2 * n)]), sc), None
+            sc = b.uitofp(e.load(A["sc"][0], b.add(row("sc"), b0), _vec(I8, n)), _vec(F32, n))
+            mn = b.uitofp(e.load(A["mn"][0], b.add(row("mn"), b0), _vec(I8, n)), _vec(F32, n))
+            dm = dvec("dmin", b0, n)
+            return b.fmul(d, sc), b.fmul(b.fmul(dm, mn), e.splat(ir.Constant(F32, -1.0), n))
+
+        def group_x86(b0, n):
+            """Sub-blocks [b0, b0 + n), n = 8 (the main loop), 2 or 1 (tails): scales as vectors
+            once per row, one dot product per pair of sub-blocks."""
+            pairs = [(2 * j, 2) for j in range(n // 2)] if n > 1 else [(0, 1)]
+            G = 2 * n if kind == "q6_K" else n
+            per = G // n  # scales per sub-block
+            xv, xdG, xdsum, init = [], [], [], []
             for u in range(U):
-                xo = b.add(b.mul(i64(u), xstride), b.mul(b0, i64(32)))
-                x = e.load(xp, xo, _vec(I8, 32 * nsub))
-                xv.append(x)
+                xrow = b.add(b.mul(i64(u), xstride), b.mul(b0, i64(32)))
                 so = b.add(b.mul(i64(u), sstride), b.mul(b0, i64(4)))
-                xdl.append(e.load(xdp, so, _vec(F32, nsub)))
-                toks.append([tok(u, b.add(b0, i64(j))) for j in range(nsub)] if has_min else None)
-                if kind == "q6_K":  # -32 * (sum of each lane's 4 activations)
-                    s = e.dot(ir.Constant(_vec(I32, L), None), e.splat_const(I8, 32 * nsub, 32), x)
-                    init.append(b.sub(ir.Constant(_vec(I32, L), None), s))
-                else:
-                    init.append(ir.Constant(_vec(I32, L), None))
-            G = 2 * nsub if kind == "q6_K" else nsub
+                xd = e.load(xdp, so, _vec(F32, n))
+                xdG.append(e.shuffle(xd, None, [i // per for i in range(G)]) if per > 1 else xd)
+                if has_min:
+                    xs = e.load(xsp, so, _vec(I32, n))
+                    v = b.fmul(xd, b.sitofp(xs, _vec(F32, n)))
+                    xdsum.append(e.shuffle(v, ir.Constant(v.type, None), list(range(n)) + [n] * (8 - n))
+                                 if n < 8 else v)
+                xs_, ini = [], []
+                for j0, ns in pairs:
+                    x = e.load(xp, b.add(xrow, i64(32 * j0)), _vec(I8, 32 * ns))
+                    xs_.append(x)
+                    L = 8 * ns
+                    if kind == "q6_K":  # -32 * (sum of each lane's 4 activations)
+                        sm = e.dot(ir.Constant(_vec(I32, L), None), e.splat_const(I8, 32 * ns, 32), x)
+                        ini.append(b.sub(ir.Constant(_vec(I32, L), None), sm))
+                    else:
+                        ini.append(ir.Constant(_vec(I32, L), None))
+                xv.append(xs_)
+                init.append(ini)
             for r in range(R):
-                q = _codes(e, kind, A, rows[r], b0, nsub)
-                Dv = ir.Constant(_vec(F32, G), None)
-                Ms = []
-                for j in range(nsub):
-                    Ds, M = _scales(e, kind, A, rows[r], b.add(b0, i64(j)), dshift)
-                    for g, dd in enumerate(Ds):
-                        Dv = b.insert_element(Dv, dd, I32(j * len(Ds) + g))
-                    Ms.append(M)
+                Dv, Mv = scales_vec(rows[r], b0, n)
+                qs_ = [_codes(e, kind, A, rows[r], b.add(b0, i64(j0)), ns) for j0, ns in pairs]
                 for u in range(U):
-                    lanes = e.dot(init[u], q, xv[u])
-                    xg = e.shuffle(xdl[u], None, [i * nsub // G for i in range(G)])
-                    fs = e.shuffle(b.fmul(Dv, xg), None, [i * G // L for i in range(L)])
-                    if L < 16:
-                        fs = e.shuffle(fs, ir.Constant(fs.type, None), list(range(L)) + [L] * (16 - L))
-                        lanes = e.shuffle(lanes, ir.Constant(lanes.type, None), list(range(L)) + [L] * (16 - L))
-                    b.store(e.fma(b.sitofp(lanes, _vec(F32, 16)), fs, b.load(acc[r][u])), acc[r][u])
+                    P = b.fmul(Dv, xdG[u])
+                    a = b.load(acc[r][u])
+                    for (j0, ns), q, x, ini in zip(pairs, qs_, xv[u], init[u]):
+                        L = 8 * ns
+                        lanes = e.dot(ini, q, x)
+                        fs = e.shuffle(P, None, [j0 * per + i * (ns * per) // L for i in range(L)])
+                        if L < 16:
+                            fs = e.shuffle(fs, ir.Constant(fs.type, None), list(range(L)) + [L] * (16 - L))
+                            lanes = e.shuffle(lanes, ir.Constant(lanes.type, None), list(range(L)) + [L] * (16 - L))
+                        a = e.fma(b.sitofp(lanes, _vec(F32, 16)), fs, a)
+                    b.store(a, acc[r][u])
                     if has_min:
-                        m = b.load(macc[r][u])
-                        for j in range(nsub):
-                            xd, xs = toks[u][j]
-                            m = e.fma(Ms[j], b.fmul(xd, b.sitofp(xs, F32)), m)
-                        b.store(m, macc[r][u])
+                        Mp = e.shuffle(Mv, ir.Constant(Mv.type, None), list(range(n)) + [n] * (8 - n)) if n < 8 else Mv
+                        b.store(e.fma(Mp, xdsum[u], b.load(macc8[r][u])), macc8[r][u])
 
         if isa == "portable":
             with cgutils.for_range(b, nb) as loop:
                 group_portable(loop.index)
         else:
-            ng = b.udiv(nb, i64(2))
-            with cgutils.for_range(b, ng) as loop:
-                group_x86(b.mul(loop.index, i64(2)), 2)
+            n8 = b.udiv(nb, i64(8))
+            with cgutils.for_range(b, n8) as loop:
+                group_x86(b.mul(loop.index, i64(8)), 8)
+            n2 = b.udiv(b.urem(nb, i64(8)), i64(2))  # the tails (q5_0 / q5_1 / mxfp4 rows, _32 slices)
+            with cgutils.for_range(b, n2) as loop:
+                group_x86(b.add(b.mul(n8, i64(8)), b.mul(loop.index, i64(2))), 2)
             with b.if_then(b.icmp_unsigned("!=", b.urem(nb, i64(2)), i64(0)), likely=False):
                 group_x86(b.sub(nb, i64(1)), 1)
         for r in range(R):
             for u in range(U):
                 a = b.load(acc[r][u])
                 if isa != "portable":
-                    a = e.hsum(a)
+                    a = b.fadd(e.hsum(a), e.hsum(b.load(macc8[r][u])))
                 b.store(b.fadd(a, b.load(macc[r][u])), e.addr(op, b.add(b.mul(i64(u), ostride), i64(esz * r))))
         return context.get_dummy_value()
 
