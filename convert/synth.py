@@ -58,6 +58,10 @@ def random_tensor(rng: np.random.Generator, wtype: str, shape: tuple[int, ...]) 
         return {"w": np.ones(shape, np.float32)}
     cols = shape[-1]
     scale = 1.0 / np.sqrt(cols)
+    if wtype not in ("q4_0", "q4_1", "q8_0", "f16", "f32"):  # 5-bit, K-quant, MXFP4: random valid blocks
+        rows = int(np.prod(shape[:-1]))
+        a = quant.random_arrays(wtype, rows, cols, rng, scale=2.0 * scale)
+        return {k: v.reshape(*shape[:-1], v.shape[-1]) for k, v in a.items()}
     out = {}
     for key, (s, dt) in fmt.expected_arrays(wtype, shape).items():
         if key == "w":
