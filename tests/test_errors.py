@@ -350,28 +350,21 @@ def test_job_dies_with_pytest(tmp_path):
     assert _alive(pids) == [], f"ranks outlived the process that launched them: {_alive(pids)}"
 
 
-def test_kv_slots_that_do_not_fit_are_refused(tmp_path):
-    """--parallel x --ctx-size beyond a rank's memory: refused before allocating, naming the rank,
-    the need, what is available and the largest --parallel / --ctx-size that fit; every rank exits."""
-    import os
+def test_kv_slots_that_do_not_fit_are_refused(tmp_path, monkeypatch):
+    """--parallel x --ctx-size beyond a rank's memory: refused before allocating, naming the need,
+    what is available and the largest --parallel / --ctx-size that fit; every rank exits."""
+    monkeypatch.setenv("MPILLM_MEMORY_LIMIT", str(200 * 2**20))  # the ranks inherit it
 
-    os.environ["MPILLM_MEMORY_LIMIT"] = str(200 * 2**20)
-    try:
-        r, dt = run_probed(2, ["-m", "mpillm.generate", "--quiet", "--parallel", "16", "--ctx-size", "2048",
-                               "--max-tokens", "1"], tmp_path)
-    finally:
-        del os.environ["MPILLM_MEMORY_LIMIT"]
+    def generate(parallel: int):
+        return run_probed(2, ["-m", "mpillm.generate", "--quiet", "--parallel", str(parallel), "--ctx-size", "2048",
+                              "--max-tokens", "1"], tmp_path)
+
+    r, dt = generate(16)
     # SmolLM2 at np 2: each rank holds 2 of the 3 KV heads, 30 layers, head size 64, fp16
     need = 2 * 30 * 2 * 64 * 2 * 16 * 2048
     assert_failed(r, f"the KV cache for 16 slot(s) x 2048 tokens needs {need // 2**20} MiB but 90 MiB is available "
                      "to this rank (2 rank(s) on the node); at most --parallel 3 at --ctx-size 2048, or --ctx-size "
                      "384 at --parallel 16 (on every rank)", prog="mpillm.generate")
     assert dt < 120
-    # the positive control: the same job with the slots that fit runs
-    os.environ["MPILLM_MEMORY_LIMIT"] = str(200 * 2**20)
-    try:
-        r, _ = run_probed(2, ["-m", "mpillm.generate", "--quiet", "--parallel", "1", "--ctx-size", "2048",
-                              "--max-tokens", "1"], tmp_path)
-    finally:
-        del os.environ["MPILLM_MEMORY_LIMIT"]
+    r, _ = generate(1)  # the positive control: the slots that fit run
     assert r.returncode == 0 and r.exits == {0: 0, 1: 0}, r.stderr[-2000:]
