@@ -53,6 +53,9 @@ class Stats:
     gen_comm_s: float = 0.0
     gen_allreduce_bytes: int = 0
     gather_bytes: int = 0
+    draft_tokens: int = 0        # speculative decoding: tokens drafted, of them accepted,
+    draft_accepted: int = 0
+    decode_steps: int = 0        # and target steps that generated tokens (0: not speculating)
 
     def line(self, tp_size: int) -> str:
         pt = self.prompt_tokens / self.prompt_s if self.prompt_s else 0.0
@@ -63,7 +66,15 @@ class Stats:
         return (f"[prompt {self.prompt_tokens} tok, {pt:.1f} tok/s | generate {self.gen_tokens} tok, {gt:.1f} tok/s | "
                 f"{ms:.2f} ms/tok = {ms - comm_ms:.2f} compute + {comm_ms:.2f} comm | "
                 f"sent/rank/tok: {self.gen_allreduce_bytes / n / 1024:.1f} KiB allreduce payload"
-                f"{f' + {self.gather_bytes / 1024:.1f} KiB logits (each rank > 0)' if tp_size > 1 else ''} | ranks {tp_size}]")
+                f"{f' + {self.gather_bytes / 1024:.1f} KiB logits (each rank > 0)' if tp_size > 1 else ''} | "
+                f"{self.draft_line()}ranks {tp_size}]")
+
+    def draft_line(self) -> str:
+        if not self.decode_steps:
+            return ""
+        rate = self.draft_accepted / self.draft_tokens if self.draft_tokens else 0.0
+        return (f"draft {self.draft_accepted}/{self.draft_tokens} accepted ({100 * rate:.0f}%), "
+                f"{(self.gen_tokens + 1) / self.decode_steps:.2f} tok/step | ")
 
 
 class Engine:

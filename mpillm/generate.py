@@ -40,6 +40,20 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verify", action="store_true",
                    help="check every tensor of each rank's shard against its checksum before loading "
                         "(all ranks in parallel; a damaged shard stops every rank, naming rank, file and tensor)")
+    add_draft_args(p)
+
+
+def add_draft_args(p: argparse.ArgumentParser) -> None:
+    from .speculative import add_draft_args as add
+
+    add(p)
+
+
+def open_drafter(args, engine, tok):
+    """Rank 0: the speculative drafter --draft / --draft-model ask for, or None (pass it to Service)."""
+    from .speculative import make_drafter
+
+    return make_drafter(args, engine, tok)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -109,6 +123,7 @@ def sampling_params(args):
 def generate(service, ids: list[int], params, out=sys.stdout, stats=None) -> list[int]:
     """Rank 0: run one request through the service, streaming its text; returns the generated ids."""
     m = service.engine.model
+    c0 = service.metrics()
     gen: list[int] = []
     t0 = time.perf_counter()
     t1 = None
@@ -124,6 +139,11 @@ def generate(service, ids: list[int], params, out=sys.stdout, stats=None) -> lis
         stats.prompt_tokens, stats.prompt_s = len(ids), t1 - t0
         stats.gen_tokens, stats.gen_s = len(gen) - 1, time.perf_counter() - t1
         stats.gen_comm_s, stats.gen_allreduce_bytes = m.stats.seconds, m.stats.payload_bytes
+        if service.drafter is not None:
+            c1 = service.metrics()
+            stats.draft_tokens = c1["draft_tokens_total"] - c0["draft_tokens_total"]
+            stats.draft_accepted = c1["draft_accepted_total"] - c0["draft_accepted_total"]
+            stats.decode_steps = c1["decode_steps_total"] - c0["decode_steps_total"]
     return gen
 
 
@@ -146,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.quiet:
             print(f"start-up {engine.startup_s:.2f} s; prompt {len(ids)} tokens", flush=True)
         stats = Stats()
-        generate(Service(engine, tok), ids, params, stats=stats)
+        generate(Service(engine, tok, drafter=open_drafter(args, engine, tok)), ids, params, stats=stats)
         stats.gather_bytes = engine.logits_bytes_per_token if params.needs_logits else 16 * (engine.size > 1)
         print(flush=True)
         print(stats.line(engine.size), flush=True)

@@ -106,12 +106,21 @@ class Sampler:
 
     def __call__(self, logits: np.ndarray) -> int:
         """logits (vocab,) -> a token id (not yet observed: call observe with the token kept)."""
+        if self.p.temperature == 0.0:
+            np.copyto(self.work, logits)
+            if self.p.penalized:
+                self._penalize(self.work)
+            return int(np.argmax(self.work))
+        ids, probs = self.distribution(logits)
+        return int(ids[self.rng.choice(len(probs), p=probs)])
+
+    def distribution(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The distribution a temperature > 0 draw uses: (candidate ids, their probabilities) after
+        penalties, temperature, top-k, top-p and min-p (speculative sampling needs it whole)."""
         p, w = self.p, self.work
         np.copyto(w, logits)
         if p.penalized:
             self._penalize(w)
-        if p.temperature == 0.0:
-            return int(np.argmax(w))
         w /= p.temperature
         cand = None
         if p.top_k and p.top_k < len(w):
@@ -128,8 +137,7 @@ class Sampler:
         if p.min_p > 0.0:
             keep = probs >= p.min_p * probs.max()
             ids, probs = ids[keep], probs[keep]
-        probs = probs / probs.sum()
-        return int(ids[self.rng.choice(len(probs), p=probs)])
+        return ids, probs / probs.sum()
 
     def _penalize(self, w: np.ndarray) -> None:
         p = self.p

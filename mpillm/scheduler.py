@@ -39,6 +39,7 @@ class Sequence:
     n_cached: int = 0                 # tokens[:n_cached] have keys and values in the slot
     n_reused: int = 0                 # of them, taken over from an earlier sequence (prefix reuse)
     draft: list[int] = field(default_factory=list)  # speculative tokens to verify after tokens[-1]
+    draft_q: list | None = None       # the draft's distribution per draft token (None: deterministic)
 
     @property
     def pending(self) -> int:

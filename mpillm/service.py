@@ -24,6 +24,7 @@ import numpy as np
 from .engine import OUT_LOGITS
 from .sampling import Sampler, SamplingParams, StopMatcher, TokenLogprob, logprobs_of
 from .scheduler import Scheduler, Sequence
+from .speculative import decide
 
 
 @dataclass
@@ -74,8 +75,9 @@ class _Request:
 
 class Service:
     def __init__(self, engine, tokenizer, parallel: int | None = None, batch_tokens: int | None = None,
-                 max_queue: int = 64):
+                 max_queue: int = 64, drafter=None):
         self.engine, self.tok = engine, tokenizer
+        self.drafter = drafter  # mpillm.speculative: proposes draft tokens per decoding sequence
         n_slots = engine.n_slots if parallel is None else parallel
         if n_slots > engine.n_slots:
             raise ValueError(f"--parallel {n_slots} exceeds the engine's {engine.n_slots} KV slots")
@@ -90,7 +92,9 @@ class Service:
         self._requests: dict[str, _Request] = {}
         self._ids = itertools.count()
         self.counters = dict(requests_total=0, requests_finished=0, prompt_tokens_total=0,
-                             completion_tokens_total=0, cached_tokens_total=0, steps_total=0, rows_total=0)
+                             completion_tokens_total=0, cached_tokens_total=0, steps_total=0, rows_total=0,
+                             decode_steps_total=0, draft_tokens_total=0, draft_accepted_total=0,
+                             draft_seconds_total=0.0)
 
     @property
     def context_size(self) -> int:
@@ -168,6 +172,8 @@ class Service:
             with self._lock:
                 self._waiting -= len(admitted)
                 self.counters["cached_tokens_total"] += sum(s.n_reused for s in admitted)
+        if self.drafter is not None:
+            self._draft()
         plan = self.sched.plan()
         if plan is None:
             return False
@@ -181,18 +187,50 @@ class Service:
         if res is None:
             return True
         ids, logits = res
-        li = 0
-        for r, seq in enumerate(plan.out_seqs):
+        r = li = 0
+        while r < len(plan.out_seqs):  # a sequence's output rows: its next token, then one per draft
+            seq = plan.out_seqs[r]
             req: _Request = seq.owner
-            if plan.kinds[r] == OUT_LOGITS:
-                row = logits[li]
-                li += 1
-                tok = req.sampler(row)
-                lp = self._logprobs(req, row, tok)
-            else:
-                tok, lp = int(ids[r]), None
-            self._emit(req, tok, lp)
+            draft, q, m = seq.draft, seq.draft_q, 1 + len(seq.draft)
+            accepted = 0
+            for i in range(m):  # accept drafts while the target agrees; the first other token ends it
+                d = draft[i] if i < len(draft) else None
+                if plan.kinds[r + i] == OUT_LOGITS:
+                    row = logits[li + i]
+                    tok, ok = decide(req.sampler, 0, row, d, q[i] if q else None, self.vocab_size)
+                    lp = self._logprobs(req, row, tok)
+                else:
+                    (tok, ok), lp = decide(None, int(ids[r + i]), None, d, None, self.vocab_size), None
+                self._emit(req, tok, lp)
+                if not ok or req.closed:
+                    break
+                accepted += 1
+            li += m if plan.kinds[r] == OUT_LOGITS else 0
+            r += m
+            if draft:  # accepted drafts' keys and values are valid; the rest get overwritten later
+                seq.n_cached += accepted
+                seq.draft, seq.draft_q = [], None
+                self.drafter.feedback(seq, len(draft), accepted)
+            with self._lock:
+                self.counters["decode_steps_total"] += 1
+                self.counters["draft_tokens_total"] += len(draft)
+                self.counters["draft_accepted_total"] += accepted
         return True
+
+    def _draft(self) -> None:
+        """Rank 0, before planning: drafts for the sequences that decode this step."""
+        t0 = time.perf_counter()
+        for seq in self.sched.running:
+            seq.draft, seq.draft_q = [], None
+            req: _Request = seq.owner
+            if seq.pending != 1 or req.closed:
+                continue
+            room = min(req.params.max_tokens - req.generated - 1, self.sched.ctx - len(seq.tokens))
+            k = self.drafter.want(seq, room)
+            if k > 0:
+                self.drafter.propose(seq, k)
+        with self._lock:
+            self.counters["draft_seconds_total"] += time.perf_counter() - t0
 
     def _logprobs(self, req: _Request, row: np.ndarray, tok: int) -> list[TokenLogprob] | None:
         if not req.params.logprobs:
@@ -242,6 +280,8 @@ class Service:
             with self._lock:
                 self._waiting -= 1
         self.sched.remove(seq)
+        if self.drafter is not None:
+            self.drafter.release(seq)
         self._requests.pop(seq.id, None)
         with self._lock:
             self.counters["requests_finished"] += 1
