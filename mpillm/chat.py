@@ -18,7 +18,7 @@ from pathlib import Path
 from mpi4py import MPI
 
 from .comm import run
-from .generate import add_model_args, open_engine, parse_args_bcast
+from .generate import add_model_args, open_drafter, open_engine, parse_args_bcast
 
 HELP = "commands: /reset (new conversation), /exit (leave); anything else is your next message"
 
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def rank0() -> int:
         tok = load_tokenizer(Path(model_dir))
-        service = Service(engine, tok)
+        service = Service(engine, tok, drafter=open_drafter(args, engine, tok))
         return chat_loop(service, tok, args)
 
     return engine.drive(rank0)

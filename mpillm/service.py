@@ -197,7 +197,7 @@ class Service:
                 d = draft[i] if i < len(draft) else None
                 if plan.kinds[r + i] == OUT_LOGITS:
                     row = logits[li + i]
-                    tok, ok = decide(req.sampler, 0, row, d, q[i] if q else None, self.vocab_size)
+                    tok, ok = decide(req.sampler, 0, row, d, q[i] if q and d is not None else None, self.vocab_size)
                     lp = self._logprobs(req, row, tok)
                 else:
                     (tok, ok), lp = decide(None, int(ids[r + i]), None, d, None, self.vocab_size), None

@@ -27,7 +27,7 @@ from pathlib import Path
 from mpi4py import MPI
 
 from ..comm import FatalError, agree, run
-from ..generate import add_model_args, open_engine, parse_args_bcast
+from ..generate import add_model_args, open_drafter, open_engine, parse_args_bcast
 
 
 def parser() -> argparse.ArgumentParser:
@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
 
     teardown = Teardown(state, peers, log)
     tok = load_tokenizer(Path(model_dir))
-    service = Service(engine, tok, max_queue=args.max_queue)
+    service = Service(engine, tok, max_queue=args.max_queue, drafter=open_drafter(args, engine, tok))
     state.ready(service, tok, size)
     teardown.service = service
     print(f"mpillm.serve: ready: {size} rank(s), {args.parallel} slot(s) of {service.context_size} tokens, "
