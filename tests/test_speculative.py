@@ -136,3 +136,16 @@ def test_draft_vocabulary_must_match():
         check_same_vocabulary(Cfg(4), a, Cfg(4), FakeTok(["<s>", "a", "x", "c"]), "d")
     with pytest.raises(ValueError, match=r"tokenizer differs .*special tokens"):
         check_same_vocabulary(Cfg(4), a, Cfg(4), FakeTok(["<s>", "a", "b", "c"], eos=(3,)), "d")
+
+
+def test_cli_refuses_draft_model_with_other_vocabulary(tmp_path):
+    """At start-up, through generate under mpirun: one clear line from rank 0, every rank exits 1."""
+    from test_errors import assert_failed, run_probed
+
+    from mpiutil import ROOT
+
+    r, dt = run_probed(2, ["-m", "mpillm.generate", "--quiet", "--max-tokens", "4", "--draft-model",
+                           str(ROOT / "tests" / "fixtures" / "llama" / "model.gguf")], tmp_path)
+    assert_failed(r, "--draft-model ", prog="mpillm.generate")
+    assert "its vocabulary has 512 tokens, the target's 49152" in r.stderr, r.stderr[-2000:]
+    assert dt < 120
