@@ -18,20 +18,22 @@ def q8(x):
 
 
 def args_for(wtype, arrays, xq, xd, xs, x):
-    u = {k: (v.view(np.uint16) if v.dtype == np.float16 else v) for k, v in arrays.items()}
-    if wtype == "q4_1":
-        return (u["qs"], u["d"], u["m"], xq, xd, xs)
-    if wtype in ("q4_0", "q8_0"):
-        return (u["qs"], u["d"], xq, xd, xs)
-    return (u["w"], x)
+    """The kernels' arguments: the type's arrays in quant.ARRAYS order (fp16 as uint16), then the
+    q8_0 activations (quantized types) or the float activations."""
+    u = [arrays[k] for k, _ in quant.ARRAYS[wtype]]
+    u = tuple(v.view(np.uint16) if v.dtype == np.float16 else v for v in u)
+    return (*u, xq, xd, xs) if wtype in quant.QUANTIZED else (*u, x)
 
 
 @pytest.mark.parametrize("wtype", quant.WEIGHT_TYPES)
 @pytest.mark.parametrize("T", [1, 5])
 def test_exact_kernel_matches_float64_reference(wtype, T):
     rng = np.random.default_rng(1)
-    N, K = 37, 192
-    w = quant.quantize(rng.standard_normal((N, K)).astype(np.float32), wtype)
+    N, K = 37, 256  # K-quant super-blocks are 256 wide
+    if wtype in quant.QUANTIZABLE:
+        w = quant.quantize(rng.standard_normal((N, K)).astype(np.float32), wtype)
+    else:  # the K-quants are only ever copied from GGUF: random valid blocks
+        w = quant.random_arrays(wtype, N, K, rng)
     x = rng.standard_normal((T, K)).astype(np.float32)
     xq, xd, xs = q8(x)
     out = np.zeros((T, N), np.float64)
