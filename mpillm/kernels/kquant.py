@@ -48,7 +48,7 @@ from numba.core import cgutils, types
 from numba.extending import intrinsic
 
 from .. import quant
-from .irgen import F16, F32, F64, I1, I8, I16, I32, I64, Emit
+from .irgen import F16, F32, F64, I1, I8, I16, I32, I64, PTR, Emit
 from .irgen import vec as _vec
 
 KINDS = ("q5_0", "q5_1", "q4_K", "q5_K", "q6_K", "mxfp4")
@@ -73,6 +73,11 @@ class _E(Emit):
 
     def half(self, base, off):
         return self.b.fpext(self.b.bitcast(self.load(base, off, I16), F16), F32)
+
+    def prefetch(self, base, off):
+        """prefetcht1 (into L2): the weights are read once."""
+        f = self.decl("llvm.prefetch.p0", ir.VoidType(), [PTR, I32, I32, I32])
+        self.b.call(f, [self.addr(base, off), I32(0), I32(2), I32(1)])
 
     def half4(self, base, off, n):
         """n fp16 values -> <n x float>."""
@@ -347,6 +352,14 @@ def _tile_codegen(kind: str, isa: str, R: int, U: int, f64: bool = False):
                         ini.append(ir.Constant(_vec(I32, L), None))
                 xv.append(xs_)
                 init.append(ini)
+            if U == 1 and n == 8:  # decode: prefetch each row's codes PF bytes ahead (2 lines per 8 sub-blocks)
+                for r in range(R):
+                    for name, bpb in (("qs", 16), ("qh", 4 if kind != "q6_K" else 8)):
+                        if name in A:
+                            base, st = A[name]
+                            off = b.add(b.add(b.mul(rows[r], st), b.mul(b0, i64(bpb))), i64(PF))
+                            for line in range(0, 8 * bpb, 64):
+                                e.prefetch(base, b.add(off, i64(line)))
             for r in range(R):
                 Dv, Mv = scales_vec(rows[r], b0, n)
                 qs_ = [_codes(e, kind, A, rows[r], b.add(b0, i64(j0)), ns) for j0, ns in pairs]
@@ -406,6 +419,7 @@ def _make_tile(kind, isa, R, U, f64=False):
 
 # tiles per path and kind: R rows x U tokens (T > 1), R1 rows x 1 token (decode), single rows
 R_X, U_X, R1_X = 4, 2, 2
+PF = 4096  # decode prefetch distance in bytes of qs
 R_P, U_P = 4, 2
 SHAPES = {"vnni": dict(RU=(R_X, U_X), R1=(R_X, 1), OU=(1, U_X), O1=(1, 1), D=(R1_X, 1)),
           "avx2": dict(RU=(R_X, U_X), R1=(R_X, 1), OU=(1, U_X), O1=(1, 1), D=(R1_X, 1)),
