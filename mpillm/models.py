@@ -56,7 +56,7 @@ def resolve_model(model: str | None, comm: MPI.Comm) -> Path:
         from convert.__main__ import convert
 
         if rank == 0:
-            print(f"converting {src} for {size} rank(s) into {out} (once)", flush=True)
+            print(f"converting {src} for {size} rank(s) into {out} (once)", file=sys.stderr, flush=True)  # not the output
         err = None
         try:
             if need:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -237,7 +238,7 @@ def resolve_draft_model(path: str) -> Path:
     if not (out / fmt.shard_relpath(1, 0)).exists():
         from convert.__main__ import convert
 
-        print(f"converting draft model {src} for 1 rank into {out} (once)", flush=True)
+        print(f"converting draft model {src} for 1 rank into {out} (once)", file=sys.stderr, flush=True)
         convert(src, out, [1], progress=False, tokenizer=True)
     assert MPI.COMM_SELF.Get_size() == 1
     return out
