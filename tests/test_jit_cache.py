@@ -10,7 +10,7 @@ from mpiutil import ROOT
 def _cache_dir(env: dict) -> str:
     code = "import os, mpillm; print(os.environ['NUMBA_CACHE_DIR'])"
     return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
-                          check=True).stdout.strip()
+                          check=True, timeout=120).stdout.strip()
 
 
 def test_keyed_by_sources_inherited_and_pruned(tmp_path):

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "cluster"))
 
 import netns  # noqa: E402
 from common import GEN_ARGS, single_host_text, text_of  # noqa: E402
-from mpiutil import run_killing_on_timeout  # noqa: E402
+from mpiutil import kill_session, run_killing_on_timeout  # noqa: E402
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
@@ -137,9 +137,7 @@ def test_rank_kill_ends_job_everywhere(clusters, tmp_path):
             time.sleep(0.1)
         orphans = c.all_pids()
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, 9)
-            proc.wait(timeout=10)
+        kill_session(proc, grace=0.0)   # leader and every rank in its session, whatever is left
     out, err = (tmp_path / "out").read_text(), (tmp_path / "err").read_text()
     print(f"killed rank 1 (pid {victims[0]} on h1): job ended in {ended:.2f} s, exit code {rc}")
     assert rc != 0
