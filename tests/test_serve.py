@@ -550,3 +550,31 @@ def test_queue_and_request_timeouts():
         assert s.metrics()["mpillm_slots_busy"] == 0
     finally:
         s.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# speculative decoding: the draft counters reach /metrics
+
+
+def test_draft_counters_in_metrics():
+    """A server with --draft lookup: a greedy request whose answer repeats its prompt moves the
+    draft counters on /metrics (drafted, accepted, decoding steps, seconds spent drafting), and
+    fewer decoding steps than tokens shows that verified drafts gave several tokens per step."""
+    s = Server(1, "--parallel", "2", "--draft", "lookup")
+    try:
+        s.wait_ready()
+        before = s.metrics()
+        for name in ("mpillm_draft_tokens_total", "mpillm_draft_accepted_tokens_total", "mpillm_decode_steps_total"):
+            assert before[name] == 0, name
+        prompt = "one two three four five six seven eight nine ten. " * 6
+        r = s.post("/v1/completions", {"prompt": prompt, "max_tokens": 40, "temperature": 0}, timeout=120)
+        assert r["usage"]["completion_tokens"] == 40, r
+        m = s.metrics()
+        drafted, accepted = m["mpillm_draft_tokens_total"], m["mpillm_draft_accepted_tokens_total"]
+        steps = m["mpillm_decode_steps_total"]
+        assert 0 < accepted <= drafted, (accepted, drafted)
+        assert m["mpillm_draft_seconds_total"] > before["mpillm_draft_seconds_total"]
+        assert 0 < steps < 40, steps   # 40 tokens in fewer steps: accepted drafts came several per step
+        assert m["mpillm_generation_tokens_total"] == 40
+    finally:
+        s.stop()

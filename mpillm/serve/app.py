@@ -460,6 +460,7 @@ def create_app(config: ServerConfig, state: State) -> Starlette:
 
     @api
     async def metrics_route(request: Request):
+        metrics.service = state.service   # not only from the once-a-second sampler: a scrape right after ready sees it
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def page(request: Request):
