@@ -11,6 +11,10 @@ Split kinds (see mpillm.partition):
   q_cols      columns of this rank's query heads      (row-parallel, then Allreduce)
   ffn_rows / ffn_cols          dense FFN hidden slice
   exp_rows / exp_cols          every expert's hidden slice
+Vectors and (experts, n) bias tables split along their last axis:
+  q_vec / kv_vec  elements of this rank's query / KV heads (head_dim per head)
+  q_heads         one element per query head of this rank (gpt-oss sinks)
+  exp_vec         every expert's hidden slice (gpt-oss gate/up biases)
 """
 from __future__ import annotations
 
@@ -35,6 +39,13 @@ TENSORS: tuple[tuple[str, str, str, str], ...] = (
     ("layers/{i}/exp_gate", "exp_rows", "model.layers.{i}.mlp.experts.{e}.gate_proj.weight", "blk.{i}.ffn_gate_exps.weight"),
     ("layers/{i}/exp_up", "exp_rows", "model.layers.{i}.mlp.experts.{e}.up_proj.weight", "blk.{i}.ffn_up_exps.weight"),
     ("layers/{i}/exp_down", "exp_cols", "model.layers.{i}.mlp.experts.{e}.down_proj.weight", "blk.{i}.ffn_down_exps.weight"),
+    # gpt-oss (its Hugging Face experts are fused, see HF_GPT_OSS)
+    ("layers/{i}/bo", "replicated", "model.layers.{i}.self_attn.o_proj.bias", "blk.{i}.attn_output.bias"),
+    ("layers/{i}/sinks", "q_heads", "model.layers.{i}.self_attn.sinks", "blk.{i}.attn_sinks.weight"),
+    ("layers/{i}/router_b", "replicated", "model.layers.{i}.mlp.router.bias", "blk.{i}.ffn_gate_inp.bias"),
+    ("layers/{i}/exp_gate_b", "exp_vec", "", "blk.{i}.ffn_gate_exps.bias"),
+    ("layers/{i}/exp_up_b", "exp_vec", "", "blk.{i}.ffn_up_exps.bias"),
+    ("layers/{i}/exp_down_b", "replicated", "model.layers.{i}.mlp.experts.down_proj_bias", "blk.{i}.ffn_down_exps.bias"),
 )
 
 SPLIT = {name: kind for name, kind, _, _ in TENSORS}
@@ -50,6 +61,30 @@ LAYER_TENSORS = {
     "llama": _ATTN + _DENSE,
     "qwen3": _ATTN + _QK + _DENSE,
     "qwen3moe": _ATTN + _QK + _MOE,
+    # gpt-oss: q/k/v biases come from the qwen2 work (layers/{i}/bq, bk, bv) and join this list then
+    "gpt-oss": _ATTN + ["layers/{i}/bo", "layers/{i}/sinks"] + _MOE
+               + ["layers/{i}/router_b", "layers/{i}/exp_gate_b", "layers/{i}/exp_up_b", "layers/{i}/exp_down_b"],
+}
+
+# 2-D tensors that are tables of vectors (one per expert), stored f32 like vectors, never quantized
+VECTOR_TABLES = ("layers/{i}/exp_gate_b", "layers/{i}/exp_up_b", "layers/{i}/exp_down_b")
+
+# Per-architecture name overrides (internal -> source name) where the table's default differs.
+HF_OVERRIDE = {
+    "gpt-oss": {"layers/{i}/router": "model.layers.{i}.mlp.router.weight"},
+}
+GGUF_OVERRIDE = {
+    "gpt-oss": {"layers/{i}/ffn_norm": "blk.{i}.post_attention_norm.weight"},
+}
+# gpt-oss's Hugging Face experts: gate and up fused with their rows interleaved (gate = even
+# rows, up = odd rows of the 2 * expert_ffn), either as MXFP4 blocks/scales (the released
+# checkpoints: blocks (E, rows, cols/32, 16) u8 with element 2j in the low and 2j+1 in the high
+# nibble of byte j, scales (E, rows, cols/32) u8 E8M0) or dequantized and transposed
+# (transformers' own save: gate_up_proj (E, dim, 2 * ffn), down_proj (E, ffn, dim)).
+HF_GPT_OSS = {
+    "gate_up": "model.layers.{i}.mlp.experts.gate_up_proj",     # + "" | "_blocks" | "_scales"
+    "gate_up_bias": "model.layers.{i}.mlp.experts.gate_up_proj_bias",
+    "down": "model.layers.{i}.mlp.experts.down_proj",           # + "" | "_blocks" | "_scales"
 }
 
 # Hugging Face architectures -> internal architecture
@@ -58,8 +93,9 @@ HF_ARCHITECTURES = {
     "MistralForCausalLM": "llama",
     "Qwen3ForCausalLM": "qwen3",
     "Qwen3MoeForCausalLM": "qwen3moe",
+    "GptOssForCausalLM": "gpt-oss",
 }
-GGUF_ARCHITECTURES = ("llama", "qwen3", "qwen3moe")
+GGUF_ARCHITECTURES = ("llama", "qwen3", "qwen3moe", "gpt-oss")
 
 
 def model_tensors(arch: str, n_layers: int, tied: bool, rope_freqs: bool = False) -> list[str]:
@@ -71,6 +107,14 @@ def model_tensors(arch: str, n_layers: int, tied: bool, rope_freqs: bool = False
     if not tied:
         names.append("output")
     return names
+
+
+def hf_name(arch: str, pattern: str) -> str:
+    return HF_OVERRIDE.get(arch, {}).get(pattern, HF[pattern])
+
+
+def gguf_name(arch: str, pattern: str) -> str:
+    return GGUF_OVERRIDE.get(arch, {}).get(pattern, GGUF[pattern])
 
 
 def pattern_of(name: str) -> str:

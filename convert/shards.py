@@ -47,6 +47,11 @@ def _ranges(kind: str, rs: RankSlice, cfg) -> tuple[str, int, int] | None:
         "ffn_cols": ("cols",) + rs.ffn,
         "exp_rows": ("rows",) + rs.expert_ffn,
         "exp_cols": ("cols",) + rs.expert_ffn,
+        # vectors and (E, n) bias tables: along the last axis
+        "q_vec": ("cols", rs.heads[0] * hd, rs.heads[1] * hd),
+        "kv_vec": ("cols", rs.kv_heads[0] * hd, rs.kv_heads[1] * hd),
+        "q_heads": ("cols",) + rs.heads,
+        "exp_vec": ("cols",) + rs.expert_ffn,
     }[kind]
 
 
@@ -115,14 +120,17 @@ def convert_model(source, out_dir: Path, world_sizes: list[int], weight_type: st
             names = tqdm(names, desc=f"converting for world sizes {world_sizes}", unit="tensor")
         for name in names:
             src = source.load(name)
-            vector = (src.values if src.values is not None else next(iter(src.arrays.values()))).ndim == 1
+            vector = ((src.values if src.values is not None else next(iter(src.arrays.values()))).ndim == 1
+                      or N.pattern_of(name) in N.VECTOR_TABLES)
             wtype = target_type(name, src, weight_type, vector)
             kind = N.SPLIT[N.pattern_of(name)]
             data, dtype = (src.arrays, src.wtype) if src.arrays is not None else ({"w": src.values}, "f32")
-            if vector:
+            if vector:  # norms, biases, sinks: f32, whole or this rank's part of the last axis
                 full = {"w": as_float(data, dtype)}
                 for rs, w in writers:
-                    w.add(name, "f32", full["w"].shape, full)
+                    rng = _ranges(kind, rs, cfg)
+                    part = full if rng is None else {"w": full["w"][..., rng[1]:rng[2]]}
+                    w.add(name, "f32", part["w"].shape, part)
                 continue
             shape = next(iter(data.values())).shape[:-1] + (_logical_cols(data, dtype),)
             for rs, w in writers:

@@ -73,6 +73,13 @@ TENSOR_PATTERNS = (
     "layers/{i}/exp_gate",  # (n_experts, expert_ffn_per_partition, dim)
     "layers/{i}/exp_up",   # (n_experts, expert_ffn_per_partition, dim)
     "layers/{i}/exp_down",  # (n_experts, dim, expert_ffn_per_partition)
+    # gpt-oss (f32 vectors; see /work/wt/GPTOSS.md and convert/names.py for the splits)
+    "layers/{i}/bo",       # (dim,)  o_proj bias, replicated, added once after Allreduce #1
+    "layers/{i}/sinks",    # (n_heads_per_partition,)  learned sink logit per query head
+    "layers/{i}/router_b",  # (n_experts,)  router bias, replicated
+    "layers/{i}/exp_gate_b",  # (n_experts, expert_ffn_per_partition)
+    "layers/{i}/exp_up_b",  # (n_experts, expert_ffn_per_partition)
+    "layers/{i}/exp_down_b",  # (n_experts, dim)  replicated, added once after Allreduce #2
 )
 _NAME_RE = re.compile("^(" + "|".join(p.replace("{i}", r"\d+") for p in TENSOR_PATTERNS) + ")$")
 
