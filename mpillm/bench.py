@@ -6,6 +6,9 @@ Reports prompt and generate tok/s, ms per generated token split into compute and
 communication (time inside collectives, waiting included), bytes each rank hands to
 Allreduce and sends in the logits gather per token, weight bytes streamed per token,
 peak RSS per rank, and start-up time (process start to first token).
+With --draft lookup / --draft-model it also times plain and speculative greedy decoding of the
+same prompt through the Service ("speculative": tok/s of both, drafted and accepted tokens,
+acceptance rate, tokens per step, whether the tokens equal plain decoding's).
 """
 from __future__ import annotations
 
@@ -48,13 +51,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, nargs="*", default=[],
                    help="also measure continuous batching: aggregate generate tok/s with this many sequences "
                         "decoding at once, e.g. --concurrency 1 2 4 8 16 (greedy, through mpillm.service)")
+    p.add_argument("--spec-prompt", choices=("random", "grounded", "free"), default="random",
+                   help="with --draft / --draft-model: the prompt both plain and speculative decoding get: "
+                        "random tokens (--prompt-tokens of them), or mpillm.bench_spec's grounded (~1,000 tokens "
+                        "to repeat) or free (an open story) chat prompt (default: %(default)s)")
     args = parse_args_bcast(p, argv)
     from .engine import Engine
     from .models import prepare_model
 
     comm = MPI.COMM_WORLD
     model_dir = prepare_model(args, comm)
-    need = args.prompt_tokens + args.gen_tokens + 1
+    speculate = args.draft != "none" or bool(args.draft_model)
+    need = args.prompt_tokens + args.gen_tokens + 1 + (1100 if speculate and args.spec_prompt == "grounded" else 0)
     slots = max(args.concurrency or [1])
     engine = Engine(model_dir, max_seq_len=max(args.max_seq_len, need), threads=args.threads, verbose=False,
                     buffer_type=args.buffer_type, kv_type=args.kv_type, n_slots=slots,
@@ -107,9 +115,43 @@ def main(argv: list[str] | None = None) -> int:
                 "ms_per_step": 1e3 * dt / steps, "comm_ms_per_step": 1e3 * m.stats.seconds / steps,
                 "allreduce_payload_bytes_per_step": m.stats.payload_bytes / steps}
 
+    def measure_speculative(drafter) -> dict:
+        """Plain and speculative greedy decoding of the same prompt through the Service, one after
+        the other in each repetition (ratios under the same load; medians over the repetitions)."""
+        import statistics
+
+        from .bench_spec import FREE_PROMPT, TEXT, chat_ids, timed
+        from .sampling import SamplingParams
+        from .service import Service
+
+        if args.spec_prompt == "random":
+            ids = [int(t) for t in np.random.default_rng(0).integers(0, engine.cfg.vocab_size, args.prompt_tokens)]
+        else:
+            ids = chat_ids(tokenizer, FREE_PROMPT if args.spec_prompt == "free" else
+                           TEXT + "\n\nRepeat the text above exactly, word for word.")
+        params = SamplingParams(max_tokens=args.gen_tokens + 1, ignore_eos=True)
+        runs = []
+        for _ in range(max(1, args.repeats)):
+            plain = timed(Service(engine, tokenizer), ids, params)
+            if hasattr(drafter, "state"):
+                drafter.state.clear()   # a fresh Service reuses slot indices: start the draft cache afresh
+            spec = timed(Service(engine, tokenizer, drafter=drafter), ids, params)
+            runs.append({"plain_tok_s": plain["tok_s"], "spec_tok_s": spec["tok_s"],
+                         "speedup": spec["tok_s"] / plain["tok_s"] if plain["tok_s"] else 0.0,
+                         "drafted": spec["drafted"], "accepted": spec["accepted"],
+                         "acceptance_rate": spec["acceptance_rate"], "tokens_per_step": spec["tokens_per_step"],
+                         "draft_s": spec["draft_s"], "identical_to_plain": spec["tokens"] == plain["tokens"]})
+        med = {k: statistics.median(r[k] for r in runs) for k in
+               ("plain_tok_s", "spec_tok_s", "speedup", "acceptance_rate", "tokens_per_step")}
+        return {"draft": "model" if args.draft_model else args.draft, "draft_model": args.draft_model,
+                "draft_max": args.draft_max, "draft_ngram": [args.draft_ngram_min, args.draft_ngram],
+                "prompt": args.spec_prompt, "prompt_tokens": len(ids), **{f"median_{k}": v for k, v in med.items()},
+                "drafted": sum(r["drafted"] for r in runs), "accepted": sum(r["accepted"] for r in runs),
+                "identical_to_plain": all(r["identical_to_plain"] for r in runs), "runs": runs}
+
     def rank0() -> int:
         nonlocal tokenizer
-        if args.concurrency:
+        if args.concurrency or speculate:
             from .tokenizer import load_tokenizer
 
             tokenizer = load_tokenizer(Path(model_dir))
@@ -129,6 +171,14 @@ def main(argv: list[str] | None = None) -> int:
             if 1 in by_n:
                 best["batched_speedup_vs_1"] = {str(n): v / by_n[1] for n, v in by_n.items()}
             best["batched_over_prompt_rate"] = {str(n): v / best["prompt_tok_s"] for n, v in by_n.items()}
+        if speculate:
+            from .speculative import make_drafter
+
+            drafter = make_drafter(args, engine, tokenizer)
+            try:
+                best["speculative"] = measure_speculative(drafter)
+            finally:
+                drafter.close()
         return best
 
     def report(res: dict, rss: list[int]) -> int:

@@ -36,8 +36,20 @@ def tokenize_for_perplexity(tok, text: str, ctx: int) -> tuple[list[list[int]], 
     return chunks, add_bos
 
 
+class _Parser(argparse.ArgumentParser):
+    """Refuses the speculative-decoding flags the shared model arguments bring: perplexity scores
+    given text, one forward per chunk, and generates nothing that a draft could speed up."""
+
+    def parse_args(self, *a, **k):
+        args = super().parse_args(*a, **k)
+        if args.draft != "none" or args.draft_model:
+            self.error("--draft / --draft-model speed up generation; perplexity scores the given text in one "
+                       "forward per chunk and generates nothing, so it takes neither")
+        return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mpillm.perplexity", description=__doc__,
+    p = _Parser(prog="python -m mpillm.perplexity", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
     p.add_argument("--file", type=Path, required=True, help="plain-text file")

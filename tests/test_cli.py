@@ -63,3 +63,12 @@ def test_convert_and_check_under_mpirun(tmp_path):
     shutil.copy(out / "ws2" / "rank0.h5", out / "ws2" / "rank1.h5")   # rank 0's shard where rank 1's belongs
     r = run_killing_on_timeout(cmd, mpi_env(), 180, "mpirun -np 2 mpillm check (damaged)")
     assert r.returncode == 1 and "rank 1" in r.stderr, r.stdout + r.stderr
+
+
+def test_perplexity_refuses_draft_flags(tmp_path):
+    """perplexity generates nothing: --draft / --draft-model are refused before any model is loaded."""
+    text = tmp_path / "t.txt"
+    text.write_text("hello world\n")
+    for flags in (["--draft", "lookup"], ["--draft-model", str(text)]):
+        r = run([sys.executable, "-m", "mpillm.perplexity", "--file", str(text), *flags])
+        assert r.returncode == 2 and "perplexity scores the given text" in r.stderr, r.stdout + r.stderr

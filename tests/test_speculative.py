@@ -149,3 +149,23 @@ def test_cli_refuses_draft_model_with_other_vocabulary(tmp_path):
     assert_failed(r, "--draft-model ", prog="mpillm.generate")
     assert "its vocabulary has 512 tokens, the target's 49152" in r.stderr, r.stderr[-2000:]
     assert dt < 120
+
+
+def test_bench_reports_speculative_decoding(tmp_path):
+    """mpillm.bench --draft lookup times plain and lookup decoding of the same prompt and reports the
+    drafted / accepted counts; the speculative tokens equal plain decoding's."""
+    import json
+    import sys
+
+    from mpiutil import ROOT, mpi_env, mpirun_cmd, run_killing_on_timeout
+
+    out = tmp_path / "bench.json"
+    cmd = mpirun_cmd(2) + [sys.executable, "-m", "mpillm.bench", "--prompt-tokens", "8", "--gen-tokens", "24",
+                           "--repeats", "1", "--draft", "lookup", "--spec-prompt", "grounded", "--json", str(out)]
+    r = run_killing_on_timeout(cmd, mpi_env(), 300, "mpirun -np 2 mpillm.bench --draft lookup")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    spec = json.loads(out.read_text())["speculative"]
+    assert spec["draft"] == "lookup" and spec["prompt"] == "grounded" and spec["prompt_tokens"] > 500, spec
+    assert spec["identical_to_plain"], spec
+    assert 0 < spec["accepted"] <= spec["drafted"], spec   # the answer repeats its prompt: drafts get accepted
+    assert spec["median_tokens_per_step"] > 1 and spec["median_plain_tok_s"] > 0 and spec["median_spec_tok_s"] > 0
