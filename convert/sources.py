@@ -79,8 +79,9 @@ class GGUFSource:
         g = lambda k, d=None: self._get(f"{arch}.{k}", d)  # noqa: E731
         dim, heads = int(g("embedding_length")), int(g("attention.head_count"))
         n_vocab = g("vocab_size") or len(f["tokenizer.ggml.tokens"].data)
-        moe = arch == "qwen3moe"
+        moe = arch in ("qwen3moe", "gpt-oss")
         self.config = ModelConfig(
+            **(_gguf_gpt_oss(g, int(g("block_count"))) if arch == "gpt-oss" else {}),
             arch=arch, dim=dim, n_layers=int(g("block_count")), n_heads=heads,
             n_kv_heads=int(g("attention.head_count_kv", heads)),
             head_dim=int(g("attention.key_length", dim // heads)),
@@ -95,13 +96,13 @@ class GGUFSource:
             expert_ffn_dim=int(g("expert_feed_forward_length", 0)) if moe else 0,
             norm_topk_prob=bool(g("expert_weights_norm", True)),
         )
-        refuse_sliding_window(self.path, g("attention.sliding_window"), self.config.context_length)
-        if g("rope.scaling.type") not in (None, "none"):
+        if arch != "gpt-oss":  # gpt-oss: the window is in the config and attention applies it
+            refuse_sliding_window(self.path, g("attention.sliding_window"), self.config.context_length)
+        if g("rope.scaling.type") not in (None, "none") and not (arch == "gpt-oss" and g("rope.scaling.type") == "yarn"):
             raise ValueError(f"{self.path}: RoPE scaling {g('rope.scaling.type')!r} is not supported yet")
         self.names = N.model_tensors(arch, self.config.n_layers, self.config.tied_embeddings,
                                      rope_freqs="rope_freqs.weight" in self.tensors)
-        missing = [N.GGUF[N.pattern_of(n)].format(i=N.layer_of(n)) for n in self.names
-                   if N.GGUF[N.pattern_of(n)].format(i=N.layer_of(n)) not in self.tensors]
+        missing = [self._gguf_name(n) for n in self.names if self._gguf_name(n) not in self.tensors]
         if missing:
             raise ValueError(f"{self.path}: tensors missing for architecture {arch}: {', '.join(missing[:5])}")
 
@@ -109,10 +110,13 @@ class GGUFSource:
         field = self.reader.fields.get(key)
         return default if field is None else field.contents()
 
+    def _gguf_name(self, name: str) -> str:
+        return N.gguf_name(self.config.arch, N.pattern_of(name)).format(i=N.layer_of(name))
+
     def load(self, name: str) -> SrcTensor:
         import gguf
 
-        t = self.tensors[N.GGUF[N.pattern_of(name)].format(i=N.layer_of(name))]
+        t = self.tensors[self._gguf_name(name)]
         tname = t.tensor_type.name
         shape = tuple(int(s) for s in reversed(t.shape))  # GGUF lists dims fastest-first
         ours = self._TYPES.get(tname)
@@ -141,7 +145,54 @@ class GGUFSource:
 
 
 # ----------------------------------------------------------------------------------------------
-_ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64}
+_ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64, "U8": np.uint8}
+
+# gpt-oss internal expert tensors -> (key of names.HF_GPT_OSS, rows of the fused tensor: 0 even,
+# 1 odd, None all)
+_GPT_OSS_FUSED = {"layers/{i}/exp_gate": ("gate_up", 0), "layers/{i}/exp_up": ("gate_up", 1),
+                  "layers/{i}/exp_down": ("down", None), "layers/{i}/exp_gate_b": ("gate_up_bias", 0),
+                  "layers/{i}/exp_up_b": ("gate_up_bias", 1)}
+
+
+def _yarn_fields(scaling: dict) -> dict:
+    return dict(rope_scaling="yarn", rope_factor=float(scaling["factor"]),
+                rope_orig_context=int(scaling["original_max_position_embeddings"]),
+                yarn_beta_fast=float(scaling.get("beta_fast") or 32.0),
+                yarn_beta_slow=float(scaling.get("beta_slow") or 1.0),
+                yarn_truncate=bool(scaling.get("truncate", True)))
+
+
+def _hf_gpt_oss(hf: dict, scaling: dict) -> dict:
+    """The gpt-oss ModelConfig fields of a Hugging Face config (the MoE sizes included)."""
+    n = hf["num_hidden_layers"]
+    types = hf.get("layer_types") or ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n)]
+    if len(types) != n or set(types) - {"sliding_attention", "full_attention"}:
+        raise ValueError(f"gpt-oss config: layer_types {types} is not one of sliding/full per layer")
+    window = int(hf.get("sliding_window") or 0)
+    return dict(
+        o_bias=True, attn_sinks=True, expert_bias=True,
+        sliding_window=window, sliding_layers=[i for i, t in enumerate(types) if t == "sliding_attention" and window],
+        ffn_act="swiglu_oai", swiglu_alpha=float(hf.get("swiglu_alpha", 1.702)),
+        swiglu_limit=float(hf.get("swiglu_limit", 7.0)), **(_yarn_fields(scaling) if scaling else {}))
+
+
+def _gguf_gpt_oss(g, n_layers: int) -> dict:
+    """The gpt-oss ModelConfig fields of a GGUF (llama.cpp: even layers slide unless the file
+    gives attention.sliding_window_pattern; YaRN with transformers' untruncated range)."""
+    window = int(g("attention.sliding_window", 0) or 0)
+    pat = g("attention.sliding_window_pattern", 2)
+    if isinstance(pat, (list, tuple)):
+        sliding = [i for i, on in enumerate(pat) if on]
+    else:
+        sliding = [i for i in range(n_layers) if int(pat) == 0 or i % int(pat) < int(pat) - 1]
+    yarn = {}
+    if g("rope.scaling.type") == "yarn":
+        yarn = _yarn_fields({"factor": g("rope.scaling.factor"),
+                             "original_max_position_embeddings": g("rope.scaling.original_context_length"),
+                             "beta_fast": g("rope.scaling.yarn_beta_fast"), "beta_slow": g("rope.scaling.yarn_beta_slow"),
+                             "truncate": False})
+    return dict(o_bias=True, attn_sinks=True, expert_bias=True, sliding_window=window,
+                sliding_layers=sliding if window else [], ffn_act="swiglu_oai", **yarn)
 
 
 def _read_safetensors_index(path: Path) -> dict[str, tuple[Path, str, tuple, int, int]]:
@@ -171,11 +222,11 @@ class HFSource:
         if arch is None:
             raise ValueError(f"{self.path}: unknown architecture {archs[0]!r}; supported: "
                              f"{', '.join(N.HF_ARCHITECTURES)}")
-        if hf.get("rope_scaling") not in (None, {}):
-            raise ValueError(f"{self.path}: RoPE scaling {hf['rope_scaling']} is not supported yet")
+        gpt_oss = arch == "gpt-oss"
         rope = hf.get("rope_parameters") or {}  # transformers 5 form, next to or instead of rope_theta
-        if rope.get("rope_type", "default") != "default":
-            raise ValueError(f"{self.path}: RoPE scaling {rope} is not supported yet")
+        scaling = rope if rope.get("rope_type", "default") != "default" else (hf.get("rope_scaling") or {})
+        if scaling and not (gpt_oss and scaling.get("rope_type", scaling.get("type")) == "yarn"):
+            raise ValueError(f"{self.path}: RoPE scaling {scaling} is not supported yet")
         files = sorted(self.path.glob("*.safetensors"))
         if not files:
             raise ValueError(f"{self.path}: no *.safetensors files")
@@ -183,11 +234,12 @@ class HFSource:
         for fp in files:
             self.index.update(_read_safetensors_index(fp))
         heads = hf["num_attention_heads"]
-        moe = arch == "qwen3moe"
+        moe = arch in ("qwen3moe", "gpt-oss")
         if moe and (hf.get("mlp_only_layers") or hf.get("decoder_sparse_step", 1) != 1):
             raise ValueError(f"{self.path}: MoE models with dense layers (mlp_only_layers/decoder_sparse_step) are not supported")
         tied = bool(hf.get("tie_word_embeddings", False)) or "lm_head.weight" not in self.index
         self.config = ModelConfig(
+            **(_hf_gpt_oss(hf, scaling) if gpt_oss else {}),
             arch=arch, dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=heads,
             n_kv_heads=hf.get("num_key_value_heads") or heads,
             head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
@@ -198,21 +250,58 @@ class HFSource:
             qk_norm=arch in ("qwen3", "qwen3moe"),
             n_experts=(hf.get("num_experts") or hf.get("num_local_experts") or 0) if moe else 0,
             n_experts_used=hf.get("num_experts_per_tok", 0) if moe else 0,
-            expert_ffn_dim=hf.get("moe_intermediate_size", 0) if moe else 0,
+            expert_ffn_dim=(hf["intermediate_size"] if gpt_oss else hf.get("moe_intermediate_size", 0)) if moe else 0,
             norm_topk_prob=bool(hf.get("norm_topk_prob", True)),
         )
-        refuse_sliding_window(self.path, _hf_sliding_window(hf), self.config.context_length)
+        if not gpt_oss:  # gpt-oss: the window is in the config and attention applies it
+            refuse_sliding_window(self.path, _hf_sliding_window(hf), self.config.context_length)
         self.names = N.model_tensors(arch, self.config.n_layers, tied)
+        self.mxfp4 = gpt_oss and N.HF_GPT_OSS["gate_up"].format(i=0) + "_blocks" in self.index
         for n in self.names:
             for hn in self._hf_names(n):
                 if hn not in self.index:
                     raise ValueError(f"{self.path}: tensor {hn} is missing")
 
     def _hf_names(self, name: str) -> list[str]:
-        pat, i = N.HF[N.pattern_of(name)], N.layer_of(name)
+        pat, i = N.hf_name(self.config.arch, N.pattern_of(name)), N.layer_of(name)
+        if self.config.arch == "gpt-oss" and N.pattern_of(name) in _GPT_OSS_FUSED:
+            key = _GPT_OSS_FUSED[N.pattern_of(name)][0]
+            base = N.HF_GPT_OSS[key].format(i=i)
+            return [base + "_blocks", base + "_scales"] if self.mxfp4 and key != "gate_up_bias" else [base]
         if "{e}" in pat:
             return [pat.format(i=i, e=e) for e in range(self.config.n_experts)]
         return [pat.format(i=i)]
+
+    def _load_gpt_oss_expert(self, name: str) -> SrcTensor:
+        """gpt-oss's fused experts -> one of exp_gate / exp_up / exp_down (E, rows, cols) or the
+        gate/up bias (E, rows). MXFP4 blocks are copied: only the nibbles move (HF puts element
+        2j in the low nibble of byte j, GGML element j and j + 16), the E8M0 scales are the same
+        bytes; gate/up take the even/odd rows of the fused tensor."""
+        key, rows = _GPT_OSS_FUSED[N.pattern_of(name)]
+        hn = self._hf_names(name)
+        if self.mxfp4 and key != "gate_up_bias":
+            blocks, bdt = self._read(hn[0])
+            scales, sdt = self._read(hn[1])
+            if (bdt, sdt) != ("U8", "U8") or blocks.shape[:-1] != scales.shape or blocks.shape[-1] != 16:
+                raise ValueError(f"{self.path}: {hn[0]} / {hn[1]} are not MXFP4 blocks/scales "
+                                 f"({bdt} {blocks.shape}, {sdt} {scales.shape})")
+            if rows is not None:
+                blocks, scales = blocks[:, rows::2], scales[:, rows::2]
+            codes = np.empty(blocks.shape[:-1] + (32,), np.uint8)   # element order
+            codes[..., 0::2], codes[..., 1::2] = blocks & 0x0F, blocks >> 4
+            qs = codes[..., :16] | (codes[..., 16:] << 4)          # GGML nibble order
+            lead = blocks.shape[:-2]
+            return SrcTensor("mxfp4", {"qs": np.ascontiguousarray(qs.reshape(*lead, -1)),
+                                       "e": np.ascontiguousarray(scales)}, None, "MXFP4")
+        vals, dt = self._read(hn[0])
+        if key == "gate_up_bias":
+            return SrcTensor(None, None, np.asarray(vals[..., rows::2], np.float32), dt)
+        vals = np.swapaxes(vals, -1, -2)  # transformers' own layout is (E, in, out)
+        if rows is not None:
+            vals = vals[:, rows::2]
+        if dt in ("F32", "F16"):
+            return SrcTensor(dt.lower(), {"w": np.ascontiguousarray(vals)}, None, dt)
+        return SrcTensor(None, None, np.ascontiguousarray(vals, dtype=np.float32), dt)
 
     def _read(self, hn: str) -> tuple[np.ndarray, str]:
         path, dt, shape, b, e = self.index[hn]
@@ -224,6 +313,8 @@ class HFSource:
         return raw, dt
 
     def load(self, name: str) -> SrcTensor:
+        if self.config.arch == "gpt-oss" and N.pattern_of(name) in _GPT_OSS_FUSED:
+            return self._load_gpt_oss_expert(name)
         parts = [self._read(hn) for hn in self._hf_names(name)]
         dt = parts[0][1]
         vals = np.stack([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]

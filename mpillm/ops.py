@@ -41,14 +41,38 @@ def rmsnorm_heads(x, w, eps, hd):
                 x[t, h0 + i] = x[t, h0 + i] * inv * w[i]
 
 
-def rope_tables(max_seq: int, hd: int, theta: float, freq_factors=None) -> tuple[np.ndarray, np.ndarray]:
+def rope_tables(max_seq: int, hd: int, theta: float, freq_factors=None, yarn=None) -> tuple[np.ndarray, np.ndarray]:
     """cos, sin (max_seq, hd // 2) in float32, computed in float64 (frequencies theta^(-2j/hd),
-    divided by per-frequency factors when the model has them: Llama 3.x's rope_freqs)."""
+    divided by per-frequency factors when the model has them: Llama 3.x's rope_freqs).
+    ``yarn``: (factor, original context, beta_fast, beta_slow, truncate) for YaRN scaling."""
     inv_freq = 1.0 / (theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd))
     if freq_factors is not None:
         inv_freq = inv_freq / np.asarray(freq_factors, dtype=np.float64)
+    mscale = 1.0
+    if yarn is not None:
+        inv_freq, mscale = yarn_inv_freq(hd, theta, *yarn)
     ang = np.outer(np.arange(max_seq, dtype=np.float64), inv_freq)
-    return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+    return (np.cos(ang) * mscale).astype(np.float32), (np.sin(ang) * mscale).astype(np.float32)
+
+
+def yarn_inv_freq(hd: int, theta: float, factor: float, orig_ctx: int, beta_fast: float, beta_slow: float,
+                  truncate: bool) -> tuple[np.ndarray, float]:
+    """YaRN as transformers computes it (modeling_rope_utils._compute_yarn_parameters): the
+    frequencies above beta_fast rotations over the original context are kept, those below
+    beta_slow divided by ``factor``, a linear ramp between; and the attention factor
+    0.1 ln(factor) + 1 that multiplies cos and sin (so q.k by its square)."""
+    def corr_dim(rot: float) -> float:
+        return hd * math.log(orig_ctx / (rot * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = corr_dim(beta_fast), corr_dim(beta_slow)
+    if truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, hd - 1)
+    pos = theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd)
+    ramp = np.clip((np.arange(hd // 2, dtype=np.float64) - low) / ((high - low) or 0.001), 0.0, 1.0)
+    keep = 1.0 - ramp  # share of the original (extrapolated) frequency
+    inv = 1.0 / (factor * pos) * (1.0 - keep) + 1.0 / pos * keep
+    return inv, (0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0)
 
 
 @njit(cache=True, fastmath=True)
@@ -85,11 +109,23 @@ def store_kv(k, v, kc, vc, slots, positions, hd):
                     vc[s, h, p, i] = v[t, h * hd + i]
 
 
+_NO_SINKS = np.zeros(0, np.float32)
+
+
 @njit(cache=True)
 def attention(q, kc, vc, slots, positions, hd, kv_of_head, scores, out):
     """Causal attention for a batch of rows, each of its own sequence slot and position: row t
     attends over positions 0..positions[t] of slot slots[t] (store_kv has put the batch's own
     keys and values there first, so rows of one sequence in one batch see each other causally).
+    No sinks, no window: ``attention_ext``."""
+    attention_ext(q, kc, vc, slots, positions, hd, kv_of_head, scores, out, _NO_SINKS, 0)
+
+
+@njit(cache=True)
+def attention_ext(q, kc, vc, slots, positions, hd, kv_of_head, scores, out, sinks, window):
+    """``attention`` with a sink logit per local query head (sinks (nh,), or empty for none)
+    and a sliding window: with window > 0 row t sees only its last ``window`` positions,
+    max(0, positions[t] + 1 - window)..positions[t] (window 0: all).
 
     q (T, nh * hd); kc, vc (n_slots, n_kv, S, hd) float32, or uint16 holding fp16 bits;
     kv_of_head (nh,) local KV index of each local query head; scores (nh, S) scratch;
@@ -101,20 +137,24 @@ def attention(q, kc, vc, slots, positions, hd, kv_of_head, scores, out):
             or vc.strides[0] != kc.strides[0] or q.strides[1] != 4 or out.strides[1] != 4 \
             or scores.strides[1] != 4:
         raise ValueError("attention: rows must be contiguous and K, V alike")
+    if sinks.shape[0] != 0 and sinks.shape[0] != nh:
+        raise ValueError("attention: one sink per query head")
     scale = np.float32(1.0 / math.sqrt(hd))
     rs = kc.strides[2]
     for h in range(nh):  # serial: a parallel region costs more than a decode step's attention
         kv = kv_of_head[h]
+        sink = np.float32(sinks[h]) if sinks.shape[0] else np.float32(-np.inf)
         sp = scores.ctypes.data + h * scores.strides[0]
         for t in range(T):
-            base = slots[t] * kc.strides[0] + kv * kc.strides[1]
+            start = max(0, positions[t] + 1 - window) if window > 0 else 0
+            base = slots[t] * kc.strides[0] + kv * kc.strides[1] + start * rs
             kp, vp = kc.ctypes.data + base, vc.ctypes.data + base
             qp = q.ctypes.data + t * q.strides[0] + h * hd * 4
             op = out.ctypes.data + t * out.strides[0] + h * hd * 4
             if kc.itemsize == 2:
-                attend_row_f16(qp, kp, vp, rs, positions[t] + 1, hd, scale, sp, op)
+                attend_row_f16(qp, kp, vp, rs, positions[t] + 1 - start, hd, scale, sink, sp, op)
             else:
-                attend_row_f32(qp, kp, vp, rs, positions[t] + 1, hd, scale, sp, op)
+                attend_row_f32(qp, kp, vp, rs, positions[t] + 1 - start, hd, scale, sink, sp, op)
 
 
 @njit(cache=True, fastmath=True)
@@ -126,6 +166,39 @@ def silu_mul(g, u, out):
     for t in range(T):
         silu_mul_row(g.ctypes.data + t * g.strides[0], u.ctypes.data + t * u.strides[0],
                      out.ctypes.data + t * out.strides[0], n)
+
+
+@njit(cache=True, fastmath=True)
+def swiglu_oai(g, u, alpha, limit, out):
+    """gpt-oss's clamped SwiGLU, out = (clamp(u, -limit, limit) + 1) * g' * sigmoid(alpha * g')
+    with g' = min(g, limit); all (T, n) float32."""
+    T, n = g.shape
+    a, lim = np.float32(alpha), np.float32(limit)
+    for t in range(T):
+        for i in range(n):
+            x = min(g[t, i], lim)
+            y = min(max(u[t, i], -lim), lim)
+            out[t, i] = (y + np.float32(1.0)) * x / (np.float32(1.0) + np.exp(-a * x))
+
+
+@njit(cache=True)
+def add_rows(x, b):
+    """x (T, n) += b (n,) on every row (a bias)."""
+    T, n = x.shape
+    for t in range(T):
+        for i in range(n):
+            x[t, i] += b[i]
+
+
+@njit(cache=True)
+def add_expert_rows(x, idx, w, table):
+    """x (T, n) += sum_j w[t, j] * table[idx[t, j]]: the routed experts' output biases."""
+    T, n = x.shape
+    for t in range(T):
+        for j in range(idx.shape[1]):
+            e, wt = idx[t, j], w[t, j]
+            for i in range(n):
+                x[t, i] += wt * table[e, i]
 
 
 @njit(cache=True)

@@ -9,18 +9,22 @@ from mpillm import ops
 from mpillm.kernels.vmath import f2h
 
 
-def reference(q, kc, vc, slots, positions, hd, kv_of_head):
-    """kc, vc (n_slots, n_kv, S, hd); row t reads slot slots[t] up to positions[t]."""
+def reference(q, kc, vc, slots, positions, hd, kv_of_head, sinks=None, window=0):
+    """kc, vc (n_slots, n_kv, S, hd); row t reads slot slots[t] up to positions[t] (the last
+    ``window`` positions when window > 0); a sink logit per head joins the softmax without a value."""
     T, nh = q.shape[0], q.shape[1] // hd
     out = np.zeros((T, nh * hd))
     for h in range(nh):
         for t in range(T):
             n = positions[t] + 1
-            K = kc[slots[t], kv_of_head[h], :n].astype(np.float64)
-            V = vc[slots[t], kv_of_head[h], :n].astype(np.float64)
+            a = max(0, n - window) if window > 0 else 0
+            K = kc[slots[t], kv_of_head[h], a:n].astype(np.float64)
+            V = vc[slots[t], kv_of_head[h], a:n].astype(np.float64)
             s = K @ q[t, h * hd:(h + 1) * hd].astype(np.float64) / np.sqrt(hd)
-            w = np.exp(s - s.max())
-            out[t, h * hd:(h + 1) * hd] = (w / w.sum()) @ V
+            sink = -np.inf if sinks is None else float(sinks[h])
+            m = max(s.max(), sink)
+            w = np.exp(s - m)
+            out[t, h * hd:(h + 1) * hd] = (w / (w.sum() + np.exp(sink - m))) @ V
     return out
 
 
@@ -93,3 +97,43 @@ def test_f2h_rounds_like_numpy():
     _to_half_bits(x, out)
     with np.errstate(over="ignore"):  # 1e9 -> inf on both sides
         np.testing.assert_array_equal(out, x.astype(np.float16).view(np.uint16))
+
+
+@pytest.mark.parametrize("hd", [20, 64])
+@pytest.mark.parametrize("window", [0, 1, 5, 64])
+@pytest.mark.parametrize("kv", ["f32", "f16"])
+def test_attention_sinks_and_window(hd, window, kv):
+    """gpt-oss attention: a sink logit per head (one head's sink far above its scores takes nearly
+    all the mass, one at -inf is no sink) and a sliding window, rows at positions before, at and
+    past the window's length, against the float64 reference; without them the result differs."""
+    rng = np.random.default_rng(hd + window)
+    nh, nkv, S = 3, 1, 64
+    kc = rng.standard_normal((2, nkv, S, hd)).astype(np.float16).astype(np.float32)
+    vc = rng.standard_normal((2, nkv, S, hd)).astype(np.float16).astype(np.float32)
+    kc_arg, vc_arg = (kc, vc) if kv == "f32" else (kc.astype(np.float16).view(np.uint16),
+                                                    vc.astype(np.float16).view(np.uint16))
+    sinks = np.array([0.7, 30.0, -np.inf], np.float32)
+    positions = np.array([0, 3, 4, 5, 20, 63], np.int64)
+    slots = np.array([0, 1, 1, 1, 0, 1], np.int64)
+    q = rng.standard_normal((len(positions), nh * hd)).astype(np.float32)
+    kv_of_head = np.zeros(nh, np.int64)
+    out = np.full((len(positions), nh * hd), np.nan, np.float32)
+    ops.attention_ext(q, kc_arg, vc_arg, slots, positions, hd, kv_of_head, np.zeros((nh, S), np.float32), out,
+                      sinks, window)
+    want = reference(q, kc, vc, slots, positions, hd, kv_of_head, sinks, window)
+    np.testing.assert_allclose(out, want, rtol=0, atol=2e-6)
+    assert np.abs(out[:, hd:2 * hd]).max() < 1e-6 * 30  # head 1: the sink took (almost) everything
+    plain = reference(q, kc, vc, slots, positions, hd, kv_of_head)
+    assert np.abs(want[:, :hd] - plain[:, :hd]).max() > 1e-2  # head 0: its sink matters
+    if 0 < window < 20:  # rows past the window see fewer keys than plain causal attention
+        assert np.abs(want[4:, 2 * hd:] - plain[4:, 2 * hd:]).max() > 1e-2
+    # head 2 (no sink), rows the window does not cut: bit for bit what plain attention gives
+    uncut = positions < window if window else np.ones(len(positions), bool)
+    np.testing.assert_array_equal(out[uncut, 2 * hd:],
+                                  ops_plain(q, kc_arg, vc_arg, slots, positions, hd, kv_of_head)[uncut, 2 * hd:])
+
+
+def ops_plain(q, kc, vc, slots, positions, hd, kv_of_head):
+    out = np.zeros(q.shape, np.float32)
+    ops.attention(q, kc, vc, slots, positions, hd, kv_of_head, np.zeros((q.shape[1] // hd, kc.shape[2]), np.float32), out)
+    return out

@@ -1,7 +1,10 @@
 """One query row of causal attention over a KV cache, in target-neutral vector IR.
 
 ``attend_row`` computes, for one head and one token, out = softmax(K q * scale) V over the
-first n cached positions. The cache holds float32 or IEEE half (as uint16 bits; numba has
+n cached positions starting at K, V (a sliding window starts later in the cache). ``sink``
+is a logit that joins the softmax without a value (gpt-oss's attention sinks): it takes
+probability mass, out = sum_p exp(s_p - m) V_p / (sum_p exp(s_p - m) + exp(sink - m)) with m
+the max over the scores and the sink; -inf is no sink. The cache holds float32 or IEEE half (as uint16 bits; numba has
 no float16), one row of hd values per position. Written out in IR because numba's version
 kept the output row in memory (a store-to-load chain per position) and reduced each score
 one product at a time; here:
@@ -29,7 +32,7 @@ P = 4  # positions per step
 
 def _emit(kv_f16: bool, HD: int | None):
     def codegen(context, b, sig, args):
-        qp, kp, vp, rstride, n, hd, scale, sp, op = args
+        qp, kp, vp, rstride, n, hd, scale, sink, sp, op = args
         e = _E(b)
         i64 = lambda v: ir.Constant(I64, v)  # noqa: E731
         esize = 2 if kv_f16 else 4
@@ -62,7 +65,7 @@ def _emit(kv_f16: bool, HD: int | None):
             return e.loadf(qp, b.mul(c, i64(N * 4)), m)
 
         # ---- scores: sp[p] = dot(q, K[p]) * scale, and their max
-        mx = cgutils.alloca_once_value(b, ir.Constant(F32, float("-inf")))
+        mx = cgutils.alloca_once_value(b, sink)  # the sink joins the max (-inf: no sink)
         zero = e.fconst(0.0)
         if HD:  # q held in registers; chunks unrolled, no masks
             qv = [b.load(e.addr(qp, i64(4 * N * c)), typ=_vec(F32), align=4) for c in range(HD // N)]
@@ -119,7 +122,9 @@ def _emit(kv_f16: bool, HD: int | None):
             v = b.select(sm, e.exp(b.fsub(e.loadf(sp, off, sm), mxv)), zero)
             e.store(v, sp, off, sm)
             b.store(b.fadd(b.load(tot), v), tot)
-        inv = b.fdiv(ir.Constant(F32, 1.0), e.hsum(b.load(tot)))
+        # the sink's share of the denominator (exp(-inf) = 0 without a sink)
+        sink_w = b.call(e.decl("llvm.exp.f32", F32, [F32]), [b.fsub(sink, b.load(mx))])
+        inv = b.fdiv(ir.Constant(F32, 1.0), b.fadd(e.hsum(b.load(tot)), sink_w))
         invv = e.splat(inv, N)
 
         # ---- output: per chunk, sum_p w[p] V[p] in P accumulators
@@ -190,18 +195,18 @@ def _make(kv_f16: bool):
         pick([64, 128])
         return context.get_dummy_value()
 
-    def attend(typingctx, qp, kp, vp, rstride, n, hd, scale, sp, op):
+    def attend(typingctx, qp, kp, vp, rstride, n, hd, scale, sink, sp, op):
         ints = (qp, kp, vp, rstride, n, hd, sp, op)
-        if not (all(isinstance(t, types.Integer) for t in ints) and scale == types.float32):
+        if not (all(isinstance(t, types.Integer) for t in ints) and scale == types.float32 and sink == types.float32):
             return None
         sig = types.void(types.int64, types.int64, types.int64, types.int64, types.int64, types.int64,
-                         types.float32, types.int64, types.int64)
+                         types.float32, types.float32, types.int64, types.int64)
         return sig, gen
 
     attend.__name__ = attend.__qualname__ = f"attend_row_{'f16' if kv_f16 else 'f32'}"
     return intrinsic(attend)
 
 
-# attend_row_<kv type>(q, K, V, row_stride_bytes, n, hd, scale, scores, out): addresses as
-# int64; q, scores and out float32; K and V rows float32 or fp16 bits
+# attend_row_<kv type>(q, K, V, row_stride_bytes, n, hd, scale, sink, scores, out): addresses as
+# int64; q, scores and out float32; K and V rows float32 or fp16 bits; scale and sink float32
 attend_row_f32, attend_row_f16 = _make(False), _make(True)
