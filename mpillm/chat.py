@@ -11,6 +11,7 @@ Rank 0 reads standard input (mpirun forwards it there) and prints the replies.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -36,15 +37,30 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off (default: %(default)s)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed")
     p.add_argument("--no-stats", action="store_true", help="do not print the token counts and speed after a reply")
+    p.add_argument("--reasoning-effort", choices=("low", "medium", "high"), default=None,
+                   help="harmony models (gpt-oss): the reasoning effort the system message asks for (default: medium)")
+    p.add_argument("--hide-reasoning", action="store_true",
+                   help="harmony models: do not show the model's reasoning (it is shown dimmed before the answer)")
     return p
 
 
 class Conversation:
     """The messages and the exact token ids of the conversation so far (for prefix reuse)."""
 
-    def __init__(self, tok, system: str | None):
+    def __init__(self, tok, system: str | None, reasoning_effort: str | None = None):
+        from . import harmony
+
         self.tok, self.system = tok, system
+        self.harmony = harmony.is_harmony(tok)
+        self.effort = reasoning_effort
         self.reset()
+
+    def render(self) -> str:
+        if self.harmony:
+            from . import harmony
+
+            return harmony.prompt_text(self.tok, self.messages, self.effort)
+        return self.tok.apply_chat_template(self.messages, add_generation_prompt=True)
 
     def reset(self) -> None:
         self.messages: list[dict] = [{"role": "system", "content": self.system}] if self.system else []
@@ -55,7 +71,7 @@ class Conversation:
         """The next prompt: the tokens already known, then only the new part of the rendered chat
         (when the template renders the history as a prefix of the new prompt, as chat templates do)."""
         self.messages.append({"role": "user", "content": user_text})
-        full = self.tok.apply_chat_template(self.messages, add_generation_prompt=True)
+        full = self.render()
         if self.known_ids and full.startswith(self.known_text):
             return self.known_ids + self.tok.encode(full[len(self.known_text):], add_bos=False)
         return self.tok.encode(full, add_bos=False)
@@ -71,10 +87,55 @@ class Conversation:
             self.messages.pop()
 
 
+class ReasoningView:
+    """A harmony reply on the terminal: the reasoning (analysis channel) dimmed (or marked
+    "[reasoning]" when the output is not a terminal) or hidden, then the final answer.
+    ``show`` returns the final-answer text an output added (what the conversation keeps)."""
+
+    DIM, RESET = "\x1b[2m", "\x1b[0m"
+
+    def __init__(self, tok, out, styled: bool, show_reasoning: bool):
+        from .harmony import HarmonyParser
+
+        self.parser, self.out, self.styled, self.show_reasoning = HarmonyParser(tok), out, styled, show_reasoning
+        self.in_reasoning = False
+
+    def _reasoning(self, on: bool) -> None:
+        if on == self.in_reasoning:
+            return
+        if on:
+            self.out.write(self.DIM if self.styled else "[reasoning] ")
+        else:
+            self.out.write(self.RESET + "\n" if self.styled else "\n[answer] ")
+        self.in_reasoning = on
+
+    def show(self, o) -> str:
+        deltas = self.parser.feed_all(o.token_ids)
+        if o.finish_reason is not None:
+            deltas += self.parser.finish()
+        final = []
+        for d in deltas:
+            if d.channel == "analysis":
+                if self.show_reasoning:
+                    self._reasoning(True)
+                    self.out.write(d.text)
+            elif d.channel == "final":
+                self._reasoning(False)
+                self.out.write(d.text)
+                final.append(d.text)
+        if o.finish_reason is not None and self.in_reasoning and self.styled:
+            self.out.write(self.RESET)
+        self.out.flush()
+        return "".join(final)
+
+
 def chat_loop(service, tok, args, inp=sys.stdin, out=sys.stdout) -> int:
     from .sampling import SamplingParams
 
-    conv = Conversation(tok, args.system)
+    conv = Conversation(tok, args.system, getattr(args, "reasoning_effort", None))
+    # dim the reasoning with ANSI codes unless NO_COLOR is set or the terminal is dumb (under mpirun
+    # rank 0's stdout is a pseudo-terminal even when mpirun's is a pipe, so isatty() cannot tell)
+    styled = "NO_COLOR" not in os.environ and os.environ.get("TERM", "dumb") not in ("", "dumb")
     interactive = inp.isatty()
     out.write(f"mpillm chat: {HELP}\n")
     out.flush()
@@ -111,6 +172,7 @@ def chat_loop(service, tok, args, inp=sys.stdin, out=sys.stdout) -> int:
                                 top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                                 repetition_penalty=args.repetition_penalty, seed=args.seed)
         gen, parts, last = [], [], None
+        view = ReasoningView(tok, out, styled, not getattr(args, "hide_reasoning", False)) if conv.harmony else None
         t0 = time.perf_counter()
         t_first = None
         try:
@@ -118,7 +180,9 @@ def chat_loop(service, tok, args, inp=sys.stdin, out=sys.stdout) -> int:
                 if o.token_ids and t_first is None:
                     t_first = time.perf_counter()
                 gen.extend(o.token_ids)
-                if o.text:
+                if view is not None:
+                    parts.append(view.show(o))
+                elif o.text:
                     parts.append(o.text)
                     out.write(o.text)
                     out.flush()

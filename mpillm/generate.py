@@ -75,6 +75,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed")
     p.add_argument("--quiet", action="store_true", help="print only the generated text and the stats line")
+    p.add_argument("--reasoning-effort", choices=("low", "medium", "high"), default=None,
+                   help="harmony models (gpt-oss) with --chat: the reasoning effort the system message asks for "
+                        "(default: medium)")
+    p.add_argument("--show-reasoning", action="store_true",
+                   help="harmony models with --chat: print the reasoning (analysis channel) before the answer; "
+                        "without it only the final answer is printed")
     return p
 
 
@@ -105,10 +111,37 @@ def open_engine(args, model_dir, verbose: bool | None = None, **kw):
 
 def build_prompt(tok, args) -> list[int]:
     if args.chat:
+        from . import harmony
+
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
                    [{"role": "user", "content": args.prompt}]
+        if harmony.is_harmony(tok):
+            return tok.encode(harmony.prompt_text(tok, messages, args.reasoning_effort), add_bos=False)
         return tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True), add_bos=False)
     return tok.encode(args.prompt)
+
+
+class HarmonyPrinter:
+    """Rank 0, --chat on a harmony model: prints the final answer as it streams; the reasoning
+    only with ``show_reasoning`` (under a heading, before the answer); tool-call text never."""
+
+    def __init__(self, tok, out, show_reasoning: bool):
+        from .harmony import HarmonyParser
+
+        self.parser, self.out, self.show = HarmonyParser(tok), out, show_reasoning
+        self.current: str | None = None
+
+    def __call__(self, o) -> None:
+        deltas = self.parser.feed_all(o.token_ids)
+        if o.finish_reason is not None:
+            deltas += self.parser.finish()
+        for d in deltas:
+            if d.channel == "final" or (self.show and d.channel == "analysis"):
+                if self.show and d.channel != self.current:
+                    self.out.write(("\n" if self.current else "") + f"[{'reasoning' if d.channel == 'analysis' else 'answer'}]\n")
+                    self.current = d.channel
+                self.out.write(d.text)
+        self.out.flush()
 
 
 def sampling_params(args):
@@ -120,8 +153,9 @@ def sampling_params(args):
                           frequency_penalty=args.frequency_penalty, stop=tuple(args.stop))
 
 
-def generate(service, ids: list[int], params, out=sys.stdout, stats=None) -> list[int]:
-    """Rank 0: run one request through the service, streaming its text; returns the generated ids."""
+def generate(service, ids: list[int], params, out=sys.stdout, stats=None, show=None) -> list[int]:
+    """Rank 0: run one request through the service, streaming its text (or handing each output to
+    ``show``, e.g. a ``HarmonyPrinter``); returns the generated ids."""
     m = service.engine.model
     c0 = service.metrics()
     gen: list[int] = []
@@ -132,7 +166,9 @@ def generate(service, ids: list[int], params, out=sys.stdout, stats=None) -> lis
             t1 = time.perf_counter()
             m.stats.reset()
         gen.extend(o.token_ids)
-        if o.text and out is not None:
+        if show is not None:
+            show(o)
+        elif o.text and out is not None:
             out.write(o.text)
             out.flush()
     if stats is not None:
@@ -166,7 +202,10 @@ def main(argv: list[str] | None = None) -> int:
         if not args.quiet:
             print(f"start-up {engine.startup_s:.2f} s; prompt {len(ids)} tokens", flush=True)
         stats = Stats()
-        generate(Service(engine, tok, drafter=open_drafter(args, engine, tok)), ids, params, stats=stats)
+        from .harmony import is_harmony
+
+        show = HarmonyPrinter(tok, sys.stdout, args.show_reasoning) if args.chat and is_harmony(tok) else None
+        generate(Service(engine, tok, drafter=open_drafter(args, engine, tok)), ids, params, stats=stats, show=show)
         stats.gather_bytes = engine.logits_bytes_per_token if params.needs_logits else 16 * (engine.size > 1)
         print(flush=True)
         print(stats.line(engine.size), flush=True)

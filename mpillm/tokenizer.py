@@ -593,6 +593,11 @@ class Tokenizer:
         self.bos_id: int | None = config.get("bos_token_id")
         eos = set(config.get("eos_token_ids") or [])
         eos |= {config[k] for k in ("eos_token_id", "eot_token_id", "eom_token_id") if config.get(k) is not None}
+        # harmony (gpt-oss): <|end|> ends a message and the model goes on with the next one;
+        # <|return|> and <|call|> end the generation (llama.cpp drops <|end|> the same way)
+        end, ret = backend.token_to_id("<|end|>"), backend.token_to_id("<|return|>")
+        if end is not None and ret is not None and backend.token_to_id("<|channel|>") is not None:
+            eos = (eos - {end}) | {ret} | {i for i in [backend.token_to_id("<|call|>")] if i is not None}
         self.eos_ids: frozenset[int] = frozenset(int(i) for i in eos)
         self.eos_id: int | None = config.get("eos_token_id")
         self.add_bos: bool = bool(config.get("add_bos_token", False))

@@ -25,6 +25,7 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from .. import harmony
 from . import protocol as P
 from .metrics import Metrics
 
@@ -178,10 +179,13 @@ def create_app(config: ServerConfig, state: State) -> Starlette:
         return handler
 
     # ---- prompts ------------------------------------------------------------------------------
-    def chat_prompt_ids(messages: list[dict]) -> list[int]:
+    def chat_prompt_ids(messages: list[dict], reasoning_effort: str | None = None) -> list[int]:
         tok = state.tokenizer
         try:
-            text = tok.apply_chat_template(messages, add_generation_prompt=True)
+            if harmony.is_harmony(tok):
+                text = harmony.prompt_text(tok, messages, reasoning_effort)
+            else:
+                text = tok.apply_chat_template(messages, add_generation_prompt=True)
         except ValueError as e:
             raise P.bad("messages", str(e)) from None
         return tok.encode(text, add_bos=False)
@@ -230,6 +234,19 @@ def create_app(config: ServerConfig, state: State) -> Starlette:
             self.watcher: asyncio.Task | None = None
             self.prompt_ids, self.params = prompt_ids, params
             self.text_parts: list[str] = []
+            # a harmony model's chat reply: reasoning (analysis channel) apart from the answer (final)
+            self.parser = (harmony.HarmonyParser(state.tokenizer)
+                           if req.kind == "chat" and harmony.is_harmony(state.tokenizer) else None)
+
+        def split(self, out) -> tuple[str, str]:
+            """(answer text, reasoning text) an output adds."""
+            if self.parser is None:
+                return out.text, ""
+            deltas = self.parser.feed_all(out.token_ids)
+            if out.finish_reason is not None:
+                deltas += self.parser.finish()
+            return ("".join(d.text for d in deltas if d.channel == harmony.FINAL),
+                    "".join(d.text for d in deltas if d.channel == harmony.ANALYSIS))
 
         def submit(self, service) -> None:
             from ..service import QueueFull
@@ -343,10 +360,12 @@ def create_app(config: ServerConfig, state: State) -> Starlette:
         return await collect_job(job, first)
 
     async def collect_job(job: Job, out) -> Response | dict:
-        text, lps = [], []
+        text, reasoning, lps = [], [], []
         try:
             while True:
-                text.append(out.text)
+                answer, thought = job.split(out)
+                text.append(answer)
+                reasoning.append(thought)
                 if out.logprobs:
                     lps.extend(out.logprobs)
                 if out.finish_reason is not None:
@@ -360,7 +379,8 @@ def create_app(config: ServerConfig, state: State) -> Starlette:
             raise event_error(out)
         job.text_parts = text
         return job.fmt.final("".join(text), out.finish_reason, lps,
-                             P.usage(out.prompt_tokens, out.completion_tokens, out.cached_tokens))
+                             P.usage(out.prompt_tokens, out.completion_tokens, out.cached_tokens),
+                             reasoning="".join(reasoning) if job.parser is not None else None)
 
     async def stream_job(job: Job, out):
         fmt = job.fmt
@@ -375,9 +395,10 @@ def create_app(config: ServerConfig, state: State) -> Starlette:
                     e = event_error(out)
                     yield P.sse(e.body())
                     return
-                if out.text or (out.logprobs and job.req.logprobs):
-                    job.text_parts.append(out.text)
-                    yield P.sse(fmt.delta_chunk(out.text, out.logprobs))
+                text, thought = job.split(out)
+                if text or thought or (out.logprobs and job.req.logprobs):
+                    job.text_parts.append(text)
+                    yield P.sse(fmt.delta_chunk(text, out.logprobs, reasoning=thought))
                 if out.finish_reason is not None:
                     yield P.sse(fmt.delta_chunk("", None, out.finish_reason))
                     if job.req.include_usage:
@@ -400,7 +421,7 @@ def create_app(config: ServerConfig, state: State) -> Starlette:
         req, messages = P.parse_chat(body)
         check_model(req.model)
         service_or_503()
-        return await run_job(request, req, chat_prompt_ids(messages), "messages")
+        return await run_job(request, req, chat_prompt_ids(messages, req.reasoning_effort), "messages")
 
     @api
     async def completions(request: Request):
@@ -436,11 +457,15 @@ def create_app(config: ServerConfig, state: State) -> Starlette:
         if "prompt" in body:
             ids = tok.encode(body["prompt"], add_bos=None if body["add_special_tokens"] else False)
         else:
-            try:
-                text = tok.apply_chat_template(body["messages"], add_generation_prompt=body["add_generation_prompt"])
-            except ValueError as e:
-                raise P.bad("messages", str(e)) from None
-            ids = tok.encode(text, add_bos=False)
+            if harmony.is_harmony(tok) and body["add_generation_prompt"]:
+                ids = chat_prompt_ids(body["messages"])
+            else:
+                try:
+                    text = tok.apply_chat_template(body["messages"],
+                                                   add_generation_prompt=body["add_generation_prompt"])
+                except ValueError as e:
+                    raise P.bad("messages", str(e)) from None
+                ids = tok.encode(text, add_bos=False)
         return {"tokens": ids, "count": len(ids), "max_model_len": state.context_size}
 
     @api

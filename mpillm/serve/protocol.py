@@ -198,6 +198,7 @@ class Request:
     logprobs: bool
     top_logprobs: int
     model: str | None
+    reasoning_effort: str | None = None
 
 
 def _check_unknown(body: dict, allowed: set[str]) -> None:
@@ -240,6 +241,9 @@ def _check_unsupported(body: dict) -> None:
     for field in ("user", "reasoning_effort", "service_tier"):
         if body.get(field) is not None:
             _text(body[field], field)
+    if body.get("reasoning_effort") not in (None, *REASONING_EFFORTS):
+        raise bad("reasoning_effort", f"reasoning_effort must be one of {', '.join(REASONING_EFFORTS)}, got "
+                  f"{body['reasoning_effort'][:40]!r}", "unsupported_value")
     if body.get("metadata") is not None and not isinstance(body["metadata"], dict):
         raise bad("metadata", f"metadata must be an object, not {_json_type(body['metadata'])}")
     if body.get("store") is not None:
@@ -313,6 +317,7 @@ def message_text(content: Any, field: str) -> str:
 
 
 ROLES = {"system", "developer", "user", "assistant"}
+REASONING_EFFORTS = ("low", "medium", "high")   # harmony's levels (gpt-oss); other models ignore the field
 
 
 def parse_messages(v: Any) -> list[dict]:
@@ -334,7 +339,7 @@ def parse_messages(v: Any) -> list[dict]:
         if role not in ROLES:
             raise bad(f"{f}.role", f"{f}.role {role[:40]!r} is not supported (one of: system, developer, user, "
                       "assistant)", "unsupported_value")
-        extra = sorted(set(m) - {"role", "content", "name", "refusal", "tool_calls"})
+        extra = sorted(set(m) - {"role", "content", "name", "refusal", "tool_calls", "reasoning_content"})
         if extra:
             raise bad(f"{f}.{extra[0]}", f"unrecognized field {f}.{extra[0]}")
         if m.get("tool_calls"):
@@ -359,7 +364,8 @@ def parse_chat(body: dict) -> tuple[Request, list[dict]]:
     top = get_int(body, "top_logprobs", 0, 20, 0)
     if top and not logprobs:
         raise bad("top_logprobs", "top_logprobs needs logprobs: true")
-    req = Request("chat", None, None, sampling, max_tokens, stream, include_usage, logprobs, top, _model(body))
+    req = Request("chat", None, None, sampling, max_tokens, stream, include_usage, logprobs, top, _model(body),
+                  body.get("reasoning_effort"))
     return req, messages
 
 
@@ -477,10 +483,15 @@ class Formatter:
                 "system_fingerprint": None}
 
     # ---- non-streaming
-    def final(self, text: str, finish_reason: str, lps: list | None, u: dict) -> dict:
+    def final(self, text: str, finish_reason: str, lps: list | None, u: dict, reasoning: str | None = None) -> dict:
+        """``reasoning``: a reasoning model's reasoning, apart from the answer in ``content`` (the
+        ``reasoning_content`` field llama.cpp's server and vLLM use); None leaves the field out."""
         if self.req.kind == "chat":
             d = self._base("chat.completion")
-            d["choices"] = [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
+            message = {"role": "assistant", "content": text, "refusal": None}
+            if reasoning is not None:
+                message["reasoning_content"] = reasoning
+            d["choices"] = [{"index": 0, "message": message,
                              "logprobs": chat_logprobs(lps) if self.req.logprobs else None,
                              "finish_reason": finish_reason}]
         else:
@@ -506,9 +517,12 @@ class Formatter:
         return self._chunk({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                             "finish_reason": None})
 
-    def delta_chunk(self, text: str, lps: list | None, finish_reason: str | None = None) -> dict:
+    def delta_chunk(self, text: str, lps: list | None, finish_reason: str | None = None,
+                    reasoning: str | None = None) -> dict:
         if self.req.kind == "chat":
             delta = {"content": text} if text or finish_reason is None else {}
+            if reasoning:
+                delta = {"reasoning_content": reasoning, **({"content": text} if text else {})}
             lp = chat_logprobs(lps) if self.req.logprobs and lps else None
             choice = {"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish_reason}
         else:
