@@ -1,4 +1,5 @@
 """python -m convert synth --shape llama-3.2-1b OUT --world-size 2 [--weight-type q4_0]
+python -m convert synth --shape gpt-oss-20b OUT --world-size 2      (MXFP4 experts, q8_0 elsewhere)
 
 Random weights in the exact shapes of a real model, written straight into each rank's
 shard tensor by tensor (never a float copy of the whole model), so speed and memory can
@@ -38,6 +39,30 @@ SHAPES = {
 }
 
 
+def _gpt_oss(n_layers: int, n_experts: int) -> dict:
+    """gpt-oss-20b / -120b: the released config.json's numbers."""
+    return dict(arch="gpt-oss", dim=2880, n_layers=n_layers, n_heads=64, n_kv_heads=8, head_dim=64, ffn_dim=0,
+                vocab_size=201088, rope_theta=150000.0, norm_eps=1e-5, context_length=131072,
+                tied_embeddings=False, n_experts=n_experts, n_experts_used=4, expert_ffn_dim=2880,
+                o_bias=True, attn_sinks=True, sliding_window=128, sliding_layers=list(range(0, n_layers, 2)),
+                rope_scaling="yarn", rope_factor=32.0, rope_orig_context=4096, yarn_beta_fast=32.0,
+                yarn_beta_slow=1.0, yarn_truncate=False, expert_bias=True, ffn_act="swiglu_oai")
+
+
+SHAPES["gpt-oss-20b"] = _gpt_oss(24, 32)
+# every tensor kind of gpt-oss at a few KiB (tests): 2 layers (one sliding), 4 experts, vocab 512
+SHAPES["gpt-oss-tiny"] = {**_gpt_oss(2, 4), "dim": 128, "n_heads": 4, "n_kv_heads": 2, "n_experts_used": 2,
+                          "expert_ffn_dim": 128, "vocab_size": 512, "context_length": 4096, "sliding_window": 8,
+                          "rope_orig_context": 128}
+SHAPES["gpt-oss-120b"] = _gpt_oss(36, 128)
+# Types that a shape fixes whatever --weight-type says (gpt-oss ships its experts as MXFP4), and the
+# --weight-type default of a shape (the released gpt-oss GGUFs keep attention and embeddings in q8_0).
+EXPERT_TYPE = dict.fromkeys(("gpt-oss-20b", "gpt-oss-120b", "gpt-oss-tiny"), "mxfp4")
+DEFAULT_TYPE = dict.fromkeys(EXPERT_TYPE, "q8_0")
+_EXPERT_MATRICES = ("layers/{i}/exp_gate", "layers/{i}/exp_up", "layers/{i}/exp_down")
+_NORMS = ("output_norm", "layers/{i}/attn_norm", "layers/{i}/ffn_norm", "layers/{i}/q_norm", "layers/{i}/k_norm")
+
+
 def logical_shape(cfg: ModelConfig, name: str) -> tuple[int, ...]:
     """Full (unsplit) shape of an internal tensor."""
     p = N.pattern_of(name).split("/")[-1]
@@ -49,7 +74,19 @@ def logical_shape(cfg: ModelConfig, name: str) -> tuple[int, ...]:
         "w_gate": (cfg.ffn_dim, D), "w_up": (cfg.ffn_dim, D), "w_down": (D, cfg.ffn_dim),
         "router": (E, D), "exp_gate": (E, cfg.expert_ffn_dim, D), "exp_up": (E, cfg.expert_ffn_dim, D),
         "exp_down": (E, D, cfg.expert_ffn_dim),
+        "bq": (cfg.q_dim,), "bk": (cfg.kv_dim,), "bv": (cfg.kv_dim,), "bo": (D,), "sinks": (cfg.n_heads,),
+        "router_b": (E,), "exp_gate_b": (E, cfg.expert_ffn_dim), "exp_up_b": (E, cfg.expert_ffn_dim),
+        "exp_down_b": (E, D),
     }[p]
+
+
+def tensor_type(shape: str, pattern: str, ndim: int, wtype: str) -> str:
+    """The stored type of one tensor of a synthetic model."""
+    if ndim == 1 or pattern == "layers/{i}/router" or pattern in N.VECTOR_TABLES:
+        return "f32"
+    if pattern in _EXPERT_MATRICES and shape in EXPERT_TYPE:
+        return EXPERT_TYPE[shape]
+    return wtype
 
 
 def random_tensor(rng: np.random.Generator, wtype: str, shape: tuple[int, ...]) -> dict[str, np.ndarray]:
@@ -75,7 +112,9 @@ def random_tensor(rng: np.random.Generator, wtype: str, shape: tuple[int, ...]) 
     return out
 
 
-def synth(shape: str, out: Path, world_sizes: list[int], wtype: str, seed: int = 0, progress: bool = True) -> None:
+def synth(shape: str, out: Path, world_sizes: list[int], wtype: str | None = None, seed: int = 0,
+          progress: bool = True) -> None:
+    wtype = wtype or DEFAULT_TYPE.get(shape, "q4_0")
     cfg = ModelConfig(**SHAPES[shape])
     names = N.model_tensors(cfg.arch, cfg.n_layers, cfg.tied_embeddings)
     for ws in world_sizes:
@@ -96,13 +135,22 @@ def synth(shape: str, out: Path, world_sizes: list[int], wtype: str, seed: int =
                     if rng_ is not None:
                         axis = -2 if rng_[0] == "rows" else -1
                         s[axis] = rng_[2] - rng_[1]
-                    t = "f32" if len(s) == 1 or N.pattern_of(name) == "layers/{i}/router" else wtype
-                    w.add(name, t, tuple(s), random_tensor(rng, t, tuple(s)))
+                    pat = N.pattern_of(name)
+                    t = tensor_type(shape, pat, len(s), wtype)
+                    if t == "f32" and pat not in _NORMS:   # biases, sinks, bias tables: small values
+                        arrays = {"w": (rng.standard_normal(s, dtype=np.float32) * 0.02)}
+                    else:
+                        arrays = random_tensor(rng, t, tuple(s))
+                    w.add(name, t, tuple(s), arrays)
+                    del arrays
                 w.close()
             except BaseException:
                 w.abort()
                 raise
-    fmt.write_manifest(out, cfg, world_sizes, source=f"synthetic:{shape}", extra={"weight_type": wtype})
+    extra = {"weight_type": wtype}
+    if shape in EXPERT_TYPE:
+        extra["expert_weight_type"] = EXPERT_TYPE[shape]
+    fmt.write_manifest(out, cfg, world_sizes, source=f"synthetic:{shape}", extra=extra)
 
 
 def main(argv: list[str]) -> int:
@@ -111,7 +159,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--shape", choices=sorted(SHAPES), required=True)
     p.add_argument("out", type=Path)
     p.add_argument("--world-size", type=int, nargs="+", required=True)
-    p.add_argument("--weight-type", choices=("q4_0", "q4_1", "q8_0", "f16", "f32"), default="q4_0")
+    p.add_argument("--weight-type", choices=("q4_0", "q4_1", "q8_0", "f16", "f32"), default=None,
+                   help="type of the weight matrices (default: q8_0 for gpt-oss, whose experts are always "
+                        "MXFP4; q4_0 for the others)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
@@ -120,5 +170,6 @@ def main(argv: list[str]) -> int:
     except ValueError as e:
         print(f"convert synth: error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {a.out} ({a.shape}, {a.weight_type}) for world sizes {a.world_size}")
+    print(f"wrote {a.out} ({a.shape}, {a.weight_type or DEFAULT_TYPE.get(a.shape, 'q4_0')}"
+          f"{', experts ' + EXPERT_TYPE[a.shape] if a.shape in EXPERT_TYPE else ''}) for world sizes {a.world_size}")
     return 0
