@@ -32,6 +32,13 @@ START, END, MESSAGE, CHANNEL = "<|start|>", "<|end|>", "<|message|>", "<|channel
 CONSTRAIN, RETURN, CALL = "<|constrain|>", "<|return|>", "<|call|>"                 # 200003 200002 200012
 SPECIALS = (START, END, MESSAGE, CHANNEL, CONSTRAIN, RETURN, CALL)
 
+# gpt-oss's named special tokens at their ids in o200k_harmony (vocabulary 201088; ids 199998 and up
+# are special, the unnamed ones ``<|reserved_N|>``)
+GPT_OSS_SPECIAL_TOKENS = {199998: "<|startoftext|>", 199999: "<|endoftext|>", 200002: RETURN, 200003: CONSTRAIN,
+                          200005: CHANNEL, 200006: START, 200007: END, 200008: MESSAGE, 200012: CALL,
+                          200018: "<|endofprompt|>"}
+GPT_OSS_VOCAB, GPT_OSS_FIRST_SPECIAL = 201088, 199998
+
 REASONING_EFFORTS = ("low", "medium", "high")
 DEFAULT_EFFORT = "medium"
 MODEL_IDENTITY = "You are ChatGPT, a large language model trained by OpenAI."

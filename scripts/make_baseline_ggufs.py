@@ -36,6 +36,16 @@ llama-3.2-1b-shape-q4_k_m.gguf
     every third in between: Q6_K) and the tied token_embd/output (Q6_K). Random valid
     blocks (mpillm.quant.random_ggml: uniform codes, scales for a weight std of about
     1/sqrt(fan_in)); llama.cpp and mpillm both read them as they are.
+
+gpt-oss-20b-shape-mxfp4.gguf, gpt-oss-120b-shape-mxfp4.gguf (--only gpt-oss-20b / gpt-oss-120b;
+not made by default: 12.1 GB and 63.4 GB)
+    Random weights in the shapes of `python -m convert synth --shape gpt-oss-*` (the same
+    config, convert/synth.py SHAPES), in llama.cpp's gpt-oss naming: the experts
+    blk.N.ffn_{gate,up,down}_exps MXFP4 with F32 biases, attention, token_embd and output Q8_0
+    with F32 q/k/v/o biases and attn_sinks, F32 router (ffn_gate_inp) and norms, as the
+    released MXFP4 GGUFs are. The vocabulary is SmolLM2's padded to 201088 with gpt-oss's
+    harmony control tokens at their real ids (<|return|> 200002, <|channel|> 200005, ...).
+    `--only gpt-oss-tiny` writes the same layout at a few MiB (tests).
 """
 
 from __future__ import annotations
@@ -271,13 +281,143 @@ def make_shape_gguf(out: Path, c: dict, embd_type: str, seed: int = 0, k_m: bool
     return {"weight_bytes": weight_bytes, "embd_type": embd_type, "seed": seed}
 
 
+# ---------------------------------------------------------------- gpt-oss
+
+GPT_OSS_NAMES = {"gpt-oss-20b": "gpt-oss-20b-shape-mxfp4.gguf", "gpt-oss-120b": "gpt-oss-120b-shape-mxfp4.gguf",
+                 "gpt-oss-tiny": "gpt-oss-tiny-shape-mxfp4.gguf"}
+
+
+def _harmony_vocab(n_vocab: int):
+    """SmolLM2's gpt2 vocabulary padded with control tokens to n_vocab, gpt-oss's specials at their ids."""
+    from mpillm.harmony import GPT_OSS_FIRST_SPECIAL, GPT_OSS_SPECIAL_TOKENS
+
+    r = gguf.GGUFReader(str(bundled_smollm2()))
+    n_vocab = max(n_vocab, len(r.fields["tokenizer.ggml.tokens"].contents()))
+    tokens, types, merges, _ = _padded_vocab(n_vocab)
+    if n_vocab > GPT_OSS_FIRST_SPECIAL:
+        for i in range(GPT_OSS_FIRST_SPECIAL, n_vocab):
+            tokens[i] = GPT_OSS_SPECIAL_TOKENS.get(i, f"<|reserved_{i}|>")
+    return tokens, types, merges
+
+
+def gpt_oss_tensors(cfg):
+    """(name, shape, kind, std) in file order: shape is the numpy (row-major) shape in elements;
+    kind 'q8_0', 'mxfp4', 'f32' (std 0: ones, a norm) or 'f32' with std > 0 (small random: biases, sinks)."""
+    d, E, F = cfg.dim, cfg.n_experts, cfg.expert_ffn_dim
+    q, kv = cfg.q_dim, cfg.kv_dim
+    yield "token_embd.weight", (cfg.vocab_size, d), "q8_0", 0.02
+    for i in range(cfg.n_layers):
+        p = f"blk.{i}."
+        yield p + "attn_norm.weight", (d,), "f32", 0.0
+        yield p + "attn_q.weight", (q, d), "q8_0", d ** -0.5
+        yield p + "attn_q.bias", (q,), "f32", 0.02
+        yield p + "attn_k.weight", (kv, d), "q8_0", d ** -0.5
+        yield p + "attn_k.bias", (kv,), "f32", 0.02
+        yield p + "attn_v.weight", (kv, d), "q8_0", d ** -0.5
+        yield p + "attn_v.bias", (kv,), "f32", 0.02
+        yield p + "attn_output.weight", (d, q), "q8_0", q ** -0.5
+        yield p + "attn_output.bias", (d,), "f32", 0.02
+        yield p + "attn_sinks.weight", (cfg.n_heads,), "f32", 0.5
+        yield p + "post_attention_norm.weight", (d,), "f32", 0.0
+        yield p + "ffn_gate_inp.weight", (E, d), "f32", d ** -0.5
+        yield p + "ffn_gate_inp.bias", (E,), "f32", 0.02
+        yield p + "ffn_gate_exps.weight", (E, F, d), "mxfp4", d ** -0.5
+        yield p + "ffn_gate_exps.bias", (E, F), "f32", 0.02
+        yield p + "ffn_up_exps.weight", (E, F, d), "mxfp4", d ** -0.5
+        yield p + "ffn_up_exps.bias", (E, F), "f32", 0.02
+        yield p + "ffn_down_exps.weight", (E, d, F), "mxfp4", F ** -0.5
+        yield p + "ffn_down_exps.bias", (E, d), "f32", 0.02
+    yield "output_norm.weight", (d,), "f32", 0.0
+    yield "output.weight", (cfg.vocab_size, d), "q8_0", d ** -0.5
+
+
+def make_gpt_oss_gguf(out: Path, shape: str, seed: int = 0) -> dict:
+    from convert.synth import SHAPES
+    from mpillm import quant
+    from mpillm.config import ModelConfig
+
+    import dataclasses
+
+    cfg = ModelConfig(**SHAPES[shape])
+    rng = np.random.default_rng(seed)
+    tmp = out.with_suffix(".tmp")
+    arch = "gpt-oss"
+    w = gguf.GGUFWriter(str(tmp), arch)
+    w.add_name(f"{shape} shape (random weights)")
+    w.add_context_length(cfg.context_length)
+    w.add_embedding_length(cfg.dim)
+    w.add_block_count(cfg.n_layers)
+    w.add_feed_forward_length(cfg.expert_ffn_dim)
+    w.add_head_count(cfg.n_heads)
+    w.add_head_count_kv(cfg.n_kv_heads)
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_layer_norm_rms_eps(cfg.norm_eps)
+    w.add_sliding_window(cfg.sliding_window)
+    w.add_expert_count(cfg.n_experts)
+    w.add_expert_used_count(cfg.n_experts_used)
+    w.add_expert_feed_forward_length(cfg.expert_ffn_dim)
+    w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+    w.add_rope_scaling_factor(cfg.rope_factor)
+    w.add_rope_scaling_orig_ctx_len(cfg.rope_orig_context)
+    w.add_file_type(int(gguf.LlamaFileType.MOSTLY_MXFP4_MOE))
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    tokens, types, merges = _harmony_vocab(cfg.vocab_size)
+    if len(tokens) != cfg.vocab_size:      # the tiny shape: SmolLM2's whole vocabulary (49152)
+        cfg = dataclasses.replace(cfg, vocab_size=len(tokens))
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("smollm")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    if cfg.vocab_size > 200012:
+        w.add_bos_token_id(199998)
+        w.add_eos_token_id(200002)
+        w.add_pad_token_id(199999)
+    w.add_add_bos_token(False)
+
+    qt = {"q8_0": QT.Q8_0, "mxfp4": QT.MXFP4}
+    bb = {"q8_0": 34, "mxfp4": 17}
+    specs = list(gpt_oss_tensors(cfg))
+    for name, shp, kind, _ in specs:
+        n = int(np.prod(shp))
+        if kind == "f32":
+            w.add_tensor_info(name, shp, np.dtype(np.float32), n * 4)
+        else:
+            row_bytes = shp[-1] // 32 * bb[kind]
+            bshape = (*shp[:-1], row_bytes)
+            w.add_tensor_info(name, bshape, np.dtype(np.uint8), int(np.prod(bshape)), raw_dtype=qt[kind])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    weight_bytes = 0
+    for name, shp, kind, std in specs:  # one tensor in memory at a time
+        rows = int(np.prod(shp[:-1]))
+        if kind == "f32":
+            data = (np.ones(shp, np.float32) if std == 0.0
+                    else rng.standard_normal(shp, dtype=np.float32) * np.float32(std))
+        elif kind == "q8_0":
+            data = random_q8_0(rng, rows, shp[-1], std)
+        else:
+            data = quant.random_ggml("mxfp4", rows, shp[-1], rng, scale=2.0 * std)
+            data = data.reshape(*shp[:-1], -1)
+        weight_bytes += data.nbytes
+        w.write_tensor_data(data)
+        del data
+    w.close()
+    tmp.replace(out)
+    return {"weight_bytes": weight_bytes, "seed": seed, "shape": shape}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out-dir", type=Path, default=ROOT / "cache" / "baseline")
     ap.add_argument("--embd-type", choices=["q4_0", "q8_0"], default="q4_0",
                     help="token_embd type of the 1B-shape model (default q4_0)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--only", choices=["smollm2", "shape", "shape-q4_k_m"], help="make just one of them")
+    ap.add_argument("--only", choices=["smollm2", "shape", "shape-q4_k_m", *GPT_OSS_NAMES],
+                    help="make just one of them (the gpt-oss shapes only when named here)")
     ap.add_argument("--force", action="store_true", help="remake files that exist")
     ap.add_argument("--verify", action="store_true",
                     help="load each file in llama.cpp and generate a few tokens")
@@ -287,7 +427,10 @@ def main(argv=None) -> int:
     jobs = [("smollm2", SMOL_NAME, lambda p: make_smollm2_q4_0(p)),
             ("shape", SHAPE_NAME, lambda p: make_shape_gguf(p, LLAMA_32_1B, a.embd_type, a.seed)),
             ("shape-q4_k_m", SHAPE_KM_NAME, lambda p: make_shape_gguf(p, LLAMA_32_1B, "q6_K", a.seed, k_m=True))]
+    jobs += [(k, f, lambda p, k=k: make_gpt_oss_gguf(p, k, a.seed)) for k, f in GPT_OSS_NAMES.items()]
     for key, fname, make in jobs:
+        if key in GPT_OSS_NAMES and a.only != key:
+            continue
         if a.only and a.only != key:
             continue
         path = a.out_dir / fname

@@ -29,11 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
-VOCAB = 201088
-FIRST_SPECIAL = 199998
-NAMED = {199998: "<|startoftext|>", 199999: "<|endoftext|>", 200002: "<|return|>", 200003: "<|constrain|>",
-         200005: "<|channel|>", 200006: "<|start|>", 200007: "<|end|>", 200008: "<|message|>",
-         200012: "<|call|>", 200018: "<|endofprompt|>"}
+from mpillm.harmony import GPT_OSS_FIRST_SPECIAL as FIRST_SPECIAL
+from mpillm.harmony import GPT_OSS_SPECIAL_TOKENS as NAMED
+from mpillm.harmony import GPT_OSS_VOCAB as VOCAB
 WORDS = ["assistant", "analysis", "final", "commentary", "system", "developer", "user", "Hmm", "Ġyes", "Paris"]
 
 TEMPLATE = (

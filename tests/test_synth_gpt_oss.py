@@ -65,3 +65,46 @@ def test_full_shapes_weigh_what_the_released_models_do(shape, gb):
         n = int(np.prod(full))
         total += n * {"f32": 4, "q8_0": 34 / 32, "mxfp4": 17 / 32}[t]
     assert gb[0] < total / 1e9 < gb[1], total / 1e9
+
+
+def test_baseline_gguf_script_writes_the_gpt_oss_layout_llama_cpp_names(tmp_path):
+    """scripts/make_baseline_ggufs.py --only gpt-oss-tiny: llama.cpp's gpt-oss tensor names and types
+    (MXFP4 experts), the harmony control tokens at gpt-oss's ids, and mpillm's converter takes it."""
+    import gguf
+
+    r = subprocess.run([sys.executable, "scripts/make_baseline_ggufs.py", "--only", "gpt-oss-tiny", "--out-dir",
+                        str(tmp_path)], cwd=ROOT, env=mpi_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    path = tmp_path / "gpt-oss-tiny-shape-mxfp4.gguf"
+    rd = gguf.GGUFReader(str(path))
+    types = {t.name: t.tensor_type.name for t in rd.tensors}
+    cfg = ModelConfig(**SHAPES["gpt-oss-tiny"])
+    for i in range(cfg.n_layers):
+        for part in ("gate", "up", "down"):
+            assert types[f"blk.{i}.ffn_{part}_exps.weight"] == "MXFP4"
+            assert types[f"blk.{i}.ffn_{part}_exps.bias"] == "F32"
+        for t in ("attn_q", "attn_k", "attn_v", "attn_output"):
+            assert types[f"blk.{i}.{t}.weight"] == "Q8_0" and types[f"blk.{i}.{t}.bias"] == "F32"
+        assert types[f"blk.{i}.attn_sinks.weight"] == "F32" and f"blk.{i}.post_attention_norm.weight" in types
+    assert rd.fields["general.architecture"].contents() == "gpt-oss"
+    assert rd.fields["gpt-oss.expert_count"].contents() == cfg.n_experts
+    out = tmp_path / "converted"
+    r = subprocess.run([sys.executable, "-m", "convert", str(path), str(out), "--world-size", "1", "2",
+                        "--no-progress"], cwd=ROOT, env=mpi_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    with h5py.File(out / "ws2" / "rank0.h5", "r") as f:
+        assert f["layers/0/exp_gate"].attrs["type"] == "mxfp4" and f["layers/1/wq"].attrs["type"] == "q8_0"
+
+
+def test_full_gguf_shapes_match_the_synth_shapes():
+    """The GGUF script's gpt-oss-20b / -120b tensors hold as many weights as the synth shards."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import make_baseline_ggufs as M
+
+    for shape in ("gpt-oss-20b", "gpt-oss-120b"):
+        cfg = ModelConfig(**SHAPES[shape])
+        gg = sum(int(np.prod(s)) for _, s, _, _ in M.gpt_oss_tensors(cfg))
+        ours = sum(int(np.prod(logical_shape(cfg, n))) for n in N.model_tensors("gpt-oss", cfg.n_layers, False))
+        # the GGUF has q/k/v biases, which the shards carry once the q/k/v bias tensors are in
+        qkv_b = cfg.n_layers * (cfg.q_dim + 2 * cfg.kv_dim)
+        assert gg in (ours, ours + qkv_b), (shape, gg, ours)
