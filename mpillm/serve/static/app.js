@@ -102,6 +102,18 @@ async function send(text) {
           if (j.error) throw new Error(j.error.message);
           if (j.usage) usage = j.usage;
           for (const c of j.choices || []) {
+            if (c.delta && c.delta.reasoning_content) {   // a reasoning model's thoughts: apart, collapsible
+              let box = out.querySelector("details.reasoning");
+              if (!box) {
+                box = document.createElement("details");
+                box.className = "reasoning";
+                const sum = document.createElement("summary");
+                sum.textContent = "reasoning";
+                box.append(sum, document.createElement("span"));
+                out.insertBefore(box, span);
+              }
+              box.querySelector("span").textContent += c.delta.reasoning_content;
+            }
             if (c.delta && c.delta.content) {
               if (tFirst === null) tFirst = performance.now();
               span.textContent += c.delta.content;
