@@ -70,6 +70,7 @@ def logical_shape(cfg: ModelConfig, name: str) -> tuple[int, ...]:
     return {
         "tok_embd": (cfg.vocab_size, D), "output": (cfg.vocab_size, D), "output_norm": (D,), "rope_freqs": (hd // 2,),
         "attn_norm": (D,), "ffn_norm": (D,), "q_norm": (hd,), "k_norm": (hd,),
+        "bq": (cfg.q_dim,), "bk": (cfg.kv_dim,), "bv": (cfg.kv_dim,),
         "wq": (cfg.q_dim, D), "wk": (cfg.kv_dim, D), "wv": (cfg.kv_dim, D), "wo": (D, cfg.q_dim),
         "w_gate": (cfg.ffn_dim, D), "w_up": (cfg.ffn_dim, D), "w_down": (D, cfg.ffn_dim),
         "router": (E, D), "exp_gate": (E, cfg.expert_ffn_dim, D), "exp_up": (E, cfg.expert_ffn_dim, D),
@@ -133,7 +134,7 @@ def synth(shape: str, out: Path, world_sizes: list[int], wtype: str | None = Non
                     rng_ = _ranges(N.SPLIT[N.pattern_of(name)], rs, cfg)
                     s = list(full)
                     if rng_ is not None:
-                        axis = -2 if rng_[0] == "rows" else -1
+                        axis = -2 if rng_[0] == "rows" and len(s) > 1 else -1  # 1-D: a bias
                         s[axis] = rng_[2] - rng_[1]
                     pat = N.pattern_of(name)
                     t = tensor_type(shape, pat, len(s), wtype)

@@ -63,6 +63,9 @@ TENSOR_PATTERNS = (
     "layers/{i}/wk",       # (n_kv_heads_per_partition * head_dim, dim)
     "layers/{i}/wv",       # (n_kv_heads_per_partition * head_dim, dim)
     "layers/{i}/wo",       # (dim, n_heads_per_partition * head_dim)     row-parallel
+    "layers/{i}/bq",       # (n_heads_per_partition * head_dim,)  optional q/k/v biases (Qwen2, gpt-oss),
+    "layers/{i}/bk",       # (n_kv_heads_per_partition * head_dim,)   sliced with their heads
+    "layers/{i}/bv",       # (n_kv_heads_per_partition * head_dim,)   like wq / wk / wv
     "layers/{i}/q_norm",   # (head_dim,)  Qwen3
     "layers/{i}/k_norm",   # (head_dim,)  Qwen3
     "layers/{i}/ffn_norm",  # (dim,)

@@ -1,8 +1,9 @@
 """The transformer forward pass of one tensor-parallel rank.
 
-Per layer (llama / qwen3 / qwen3moe share these blocks):
+Per layer (llama / qwen2 / qwen3 / qwen3moe share these blocks):
 
-  rmsnorm -> wq, wk, wv (column-parallel: this rank's heads) [-> q/k head norm] -> RoPE
+  rmsnorm -> wq, wk, wv (column-parallel: this rank's heads) [+ q/k/v bias slices]
+  [-> q/k head norm] -> RoPE
   -> attention over this rank's KV cache -> wo (row-parallel) -> Allreduce #1 -> residual
   rmsnorm -> w_gate, w_up (column-parallel) -> SiLU * up -> w_down (row-parallel)
           |  or MoE: router (replicated) -> top-k experts, each a slice of its hidden size
@@ -100,6 +101,11 @@ def _vec(t: Tensor) -> np.ndarray:
     return np.ascontiguousarray(t.arrays["w"], dtype=np.float32)
 
 
+# Optional per-layer vectors, present in a shard only for the architectures that have them
+# (convert.names.LAYER_TENSORS): the attention biases, in the order the fused block takes them.
+ATTN_BIASES = ("bq", "bk", "bv")
+
+
 class Layer:
     def __init__(self, shard: Shard, i: int, moe: bool, qk_norm: bool):
         g = lambda n: shard.get(f"layers/{i}/{n}")  # noqa: E731
@@ -111,6 +117,11 @@ class Layer:
         self.wo = Linear(g("wo"))              # (dim, n_heads_per_partition * hd)
         self.q_norm = _vec(g("q_norm")) if qk_norm else None  # (hd,)
         self.k_norm = _vec(g("k_norm")) if qk_norm else None  # (hd,)
+        # q/k/v biases, this rank's heads' slices (None when the model has none):
+        # bq (n_heads_per_partition * hd,), bk / bv (n_kv_heads_per_partition * hd,)
+        opt = {n: _vec(g(n)) if shard.has(f"layers/{i}/{n}") else None for n in ATTN_BIASES}
+        self.bq, self.bk, self.bv = (opt[n] for n in ATTN_BIASES)
+        self.biases = tuple(n for n in ATTN_BIASES if opt[n] is not None)  # which ones, for mpillm.fused
         if moe:
             self.router = Linear(g("router"))  # (n_experts, dim) replicated
             E = g("exp_gate").shape[0]
@@ -226,12 +237,12 @@ class Transformer:
                 types.update(w_gate=L.w_gate.wtype, w_up=L.w_up.wtype, w_down=L.w_down.wtype)
             else:  # ffn_block is generated for some FFN types but not used; moe_block is
                 types.update(w_gate="f32", w_up="f32", w_down="f32", router=L.router.wtype, **L.exp_types)
-            mod = fused.blocks(types, cfg.qk_norm, exact64)
+            mod = fused.blocks(types, cfg.qk_norm, exact64, L.biases)
             xb, at, hb = self.xb, self.att, self.hb
             attn = (cfg.norm_eps, hd, self.x, L.attn_norm, xb.x, xb.xq, xb.xd, xb.xsum,
                     *L.wq.w, *L.wk.w, *L.wv.w,
                     L.q_norm if L.q_norm is not None else one, L.k_norm if L.k_norm is not None else one,
-                    self.q, self.k, self.v, self.cos, self.sin, self.k_cache[li], self.v_cache[li],
+                    *(getattr(L, n) for n in L.biases), self.q, self.k, self.v, self.cos, self.sin, self.k_cache[li], self.v_cache[li],
                     self.kv_of_head, self.scores, at.x, at.xq, at.xd, at.xsum, *L.wo.w, part)
             if cfg.is_moe:
                 xe, ew = self.xe, L.exp_w
@@ -322,6 +333,9 @@ class Transformer:
         L.wk(self.xb, T, self.k)
         L.wv(self.xb, T, self.v)
         q, k = self.q[:T], self.k[:T]
+        for b, y in ((L.bq, q), (L.bk, k), (L.bv, self.v[:T])):
+            if b is not None:
+                ops.add_bias(y, b)
         if L.q_norm is not None:
             ops.rmsnorm_heads(q, L.q_norm, cfg.norm_eps, hd)
             ops.rmsnorm_heads(k, L.k_norm, cfg.norm_eps, hd)

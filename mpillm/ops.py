@@ -202,6 +202,15 @@ def add_expert_rows(x, idx, w, table):
 
 
 @njit(cache=True)
+def add_bias(y, b):
+    """y (T, n) += b (n,) on every row: a column-parallel layer's bias slice (float32 or float64 y)."""
+    T, n = y.shape
+    for t in range(T):
+        for i in range(n):
+            y[t, i] += b[i]
+
+
+@njit(cache=True)
 def add_inplace(x, y):
     """x += y (y float32, or float64 rounded once to float32 first)."""
     T, n = x.shape
