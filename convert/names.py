@@ -29,6 +29,9 @@ TENSORS: tuple[tuple[str, str, str, str], ...] = (
     ("layers/{i}/wk", "kv_rows", "model.layers.{i}.self_attn.k_proj.weight", "blk.{i}.attn_k.weight"),
     ("layers/{i}/wv", "kv_rows", "model.layers.{i}.self_attn.v_proj.weight", "blk.{i}.attn_v.weight"),
     ("layers/{i}/wo", "q_cols", "model.layers.{i}.self_attn.o_proj.weight", "blk.{i}.attn_output.weight"),
+    ("layers/{i}/bq", "q_vec", "model.layers.{i}.self_attn.q_proj.bias", "blk.{i}.attn_q.bias"),
+    ("layers/{i}/bk", "kv_vec", "model.layers.{i}.self_attn.k_proj.bias", "blk.{i}.attn_k.bias"),
+    ("layers/{i}/bv", "kv_vec", "model.layers.{i}.self_attn.v_proj.bias", "blk.{i}.attn_v.bias"),
     ("layers/{i}/q_norm", "replicated", "model.layers.{i}.self_attn.q_norm.weight", "blk.{i}.attn_q_norm.weight"),
     ("layers/{i}/k_norm", "replicated", "model.layers.{i}.self_attn.k_norm.weight", "blk.{i}.attn_k_norm.weight"),
     ("layers/{i}/ffn_norm", "replicated", "model.layers.{i}.post_attention_layernorm.weight", "blk.{i}.ffn_norm.weight"),
@@ -57,8 +60,10 @@ _ATTN = ["layers/{i}/attn_norm", "layers/{i}/wq", "layers/{i}/wk", "layers/{i}/w
 _DENSE = ["layers/{i}/w_gate", "layers/{i}/w_up", "layers/{i}/w_down"]
 _MOE = ["layers/{i}/router", "layers/{i}/exp_gate", "layers/{i}/exp_up", "layers/{i}/exp_down"]
 _QK = ["layers/{i}/q_norm", "layers/{i}/k_norm"]
+_QKV_BIAS = ["layers/{i}/bq", "layers/{i}/bk", "layers/{i}/bv"]
 LAYER_TENSORS = {
     "llama": _ATTN + _DENSE,
+    "qwen2": _ATTN + _QKV_BIAS + _DENSE,
     "qwen3": _ATTN + _QK + _DENSE,
     "qwen3moe": _ATTN + _QK + _MOE,
     # gpt-oss: q/k/v biases come from the qwen2 work (layers/{i}/bq, bk, bv) and join this list then
@@ -91,11 +96,12 @@ HF_GPT_OSS = {
 HF_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "llama",
+    "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
     "Qwen3MoeForCausalLM": "qwen3moe",
     "GptOssForCausalLM": "gpt-oss",
 }
-GGUF_ARCHITECTURES = ("llama", "qwen3", "qwen3moe", "gpt-oss")
+GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen3moe", "gpt-oss")
 
 
 def model_tensors(arch: str, n_layers: int, tied: bool, rope_freqs: bool = False) -> list[str]:

@@ -47,7 +47,12 @@ def _hf_sliding_window(hf: dict) -> int | None:
         return None
     if hf.get("layer_types") is not None:
         return window if "sliding_attention" in hf["layer_types"] else None
-    return window if hf.get("use_sliding_window", True) else None
+    if not hf.get("use_sliding_window", True):
+        return None
+    # Qwen2: only layers from max_window_layers on slide
+    if hf.get("max_window_layers") is not None and hf["max_window_layers"] >= hf["num_hidden_layers"]:
+        return None
+    return window
 
 
 def _unpermute_rows(a: np.ndarray, n_head: int) -> np.ndarray:
@@ -90,7 +95,7 @@ class GGUFSource:
             norm_eps=float(g("attention.layer_norm_rms_epsilon", 1e-5)),
             context_length=int(g("context_length", 2048)),
             tied_embeddings="output.weight" not in self.tensors,
-            qk_norm=arch in ("qwen3", "qwen3moe"),
+            qk_norm=arch in ("qwen3", "qwen3moe"), qkv_bias=arch == "qwen2",
             n_experts=int(g("expert_count", 0)) if moe else 0,
             n_experts_used=int(g("expert_used_count", 0)) if moe else 0,
             expert_ffn_dim=int(g("expert_feed_forward_length", 0)) if moe else 0,
@@ -233,6 +238,9 @@ class HFSource:
         self.index = {}
         for fp in files:
             self.index.update(_read_safetensors_index(fp))
+        if arch == "llama" and (hf.get("attention_bias") or hf.get("mlp_bias")):
+            raise ValueError(f"{self.path}: a {archs[0]} with attention_bias/mlp_bias is not supported "
+                             f"(its biases would be ignored)")
         heads = hf["num_attention_heads"]
         moe = arch in ("qwen3moe", "gpt-oss")
         if moe and (hf.get("mlp_only_layers") or hf.get("decoder_sparse_step", 1) != 1):
@@ -247,7 +255,7 @@ class HFSource:
             rope_theta=float(hf.get("rope_theta") or rope.get("rope_theta") or 10000.0),
             norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
             context_length=int(hf.get("max_position_embeddings", 2048)), tied_embeddings=tied,
-            qk_norm=arch in ("qwen3", "qwen3moe"),
+            qk_norm=arch in ("qwen3", "qwen3moe"), qkv_bias=arch == "qwen2",
             n_experts=(hf.get("num_experts") or hf.get("num_local_experts") or 0) if moe else 0,
             n_experts_used=hf.get("num_experts_per_tok", 0) if moe else 0,
             expert_ffn_dim=(hf["intermediate_size"] if gpt_oss else hf.get("moe_intermediate_size", 0)) if moe else 0,

@@ -5,7 +5,7 @@ import dataclasses
 import json
 from dataclasses import dataclass
 
-ARCHITECTURES = ("llama", "qwen3", "qwen3moe", "gpt-oss")
+ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen3moe", "gpt-oss")
 ROPE_SCALINGS = ("none", "yarn")
 FFN_ACTS = ("silu", "swiglu_oai")
 
@@ -29,6 +29,7 @@ class ModelConfig:
     n_experts_used: int = 0   # MoE: top-k
     expert_ffn_dim: int = 0   # MoE: hidden size of one expert
     norm_topk_prob: bool = True
+    qkv_bias: bool = False    # q/k/v projection biases (layers/{i}/bq, bk, bv): qwen2, gpt-oss
     # gpt-oss (defaults: off, so older manifests read unchanged)
     o_bias: bool = False      # o_proj bias (layers/{i}/bo), added once after Allreduce #1
     attn_sinks: bool = False  # learned per-head sink logit joining each softmax (layers/{i}/sinks)

@@ -101,8 +101,7 @@ def _vec(t: Tensor) -> np.ndarray:
     return np.ascontiguousarray(t.arrays["w"], dtype=np.float32)
 
 
-# Optional per-layer vectors, present in a shard only for the architectures that have them
-# (convert.names.LAYER_TENSORS): the attention biases, in the order the fused block takes them.
+# The q/k/v biases (config.qkv_bias), in the order the fused attention block takes them.
 ATTN_BIASES = ("bq", "bk", "bv")
 
 
@@ -119,7 +118,7 @@ class Layer:
         self.k_norm = _vec(g("k_norm")) if qk_norm else None  # (hd,)
         # q/k/v biases, this rank's heads' slices (None when the model has none):
         # bq (n_heads_per_partition * hd,), bk / bv (n_kv_heads_per_partition * hd,)
-        opt = {n: _vec(g(n)) if shard.has(f"layers/{i}/{n}") else None for n in ATTN_BIASES}
+        opt = {n: _vec(g(n)) if shard.config.qkv_bias else None for n in ATTN_BIASES}
         self.bq, self.bk, self.bv = (opt[n] for n in ATTN_BIASES)
         self.biases = tuple(n for n in ATTN_BIASES if opt[n] is not None)  # which ones, for mpillm.fused
         if moe:

@@ -1,6 +1,6 @@
-"""A slow float64 numpy forward of a Qwen3 / Qwen3-MoE (and Llama / Mistral: no q/k norm) Hugging
-Face directory, written independently of mpillm (safetensors read with the safetensors package,
-config.json read directly).
+"""A slow float64 numpy forward of a Qwen3 / Qwen3-MoE (and Llama / Mistral / Qwen2: no q/k norm;
+Qwen2: q/k/v biases) Hugging Face directory, written independently of mpillm (safetensors read
+with the safetensors package, config.json read directly).
 
 With ``fake_quant`` every weight matrix mpillm would quantize (embedding, attention, dense FFN,
 experts, untied output) is first rounded to that weight type; the router stays float, as the
@@ -66,11 +66,14 @@ def qwen3_forward(model_dir, tokens, fake_quant: str | None = None) -> tuple[np.
     for i in range(nl):
         p = f"model.layers.{i}."
         h = norm(x, W(p + "input_layernorm.weight"))
-        q = (h @ W(p + "self_attn.q_proj.weight").T).reshape(n, nh, hd)
-        k = (h @ W(p + "self_attn.k_proj.weight").T).reshape(n, nkv, hd)
+        def proj(w):  # with the bias when the model has one (Qwen2)
+            b = p + f"self_attn.{w}_proj.bias"
+            return h @ W(p + f"self_attn.{w}_proj.weight").T + (W(b) if b in st else 0.0)
+
+        q, k = proj("q").reshape(n, nh, hd), proj("k").reshape(n, nkv, hd)
         if qk_norm:
             q, k = norm(q, W(p + "self_attn.q_norm.weight")), norm(k, W(p + "self_attn.k_norm.weight"))
-        v = (h @ W(p + "self_attn.v_proj.weight").T).reshape(n, nkv, hd)
+        v = proj("v").reshape(n, nkv, hd)
         q, k = rope(q), rope(k)
         o = np.zeros((n, nh, hd))
         for j in range(nh):

@@ -9,7 +9,7 @@ from mpiutil import ROOT
 
 
 @pytest.mark.parametrize("wtype", ["q4_1", "f16"])
-@pytest.mark.parametrize("name", ["llama", "qwen3", "qwen3_moe"])
+@pytest.mark.parametrize("name", ["llama", "qwen2", "qwen3", "qwen3_moe"])
 def test_fused_equals_unfused(tmp_path, monkeypatch, wtype, name):
     from convert.__main__ import convert
     from mpillm.engine import Engine

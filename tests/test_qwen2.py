@@ -20,8 +20,8 @@ QWEN2 = FIXTURES / "qwen2"
 
 def test_hf_and_gguf_config_mapping():
     hf = HFSource(QWEN2).config
-    assert (hf.arch, hf.qk_norm, hf.tied_embeddings, hf.n_heads, hf.n_kv_heads, hf.head_dim) == \
-        ("qwen2", False, True, 4, 2, 32)
+    assert (hf.arch, hf.qk_norm, hf.qkv_bias, hf.tied_embeddings, hf.n_heads, hf.n_kv_heads, hf.head_dim) == \
+        ("qwen2", False, True, True, 4, 2, 32)
     assert hf.rope_theta == 1e6 and hf.norm_eps == 1e-6
     gg = GGUFSource(QWEN2 / "model.gguf")
     assert gg.config.norm_eps == pytest.approx(1e-6, rel=1e-6)  # GGUF stores it as float32
