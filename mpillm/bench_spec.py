@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -111,6 +112,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="repetitions; ratios are medians (default: %(default)s)")
     p.add_argument("--workloads", default="grounded,free", help="comma-separated (default: %(default)s)")
     p.add_argument("--json", type=Path, default=None, help="also write the JSON here")
+    p.add_argument("--lookup-variant", action="append", default=[], metavar="NMAX:NMIN:K",
+                   help="also run prompt lookup with these n-gram sizes and longest draft (repeatable), "
+                        "e.g. 3:1:8 for the earlier defaults")
+    p.add_argument("--llama-server", default=None, metavar="PATH",
+                   help="also run llama.cpp's own decoding (plain, ngram-simple lookup, and -md with a GGUF "
+                        "--draft-model) through this llama-server binary on the same prompts in every repetition "
+                        "(benchmarks/spec_llamacpp.py)")
+    p.add_argument("--gguf", default=None,
+                   help="the GGUF llama-server loads (default: --model when it is a GGUF, else the bundled one)")
+    p.add_argument("--llama-threads", type=int, default=None,
+                   help="llama-server threads (default: ranks x --threads, the cores mpillm uses)")
     args = parse_args_bcast(p, argv)
     from .engine import Engine
     from .models import resolve_model
@@ -140,10 +152,36 @@ def main(argv: list[str] | None = None) -> int:
                 dm.state.clear()   # a fresh Service reuses slot indices: start the draft cache afresh
                 return dm
             drafters["draft_model"] = model_drafter
+        for v in args.lookup_variant:
+            try:
+                nmax, nmin, k = (int(x) for x in v.split(":"))
+            except ValueError:
+                raise ValueError(f"--lookup-variant {v!r}: expected NMAX:NMIN:K, e.g. 3:1:8") from None
+            LookupDrafter(nmax, nmin, k)   # checks the values now
+            drafters[f"lookup_n{nmax}_{nmin}_k{k}"] = lambda a=(nmax, nmin, k): LookupDrafter(*a)
+        llama = None
+        if args.llama_server:
+            from benchmarks.spec_llamacpp import LlamaServers
+
+            from .models import bundled_gguf
+            gguf = args.gguf or (args.model if args.model and str(args.model).endswith(".gguf") else str(bundled_gguf()))
+            llama = LlamaServers(args.llama_server, gguf, args.llama_threads or engine.size * args.threads,
+                                 args.max_seq_len, draft_gguf=args.draft_model)
+        try:
+            return measure(tok, prompts, params, drafters, llama)
+        finally:
+            if llama is not None:
+                llama.close()
+
+    def measure(tok, prompts, params, drafters, llama) -> int:
         list(Service(engine, tok).stream(tok.encode("Hello"), SamplingParams(max_tokens=4)))
+        if llama is not None:   # warm each server up too
+            for name in llama.urls:
+                llama.complete(name, tok.encode("Hello"), 4)
         runs = []
         for rep in range(args.repeats):
             for wl, ids in prompts.items():
+                load0 = os.getloadavg()[0]
                 res = {}
                 for mode, make in drafters.items():
                     res[mode] = timed(Service(engine, tok, drafter=make()), ids, params)
@@ -151,24 +189,45 @@ def main(argv: list[str] | None = None) -> int:
                 for mode, r in res.items():
                     r["speedup"] = r["tok_s"] / base["tok_s"] if base["tok_s"] else 0.0
                     r["identical_to_plain"] = r["tokens"] == base["tokens"]
+                if llama is not None:
+                    for name in llama.urls:
+                        res[name] = llama.complete(name, ids, args.gen_tokens)
+                    lbase = res["llama_plain"]
+                    for name in llama.urls:
+                        r = res[name]
+                        r["speedup"] = r["tok_s"] / lbase["tok_s"] if lbase["tok_s"] else 0.0
+                        r["vs_mpillm_plain"] = r["tok_s"] / base["tok_s"] if base["tok_s"] else 0.0
+                        r["identical_to_plain"] = r["tokens"] == lbase["tokens"]   # llama.cpp's own plain
                 runs.append({"repeat": rep, "workload": wl, "prompt_tokens": len(ids),
+                             "load_avg_1min": [load0, os.getloadavg()[0]],
                              "modes": {m: {k: v for k, v in r.items() if k != "tokens"} for m, r in res.items()}})
-                print(json.dumps({"repeat": rep, "workload": wl,
+                print(json.dumps({"repeat": rep, "workload": wl, "load": round(load0, 1),
                                   **{m: round(r["speedup"], 3) for m, r in res.items()}}), flush=True)
         summary = {}
         for wl in prompts:
-            for mode in drafters:
+            for mode in runs[0]["modes"]:
                 rs = [r["modes"][mode] for r in runs if r["workload"] == wl]
                 summary[f"{wl}/{mode}"] = {
                     "median_speedup_vs_plain": statistics.median(r["speedup"] for r in rs),
                     "median_tok_s": statistics.median(r["tok_s"] for r in rs),
                     "acceptance_rate": statistics.median(r["acceptance_rate"] for r in rs),
-                    "tokens_per_step": statistics.median(r["tokens_per_step"] for r in rs),
+                    "tokens_per_step": None if mode.startswith("llama_") else
+                    statistics.median(r["tokens_per_step"] for r in rs),
                     "identical_to_plain": all(r["identical_to_plain"] for r in rs)}
+                if mode.startswith("llama_"):
+                    summary[f"{wl}/{mode}"]["median_vs_mpillm_plain"] = statistics.median(
+                        r["vs_mpillm_plain"] for r in rs)
+        loads = [x for r in runs for x in r["load_avg_1min"]]
         out = {"model": str(model_dir), "ranks": engine.size, "threads_per_rank": args.threads,
                "buffer_type": args.buffer_type, "gen_tokens": args.gen_tokens, "repeats": args.repeats,
                "draft_max": args.draft_max, "draft_ngram": [args.draft_ngram_min, args.draft_ngram],
-               "draft_model": args.draft_model, "summary": summary, "runs": runs}
+               "draft_model": args.draft_model, "load_avg_1min": {"min": min(loads), "max": max(loads),
+                                                                  "median": statistics.median(loads)},
+               "llama_cpp": None if llama is None else {
+                   "binary": args.llama_server, "commands": llama.cmds,
+                   "note": "tok/s from llama-server's timings.predicted_per_second; 'speedup' and "
+                           "'identical_to_plain' of llama modes are against llama_plain"},
+               "summary": summary, "runs": runs}
         print(json.dumps(out, indent=1), flush=True)
         if args.json:
             args.json.write_text(json.dumps(out, indent=1) + "\n")

@@ -145,7 +145,7 @@ class Drafter:
 class LookupDrafter(Drafter):
     """Prompt lookup (n-gram) drafting from the sequence's own tokens."""
 
-    def __init__(self, ngram_max: int = 3, ngram_min: int = 1, k_max: int = 8):
+    def __init__(self, ngram_max: int = 4, ngram_min: int = 2, k_max: int = 8):
         super().__init__(k_max)
         if not 1 <= ngram_min <= ngram_max:
             raise ValueError(f"--draft-ngram-min {ngram_min} / --draft-ngram {ngram_max}: need 1 <= min <= max")
@@ -369,10 +369,12 @@ def add_draft_args(p) -> None:
                         "runs alone to draft tokens")
     g.add_argument("--draft-max", type=int, default=8,
                    help="most tokens per draft; the length adapts per sequence below it (default: %(default)s)")
-    g.add_argument("--draft-ngram", type=int, default=3,
+    g.add_argument("--draft-ngram", type=int, default=4,
                    help="--draft lookup: longest n-gram matched (default: %(default)s)")
-    g.add_argument("--draft-ngram-min", type=int, default=1,
-                   help="--draft lookup: shortest n-gram matched (default: %(default)s)")
+    g.add_argument("--draft-ngram-min", type=int, default=2,
+                   help="--draft lookup: shortest n-gram matched; 1 drafts after any repeated token, which "
+                        "fails often and shortens the adaptive length for the drafts that would have been "
+                        "accepted (default: %(default)s)")
 
 
 __all__ = ["accept_sampled", "decide", "AdaptiveLength", "Drafter", "LookupDrafter", "ModelDrafter",
