@@ -46,7 +46,9 @@ def _gpt_oss(n_layers: int, n_experts: int) -> dict:
                 tied_embeddings=False, n_experts=n_experts, n_experts_used=4, expert_ffn_dim=2880,
                 o_bias=True, attn_sinks=True, sliding_window=128, sliding_layers=list(range(0, n_layers, 2)),
                 rope_scaling="yarn", rope_factor=32.0, rope_orig_context=4096, yarn_beta_fast=32.0,
-                yarn_beta_slow=1.0, yarn_truncate=False, expert_bias=True, ffn_act="swiglu_oai")
+                yarn_beta_slow=1.0, yarn_truncate=False, expert_bias=True, ffn_act="swiglu_oai",
+                # q/k/v biases (layers/{i}/bq, bk, bv) once ModelConfig has the flag
+                **({"qkv_bias": True} if "qkv_bias" in {f.name for f in dataclasses.fields(ModelConfig)} else {}))
 
 
 SHAPES["gpt-oss-20b"] = _gpt_oss(24, 32)

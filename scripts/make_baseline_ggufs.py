@@ -295,8 +295,13 @@ def _harmony_vocab(n_vocab: int):
     n_vocab = max(n_vocab, len(r.fields["tokenizer.ggml.tokens"].contents()))
     tokens, types, merges, _ = _padded_vocab(n_vocab)
     if n_vocab > GPT_OSS_FIRST_SPECIAL:
+        named = set(GPT_OSS_SPECIAL_TOKENS.values())
+        for i in range(GPT_OSS_FIRST_SPECIAL):   # SmolLM2's own <|endoftext|>: llama.cpp wants each text once
+            if tokens[i] in named:
+                tokens[i] = f"<|smollm2_{i}|>"
         for i in range(GPT_OSS_FIRST_SPECIAL, n_vocab):
             tokens[i] = GPT_OSS_SPECIAL_TOKENS.get(i, f"<|reserved_{i}|>")
+    assert len(set(tokens)) == len(tokens)
     return tokens, types, merges
 
 
