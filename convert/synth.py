@@ -120,6 +120,11 @@ def synth(shape: str, out: Path, world_sizes: list[int], wtype: str | None = Non
     wtype = wtype or DEFAULT_TYPE.get(shape, "q4_0")
     cfg = ModelConfig(**SHAPES[shape])
     names = N.model_tensors(cfg.arch, cfg.n_layers, cfg.tied_embeddings)
+    if getattr(cfg, "qkv_bias", False):   # q/k/v biases for an architecture whose list does not name them yet
+        for i in range(cfg.n_layers):
+            if f"layers/{i}/bq" not in names:
+                k = names.index(f"layers/{i}/wv") + 1
+                names[k:k] = [f"layers/{i}/bq", f"layers/{i}/bk", f"layers/{i}/bv"]
     for ws in world_sizes:
         for rs in plan(cfg, ws):
             w = fmt.ShardWriter(out / fmt.shard_relpath(ws, rs.tp_rank), cfg, ws, rs.tp_rank,

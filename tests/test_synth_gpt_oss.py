@@ -32,6 +32,7 @@ def tiny(tmp_path_factory):
 def test_every_tensor_with_its_split_and_type(tiny, ws):
     cfg = ModelConfig(**SHAPES["gpt-oss-tiny"])
     names = N.model_tensors("gpt-oss", cfg.n_layers, tied=False)
+    names += [f"layers/{i}/{b}" for i in range(cfg.n_layers) for b in ("bq", "bk", "bv")]   # q/k/v biases
     for rs in plan(cfg, ws):
         with h5py.File(tiny / f"ws{ws}" / f"rank{rs.tp_rank}.h5", "r") as f:
             for name in names:
