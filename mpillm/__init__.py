@@ -73,3 +73,6 @@ def _yield_when_oversubscribed() -> None:
 
 _key_jit_cache()
 _yield_when_oversubscribed()
+from . import cpu as _cpu  # noqa: E402 - aarch64: the CPU numba compiles for, before anything is jitted
+
+_cpu.configure()

@@ -156,7 +156,7 @@ class Engine:
         print(f"mpillm plan: {cfg.arch}, {cfg.n_layers} layers, dim {cfg.dim}, {cfg.n_heads} heads / "
               f"{cfg.n_kv_heads} KV heads, vocab {cfg.vocab_size}; world size {self.size}, "
               f"{threads} thread(s) per rank, {self.n_slots} slot(s) x {self.max_seq_len} tokens, "
-              f"{self.max_batch} rows per step, kernels {kernels.active_path()}", flush=True)
+              f"{self.max_batch} rows per step, kernels {kernels.describe()}", flush=True)
         shares = share_notes(cfg, self.slices, self.split, [s[0] for s in sizes])
         for rs, (wb, kb, host, notes), share in zip(self.slices, sizes, shares):
             ffn = rs.expert_ffn if cfg.is_moe else rs.ffn

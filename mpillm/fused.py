@@ -134,8 +134,7 @@ def blocks(types: dict[str, str], qk_norm: bool, f64_out: bool = False, biases: 
     with f64_out the blocks' wo / w_down write float64 partial sums (--buffer-type f64); ``biases``
     names the attention biases passed after k_norm (see _source)."""
     name = kernels.active_path()
-    path_mod = "mpillm.kernels.portable" if name == "portable" else "mpillm.kernels.x86"
-    prefix = "" if name == "portable" else name + "_"
+    path_mod, prefix = kernels.module_of(name)
     src = _source(types, qk_norm, path_mod, prefix, f64_out, tuple(biases))
     tag = hashlib.sha1(src.encode()).hexdigest()[:12]
     base = Path(os.environ.get("NUMBA_CACHE_DIR") or Path.home() / ".cache" / "mpillm" / "numba") / "mpillm_fused"

@@ -80,6 +80,7 @@ class Node:
 # job can use, and the per-layer fixed cost scaled from this machine by single-core speed.
 NODES = {
     "pi5": Node("pi5", 9.0, 8e9 - 1.2e9, 60.0, "Raspberry Pi 5 8 GB: LPDDR4X-4267 x32 (17 GB/s peak)"),
+    "pi4": Node("pi4", 4.0, 8e9 - 1.2e9, 130.0, "Raspberry Pi 4 8 GB: LPDDR4-3200 x32 (12.8 GB/s peak), no dot product"),
     "framework-desktop": Node("framework-desktop", 110.0, 128e9 - 8e9, 12.0,
                               "Framework Desktop, Ryzen AI Max+ 395, 128 GB LPDDR5X-8000 x256"),
     "this-machine": Node("this-machine", 20.0, 16e9, 25.0, "this project's 2-core AVX-512 VM, one thread"),

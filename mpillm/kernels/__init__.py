@@ -17,7 +17,7 @@ weights may be read-only memmaps; T tokens, N weight rows, K columns, nb = K // 
     matmul_mxfp4_q8_0(qs, e, ...)
     matmul_f16_f32(w, x, out)                    w f16 (N,K), x f32 (T,K)
     matmul_f32_f32(w, x, out)                    w f32 (N,K)
-    active_path() -> "vnni" | "avx2" | "portable"
+    active_path() -> "vnni" | "avx2" | "neon-dot" | "neon" | "portable"
     warmup()                                     compile (or load from cache) every kernel of the active path
     get_path(name) -> KernelPath                 the same API for one path (tests, benchmarks)
     available_paths() -> list of paths this CPU can run
@@ -25,11 +25,14 @@ weights may be read-only memmaps; T tokens, N weight rows, K columns, nb = K // 
     jit                                          the active path's raw jitted kernels (see below)
 
 The path is chosen at import from the host CPU (best first: vnni, avx2,
-portable) and can be forced with ``MPILLM_KERNELS=vnni|avx2|portable``.
+neon-dot, neon, portable) and can be forced with ``MPILLM_KERNELS=<path>``.
 
 Paths: ``vnni`` and ``avx2`` (``x86.py``: llvmlite IR calling vpdpbusd /
 vpmaddubsw explicitly), ``portable`` (``portable.py``: target-neutral vector
-IR; sdot on AArch64). The x86 quantized kernels allocate one scratch buffer per
+IR; sdot on AArch64). On aarch64 the portable kernels are the ``neon-dot`` or
+``neon`` path: the same IR, compiled by numba for the CPU ``mpillm.cpu`` chose at
+start-up from AT_HWCAP (dot product or not); that choice is process-wide, so
+``portable`` there is the same code. The x86 quantized kernels allocate one scratch buffer per
 call (~2 x T x K bytes: the activations rearranged for the dot instructions).
 Every kernel is ``cache=True``; ``warmup()`` compiles or loads them all.
 
@@ -49,9 +52,9 @@ import numpy as np
 
 from .. import quant
 
-PATHS = ("vnni", "avx2", "portable")  # best first
+PATHS = ("vnni", "avx2", "neon-dot", "neon", "portable")  # best first
 KQ_TYPES = ("q5_0", "q5_1", "q4_K", "q5_K", "q6_K", "mxfp4")  # kernels in kquant.py
-_MODULES = {"vnni": "x86", "avx2": "x86", "portable": "portable"}
+_MODULES = {"vnni": "x86", "avx2": "x86", "neon-dot": "portable", "neon": "portable", "portable": "portable"}
 ENV = "MPILLM_KERNELS"
 
 
@@ -73,8 +76,29 @@ def _machine() -> str:
 _NEEDS = {
     "vnni": ("avx512f", "avx512bw", "avx512vl", "avx512vnni", "f16c", "fma"),
     "avx2": ("avx2", "f16c", "fma"),
+    "neon-dot": (),
+    "neon": (),
     "portable": (),
 }
+
+
+def module_of(name: str) -> tuple[str, str]:
+    """(module, prefix) of path ``name``'s jitted kernels (``mpillm.kernels.<module>.<prefix><kernel>``)."""
+    return f"{__name__}.{_MODULES[name]}", "" if _MODULES[name] == "portable" else name + "_"
+
+
+def _arm_missing(name: str) -> list[str]:
+    from .. import cpu
+
+    if not cpu.is_aarch64():
+        return [f"aarch64 (host is {_machine()})"]
+    if name == "neon-dot" and not cpu.arm_features()["dotprod"]:
+        return ["asimddp (ARMv8.2 dot product)"]
+    t = cpu.TARGET
+    if t is None or t.path != name:
+        have = t.path if t else "?"
+        return [f"this process compiles for path {have} (mpillm.cpu decides at start-up; MPILLM_KERNELS={name})"]
+    return []
 
 
 def missing_features(name: str) -> list[str]:
@@ -83,6 +107,8 @@ def missing_features(name: str) -> list[str]:
         raise ValueError(f"unknown kernel path {name!r}; choose one of {', '.join(PATHS)}")
     if name == "portable":
         return []
+    if name in ("neon-dot", "neon"):
+        return _arm_missing(name)
     if _machine() not in ("x86_64", "amd64"):
         return [f"x86_64 (host is {_machine()})"]
     have = _host_features()
@@ -212,8 +238,8 @@ def get_path(name: str) -> KernelPath:
     miss = missing_features(name)
     if miss:
         raise RuntimeError(f"kernel path {name!r} needs CPU features this host lacks: {', '.join(miss)}")
-    mod = importlib.import_module(f"{__name__}.{_MODULES[name]}")
-    prefix = "" if name == "portable" else name + "_"
+    modname, prefix = module_of(name)
+    mod = importlib.import_module(modname)
     _cache[name] = p = KernelPath(name, mod, prefix)
     return p
 
@@ -240,6 +266,14 @@ jit = _active.jit
 
 def active_path() -> str:
     return _active.name
+
+
+def describe() -> str:
+    """The active path for the plan line, with the CPU it was compiled for on aarch64."""
+    from .. import cpu
+
+    t = cpu.describe()
+    return f"{_active.name} ({t})" if t else _active.name
 
 
 def warmup() -> None:

@@ -60,6 +60,11 @@ _JIT = dict(cache=True, fastmath=True, nogil=True)
 _JIT_PAR = dict(_JIT, parallel=True)
 _VNNI_BYTE_OPERANDS = _llvm.llvm_version_info >= (22,)
 _PARTIAL_REDUCE = _llvm.llvm_version_info >= (22,)
+# Portable: unsigned codes (q5_1, q4_K, q5_K; 0..31 or 0..15) are centred to signed ones and the
+# offset added back as c * xsum. LLVM proves the raw codes non-negative and turns their sext into
+# zext; a zext x sext product is AArch64's usdot (+i8mm, not on a Cortex-A76) and without it
+# LLVM falls back to smull/smlal: the a76 build of these three kernels had no sdot at all.
+_CENTRE = {"q5_1": 16, "q4_K": 8, "q5_K": 16}
 _MXFP4_U = [12 + v for v in (0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12)]
 
 
@@ -181,7 +186,9 @@ def _codes(e: _E, kind: str, A: dict, r, b0, nsub: int):
         p5 = e.shuffle(h, None, [64 * j + 32 + i for j in range(nsub) for i in range(32)])
         q = b.or_(q, b.or_(b.shl(p4, e.splat_const(I8, N, 4)), b.shl(p5, e.splat_const(I8, N, 5))))
     if e.isa == "portable":
-        if kind == "q5_0":
+        if kind in _CENTRE:  # signed codes: LLVM selects sdot only for sext x sext (see _CENTRE)
+            q = b.sub(q, e.splat_const(I8, N, _CENTRE[kind]))
+        elif kind == "q5_0":
             q = b.sub(q, e.splat_const(I8, N, 16))
         elif kind == "q6_K":
             q = b.sub(q, e.splat_const(I8, N, 32))
@@ -275,6 +282,8 @@ def _tile_codegen(kind: str, isa: str, R: int, U: int, f64: bool = False):
                         t = b.fadd(b.fmul(D(Ds[0]), b.sitofp(s0, FT)), b.fmul(D(Ds[1]), b.sitofp(s1, FT)))
                     else:
                         s = e.sdot([(q0, xv[u][0]), (q1, xv[u][1])])
+                        if kind in _CENTRE:  # sum q x = sum (q - c) x + c xsum, exact in i32
+                            s = b.add(s, b.mul(xs, ir.Constant(I32, _CENTRE[kind])))
                         t = b.fmul(D(Ds[0]), b.sitofp(s, FT))
                     b.store(b.fadd(b.load(acc[r][u]), b.fmul(t, D(xd))), acc[r][u])
                     if M is not None:
