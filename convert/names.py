@@ -66,8 +66,7 @@ LAYER_TENSORS = {
     "qwen2": _ATTN + _QKV_BIAS + _DENSE,
     "qwen3": _ATTN + _QK + _DENSE,
     "qwen3moe": _ATTN + _QK + _MOE,
-    # gpt-oss: q/k/v biases come from the qwen2 work (layers/{i}/bq, bk, bv) and join this list then
-    "gpt-oss": _ATTN + ["layers/{i}/bo", "layers/{i}/sinks"] + _MOE
+    "gpt-oss": _ATTN + _QKV_BIAS + ["layers/{i}/bo", "layers/{i}/sinks"] + _MOE
                + ["layers/{i}/router_b", "layers/{i}/exp_gate_b", "layers/{i}/exp_up_b", "layers/{i}/exp_down_b"],
 }
 

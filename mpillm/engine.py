@@ -153,8 +153,13 @@ class Engine:
 
     def print_plan(self, sizes, threads: int) -> None:
         cfg = self.cfg
+        extra = f", {cfg.n_experts} experts top-{cfg.n_experts_used}" if cfg.is_moe else ""
+        if cfg.sliding_layers:
+            extra += f", window {cfg.sliding_window} on {len(cfg.sliding_layers)} layers"
+        extra += ", attention sinks" if cfg.attn_sinks else ""
+        extra += f", YaRN x{cfg.rope_factor:g}" if cfg.rope_scaling == "yarn" else ""
         print(f"mpillm plan: {cfg.arch}, {cfg.n_layers} layers, dim {cfg.dim}, {cfg.n_heads} heads / "
-              f"{cfg.n_kv_heads} KV heads, vocab {cfg.vocab_size}; world size {self.size}, "
+              f"{cfg.n_kv_heads} KV heads{extra}, vocab {cfg.vocab_size}; world size {self.size}, "
               f"{threads} thread(s) per rank, {self.n_slots} slot(s) x {self.max_seq_len} tokens, "
               f"{self.max_batch} rows per step, kernels {kernels.describe()}", flush=True)
         shares = share_notes(cfg, self.slices, self.split, [s[0] for s in sizes])

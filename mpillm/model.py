@@ -9,6 +9,11 @@ Per layer (llama / qwen2 / qwen3 / qwen3moe share these blocks):
           |  or MoE: router (replicated) -> top-k experts, each a slice of its hidden size
   -> Allreduce #2 -> residual
 
+gpt-oss adds: biases on q/k/v (column-parallel slices) and o (added once, after Allreduce #1);
+a sink logit per query head in the softmax and a sliding window on some layers (attention);
+YaRN-scaled RoPE tables; router and expert biases, the clamped SwiGLU, and the routed
+experts' down biases added once after Allreduce #2 (in the fused blocks too).
+
 The embedding and output projection are vocabulary-parallel (rows of the vocabulary);
 the embedding is joined by an Allreduce, the logits are gathered by the engine.
 All buffers are allocated once in ``__init__``; ``forward`` allocates no arrays.
@@ -121,6 +126,14 @@ class Layer:
         opt = {n: _vec(g(n)) if shard.config.qkv_bias else None for n in ATTN_BIASES}
         self.bq, self.bk, self.bv = (opt[n] for n in ATTN_BIASES)
         self.biases = tuple(n for n in ATTN_BIASES if opt[n] is not None)  # which ones, for mpillm.fused
+        # gpt-oss's vectors (None when the model has none)
+        o = lambda n: _vec(g(n)) if shard.has(f"layers/{i}/{n}") else None  # noqa: E731
+        self.bo = o("bo")                      # (dim,) replicated: added once, after Allreduce #1
+        self.sinks = o("sinks")                # (n_heads_per_partition,)
+        self.router_b = o("router_b")          # (n_experts,)
+        self.exp_gate_b = o("exp_gate_b")      # (n_experts, expert_ffn_per_partition)
+        self.exp_up_b = o("exp_up_b")          # (n_experts, expert_ffn_per_partition)
+        self.exp_down_b = o("exp_down_b")      # (n_experts, dim) replicated: added once, after Allreduce #2
         if moe:
             self.router = Linear(g("router"))  # (n_experts, dim) replicated
             E = g("exp_gate").shape[0]
@@ -159,7 +172,11 @@ class Transformer:
         # which local KV head each local query head reads
         self.kv_of_head = np.array([(rs.heads[0] + h) // cfg.group_size - rs.kv_heads[0] for h in range(nh)], np.int64)
         freqs = _vec(shard.get("rope_freqs")) if shard.has("rope_freqs") else None  # (hd/2,) Llama 3.x scaling
-        self.cos, self.sin = ops.rope_tables(max_seq_len, hd, cfg.rope_theta, freqs)  # (S, hd/2)
+        yarn = ((cfg.rope_factor, cfg.rope_orig_context, cfg.yarn_beta_fast, cfg.yarn_beta_slow, cfg.yarn_truncate)
+                if cfg.rope_scaling == "yarn" else None)
+        self.cos, self.sin = ops.rope_tables(max_seq_len, hd, cfg.rope_theta, freqs, yarn)  # (S, hd/2)
+        self.windows = [cfg.window(i) for i in range(cfg.n_layers)]  # keys each layer sees (0: all)
+        self.no_sinks = np.zeros(0, np.float32)
 
         # run state, allocated once (T = max_batch)
         B, D = max_batch, cfg.dim
@@ -229,6 +246,7 @@ class Transformer:
         part = self.partial64 if exact64 else self.partial  # where wo / w_down write
         cfg, hd = self.cfg, self.cfg.head_dim
         one = np.ones(1, np.float32)
+        oai = cfg.arch == "gpt-oss"  # sinks + window in attention, biases + clamped SwiGLU in the MoE
         self.fused = []
         for li, L in enumerate(self.layers):
             types = {"wq": L.wq.wtype, "wk": L.wk.wtype, "wv": L.wv.wtype, "wo": L.wo.wtype}
@@ -236,20 +254,23 @@ class Transformer:
                 types.update(w_gate=L.w_gate.wtype, w_up=L.w_up.wtype, w_down=L.w_down.wtype)
             else:  # ffn_block is generated for some FFN types but not used; moe_block is
                 types.update(w_gate="f32", w_up="f32", w_down="f32", router=L.router.wtype, **L.exp_types)
-            mod = fused.blocks(types, cfg.qk_norm, exact64, L.biases)
+            mod = fused.blocks(types, cfg.qk_norm, exact64, L.biases, oai=oai)
             xb, at, hb = self.xb, self.att, self.hb
             attn = (cfg.norm_eps, hd, self.x, L.attn_norm, xb.x, xb.xq, xb.xd, xb.xsum,
                     *L.wq.w, *L.wk.w, *L.wv.w,
                     L.q_norm if L.q_norm is not None else one, L.k_norm if L.k_norm is not None else one,
                     *(getattr(L, n) for n in L.biases), self.q, self.k, self.v, self.cos, self.sin, self.k_cache[li], self.v_cache[li],
-                    self.kv_of_head, self.scores, at.x, at.xq, at.xd, at.xsum, *L.wo.w, part)
+                    self.kv_of_head, self.scores, at.x, at.xq, at.xd, at.xsum, *L.wo.w,
+                    *((L.sinks if L.sinks is not None else self.no_sinks, self.windows[li]) if oai else ()), part)
             if cfg.is_moe:
                 xe, ew = self.xe, L.exp_w
                 ffn = (cfg.norm_eps, cfg.norm_topk_prob, self.x, L.ffn_norm, xb.x, xb.xq, xb.xd, xb.xsum,
                        *L.router.w, self.router_logits, self.topk_idx, self.topk_w, self.exp_slots,
                        self.exp_starts, self.exp_rows, self.exp_wts, self.exp_active, xe.x, xe.xq, xe.xd,
                        xe.xsum, *ew["exp_gate"], *ew["exp_up"], *ew["exp_down"], self.gate, self.up,
-                       hb.x, hb.xq, hb.xd, hb.xsum, self.ye, self.partial)
+                       hb.x, hb.xq, hb.xd, hb.xsum, self.ye,
+                       *((L.router_b, L.exp_gate_b, L.exp_up_b, cfg.swiglu_alpha, cfg.swiglu_limit) if oai else ()),
+                       self.partial)
             else:
                 ffn = (cfg.norm_eps, self.x, L.ffn_norm, xb.x, xb.xq, xb.xd, xb.xsum, *L.w_gate.w, *L.w_up.w,
                        self.gate, self.up, hb.x, hb.xq, hb.xd, hb.xsum, *L.w_down.w, part)
@@ -324,6 +345,8 @@ class Transformer:
             mod.attn_block(T, positions, slots, *args)  # norm .. wo in one jitted call
             part = self.partial if self.partial64 is None else self.partial64
             self.allreduce(part[:T])  # Allreduce #1: attention output projection
+            if L.bo is not None:
+                ops.add_bias(part[:T], L.bo)  # once, on the summed output
             ops.add_inplace(self.x[:T], part[:T])
             return
         ops.rmsnorm(self.x[:T], L.attn_norm, cfg.norm_eps, self.xb.x[:T])
@@ -341,12 +364,14 @@ class Transformer:
         ops.rope_neox(q, positions, hd, self.cos, self.sin)
         ops.rope_neox(k, positions, hd, self.cos, self.sin)
         ops.store_kv(k, self.v[:T], self.k_cache[li], self.v_cache[li], slots, positions, hd)
-        ops.attention(q, self.k_cache[li], self.v_cache[li], slots, positions, hd, self.kv_of_head, self.scores,
-                      self.att.x[:T])
+        ops.attention_ext(q, self.k_cache[li], self.v_cache[li], slots, positions, hd, self.kv_of_head, self.scores,
+                          self.att.x[:T], L.sinks if L.sinks is not None else self.no_sinks, self.windows[li])
         self.att.quantize(T)
         part = self.partial if self.partial64 is None else self.partial64
         L.wo(self.att, T, part)
         self.allreduce(part[:T])  # Allreduce #1: attention output projection
+        if L.bo is not None:
+            ops.add_bias(part[:T], L.bo)  # once, on the summed output
         ops.add_inplace(self.x[:T], part[:T])
 
     def _ffn(self, L: Layer, T: int, li: int) -> None:
@@ -374,11 +399,15 @@ class Transformer:
             mod, _, args = self.fused[li]
             mod.moe_block(T, *args)  # norm, router, top-k, every active expert: one jitted call
             self.allreduce(self.partial[:T])  # Allreduce #2: the MoE block's summed expert outputs
+            if L.exp_down_b is not None:  # once, on the summed output: sum_j w_j b_down[e_j]
+                ops.add_expert_rows(self.partial[:T], self.topk_idx[:T], self.topk_w[:T], L.exp_down_b)
             ops.add_inplace(self.x[:T], self.partial[:T])
             return
         ops.rmsnorm(self.x[:T], L.ffn_norm, cfg.norm_eps, self.xb.x[:T])
         self.xb.quantize(T)
         L.router(self.xb, T, self.router_logits)  # replicated: every rank routes identically
+        if L.router_b is not None:
+            ops.add_bias(self.router_logits[:T], L.router_b)
         ops.route_topk(self.router_logits[:T], cfg.norm_topk_prob, self.topk_idx[:T], self.topk_w[:T])
         if self.route_log is not None:
             self.route_log.append((self.topk_idx[:T].copy(), self.topk_w[:T].copy()))
@@ -398,9 +427,17 @@ class Transformer:
                 xe.quantize(n)
             L.exp_gate[e](xe, n, self.gate)
             L.exp_up[e](xe, n, self.up)
-            ops.silu_mul(self.gate[:n], self.up[:n], self.hb.x[:n])
+            if L.exp_gate_b is not None:
+                ops.add_bias(self.gate[:n], L.exp_gate_b[e])
+                ops.add_bias(self.up[:n], L.exp_up_b[e])
+            if cfg.ffn_act == "swiglu_oai":
+                ops.swiglu_oai(self.gate[:n], self.up[:n], cfg.swiglu_alpha, cfg.swiglu_limit, self.hb.x[:n])
+            else:
+                ops.silu_mul(self.gate[:n], self.up[:n], self.hb.x[:n])
             self.hb.quantize(n)
             L.exp_down[e](self.hb, n, self.ye)
             ops.scatter_add_rows(self.ye[:n], rows, self.exp_wts[r0:r1], out)
         self.allreduce(out)  # Allreduce #2: the MoE block's summed expert outputs
+        if L.exp_down_b is not None:  # once, on the summed output: sum_j w_j b_down[e_j]
+            ops.add_expert_rows(out, self.topk_idx[:T], self.topk_w[:T], L.exp_down_b)
         ops.add_inplace(self.x[:T], out)

@@ -182,12 +182,12 @@ def swiglu_oai(g, u, alpha, limit, out):
 
 
 @njit(cache=True)
-def add_rows(x, b):
-    """x (T, n) += b (n,) on every row (a bias)."""
-    T, n = x.shape
+def add_bias(y, b):
+    """y (T, n) += b (n,) on every row: a column-parallel layer's bias slice (float32 or float64 y)."""
+    T, n = y.shape
     for t in range(T):
         for i in range(n):
-            x[t, i] += b[i]
+            y[t, i] += b[i]
 
 
 @njit(cache=True)
@@ -199,15 +199,6 @@ def add_expert_rows(x, idx, w, table):
             e, wt = idx[t, j], w[t, j]
             for i in range(n):
                 x[t, i] += wt * table[e, i]
-
-
-@njit(cache=True)
-def add_bias(y, b):
-    """y (T, n) += b (n,) on every row: a column-parallel layer's bias slice (float32 or float64 y)."""
-    T, n = y.shape
-    for t in range(T):
-        for i in range(n):
-            y[t, i] += b[i]
 
 
 @njit(cache=True)
