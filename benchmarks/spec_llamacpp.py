@@ -30,6 +30,14 @@ import urllib.request
 from pathlib import Path
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the benchmark process dies (a killed MPI job would
+    otherwise leave idle servers behind)."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -64,7 +72,7 @@ class LlamaServers:
                        "--poll", str(poll), *extra]
                 log = open(log_dir / f"{name}.log", "w") if log_dir else subprocess.DEVNULL
                 self.procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                                    start_new_session=True)
+                                                    start_new_session=True, preexec_fn=_die_with_parent)
                 self.urls[name], self.cmds[name] = f"http://127.0.0.1:{port}", cmd
             deadline = time.monotonic() + start_timeout
             for name, url in self.urls.items():

@@ -202,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
                              "load_avg_1min": [load0, os.getloadavg()[0]],
                              "modes": {m: {k: v for k, v in r.items() if k != "tokens"} for m, r in res.items()}})
                 print(json.dumps({"repeat": rep, "workload": wl, "load": round(load0, 1),
-                                  **{m: round(r["speedup"], 3) for m, r in res.items()}}), flush=True)
+                                  **{m: [round(r["speedup"], 3), round(r["tok_s"], 2), r["accepted"], r["drafted"]]
+                                     for m, r in res.items()}}), flush=True)
         summary = {}
         for wl in prompts:
             for mode in runs[0]["modes"]:
