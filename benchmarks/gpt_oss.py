@@ -108,9 +108,9 @@ def disk_read_bytes() -> int:
 
 # ---- the two programs --------------------------------------------------------------------------
 def run_llamacpp(bin_dir: Path, gguf: Path, threads: int, n_prompt: int, n_gen: int, reps: int,
-                 timeout: float, preexec=None) -> dict:
+                 timeout: float, preexec=None, extra: list[str] = ()) -> dict:
     cmd = [str(bin_dir / "llama-bench"), "-m", str(gguf), "-t", str(threads), "-p", str(n_prompt), "-n",
-           str(n_gen), "-r", str(reps), "-o", "json"]
+           str(n_gen), "-r", str(reps), "-o", "json", *extra]
     t0 = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, preexec_fn=preexec)
     if r.returncode != 0:
@@ -176,6 +176,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="run both under a memory cgroup limit of this size (weights page from disk)")
     p.add_argument("--only", choices=("mpillm", "llamacpp"), default=None, help="run just one side")
     p.add_argument("--llama-bin", type=Path, default=DEFAULT_LLAMA_BIN)
+    p.add_argument("--llama-args", default="",
+                   help="more llama-bench options, e.g. '--repack 0' (under a memory limit: its default repacks "
+                        "the weights into anonymous memory, a second copy the limit cannot hold)")
+    p.add_argument("--mpillm-args", default="", help="more mpillm.bench options")
     p.add_argument("--timeout", type=float, default=3600)
     p.add_argument("--json", type=Path, default=None)
     a = p.parse_args(argv)
@@ -186,11 +190,13 @@ def main(argv: list[str] | None = None) -> int:
         if a.only != "mpillm":
             rnd["llama_cpp"], rnd["llama_cpp_paging"] = limited(
                 "llama", limit, [a.gguf], lambda pre: run_llamacpp(a.llama_bin, a.gguf, a.np, a.prompt_tokens,
-                                                                   a.gen_tokens, a.repeats, a.timeout, pre))
+                                                                   a.gen_tokens, a.repeats, a.timeout, pre,
+                                                                   a.llama_args.split()))
         if a.only != "llamacpp":
             rnd["mpillm"], rnd["mpillm_paging"] = limited(
                 "mpillm", limit, [a.model], lambda pre: run_mpillm(a.np, a.model, a.prompt_tokens, a.gen_tokens,
-                                                                  a.repeats, a.timeout, [], pre))
+                                                                  a.repeats, a.timeout, a.mpillm_args.split(),
+                                                                  pre))
         if "mpillm" in rnd and "llama_cpp" in rnd:
             m, L = rnd["mpillm"], rnd["llama_cpp"]
             rnd["ratios"] = {"generate_mpillm_over_llamacpp": m["generate_tok_s"] / L["generate_tok_s"],
