@@ -47,8 +47,7 @@ def _gpt_oss(n_layers: int, n_experts: int) -> dict:
                 o_bias=True, attn_sinks=True, sliding_window=128, sliding_layers=list(range(0, n_layers, 2)),
                 rope_scaling="yarn", rope_factor=32.0, rope_orig_context=4096, yarn_beta_fast=32.0,
                 yarn_beta_slow=1.0, yarn_truncate=False, expert_bias=True, ffn_act="swiglu_oai",
-                # q/k/v biases (layers/{i}/bq, bk, bv) once ModelConfig has the flag
-                **({"qkv_bias": True} if "qkv_bias" in {f.name for f in dataclasses.fields(ModelConfig)} else {}))
+                qkv_bias=True)
 
 
 SHAPES["gpt-oss-20b"] = _gpt_oss(24, 32)
@@ -77,7 +76,7 @@ def logical_shape(cfg: ModelConfig, name: str) -> tuple[int, ...]:
         "w_gate": (cfg.ffn_dim, D), "w_up": (cfg.ffn_dim, D), "w_down": (D, cfg.ffn_dim),
         "router": (E, D), "exp_gate": (E, cfg.expert_ffn_dim, D), "exp_up": (E, cfg.expert_ffn_dim, D),
         "exp_down": (E, D, cfg.expert_ffn_dim),
-        "bq": (cfg.q_dim,), "bk": (cfg.kv_dim,), "bv": (cfg.kv_dim,), "bo": (D,), "sinks": (cfg.n_heads,),
+        "bo": (D,), "sinks": (cfg.n_heads,),
         "router_b": (E,), "exp_gate_b": (E, cfg.expert_ffn_dim), "exp_up_b": (E, cfg.expert_ffn_dim),
         "exp_down_b": (E, D),
     }[p]
@@ -120,11 +119,6 @@ def synth(shape: str, out: Path, world_sizes: list[int], wtype: str | None = Non
     wtype = wtype or DEFAULT_TYPE.get(shape, "q4_0")
     cfg = ModelConfig(**SHAPES[shape])
     names = N.model_tensors(cfg.arch, cfg.n_layers, cfg.tied_embeddings)
-    if getattr(cfg, "qkv_bias", False):   # q/k/v biases for an architecture whose list does not name them yet
-        for i in range(cfg.n_layers):
-            if f"layers/{i}/bq" not in names:
-                k = names.index(f"layers/{i}/wv") + 1
-                names[k:k] = [f"layers/{i}/bq", f"layers/{i}/bk", f"layers/{i}/bv"]
     for ws in world_sizes:
         for rs in plan(cfg, ws):
             w = fmt.ShardWriter(out / fmt.shard_relpath(ws, rs.tp_rank), cfg, ws, rs.tp_rank,
