@@ -37,6 +37,11 @@ llama-3.2-1b-shape-q4_k_m.gguf
     blocks (mpillm.quant.random_ggml: uniform codes, scales for a weight std of about
     1/sqrt(fan_in)); llama.cpp and mpillm both read them as they are.
 
+qwen3-30b-a3b-shape-q4_k_m[-{N}l].gguf (--only qwen3-30b-a3b-q4_k_m [--layers N]; 18.6 GB for all 48)
+    Random valid blocks in the shape of `convert synth --shape qwen3-30b-a3b` with llama.cpp's
+    Q4_K_M type choice for qwen3moe (Q4_K; Q6_K for output and, in the use_more_bits layers, attn_v
+    and ffn_down_exps; F32 router and norms); --layers N keeps the first N layers.
+
 gpt-oss-20b-shape-mxfp4.gguf, gpt-oss-120b-shape-mxfp4.gguf (--only gpt-oss-20b / gpt-oss-120b;
 not made by default: 12.1 GB and 63.4 GB)
     Random weights in the shapes of `python -m convert synth --shape gpt-oss-*` (the same
@@ -415,14 +420,115 @@ def make_gpt_oss_gguf(out: Path, shape: str, seed: int = 0) -> dict:
     return {"weight_bytes": weight_bytes, "seed": seed, "shape": shape}
 
 
+# ---------------------------------------------------------------- Qwen3-30B-A3B
+
+QWEN3_MOE_NAME = "qwen3-30b-a3b-shape-q4_k_m{suffix}.gguf"
+
+
+def qwen3_moe_tensors(cfg):
+    """(name, numpy shape, kind, std) in file order, with llama.cpp's Q4_K_M choice for qwen3moe:
+    Q4_K everywhere (token_embd included) except output (Q6_K) and attn_v / ffn_down_exps in the
+    layers use_more_bits picks (Q6_K); norms and the router (ffn_gate_inp) F32."""
+    d, E, F, L = cfg.dim, cfg.n_experts, cfg.expert_ffn_dim, cfg.n_layers
+    q, kv, hd = cfg.q_dim, cfg.kv_dim, cfg.head_dim
+    more = lambda i: "q6_K" if use_more_bits(i, L) else "q4_K"  # noqa: E731
+    yield "token_embd.weight", (cfg.vocab_size, d), "q4_K", 0.02
+    for i in range(L):
+        p = f"blk.{i}."
+        yield p + "attn_norm.weight", (d,), "f32", 0.0
+        yield p + "attn_q.weight", (q, d), "q4_K", d ** -0.5
+        yield p + "attn_k.weight", (kv, d), "q4_K", d ** -0.5
+        yield p + "attn_v.weight", (kv, d), more(i), d ** -0.5
+        yield p + "attn_output.weight", (d, q), "q4_K", q ** -0.5
+        yield p + "attn_q_norm.weight", (hd,), "f32", 0.0
+        yield p + "attn_k_norm.weight", (hd,), "f32", 0.0
+        yield p + "ffn_norm.weight", (d,), "f32", 0.0
+        yield p + "ffn_gate_inp.weight", (E, d), "f32", d ** -0.5
+        yield p + "ffn_gate_exps.weight", (E, F, d), "q4_K", d ** -0.5
+        yield p + "ffn_up_exps.weight", (E, F, d), "q4_K", d ** -0.5
+        yield p + "ffn_down_exps.weight", (E, d, F), more(i), F ** -0.5
+    yield "output_norm.weight", (d,), "f32", 0.0
+    yield "output.weight", (cfg.vocab_size, d), "q6_K", d ** -0.5
+
+
+def make_qwen3_moe_gguf(out: Path, n_layers: int | None = None, seed: int = 0) -> dict:
+    """The Qwen3-30B-A3B shape (convert/synth.py SHAPES) as llama.cpp's Q4_K_M would write it,
+    random valid blocks; ``n_layers`` keeps only the first layers (the full 48 are ~18.6 GB)."""
+    import dataclasses
+
+    from convert.synth import SHAPES
+    from mpillm.config import ModelConfig
+
+    cfg = ModelConfig(**SHAPES["qwen3-30b-a3b"])
+    if n_layers:
+        cfg = dataclasses.replace(cfg, n_layers=n_layers)
+    rng = np.random.default_rng(seed)
+    tmp = out.with_suffix(".tmp")
+    w = gguf.GGUFWriter(str(tmp), "qwen3moe")
+    w.add_name(f"Qwen3-30B-A3B shape, {cfg.n_layers} layers (random weights)")
+    w.add_context_length(cfg.context_length)
+    w.add_embedding_length(cfg.dim)
+    w.add_block_count(cfg.n_layers)
+    w.add_feed_forward_length(6144)  # the unused dense size of the real config
+    w.add_head_count(cfg.n_heads)
+    w.add_head_count_kv(cfg.n_kv_heads)
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_layer_norm_rms_eps(cfg.norm_eps)
+    w.add_expert_count(cfg.n_experts)
+    w.add_expert_used_count(cfg.n_experts_used)
+    w.add_expert_feed_forward_length(cfg.expert_ffn_dim)
+    w.add_vocab_size(cfg.vocab_size)
+    w.add_file_type(int(gguf.LlamaFileType.MOSTLY_Q4_K_M))
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    tokens, types, merges, fields = _padded_vocab(cfg.vocab_size)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("smollm")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    for key, fn in (("tokenizer.ggml.bos_token_id", w.add_bos_token_id),
+                    ("tokenizer.ggml.eos_token_id", w.add_eos_token_id)):
+        if key in fields:
+            fn(int(fields[key].contents()))
+    w.add_add_bos_token(False)
+    specs = list(qwen3_moe_tensors(cfg))
+    for name, shp, kind, _ in specs:
+        if kind == "f32":
+            w.add_tensor_info(name, shp, np.dtype(np.float32), int(np.prod(shp)) * 4)
+        else:
+            qt, bsize, _ = RANDOM_BLOCKS[kind]
+            bshape = (*shp[:-1], shp[-1] // 256 * bsize)
+            w.add_tensor_info(name, bshape, np.dtype(np.uint8), int(np.prod(bshape)), raw_dtype=qt)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    weight_bytes = 0
+    for name, shp, kind, std in specs:  # one tensor in memory at a time
+        if kind == "f32":
+            data = (np.ones(shp, np.float32) if std == 0.0
+                    else rng.standard_normal(shp, dtype=np.float32) * np.float32(std))
+        else:
+            data = RANDOM_BLOCKS[kind][2](rng, int(np.prod(shp[:-1])), shp[-1], std).reshape(*shp[:-1], -1)
+        weight_bytes += data.nbytes
+        w.write_tensor_data(data)
+        del data
+    w.close()
+    tmp.replace(out)
+    return {"weight_bytes": weight_bytes, "seed": seed, "n_layers": cfg.n_layers}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out-dir", type=Path, default=ROOT / "cache" / "baseline")
     ap.add_argument("--embd-type", choices=["q4_0", "q8_0"], default="q4_0",
                     help="token_embd type of the 1B-shape model (default q4_0)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--only", choices=["smollm2", "shape", "shape-q4_k_m", *GPT_OSS_NAMES],
-                    help="make just one of them (the gpt-oss shapes only when named here)")
+    ap.add_argument("--only", choices=["smollm2", "shape", "shape-q4_k_m", "qwen3-30b-a3b-q4_k_m", *GPT_OSS_NAMES],
+                    help="make just one of them (the gpt-oss and Qwen3-30B-A3B shapes only when named here)")
+    ap.add_argument("--layers", type=int, default=None,
+                    help="Qwen3-30B-A3B shape: keep only the first N of its 48 layers (disk, memory)")
     ap.add_argument("--force", action="store_true", help="remake files that exist")
     ap.add_argument("--verify", action="store_true",
                     help="load each file in llama.cpp and generate a few tokens")
@@ -433,8 +539,10 @@ def main(argv=None) -> int:
             ("shape", SHAPE_NAME, lambda p: make_shape_gguf(p, LLAMA_32_1B, a.embd_type, a.seed)),
             ("shape-q4_k_m", SHAPE_KM_NAME, lambda p: make_shape_gguf(p, LLAMA_32_1B, "q6_K", a.seed, k_m=True))]
     jobs += [(k, f, lambda p, k=k: make_gpt_oss_gguf(p, k, a.seed)) for k, f in GPT_OSS_NAMES.items()]
+    jobs.append(("qwen3-30b-a3b-q4_k_m", QWEN3_MOE_NAME.format(suffix=f"-{a.layers}l" if a.layers else ""),
+                 lambda p: make_qwen3_moe_gguf(p, a.layers, a.seed)))
     for key, fname, make in jobs:
-        if key in GPT_OSS_NAMES and a.only != key:
+        if (key in GPT_OSS_NAMES or key.startswith("qwen3")) and a.only != key:
             continue
         if a.only and a.only != key:
             continue

@@ -361,14 +361,20 @@ def _tile_codegen(kind: str, isa: str, R: int, U: int, f64: bool = False):
                         ini.append(ir.Constant(_vec(I32, L), None))
                 xv.append(xs_)
                 init.append(ini)
-            if U == 1 and n == 8:  # decode: prefetch each row's codes PF bytes ahead (2 lines per 8 sub-blocks)
+            if U == 1 and n == 8:  # decode: prefetch each row's codes PF bytes ahead in its stream
                 for r in range(R):
-                    for name, bpb in (("qs", 16), ("qh", 4 if kind != "q6_K" else 8)):
-                        if name in A:
-                            base, st = A[name]
-                            off = b.add(b.add(b.mul(rows[r], st), b.mul(b0, i64(bpb))), i64(PF))
-                            for line in range(0, 8 * bpb, 64):
-                                e.prefetch(base, b.add(off, i64(line)))
+                    for name, bpb in PF_STREAMS[kind]:
+                        base, st = A[name]
+                        k0, rem0, rb = pf_split[name]
+                        # the stream of row r goes on at row r + R (this thread's next tile): PF bytes
+                        # ahead is k rows of R further on, at byte p of that row
+                        p = b.add(rem0, b.mul(b0, i64(bpb)))
+                        over = b.icmp_unsigned(">=", p, rb)
+                        k = b.add(k0, b.zext(over, I64))
+                        p = b.select(over, b.sub(p, rb), p)
+                        off = b.add(b.mul(b.add(rows[r], b.mul(k, i64(R))), st), p)
+                        for line in range(0, 8 * bpb, 64):
+                            e.prefetch(base, b.add(off, i64(line)))
             for r in range(R):
                 Dv, Mv = scales_vec(rows[r], b0, n)
                 qs_ = [_codes(e, kind, A, rows[r], b.add(b0, i64(j0)), ns) for j0, ns in pairs]
@@ -388,6 +394,13 @@ def _tile_codegen(kind: str, isa: str, R: int, U: int, f64: bool = False):
                         Mp = e.shuffle(Mv, ir.Constant(Mv.type, None), list(range(n)) + [n] * (8 - n)) if n < 8 else Mv
                         b.store(e.fma(Mp, xdsum[u], b.load(macc8[r][u])), macc8[r][u])
 
+        pf_split = {}  # decode prefetch: per stream (PF // row bytes, PF % row bytes, row bytes)
+        if isa != "portable" and U == 1:
+            for name, bpb in PF_STREAMS[kind]:
+                rb = b.mul(nb, i64(bpb))
+                rb = b.select(b.icmp_unsigned("==", rb, i64(0)), i64(1), rb)
+                k0 = b.udiv(i64(PF), rb)
+                pf_split[name] = (k0, b.sub(i64(PF), b.mul(k0, rb)), rb)
         if isa == "portable":
             with cgutils.for_range(b, nb) as loop:
                 group_portable(loop.index)
@@ -428,7 +441,9 @@ def _make_tile(kind, isa, R, U, f64=False):
 
 # tiles per path and kind: R rows x U tokens (T > 1), R1 rows x 1 token (decode), single rows
 R_X, U_X, R1_X = 4, 2, 2
-PF = 4096  # decode prefetch distance in bytes of qs
+PF = 4096  # decode prefetch distance in bytes of qs (and of qh, in its own stream)
+# the arrays streamed per row that decode prefetches, with their bytes per 32-element sub-block
+PF_STREAMS = {k: (("qs", 16),) + ((("qh", 8 if k == "q6_K" else 4),) if "qh" in ARR[k] else ()) for k in KINDS}
 R_P, U_P = 4, 2
 SHAPES = {"vnni": dict(RU=(R_X, U_X), R1=(R_X, 1), OU=(1, U_X), O1=(1, 1), D=(R1_X, 1)),
           "avx2": dict(RU=(R_X, U_X), R1=(R_X, 1), OU=(1, U_X), O1=(1, 1), D=(R1_X, 1)),
