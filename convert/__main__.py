@@ -80,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="KV cache length the memory check assumes with --cluster (default: %(default)s)")
     p.add_argument("--weight-type", choices=WEIGHT_TYPE_CHOICES, default="auto",
                    help="storage type of the weight matrices; auto keeps a supported GGUF type bit-exactly "
-                        "and float sources as f32 (default: %(default)s)")
+                        "and float sources as f32; MXFP4 tensors (gpt-oss experts) always stay MXFP4 "
+                        "(default: %(default)s)")
     p.add_argument("--rank", type=int, nargs="+", default=None,
                    help="write only these ranks' shards (e.g. each node converts its own)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -18,11 +18,15 @@ WEIGHT_TYPE_CHOICES = ("auto",) + quant.QUANTIZABLE
 
 
 def target_type(name: str, src: SrcTensor, weight_type: str, vector: bool) -> str:
-    """The type a tensor is stored in. ``auto`` keeps a supported source type bit-exactly."""
+    """The type a tensor is stored in. ``auto`` keeps a supported source type bit-exactly. MXFP4
+    tensors (gpt-oss's experts, 4.25 bits) stay MXFP4 whatever --weight-type says: it sets the
+    type of the others (e.g. q8_0 attention and embeddings, as the released gpt-oss GGUFs)."""
     if vector:
         return "f32"
     if N.pattern_of(name) == "layers/{i}/router":
         return src.wtype if src.wtype in ("f32", "f16") else "f32"  # tiny; keep routing exact
+    if src.wtype == "mxfp4":
+        return "mxfp4"
     if weight_type != "auto":
         return weight_type
     if src.wtype is not None:

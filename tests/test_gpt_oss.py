@@ -50,3 +50,18 @@ def test_swiglu_oai_clamps():
     want = (uc + 1) * gc / (1 + np.exp(-1.702 * gc))
     np.testing.assert_allclose(out, want, rtol=1e-6, atol=1e-6)
     assert out[0, 6] == pytest.approx(-2 * 7 / (1 + np.exp(-1.702 * 7)), rel=1e-6)  # gate 12 -> 7, up -3
+
+
+def test_weight_type_leaves_mxfp4_experts_alone(tmp_path):
+    """--weight-type q8_0 on the MXFP4 checkpoint: attention and embeddings become q8_0, the experts
+    stay the checkpoint's MXFP4 blocks (as the released gpt-oss GGUFs are)."""
+    from convert.__main__ import convert
+    from mpillm import format as fmt
+
+    convert(FIXTURE / "mxfp4", tmp_path / "m", [1], "q8_0", progress=False, tokenizer=False)
+    sh = fmt.Shard(tmp_path / "m" / fmt.shard_relpath(1, 0), 1, 0)
+    assert sh.get("layers/0/wq").wtype == sh.get("tok_embd").wtype == "q8_0"
+    assert sh.get("layers/0/exp_up").wtype == "mxfp4" and sh.get("layers/0/router").wtype == "f32"
+    want = open_source(FIXTURE / "mxfp4").load("layers/0/exp_up").arrays
+    for k in ("qs", "e"):
+        np.testing.assert_array_equal(sh.get("layers/0/exp_up").arrays[k], want[k])
