@@ -167,7 +167,7 @@ def _merged_splits(out_dir: Path, cfg, world_sizes: list[int], splits: dict) -> 
     old = {}
     if (out_dir / fmt.MANIFEST_FILE).exists():
         m = fmt.read_manifest(out_dir)
-        if m["config"] == cfg.to_dict():
+        if type(cfg).from_dict(m["config"]).to_dict() == cfg.to_dict():  # as read back (newer fields defaulted)
             old = dict(m.get(fmt.MANIFEST_SPLITS) or {})
     for ws in world_sizes:
         old.pop(str(ws), None)

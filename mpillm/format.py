@@ -231,7 +231,8 @@ def write_manifest(model_dir: Path, cfg: ModelConfig, world_sizes: list[int], so
     path = Path(model_dir) / MANIFEST_FILE
     old = read_manifest(model_dir) if path.exists() else None
     sizes = set(world_sizes) | set(old["world_sizes"] if old else [])
-    if old and old["config"] != cfg.to_dict():
+    # compared as read back (fields added since the old manifest was written take their defaults)
+    if old and ModelConfig.from_dict(old["config"]).to_dict() != cfg.to_dict():
         sizes = set(world_sizes)  # a different model in the same directory: drop the stale sizes
     m = {"format": MANIFEST_NAME, "format_version": FORMAT_VERSION, "config": cfg.to_dict(),
          "world_sizes": sorted(sizes), "source": source, **(extra or {})}

@@ -82,3 +82,19 @@ def test_biases_sliced_with_their_heads(tmp_path, ws, split):
                 got = np.asarray(sh.get(f"layers/{i}/b{n}").arrays["w"])
                 want = st[f"model.layers.{i}.self_attn.{n}_proj.bias"][h0 * hd:h1 * hd]
                 np.testing.assert_array_equal(got, want, err_msg=f"rank {rs.tp_rank} layer {i} b{n}")
+
+
+def test_manifest_from_before_new_config_fields_keeps_its_world_sizes(tmp_path):
+    """Converting another world size into a directory whose manifest predates config fields added
+    since (qkv_bias, the gpt-oss ones) keeps the sizes converted before: the old config is compared
+    as read back, with those fields at their defaults (it used to count as a different model)."""
+    from convert.__main__ import convert
+
+    d = tmp_path / "m"
+    convert(FIXTURES / "llama", d, [1], "f32", progress=False, tokenizer=False)
+    m = json.loads((d / "manifest.json").read_text())
+    for k in ("qkv_bias", "o_bias", "attn_sinks", "sliding_window"):
+        del m["config"][k]
+    (d / "manifest.json").write_text(json.dumps(m))
+    convert(FIXTURES / "llama", d, [2], "f32", progress=False, tokenizer=False)
+    assert fmt.read_manifest(d)["world_sizes"] == [1, 2]
