@@ -250,7 +250,9 @@ SLIDING_REFUSED = "sliding-window attention (window 128 tokens) is not supported
 
 @pytest.mark.parametrize("name, changes", [
     ("mistral", {"sliding_window": 128}),                                           # Mistral-7B-v0.1 style
-    ("qwen3", {"sliding_window": 128, "use_sliding_window": True, "layer_types": None}),
+    # Qwen2/Qwen3: layers from max_window_layers on slide (transformers derives layer_types so)
+    ("qwen3", {"sliding_window": 128, "use_sliding_window": True, "layer_types": None, "max_window_layers": 0}),
+    ("qwen3", {"sliding_window": 128, "use_sliding_window": True, "layer_types": None, "max_window_layers": 1}),
     ("qwen3", {"sliding_window": 128, "layer_types": ["sliding_attention", "full_attention"]}),
 ])
 def test_sliding_window_shorter_than_context_is_refused(tmp_path, name, changes):
@@ -266,6 +268,8 @@ def test_sliding_window_shorter_than_context_is_refused(tmp_path, name, changes)
     ("mistral", {"sliding_window": 256}),                   # the window covers the whole context
     ("mistral", {"sliding_window": 4096}),
     ("qwen3", {"sliding_window": 128, "use_sliding_window": False, "layer_types": None}),  # Qwen: off
+    # on, but max_window_layers (28) >= the fixture's layers: no layer slides
+    ("qwen3", {"sliding_window": 128, "use_sliding_window": True, "layer_types": None}),
     ("qwen3", {"sliding_window": 128}),                     # layer_types: every layer full attention
 ])
 def test_sliding_window_that_never_applies_converts(tmp_path, name, changes):
