@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_LLAMA_BIN = Path("/work/wt/serve/cache/llamacpp/build/bin")
+DEFAULT_LLAMA_BIN = ROOT / "cache" / "llamacpp" / "build" / "bin"   # scripts/build_llama_server.sh
 
 
 # ---- page cache and memory cgroups -------------------------------------------------------------

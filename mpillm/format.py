@@ -76,7 +76,7 @@ TENSOR_PATTERNS = (
     "layers/{i}/exp_gate",  # (n_experts, expert_ffn_per_partition, dim)
     "layers/{i}/exp_up",   # (n_experts, expert_ffn_per_partition, dim)
     "layers/{i}/exp_down",  # (n_experts, dim, expert_ffn_per_partition)
-    # gpt-oss (f32 vectors; see /work/wt/GPTOSS.md and convert/names.py for the splits)
+    # gpt-oss (f32 vectors; convert/names.py has their splits)
     "layers/{i}/bo",       # (dim,)  o_proj bias, replicated, added once after Allreduce #1
     "layers/{i}/sinks",    # (n_heads_per_partition,)  learned sink logit per query head
     "layers/{i}/router_b",  # (n_experts,)  router bias, replicated

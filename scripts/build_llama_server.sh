@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Benchmark-only: build llama.cpp's llama-server from the llama.cpp sources vendored in the
+# Benchmark-only: build llama.cpp's own tools from the llama.cpp sources vendored in the
 # llama-cpp-python source package (the version scripts/setup_llamacpp.sh pins), natively for
-# this CPU, into $MPILLM_ROOT/cache/llamacpp/build/bin/llama-server. A baseline for
-# `python -m benchmarks.serve --llama-server ...`, never a dependency of mpillm.
+# this CPU, into $MPILLM_ROOT/cache/llamacpp/build/bin/. Baselines for benchmarks.serve
+# (llama-server), benchmarks.batched (llama-batched-bench), benchmarks.gpt_oss (llama-bench) and
+# mpillm.bench_spec (llama-server's ngram drafting), never a dependency of mpillm.
+# LLAMA_TARGETS="llama-lookup llama-speculative-simple ..." builds other tools (examples included).
 # About 50 minutes on 2 busy cores (-j 1); LLAMA_JOBS=N builds with N jobs.
 set -euo pipefail
 source "$(dirname "$0")/env.sh"
@@ -17,7 +19,8 @@ if [ ! -d "$DIR/src" ]; then
 fi
 cmake -S "$DIR/src" -B "$DIR/build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
   -DGGML_CPU_ALL_VARIANTS=OFF -DGGML_BACKEND_DL=OFF -DGGML_OPENMP=ON -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \
-  -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF \
+  -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=ON -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF \
   -DLLAMA_BUILD_SERVER=ON >"$DIR/configure.log"
-ninja -C "$DIR/build" -j "${LLAMA_JOBS:-1}" llama-server
-echo "$DIR/build/bin/llama-server"
+# shellcheck disable=SC2086  # a list of targets
+ninja -C "$DIR/build" -j "${LLAMA_JOBS:-1}" ${LLAMA_TARGETS:-llama-server llama-batched-bench llama-bench}
+echo "$DIR/build/bin"
