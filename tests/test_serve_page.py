@@ -1,12 +1,18 @@
 """The chat page in a real headless browser (Debian's chromium driven by Selenium): type a question,
-watch the answer stream in, press stop; model and user text are shown as text, never as HTML."""
+watch the answer stream in, press stop; model and user text are shown as text, never as HTML.
+A harmony model's reasoning is shown in a collapsible box apart from the answer (the model of
+tests/harmony_fixture.py, served here); a model without reasoning shows no such box."""
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 import time
 
 import pytest
 
+import harmony_fixture as HF
+from mpiutil import ROOT, mpi_env
 from serveutil import Server
 
 webdriver = pytest.importorskip("selenium.webdriver")
@@ -99,3 +105,108 @@ def test_page_streams_and_stops(server, browser):
     metas = d.find_elements(By.CSS_SELECTOR, ".msg.assistant .meta")
     assert "tokens" in metas[1].text and "error" not in metas[1].text, metas[1].text
     assert d.find_elements(By.CSS_SELECTOR, ".msg.assistant .text")[1].text.strip()
+
+
+# -- reasoning ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def harmony_server(tmp_path_factory):
+    """The tiny harmony model (an analysis message, then a final one) converted and served at 1 rank."""
+    src = HF.write(tmp_path_factory.mktemp("harmony_src"))
+    out = tmp_path_factory.mktemp("harmony_model") / "m"
+    r = subprocess.run([sys.executable, "-m", "convert", str(src), str(out), "--world-size", "1", "--no-progress"],
+                       cwd=ROOT, env=mpi_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = Server(1, "--model", str(out))
+    try:
+        s.wait_ready()
+        yield s
+    finally:
+        s.stop()
+
+
+def api_reply(server, question: str, max_tokens: int) -> tuple[dict, int]:
+    """The model's own greedy reply to the page's request (no system prompt, one user message),
+    non-stream through the API, and its completion tokens: the page is checked against them."""
+    r = server.post("/v1/chat/completions", {"messages": [{"role": "user", "content": question}],
+                                            "temperature": 0, "max_tokens": max_tokens}, timeout=120)
+    return r["choices"][0]["message"], r["usage"]["completion_tokens"]
+
+
+def ask_on_page(d, server, question: str, max_tokens: int, timeout: float = 120):
+    """Open the page, set greedy decoding, send ``question`` and wait for the reply to finish;
+    returns the assistant message's element."""
+    from selenium.webdriver.common.by import By
+
+    d.get(server.url + "/")
+    wait_for(lambda: d.find_element(By.ID, "model").text not in ("", "connecting…")
+             and "not connected" not in d.find_element(By.ID, "model").text, 20, "the model name")
+    d.find_element(By.CSS_SELECTOR, "#settings summary").click()
+    d.find_element(By.ID, "system").clear()
+    for field, value in (("temperature", "0"), ("max-tokens", str(max_tokens))):
+        el = d.find_element(By.ID, field)
+        el.clear()
+        el.send_keys(value)
+    d.find_element(By.ID, "input").send_keys(question)
+    d.find_element(By.ID, "send").click()
+    meta = wait_for(lambda: d.find_elements(By.CSS_SELECTOR, ".msg.assistant .meta"), timeout, "the reply's footer")
+    assert "tokens" in meta[0].text and "error" not in meta[0].text, meta[0].text
+    replies = d.find_elements(By.CSS_SELECTOR, ".msg.assistant")
+    assert len(replies) == 1
+    return replies[0]
+
+
+def visible(d, el) -> bool:
+    """Rendered (layout boxes, not hidden by a closed <details>), asked of the browser itself."""
+    return bool(d.execute_script("return arguments[0].checkVisibility() && arguments[0].getClientRects().length > 0;",
+                                 el)) and el.is_displayed()
+
+
+@pytest.mark.timeout(600)
+def test_page_shows_reasoning_in_a_collapsible_box_apart_from_the_answer(harmony_server, browser):
+    from selenium.webdriver.common.by import By
+
+    d, question = browser, "Capital of France?"
+    msg, n_tokens = api_reply(harmony_server, question, 40)
+    reasoning, answer = msg.get("reasoning_content"), msg["content"]
+    # the model's two channels, both non-empty and distinct, free of harmony's special tokens
+    assert reasoning and answer and reasoning not in answer and answer not in reasoning, msg
+    assert (reasoning, answer) == (HF.EXPECTED_REASONING, HF.EXPECTED_FINAL), msg
+    out = ask_on_page(d, harmony_server, question, 40)
+
+    boxes = out.find_elements(By.CSS_SELECTOR, "details.reasoning")
+    assert len(boxes) == 1, out.get_attribute("outerHTML")
+    box = boxes[0]
+    summary = box.find_element(By.CSS_SELECTOR, ":scope > summary")
+    body = box.find_element(By.CSS_SELECTOR, ":scope > :not(summary)")
+    assert body.get_attribute("textContent") == reasoning                  # the streamed deltas, joined
+    bubble = out.find_element(By.CSS_SELECTOR, ".text")
+    assert bubble.text == answer and reasoning not in bubble.text          # the answer alone
+    # the footer counts every generated token, the reasoning's too
+    assert f"{n_tokens} tokens" in out.find_element(By.CSS_SELECTOR, ".meta").text
+    assert not box.find_elements(By.CSS_SELECTOR, ".text")                 # the box is not in the bubble,
+    assert not bubble.find_elements(By.CSS_SELECTOR, "details")            # nor the bubble in the box
+    whole = out.get_attribute("textContent")
+    for tok in ("<|channel|>", "<|message|>", "<|start|>", "<|end|>", "<|return|>", "<|", "analysis", "final"):
+        assert tok not in whole, (tok, whole)
+
+    # collapsible: closed at first (the reasoning hidden), a click shows it, another hides it again
+    assert box.get_attribute("open") is None and not visible(d, body)
+    summary.click()
+    wait_for(lambda: visible(d, body), 5, "the reasoning to show")
+    assert box.get_attribute("open") is not None and body.text == reasoning
+    summary.click()
+    wait_for(lambda: not visible(d, body), 5, "the reasoning to hide")
+    assert box.get_attribute("open") is None and visible(d, bubble) and bubble.text == answer
+
+
+@pytest.mark.timeout(600)
+def test_page_shows_no_reasoning_box_for_a_model_without_reasoning(server, browser):
+    """Negative control for the test above: same page, same check, a model with no reasoning channel."""
+    from selenium.webdriver.common.by import By
+
+    question = "What is the capital of France?"
+    msg, _ = api_reply(server, question, 12)
+    assert msg["content"] and not msg.get("reasoning_content"), msg
+    out = ask_on_page(browser, server, question, 12)
+    assert not out.find_elements(By.CSS_SELECTOR, "details"), out.get_attribute("outerHTML")
+    assert out.find_element(By.CSS_SELECTOR, ".text").text == msg["content"]

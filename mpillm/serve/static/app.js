@@ -102,6 +102,13 @@ async function send(text) {
           if (j.error) throw new Error(j.error.message);
           if (j.usage) usage = j.usage;
           for (const c of j.choices || []) {
+            if (c.delta && (c.delta.reasoning_content || c.delta.content)) {
+              // a token of either kind: the speed counts reasoning tokens too (usage does)
+              if (tFirst === null) tFirst = performance.now();
+              pieces++;
+              const s = (performance.now() - tFirst) / 1000;
+              if (s > 0) $("speed").textContent = (pieces / s).toFixed(1) + " tok/s";
+            }
             if (c.delta && c.delta.reasoning_content) {   // a reasoning model's thoughts: apart, collapsible
               let box = out.querySelector("details.reasoning");
               if (!box) {
@@ -115,11 +122,7 @@ async function send(text) {
               box.querySelector("span").textContent += c.delta.reasoning_content;
             }
             if (c.delta && c.delta.content) {
-              if (tFirst === null) tFirst = performance.now();
               span.textContent += c.delta.content;
-              pieces++;
-              const s = (performance.now() - tFirst) / 1000;
-              if (s > 0) $("speed").textContent = (pieces / s).toFixed(1) + " tok/s";
               out.scrollIntoView({ block: "end" });
             }
             if (c.finish_reason) finish = c.finish_reason;
