@@ -4,7 +4,8 @@
 
 Reports prompt and generate tok/s, ms per generated token split into compute and
 communication (time inside collectives, waiting included), bytes each rank hands to
-Allreduce and sends in the logits gather per token, weight bytes streamed per token,
+Allreduce and sends in the logits gather per token, weight bytes a token reads (per rank and in
+all; a MoE model's tokens read top-k of its experts, see ``weight_bytes_read_per_token``),
 peak RSS per rank, and start-up time (process start to first token).
 With --draft lookup / --draft-model it also times plain and speculative greedy decoding of the
 same prompt through the Service ("speculative": tok/s of both, drafted and accepted tokens,
@@ -38,6 +39,31 @@ def process_age_s() -> float:
 
 def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+# expert-indexed tensors, (n_experts, ...): a token reads the rows of its n_experts_used experts
+EXPERT_TENSORS = ("exp_gate", "exp_up", "exp_down", "exp_gate_b", "exp_up_b", "exp_down_b")
+
+
+def weight_bytes_read_per_token(shard) -> int:
+    """Bytes of its shard one rank reads to generate a token: every dense tensor (attention, norms,
+    the router, dense FFNs, the output matrix) whole; of each expert-indexed tensor the share
+    n_experts_used / n_experts (a token's top-k experts; the rank's slice of each); of an untied
+    embedding table one row, which lives on one rank (so 1 / vocab_size of the rank's slice here,
+    the expected share). A dense model with tied embeddings reads its whole shard."""
+    cfg = shard.config
+    total = 0.0
+    for name, t in shard.tensors.items():
+        leaf = name.rsplit("/", 1)[-1]
+        if cfg.is_moe and leaf in EXPERT_TENSORS:
+            if t.shape[0] != cfg.n_experts:
+                raise ValueError(f"{shard.path}: {name} has {t.shape[0]} experts, the config {cfg.n_experts}")
+            total += t.nbytes * cfg.n_experts_used / cfg.n_experts
+        elif name == "tok_embd" and not cfg.tied_embeddings:
+            total += t.nbytes / cfg.vocab_size
+        else:
+            total += t.nbytes
+    return round(total)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -191,8 +217,8 @@ def main(argv: list[str] | None = None) -> int:
             # what one rank puts on the network per generated token (greedy): partial sums + (max, id)
             "comm_bytes_per_token": res["allreduce_payload_bytes_per_token"] + (16 if engine.size > 1 else 0),
             "logits_gather_bytes_per_token_when_sampling": engine.logits_bytes_per_token,
-            "weight_bytes_per_token_per_rank": m.weight_bytes,
-            "weight_bytes_per_token": comm_sum_weights,
+            "weight_bytes_per_token_per_rank": read_bytes,
+            "weight_bytes_per_token": sum(read_bytes),
             "flops_per_token": 2 * n_params,
             "peak_rss_bytes_per_rank": rss,
             "shard_bytes_per_rank": shard_bytes,
@@ -206,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # collectives every rank joins before rank 0 starts driving
     shard_bytes = comm.gather(m.weight_bytes, root=0)
-    comm_sum_weights = comm.reduce(m.weight_bytes, op=MPI.SUM, root=0)
+    read_bytes = comm.gather(weight_bytes_read_per_token(engine.shard), root=0)
     n_params = count_params(engine)
     if engine.rank != 0:
         rc = engine.serve()
@@ -225,7 +251,8 @@ def count_params(engine) -> int:
     """Matrix parameters used per token (MoE: only the active experts), for FLOP estimates."""
     c = engine.cfg
     attn = c.dim * (c.q_dim + 2 * c.kv_dim) + c.q_dim * c.dim
-    ffn = 3 * c.dim * (c.expert_ffn_dim * c.n_experts_used + c.n_experts if c.is_moe else c.ffn_dim)
+    ffn = (3 * c.dim * c.expert_ffn_dim * c.n_experts_used + c.dim * c.n_experts   # experts + router
+           if c.is_moe else 3 * c.dim * c.ffn_dim)
     return c.n_layers * (attn + ffn) + c.dim * c.vocab_size
 
 
