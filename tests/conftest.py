@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -115,7 +116,35 @@ def pytest_runtest_logreport(report):
         _outcomes["skipped"].append({"nodeid": report.nodeid, "reason": skip_reason(report)})
 
 
+# -- directories the MPI tests share (tests/mpi/test_tp_mpi.py's shared_tmpdir) ----------------
+_remove_at_end: list[Path] = []
+
+
+def remove_after_session(path: Path) -> None:
+    """Remove ``path`` when this pytest session ends with every test passed (a failed MPI test
+    aborts the job before that, which leaves the directory for a look)."""
+    _remove_at_end.append(Path(path))
+
+
+def _remove_shared_dirs(exitstatus) -> None:
+    from mpi4py import MPI
+
+    c = MPI.COMM_WORLD
+    if c.Get_size() > 1:
+        c.Barrier()       # every rank is done with the files (each reaches here, or the job was aborted)
+    if exitstatus == 0:
+        import shutil
+
+        for d in _remove_at_end:
+            shutil.rmtree(d, ignore_errors=True)
+    elif _remove_at_end:
+        sys.stderr.write(f"kept for a look (the session failed): {', '.join(map(str, _remove_at_end))}\n")
+    _remove_at_end.clear()
+
+
 def pytest_sessionfinish(session, exitstatus):
+    if _with_mpi(session.config):
+        _remove_shared_dirs(exitstatus)
     out = os.environ.get("MPILLM_MPI_REPORT")
     if not out or not _with_mpi(session.config):
         return

@@ -50,11 +50,15 @@ def check_reports(reports: dict[int, dict], np_: int, allowed: list[str]) -> lis
 @pytest.mark.timeout(JOB_TIMEOUT + 60)
 @pytest.mark.parametrize("np_", [1, 2, 3, 4])
 def test_mpi_suite(np_, tmp_path):
+    shared = tmp_path / "shared"      # the ranks' converted models (shared_tmpdir): here, not loose in /tmp
+    shared.mkdir()
     r = mpirun(np_, ["-m", "pytest", "-q", "-rs", "--color=no", "-p", "no:cacheprovider", "--with-mpi", "-m", "mpi",
                      f"--timeout={INNER_TEST_TIMEOUT}", "tests/mpi"], timeout=JOB_TIMEOUT,
-               env={"MPILLM_MPI_REPORT": str(tmp_path)})
+               env={"MPILLM_MPI_REPORT": str(tmp_path), "MPILLM_TEST_TMPDIR": str(shared)})
     sys.stdout.write(r.stdout[-3000:])
     assert r.returncode == 0, f"mpirun -np {np_} pytest tests/mpi failed:\n{r.stdout[-6000:]}\n{r.stderr[-4000:]}"
+    # a passing session removed what it made (a failing one leaves it here, in pytest's tmp_path)
+    assert not list(shared.iterdir()), sorted(p.name for p in shared.iterdir())
     reports = {int(re.search(r"\d+", p.stem)[0]): json.loads(p.read_text()) for p in tmp_path.glob("rank*.json")}
     problems = check_reports(reports, np_, allowed_skip_patterns())
     assert not problems, f"mpirun -np {np_} pytest tests/mpi:\n" + "\n".join(problems) + f"\n{r.stdout[-3000:]}"

@@ -28,17 +28,22 @@ def chromium_paths() -> tuple[str, str]:
 
 
 @pytest.fixture(scope="module")
-def browser():
+def browser(tmp_path_factory):
+    import os
+
     from selenium.webdriver.chrome.options import Options
     from selenium.webdriver.chrome.service import Service as DriverService
 
     path, driver = chromium_paths()
+    # chromium leaves a directory (its singleton socket) in TMPDIR on every start: pytest's, not /tmp
+    tmp = tmp_path_factory.mktemp("chromium")
     opts = Options()
     opts.binary_location = path
     for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
               "--window-size=1100,800", "--no-first-run", "--disable-extensions"):
         opts.add_argument(a)
-    d = webdriver.Chrome(service=DriverService(executable_path=driver), options=opts)
+    d = webdriver.Chrome(service=DriverService(executable_path=driver, env=dict(os.environ, TMPDIR=str(tmp))),
+                         options=opts)
     d.set_page_load_timeout(30)
     try:
         yield d

@@ -6,6 +6,7 @@ single-rank result computed in the same job on rank 0 (COMM_SELF, world-size-1 s
 """
 from __future__ import annotations
 
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -40,8 +41,17 @@ CROSS_RANK = {"f32": 1e-5, "f16": 1e-5, "q8_0": 3e-2, "q4_0": 3e-2, "q4_1": 3e-2
 
 
 def shared_tmpdir() -> Path:
-    d = tempfile.mkdtemp(prefix="mpillm-test-") if rank == 0 else None
-    return Path(comm.bcast(d, root=0))
+    """A new directory every rank sees: rank 0 makes it (under $MPILLM_TEST_TMPDIR, which
+    tests/test_mpi_suite.py points into its own tmp_path, else the system's temp dir). The pytest
+    session removes it at its end when every test passed (tests/conftest.py); a failing test
+    aborts the job and leaves it for a look."""
+    d = tempfile.mkdtemp(prefix="mpillm-test-", dir=os.environ.get("MPILLM_TEST_TMPDIR") or None) if rank == 0 else None
+    d = comm.bcast(d, root=0)
+    if rank == 0:
+        import conftest
+
+        conftest.remove_after_session(Path(d))
+    return Path(d)
 
 
 def convert_on_rank0(src: Path, out: Path, sizes: list[int], wtype: str) -> None:
