@@ -139,6 +139,24 @@ def ffn_block(T, eps, x, norm_w, xb_x, xb_q, xb_d, xb_s, {wa("w_gate", "w_up")},
 ''' + (_moe_source(types, oai) if "router" in types else "")
 
 
+def _publish(file: Path, src: str) -> None:
+    """Write ``file`` whole, once: ranks that generate the same module at the same moment each
+    write a private copy and hard-link it into place, and only the first link lands. (Replacing
+    the file would change its mtime, numba's stamp of the cache entries already compiled from it,
+    and the other ranks would discard and recompile them.)"""
+    tmp = file.with_name(file.name + f".tmp{os.getpid()}")
+    tmp.write_text(src)
+    try:
+        os.link(tmp, file)
+    except FileExistsError:
+        pass
+    except OSError:              # a file system without hard links: replace, as before
+        if not file.exists():
+            os.replace(tmp, file)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def blocks(types: dict[str, str], qk_norm: bool, f64_out: bool = False, biases: tuple[str, ...] = (),
            oai: bool = False):
     """The generated module (attn_block, ffn_block[, moe_block]) for this weight-type combination;
@@ -152,9 +170,7 @@ def blocks(types: dict[str, str], qk_norm: bool, f64_out: bool = False, biases: 
     base.mkdir(parents=True, exist_ok=True)
     file = base / f"fused_{tag}.py"
     if not file.exists():
-        tmp = file.with_name(file.name + f".tmp{os.getpid()}")
-        tmp.write_text(src)
-        os.replace(tmp, file)
+        _publish(file, src)
     modname = f"mpillm_fused_{tag}"
     if modname in sys.modules:
         return sys.modules[modname]

@@ -50,7 +50,9 @@ from types import ModuleType
 import numba
 import numpy as np
 
-from .. import quant
+from .. import jitlock, quant
+
+jitlock.install()   # ranks of a node share numba's cache: saves and loads under a file lock
 
 PATHS = ("vnni", "avx2", "neon-dot", "neon", "portable")  # best first
 KQ_TYPES = ("q5_0", "q5_1", "q4_K", "q5_K", "q6_K", "mxfp4")  # kernels in kquant.py
