@@ -119,6 +119,24 @@ def test_matmul(path_name, wtype, T, N, K):
     assert np.array_equal(out, out2)
 
 
+@pytest.mark.parametrize("path_name", kernels.PATHS)
+@pytest.mark.parametrize("wtype", ALL)
+def test_row_does_not_depend_on_its_batch(path_name, wtype):
+    """A token's output row is bit-identical alone (T = 1, the decode tiles) and in batches of
+    any size (the multi-token tiles and their 1-token tails), at any position in the batch; with
+    N = 11, rows run in full row tiles and in the single-row leftovers."""
+    path = _path(path_name)
+    K = 768 if wtype in quant.K_TYPES or wtype.endswith("_32") else 352
+    a, (xq, xd, xs), _ = _case(wtype, 9, 11, K, seed=5)
+    alone = np.empty((9, 11), np.float32)
+    for t in range(9):
+        path.matmul(wtype, a, xq[t:t + 1], xd[t:t + 1], xs[t:t + 1], None, alone[t:t + 1])
+    for T in (2, 3, 5, 9):
+        out = np.full((T, 11), np.nan, np.float32)
+        path.matmul(wtype, a, xq[:T], xd[:T], xs[:T], None, out)
+        np.testing.assert_array_equal(out, alone[:T], err_msg=f"{path_name} {wtype}: batch of {T}")
+
+
 @pytest.mark.parametrize("wtype", ALL)
 def test_f64_kernels(wtype):
     from mpillm.kernels import exact

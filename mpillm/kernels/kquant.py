@@ -29,12 +29,18 @@ kernels); high bits come from 32-bit masks (``bitcast i32 -> <32 x i1>``, zero-e
 bytes: kmov + vpmovm2b on AVX-512); MXFP4 codes map through a 16-entry table (pshufb on x86,
 selects in the portable IR).
 
-x86 (``vnni``, ``avx2``): a group is two sub-blocks (64 codes; a trailing odd sub-block is a
-group of one); ``vpdpbusd`` (VNNI) or ``vpmaddubsw`` + ``vpmaddwd`` (AVX2; codes < 64 so
-the i16 pair sums cannot saturate) give <16 x i32> lanes of 4 products each, converted
-and FMA'd with per-lane D * xd into a <16 x float> accumulator per (row, token); M terms
-go to a scalar accumulator. q6_K starts each dot at -32 * (sum of the lane's 4 activations),
-computed once per token and group. Portable: one sub-block at a time, ``sdot`` shape
+x86 (``vnni``, ``avx2``): the codes stay in the qs nibble order (``_codes_nib``): per 4
+sub-blocks, ``vpdpbusd`` (VNNI) or ``vpmaddubsw`` + ``vpmaddwd`` (AVX2; codes < 64 so the i16
+pair sums cannot saturate) of the low nibbles with the activations' first 16 bytes of each
+sub-block, and of the high nibbles with the last 16 (a 128-bit-lane shuffle of the activations
+per token, shared by the tile's rows), land in the same <16 x i32> lanes (lane l: sub-block
+l // 4), converted and FMA'd once with per-lane D * xd into a <16 x float> accumulator per
+(row, token) (q6_K: low and high halves have their own scales, two conversions); tails of 2
+and 1 sub-blocks likewise (1: 32 codes in element order). M terms go to an 8-lane accumulator
+in a loop of their own after the dots. q6_K starts each dot at -32 * (sum of the lane's 4
+activations), computed once per token and group. The runners are compiled without fastmath:
+with it LLVM contracted the tiles' float operations differently per tile shape, and a row's
+last bit depended on its batch (test_row_does_not_depend_on_its_batch). Portable: one sub-block at a time, ``sdot`` shape
 (``reduce.add(sext * sext)``) per 16 bytes as in ``portable.py``. ``f64`` tiles accumulate
 in float64 (``--buffer-type f64``, kernels.exact).
 """
@@ -205,6 +211,42 @@ def _codes(e: _E, kind: str, A: dict, r, b0, nsub: int):
     return q
 
 
+def _codes_nib(e: _E, kind: str, A: dict, r, b0, nsub: int):
+    """x86: the unsigned codes of sub-blocks [b0, b0 + nsub) of row r in the qs nibble order:
+    (lo, hi), each <16 nsub x i8>, lo = elements 0..15 of each sub-block (the low nibbles as they
+    lie), hi = elements 16..31; for nsub = 1 a single <32 x i8> in element order (lo, hi)."""
+    b = e.b
+    i64 = e.i64
+    base, stride = A["qs"]
+    n = 16 * nsub
+    w = e.load(base, b.add(b.mul(r, stride), b.mul(b0, i64(16))), _vec(I8, n))
+    lo = b.and_(w, e.splat_const(I8, n, 15))
+    hi = b.lshr(w, e.splat_const(I8, n, 4))
+
+    def bits(m, shift, val):
+        """<nsub x i32> masks -> bits [shift, shift + 16) of each as bytes val / 0."""
+        h = b.trunc(b.lshr(m, e.splat(I32(shift), nsub)) if shift else m, _vec(I16, nsub))
+        return b.select(b.bitcast(h, _vec(I1, n)), e.splat_const(I8, n, val), ir.Constant(_vec(I8, n), None))
+
+    if kind in ("q5_0", "q5_1", "q5_K"):
+        hb, hs = A["qh"]
+        m = e.load(hb, b.add(b.mul(r, hs), b.mul(b0, i64(4))), _vec(I32, nsub))
+        lo, hi = b.or_(lo, bits(m, 0, 16)), b.or_(hi, bits(m, 16, 16))
+    elif kind == "q6_K":
+        hb, hs = A["qh"]
+        m = e.load(hb, b.add(b.mul(r, hs), b.mul(b0, i64(8))), _vec(I32, 2 * nsub))
+        m4 = e.shuffle(m, None, [2 * j for j in range(nsub)])  # per sub-block: bit-4 flags, bit-5 flags
+        m5 = e.shuffle(m, None, [2 * j + 1 for j in range(nsub)])
+        lo = b.or_(lo, b.or_(bits(m4, 0, 16), bits(m5, 0, 32)))
+        hi = b.or_(hi, b.or_(bits(m4, 16, 16), bits(m5, 16, 32)))
+    if nsub == 1:
+        q = e.shuffle(lo, hi, range(32))
+        return (e.pshufb(_MXFP4_U, q) if kind == "mxfp4" else q),
+    if kind == "mxfp4":
+        lo, hi = e.pshufb(_MXFP4_U, lo), e.pshufb(_MXFP4_U, hi)
+    return lo, hi
+
+
 def _scales(e: _E, kind: str, A: dict, r, blk, dshift):
     """Float scales of sub-block blk of row r: ([D] or [D0, D1] for q6_K, M or None)."""
     b = e.b
@@ -290,22 +332,20 @@ def _tile_codegen(kind: str, isa: str, R: int, U: int, f64: bool = False):
                         mt = b.fmul(b.fmul(D(M), D(xd)), b.sitofp(xs, FT))
                         b.store(b.fadd(b.load(macc[r][u]), mt), macc[r][u])
 
+        # dvec's choice between one super-block scale and per-32 ones, made once per tile: a masked
+        # load (1 or 8 lanes) and a select, no branch in the loop (a branch there splits the loop
+        # body into blocks that LLVM schedules one by one)
+        sup = b.icmp_unsigned("==", dshift, i64(3))
+        dmask = {n: e.lanes_below(n, b.select(sup, I32(1), I32(n))) for n in (8, 4, 2, 1)}
+
         def dvec(name, b0, n):
             """<n x float> super-block scales of sub-blocks [b0, b0 + n): one fp16 splat when d is
             per 256 columns (dshift 3; the n sub-blocks then share it), else n fp16 values."""
             base, st = A[name]
             row = b.mul(rows_cur[0], st)
-            with b.if_else(b.icmp_unsigned("==", dshift, i64(3))) as (sup, per32):
-                with sup:
-                    v1 = e.splat(e.half(base, b.add(row, b.mul(b.lshr(b0, i64(3)), i64(2)))), n)
-                    bb1 = b.block
-                with per32:
-                    v2 = e.half4(base, b.add(row, b.mul(b0, i64(2))), n)
-                    bb2 = b.block
-            phi = b.phi(v1.type)
-            phi.add_incoming(v1, bb1)
-            phi.add_incoming(v2, bb2)
-            return phi
+            h = e.load(base, b.add(row, b.mul(b.lshr(b0, dshift), i64(2))), _vec(I16, n), dmask[n])
+            v = b.fpext(b.bitcast(h, _vec(F16, n)), _vec(F32, n))
+            return b.select(sup, e.shuffle(v, None, [0] * n), v)
 
         def scales_vec(r, b0, n):
             """(D <G x float>, M <n x float> or None) of row r's sub-blocks [b0, b0 + n); G = 2n for
@@ -333,33 +373,38 @@ def _tile_codegen(kind: str, isa: str, R: int, U: int, f64: bool = False):
             return b.fmul(d, sc), b.fmul(b.fmul(dm, mn), e.splat(ir.Constant(F32, -1.0), n))
 
         def group_x86(b0, n):
-            """Sub-blocks [b0, b0 + n), n = 8 (the main loop), 2 or 1 (tails): scales as vectors
-            once per row, one dot product per pair of sub-blocks."""
-            pairs = [(2 * j, 2) for j in range(n // 2)] if n > 1 else [(0, 1)]
-            G = 2 * n if kind == "q6_K" else n
-            per = G // n  # scales per sub-block
-            xv, xdG, xdsum, init = [], [], [], []
+            """Sub-blocks [b0, b0 + n), n = 8 (the main loop), 4, 2 or 1 (tails). The codes stay in
+            the qs nibble order (``_codes_nib``): per 4 sub-blocks, one dot of the low nibbles with
+            the activations' first 16 bytes of each sub-block (XL) and one of the high nibbles with
+            the last 16 (XH) land in the same 16 i32 lanes, lane l holding sub-block l // 4; one
+            conversion and one FMA per 4 sub-blocks then (q6_K: two, its scales being per 16
+            elements). A tail of one sub-block dots its 32 codes in element order (8 lanes)."""
+            subs = [(4 * j, 4) for j in range(n // 4)] if n >= 4 else [(0, n)]
+            xv, xdl, init = [], [], []
             for u in range(U):
                 xrow = b.add(b.mul(i64(u), xstride), b.mul(b0, i64(32)))
                 so = b.add(b.mul(i64(u), sstride), b.mul(b0, i64(4)))
                 xd = e.load(xdp, so, _vec(F32, n))
-                xdG.append(e.shuffle(xd, None, [i // per for i in range(G)]) if per > 1 else xd)
-                if has_min:
-                    xs = e.load(xsp, so, _vec(I32, n))
-                    v = b.fmul(xd, b.sitofp(xs, _vec(F32, n)))
-                    xdsum.append(e.shuffle(v, ir.Constant(v.type, None), list(range(n)) + [n] * (8 - n))
-                                 if n < 8 else v)
-                xs_, ini = [], []
-                for j0, ns in pairs:
+                xs_, xl_, ini = [], [], []
+                for j0, ns in subs:
+                    L = 4 * ns if ns > 1 else 8
                     x = e.load(xp, b.add(xrow, i64(32 * j0)), _vec(I8, 32 * ns))
-                    xs_.append(x)
-                    L = 8 * ns
-                    if kind == "q6_K":  # -32 * (sum of each lane's 4 activations)
-                        sm = e.dot(ir.Constant(_vec(I32, L), None), e.splat_const(I8, 32 * ns, 32), x)
-                        ini.append(b.sub(ir.Constant(_vec(I32, L), None), sm))
+                    if ns > 1:
+                        ops = (e.shuffle(x, None, [32 * s + i for s in range(ns) for i in range(16)]),
+                               e.shuffle(x, None, [32 * s + 16 + i for s in range(ns) for i in range(16)]))
+                        xl_.append(e.shuffle(xd, None, [j0 + i // 4 for i in range(L)]))
                     else:
-                        ini.append(ir.Constant(_vec(I32, L), None))
+                        ops = (x,)
+                        xl_.append(e.splat(e.b.extract_element(xd, I32(j0)), L))
+                    xs_.append(ops)
+                    if kind == "q6_K":  # -32 * (sum of each lane's 4 activations)
+                        z = ir.Constant(_vec(I32, L), None)
+                        ini.append(tuple(b.sub(z, e.dot(z, e.splat_const(I8, o.type.count, 32), o))
+                                         for o in ops))
+                    else:
+                        ini.append(None)
                 xv.append(xs_)
+                xdl.append(xl_)
                 init.append(ini)
             if U == 1 and n == 8:  # decode: prefetch each row's codes PF bytes ahead in its stream
                 for r in range(R):
@@ -375,24 +420,56 @@ def _tile_codegen(kind: str, isa: str, R: int, U: int, f64: bool = False):
                         off = b.add(b.mul(b.add(rows[r], b.mul(k, i64(R))), st), p)
                         for line in range(0, 8 * bpb, 64):
                             e.prefetch(base, b.add(off, i64(line)))
+            pad16 = lambda v, L: v if L == 16 else e.shuffle(  # noqa: E731
+                v, ir.Constant(v.type, None), list(range(L)) + [L] * (16 - L))
             for r in range(R):
                 Dv, Mv = scales_vec(rows[r], b0, n)
-                qs_ = [_codes(e, kind, A, rows[r], b.add(b0, i64(j0)), ns) for j0, ns in pairs]
+                qs_ = [_codes_nib(e, kind, A, rows[r], b.add(b0, i64(j0)), ns) for j0, ns in subs]
+                Dl = []  # per part: the lanes' scales (q6_K: (low, high) halves)
+                for j0, ns in subs:
+                    L = 4 * ns if ns > 1 else 8
+                    if kind == "q6_K":
+                        if ns > 1:
+                            Dl.append((e.shuffle(Dv, None, [2 * (j0 + i // 4) for i in range(L)]),
+                                       e.shuffle(Dv, None, [2 * (j0 + i // 4) + 1 for i in range(L)])))
+                        else:
+                            Dl.append((e.shuffle(Dv, None, [i // 4 for i in range(L)]),))
+                    else:
+                        Dl.append(e.shuffle(Dv, None, [j0 + i // 4 for i in range(L)]) if ns > 1 else e.splat(
+                            b.extract_element(Dv, I32(0)), L))
                 for u in range(U):
-                    P = b.fmul(Dv, xdG[u])
                     a = b.load(acc[r][u])
-                    for (j0, ns), q, x, ini in zip(pairs, qs_, xv[u], init[u]):
-                        L = 8 * ns
-                        lanes = e.dot(ini, q, x)
-                        fs = e.shuffle(P, None, [j0 * per + i * (ns * per) // L for i in range(L)])
-                        if L < 16:
-                            fs = e.shuffle(fs, ir.Constant(fs.type, None), list(range(L)) + [L] * (16 - L))
-                            lanes = e.shuffle(lanes, ir.Constant(lanes.type, None), list(range(L)) + [L] * (16 - L))
-                        a = e.fma(b.sitofp(lanes, _vec(F32, 16)), fs, a)
+                    for p_, ((j0, ns), q, x, ini) in enumerate(zip(subs, qs_, xv[u], init[u])):
+                        L = 4 * ns if ns > 1 else 8
+                        cvt = lambda v: b.sitofp(v, _vec(F32, L))  # noqa: E731
+                        z = ir.Constant(_vec(I32, L), None)
+                        if kind == "q6_K" and ns > 1:
+                            ilo = e.dot(ini[0], q[0], x[0])
+                            ihi = e.dot(ini[1], q[1], x[1])
+                            t = e.fma(cvt(ihi), Dl[p_][1], b.fmul(cvt(ilo), Dl[p_][0]))
+                            a = e.fma(pad16(t, L), pad16(xdl[u][p_], L), a)
+                        else:
+                            if ns > 1:
+                                i = e.dot(e.dot(z, q[0], x[0]), q[1], x[1])
+                            else:
+                                i = e.dot(ini[0] if kind == "q6_K" else z, q[0], x[0])
+                            P = b.fmul(Dl[p_][0] if kind == "q6_K" else Dl[p_], xdl[u][p_])
+                            a = e.fma(pad16(cvt(i), L), pad16(P, L), a)
                     b.store(a, acc[r][u])
-                    if has_min:
-                        Mp = e.shuffle(Mv, ir.Constant(Mv.type, None), list(range(n)) + [n] * (8 - n)) if n < 8 else Mv
-                        b.store(e.fma(Mp, xdsum[u], b.load(macc8[r][u])), macc8[r][u])
+
+        def group_min(b0, n):
+            """The offset terms M * xd * xsum of sub-blocks [b0, b0 + n) (a loop of their own after
+            the dot products: in the same loop their 8-lane accumulators spilled the dots' registers)."""
+            xdsum = []
+            for u in range(U):
+                so = b.add(b.mul(i64(u), sstride), b.mul(b0, i64(4)))
+                v = b.fmul(e.load(xdp, so, _vec(F32, n)), b.sitofp(e.load(xsp, so, _vec(I32, n)), _vec(F32, n)))
+                xdsum.append(e.shuffle(v, ir.Constant(v.type, None), list(range(n)) + [n] * (8 - n)) if n < 8 else v)
+            for r in range(R):
+                _, Mv = scales_vec(rows[r], b0, n)
+                Mp = e.shuffle(Mv, ir.Constant(Mv.type, None), list(range(n)) + [n] * (8 - n)) if n < 8 else Mv
+                for u in range(U):
+                    b.store(e.fma(Mp, xdsum[u], b.load(macc8[r][u])), macc8[r][u])
 
         pf_split = {}  # decode prefetch: per stream (PF // row bytes, PF % row bytes, row bytes)
         if isa != "portable" and U == 1:
@@ -406,13 +483,14 @@ def _tile_codegen(kind: str, isa: str, R: int, U: int, f64: bool = False):
                 group_portable(loop.index)
         else:
             n8 = b.udiv(nb, i64(8))
-            with cgutils.for_range(b, n8) as loop:
-                group_x86(b.mul(loop.index, i64(8)), 8)
-            n2 = b.udiv(b.urem(nb, i64(8)), i64(2))  # the tails (q5_0 / q5_1 / mxfp4 rows, _32 slices)
-            with cgutils.for_range(b, n2) as loop:
-                group_x86(b.add(b.mul(n8, i64(8)), b.mul(loop.index, i64(2))), 2)
-            with b.if_then(b.icmp_unsigned("!=", b.urem(nb, i64(2)), i64(0)), likely=False):
-                group_x86(b.sub(nb, i64(1)), 1)
+            for grp in (group_x86, group_min) if has_min else (group_x86,):
+                with cgutils.for_range(b, n8) as loop:
+                    grp(b.mul(loop.index, i64(8)), 8)
+                # the tails (q5_0 / q5_1 / mxfp4 rows, _32 slices): 4, 2 and 1 sub-blocks, each at most once
+                rest = b.urem(nb, i64(8))
+                for n in (4, 2, 1):
+                    with b.if_then(b.icmp_unsigned("!=", b.and_(rest, i64(n)), i64(0)), likely=False):
+                        grp(b.sub(nb, b.and_(rest, i64(2 * n - 1))), n)
         for r in range(R):
             for u in range(U):
                 a = b.load(acc[r][u])
@@ -467,7 +545,7 @@ def tile(path: str, kind: str, shape: str):
 # T tokens, U at a time, while it is in cache. ``a``: the tile arguments from the slots to nb.
 # ----------------------------------------------------------------------------------------------
 _RUN = """
-@njit(cache=True, fastmath=True, nogil=True, parallel=True)
+@njit(cache=True, fastmath=False, nogil=True, parallel=True)
 def run_{P}_{K}(a, N, T):
     RD, R, U = {RD}, {R}, {U}
     if T == 1:
