@@ -21,7 +21,7 @@ import numpy as np
 from mpi4py import MPI
 
 from . import format as fmt
-from . import kernels, ops
+from . import kernels, ops, warmup
 from .comm import FatalError, agree
 from .config import ModelConfig
 from .model import Transformer
@@ -128,6 +128,7 @@ class Engine:
         agree(comm, kv_memory_error(kv_per_token, n_slots, max_seq_len))
         err = None
         try:
+            warmup.ensure_shard(shard, kv_type, buffer_type)  # one rank per node compiles, the others wait
             kernels.set_threads(threads)
             kernels.warmup()
             self.model = Transformer(shard, comm, max_seq_len, max_batch, buffer_type, kv_type, n_slots)

@@ -194,11 +194,27 @@ class Unsupported(Exception):
     """The tiny twin cannot be built for this model; its kernels compile at first use instead."""
 
 
+_compiling = False    # this process is inside compile_for (its tiny Engine must not wait on the lock again)
+
+
+def ensure_shard(shard: fmt.Shard, kv_type: str = "f16", buffer_type: str = "f32") -> bool:
+    """``ensure`` for an open shard, quietly; the Engine calls it, so ranks that build an Engine
+    directly (the MPI tests) also take turns compiling instead of all compiling the same kernels."""
+    if _compiling:
+        return False
+    return _ensure(shard, kv_type, buffer_type, announce=False, progress=False)
+
+
 def ensure(model_dir: Path, rank: int, size: int, kv_type: str = "f16", buffer_type: str = "f32",
            announce: bool = True, progress: bool = False) -> bool:
     """Make sure the kernels this rank's model needs are in the cache; True if it compiled.
     Not collective: each rank decides alone (a rank whose signature is warm returns at once)."""
     shard = fmt.Shard(Path(model_dir) / fmt.shard_relpath(size, rank), size, rank)
+    return _ensure(shard, kv_type, buffer_type, announce, progress)
+
+
+def _ensure(shard: fmt.Shard, kv_type: str, buffer_type: str, announce: bool, progress: bool) -> bool:
+    global _compiling
     sig = signature(shard, kv_type, buffer_type)
     if is_warm(sig):
         return False
@@ -227,6 +243,7 @@ def ensure(model_dir: Path, rank: int, size: int, kv_type: str = "f16", buffer_t
             bar.set_postfix_str(name)   # refreshes: the count of steps done and the one now running
 
         try:
+            _compiling = True
             compile_for(shard, kv_type, buffer_type, step)
         except (Unsupported, ValueError):   # the engine itself reports a real problem, by name
             return False
@@ -235,6 +252,7 @@ def ensure(model_dir: Path, rank: int, size: int, kv_type: str = "f16", buffer_t
                   f"use instead", file=sys.stderr, flush=True)
             return False
         finally:
+            _compiling = False
             if bar is not None:
                 bar.n = STEPS
                 bar.set_postfix_str("done")
