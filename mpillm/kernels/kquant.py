@@ -167,16 +167,23 @@ class _E(Emit):
         return self.b.call(self.decl("llvm.vector.reduce.add.v16i32", I32, [v16]), [tot])
 
 
+def _nibbles(e: _E, A: dict, r, b0, nsub: int):
+    """The qs bytes of sub-blocks [b0, b0 + nsub) of row r split into (low, high) nibbles,
+    each <16 nsub x i8> as they lie."""
+    b = e.b
+    n = 16 * nsub
+    base, stride = A["qs"]
+    w = e.load(base, b.add(b.mul(r, stride), b.mul(b0, e.i64(16))), _vec(I8, n))
+    return b.and_(w, e.splat_const(I8, n, 15)), b.lshr(w, e.splat_const(I8, n, 4))
+
+
 def _codes(e: _E, kind: str, A: dict, r, b0, nsub: int):
     """The codes of sub-blocks [b0, b0 + nsub) of row r: <32 nsub x i8> in element order.
     x86: unsigned (see the table in the module docstring); portable: signed values."""
     b = e.b
     i64 = e.i64
-    base, stride = A["qs"]
     n = 16 * nsub
-    w = e.load(base, b.add(b.mul(r, stride), b.mul(b0, i64(16))), _vec(I8, n))
-    lo = b.and_(w, e.splat_const(I8, n, 15))
-    hi = b.lshr(w, e.splat_const(I8, n, 4))
+    lo, hi = _nibbles(e, A, r, b0, nsub)
     order = [i for j in range(nsub) for i in list(range(16 * j, 16 * j + 16)) + list(range(n + 16 * j, n + 16 * j + 16))]
     q = e.shuffle(lo, hi, order)
     N = 32 * nsub
@@ -217,11 +224,8 @@ def _codes_nib(e: _E, kind: str, A: dict, r, b0, nsub: int):
     lie), hi = elements 16..31; for nsub = 1 a single <32 x i8> in element order (lo, hi)."""
     b = e.b
     i64 = e.i64
-    base, stride = A["qs"]
     n = 16 * nsub
-    w = e.load(base, b.add(b.mul(r, stride), b.mul(b0, i64(16))), _vec(I8, n))
-    lo = b.and_(w, e.splat_const(I8, n, 15))
-    hi = b.lshr(w, e.splat_const(I8, n, 4))
+    lo, hi = _nibbles(e, A, r, b0, nsub)
 
     def bits(m, shift, val):
         """<nsub x i32> masks -> bits [shift, shift + 16) of each as bytes val / 0."""
