@@ -71,8 +71,22 @@ def _yield_when_oversubscribed() -> None:
         os.environ.setdefault("OMPI_MCA_mpi_yield_when_idle", "1")
 
 
+def _clear_stale_mpi_sessions() -> None:
+    """Once per node and job (the node's first rank): remove session directories that killed
+    launchers left, before a later mpirun is given their pid (mpillm/mpisession.py)."""
+    if os.environ.get("OMPI_COMM_WORLD_LOCAL_RANK") != "0":
+        return
+    from .mpisession import clear_stale
+
+    for d in clear_stale():
+        import sys
+        print(f"mpillm: removed {d}, the session directory of a killed mpirun (its pid would fail a "
+              f"later mpirun that is given it)", file=sys.stderr)
+
+
 _key_jit_cache()
 _yield_when_oversubscribed()
+_clear_stale_mpi_sessions()
 from . import cpu as _cpu  # noqa: E402 - aarch64: the CPU numba compiles for, before anything is jitted
 
 _cpu.configure()

@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from mpillm.mpisession import clear_stale
+
 ROOT = Path(__file__).resolve().parents[1]
 KILL_MARGIN = 20.0   # seconds kept back from the test's pytest-timeout to kill the job and report
 _deadline: float | None = None   # time.monotonic() at which pytest-timeout ends the running test
@@ -59,6 +61,7 @@ def mpi_env(extra: dict | None = None) -> dict:
 
 
 def mpirun_cmd(np: int) -> list[str]:
+    clear_stale()   # a killed job's session directory fails the mpirun later given its pid
     bindir = Path(sys.executable).parent
     mpirun = bindir / "mpirun"
     return [str(mpirun) if mpirun.exists() else "mpirun", "-np", str(np), "--bind-to", "none"]
@@ -102,6 +105,7 @@ def kill_session(proc: subprocess.Popen, grace: float = 5.0) -> None:
         time.sleep(0.1)
     if proc.poll() is None:
         proc.kill()
+    clear_stale(min_age=0)   # the session directory of an mpirun killed here (mpillm/mpisession.py)
 
 
 _PR_SET_PDEATHSIG = 1
