@@ -1,6 +1,7 @@
 """The chat page in a real headless browser (Debian's chromium driven by Selenium): type a question,
 watch the answer stream in, press stop; model and user text are shown as text, never as HTML.
-A harmony model's reasoning is shown in a collapsible box apart from the answer (the model of
+A harmony model's reasoning is shown in a collapsible box apart from the answer, open while it
+streams and closed when the answer starts (the model of
 tests/harmony_fixture.py, served here); a model without reasoning shows no such box."""
 from __future__ import annotations
 
@@ -137,9 +138,9 @@ def api_reply(server, question: str, max_tokens: int) -> tuple[dict, int]:
     return r["choices"][0]["message"], r["usage"]["completion_tokens"]
 
 
-def ask_on_page(d, server, question: str, max_tokens: int, timeout: float = 120):
+def ask_on_page(d, server, question: str, max_tokens: int, timeout: float = 120, before_send: str = ""):
     """Open the page, set greedy decoding, send ``question`` and wait for the reply to finish;
-    returns the assistant message's element."""
+    returns the assistant message's element. ``before_send``: a script run in the page just before."""
     from selenium.webdriver.common.by import By
 
     d.get(server.url + "/")
@@ -152,6 +153,8 @@ def ask_on_page(d, server, question: str, max_tokens: int, timeout: float = 120)
         el.clear()
         el.send_keys(value)
     d.find_element(By.ID, "input").send_keys(question)
+    if before_send:
+        d.execute_script(before_send)
     d.find_element(By.ID, "send").click()
     meta = wait_for(lambda: d.find_elements(By.CSS_SELECTOR, ".msg.assistant .meta"), timeout, "the reply's footer")
     assert "tokens" in meta[0].text and "error" not in meta[0].text, meta[0].text
@@ -176,7 +179,29 @@ def test_page_shows_reasoning_in_a_collapsible_box_apart_from_the_answer(harmony
     # the model's two channels, both non-empty and distinct, free of harmony's special tokens
     assert reasoning and answer and reasoning not in answer and answer not in reasoning, msg
     assert (reasoning, answer) == (HF.EXPECTED_REASONING, HF.EXPECTED_FINAL), msg
-    out = ask_on_page(d, harmony_server, question, 40)
+    # what the page did while the reply streamed, in order (the records of one read of the stream
+    # come in one batch, so the states are read off the records, not off the page at callback time):
+    # "r" reasoning text added, "a" answer text added, "close"/"open" the box's open attribute removed/set
+    watch = """window.__events = [];
+      new MutationObserver(records => {
+        for (const rec of records) {
+          const t = rec.target;
+          if (rec.type === "attributes" && rec.attributeName === "open" && t.matches("details.reasoning"))
+            window.__events.push(rec.oldValue === null ? "open" : "close");   // was absent / was set
+          else if (rec.type === "childList" && t.closest && t.closest("details.reasoning") && t.matches("span"))
+            window.__events.push("r");
+          else if (rec.type === "childList" && t.matches && t.matches(".msg.assistant .text") && rec.addedNodes.length)
+            window.__events.push("a");
+        }
+      }).observe(document.body, {subtree: true, childList: true, characterData: true, attributes: true,
+                                 attributeOldValue: true});"""
+    out = ask_on_page(d, harmony_server, question, 40, before_send=watch)
+    ev = d.execute_script("return window.__events;") or []
+    # the box came in open (no "open" event needed: it was created so), its reasoning streamed, then
+    # it closed itself, once, just before the first piece of the answer
+    assert "r" in ev and "a" in ev and ev.count("close") == 1 and "open" not in ev, ev
+    assert ev.index("close") > max(i for i, e in enumerate(ev) if e == "r"), ev
+    assert ev.index("close") < ev.index("a"), ev
 
     boxes = out.find_elements(By.CSS_SELECTOR, "details.reasoning")
     assert len(boxes) == 1, out.get_attribute("outerHTML")

@@ -112,16 +112,23 @@ async function send(text) {
             if (c.delta && c.delta.reasoning_content) {   // a reasoning model's thoughts: apart, collapsible
               let box = out.querySelector("details.reasoning");
               if (!box) {
+                // open while the thoughts stream (the reader sees the model working), closed
+                // when the answer starts unless the reader has toggled it meanwhile
                 box = document.createElement("details");
                 box.className = "reasoning";
+                box.open = true;
                 const sum = document.createElement("summary");
                 sum.textContent = "reasoning";
+                sum.addEventListener("click", () => { box.dataset.toggled = "1"; });
                 box.append(sum, document.createElement("span"));
                 out.insertBefore(box, span);
               }
               box.querySelector("span").textContent += c.delta.reasoning_content;
+              if (box.open) out.scrollIntoView({ block: "end" });
             }
             if (c.delta && c.delta.content) {
+              const box = span.textContent === "" && out.querySelector("details.reasoning");
+              if (box && !box.dataset.toggled) box.open = false;
               span.textContent += c.delta.content;
               out.scrollIntoView({ block: "end" });
             }
