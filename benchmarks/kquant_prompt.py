@@ -18,7 +18,7 @@ import numba
 import numpy as np
 
 from mpillm import kernels, quant
-from mpillm.kernels.bench import LLC_BYTES, _time
+from mpillm.kernels.bench import LLC_BYTES, time_matmul
 
 CASES = {  # name: (N, K, Ts)
     "1b-gate 8192x2048": (8192, 2048, (64, 512)),
@@ -61,16 +61,7 @@ def run(path, threads, cases, types, reps):
                 nbytes = sum(v.nbytes for v in a0.values())
                 copies = max(1, -(-2 * LLC_BYTES // nbytes))
                 ws = [a0] + [{k: v.copy() for k, v in a0.items()} for _ in range(copies - 1)]
-                st = {"i": 0}
-
-                def call():
-                    w = ws[st["i"] % copies]
-                    st["i"] += 1
-                    p.matmul(wtype, w, xq, xd, xs, x, out)
-
-                est = _time(call, 1, 1)[0]
-                inner = max(copies, min(400, int(0.05 / max(est, 1e-7))))
-                sec, cpu = _time(call, reps, inner)
+                sec, cpu = time_matmul(p, wtype, ws, xq, xd, xs, x, out, reps, min_inner=copies, max_inner=400)
                 if wtype == "q4_0":
                     base, base_cpu = sec, cpu
                 row = dict(path=path, threads=threads, shape=cname, T=T, wtype=wtype, us=round(sec * 1e6, 1),

@@ -77,6 +77,23 @@ def _time(fn, reps: int, inner: int) -> tuple[float, float]:
     return float(np.min(ws)), float(np.min(cs))
 
 
+def time_matmul(p, wtype: str, ws: list[dict], xq, xd, xs, x, out, reps: int,
+                min_inner: int = 1, max_inner: int = 200) -> tuple[float, float]:
+    """(wall, cpu) seconds of one ``p.matmul`` call, the weights rotating over the copies ``ws``
+    (together larger than the last-level cache: each call reads its matrix from memory), with as
+    many calls per timing (``min_inner``..``max_inner``) as fill about 50 ms."""
+    state = {"i": 0}
+
+    def call():
+        w = ws[state["i"] % len(ws)]
+        state["i"] += 1
+        p.matmul(wtype, w, xq, xd, xs, x, out)
+
+    est = _time(call, 1, 1)[0]
+    inner = max(min_inner, min(max_inner, int(0.05 / max(est, 1e-7))))
+    return _time(call, reps, inner)
+
+
 def run(paths, wtypes, threads, shapes, T_prefill=64, reps=7, quick=False, decode_only=False) -> list[dict]:
     rng = np.random.default_rng(0)
     rows = []
@@ -101,18 +118,8 @@ def run(paths, wtypes, threads, shapes, T_prefill=64, reps=7, quick=False, decod
                         continue
                     for nt in threads:
                         numba.set_num_threads(nt)
-                        state = {"i": 0}
-
-                        def call():
-                            w = ws[state["i"] % copies]
-                            state["i"] += 1
-                            p.matmul(wtype, w, xq, xd, xs, x, out)
-
-                        est = _time(call, 1, 1)[0]
-                        inner = max(1, min(200, int(0.05 / max(est, 1e-7))))
-                        if T == 1:
-                            inner = max(inner, copies)
-                        sec, cpu = _time(call, 3 if quick else reps, inner)
+                        sec, cpu = time_matmul(p, wtype, ws, xq, xd, xs, x, out, 3 if quick else reps,
+                                               min_inner=copies if T == 1 else 1)
                         row = dict(path=pname, wtype=wtype, shape=sname, place=place, T=T, threads=nt,
                                    us=round(sec * 1e6, 1))
                         if T == 1:
