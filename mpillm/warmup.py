@@ -303,6 +303,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from .comm import run
+    # Run the main of the module the Engine imports: run as ``python -m``, this file is a second
+    # module (``__main__``) with globals of its own, and the Engine that compile_for builds would
+    # not see this copy's _compiling flag: it took the node lock again and waited on itself
+    # forever (the first scripts/run.sh on a fresh clone hung in its warm-up).
+    from mpillm import warmup as _warmup
+    from mpillm.comm import run
 
-    run(main, "mpillm.warmup")
+    run(_warmup.main, "mpillm.warmup")
