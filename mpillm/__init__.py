@@ -76,10 +76,11 @@ def _clear_stale_mpi_sessions() -> None:
     launchers left, before a later mpirun is given their pid (mpillm/mpisession.py)."""
     if os.environ.get("OMPI_COMM_WORLD_LOCAL_RANK") != "0":
         return
+    import sys
+
     from .mpisession import clear_stale
 
     for d in clear_stale():
-        import sys
         print(f"mpillm: removed {d}, the session directory of a killed mpirun (its pid would fail a "
               f"later mpirun that is given it)", file=sys.stderr)
 

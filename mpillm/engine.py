@@ -84,7 +84,8 @@ class Engine:
 
     def __init__(self, model_dir: Path, max_seq_len: int = 2048, threads: int = 1, max_batch: int = 64,
                  buffer_type: str = "f32", kv_type: str = "f16",
-                 comm: MPI.Comm = MPI.COMM_WORLD, verbose: bool = True, n_slots: int = 1):
+                 comm: MPI.Comm = MPI.COMM_WORLD, verbose: bool = True, n_slots: int = 1,
+                 compile_turn: bool = True):
         self.comm = comm
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
         t0 = time.perf_counter()
@@ -128,7 +129,8 @@ class Engine:
         agree(comm, kv_memory_error(kv_per_token, n_slots, max_seq_len))
         err = None
         try:
-            warmup.ensure_shard(shard, kv_type, buffer_type)  # one rank per node compiles, the others wait
+            if compile_turn:   # one rank per node compiles, the others wait (False: the caller holds the turn)
+                warmup.ensure_shard(shard, kv_type, buffer_type)
             kernels.set_threads(threads)
             kernels.warmup()
             self.model = Transformer(shard, comm, max_seq_len, max_batch, buffer_type, kv_type, n_slots)

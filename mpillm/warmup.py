@@ -175,8 +175,9 @@ def compile_for(shard: fmt.Shard, kv_type: str, buffer_type: str, progress=None)
         except (KeyError, ValueError) as e:  # a tensor kind the tiny model does not know: compile on use
             raise Unsupported(str(e)) from None
         step("matmul kernels")
+        # compile_turn=False: this process already holds the node's compile lock (_ensure)
         e = Engine(Path(tmp), max_seq_len=16, max_batch=8, buffer_type=buffer_type, kv_type=kv_type,
-                   comm=MPI.COMM_SELF, verbose=False, n_slots=2)
+                   comm=MPI.COMM_SELF, verbose=False, n_slots=2, compile_turn=False)
         step("attention and FFN blocks (prompt)")
         e.step([1, 2, 3], 0)
         e.score([1, 2, 3, 4], 1, slot=1)
@@ -194,14 +195,9 @@ class Unsupported(Exception):
     """The tiny twin cannot be built for this model; its kernels compile at first use instead."""
 
 
-_compiling = False    # this process is inside compile_for (its tiny Engine must not wait on the lock again)
-
-
 def ensure_shard(shard: fmt.Shard, kv_type: str = "f16", buffer_type: str = "f32") -> bool:
     """``ensure`` for an open shard, quietly; the Engine calls it, so ranks that build an Engine
     directly (the MPI tests) also take turns compiling instead of all compiling the same kernels."""
-    if _compiling:
-        return False
     return _ensure(shard, kv_type, buffer_type, announce=False, progress=False)
 
 
@@ -214,7 +210,6 @@ def ensure(model_dir: Path, rank: int, size: int, kv_type: str = "f16", buffer_t
 
 
 def _ensure(shard: fmt.Shard, kv_type: str, buffer_type: str, announce: bool, progress: bool) -> bool:
-    global _compiling
     sig = signature(shard, kv_type, buffer_type)
     if is_warm(sig):
         return False
@@ -243,7 +238,6 @@ def _ensure(shard: fmt.Shard, kv_type: str, buffer_type: str, announce: bool, pr
             bar.set_postfix_str(name)   # refreshes: the count of steps done and the one now running
 
         try:
-            _compiling = True
             compile_for(shard, kv_type, buffer_type, step)
         except (Unsupported, ValueError):   # the engine itself reports a real problem, by name
             return False
@@ -252,7 +246,6 @@ def _ensure(shard: fmt.Shard, kv_type: str, buffer_type: str, announce: bool, pr
                   f"use instead", file=sys.stderr, flush=True)
             return False
         finally:
-            _compiling = False
             if bar is not None:
                 bar.n = STEPS
                 bar.set_postfix_str("done")
@@ -303,11 +296,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # Run the main of the module the Engine imports: run as ``python -m``, this file is a second
-    # module (``__main__``) with globals of its own, and the Engine that compile_for builds would
-    # not see this copy's _compiling flag: it took the node lock again and waited on itself
-    # forever (the first scripts/run.sh on a fresh clone hung in its warm-up).
-    from mpillm import warmup as _warmup
-    from mpillm.comm import run
+    from .comm import run
 
-    run(_warmup.main, "mpillm.warmup")
+    run(main, "mpillm.warmup")

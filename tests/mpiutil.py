@@ -105,7 +105,6 @@ def kill_session(proc: subprocess.Popen, grace: float = 5.0) -> None:
         time.sleep(0.1)
     if proc.poll() is None:
         proc.kill()
-    clear_stale(min_age=0)   # the session directory of an mpirun killed here (mpillm/mpisession.py)
 
 
 _PR_SET_PDEATHSIG = 1

@@ -61,13 +61,15 @@ def test_removes_dead_pids_and_keeps_running_launchers_and_others(tmp_path):
     assert live.exists() and young.exists() and not_ours.exists() and other.exists()
 
 
+PIDNS = ["unshare", "--pid", "--fork", "--mount-proc"]   # a pid namespace of its own: pids start again at 1
+
+
 def _in_pid_namespace(argv: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
-    return subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", *argv], env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(PIDNS + argv, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.mark.timeout(120)
-def test_an_mpirun_given_a_killed_ones_pid_starts(monkeypatch):
+def test_an_mpirun_given_a_killed_ones_pid_starts():
     if os.geteuid() != 0 or not shutil.which("unshare"):
         pytest.skip("a pid namespace of our own needs root and unshare")
     # short: the PMIx socket path inside must stay under the 108-byte limit of Unix sockets
@@ -79,8 +81,7 @@ def test_an_mpirun_given_a_killed_ones_pid_starts(monkeypatch):
         def killed_job() -> list[Path]:
             """An mpirun killed with SIGKILL (to its pid namespace) once its session directory exists."""
             job = mpirun_cmd(1) + [sys.executable, "-c", "import time; time.sleep(60)"]
-            first = subprocess.Popen(["unshare", "--pid", "--fork", "--mount-proc", *job], env=env,
-                                     start_new_session=True)
+            first = subprocess.Popen(PIDNS + job, env=env, start_new_session=True)
             t0 = time.time()
             while not list(base.glob("ompi.*/pmix*")) and time.time() - t0 < 60:
                 time.sleep(0.2)

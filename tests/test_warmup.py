@@ -1,9 +1,10 @@
 """``python -m mpillm.warmup`` (what scripts/setup.sh, and so the README's scripts/run.sh, runs on a
 fresh clone) compiles once and returns, under mpirun, with ranks taking turns at the node lock.
 
-It once hung for good: run as ``__main__`` the module is a second copy of mpillm.warmup, and the
-Engine its compile step builds checked the other copy's "compiling" flag and took the node's
-file lock a second time, waiting on itself. The marker of a warm cache hides that path, so this
+It once hung for good: the Engine its compile step builds took the node's file lock a second time
+and waited on itself (a module-global "compiling" flag was meant to stop it, but run as
+``__main__`` the module is a second copy whose flag the Engine never saw; the compile step now
+tells its Engine not to take a turn). The marker of a warm cache hides that path, so this
 test runs with a numba cache of its own: a copy of this session's (loaded, not recompiled) without
 the markers.
 """
