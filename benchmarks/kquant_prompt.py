@@ -17,7 +17,8 @@ import json
 import numba
 import numpy as np
 
-from mpillm import kernels, quant
+from mpillm import kernels
+from mpillm.formats import quant
 from mpillm.kernels.bench import LLC_BYTES, time_matmul
 
 CASES = {  # name: (N, K, Ts)

@@ -10,14 +10,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from mpillm.partition import parse_split, plan
+from mpillm.formats.partition import parse_split, plan
 
 from .shards import WEIGHT_TYPE_CHOICES, convert_model
 from .sources import GGUFSource, open_source
 
 
 def write_tokenizer_for(source):
-    from mpillm import tokenizer
+    from mpillm.formats import tokenizer
 
     if isinstance(source, GGUFSource):
         return lambda out: tokenizer.export_from_gguf(source.reader, Path(out))

@@ -3,7 +3,7 @@
 ``{i}`` is the layer index and ``{e}`` the expert index (Hugging Face stores experts
 one by one; GGUF stacks them into one 3-D tensor).
 
-Split kinds (see mpillm.partition):
+Split kinds (see mpillm.formats.partition):
   replicated  every rank holds all of it
   vocab_rows  rows of the vocabulary
   q_rows      rows of this rank's query heads         (column-parallel)

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-from mpillm import format as fmt
-from mpillm import quant
-from mpillm.partition import RankSlice, plan
+from mpillm.formats import format as fmt
+from mpillm.formats import quant
+from mpillm.formats.partition import RankSlice, plan
 
 from . import names as N
 from .sources import SrcTensor
@@ -63,7 +63,7 @@ def slice_arrays(arrays: dict, wtype: str, axis: str, start: int, stop: int) -> 
     """Slice split-layout arrays along logical rows or (32-aligned) columns -> (arrays, type).
 
     A K-quant cut inside a 256-wide super-block is first re-encoded losslessly as its ``_32``
-    variant (super-block scales repeated per 32-block; see mpillm.quant), so the type can change."""
+    variant (super-block scales repeated per 32-block; see mpillm.formats.quant), so the type can change."""
     if axis == "rows":
         return {k: v[..., start:stop, :] for k, v in arrays.items()}, wtype
     if wtype in quant.K_TYPES and (start % quant.QK_K or stop % quant.QK_K):

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mpillm import quant
-from mpillm.config import ModelConfig
+from mpillm.formats import quant
+from mpillm.formats.config import ModelConfig
 
 from . import names as N
 

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from mpillm import format as fmt
-from mpillm import quant
-from mpillm.config import ModelConfig
-from mpillm.partition import plan
+from mpillm.formats import format as fmt
+from mpillm.formats import quant
+from mpillm.formats.config import ModelConfig
+from mpillm.formats.partition import plan
 
 from . import names as N
 from .shards import _ranges

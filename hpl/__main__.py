@@ -126,6 +126,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from mpillm.comm import run
+    from mpillm.runtime.errors import run
 
     run(main, "hpl")  # an unexpected failure on one rank takes the whole job down

@@ -364,6 +364,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from mpillm.comm import run
+    from mpillm.runtime.errors import run
 
     run(main, "hpl.compare")  # an unexpected failure on one rank takes the whole job down

@@ -12,8 +12,8 @@ def _key_jit_cache() -> None:
     """Put numba's cache in a directory named by a hash of this package's sources.
 
     numba invalidates a cached function when its own file changes, not when a function it
-    inlined from another file does (the generated whole-block functions in mpillm.fused
-    inline kernels from mpillm.ops and mpillm.kernels). After an update the old machine
+    inlined from another file does (the generated whole-block functions in mpillm.runtime.fused
+    inline kernels from mpillm.runtime.ops and mpillm.kernels). After an update the old machine
     code would run on; a cache keyed by every source file of the package cannot go stale.
     """
     root = Path(__file__).resolve().parent
@@ -78,7 +78,7 @@ def _clear_stale_mpi_sessions() -> None:
         return
     import sys
 
-    from .mpisession import clear_stale
+    from mpillm.runtime.mpisession import clear_stale
 
     for d in clear_stale():
         print(f"mpillm: removed {d}, the session directory of a killed mpirun (its pid would fail a "
@@ -88,6 +88,6 @@ def _clear_stale_mpi_sessions() -> None:
 _key_jit_cache()
 _yield_when_oversubscribed()
 _clear_stale_mpi_sessions()
-from . import cpu as _cpu  # noqa: E402 - aarch64: the CPU numba compiles for, before anything is jitted
+from mpillm.runtime import cpu as _cpu  # noqa: E402 - aarch64: the CPU numba compiles for, before anything is jitted
 
 _cpu.configure()

@@ -1,6 +1,6 @@
 """python -m mpillm COMMAND ... : the same as the ``mpillm`` console script."""
 import sys
 
-from .cli import main
+from mpillm.cli import main
 
 sys.exit(main())

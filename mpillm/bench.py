@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 from mpi4py import MPI
 
-from .comm import run
-from .generate import add_model_args, parse_args_bcast
+from mpillm.runtime.errors import run
+from mpillm.generate import add_model_args, parse_args_bcast
 
 
 def process_age_s() -> float:
@@ -76,14 +76,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, default=None, help="also write the JSON here")
     p.add_argument("--concurrency", type=int, nargs="*", default=[],
                    help="also measure continuous batching: aggregate generate tok/s with this many sequences "
-                        "decoding at once, e.g. --concurrency 1 2 4 8 16 (greedy, through mpillm.service)")
+                        "decoding at once, e.g. --concurrency 1 2 4 8 16 (greedy, through mpillm.serving.service)")
     p.add_argument("--spec-prompt", choices=("random", "grounded", "free"), default="random",
                    help="with --draft / --draft-model: the prompt both plain and speculative decoding get: "
                         "random tokens (--prompt-tokens of them), or mpillm.bench_spec's grounded (~1,000 tokens "
                         "to repeat) or free (an open story) chat prompt (default: %(default)s)")
     args = parse_args_bcast(p, argv)
-    from .engine import Engine
-    from .models import prepare_model
+    from mpillm.runtime.engine import Engine
+    from mpillm.startup import prepare_model
 
     comm = MPI.COMM_WORLD
     model_dir = prepare_model(args, comm)
@@ -120,8 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     def measure_batched(n: int) -> dict:
         """n sequences (distinct random prompts) through the service: once all have their first
         token, time the lock-step decode of the rest; every step carries one row per sequence."""
-        from .sampling import SamplingParams
-        from .service import Service
+        from mpillm.serving.sampling import SamplingParams
+        from mpillm.serving.service import Service
 
         rng = np.random.default_rng(n)
         svc = Service(engine, tokenizer, parallel=n)
@@ -146,9 +146,9 @@ def main(argv: list[str] | None = None) -> int:
         the other in each repetition (ratios under the same load; medians over the repetitions)."""
         import statistics
 
-        from .bench_spec import FREE_PROMPT, TEXT, chat_ids, timed
-        from .sampling import SamplingParams
-        from .service import Service
+        from mpillm.bench_spec import FREE_PROMPT, TEXT, chat_ids, timed
+        from mpillm.serving.sampling import SamplingParams
+        from mpillm.serving.service import Service
 
         if args.spec_prompt == "random":
             ids = [int(t) for t in np.random.default_rng(0).integers(0, engine.cfg.vocab_size, args.prompt_tokens)]
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     def rank0() -> int:
         nonlocal tokenizer
         if args.concurrency or speculate:
-            from .tokenizer import load_tokenizer
+            from mpillm.formats.tokenizer import load_tokenizer
 
             tokenizer = load_tokenizer(Path(model_dir))
         engine.step([0], 0)  # first token: compiles/loads every kernel, touches the weights
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
                 best["batched_speedup_vs_1"] = {str(n): v / by_n[1] for n, v in by_n.items()}
             best["batched_over_prompt_rate"] = {str(n): v / best["prompt_tok_s"] for n, v in by_n.items()}
         if speculate:
-            from .speculative import make_drafter
+            from mpillm.serving.speculative import make_drafter
 
             drafter = make_drafter(args, engine, tokenizer)
             try:

@@ -24,8 +24,8 @@ from pathlib import Path
 
 from mpi4py import MPI
 
-from .comm import run
-from .generate import add_model_args, parse_args_bcast
+from mpillm.runtime.errors import run
+from mpillm.generate import add_model_args, parse_args_bcast
 
 # Several distinct paragraphs on one subject (written for this benchmark), about 1,000 tokens with
 # the bundled model's tokenizer: nothing in it repeats, so lookup drafts only from the copy.
@@ -124,12 +124,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--llama-threads", type=int, default=None,
                    help="llama-server threads (default: ranks x --threads, the cores mpillm uses)")
     args = parse_args_bcast(p, argv)
-    from .engine import Engine
-    from .models import resolve_model
-    from .sampling import SamplingParams
-    from .service import Service
-    from .speculative import LookupDrafter, ModelDrafter
-    from .tokenizer import load_tokenizer
+    from mpillm.runtime.engine import Engine
+    from mpillm.startup import resolve_model
+    from mpillm.serving.sampling import SamplingParams
+    from mpillm.serving.service import Service
+    from mpillm.serving.speculative import LookupDrafter, ModelDrafter
+    from mpillm.formats.tokenizer import load_tokenizer
 
     comm = MPI.COMM_WORLD
     model_dir = resolve_model(args.model, comm)
@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.llama_server:
             from benchmarks.spec_llamacpp import LlamaServers
 
-            from .models import bundled_gguf
+            from mpillm.startup import bundled_gguf
             gguf = args.gguf or (args.model if args.model and str(args.model).endswith(".gguf") else str(bundled_gguf()))
             llama = LlamaServers(args.llama_server, gguf, args.llama_threads or engine.size * args.threads,
                                  args.max_seq_len, draft_gguf=args.draft_model)

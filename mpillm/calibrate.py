@@ -17,8 +17,9 @@ import numba
 import numpy as np
 from mpi4py import MPI
 
-from . import format as fmt
-from . import kernels, quant
+from mpillm.formats import format as fmt
+from mpillm import kernels
+from mpillm.formats import quant
 
 STREAM_BYTES = 64 << 20
 
@@ -72,7 +73,7 @@ def calibrate_rank(comm: MPI.Comm, model_dir: Path, avail_bytes: int | None, sec
                    threads: int = 1) -> dict:
     """Collective: this rank's speeds, measured while every other rank measures its own, with
     the numba thread count the job will use (mpillm.generate --threads, default 1)."""
-    from .config import ModelConfig
+    from mpillm.formats.config import ModelConfig
 
     kernels.set_threads(threads)
     cfg = ModelConfig.from_dict(fmt.read_manifest(model_dir)["config"])
@@ -89,7 +90,7 @@ def calibrate_rank(comm: MPI.Comm, model_dir: Path, avail_bytes: int | None, sec
 
 
 def write_cluster_file(path: Path, reps: list[dict], model_dir: Path, bench) -> None:
-    from . import planner
+    from mpillm import planner
 
     planner.write_cluster(path, reps, allreduce=[[s, t] for s, t in (bench or [])], model=str(model_dir),
                           weight_types=model_weight_bytes(model_dir))

@@ -18,8 +18,8 @@ from pathlib import Path
 
 from mpi4py import MPI
 
-from .comm import run
-from .generate import add_model_args, open_drafter, open_engine, parse_args_bcast
+from mpillm.runtime.errors import run
+from mpillm.generate import add_model_args, open_drafter, open_engine, parse_args_bcast
 
 HELP = "commands: /reset (new conversation), /exit (leave); anything else is your next message"
 
@@ -48,7 +48,7 @@ class Conversation:
     """The messages and the exact token ids of the conversation so far (for prefix reuse)."""
 
     def __init__(self, tok, system: str | None, reasoning_effort: str | None = None):
-        from . import harmony
+        from mpillm.serving import harmony
 
         self.tok, self.system = tok, system
         self.harmony = harmony.is_harmony(tok)
@@ -57,7 +57,7 @@ class Conversation:
 
     def render(self) -> str:
         if self.harmony:
-            from . import harmony
+            from mpillm.serving import harmony
 
             return harmony.prompt_text(self.tok, self.messages, self.effort)
         return self.tok.apply_chat_template(self.messages, add_generation_prompt=True)
@@ -95,7 +95,7 @@ class ReasoningView:
     DIM, RESET = "\x1b[2m", "\x1b[0m"
 
     def __init__(self, tok, out, styled: bool, show_reasoning: bool):
-        from .harmony import HarmonyParser
+        from mpillm.serving.harmony import HarmonyParser
 
         self.parser, self.out, self.styled, self.show_reasoning = HarmonyParser(tok), out, styled, show_reasoning
         self.in_reasoning = False
@@ -130,7 +130,7 @@ class ReasoningView:
 
 
 def chat_loop(service, tok, args, inp=sys.stdin, out=sys.stdout) -> int:
-    from .sampling import SamplingParams
+    from mpillm.serving.sampling import SamplingParams
 
     conv = Conversation(tok, args.system, getattr(args, "reasoning_effort", None))
     # dim the reasoning with ANSI codes unless NO_COLOR is set or the terminal is dumb (under mpirun
@@ -212,9 +212,9 @@ def chat_loop(service, tok, args, inp=sys.stdin, out=sys.stdout) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args_bcast(parser(), argv)
-    from .models import prepare_model
-    from .service import Service
-    from .tokenizer import load_tokenizer
+    from mpillm.startup import prepare_model
+    from mpillm.serving.service import Service
+    from mpillm.formats.tokenizer import load_tokenizer
 
     comm = MPI.COMM_WORLD
     model_dir = prepare_model(args, comm)   # --verify, kernel warm-up

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from mpi4py import MPI
 
-from .comm import FatalError, run
+from mpillm.runtime.errors import FatalError, run
 
 # Resident memory of one rank besides its weights and KV cache: Python, numpy, numba,
 # the MPI library and the engine's activation buffers (measured ~210-300 MiB RSS).
@@ -98,7 +98,7 @@ def available_memory() -> int:
 
 
 def software() -> dict:
-    from . import __version__
+    from mpillm import __version__
 
     lib = MPI.Get_library_version().strip().splitlines()[0].split(",")[0].strip()
     import mpi4py
@@ -111,8 +111,8 @@ def software() -> dict:
 def shard_report(model_dir: Path, size: int, rank: int, max_seq_len: int, read_all: bool,
                  verify: bool = True) -> dict:
     """Open this rank's shard the way the engine does; return sizes or the problem found."""
-    from . import format as fmt
-    from .config import ModelConfig
+    from mpillm.formats import format as fmt
+    from mpillm.formats.config import ModelConfig
 
     out: dict = {"shard": None, "weights": None, "kv": None, "problem": None, "verify": None}
     try:
@@ -130,7 +130,7 @@ def shard_report(model_dir: Path, size: int, rank: int, max_seq_len: int, read_a
         if shard.config.to_dict() != cfg.to_dict():
             raise ValueError(f"{path} belongs to a different model than the manifest")
         if verify:
-            from .models import verify_shard
+            from mpillm.startup import verify_shard
 
             res = verify_shard(shard, rank == 0, f"checking rank 0's shard ({size} ranks in parallel)")
             out["verify"] = res.status
@@ -287,14 +287,14 @@ def calibrate_step(args, comm: MPI.Comm, model_dir: Path, rep: dict, bench) -> l
     """--calibrate: every rank times its kernels at once; rank 0 writes the cluster file."""
     if not args.calibrate:
         return None
-    from .calibrate import calibrate_rank, write_cluster_file
+    from mpillm.calibrate import calibrate_rank, write_cluster_file
 
     err, mine = None, None
     try:
         mine = calibrate_rank(comm, model_dir, rep.get("avail"), args.calibrate_seconds, args.threads)
     except (ValueError, OSError) as e:
         err = f"calibration failed: {e}"
-    from .comm import agree
+    from mpillm.runtime.errors import agree
 
     agree(comm, err)
     reps = comm.gather(mine, root=0)
@@ -304,12 +304,12 @@ def calibrate_step(args, comm: MPI.Comm, model_dir: Path, rep: dict, bench) -> l
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .generate import parse_args_bcast
+    from mpillm.generate import parse_args_bcast
 
     args = parse_args_bcast(parser(), argv)
     comm = MPI.COMM_WORLD
     rank = comm.Get_rank()
-    from .models import resolve_model   # collective: locates (or converts, like a real job) the model
+    from mpillm.startup import resolve_model   # collective: locates (or converts, like a real job) the model
 
     model_dir = resolve_model(args.model, comm)
     rep = local_report(args, model_dir, comm)
@@ -324,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         problems = judge(reps)
         print_table(reps, model_dir, args, bench)
         if cal:
-            from .calibrate import print_calibration
+            from mpillm.calibrate import print_calibration
 
             print_calibration(cal, Path(args.calibrate))
         if problems:

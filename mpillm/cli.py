@@ -30,7 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 def usage() -> str:
-    from . import __version__
+    from mpillm import __version__
 
     width = max(map(len, COMMANDS))
     lines = [f"usage: mpillm COMMAND [ARGS...]   (mpillm {__version__})", "", "commands:"]
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         print(usage())
         return 0 if argv else 2
     if argv[0] == "--version":
-        from . import __version__
+        from mpillm import __version__
 
         print(f"mpillm {__version__}")
         return 0

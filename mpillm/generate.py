@@ -14,7 +14,7 @@ from pathlib import Path
 
 from mpi4py import MPI
 
-from .comm import run
+from mpillm.runtime.errors import run
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -44,14 +44,14 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_draft_args(p: argparse.ArgumentParser) -> None:
-    from .speculative import add_draft_args as add
+    from mpillm.serving.speculative import add_draft_args as add
 
     add(p)
 
 
 def open_drafter(args, engine, tok):
     """Rank 0: the speculative drafter --draft / --draft-model ask for, or None (pass it to Service)."""
-    from .speculative import make_drafter
+    from mpillm.serving.speculative import make_drafter
 
     return make_drafter(args, engine, tok)
 
@@ -101,7 +101,7 @@ def parse_args_bcast(p: argparse.ArgumentParser, argv: list[str] | None) -> argp
 
 def open_engine(args, model_dir, verbose: bool | None = None, **kw):
     """The engine for the shared model flags (every rank)."""
-    from .engine import Engine
+    from mpillm.runtime.engine import Engine
 
     return Engine(model_dir, max_seq_len=args.max_seq_len, threads=args.threads,
                   verbose=not getattr(args, "quiet", False) if verbose is None else verbose,
@@ -111,7 +111,7 @@ def open_engine(args, model_dir, verbose: bool | None = None, **kw):
 
 def build_prompt(tok, args) -> list[int]:
     if args.chat:
-        from . import harmony
+        from mpillm.serving import harmony
 
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
                    [{"role": "user", "content": args.prompt}]
@@ -126,7 +126,7 @@ class HarmonyPrinter:
     only with ``show_reasoning`` (under a heading, before the answer); tool-call text never."""
 
     def __init__(self, tok, out, show_reasoning: bool):
-        from .harmony import HarmonyParser
+        from mpillm.serving.harmony import HarmonyParser
 
         self.parser, self.out, self.show = HarmonyParser(tok), out, show_reasoning
         self.current: str | None = None
@@ -145,7 +145,7 @@ class HarmonyPrinter:
 
 
 def sampling_params(args):
-    from .sampling import SamplingParams
+    from mpillm.serving.sampling import SamplingParams
 
     return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                           top_p=args.top_p, min_p=args.min_p, seed=args.seed,
@@ -185,10 +185,10 @@ def generate(service, ids: list[int], params, out=sys.stdout, stats=None, show=N
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args_bcast(parser(), argv)
-    from .engine import Stats
-    from .models import prepare_model
-    from .service import Service
-    from .tokenizer import load_tokenizer
+    from mpillm.runtime.engine import Stats
+    from mpillm.startup import prepare_model
+    from mpillm.serving.service import Service
+    from mpillm.formats.tokenizer import load_tokenizer
 
     comm = MPI.COMM_WORLD
     model_dir = prepare_model(args, comm)
@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.quiet:
             print(f"start-up {engine.startup_s:.2f} s; prompt {len(ids)} tokens", flush=True)
         stats = Stats()
-        from .harmony import is_harmony
+        from mpillm.serving.harmony import is_harmony
 
         show = HarmonyPrinter(tok, sys.stdout, args.show_reasoning) if args.chat and is_harmony(tok) else None
         generate(Service(engine, tok, drafter=open_drafter(args, engine, tok)), ids, params, stats=stats, show=show)

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 from mpi4py import MPI
 
-from .comm import run
-from .generate import add_model_args, parse_args_bcast
+from mpillm.runtime.errors import run
+from mpillm.generate import add_model_args, parse_args_bcast
 
 
 def tokenize_for_perplexity(tok, text: str, ctx: int) -> tuple[list[list[int]], bool]:
@@ -59,9 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dump-tokens", type=Path, default=None,
                    help="write the token chunks as JSON (to score the same chunks with another engine)")
     args = parse_args_bcast(p, argv)
-    from .engine import Engine
-    from .models import prepare_model
-    from .tokenizer import load_tokenizer
+    from mpillm.runtime.engine import Engine
+    from mpillm.startup import prepare_model
+    from mpillm.formats.tokenizer import load_tokenizer
 
     comm = MPI.COMM_WORLD
     model_dir = prepare_model(args, comm)

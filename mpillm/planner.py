@@ -35,8 +35,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import partition
-from .config import ModelConfig
+from mpillm.formats import partition
+from mpillm.formats.config import ModelConfig
 
 CLUSTER_FORMAT = "mpillm-cluster"
 CLUSTER_VERSION = 1
@@ -254,7 +254,7 @@ def model_config(name: str) -> tuple[ModelConfig, str]:
         return ModelConfig("llama", 576, 30, 9, 3, 64, 1536, 49152, 100000.0, tied_embeddings=True), "q4_1"
     p = Path(name)
     if p.is_dir():
-        from . import format as fmt
+        from mpillm.formats import format as fmt
 
         m = fmt.read_manifest(p)
         wt = m.get("weight_type", "q4_0")

@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import format as fmt
+from mpillm.formats import format as fmt
 
 
 def open_shard(path: Path) -> fmt.Shard:
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("shards", type=Path, nargs="+", help="shard files (ws{N}/rank{R}.h5)")
     p.add_argument("--progress", action="store_true", help="show a progress bar per file")
     a = p.parse_args(argv)
-    from .models import verify_shard
+    from mpillm.startup import verify_shard
 
     rc = 0
     for path in a.shards:

@@ -2,7 +2,7 @@
 
 numba compiles a kernel the first time it meets a new combination of argument types and
 keeps the machine code in its cache (``NUMBA_CACHE_DIR``, keyed by the package sources:
-see ``mpillm/__init__.py``); the whole-block functions (``mpillm.fused``) are generated per
+see ``mpillm/__init__.py``); the whole-block functions (``mpillm.runtime.fused``) are generated per
 combination of weight types. The first run on a machine therefore spends about a minute
 compiling -- on every rank of the node at once, if nothing stops them.
 
@@ -35,7 +35,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from . import format as fmt
+from mpillm.formats import format as fmt
 
 DEFAULT_ESTIMATE_S = 60.0   # the bundled model's kernels on a 2-core x86 machine: ~55 s
 
@@ -62,7 +62,7 @@ def _layer_types(shard: fmt.Shard) -> list[dict[str, str]]:
 
 def signature(shard: fmt.Shard, kv_type: str, buffer_type: str) -> dict:
     """What the kernels are compiled for; equal signatures compile identical code."""
-    from . import kernels
+    from mpillm import kernels
 
     cfg = shard.config
     top = {n: shard.tensors[n].wtype for n in ("tok_embd", "output", "output_norm", "rope_freqs")
@@ -137,7 +137,7 @@ def write_tiny(shard: fmt.Shard, out: Path) -> None:
 
     from convert.synth import logical_shape, random_tensor
 
-    from .partition import plan
+    from mpillm.formats.partition import plan
 
     layer_types = _layer_types(shard)
     cfg = dataclasses.replace(tiny_config(shard.config), n_layers=len(layer_types))
@@ -165,7 +165,7 @@ def compile_for(shard: fmt.Shard, kv_type: str, buffer_type: str, progress=None)
     ``progress(step_name)`` is called before each step."""
     from mpi4py import MPI
 
-    from .engine import OUT_GREEDY, OUT_LOGITS, Engine
+    from mpillm.runtime.engine import OUT_GREEDY, OUT_LOGITS, Engine
 
     step = progress or (lambda name: None)
     with tempfile.TemporaryDirectory(prefix="mpillm-warmup-") as tmp:
@@ -264,9 +264,9 @@ def main(argv: list[str] | None = None) -> int:
     rank makes sure its kernels are compiled (one rank per node compiles, the others load)."""
     from mpi4py import MPI
 
-    from .comm import agree
-    from .generate import parse_args_bcast
-    from .models import resolve_model
+    from mpillm.runtime.errors import agree
+    from mpillm.generate import parse_args_bcast
+    from mpillm.startup import resolve_model
 
     p = argparse.ArgumentParser(prog="python -m mpillm.warmup", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -296,6 +296,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from .comm import run
+    from mpillm.runtime.errors import run
 
     run(main, "mpillm.warmup")

@@ -16,7 +16,7 @@ for a Cortex-A76 (Raspberry Pi 5, +dotprod) target machine and emits its assembl
 has no x86 dependence, and the block dot products become ``sdot``.
 
 ``--arm`` runs on the aarch64 machine itself: it compiles the active path's kernels
-(``neon-dot`` or ``neon``, for the CPU ``mpillm.cpu`` chose from AT_HWCAP) into ``--cache-dir``
+(``neon-dot`` or ``neon``, for the CPU ``mpillm.runtime.cpu`` chose from AT_HWCAP) into ``--cache-dir``
 (which must not hold them yet: numba has no assembly for cache-loaded code; later processes
 pointed at the same directory load exactly this code) and counts the dot-product instructions
 in each kernel's assembly. It fails unless every quantized matmul of ``neon-dot`` has
@@ -154,7 +154,9 @@ def arm(types, dump=None, json_out=None) -> int:
     import numpy as np
 
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-    from mpillm import cpu, kernels, quant
+    from mpillm.runtime import cpu
+    from mpillm import kernels
+    from mpillm.formats import quant
 
     path = kernels.active_path()
     if path not in ("neon-dot", "neon"):

@@ -34,7 +34,7 @@ llama-3.2-1b-shape-q4_k_m.gguf
     The same shape with llama.cpp's Q4_K_M type choice: Q4_K everywhere except attn_v and
     ffn_down in the layers llama.cpp's use_more_bits picks (the first and last eighth,
     every third in between: Q6_K) and the tied token_embd/output (Q6_K). Random valid
-    blocks (mpillm.quant.random_ggml: uniform codes, scales for a weight std of about
+    blocks (mpillm.formats.quant.random_ggml: uniform codes, scales for a weight std of about
     1/sqrt(fan_in)); llama.cpp and mpillm both read them as they are.
 
 qwen3-30b-a3b-shape-q4_k_m[-{N}l].gguf (--only qwen3-30b-a3b-q4_k_m [--layers N]; 18.6 GB for all 48)
@@ -143,8 +143,8 @@ RANDOM_BLOCKS = {"q4_0": (QT.Q4_0, 18, random_q4_0), "q8_0": (QT.Q8_0, 34, rando
 
 
 def _random_k(wtype: str):
-    """Random blocks of a K-quant through mpillm.quant.random_ggml (bytes per 256-weight block)."""
-    from mpillm import quant
+    """Random blocks of a K-quant through mpillm.formats.quant.random_ggml (bytes per 256-weight block)."""
+    from mpillm.formats import quant
 
     def make(rng, rows, cols, std):
         return quant.random_ggml(wtype, rows, cols, rng, scale=2.0 * std)
@@ -294,7 +294,7 @@ GPT_OSS_NAMES = {"gpt-oss-20b": "gpt-oss-20b-shape-mxfp4.gguf", "gpt-oss-120b": 
 
 def _harmony_vocab(n_vocab: int):
     """SmolLM2's gpt2 vocabulary padded with control tokens to n_vocab, gpt-oss's specials at their ids."""
-    from mpillm.harmony import GPT_OSS_FIRST_SPECIAL, GPT_OSS_SPECIAL_TOKENS
+    from mpillm.serving.harmony import GPT_OSS_FIRST_SPECIAL, GPT_OSS_SPECIAL_TOKENS
 
     r = gguf.GGUFReader(str(bundled_smollm2()))
     n_vocab = max(n_vocab, len(r.fields["tokenizer.ggml.tokens"].contents()))
@@ -343,8 +343,8 @@ def gpt_oss_tensors(cfg):
 
 def make_gpt_oss_gguf(out: Path, shape: str, seed: int = 0) -> dict:
     from convert.synth import SHAPES
-    from mpillm import quant
-    from mpillm.config import ModelConfig
+    from mpillm.formats import quant
+    from mpillm.formats.config import ModelConfig
 
     import dataclasses
 
@@ -457,7 +457,7 @@ def make_qwen3_moe_gguf(out: Path, n_layers: int | None = None, seed: int = 0) -
     import dataclasses
 
     from convert.synth import SHAPES
-    from mpillm.config import ModelConfig
+    from mpillm.formats.config import ModelConfig
 
     cfg = ModelConfig(**SHAPES["qwen3-30b-a3b"])
     if n_layers:

@@ -92,7 +92,7 @@ def run_netns(n: int, profile: str, n_tokens: int, timeout: float, bt: str | Non
 def predict_in(c, td: Path, bt: str, layer_us: float, timeout: float) -> dict | None:
     """mpillm.check --calibrate inside the cluster (speeds + Allreduce table), then the planner."""
     from mpillm import planner
-    from mpillm.config import ModelConfig
+    from mpillm.formats.config import ModelConfig
 
     cf = td / "cluster.json"
     out = _run_in(c, [sys.executable, "-m", "mpillm.check", "--comm-iters", "0.5", "--max-seq-len", "256",

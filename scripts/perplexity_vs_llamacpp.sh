@@ -11,7 +11,7 @@ out="$MPILLM_ROOT/cache/perplexity"; mkdir -p "$out"
 cat /usr/share/common-licenses/{GPL-3,Apache-2.0,GPL-2,MPL-2.0} > "$out/text.txt"
 mpirun -np "$np_" --bind-to none python -m mpillm.perplexity --file "$out/text.txt" --ctx 512 \
   --json "$out/mpillm.json" --dump-tokens "$out/chunks.json" "$@" | tail -2
-gguf="$(python -c 'from mpillm.models import bundled_gguf; print(bundled_gguf())')"
+gguf="$(python -c 'from mpillm.startup import bundled_gguf; print(bundled_gguf())')"
 "$MPILLM_ROOT/.bench-venv/bin/python" benchmarks/_llamacpp_worker.py perplexity "$gguf" "$out/chunks.json" \
   --threads 2 2>/dev/null | tail -1 | tee "$out/llamacpp.json"
 python - "$out" <<'PY'

@@ -108,7 +108,7 @@ def main() -> int:
     p.add_argument("--json", type=Path, default=None)
     a = p.parse_args()
     if a.model is None:
-        from mpillm.models import bundled_gguf
+        from mpillm.startup import bundled_gguf
 
         a.model = bundled_gguf()
     t0 = time.time()

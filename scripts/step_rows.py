@@ -12,9 +12,9 @@ import time
 import numpy as np
 from mpi4py import MPI
 
-from mpillm.comm import run
-from mpillm.engine import OUT_GREEDY, Engine
-from mpillm.models import resolve_model
+from mpillm.runtime.errors import run
+from mpillm.runtime.engine import OUT_GREEDY, Engine
+from mpillm.startup import resolve_model
 
 
 def main(argv=None):

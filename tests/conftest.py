@@ -183,7 +183,7 @@ def pytest_sessionstart(session):
         "import sys, numpy as np\n"
         "from convert.__main__ import convert\n"
         "from mpi4py import MPI\n"
-        "from mpillm.engine import Engine\n"
+        "from mpillm.runtime.engine import Engine\n"
         "for wt in ('f32', 'f16', 'q8_0', 'q4_0', 'q4_1'):\n"
         "    d = sys.argv[1] + '/' + wt\n"
         "    convert('tests/fixtures/llama', d, [1], wt, progress=False, tokenizer=False)\n"

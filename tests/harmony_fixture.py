@@ -29,9 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
-from mpillm.harmony import GPT_OSS_FIRST_SPECIAL as FIRST_SPECIAL
-from mpillm.harmony import GPT_OSS_SPECIAL_TOKENS as NAMED
-from mpillm.harmony import GPT_OSS_VOCAB as VOCAB
+from mpillm.serving.harmony import GPT_OSS_FIRST_SPECIAL as FIRST_SPECIAL
+from mpillm.serving.harmony import GPT_OSS_SPECIAL_TOKENS as NAMED
+from mpillm.serving.harmony import GPT_OSS_VOCAB as VOCAB
 WORDS = ["assistant", "analysis", "final", "commentary", "system", "developer", "user", "Hmm", "Ġyes", "Paris"]
 
 TEMPLATE = (

@@ -26,7 +26,7 @@ def make(path: Path, seed: int = 0) -> dict[str, tuple[str, np.ndarray]]:
     """Write the GGUF; returns {gguf tensor name: (type, GGML block bytes)} of its matrices."""
     import gguf
 
-    from mpillm import quant
+    from mpillm.formats import quant
 
     rng = np.random.default_rng(seed)
     src = gguf.GGUFReader(FIXTURE)

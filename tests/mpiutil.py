@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from mpillm.mpisession import clear_stale
+from mpillm.runtime.mpisession import clear_stale
 
 ROOT = Path(__file__).resolve().parents[1]
 KILL_MARGIN = 20.0   # seconds kept back from the test's pytest-timeout to kill the job and report

@@ -18,7 +18,7 @@ def gguf_llama_logits(path, tokens, fake_quant: str | None = None) -> np.ndarray
         t = T[name]
         w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32).reshape(tuple(reversed(t.shape)))
         if fake_quant and w.ndim == 2:
-            from mpillm import quant
+            from mpillm.formats import quant
 
             w = quant.dequantize(quant.quantize(w, fake_quant), fake_quant)
         return w.astype(np.float64)

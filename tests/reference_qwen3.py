@@ -32,7 +32,7 @@ def qwen3_forward(model_dir, tokens, fake_quant: str | None = None) -> tuple[np.
             return cache[name, quantize]
         w = np.asarray(st[name], np.float32)
         if fake_quant and quantize and w.ndim == 2:
-            from mpillm import quant
+            from mpillm.formats import quant
 
             w = quant.dequantize(quant.quantize(w, fake_quant), fake_quant)
         cache[name, quantize] = w = w.astype(np.float64)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from numba import njit
 
-from mpillm import ops
+from mpillm.runtime import ops
 from mpillm.kernels.vmath import f2h
 
 

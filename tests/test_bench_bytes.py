@@ -12,7 +12,7 @@ import h5py
 import numpy as np
 import pytest
 
-from mpillm import format as fmt
+from mpillm.formats import format as fmt
 from mpillm.bench import weight_bytes_read_per_token
 from mpiutil import ROOT, mpirun
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import h5py
 import pytest
 
-from mpillm import format as fmt
+from mpillm.formats import format as fmt
 from mpiutil import ROOT, mpirun
 
 FIXTURE = ROOT / "tests" / "fixtures" / "llama"

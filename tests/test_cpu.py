@@ -1,8 +1,8 @@
-"""mpillm.cpu: the aarch64 kernel path and numba CPU decided from AT_HWCAP (pure logic, any host;
+"""mpillm.runtime.cpu: the aarch64 kernel path and numba CPU decided from AT_HWCAP (pure logic, any host;
 the emulated Pi 5 / Pi 4 runs in tests/test_arm64.py exercise it for real)."""
 from __future__ import annotations
 
-from mpillm import cpu
+from mpillm.runtime import cpu
 
 FP_ASIMD = 1 << 0 | 1 << 1
 DOT = 1 << 20

@@ -1,7 +1,7 @@
 """Bad input: each case names its cause (the file, the rank, the numbers), every rank exits
 through the clean path, nothing hangs.
 
-The clean path (mpillm.comm.run): the ranks agree on the error, rank 0 prints one
+The clean path (mpillm.runtime.errors.run): the ranks agree on the error, rank 0 prints one
 ``PROG: error: ...`` line, and every rank leaves with exit code 1 through ``sys.exit``. Each job
 runs under tests/scripts/exits.py, which records each rank's own exit code, so the checks prove
 that every rank exited by itself (not that mpirun killed the stragglers), that there was no
@@ -160,7 +160,7 @@ def test_more_ranks_than_heads(tmp_path):
 def test_assert_failed_rejects_the_abort_path(model, tmp_path):
     """Negative control for assert_failed: a failure on one rank only (MPI_Abort) does not pass as
     the clean path."""
-    r, _ = run_probed(2, ["-c", "import sys; from mpi4py import MPI; from mpillm.comm import run\n"
+    r, _ = run_probed(2, ["-c", "import sys; from mpi4py import MPI; from mpillm.runtime.errors import run\n"
                                 "def main():\n"
                                 "    if MPI.COMM_WORLD.Get_rank() == 1: raise RuntimeError('boom 42')\n"
                                 "    MPI.COMM_WORLD.Barrier(); return 0\n"

@@ -4,7 +4,7 @@ float32 result as one call over all columns."""
 import numpy as np
 import pytest
 
-from mpillm import quant
+from mpillm.formats import quant
 from mpillm.kernels import exact, get_path
 
 QK = 32

@@ -1,4 +1,4 @@
-"""The whole-block jitted path (mpillm.fused) computes what the per-kernel path does: the same
+"""The whole-block jitted path (mpillm.runtime.fused) computes what the per-kernel path does: the same
 kernels in the same order; LLVM may contract a float operation differently once the small ops
 are inlined into the block, so agreement is to float32 rounding, not bitwise."""
 import numpy as np
@@ -12,7 +12,7 @@ from mpiutil import ROOT
 @pytest.mark.parametrize("name", ["llama", "qwen2", "qwen3", "qwen3_moe"])
 def test_fused_equals_unfused(tmp_path, monkeypatch, wtype, name):
     from convert.__main__ import convert
-    from mpillm.engine import Engine
+    from mpillm.runtime.engine import Engine
 
     fix = ROOT / "tests" / "fixtures" / name
     convert(fix, tmp_path / "m", [1], wtype, progress=False, tokenizer=False)

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from convert.sources import open_source
-from mpillm import ops, quant
+from mpillm.runtime import ops
+from mpillm.formats import quant
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "gpt_oss"
 
@@ -56,7 +57,7 @@ def test_weight_type_leaves_mxfp4_experts_alone(tmp_path):
     """--weight-type q8_0 on the MXFP4 checkpoint: attention and embeddings become q8_0, the experts
     stay the checkpoint's MXFP4 blocks (as the released gpt-oss GGUFs are)."""
     from convert.__main__ import convert
-    from mpillm import format as fmt
+    from mpillm.formats import format as fmt
 
     convert(FIXTURE / "mxfp4", tmp_path / "m", [1], "q8_0", progress=False, tokenizer=False)
     sh = fmt.Shard(tmp_path / "m" / fmt.shard_relpath(1, 0), 1, 0)

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 import harmony_fixture as HF
-from mpillm import harmony as H
-from mpillm.tokenizer import load_tokenizer
+from mpillm.serving import harmony as H
+from mpillm.formats.tokenizer import load_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -30,13 +30,13 @@ def test_keyed_by_sources_inherited_and_pruned(tmp_path):
     assert not stale.exists() and recent.exists()
 
 
-# -- several processes on one cache (the ranks of a node): mpillm/jitlock.py -------------------
+# -- several processes on one cache (the ranks of a node): mpillm/kernels/jitcache.py -------------------
 SAVER = """
 import os, sys, time
 cache, tag, procs, lock, n = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1", int(sys.argv[5])
 if lock:
-    from mpillm import jitlock
-    assert jitlock.install()
+    from mpillm.kernels import jitcache
+    assert jitcache.install()
 from numba.core.caching import IndexDataCacheFile
 f = IndexDataCacheFile(cache, "fn", ("stamp", 1))
 open(os.path.join(cache, "ready." + tag), "w").close()
@@ -66,7 +66,7 @@ def _concurrent_saves(cache, lock: bool, procs: int = 4, n: int = 100) -> tuple[
 def test_concurrent_saves_keep_every_entry_with_its_own_code(tmp_path):
     """numba's cache picks a data file name from the index it read, unlocked: processes saving at
     once lose entries and, worse, leave an index entry naming another signature's machine code.
-    With mpillm.jitlock nothing is lost or crossed. Negative control first: without the lock the
+    With mpillm.kernels.jitcache nothing is lost or crossed. Negative control first: without the lock the
     same run damages the cache (up to 5 tries, in case the processes did not overlap)."""
     damage = []
     for k in range(5):
@@ -78,9 +78,9 @@ def test_concurrent_saves_keep_every_entry_with_its_own_code(tmp_path):
 
 
 def test_generated_module_is_written_once(tmp_path):
-    """mpillm.fused's generated module: a second writer (another rank, the same moment) leaves the
+    """mpillm.runtime.fused's generated module: a second writer (another rank, the same moment) leaves the
     first file as it is -- same inode and mtime, numba's stamp of what was compiled from it."""
-    from mpillm.fused import _publish
+    from mpillm.runtime.fused import _publish
 
     f = tmp_path / "fused_x.py"
     _publish(f, "A = 1\n")

@@ -15,7 +15,8 @@ import sys
 import numpy as np
 import pytest
 
-from mpillm import kernels, quant
+from mpillm import kernels
+from mpillm.formats import quant
 
 PATHS = list(kernels.PATHS)
 WTYPES = ["q4_0", "q4_1", "q8_0", "f16", "f32"]

@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mpillm import kernels, quant
+from mpillm import kernels
+from mpillm.formats import quant
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import kquant_gguf  # noqa: E402
@@ -187,7 +188,7 @@ def test_shape_errors():
 
 def test_converter_bit_exact_and_cut_super_blocks(tmp_path):
     from convert.__main__ import convert
-    from mpillm import format as fmt
+    from mpillm.formats import format as fmt
 
     mats = kquant_gguf.make(tmp_path / "k.gguf")
     convert(tmp_path / "k.gguf", tmp_path / "out", [1, 3], progress=False, tokenizer=False)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from mpillm.mpisession import clear_stale
+from mpillm.runtime.mpisession import clear_stale
 from mpiutil import mpi_env, mpirun_cmd
 
 

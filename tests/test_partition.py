@@ -2,9 +2,9 @@
 import numpy as np
 import pytest
 
-from mpillm import format as fmt
-from mpillm.config import ModelConfig
-from mpillm.partition import plan, valid_world_sizes
+from mpillm.formats import format as fmt
+from mpillm.formats.config import ModelConfig
+from mpillm.formats.partition import plan, valid_world_sizes
 
 SMOL = ModelConfig(arch="llama", dim=576, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64, ffn_dim=1536,
                    vocab_size=49152)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from mpillm import planner
-from mpillm.partition import plan
+from mpillm.formats.partition import plan
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "cluster"))
 import netns  # noqa: E402
@@ -66,8 +66,8 @@ def test_memory_verdict():
 def test_stored_bytes_match_a_real_shard(tmp_path):
     """The memory model against a converted shard's real size (fixture, q4_0, uneven split)."""
     from convert.__main__ import convert
-    from mpillm import format as fmt
-    from mpillm.config import ModelConfig
+    from mpillm.formats import format as fmt
+    from mpillm.formats.config import ModelConfig
 
     fx = Path(__file__).resolve().parent / "fixtures" / "llama"
     convert(fx, tmp_path / "m", [], "q4_0", progress=False, tokenizer=False, split=[3, 1])
@@ -111,7 +111,7 @@ def test_calibrate_writes_a_cluster_file_convert_reads(tmp_path):
     """mpillm.check --calibrate on 2 ranks -> cluster file -> convert --cluster -> planner --cluster."""
     from convert.__main__ import convert
     from convert.__main__ import main as convert_main
-    from mpillm import format as fmt
+    from mpillm.formats import format as fmt
     from mpiutil import mpirun
 
     fx = Path(__file__).resolve().parent / "fixtures" / "llama"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mpillm import format as fmt
-from mpillm import quant
+from mpillm.formats import format as fmt
+from mpillm.formats import quant
 
 gguf = pytest.importorskip("gguf")
 T = gguf.GGMLQuantizationType
@@ -16,7 +16,7 @@ T = gguf.GGMLQuantizationType
 def bundled(tmp_path_factory):
     from convert.sources import open_source
     from convert.shards import convert_model
-    from mpillm.models import bundled_gguf
+    from mpillm.startup import bundled_gguf
 
     src = open_source(bundled_gguf())
     out = tmp_path_factory.mktemp("bundled")

@@ -11,8 +11,8 @@ import pytest
 from safetensors.numpy import load_file
 
 from convert.sources import GGUFSource, HFSource
-from mpillm import format as fmt
-from mpillm.partition import plan
+from mpillm.formats import format as fmt
+from mpillm.formats.partition import plan
 from test_qwen3 import FIXTURES
 
 QWEN2 = FIXTURES / "qwen2"

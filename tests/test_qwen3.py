@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from convert.sources import GGUFSource, HFSource
-from mpillm import ops
-from mpillm.config import ModelConfig
-from mpillm.partition import plan, valid_world_sizes
+from mpillm.runtime import ops
+from mpillm.formats.config import ModelConfig
+from mpillm.formats.partition import plan, valid_world_sizes
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
@@ -96,8 +96,8 @@ def test_exact_buffers_refused_for_moe(tmp_path):
     from mpi4py import MPI
 
     from convert.__main__ import convert
-    from mpillm.comm import FatalError
-    from mpillm.engine import Engine
+    from mpillm.runtime.errors import FatalError
+    from mpillm.runtime.engine import Engine
 
     convert(FIXTURES / "qwen3_moe", tmp_path / "m", [1], "f32", progress=False, tokenizer=False)
     with pytest.raises(FatalError, match=r"rank 0: .*--buffer-type f64 .* dense models only, not for qwen3moe"):

@@ -1,7 +1,7 @@
 """RoPE tables, including Llama 3.x per-frequency divisors (GGUF rope_freqs)."""
 import numpy as np
 
-from mpillm import ops
+from mpillm.runtime import ops
 
 
 def test_rope_tables_plain_and_with_freq_factors():

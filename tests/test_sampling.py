@@ -1,4 +1,4 @@
-"""mpillm.sampling: the distributions the samplers draw from, their edge cases, penalties,
+"""mpillm.serving.sampling: the distributions the samplers draw from, their edge cases, penalties,
 log-probabilities, parameter validation and stop strings.
 
 Distribution checks are chi-square goodness-of-fit tests of N draws against the distribution
@@ -14,7 +14,7 @@ import math
 import numpy as np
 import pytest
 
-from mpillm.sampling import Sampler, SamplingParams, StopMatcher, logprobs_of
+from mpillm.serving.sampling import Sampler, SamplingParams, StopMatcher, logprobs_of
 
 ALPHA = 1e-4
 N = 20000

@@ -1,11 +1,11 @@
-"""mpillm.scheduler without MPI: what rows a step carries, chunked prefill under a token budget,
+"""mpillm.serving.scheduler without MPI: what rows a step carries, chunked prefill under a token budget,
 queueing, prefix reuse and draft rows."""
 from __future__ import annotations
 
 import pytest
 
-from mpillm.engine import OUT_GREEDY, OUT_LOGITS
-from mpillm.scheduler import Scheduler, Sequence
+from mpillm.runtime.engine import OUT_GREEDY, OUT_LOGITS
+from mpillm.serving.scheduler import Scheduler, Sequence
 
 
 def seq(i: int, n: int, logits: bool = False, first: int = 100) -> Sequence:

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from mpillm.serve import protocol as P
-from mpillm.serve.app import STATIC, ServerConfig, State, create_app
+from mpillm.serving.http import protocol as P
+from mpillm.serving.http.app import STATIC, ServerConfig, State, create_app
 
 httpx = pytest.importorskip("httpx")
 

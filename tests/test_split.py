@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 
 from convert.__main__ import main as convert_main
-from mpillm import format as fmt
+from mpillm.formats import format as fmt
 from mpillm import planner
-from mpillm.config import ModelConfig
-from mpillm.partition import apportion, parse_split, plan, rank_elements
+from mpillm.formats.config import ModelConfig
+from mpillm.formats.partition import apportion, parse_split, plan, rank_elements
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 SMOL = ModelConfig("llama", 576, 30, 9, 3, 64, 1536, 49152, tied_embeddings=True)

@@ -12,9 +12,9 @@ import pytest
 
 from convert import names as N
 from convert.synth import SHAPES, logical_shape, tensor_type
-from mpillm import quant
-from mpillm.config import ModelConfig
-from mpillm.partition import plan
+from mpillm.formats import quant
+from mpillm.formats.config import ModelConfig
+from mpillm.formats.partition import plan
 from mpiutil import ROOT, mpi_env
 
 

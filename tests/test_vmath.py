@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from numba import njit
 
-from mpillm import ops
+from mpillm.runtime import ops
 from mpillm.kernels import vmath
 
 

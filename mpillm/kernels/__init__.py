@@ -30,7 +30,7 @@ neon-dot, neon, portable) and can be forced with ``MPILLM_KERNELS=<path>``.
 Paths: ``vnni`` and ``avx2`` (``x86.py``: llvmlite IR calling vpdpbusd /
 vpmaddubsw explicitly), ``portable`` (``portable.py``: target-neutral vector
 IR; sdot on AArch64). On aarch64 the portable kernels are the ``neon-dot`` or
-``neon`` path: the same IR, compiled by numba for the CPU ``mpillm.cpu`` chose at
+``neon`` path: the same IR, compiled by numba for the CPU ``mpillm.runtime.cpu`` chose at
 start-up from AT_HWCAP (dot product or not); that choice is process-wide, so
 ``portable`` there is the same code. The x86 quantized kernels allocate one scratch buffer per
 call (~2 x T x K bytes: the activations rearranged for the dot instructions).
@@ -50,9 +50,10 @@ from types import ModuleType
 import numba
 import numpy as np
 
-from .. import jitlock, quant
+from mpillm.kernels import jitcache
+from mpillm.formats import quant
 
-jitlock.install()   # ranks of a node share numba's cache: saves and loads under a file lock
+jitcache.install()   # ranks of a node share numba's cache: saves and loads under a file lock
 
 PATHS = ("vnni", "avx2", "neon-dot", "neon", "portable")  # best first
 KQ_TYPES = ("q5_0", "q5_1", "q4_K", "q5_K", "q6_K", "mxfp4")  # kernels in kquant.py
@@ -90,7 +91,7 @@ def module_of(name: str) -> tuple[str, str]:
 
 
 def _arm_missing(name: str) -> list[str]:
-    from .. import cpu
+    from mpillm.runtime import cpu
 
     if not cpu.is_aarch64():
         return [f"aarch64 (host is {_machine()})"]
@@ -99,7 +100,7 @@ def _arm_missing(name: str) -> list[str]:
     t = cpu.TARGET
     if t is None or t.path != name:
         have = t.path if t else "?"
-        return [f"this process compiles for path {have} (mpillm.cpu decides at start-up; MPILLM_KERNELS={name})"]
+        return [f"this process compiles for path {have} (mpillm.runtime.cpu decides at start-up; MPILLM_KERNELS={name})"]
     return []
 
 
@@ -154,7 +155,7 @@ class KernelPath:
             setattr(self, f"matmul_{t}_q8_0", _fp16_views(getattr(j, f"matmul_{t}_q8_0")))
 
     def matmul(self, wtype: str, arrays: dict, xq, xd, xsum, x, out) -> None:
-        """Dispatch on a weight type name (``mpillm.quant`` split-layout arrays)."""
+        """Dispatch on a weight type name (``mpillm.formats.quant`` split-layout arrays)."""
         if wtype == "q4_0":
             self.matmul_q4_0_q8_0(arrays["qs"], arrays["d"], xq, xd, xsum, out)
         elif wtype == "q4_1":
@@ -272,7 +273,7 @@ def active_path() -> str:
 
 def describe() -> str:
     """The active path for the plan line, with the CPU it was compiled for on aarch64."""
-    from .. import cpu
+    from mpillm.runtime import cpu
 
     t = cpu.describe()
     return f"{_active.name} ({t})" if t else _active.name

@@ -24,8 +24,8 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .irgen import F16, F32, I1, I16, I32, I64, PTR
-from .vmath import N, _E, _vec
+from mpillm.kernels.irgen import F16, F32, I1, I16, I32, I64, PTR
+from mpillm.kernels.vmath import N, _E, _vec
 
 P = 4  # positions per step
 

@@ -16,7 +16,8 @@ import time
 import numba
 import numpy as np
 
-from mpillm import kernels, quant
+from mpillm import kernels
+from mpillm.formats import quant
 
 SHAPES = {  # name: (rows N, cols K, placement)
     "1b-gate 8192x2048": (8192, 2048, "dram"),

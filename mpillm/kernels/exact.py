@@ -17,8 +17,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .portable import _make_qtile, check_q
-from .vmath import half_to_float as h2f
+from mpillm.kernels.portable import _make_qtile, check_q
+from mpillm.kernels.vmath import half_to_float as h2f
 
 QK = 32
 _JIT = dict(cache=True, fastmath=True, parallel=True)
@@ -103,8 +103,7 @@ def matmul_f32_f32_f64(w, x, out):
             out[t, n] = acc
 
 
-from .kquant import (matmul_mxfp4_q8_0_f64, matmul_q4_K_q8_0_f64, matmul_q5_0_q8_0_f64,  # noqa: E402
-                     matmul_q5_1_q8_0_f64, matmul_q5_K_q8_0_f64, matmul_q6_K_q8_0_f64)
+from mpillm.kernels.kquant import (matmul_mxfp4_q8_0_f64, matmul_q4_K_q8_0_f64, matmul_q5_0_q8_0_f64, matmul_q5_1_q8_0_f64, matmul_q5_K_q8_0_f64, matmul_q6_K_q8_0_f64)
 
 KERNELS = {"q4_0": matmul_q4_0_q8_0_f64, "q4_1": matmul_q4_1_q8_0_f64, "q8_0": matmul_q8_0_q8_0_f64,
            "f16": matmul_f16_f32_f64, "f32": matmul_f32_f32_f64,

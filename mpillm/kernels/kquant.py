@@ -1,6 +1,6 @@
 """Matmul kernels for the 5-bit, K-quant and MXFP4 weight types, in all three paths.
 
-Types and their split layouts: ``mpillm.quant`` (q5_0, q5_1, q4_K, q5_K, q6_K, mxfp4; the
+Types and their split layouts: ``mpillm.formats.quant`` (q5_0, q5_1, q4_K, q5_K, q6_K, mxfp4; the
 ``_32`` K-quant variants use the same kernels: the super-block scale index is b >> dshift,
 dshift = 3 for per-256 scales, 0 for per-32 ones, read from the shape of ``d``).
 
@@ -53,9 +53,9 @@ from numba import njit
 from numba.core import cgutils, types
 from numba.extending import intrinsic
 
-from .. import quant
-from .irgen import F16, F32, F64, I1, I8, I16, I32, I64, PTR, Emit
-from .irgen import vec as _vec
+from mpillm.formats import quant
+from mpillm.kernels.irgen import F16, F32, F64, I1, I8, I16, I32, I64, PTR, Emit
+from mpillm.kernels.irgen import vec as _vec
 
 KINDS = ("q5_0", "q5_1", "q4_K", "q5_K", "q6_K", "mxfp4")
 KIND_ID = {k: i for i, k in enumerate(KINDS)}

@@ -23,9 +23,9 @@ from numba import njit, prange
 from numba.core import cgutils, types
 from numba.extending import intrinsic
 
-from .irgen import F16, F32, I8, I16, I32, I64, Emit
-from .irgen import vec as _vec
-from .vmath import quantize_rows_q8_0
+from mpillm.kernels.irgen import F16, F32, I8, I16, I32, I64, Emit
+from mpillm.kernels.irgen import vec as _vec
+from mpillm.kernels.vmath import quantize_rows_q8_0
 
 QK = 32
 _JIT = dict(cache=True, fastmath=True, nogil=True)
@@ -482,9 +482,9 @@ def matmul_f32_f32(w, x, out):
 
 
 # the 5-bit, K-quant and MXFP4 types (kquant.py: the same IR for every path, portable flavour here)
-from .kquant import portable_matmul_q4_K_q8_0 as matmul_q4_K_q8_0  # noqa: E402
-from .kquant import portable_matmul_q5_0_q8_0 as matmul_q5_0_q8_0  # noqa: E402
-from .kquant import portable_matmul_q5_1_q8_0 as matmul_q5_1_q8_0  # noqa: E402
-from .kquant import portable_matmul_q5_K_q8_0 as matmul_q5_K_q8_0  # noqa: E402
-from .kquant import portable_matmul_q6_K_q8_0 as matmul_q6_K_q8_0  # noqa: E402
-from .kquant import portable_matmul_mxfp4_q8_0 as matmul_mxfp4_q8_0  # noqa: E402
+from mpillm.kernels.kquant import portable_matmul_q4_K_q8_0 as matmul_q4_K_q8_0  # noqa: E402
+from mpillm.kernels.kquant import portable_matmul_q5_0_q8_0 as matmul_q5_0_q8_0  # noqa: E402
+from mpillm.kernels.kquant import portable_matmul_q5_1_q8_0 as matmul_q5_1_q8_0  # noqa: E402
+from mpillm.kernels.kquant import portable_matmul_q5_K_q8_0 as matmul_q5_K_q8_0  # noqa: E402
+from mpillm.kernels.kquant import portable_matmul_q6_K_q8_0 as matmul_q6_K_q8_0  # noqa: E402
+from mpillm.kernels.kquant import portable_matmul_mxfp4_q8_0 as matmul_mxfp4_q8_0  # noqa: E402

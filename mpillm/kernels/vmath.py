@@ -23,7 +23,7 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .irgen import F32, I1, I8, I32, I64, PTR, Emit, vec
+from mpillm.kernels.irgen import F32, I1, I8, I32, I64, PTR, Emit, vec
 
 N = 16  # float lanes per step
 

@@ -53,9 +53,9 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 from numba.np.ufunc.parallel import _iget_num_threads  # the thread count, cacheable (no ctypes global)
 
-from . import portable
-from .irgen import F16, F32, I1, I8, I16, I32, I64, PTR, Emit
-from .irgen import vec as _vec
+from mpillm.kernels import portable
+from mpillm.kernels.irgen import F16, F32, I1, I8, I16, I32, I64, PTR, Emit
+from mpillm.kernels.irgen import vec as _vec
 
 _JIT_PAR = dict(cache=True, fastmath=True, nogil=True, parallel=True)
 # q4_1 (VNNI and AVX2) without fastmath: with it LLVM reassociated the inlined tiles' float operations
@@ -852,7 +852,4 @@ vnni_matmul_f32_f32 = avx2_matmul_f32_f32 = portable.matmul_f32_f32
 
 
 # the 5-bit, K-quant and MXFP4 types: kquant.py (vpdpbusd / vpmaddubsw on codes in element order)
-from .kquant import (avx2_matmul_mxfp4_q8_0, avx2_matmul_q4_K_q8_0, avx2_matmul_q5_0_q8_0,  # noqa: E402, F401
-                     avx2_matmul_q5_1_q8_0, avx2_matmul_q5_K_q8_0, avx2_matmul_q6_K_q8_0, vnni_matmul_mxfp4_q8_0,
-                     vnni_matmul_q4_K_q8_0, vnni_matmul_q5_0_q8_0, vnni_matmul_q5_1_q8_0, vnni_matmul_q5_K_q8_0,
-                     vnni_matmul_q6_K_q8_0)
+from mpillm.kernels.kquant import (avx2_matmul_mxfp4_q8_0, avx2_matmul_q4_K_q8_0, avx2_matmul_q5_0_q8_0, avx2_matmul_q5_1_q8_0, avx2_matmul_q5_K_q8_0, avx2_matmul_q6_K_q8_0, vnni_matmul_mxfp4_q8_0, vnni_matmul_q4_K_q8_0, vnni_matmul_q5_0_q8_0, vnni_matmul_q5_1_q8_0, vnni_matmul_q5_K_q8_0, vnni_matmul_q6_K_q8_0)

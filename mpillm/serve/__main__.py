@@ -26,8 +26,8 @@ from pathlib import Path
 
 from mpi4py import MPI
 
-from ..comm import FatalError, agree, run
-from ..generate import add_model_args, open_drafter, open_engine, parse_args_bcast
+from mpillm.runtime.errors import FatalError, agree, run
+from mpillm.generate import add_model_args, open_drafter, open_engine, parse_args_bcast
 
 
 def parser() -> argparse.ArgumentParser:
@@ -104,7 +104,7 @@ def model_name(args, model_dir: Path | None) -> str:
     if args.served_model_name:
         return args.served_model_name
     if args.model is None:
-        from ..models import bundled_gguf
+        from mpillm.startup import bundled_gguf
 
         return bundled_gguf().stem
     p = Path(args.model)
@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                             stream=sys.stderr)
         try:
-            from .app import ServerConfig, State, create_app
+            from mpillm.serving.http.app import ServerConfig, State, create_app
 
             for v, name in ((args.parallel, "--parallel"), (args.batch_tokens, "--batch-tokens"),
                             (args.max_queue, "--max-queue"), (args.max_body_bytes, "--max-body-bytes")):
@@ -224,8 +224,8 @@ def main(argv: list[str] | None = None) -> int:
             err = str(e)
     agree(comm, err)
 
-    from ..models import prepare_model
-    from ..tokenizer import load_tokenizer
+    from mpillm.startup import prepare_model
+    from mpillm.formats.tokenizer import load_tokenizer
 
     model_dir = prepare_model(args, comm)   # --verify, kernel warm-up
     engine = open_engine(args, model_dir, verbose=True)
@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     if rank != 0:
         return engine.serve()
 
-    from ..service import Service
+    from mpillm.serving.service import Service
 
     teardown = Teardown(state, peers, log)
     tok = load_tokenizer(Path(model_dir))

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
-from mpillm.engine import OUT_LOGITS, Engine
-from mpillm.models import resolve_model
-from mpillm.sampling import SamplingParams
-from mpillm.service import Service
+from mpillm.runtime.engine import OUT_LOGITS, Engine
+from mpillm.startup import resolve_model
+from mpillm.serving.sampling import SamplingParams
+from mpillm.serving.service import Service
 
 comm = MPI.COMM_WORLD
 rank, size = comm.Get_rank(), comm.Get_size()
@@ -37,7 +37,7 @@ PROMPTS = [
 @pytest.fixture(scope="module")
 def bundled():
     """(engine with 4 slots and 16 rows per step, tokenizer on rank 0) on the bundled model."""
-    from mpillm.tokenizer import load_tokenizer
+    from mpillm.formats.tokenizer import load_tokenizer
 
     model = resolve_model(None, comm)
     eng = Engine(model, max_seq_len=160, max_batch=16, n_slots=4, comm=comm, verbose=False, buffer_type="f64")

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
-from mpillm.engine import Engine
-from mpillm.models import resolve_model
+from mpillm.runtime.engine import Engine
+from mpillm.startup import resolve_model
 
 comm = MPI.COMM_WORLD
 rank = comm.Get_rank()
@@ -49,7 +49,7 @@ def greedy(eng: Engine, ids: list[int]) -> list[int]:
 @pytest.mark.mpi
 def test_bundled_exact_greedy_same_at_every_rank_count():
     """--buffer-type f64: the same 32 greedy tokens for each prompt as on one rank."""
-    from mpillm.tokenizer import load_tokenizer
+    from mpillm.formats.tokenizer import load_tokenizer
 
     ids, single = None, None
     if rank == 0:
@@ -72,7 +72,7 @@ def test_bundled_exact_greedy_same_at_every_rank_count():
 @pytest.mark.mpi
 def test_bundled_greedy_at_every_rank_count():
     """Default f32 sums: teacher-forced agreement with one rank."""
-    from mpillm.tokenizer import load_tokenizer
+    from mpillm.formats.tokenizer import load_tokenizer
 
     seqs, ref = None, None
     if rank == 0:

@@ -9,7 +9,7 @@ biases, SwiGLU clamps that bite. Its experts are MXFP4-representable, stored thr
 
 Oracles: transformers' logits; the single-rank result (COMM_SELF); the GGUF against the
 safetensors MXFP4 import (bit-identical expert shards); the batch against token by token; the
-fused blocks (mpillm.fused) against the per-kernel path. To keep the suite's compile time down,
+fused blocks (mpillm.runtime.fused) against the per-kernel path. To keep the suite's compile time down,
 only the MXFP4 form runs the fused blocks (one generated module); the float form and the fp16
 cache run the per-kernel path (MPILLM_FUSED=0), which compiles only small functions.
 """
@@ -23,8 +23,8 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
-from mpillm import format as fmt
-from mpillm.engine import Engine
+from mpillm.formats import format as fmt
+from mpillm.runtime.engine import Engine
 from test_tp_mpi import convert_on_rank0, rel_rms, shared_tmpdir
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "gpt_oss"

@@ -42,7 +42,7 @@ def test_kquant_gguf_against_float64_reference():
         assert (logits.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
         assert rel_rms(logits, one) < 2e-2
         if size == 3:
-            from mpillm import format as fmt
+            from mpillm.formats import format as fmt
 
             notes = fmt.Shard(Path(tmp / "out") / fmt.shard_relpath(3, 1), 3, 1).notes
             assert any("stored as q4_K_32" in n for n in notes)

@@ -59,7 +59,7 @@ def test_qwen2_gguf_and_exact_sums(tmp):
     with --buffer-type f64 (the fused block's exact-sum variant) gives them too."""
     st, _ = run(converted(tmp, "qwen2", "f32"), EXP["tokens"])
     gg, _ = run(converted(tmp, "qwen2", "auto", gguf=True), EXP["tokens"])
-    from mpillm.engine import Engine
+    from mpillm.runtime.engine import Engine
 
     eng = Engine(converted(tmp, "qwen2", "f32"), max_seq_len=len(EXP["tokens"]) + 4, max_batch=4, comm=comm,
                  verbose=False, kv_type="f32", buffer_type="f64")

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
-from mpillm.engine import Engine
+from mpillm.runtime.engine import Engine
 from test_tp_mpi import CROSS_RANK, FAKE_QUANT, TOLERANCE, convert_on_rank0, rel_rms, shared_tmpdir
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
-from mpillm.engine import Engine
-from mpillm.models import bundled_gguf, resolve_model
-from mpillm.sampling import SamplingParams
-from mpillm.service import Service
-from mpillm.speculative import Drafter, LookupDrafter, ModelDrafter
+from mpillm.runtime.engine import Engine
+from mpillm.startup import bundled_gguf, resolve_model
+from mpillm.serving.sampling import SamplingParams
+from mpillm.serving.service import Service
+from mpillm.serving.speculative import Drafter, LookupDrafter, ModelDrafter
 
 comm = MPI.COMM_WORLD
 rank, size = comm.Get_rank(), comm.Get_size()
@@ -38,7 +38,7 @@ CHI2_999 = [None, 10.828, 13.816, 16.266, 18.467, 20.515, 22.458, 24.322, 26.124
 
 @pytest.fixture(scope="module")
 def bundled():
-    from mpillm.tokenizer import load_tokenizer
+    from mpillm.formats.tokenizer import load_tokenizer
 
     model = resolve_model(None, comm)
     eng = Engine(model, max_seq_len=256, max_batch=24, n_slots=3, comm=comm, verbose=False, buffer_type="f64")
@@ -51,7 +51,7 @@ def fixture_llama():
     """The llama transformers fixture converted with its (toy) tokenizer for this world size."""
     from test_tp_mpi import shared_tmpdir
 
-    from mpillm.tokenizer import load_tokenizer
+    from mpillm.formats.tokenizer import load_tokenizer
 
     out = shared_tmpdir() / "llama-spec"
     err = None

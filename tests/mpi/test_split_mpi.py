@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
-from mpillm import format as fmt
-from mpillm.partition import plan
+from mpillm.formats import format as fmt
+from mpillm.formats.partition import plan
 from test_tp_mpi import CROSS_RANK, FIXTURES, TOLERANCE, rel_rms, run_logits, shared_tmpdir
 
 comm = MPI.COMM_WORLD
@@ -69,7 +69,7 @@ def test_uneven_split_logits(tmp, name, wtype, which):
     m = fmt.read_manifest(out)
     sp = fmt.split_of(m, size)
     assert sp is not None and sp["weights"] == [float(x) for x in split.split(",")], m
-    from mpillm.config import ModelConfig
+    from mpillm.formats.config import ModelConfig
 
     slices = plan(ModelConfig.from_dict(m["config"]), size, sp["weights"])
     heads = [s.n_heads_per_partition for s in slices]

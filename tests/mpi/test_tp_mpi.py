@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
-from mpillm.engine import Engine
+from mpillm.runtime.engine import Engine
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 comm = MPI.COMM_WORLD

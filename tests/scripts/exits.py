@@ -2,7 +2,7 @@
 
   python tests/scripts/exits.py DIR SCRIPT.py ARGS...     (or: DIR -m MODULE ARGS..., DIR -c CODE)
 
-Each rank that leaves through ``sys.exit`` (the clean path of mpillm.comm.run) writes its exit
+Each rank that leaves through ``sys.exit`` (the clean path of mpillm.runtime.errors.run) writes its exit
 code to DIR/rank{R}.exit before MPI_Finalize, which no rank passes until every rank has reached
 it; a rank that is aborted or killed writes nothing. So one file per rank holding 1 proves that
 every rank exited by itself, together, after agreeing on the error.

@@ -6,8 +6,8 @@ import sys
 
 import numpy as np
 
-from mpillm.comm import run
-from mpillm.engine import Engine
+from mpillm.runtime.errors import run
+from mpillm.runtime.engine import Engine
 
 
 def main() -> int:

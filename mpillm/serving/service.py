@@ -21,10 +21,10 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from .engine import OUT_LOGITS
-from .sampling import Sampler, SamplingParams, StopMatcher, TokenLogprob, logprobs_of
-from .scheduler import Scheduler, Sequence
-from .speculative import decide
+from mpillm.runtime.engine import OUT_LOGITS
+from mpillm.serving.sampling import Sampler, SamplingParams, StopMatcher, TokenLogprob, logprobs_of
+from mpillm.serving.scheduler import Scheduler, Sequence
+from mpillm.serving.speculative import decide
 
 
 @dataclass
@@ -77,7 +77,7 @@ class Service:
     def __init__(self, engine, tokenizer, parallel: int | None = None, batch_tokens: int | None = None,
                  max_queue: int = 64, drafter=None):
         self.engine, self.tok = engine, tokenizer
-        self.drafter = drafter  # mpillm.speculative: proposes draft tokens per decoding sequence
+        self.drafter = drafter  # mpillm.serving.speculative: proposes draft tokens per decoding sequence
         n_slots = engine.n_slots if parallel is None else parallel
         if n_slots > engine.n_slots:
             raise ValueError(f"--parallel {n_slots} exceeds the engine's {engine.n_slots} KV slots")

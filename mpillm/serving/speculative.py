@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .sampling import Sampler
+from mpillm.serving.sampling import Sampler
 
 
 # ---- acceptance ---------------------------------------------------------------------------------
@@ -222,8 +222,8 @@ def resolve_draft_model(path: str) -> Path:
     into a cache directory of its own so the target's conversions are never touched)."""
     from mpi4py import MPI
 
-    from . import format as fmt
-    from .models import cache_root
+    from mpillm.formats import format as fmt
+    from mpillm.startup import cache_root
 
     src = Path(path)
     if src.is_dir() and (src / fmt.MANIFEST_FILE).exists():
@@ -263,10 +263,10 @@ class ModelDrafter(Drafter):
         """Rank 0: convert if needed, check the vocabulary, open the draft engine."""
         from mpi4py import MPI
 
-        from . import format as fmt
-        from .config import ModelConfig
-        from .engine import Engine
-        from .tokenizer import load_tokenizer
+        from mpillm.formats import format as fmt
+        from mpillm.formats.config import ModelConfig
+        from mpillm.runtime.engine import Engine
+        from mpillm.formats.tokenizer import load_tokenizer
 
         out = resolve_draft_model(path)
         dcfg = ModelConfig.from_dict(fmt.read_manifest(out)["config"])
@@ -298,7 +298,7 @@ class ModelDrafter(Drafter):
         return s
 
     def propose(self, seq, k: int) -> None:
-        from .engine import OUT_GREEDY, OUT_LOGITS
+        from mpillm.runtime.engine import OUT_GREEDY, OUT_LOGITS
 
         slot = seq.slot.index
         st = self.state.get(seq.id)

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from mpi4py import MPI
 
-from . import format as fmt
-from .comm import agree
+from mpillm.formats import format as fmt
+from mpillm.runtime.errors import agree
 
 
 def bundled_gguf() -> Path:
@@ -125,7 +125,7 @@ def prepare_model(args, comm: MPI.Comm) -> Path:
 def warm_kernels(model_dir: Path, comm: MPI.Comm, kv_type: str = "f16", buffer_type: str = "f32") -> None:
     """Compile the kernels this model needs if the cache lacks them, saying so first; one rank per
     node compiles while the others wait on a file lock, then load from the cache (mpillm.warmup)."""
-    from . import warmup
+    from mpillm import warmup
 
     rank, size = comm.Get_rank(), comm.Get_size()
     try:

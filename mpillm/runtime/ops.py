@@ -10,8 +10,8 @@ import math
 import numpy as np
 from numba import njit
 
-from .kernels.attention import attend_row_f16, attend_row_f32
-from .kernels.vmath import f2h, half_to_float, silu_mul_row
+from mpillm.kernels.attention import attend_row_f16, attend_row_f32
+from mpillm.kernels.vmath import f2h, half_to_float, silu_mul_row
 
 
 @njit(cache=True, fastmath=True)
@@ -296,7 +296,7 @@ def embed(wtype: str, a: dict, tokens: np.ndarray, v0: int, out: np.ndarray) -> 
     elif wtype == "f32":
         embed_f32(tokens, v0, a["w"], out)
     else:  # the 5-bit, K-quant and MXFP4 types: dequantize this rank's rows (numpy, GGML-exact)
-        from . import quant
+        from mpillm.formats import quant
 
         rows = np.asarray(tokens, np.int64) - v0
         hit = (rows >= 0) & (rows < next(iter(a.values())).shape[0])

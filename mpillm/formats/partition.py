@@ -18,8 +18,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .config import ModelConfig
-from .quant import QK
+from mpillm.formats.config import ModelConfig
+from mpillm.formats.quant import QK
 
 
 def block_range(n: int, tp_rank: int, tp_size: int) -> tuple[int, int]:

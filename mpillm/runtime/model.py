@@ -26,12 +26,13 @@ from dataclasses import dataclass
 import numpy as np
 from mpi4py import MPI
 
-from . import fused, kernels, ops
-from .kernels import exact
-from .format import Shard, Tensor
-from .partition import RankSlice
-from . import quant
-from .quant import QK, QUANTIZED
+from mpillm.runtime import fused, ops
+from mpillm import kernels
+from mpillm.kernels import exact
+from mpillm.formats.format import Shard, Tensor
+from mpillm.formats.partition import RankSlice
+from mpillm.formats import quant
+from mpillm.formats.quant import QK, QUANTIZED
 
 
 BUFFER_TYPES = ("f32", "f16", "q8_0", "f64")
@@ -125,7 +126,7 @@ class Layer:
         # bq (n_heads_per_partition * hd,), bk / bv (n_kv_heads_per_partition * hd,)
         opt = {n: _vec(g(n)) if shard.config.qkv_bias else None for n in ATTN_BIASES}
         self.bq, self.bk, self.bv = (opt[n] for n in ATTN_BIASES)
-        self.biases = tuple(n for n in ATTN_BIASES if opt[n] is not None)  # which ones, for mpillm.fused
+        self.biases = tuple(n for n in ATTN_BIASES if opt[n] is not None)  # which ones, for mpillm.runtime.fused
         # gpt-oss's vectors (None when the model has none)
         o = lambda n: _vec(g(n)) if shard.has(f"layers/{i}/{n}") else None  # noqa: E731
         self.bo = o("bo")                      # (dim,) replicated: added once, after Allreduce #1
@@ -140,7 +141,7 @@ class Layer:
             self.exp_gate = [Linear(g("exp_gate"), e) for e in range(E)]  # (expert_ffn_per_partition, dim)
             self.exp_up = [Linear(g("exp_up"), e) for e in range(E)]      # (expert_ffn_per_partition, dim)
             self.exp_down = [Linear(g("exp_down"), e) for e in range(E)]  # (dim, expert_ffn_per_partition)
-            # the stacked (E, rows, cols) arrays, for the jitted MoE block (mpillm.fused)
+            # the stacked (E, rows, cols) arrays, for the jitted MoE block (mpillm.runtime.fused)
             self.exp_types = {n: g(n).wtype for n in ("exp_gate", "exp_up", "exp_down")}
             self.exp_w = {n: _plain(g(n).arrays, t) for n, t in self.exp_types.items()}
         else:
@@ -195,7 +196,7 @@ class Transformer:
         self.logits = np.zeros((B, rs.vocab_per_partition), np.float32)  # (T, vocab_pp)
         # KV cache: one slot per sequence, (layer, n_slots, n_kv_pp, S, hd), float32 or fp16 bits
         # (uint16: numba has no float16). Which tokens a slot holds is rank 0's bookkeeping
-        # (mpillm.scheduler): positions are explicit, so a reset costs nothing here.
+        # (mpillm.serving.scheduler): positions are explicit, so a reset costs nothing here.
         if kv_type not in KV_TYPES:
             raise ValueError(f"--kv-type must be one of {', '.join(KV_TYPES)}, got {kv_type!r}")
         kv_dtype = np.uint16 if kv_type == "f16" else np.float32
@@ -235,7 +236,7 @@ class Transformer:
         self._setup_fused()
 
     def _setup_fused(self) -> None:
-        """Per-layer argument tuples for the whole-block jitted functions (mpillm.fused).
+        """Per-layer argument tuples for the whole-block jitted functions (mpillm.runtime.fused).
         Off with MPILLM_FUSED=0."""
         import os
 

@@ -8,7 +8,7 @@ A converted model is a directory:
 
 A shard holds root attributes (ATTR_*) and one HDF5 group per tensor, named as
 in TENSOR_PATTERNS. The group's attributes give the weight type and logical
-shape; its datasets are the split-layout arrays of mpillm.quant (``qs``, ``d``,
+shape; its datasets are the split-layout arrays of mpillm.formats.quant (``qs``, ``d``,
 ``m`` or ``w``), contiguous, uncompressed and aligned to 4 KiB so each rank
 memory-maps them (np.memmap at the dataset's file offset) without a copy.
 Expert tensors carry a leading expert axis: shape (n_experts, rows, cols).
@@ -28,8 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import quant
-from .config import ModelConfig
+from mpillm.formats import quant
+from mpillm.formats.config import ModelConfig
 
 FORMAT_NAME = "mpillm-shard"
 FORMAT_VERSION = 1

@@ -25,9 +25,9 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from .. import harmony
-from . import protocol as P
-from .metrics import Metrics
+from mpillm.serving import harmony
+from mpillm.serving.http import protocol as P
+from mpillm.serving.http.metrics import Metrics
 
 log = logging.getLogger("mpillm.serve")
 STATIC = Path(__file__).resolve().parent / "static"
@@ -197,7 +197,7 @@ def create_app(config: ServerConfig, state: State) -> Starlette:
                 raise P.bad(field_name, f"token id {i} is outside the vocabulary (size {v})")
 
     def sampling_params(req: P.Request, n_prompt: int, prompt_field: str):
-        from ..sampling import SamplingParams
+        from mpillm.serving.sampling import SamplingParams
 
         ctx = state.context_size
         if n_prompt == 0:
@@ -249,7 +249,7 @@ def create_app(config: ServerConfig, state: State) -> Starlette:
                     "".join(d.text for d in deltas if d.channel == harmony.ANALYSIS))
 
         def submit(self, service) -> None:
-            from ..service import QueueFull
+            from mpillm.serving.service import QueueFull
 
             loop = asyncio.get_running_loop()
             q = self.q

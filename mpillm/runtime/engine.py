@@ -1,6 +1,6 @@
 """The distributed engine: open shards, print the plan, run forward steps in lock-step.
 
-Rank 0 drives. Each step is a plan (mpillm.scheduler makes it): for every row of the batch a
+Rank 0 drives. Each step is a plan (mpillm.serving.scheduler makes it): for every row of the batch a
 token id, its position and its sequence's KV slot, and which rows need output (the greedy
 token, or the row's full logits for sampling). Rank 0 broadcasts the plan as two int64
 buffers (a header and the packed arrays), every rank runs the same forward on its shard
@@ -20,12 +20,13 @@ from pathlib import Path
 import numpy as np
 from mpi4py import MPI
 
-from . import format as fmt
-from . import kernels, ops, warmup
-from .comm import FatalError, agree
-from .config import ModelConfig
-from .model import Transformer
-from .partition import plan, share_notes, valid_world_sizes
+from mpillm.formats import format as fmt
+from mpillm import kernels, warmup
+from mpillm.runtime import ops
+from mpillm.runtime.errors import FatalError, agree
+from mpillm.formats.config import ModelConfig
+from mpillm.runtime.model import Transformer
+from mpillm.formats.partition import plan, share_notes, valid_world_sizes
 
 # commands: stop; a step (output rows get the greedy token or their logits); a scoring step
 # (output rows get -log p(target), vocabulary-parallel: no logits are gathered)

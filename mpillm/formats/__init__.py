@@ -1,0 +1,1 @@
+"""File formats and the model's description: shards, partitioning, quantization, config, tokenizer."""

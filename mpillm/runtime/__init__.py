@@ -1,0 +1,1 @@
+"""What every rank runs: the engine loop, the step plan, the forward pass, the collectives."""

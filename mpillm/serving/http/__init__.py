@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP layer (Starlette): it talks to the engine only through mpillm.serving.service."""
