@@ -1,4 +1,18 @@
-"""mpillm: tensor-parallel LLM inference over MPI."""
+"""mpillm: tensor-parallel LLM inference over MPI.
+
+Where a request goes, by folder and file:
+
+    commands       generate.py chat.py serve/ bench.py perplexity.py check.py warmup.py ... (cli.py: `mpillm X`)
+                   over options.py (shared flags, broadcast) and startup.py (model, conversion, warm-up)
+    step plan      serving/scheduler.py makes it, runtime/steps.py defines it
+    shard          formats/format.py (HDF5, memory-mapped), formats/partition.py (who holds what)
+    forward        runtime/engine.py broadcasts the plan; runtime/model.py runs it (kernels/, runtime/fused.py)
+    Allreduce      runtime/collectives.py (model.py calls self.sync(...) twice per layer)
+    sample         serving/sampling.py on rank 0, via serving/service.py
+    HTTP           serving/http/ (Starlette app, OpenAI wire format, chat page)
+
+docs/architecture.md walks one request through these files.
+"""
 from __future__ import annotations
 
 import hashlib

@@ -24,7 +24,7 @@ import numpy as np
 from mpi4py import MPI
 
 from mpillm.runtime.errors import run
-from mpillm.generate import add_model_args, parse_args_bcast
+from mpillm.options import add_model_args, parse_args_bcast
 
 
 def process_age_s() -> float:
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
                 best["batched_speedup_vs_1"] = {str(n): v / by_n[1] for n, v in by_n.items()}
             best["batched_over_prompt_rate"] = {str(n): v / best["prompt_tok_s"] for n, v in by_n.items()}
         if speculate:
-            from mpillm.serving.speculative import make_drafter
+            from mpillm.startup import make_drafter
 
             drafter = make_drafter(args, engine, tokenizer)
             try:

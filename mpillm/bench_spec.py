@@ -25,7 +25,7 @@ from pathlib import Path
 from mpi4py import MPI
 
 from mpillm.runtime.errors import run
-from mpillm.generate import add_model_args, parse_args_bcast
+from mpillm.options import add_model_args, parse_args_bcast
 
 # Several distinct paragraphs on one subject (written for this benchmark), about 1,000 tokens with
 # the bundled model's tokenizer: nothing in it repeats, so lookup drafts only from the copy.
@@ -128,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     from mpillm.startup import resolve_model
     from mpillm.serving.sampling import SamplingParams
     from mpillm.serving.service import Service
-    from mpillm.serving.speculative import LookupDrafter, ModelDrafter
+    from mpillm.serving.speculative import LookupDrafter
+    from mpillm.startup import open_model_drafter
     from mpillm.formats.tokenizer import load_tokenizer
 
     comm = MPI.COMM_WORLD
@@ -145,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         drafters = {"plain": lambda: None,
                     "lookup": lambda: LookupDrafter(args.draft_ngram, args.draft_ngram_min, args.draft_max)}
         if args.draft_model:
-            dm = ModelDrafter.open(args.draft_model, engine, tok, k_max=args.draft_max, threads=args.threads,
+            dm = open_model_drafter(args.draft_model, engine, tok, k_max=args.draft_max, threads=args.threads,
                                    kv_type=args.kv_type)
 
             def model_drafter():

@@ -19,7 +19,7 @@ from pathlib import Path
 from mpi4py import MPI
 
 from mpillm.runtime.errors import run
-from mpillm.generate import add_model_args, open_drafter, open_engine, parse_args_bcast
+from mpillm.options import add_model_args, open_engine, parse_args_bcast
 
 HELP = "commands: /reset (new conversation), /exit (leave); anything else is your next message"
 
@@ -212,7 +212,7 @@ def chat_loop(service, tok, args, inp=sys.stdin, out=sys.stdout) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args_bcast(parser(), argv)
-    from mpillm.startup import prepare_model
+    from mpillm.startup import make_drafter, prepare_model
     from mpillm.serving.service import Service
     from mpillm.formats.tokenizer import load_tokenizer
 
@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def rank0() -> int:
         tok = load_tokenizer(Path(model_dir))
-        service = Service(engine, tok, drafter=open_drafter(args, engine, tok))
+        service = Service(engine, tok, drafter=make_drafter(args, engine, tok))
         return chat_loop(service, tok, args)
 
     return engine.drive(rank0)

@@ -304,7 +304,7 @@ def calibrate_step(args, comm: MPI.Comm, model_dir: Path, rep: dict, bench) -> l
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mpillm.generate import parse_args_bcast
+    from mpillm.options import parse_args_bcast
 
     args = parse_args_bcast(parser(), argv)
     comm = MPI.COMM_WORLD

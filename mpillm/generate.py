@@ -14,46 +14,8 @@ from pathlib import Path
 
 from mpi4py import MPI
 
+from mpillm.options import add_model_args, build_prompt, open_engine, parse_args_bcast, sampling_params
 from mpillm.runtime.errors import run
-
-
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None,
-                   help="converted model directory, or a GGUF file / Hugging Face directory to convert on first use "
-                        "(default: the bundled SmolLM2-135M-Instruct)")
-    p.add_argument("--threads", type=int, default=1, help="numba threads per rank (default: %(default)s)")
-    p.add_argument("--ctx-size", "--max-seq-len", dest="max_seq_len", type=int, default=2048,
-                   help="tokens per sequence slot, prompt and completion together (default: %(default)s)")
-    p.add_argument("--parallel", type=int, default=1,
-                   help="sequence slots: how many sequences run at once, each with its own KV cache "
-                        "(default: %(default)s)")
-    p.add_argument("--batch-tokens", type=int, default=64,
-                   help="rows per step: every running sequence's next token plus prompt chunks "
-                        "(default: %(default)s)")
-    p.add_argument("--buffer-type", choices=("f32", "f16", "q8_0", "f64"), default="f32",
-                   help="precision of the partial sums exchanged between ranks: f32 (MPI_Allreduce), "
-                        "f16 or q8_0 (compressed, Allgather + local sum), or f64 (exact sums, dense models: the same "
-                        "tokens at every rank count, twice the bytes of f32) (default: %(default)s)")
-    p.add_argument("--kv-type", choices=("f16", "f32"), default="f16",
-                   help="KV cache element type: f16 halves the cache's memory and the bytes attention reads "
-                        "per token (default: %(default)s)")
-    p.add_argument("--verify", action="store_true",
-                   help="check every tensor of each rank's shard against its checksum before loading "
-                        "(all ranks in parallel; a damaged shard stops every rank, naming rank, file and tensor)")
-    add_draft_args(p)
-
-
-def add_draft_args(p: argparse.ArgumentParser) -> None:
-    from mpillm.serving.speculative import add_draft_args as add
-
-    add(p)
-
-
-def open_drafter(args, engine, tok):
-    """Rank 0: the speculative drafter --draft / --draft-model ask for, or None (pass it to Service)."""
-    from mpillm.serving.speculative import make_drafter
-
-    return make_drafter(args, engine, tok)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -84,43 +46,6 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_args_bcast(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
-    """Rank 0 parses (and prints usage errors); the others receive the result or exit with it."""
-    comm = MPI.COMM_WORLD
-    args, code = None, None
-    if comm.Get_rank() == 0:
-        try:
-            args = p.parse_args(argv)
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else 2
-    args, code = comm.bcast((args, code), root=0)
-    if code is not None:
-        sys.exit(code)
-    return args
-
-
-def open_engine(args, model_dir, verbose: bool | None = None, **kw):
-    """The engine for the shared model flags (every rank)."""
-    from mpillm.runtime.engine import Engine
-
-    return Engine(model_dir, max_seq_len=args.max_seq_len, threads=args.threads,
-                  verbose=not getattr(args, "quiet", False) if verbose is None else verbose,
-                  buffer_type=args.buffer_type, kv_type=args.kv_type, n_slots=args.parallel,
-                  max_batch=args.batch_tokens, **kw)
-
-
-def build_prompt(tok, args) -> list[int]:
-    if args.chat:
-        from mpillm.serving import harmony
-
-        messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
-                   [{"role": "user", "content": args.prompt}]
-        if harmony.is_harmony(tok):
-            return tok.encode(harmony.prompt_text(tok, messages, args.reasoning_effort), add_bos=False)
-        return tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True), add_bos=False)
-    return tok.encode(args.prompt)
-
-
 class HarmonyPrinter:
     """Rank 0, --chat on a harmony model: prints the final answer as it streams; the reasoning
     only with ``show_reasoning`` (under a heading, before the answer); tool-call text never."""
@@ -142,15 +67,6 @@ class HarmonyPrinter:
                     self.current = d.channel
                 self.out.write(d.text)
         self.out.flush()
-
-
-def sampling_params(args):
-    from mpillm.serving.sampling import SamplingParams
-
-    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-                          top_p=args.top_p, min_p=args.min_p, seed=args.seed,
-                          repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
-                          frequency_penalty=args.frequency_penalty, stop=tuple(args.stop))
 
 
 def generate(service, ids: list[int], params, out=sys.stdout, stats=None, show=None) -> list[int]:
@@ -185,10 +101,11 @@ def generate(service, ids: list[int], params, out=sys.stdout, stats=None, show=N
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args_bcast(parser(), argv)
-    from mpillm.runtime.engine import Stats
-    from mpillm.startup import prepare_model
-    from mpillm.serving.service import Service
     from mpillm.formats.tokenizer import load_tokenizer
+    from mpillm.runtime.stats import Stats
+    from mpillm.serving.harmony import is_harmony
+    from mpillm.serving.service import Service
+    from mpillm.startup import make_drafter, prepare_model
 
     comm = MPI.COMM_WORLD
     model_dir = prepare_model(args, comm)
@@ -202,10 +119,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.quiet:
             print(f"start-up {engine.startup_s:.2f} s; prompt {len(ids)} tokens", flush=True)
         stats = Stats()
-        from mpillm.serving.harmony import is_harmony
-
         show = HarmonyPrinter(tok, sys.stdout, args.show_reasoning) if args.chat and is_harmony(tok) else None
-        generate(Service(engine, tok, drafter=open_drafter(args, engine, tok)), ids, params, stats=stats, show=show)
+        generate(Service(engine, tok, drafter=make_drafter(args, engine, tok)), ids, params, stats=stats, show=show)
         stats.gather_bytes = engine.logits_bytes_per_token if params.needs_logits else 16 * (engine.size > 1)
         print(flush=True)
         print(stats.line(engine.size), flush=True)

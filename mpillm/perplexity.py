@@ -20,7 +20,7 @@ import numpy as np
 from mpi4py import MPI
 
 from mpillm.runtime.errors import run
-from mpillm.generate import add_model_args, parse_args_bcast
+from mpillm.options import add_model_args, parse_args_bcast
 
 
 def tokenize_for_perplexity(tok, text: str, ctx: int) -> tuple[list[list[int]], bool]:

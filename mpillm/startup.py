@@ -1,8 +1,9 @@
-"""Model resolution for the command-line entry points: the bundled default model, the
-converted-model cache, and convert-on-first-use (collective: every rank writes its own shard).
+"""Start-up for the commands: the bundled default model, the converted-model cache and
+convert-on-first-use (collective: every rank writes its own shard), ``--verify``, compiling the
+kernels before the first token, and opening the speculative drafter the flags ask for.
 
-The engine takes a converted directory; only the CLI modules (generate, bench, perplexity,
-check, ...) import this, so the engine never imports the converter.
+The engine takes a converted directory; only the commands (generate, chat, serve, bench,
+perplexity, check, ...) import this module, so the engine never imports it or the converter.
 """
 from __future__ import annotations
 
@@ -124,21 +125,67 @@ def prepare_model(args, comm: MPI.Comm) -> Path:
 
 def warm_kernels(model_dir: Path, comm: MPI.Comm, kv_type: str = "f16", buffer_type: str = "f32") -> None:
     """Compile the kernels this model needs if the cache lacks them, saying so first; one rank per
-    node compiles while the others wait on a file lock, then load from the cache (mpillm.warmup)."""
-    from mpillm import warmup
+    node compiles while the others wait on a file lock, then load from the cache (mpillm.runtime.warm)."""
+    from mpillm.runtime import warm
+    from mpillm.runtime.engine import compile_tiny
 
     rank, size = comm.Get_rank(), comm.Get_size()
     try:
         shard = fmt.Shard(Path(model_dir) / fmt.shard_relpath(size, rank), size, rank)
-        cold = not warmup.is_warm(warmup.signature(shard, kv_type, buffer_type))
+        cold = not warm.is_warm(warm.signature(shard, kv_type, buffer_type))
     except ValueError:
         return   # the engine reports a missing or damaged shard, naming rank and file
     n_cold = comm.allreduce(int(cold), op=MPI.SUM)
     if rank == 0 and n_cold:
-        print(f"compiling kernels for this CPU, once (about {warmup.estimate_s():.0f} s; "
+        print(f"compiling kernels for this CPU, once (about {warm.estimate_s():.0f} s; "
               f"`scripts/setup.sh` or `mpillm warmup` does it ahead of time) ...", file=sys.stderr, flush=True)
     if cold:
-        warmup.ensure(model_dir, rank, size, kv_type, buffer_type, announce=False)
+        warm.ensure_shard(shard, kv_type, buffer_type, compile_tiny)
 
 
-__all__ = ["bundled_gguf", "cache_root", "resolve_model", "convert_meta", "verify_model", "prepare_model"]
+def resolve_draft_model(path: str) -> Path:
+    """A converted single-rank directory for the draft model (rank 0 alone converts on first use,
+    into a cache directory of its own so the target's conversions are never touched)."""
+    src = Path(path)
+    if src.is_dir() and (src / fmt.MANIFEST_FILE).exists():
+        if 1 not in fmt.read_manifest(src)["world_sizes"]:
+            raise ValueError(f"--draft-model {src} was not converted for 1 rank (rank 0 runs the draft model "
+                             f"alone); convert it with --world-size 1 or pass its GGUF / HF source")
+        return src
+    if not src.exists():
+        raise ValueError(f"--draft-model {src} does not exist")
+    st = src.stat()
+    out = cache_root() / "draft" / f"{src.stem}-{st.st_size:x}-{int(st.st_mtime):x}"
+    if not (out / fmt.shard_relpath(1, 0)).exists():
+        from convert.__main__ import convert
+
+        print(f"converting draft model {src} for 1 rank into {out} (once)", file=sys.stderr, flush=True)
+        convert(src, out, [1], progress=False, tokenizer=True)
+    assert MPI.COMM_SELF.Get_size() == 1
+    return out
+
+
+def open_model_drafter(path: str, engine, tok, **kw):
+    """Rank 0: a ``ModelDrafter`` for the draft model at ``path`` (a GGUF, HF directory or converted
+    directory), converted for one rank on first use."""
+    from mpillm.serving.speculative import ModelDrafter
+
+    return ModelDrafter.open(resolve_draft_model(path), engine, tok, path=path, **kw)
+
+
+def make_drafter(args, engine, tok):
+    """Rank 0: the drafter the command-line flags ask for (None without --draft / --draft-model)."""
+    from mpillm.serving.speculative import LookupDrafter
+
+    kind = getattr(args, "draft", None)
+    path = getattr(args, "draft_model", None)
+    if path:
+        return open_model_drafter(path, engine, tok, k_max=args.draft_max, threads=args.threads,
+                                  kv_type=args.kv_type)
+    if kind == "lookup":
+        return LookupDrafter(args.draft_ngram, args.draft_ngram_min, args.draft_max)
+    return None
+
+
+__all__ = ["bundled_gguf", "cache_root", "resolve_model", "convert_meta", "verify_model", "prepare_model",
+           "warm_kernels", "resolve_draft_model", "open_model_drafter", "make_drafter"]

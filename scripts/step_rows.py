@@ -13,7 +13,8 @@ import numpy as np
 from mpi4py import MPI
 
 from mpillm.runtime.errors import run
-from mpillm.runtime.engine import OUT_GREEDY, Engine
+from mpillm.runtime.engine import Engine
+from mpillm.runtime.steps import OUT_GREEDY
 from mpillm.startup import resolve_model
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mpillm.runtime.engine import OUT_GREEDY, OUT_LOGITS
+from mpillm.runtime.steps import OUT_GREEDY, OUT_LOGITS
 from mpillm.serving.scheduler import Scheduler, Sequence
 
 

@@ -1,6 +1,6 @@
 """slurm/serve.sbatch brings the server back when a rank dies, and gives up after
 MPILLM_SERVE_RESTARTS restarts; scripts/serve.sh (the systemd unit's command) starts and stops
-the server; deploy/mpillm.serving.service passes `systemd-analyze verify`."""
+the server; deploy/mpillm.service passes `systemd-analyze verify`."""
 from __future__ import annotations
 
 import os
@@ -124,9 +124,9 @@ def _session(sid: int) -> list[str]:
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
 def test_systemd_unit_verifies(tmp_path):
-    unit = (ROOT / "deploy" / "mpillm.serving.service").read_text().replace("/opt/mpillm", str(ROOT))
+    unit = (ROOT / "deploy" / "mpillm.service").read_text().replace("/opt/mpillm", str(ROOT))
     unit = unit.replace("User=mpillm", "User=root").replace("Group=mpillm", "Group=root")
-    f = tmp_path / "mpillm.serving.service"
+    f = tmp_path / "mpillm.service"
     f.write_text(unit)
     r = subprocess.run(["systemd-analyze", "verify", str(f)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr

@@ -12,7 +12,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mpillm.serving.speculative import AdaptiveLength, LookupDrafter, accept_sampled, check_same_vocabulary
+from mpillm.serving.sampling import accept_sampled
+from mpillm.serving.speculative import AdaptiveLength, LookupDrafter, check_same_vocabulary
 
 CHI2_999 = {3: 16.266, 4: 18.467, 5: 20.515, 7: 24.322}   # 0.999 quantiles, by degrees of freedom
 

@@ -1,81 +1,42 @@
 """The distributed engine: open shards, print the plan, run forward steps in lock-step.
 
-Rank 0 drives. Each step is a plan (mpillm.serving.scheduler makes it): for every row of the batch a
-token id, its position and its sequence's KV slot, and which rows need output (the greedy
-token, or the row's full logits for sampling). Rank 0 broadcasts the plan as two int64
-buffers (a header and the packed arrays), every rank runs the same forward on its shard
-(model.py: two Allreduce per layer), and rank 0 gets back what sampling needs: the
-distributed argmax of greedy rows (16 bytes per rank and row) and the gathered logits of
-sampling rows only. The other ranks sit in ``serve()`` until rank 0 broadcasts STOP.
+Rank 0 drives. Each step is a plan (mpillm.runtime.steps; mpillm.serving.scheduler makes it):
+for every row of the batch a token id, its position and its sequence's KV slot, and which rows
+need output (the greedy token, or the row's full logits for sampling). Rank 0 broadcasts the
+plan as two int64 buffers (a header and the packed arrays), every rank runs the same forward on
+its shard (model.py: two syncs per layer, mpillm.runtime.collectives), and rank 0 gets back what
+sampling needs: the distributed argmax of greedy rows (16 bytes per rank and row) and the
+gathered logits of sampling rows only. The other ranks sit in ``serve()`` until rank 0
+broadcasts STOP.
 """
 from __future__ import annotations
 
 import dataclasses
-
 import os
+import re
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from mpi4py import MPI
 
+from mpillm import kernels
 from mpillm.formats import format as fmt
-from mpillm import kernels, warmup
-from mpillm.runtime import ops
-from mpillm.runtime.errors import FatalError, agree
 from mpillm.formats.config import ModelConfig
-from mpillm.runtime.model import Transformer
 from mpillm.formats.partition import plan, share_notes, valid_world_sizes
-
-# commands: stop; a step (output rows get the greedy token or their logits); a scoring step
-# (output rows get -log p(target), vocabulary-parallel: no logits are gathered)
-CMD_STOP, CMD_STEP, CMD_SCORE = 0, 1, 2
-OUT_GREEDY, OUT_LOGITS = 0, 1  # what an output row of a CMD_STEP needs
+from mpillm.runtime import ops, steps, warm
+from mpillm.runtime.errors import FatalError, agree
+from mpillm.runtime.model import Transformer
+from mpillm.runtime.steps import CMD_SCORE, CMD_STEP, CMD_STOP, OUT_GREEDY, OUT_LOGITS
 
 
 def _summarize_notes(notes: list[str]) -> list[tuple[str, int]]:
     """A shard's converter notes with the layer index folded: [(note with layers/*/, count)]."""
-    import re
-
     out: dict[str, int] = {}
     for n in notes:
         k = re.sub(r"layers/\d+/", "layers/*/", n)
         out[k] = out.get(k, 0) + 1
     return list(out.items())
-
-
-@dataclass
-class Stats:
-    prompt_tokens: int = 0
-    prompt_s: float = 0.0
-    gen_tokens: int = 0
-    gen_s: float = 0.0
-    gen_comm_s: float = 0.0
-    gen_allreduce_bytes: int = 0
-    gather_bytes: int = 0
-    draft_tokens: int = 0        # speculative decoding: tokens drafted, of them accepted,
-    draft_accepted: int = 0
-    decode_steps: int = 0        # and target steps that generated tokens (0: not speculating)
-
-    def line(self, tp_size: int) -> str:
-        pt = self.prompt_tokens / self.prompt_s if self.prompt_s else 0.0
-        gt = self.gen_tokens / self.gen_s if self.gen_s else 0.0
-        n = max(self.gen_tokens, 1)
-        ms = 1e3 * self.gen_s / n
-        comm_ms = 1e3 * self.gen_comm_s / n
-        return (f"[prompt {self.prompt_tokens} tok, {pt:.1f} tok/s | generate {self.gen_tokens} tok, {gt:.1f} tok/s | "
-                f"{ms:.2f} ms/tok = {ms - comm_ms:.2f} compute + {comm_ms:.2f} comm | "
-                f"sent/rank/tok: {self.gen_allreduce_bytes / n / 1024:.1f} KiB allreduce payload"
-                f"{f' + {self.gather_bytes / 1024:.1f} KiB logits (each rank > 0)' if tp_size > 1 else ''} | "
-                f"{self.draft_line()}ranks {tp_size}]")
-
-    def draft_line(self) -> str:
-        if not self.decode_steps:
-            return ""
-        rate = self.draft_accepted / self.draft_tokens if self.draft_tokens else 0.0
-        return (f"draft {self.draft_accepted}/{self.draft_tokens} accepted ({100 * rate:.0f}%), "
-                f"{(self.gen_tokens + 1) / self.decode_steps:.2f} tok/step | ")
 
 
 class Engine:
@@ -131,7 +92,7 @@ class Engine:
         err = None
         try:
             if compile_turn:   # one rank per node compiles, the others wait (False: the caller holds the turn)
-                warmup.ensure_shard(shard, kv_type, buffer_type)
+                warm.ensure_shard(shard, kv_type, buffer_type, compile_tiny)
             kernels.set_threads(threads)
             kernels.warmup()
             self.model = Transformer(shard, comm, max_seq_len, max_batch, buffer_type, kv_type, n_slots)
@@ -140,9 +101,9 @@ class Engine:
         agree(comm, err)
         self.vocab_counts = np.array([p.vocab[1] - p.vocab[0] for p in self.slices], np.int64)
         B, V = max_batch, cfg.vocab_size
-        self.header = np.zeros(4, np.int64)           # [command, T rows, R output rows, rows of kind LOGITS]
-        self.plan = np.zeros(5 * B, np.int64)         # tokens (T), positions (T), slots (T), output rows (R),
-        #                                               and per output row its OUT_* kind (STEP) or target (SCORE)
+        self.header = np.zeros(steps.HEADER_LEN, np.int64)  # [command, T rows, R output rows, rows of kind LOGITS]
+        self.plan = np.zeros(steps.plan_len(B, B), np.int64)  # tokens (T), positions (T), slots (T), output rows
+        #                                   (R), and per output row its OUT_* kind (STEP) or target (SCORE)
         self.best = np.zeros((B, 2), np.float64)      # (R, 2) this rank's (max logit, global id) per output row
         self.bests = np.zeros(self.size * B * 2, np.float64) if self.rank == 0 else None  # (ranks, R, 2)
         self.send = np.zeros(B * int(self.vocab_counts.max()), np.float32)  # (R_logits, vocab_pp) packed rows
@@ -178,9 +139,8 @@ class Engine:
 
     # ---- every rank: one step of the plan in self.plan ----------------------------------------
     def _execute(self, cmd: int, T: int, R: int, n_logits: int):
-        p = self.plan
-        out_rows, per_row = p[3 * T:3 * T + R], p[3 * T + R:3 * T + 2 * R]
-        local = self.model.forward(p[:T], p[T:2 * T], p[2 * T:3 * T], out_rows)
+        tokens, positions, slots, out_rows, per_row = steps.unpack(self.plan, T, R)
+        local = self.model.forward(tokens, positions, slots, out_rows)
         if R == 0:
             return None
         if cmd == CMD_SCORE:
@@ -256,18 +216,16 @@ class Engine:
         T, R = len(tokens), len(out_rows)
         if not 0 < T <= self.max_batch:
             raise ValueError(f"a step carries 1..{self.max_batch} rows, got {T}")
-        p = self.plan
-        p[:T], p[T:2 * T], p[2 * T:3 * T] = tokens, positions, slots
-        p[3 * T:3 * T + R], p[3 * T + R:3 * T + 2 * R] = out_rows, per_row
-        pos, sl = p[T:2 * T], p[2 * T:3 * T]
+        steps.pack(self.plan, tokens, positions, slots, out_rows, per_row)
+        _, pos, sl, _, kinds = steps.unpack(self.plan, T, R)
         if pos.min() < 0 or pos.max() >= self.max_seq_len or sl.min() < 0 or sl.max() >= self.n_slots:
             raise ValueError(f"a step's positions must be in [0, {self.max_seq_len}) and its slots in "
                              f"[0, {self.n_slots})")
-        n_logits = int(np.count_nonzero(p[3 * T + R:3 * T + 2 * R] == OUT_LOGITS)) if cmd == CMD_STEP else 0
+        n_logits = int(np.count_nonzero(kinds == OUT_LOGITS)) if cmd == CMD_STEP else 0
         self.header[:] = (cmd, T, R, n_logits)
         if self.size > 1:
-            self.comm.Bcast(self.header, root=0)
-            self.comm.Bcast(p[:3 * T + 2 * R], root=0)
+            self.comm.Bcast(self.header, root=0)                         # collective: the step's shape
+            self.comm.Bcast(self.plan[:steps.plan_len(T, R)], root=0)    # collective: the step's rows
         return self._execute(cmd, T, R, n_logits)
 
     def step(self, tokens, pos: int, all_logits: bool = False, greedy: bool = False, slot: int = 0):
@@ -321,7 +279,7 @@ class Engine:
             cmd, T, R, n_logits = (int(v) for v in self.header)
             if cmd == CMD_STOP:
                 return T
-            self.comm.Bcast(self.plan[:3 * T + 2 * R], root=0)
+            self.comm.Bcast(self.plan[:steps.plan_len(T, R)], root=0)
             self._execute(cmd, T, R, n_logits)
 
     def stop(self, exit_code: int = 0) -> None:
@@ -345,6 +303,26 @@ class Engine:
             raise
         self.stop(rc)
         return rc
+
+
+def compile_tiny(model_dir: Path, kv_type: str, buffer_type: str, step) -> None:
+    """The warm-up's compile run (mpillm.runtime.warm calls it under the node's compile lock with
+    a tiny model of the real one's weight types): an Engine on COMM_SELF through a prompt step, a
+    scoring step, token steps and a mixed batch, so every kernel the real model calls compiles
+    (the engine's own kernels.warmup() the matmul kernels, the first forward the fused blocks).
+    ``step(name)`` is called before each stage."""
+    step("matmul kernels")
+    # compile_turn=False: this process already holds the node's compile lock
+    e = Engine(model_dir, max_seq_len=16, max_batch=8, buffer_type=buffer_type, kv_type=kv_type,
+               comm=MPI.COMM_SELF, verbose=False, n_slots=2, compile_turn=False)
+    step("attention and FFN blocks (prompt)")
+    e.step([1, 2, 3], 0)
+    e.score([1, 2, 3, 4], 1, slot=1)
+    step("token steps (one sequence, a batch of two)")
+    e.step_greedy([4], 3)
+    e.step([5], 4)
+    e.run([6, 7], [5, 4], [0, 1], [0, 1], [OUT_GREEDY, OUT_LOGITS])
+    e.stop(0)
 
 
 def available_memory() -> int | None:
@@ -378,4 +356,4 @@ def kv_memory_error(kv_per_token: int, n_slots: int, ctx: int, avail: int | None
             f"--parallel {fit_slots} at --ctx-size {ctx}, or --ctx-size {fit_ctx} at --parallel {n_slots}")
 
 
-__all__ = ["Engine", "FatalError", "OUT_GREEDY", "OUT_LOGITS", "CMD_STEP", "CMD_SCORE"]
+__all__ = ["Engine", "FatalError", "compile_tiny", "kv_memory_error"]

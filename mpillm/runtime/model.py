@@ -15,39 +15,27 @@ YaRN-scaled RoPE tables; router and expert biases, the clamped SwiGLU, and the r
 experts' down biases added once after Allreduce #2 (in the fused blocks too).
 
 The embedding and output projection are vocabulary-parallel (rows of the vocabulary);
-the embedding is joined by an Allreduce, the logits are gathered by the engine.
+the embedding is joined by a sync, the logits are gathered by the engine. Each sync (the
+Allreduce, or a compressed exchange) is ``self.sync(...)``: mpillm.runtime.collectives.
 All buffers are allocated once in ``__init__``; ``forward`` allocates no arrays.
 """
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass
-
 import numpy as np
 from mpi4py import MPI
 
-from mpillm.runtime import fused, ops
 from mpillm import kernels
-from mpillm.kernels import exact
+from mpillm.formats import quant
 from mpillm.formats.format import Shard, Tensor
 from mpillm.formats.partition import RankSlice
-from mpillm.formats import quant
 from mpillm.formats.quant import QK, QUANTIZED
+from mpillm.kernels import exact
+from mpillm.runtime import fused, ops
+from mpillm.runtime.collectives import Sync
 
 
-BUFFER_TYPES = ("f32", "f16", "q8_0", "f64")
 KV_TYPES = ("f16", "f32")
 _quantize_q8_0 = kernels.get_path(kernels.active_path()).jit.quantize_q8_0
-
-
-@dataclass
-class CommStats:
-    seconds: float = 0.0       # wall time inside collectives (includes waiting for slower ranks)
-    payload_bytes: int = 0     # bytes handed to Allreduce on this rank
-    calls: int = 0
-
-    def reset(self) -> None:
-        self.seconds, self.payload_bytes, self.calls = 0.0, 0, 0
 
 
 class Acts:
@@ -215,23 +203,14 @@ class Transformer:
             self.exp_rows = np.zeros(B * K, np.int64)          # (T * top_k,) token rows grouped by expert
             self.exp_wts = np.zeros(B * K, np.float32)         # (T * top_k,) their routing weights
         self.route_log: list | None = None  # tests: set to [] to record (topk_idx, topk_w) per MoE block
-        self.stats = CommStats()
-        # sync buffers: f32 uses MPI_Allreduce; f16 / q8_0 send compressed partials with
-        # Allgather and every rank sums them in rank order (as distributed-llama's q80 sync does)
-        if buffer_type not in BUFFER_TYPES:
-            raise ValueError(f"--buffer-type must be one of {', '.join(BUFFER_TYPES)}, got {buffer_type!r}")
+        # the sync after each row-parallel projection (mpillm.runtime.collectives): f32 / f64 use
+        # MPI_Allreduce; f16 / q8_0 send compressed partials and every rank sums them in rank order
+        self.sync = Sync(comm, buffer_type, B, D)
+        self.stats = self.sync.stats
         if buffer_type == "f64" and cfg.is_moe:  # the experts' outputs are summed in float32
             raise ValueError("--buffer-type f64 (exact sums) is implemented for dense models only, "
                              f"not for {cfg.arch}; use f32, f16 or q8_0")
         self.buffer_type = buffer_type
-        P = self.tp_size
-        if buffer_type == "f16" and P > 1:
-            self.send16 = np.zeros(B * D, np.float16)           # (T * dim) own partial
-            self.recv16 = np.zeros(P * B * D, np.float16)       # (ranks, T * dim)
-        if buffer_type == "q8_0" and P > 1:
-            self.sendq = Acts(np.zeros((B, D), np.float32))     # own partial, quantized
-            self.recvq = np.zeros(P * B * D, np.int8)           # (ranks, T * dim)
-            self.recvd = np.zeros(P * B * (D // QK), np.float32)  # (ranks, T * dim / 32)
 
         self._setup_fused()
 
@@ -277,35 +256,6 @@ class Transformer:
                        self.gate, self.up, hb.x, hb.xq, hb.xd, hb.xsum, *L.w_down.w, part)
             self.fused.append((mod, attn, ffn))
 
-    # ------------------------------------------------------------------------------------------
-    def allreduce(self, buf: np.ndarray) -> None:
-        """Sum a row-parallel partial result over all ranks, in place."""
-        if self.tp_size == 1:
-            return
-        t0 = time.perf_counter()
-        T, P, n = buf.shape[0], self.tp_size, buf.size
-        if self.buffer_type in ("f32", "f64") or buf.dtype == np.float64:
-            self.comm.Allreduce(MPI.IN_PLACE, buf)
-            sent = buf.nbytes
-        elif self.buffer_type == "f16":
-            own = self.send16[:n]
-            np.copyto(own, buf.reshape(-1), casting="same_kind")
-            self.comm.Allgather(own, self.recv16[:P * n])
-            ops.sum_f16_parts(self.recv16[:P * n].view(np.uint16).reshape(P, T, -1), buf)
-            sent = own.nbytes
-        else:  # q8_0
-            a = self.sendq
-            a.x[:T] = buf
-            a.quantize(T)
-            nb = n // QK
-            self.comm.Allgather(a.xq[:T], self.recvq[:P * n])
-            self.comm.Allgather(a.xd[:T], self.recvd[:P * nb])
-            ops.sum_q8_parts(self.recvq[:P * n].reshape(P, T, -1), self.recvd[:P * nb].reshape(P, T, -1), buf)
-            sent = a.xq[:T].nbytes + a.xd[:T].nbytes
-        self.stats.seconds += time.perf_counter() - t0
-        self.stats.payload_bytes += sent
-        self.stats.calls += 1
-
     def forward(self, tokens: np.ndarray, positions: np.ndarray, slots: np.ndarray,
                 out_rows: np.ndarray) -> np.ndarray | None:
         """Run one step of T = len(tokens) rows: row t is token tokens[t] of the sequence in KV
@@ -318,7 +268,7 @@ class Transformer:
             raise ValueError(f"batch of {T} tokens exceeds max_batch {self.max_batch}")
         x = self.x[:T]
         ops.embed(self.tok_embd.wtype, self.embd_arrays, tokens, self.slice.vocab[0], x)
-        self.allreduce(x)  # vocabulary-parallel embedding: each row comes from one rank
+        self.sync(x)  # vocabulary-parallel embedding: each row comes from one rank
         for li, L in enumerate(self.layers):
             self._attention(L, li, T, positions, slots)
             if cfg.is_moe:
@@ -345,7 +295,7 @@ class Transformer:
             mod, args, _ = self.fused[li]
             mod.attn_block(T, positions, slots, *args)  # norm .. wo in one jitted call
             part = self.partial if self.partial64 is None else self.partial64
-            self.allreduce(part[:T])  # Allreduce #1: attention output projection
+            self.sync(part[:T])  # Allreduce #1: attention output projection
             if L.bo is not None:
                 ops.add_bias(part[:T], L.bo)  # once, on the summed output
             ops.add_inplace(self.x[:T], part[:T])
@@ -370,7 +320,7 @@ class Transformer:
         self.att.quantize(T)
         part = self.partial if self.partial64 is None else self.partial64
         L.wo(self.att, T, part)
-        self.allreduce(part[:T])  # Allreduce #1: attention output projection
+        self.sync(part[:T])  # Allreduce #1: attention output projection
         if L.bo is not None:
             ops.add_bias(part[:T], L.bo)  # once, on the summed output
         ops.add_inplace(self.x[:T], part[:T])
@@ -380,7 +330,7 @@ class Transformer:
             mod, _, args = self.fused[li]
             mod.ffn_block(T, *args)  # norm .. w_down in one jitted call
             part = self.partial if self.partial64 is None else self.partial64
-            self.allreduce(part[:T])  # Allreduce #2: FFN down projection
+            self.sync(part[:T])  # Allreduce #2: FFN down projection
             ops.add_inplace(self.x[:T], part[:T])
             return
         ops.rmsnorm(self.x[:T], L.ffn_norm, self.cfg.norm_eps, self.xb.x[:T])
@@ -391,7 +341,7 @@ class Transformer:
         self.hb.quantize(T)
         part = self.partial if self.partial64 is None else self.partial64
         L.w_down(self.hb, T, part)
-        self.allreduce(part[:T])  # Allreduce #2: FFN down projection
+        self.sync(part[:T])  # Allreduce #2: FFN down projection
         ops.add_inplace(self.x[:T], part[:T])
 
     def _moe(self, L: Layer, T: int, li: int) -> None:
@@ -399,7 +349,7 @@ class Transformer:
         if self.fused is not None and self.route_log is None:
             mod, _, args = self.fused[li]
             mod.moe_block(T, *args)  # norm, router, top-k, every active expert: one jitted call
-            self.allreduce(self.partial[:T])  # Allreduce #2: the MoE block's summed expert outputs
+            self.sync(self.partial[:T])  # Allreduce #2: the MoE block's summed expert outputs
             if L.exp_down_b is not None:  # once, on the summed output: sum_j w_j b_down[e_j]
                 ops.add_expert_rows(self.partial[:T], self.topk_idx[:T], self.topk_w[:T], L.exp_down_b)
             ops.add_inplace(self.x[:T], self.partial[:T])
@@ -438,7 +388,7 @@ class Transformer:
             self.hb.quantize(n)
             L.exp_down[e](self.hb, n, self.ye)
             ops.scatter_add_rows(self.ye[:n], rows, self.exp_wts[r0:r1], out)
-        self.allreduce(out)  # Allreduce #2: the MoE block's summed expert outputs
+        self.sync(out)  # Allreduce #2: the MoE block's summed expert outputs
         if L.exp_down_b is not None:  # once, on the summed output: sum_j w_j b_down[e_j]
             ops.add_expert_rows(out, self.topk_idx[:T], self.topk_w[:T], L.exp_down_b)
         ops.add_inplace(self.x[:T], out)

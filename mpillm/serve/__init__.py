@@ -1,6 +1,5 @@
-"""The OpenAI-compatible HTTP server, its chat page and metrics (``python -m mpillm.serve``).
-
-Layering: ``app`` (Starlette routes) -> ``protocol`` (OpenAI wire format, validation, SSE)
--> ``mpillm.serving.service.Service`` (requests, batching; all MPI in rank 0's main thread).
-The engine never imports this package.
+"""The ``python -m mpillm.serve`` command: the OpenAI-compatible server on rank 0 (its
+``__main__``). The HTTP layer itself is mpillm.serving.http (routes, OpenAI wire format, the chat
+page, metrics); it reaches the engine only through mpillm.serving.service, and the engine never
+imports it.
 """

@@ -27,7 +27,7 @@ from pathlib import Path
 from mpi4py import MPI
 
 from mpillm.runtime.errors import FatalError, agree, run
-from mpillm.generate import add_model_args, open_drafter, open_engine, parse_args_bcast
+from mpillm.options import add_model_args, open_engine, parse_args_bcast
 
 
 def parser() -> argparse.ArgumentParser:
@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
             err = str(e)
     agree(comm, err)
 
-    from mpillm.startup import prepare_model
+    from mpillm.startup import make_drafter, prepare_model
     from mpillm.formats.tokenizer import load_tokenizer
 
     model_dir = prepare_model(args, comm)   # --verify, kernel warm-up
@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
 
     teardown = Teardown(state, peers, log)
     tok = load_tokenizer(Path(model_dir))
-    service = Service(engine, tok, max_queue=args.max_queue, drafter=open_drafter(args, engine, tok))
+    service = Service(engine, tok, max_queue=args.max_queue, drafter=make_drafter(args, engine, tok))
     state.ready(service, tok, size)
     teardown.service = service
     print(f"mpillm.serve: ready: {size} rank(s), {args.parallel} slot(s) of {service.context_size} tokens, "

@@ -1,5 +1,6 @@
 """Per-sequence sampling on rank 0: parameters, penalties, temperature / top-k / top-p / min-p,
-log-probabilities, and stop strings.
+log-probabilities, stop strings, and the token each output row of a step gives its sequence
+(``decide``: plain sampling, greedy, and the speculative acceptance rule).
 
 Each sequence has its own ``Sampler`` with its own seeded generator, so what it draws depends
 only on its own logits and seed, never on what else is in the batch. Rows that decode greedily
@@ -194,3 +195,41 @@ class StopMatcher:
         """The held text, when the sequence ends for another reason."""
         h, self.held = self.held, ""
         return h
+
+
+# ---- the token a row gets, and speculative acceptance ---------------------------------------------
+def accept_sampled(p: np.ndarray, d: int, q: np.ndarray | None, rng: np.random.Generator) -> tuple[int, bool]:
+    """One draft position under speculative sampling: ``p`` the target's distribution (vocab,),
+    ``d`` the draft token, ``q`` the draft's distribution (None: a deterministic draft, q one-hot at
+    d). Returns (token, accepted): d itself, or a token drawn from normalize(max(0, p - q))."""
+    qd = 1.0 if q is None else float(q[d])
+    pd = float(p[d])
+    if qd > 0.0 and rng.random() * qd < pd:   # u < p(d) / q(d), without dividing
+        return d, True
+    if q is None:
+        resid = p.copy()
+        resid[d] = 0.0
+    else:
+        resid = np.maximum(p - q, 0.0)
+    s = resid.sum()
+    if s <= 0.0:     # p <= q everywhere but p(d) < q(d): cannot happen for distributions; be safe
+        resid, s = p, p.sum()
+    return int(rng.choice(len(resid), p=resid / s)), False
+
+
+def decide(sampler: Sampler | None, greedy_id: int, logits: np.ndarray | None, d: int | None,
+           q: np.ndarray | None, vocab: int) -> tuple[int, bool]:
+    """Row i of a verified draft: (the token the sequence gets, whether draft d was accepted).
+    ``d`` None is the row after the last draft (or a sequence without one): the target's own token.
+    Greedy rows (no sampler) accept while d equals the target's argmax."""
+    if sampler is None:
+        return greedy_id, d is not None and greedy_id == d
+    if d is None:
+        return sampler(logits), False
+    if sampler.p.temperature == 0.0:            # greedy with penalties or log-probabilities
+        t = sampler(logits)
+        return t, t == d
+    ids, probs = sampler.distribution(logits)
+    p = np.zeros(vocab, np.float64)
+    p[ids] = probs
+    return accept_sampled(p, d, q, sampler.rng)

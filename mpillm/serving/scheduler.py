@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mpillm.runtime.engine import OUT_GREEDY, OUT_LOGITS
+from mpillm.runtime.steps import OUT_GREEDY, OUT_LOGITS
 
 
 @dataclass(eq=False)  # identity: two requests with the same tokens are still two sequences

@@ -21,10 +21,9 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from mpillm.runtime.engine import OUT_LOGITS
-from mpillm.serving.sampling import Sampler, SamplingParams, StopMatcher, TokenLogprob, logprobs_of
+from mpillm.runtime.steps import OUT_LOGITS
+from mpillm.serving.sampling import Sampler, SamplingParams, StopMatcher, TokenLogprob, decide, logprobs_of
 from mpillm.serving.scheduler import Scheduler, Sequence
-from mpillm.serving.speculative import decide
 
 
 @dataclass

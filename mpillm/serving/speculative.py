@@ -3,7 +3,7 @@
 A decoding sequence with a draft d[0..k-1] runs k + 1 rows in one step of the target (its newest
 token and the drafts, at positions n..n+k): the same two Allreduce per layer as one token, and on a
 memory-bound CPU each weight is read once for all rows. Row i gives the target's distribution
-after d[:i]; ``decide`` walks the rows in order and either accepts d[i] or ends with the target's
+after d[:i]; ``sampling.decide`` walks the rows in order and either accepts d[i] or ends with the target's
 own token (the correction, or after a full accept the bonus token of row k). Positions are
 explicit in every row, so the keys and values of rejected drafts are simply overwritten by later
 steps: nothing is copied or rolled back (the draft model's cache works the same way).
@@ -25,50 +25,12 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import sys
 from pathlib import Path
 
 import numpy as np
 
+from mpillm.runtime.steps import OUT_GREEDY, OUT_LOGITS
 from mpillm.serving.sampling import Sampler
-
-
-# ---- acceptance ---------------------------------------------------------------------------------
-def accept_sampled(p: np.ndarray, d: int, q: np.ndarray | None, rng: np.random.Generator) -> tuple[int, bool]:
-    """One draft position under speculative sampling: ``p`` the target's distribution (vocab,),
-    ``d`` the draft token, ``q`` the draft's distribution (None: a deterministic draft, q one-hot at
-    d). Returns (token, accepted): d itself, or a token drawn from normalize(max(0, p - q))."""
-    qd = 1.0 if q is None else float(q[d])
-    pd = float(p[d])
-    if qd > 0.0 and rng.random() * qd < pd:   # u < p(d) / q(d), without dividing
-        return d, True
-    if q is None:
-        resid = p.copy()
-        resid[d] = 0.0
-    else:
-        resid = np.maximum(p - q, 0.0)
-    s = resid.sum()
-    if s <= 0.0:     # p <= q everywhere but p(d) < q(d): cannot happen for distributions; be safe
-        resid, s = p, p.sum()
-    return int(rng.choice(len(resid), p=resid / s)), False
-
-
-def decide(sampler: Sampler | None, greedy_id: int, logits: np.ndarray | None, d: int | None,
-           q: np.ndarray | None, vocab: int) -> tuple[int, bool]:
-    """Row i of a verified draft: (the token the sequence gets, whether draft d was accepted).
-    ``d`` None is the row after the last draft (or a sequence without one): the target's own token.
-    Greedy rows (no sampler) accept while d equals the target's argmax."""
-    if sampler is None:
-        return greedy_id, d is not None and greedy_id == d
-    if d is None:
-        return sampler(logits), False
-    if sampler.p.temperature == 0.0:            # greedy with penalties or log-probabilities
-        t = sampler(logits)
-        return t, t == d
-    ids, probs = sampler.distribution(logits)
-    p = np.zeros(vocab, np.float64)
-    p[ids] = probs
-    return accept_sampled(p, d, q, sampler.rng)
 
 
 # ---- draft length -------------------------------------------------------------------------------
@@ -217,33 +179,6 @@ def check_same_vocabulary(target_cfg, target_tok, draft_cfg, draft_tok, draft_pa
                          f"a draft model must share the target's tokenizer")
 
 
-def resolve_draft_model(path: str) -> Path:
-    """A converted single-rank directory for the draft model (rank 0 alone converts on first use,
-    into a cache directory of its own so the target's conversions are never touched)."""
-    from mpi4py import MPI
-
-    from mpillm.formats import format as fmt
-    from mpillm.startup import cache_root
-
-    src = Path(path)
-    if src.is_dir() and (src / fmt.MANIFEST_FILE).exists():
-        if 1 not in fmt.read_manifest(src)["world_sizes"]:
-            raise ValueError(f"--draft-model {src} was not converted for 1 rank (rank 0 runs the draft model "
-                             f"alone); convert it with --world-size 1 or pass its GGUF / HF source")
-        return src
-    if not src.exists():
-        raise ValueError(f"--draft-model {src} does not exist")
-    st = src.stat()
-    out = cache_root() / "draft" / f"{src.stem}-{st.st_size:x}-{int(st.st_mtime):x}"
-    if not (out / fmt.shard_relpath(1, 0)).exists():
-        from convert.__main__ import convert
-
-        print(f"converting draft model {src} for 1 rank into {out} (once)", file=sys.stderr, flush=True)
-        convert(src, out, [1], progress=False, tokenizer=True)
-    assert MPI.COMM_SELF.Get_size() == 1
-    return out
-
-
 class ModelDrafter(Drafter):
     """A small model with the target's vocabulary, run by rank 0 alone (its own Engine on
     MPI.COMM_SELF: no collectives) with one KV slot per target slot. Its cache rolls back like the
@@ -258,17 +193,19 @@ class ModelDrafter(Drafter):
         self.samplers: dict[str, Sampler] = {}
 
     @classmethod
-    def open(cls, path: str, target_engine, target_tok, k_max: int = 8, threads: int = 1,
-             kv_type: str = "f16", buffer_type: str = "f32") -> "ModelDrafter":
-        """Rank 0: convert if needed, check the vocabulary, open the draft engine."""
+    def open(cls, out: Path, target_engine, target_tok, k_max: int = 8, threads: int = 1,
+             kv_type: str = "f16", buffer_type: str = "f32", path: str | None = None) -> "ModelDrafter":
+        """Rank 0: check the vocabulary of the converted single-rank draft model in ``out`` (``path``:
+        what the user named, for messages; mpillm.startup.open_model_drafter converts on first use)
+        and open the draft engine."""
         from mpi4py import MPI
 
         from mpillm.formats import format as fmt
         from mpillm.formats.config import ModelConfig
-        from mpillm.runtime.engine import Engine
         from mpillm.formats.tokenizer import load_tokenizer
+        from mpillm.runtime.engine import Engine
 
-        out = resolve_draft_model(path)
+        path = str(out) if path is None else path
         dcfg = ModelConfig.from_dict(fmt.read_manifest(out)["config"])
         try:
             dtok = load_tokenizer(out)
@@ -298,8 +235,6 @@ class ModelDrafter(Drafter):
         return s
 
     def propose(self, seq, k: int) -> None:
-        from mpillm.runtime.engine import OUT_GREEDY, OUT_LOGITS
-
         slot = seq.slot.index
         st = self.state.get(seq.id)
         valid, tail = (0, []) if st is None or st[0] != slot else st[1:]
@@ -347,35 +282,5 @@ class ModelDrafter(Drafter):
         self.samplers.pop(seq.id, None)
 
 
-def make_drafter(args, engine, tok):
-    """Rank 0: the drafter the command-line flags ask for (None without --draft / --draft-model)."""
-    kind = getattr(args, "draft", None)
-    path = getattr(args, "draft_model", None)
-    if path:
-        return ModelDrafter.open(path, engine, tok, k_max=args.draft_max, threads=args.threads,
-                                 kv_type=args.kv_type)
-    if kind == "lookup":
-        return LookupDrafter(args.draft_ngram, args.draft_ngram_min, args.draft_max)
-    return None
-
-
-def add_draft_args(p) -> None:
-    g = p.add_argument_group("speculative decoding (rank 0 drafts, every rank verifies in one step)")
-    g.add_argument("--draft", choices=("none", "lookup"), default="none",
-                   help="draft tokens by prompt lookup: the continuation of the latest earlier occurrence of the "
-                        "sequence's last n tokens (default: %(default)s)")
-    g.add_argument("--draft-model", default=None, metavar="PATH",
-                   help="a small model with the target's tokenizer (GGUF, HF directory or converted) that rank 0 "
-                        "runs alone to draft tokens")
-    g.add_argument("--draft-max", type=int, default=8,
-                   help="most tokens per draft; the length adapts per sequence below it (default: %(default)s)")
-    g.add_argument("--draft-ngram", type=int, default=4,
-                   help="--draft lookup: longest n-gram matched (default: %(default)s)")
-    g.add_argument("--draft-ngram-min", type=int, default=2,
-                   help="--draft lookup: shortest n-gram matched; 1 drafts after any repeated token, which "
-                        "fails often and shortens the adaptive length for the drafts that would have been "
-                        "accepted (default: %(default)s)")
-
-
-__all__ = ["accept_sampled", "decide", "AdaptiveLength", "Drafter", "LookupDrafter", "ModelDrafter",
-           "make_drafter", "add_draft_args", "check_same_vocabulary", "tokenizer_digest", "resolve_draft_model"]
+__all__ = ["AdaptiveLength", "Drafter", "LookupDrafter", "ModelDrafter", "check_same_vocabulary",
+           "tokenizer_digest"]

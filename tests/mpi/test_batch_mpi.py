@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
-from mpillm.runtime.engine import OUT_LOGITS, Engine
+from mpillm.runtime.engine import Engine
+from mpillm.runtime.steps import OUT_LOGITS
 from mpillm.startup import resolve_model
 from mpillm.serving.sampling import SamplingParams
 from mpillm.serving.service import Service

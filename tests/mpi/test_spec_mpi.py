@@ -15,10 +15,10 @@ import pytest
 from mpi4py import MPI
 
 from mpillm.runtime.engine import Engine
-from mpillm.startup import bundled_gguf, resolve_model
+from mpillm.startup import bundled_gguf, open_model_drafter, resolve_model
 from mpillm.serving.sampling import SamplingParams
 from mpillm.serving.service import Service
-from mpillm.serving.speculative import Drafter, LookupDrafter, ModelDrafter
+from mpillm.serving.speculative import Drafter, LookupDrafter
 
 comm = MPI.COMM_WORLD
 rank, size = comm.Get_rank(), comm.Get_size()
@@ -135,7 +135,7 @@ def test_draft_model_greedy_equals_plain(bundled):
         ids = [tok.encode(p) for p in PROMPTS[1:]]
         params = SamplingParams(max_tokens=11, ignore_eos=True)
         want = plain(eng, tok, ids, params)
-        drafter = ModelDrafter.open(str(bundled_gguf()), eng, tok, k_max=4)
+        drafter = open_model_drafter(str(bundled_gguf()), eng, tok, k_max=4)
         svc = Service(eng, tok, drafter=drafter)
         got = run_all(svc, ids, params)
         assert got == want, f"np={size}: draft model {got} != plain {want}"
@@ -202,7 +202,7 @@ def test_fixture_draft_models_greedy_equal_plain(fixture_llama):
         want = plain(eng, tok, prompts, params)
         rates = {}
         for name in ("llama", "qwen3"):
-            drafter = ModelDrafter.open(str(FIXTURES / name / "model.gguf"), eng, tok, k_max=4, kv_type="f32")
+            drafter = open_model_drafter(str(FIXTURES / name / "model.gguf"), eng, tok, k_max=4, kv_type="f32")
             svc = Service(eng, tok, drafter=drafter)
             got = run_all(svc, prompts, params)
             assert got == want, f"np={size} draft {name}: {got} != plain {want}"
@@ -223,7 +223,7 @@ def test_mismatched_draft_vocabulary_refused(bundled):
     def fn():
         with pytest.raises(ValueError, match=r"vocabulary has 512 tokens, the target's 49152.*share the target's "
                                              r"tokenizer"):
-            ModelDrafter.open(str(FIXTURES / "llama" / "model.gguf"), eng, tok)
+            open_model_drafter(str(FIXTURES / "llama" / "model.gguf"), eng, tok)
         return True
 
     assert on_rank0(eng, fn) or rank != 0
@@ -277,7 +277,7 @@ def test_speculative_sampling_matches_plain_sampling(fixture_llama):
             def want(self, seq, room):
                 return min(2, room)
 
-        qwen = ModelDrafter.open(str(FIXTURES / "qwen3" / "model.gguf"), eng, tok, k_max=2, kv_type="f32")
+        qwen = open_model_drafter(str(FIXTURES / "qwen3" / "model.gguf"), eng, tok, k_max=2, kv_type="f32")
         for name, drafter, seed0 in (("fixed", Fixed(2), 100000), ("qwen3", qwen, 200000)):
             spec, m = sample(drafter, seed0)
             assert 0 < m["draft_accepted_total"] < m["draft_tokens_total"], (name, m)  # both paths taken
