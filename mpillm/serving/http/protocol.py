@@ -85,22 +85,15 @@ def parse_json_body(raw: bytes) -> dict:
     return obj
 
 
+# JSON's name for each type json.loads makes; bool before int (a bool is an int to isinstance)
+_JSON_TYPES = ((bool, "a boolean"), (int, "an integer"), (float, "a number"), (str, "a string"),
+               (list, "an array"), (dict, "an object"))
+
+
 def _json_type(v: Any) -> str:
     if v is None:
         return "null"
-    if isinstance(v, bool):
-        return "a boolean"
-    if isinstance(v, int):
-        return "an integer"
-    if isinstance(v, float):
-        return "a number"
-    if isinstance(v, str):
-        return "a string"
-    if isinstance(v, list):
-        return "an array"
-    if isinstance(v, dict):
-        return "an object"
-    return type(v).__name__
+    return next((name for t, name in _JSON_TYPES if isinstance(v, t)), type(v).__name__)
 
 
 # ---------------------------------------------------------------------------------------------
