@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -112,6 +113,39 @@ def test_path_from_hwcap_and_dot_products(compiled):
     assert rep["ok"] and rep["returncode"] == 0
 
 
+SUMMARY = re.compile(r"(\d+) (passed|failed|skipped|errors?|deselected|xfailed|xpassed)\b")
+
+
+def pytest_counts(text: str) -> dict[str, int]:
+    """The counts of pytest's last summary line ("12 passed, 3 skipped, 40 deselected in 5.3s",
+    with or without its "===" frame); empty when no such line."""
+    for line in reversed(text.strip().splitlines()):
+        found = SUMMARY.findall(line)
+        if found and " in " in line:
+            return {("error" if k.startswith("error") else k): int(n) for n, k in found}
+    return {}
+
+
+def kernel_run_problems(counts: dict[str, int], expected: int) -> list[str]:
+    """What is wrong with the emulated kernel-test run: anything failed, errored or skipped, or fewer
+    passed than the selection collects on this host (the same files, the same -k)."""
+    problems = [f"{counts[k]} {k}" for k in ("failed", "error", "skipped") if counts.get(k)]
+    if counts.get("passed", 0) < expected:
+        problems.append(f"{counts.get('passed', 0)} passed, the selection has {expected} tests")
+    return problems
+
+
+def collected_here(args: list[str]) -> int:
+    """How many tests pytest collects here for these arguments (--collect-only)."""
+    import subprocess
+
+    r = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *args],
+                       cwd=HERE.parent, capture_output=True, text=True, timeout=300)
+    m = re.search(r"(\d+)(?:/\d+)? tests? collected", r.stdout)
+    assert m, r.stdout[-2000:] + r.stderr[-2000:]
+    return int(m[1])
+
+
 def test_kernels(compiled):
     """The path's kernel tests for its weight types against the numpy references (the q8_0
     activation quantizer with them), loading the kernels the compile step stored."""
@@ -119,13 +153,16 @@ def test_kernels(compiled):
     sel = f"{PATH_OF[cpu]} and not agree_with_portable" + (" and not neon-dot" if PATH_OF[cpu] == "neon" else "")
     if not FULL:
         sel += " and not strided and (" + " or ".join(TYPES[cpu]) + " or quantize_q8_0)"
+    expected = collected_here([*KERNEL_TESTS, "-k", sel])
+    assert expected > 0, sel
     r = _timed(f"{cpu} kernels", lambda: arm64.run(
         ["nice", "-n", "10", "python", "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", *KERNEL_TESTS, "-k", sel],
         cpu=cpu, timeout=2400, check=False, env={"MPILLM_NO_WARMUP": "1"}))  # conftest's engine warm-up: not here
     tail = r.stdout[-3000:]
     print(f"{cpu}: {tail.strip().splitlines()[-1] if tail.strip() else ''}")
     assert r.returncode == 0, f"{tail}\n{r.stderr[-2000:]}"
-    assert " passed" in tail and "failed" not in tail
+    problems = kernel_run_problems(pytest_counts(tail), expected)   # a skipped kernel test is a path not run
+    assert not problems, f"{cpu} kernel tests: {'; '.join(problems)}\n{tail}"
 
 
 @pytest.mark.parametrize("np_", [1, 2])

@@ -50,6 +50,49 @@ def test_renderer_agrees_with_the_chat_template(tok, conv, effort):
     assert H.prompt_text(tok, msgs, effort) == H.render(msgs, reasoning_effort=effort)
 
 
+# Renders pinned to OpenAI's harmony renderer (github.com/openai/harmony, src/encoding.rs:
+# render_conversation_for_completion with a SystemContent of model identity, knowledge cutoff
+# 2024-06, the date, the reasoning effort and the required channels analysis/commentary/final; a
+# DeveloperContent with the instructions; next role assistant), written out by hand. Its system
+# content joins "identity\ncutoff\ndate", "Reasoning: X" and "# Valid channels: ..." with blank lines;
+# its developer content joins "# Instructions" and the text with one blank line and ends there.
+# The chat_template.jinja shipped with the gpt-oss checkpoints writes the same system message but
+# adds a blank line after the developer instructions ("...\n\n<|end|>"); render() follows the
+# harmony library, the reference implementation of the format, and prompt_text() uses a model's own
+# template when it has one.
+SYSTEM_2026_01_31 = ("<|start|>system<|message|>You are ChatGPT, a large language model trained by OpenAI.\n"
+                     "Knowledge cutoff: 2024-06\nCurrent date: 2026-01-31\n\nReasoning: {effort}\n\n"
+                     "# Valid channels: analysis, commentary, final. Channel must be included for every message."
+                     "<|end|>")
+PINNED = [
+    (0, "high", SYSTEM_2026_01_31.format(effort="high") + "<|start|>user<|message|>Hi<|end|><|start|>assistant"),
+    (1, "low", SYSTEM_2026_01_31.format(effort="low") +
+     "<|start|>developer<|message|># Instructions\n\nAnswer in French.<|end|>"
+     "<|start|>user<|message|>Capital of Italy?<|end|><|start|>assistant"),
+    (2, "medium", SYSTEM_2026_01_31.format(effort="medium") +
+     "<|start|>developer<|message|># Instructions\n\nBe brief.\nNo lists.<|end|>"
+     "<|start|>user<|message|>2+2?<|end|><|start|>assistant<|channel|>final<|message|>4<|end|>"
+     "<|start|>user<|message|>And 3+3? ünïcödé 日本<|end|><|start|>assistant"),
+]
+
+
+@pytest.mark.parametrize("conv,effort,want", PINNED)
+def test_renderer_matches_the_official_harmony_renders(conv, effort, want):
+    assert H.render(CONVERSATIONS[conv], reasoning_effort=effort, date="2026-01-31") == want
+
+
+def test_pinned_renders_catch_a_drifted_renderer(monkeypatch):
+    """Negative control: the renderer and the project's own template drifting together (here the
+    channel line) still agree with each other, but no longer with the pinned render."""
+    conv, effort, want = PINNED[1]
+    monkeypatch.setattr(H, "VALID_CHANNELS", "# Valid channels: analysis, final.")
+    assert H.render(CONVERSATIONS[conv], reasoning_effort=effort, date="2026-01-31") != want
+    monkeypatch.undo()
+    # the gpt-oss chat_template.jinja's blank line after the instructions is a different prompt too
+    hf_style = want.replace("Answer in French.<|end|>", "Answer in French.\n\n<|end|>")
+    assert H.render(CONVERSATIONS[conv], reasoning_effort=effort, date="2026-01-31") != hf_style
+
+
 def test_renderer_layout_and_refusals():
     text = H.render([{"role": "system", "content": "S"}, {"role": "user", "content": "U"},
                      {"role": "assistant", "content": "A"}], date="2026-01-31", add_generation_prompt=False)

@@ -35,7 +35,7 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module", params=[1, 2], ids=["np1", "np2"])
 def server(request, model_dir):
-    s = Server(request.param, "--model", str(model_dir))
+    s = Server(request.param, "--model", str(model_dir), "--log-prompts")   # the prompt text in the log
     try:
         s.wait_ready()
         yield s
@@ -87,12 +87,34 @@ def test_chat_stream_reasoning_deltas_then_content(server):
     assert order == sorted(order, key=lambda x: x != "r") and finish == "stop"     # reasoning first
 
 
+def logged_prompt(server, request_id: str, timeout: float = 10) -> str:
+    """The prompt the server logged (--log-prompts) for one request: written when it finishes."""
+    import re
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        for line in server.output.splitlines():
+            if request_id in line and " prompt=" in line:
+                return re.search(r" prompt=('.*'|\".*\") completion=", line)[1]
+        assert time.monotonic() < deadline, f"no prompt logged for {request_id}:\n{server.output[-3000:]}"
+        time.sleep(0.1)
+
+
 @pytest.mark.timeout(400)
 def test_reasoning_effort_reaches_the_prompt_and_bad_values_are_refused(server):
     c = client(server)
     model = c.models.list().data[0].id
     low = c.chat.completions.create(model=model, messages=Q, temperature=0, max_tokens=40, reasoning_effort="low")
     assert low.choices[0].message.content == HF.EXPECTED_FINAL
+    # the effort is in the system message the model saw (the log holds the prompt's repr)
+    for r, effort in ((low, "low"),
+                      (c.chat.completions.create(model=model, messages=Q, max_tokens=2, reasoning_effort="high"),
+                       "high"),
+                      (c.chat.completions.create(model=model, messages=Q, max_tokens=2), "medium")):
+        prompt = logged_prompt(server, r.id)
+        assert f"Reasoning: {effort}\\n" in prompt, (effort, prompt)
+        assert sum(f"Reasoning: {e}" in prompt for e in ("low", "medium", "high")) == 1, prompt
     with pytest.raises(openai.BadRequestError) as e:
         c.chat.completions.create(model=model, messages=Q, max_tokens=4, reasoning_effort="maximal")
     assert e.value.body["param"] == "reasoning_effort"

@@ -99,12 +99,17 @@ def _refs(a, wtype, xf):
     return xf @ W.T, xf @ Wg.T, np.abs(xf) @ np.abs(W).T
 
 
+def _is_k(wtype):
+    return wtype in quant.K_TYPES or wtype.endswith("_32")
+
+
+# K-quant super-blocks need 256 | K: the K = 352 shape (11 sub-blocks) is left out for them, not skipped
+MATMUL_CASES = [(w, T, N, K) for w in ALL for T, N, K in SHAPES if not (_is_k(w) and K % 256)]
+
+
 @pytest.mark.parametrize("path_name", kernels.PATHS)
-@pytest.mark.parametrize("wtype", ALL)
-@pytest.mark.parametrize("T,N,K", SHAPES)
+@pytest.mark.parametrize("wtype,T,N,K", MATMUL_CASES)
 def test_matmul(path_name, wtype, T, N, K):
-    if (wtype in quant.K_TYPES or wtype.endswith("_32")) and K % 256:
-        pytest.skip("K-quant rows are multiples of 256")
     path = _path(path_name)
     a, (xq, xd, xs), xf = _case(wtype, T, N, K)
     ref, ref_gguf, mag = _refs(a, wtype, xf)
@@ -151,28 +156,57 @@ def test_f64_kernels(wtype):
     assert (np.abs(out - ref) <= 1e-12 * mag).all()
 
 
-@pytest.mark.parametrize("path_name", kernels.PATHS)
-def test_readonly_strided_and_threads(path_name):
-    """Read-only memmap-like weights, row-strided activations, 1 and 2 threads give one answer."""
-    path = _path(path_name)
-    T, N, K = 4, 13, 512
-    a, (xq, xd, xs), _ = _case("q4_K", T, N, K, seed=4)
-    for v in a.values():
-        v.flags.writeable = False
+def _strided_threads_outputs(path, a, xq, xd, xs, N):
+    """The q4_K matmul on row-strided activations at 1 and at 2 numba threads."""
+    T, K = xq.shape
     big = np.zeros((T, K + 64), np.int8)
     big[:, :K] = xq
-    outs = []
-    for threads in (1, 2):
-        try:
-            kernels.set_threads(threads)
-        except ValueError:
-            continue
-        out = np.zeros((T, N), np.float32)
-        path.matmul("q4_K", a, big[:, :K], xd, xs, None, out)
-        outs.append(out)
-    kernels.set_threads(1)
-    for o in outs[1:]:
-        assert np.array_equal(o, outs[0])
+    outs = {}
+    try:
+        for threads in (1, 2):
+            kernels.set_threads(threads)   # no silent skip: 2 threads must be available
+            out = np.full((T, N), np.nan, np.float32)
+            path.matmul("q4_K", a, big[:, :K], xd, xs, None, out)
+            outs[threads] = out
+    finally:
+        kernels.set_threads(1)
+    return outs
+
+
+def _check_strided_threads(outs, ref, mag):
+    for threads, out in outs.items():
+        err = np.abs(out - ref)
+        assert (err <= 2e-6 * mag + 1e-30).all(), f"{threads} thread(s): {err.max():.3g} from the float64 reference"
+    assert np.array_equal(outs[1], outs[2]), "1 and 2 threads differ"
+
+
+@pytest.mark.parametrize("path_name", kernels.PATHS)
+def test_readonly_strided_and_threads(path_name):
+    """Read-only memmap-like weights, row-strided activations, 1 and 2 threads: each against the
+    float64 reference (as test_matmul), and bit-identical to each other."""
+    path = _path(path_name)
+    T, N, K = 4, 13, 512
+    a, (xq, xd, xs), xf = _case("q4_K", T, N, K, seed=4)
+    ref, _, mag = _refs(a, "q4_K", xf)
+    for v in a.values():
+        v.flags.writeable = False
+    _check_strided_threads(_strided_threads_outputs(path, a, xq, xd, xs, N), ref, mag)
+
+
+def test_strided_threads_check_catches_a_wrong_stride():
+    """Negative control: a kernel that reads the strided activations as if they were contiguous
+    (the row pitch ignored) gives the same wrong answer at 1 and 2 threads; only the reference sees it."""
+    path = kernels.get_path("portable")
+    T, N, K = 4, 13, 512
+    a, (xq, xd, xs), xf = _case("q4_K", T, N, K, seed=4)
+    ref, _, mag = _refs(a, "q4_K", xf)
+    big = np.zeros((T, K + 64), np.int8)
+    big[:, :K] = xq
+    wrong = np.ascontiguousarray(big.ravel()[:T * K].reshape(T, K))    # row t read from t * K, not t * (K + 64)
+    outs = _strided_threads_outputs(path, a, wrong, xd, xs, N)
+    assert np.array_equal(outs[1], outs[2])          # what the old test compared: it passed
+    with pytest.raises(AssertionError, match="from the float64 reference"):
+        _check_strided_threads(outs, ref, mag)
 
 
 def test_shape_errors():

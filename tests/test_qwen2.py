@@ -44,9 +44,14 @@ def test_sliding_window_keys(tmp_path):
     """Qwen2.5 configs carry a sliding_window that no layer uses: use_sliding_window false, or
     max_window_layers covering every layer. Only a window some layer really applies, shorter than
     the context, is refused."""
-    assert HFSource(_with_config(tmp_path, use_sliding_window=False, sliding_window=64)).config.arch == "qwen2"
-    assert HFSource(_with_config(tmp_path, use_sliding_window=True, sliding_window=64, max_window_layers=2))
-    assert HFSource(_with_config(tmp_path, use_sliding_window=True, sliding_window=256, max_window_layers=0))
+    for keys in (dict(use_sliding_window=False, sliding_window=64),
+                 dict(use_sliding_window=True, sliding_window=64, max_window_layers=2),
+                 dict(use_sliding_window=True, sliding_window=256, max_window_layers=0)):
+        cfg = HFSource(_with_config(tmp_path, **keys)).config
+        assert cfg.arch == "qwen2", keys
+        # accepted because no layer slides: none listed, every layer's window 0 (full attention)
+        assert cfg.sliding_layers == [] and [cfg.window(i) for i in range(cfg.n_layers)] == [0] * cfg.n_layers, \
+            (keys, cfg.sliding_window, cfg.sliding_layers)
     with pytest.raises(ValueError, match="sliding-window attention .*window 64 tokens"):
         HFSource(_with_config(tmp_path, use_sliding_window=True, sliding_window=64, max_window_layers=1))
 

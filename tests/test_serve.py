@@ -224,10 +224,17 @@ def test_concurrent_streams_equal_alone(server):
     bodies = [{"model": m, "messages": [{"role": "user", "content": f"Write one sentence about {t}."}],
                "temperature": 0, "max_tokens": 20} for t in topics]
     alone = [server.post("/v1/chat/completions", b)["choices"][0]["message"]["content"] for b in bodies]
+    before = server.metrics()
     with concurrent.futures.ThreadPoolExecutor(8) as ex:
         together = list(ex.map(lambda b: _stream_text(server.url, server.headers(), b), bodies))
+    after = server.metrics()
     for t, a, b in zip(topics, alone, together):
         assert a == b, f"{t}: alone {a!r} != concurrent {b!r}"
+    # they really ran together: one at a time, every generated token costs a step of its own
+    # (the prefill step gives the first token, each decode step one more)
+    steps = after["mpillm_engine_steps_total"] - before["mpillm_engine_steps_total"]
+    tokens = after["mpillm_generation_tokens_total"] - before["mpillm_generation_tokens_total"]
+    assert tokens >= len(bodies) and steps < tokens, f"{steps} engine steps for {tokens} generated tokens"
 
 
 def test_disconnect_frees_slot(server):
@@ -385,6 +392,24 @@ def test_health_and_metrics(server):
                  "mpillm_time_to_first_token_seconds_count"):
         assert name in m, name
     assert m["mpillm_slots"] >= 1
+    # the counters move as two requests did: their usage, token for token
+    m0 = server.metrics()
+    body = {"model": model_of(server), "prompt": "The capital of France is", "temperature": 0, "max_tokens": 5,
+            "ignore_eos": True}
+    usage = [server.post("/v1/completions", body)["usage"] for _ in range(2)]
+    m1 = server.metrics()
+    moved = {k: m1[k] - m0[k] for k in ("mpillm_requests_total", "mpillm_prompt_tokens_total",
+                                        "mpillm_cached_prompt_tokens_total", "mpillm_generation_tokens_total",
+                                        "mpillm_time_to_first_token_seconds_count", "mpillm_engine_steps_total")}
+    assert moved["mpillm_requests_total"] == 2, moved
+    # prompt tokens run through the model, and those the slot's cache already held (the second request)
+    cached = sum(u["prompt_tokens_details"]["cached_tokens"] for u in usage)
+    assert moved["mpillm_cached_prompt_tokens_total"] == cached, (moved, usage)
+    assert moved["mpillm_prompt_tokens_total"] == sum(u["prompt_tokens"] for u in usage) - cached, (moved, usage)
+    assert moved["mpillm_generation_tokens_total"] == sum(u["completion_tokens"] for u in usage) == 10, (moved, usage)
+    assert moved["mpillm_time_to_first_token_seconds_count"] == 2, moved
+    assert 2 <= moved["mpillm_engine_steps_total"] <= 10, moved     # one at a time: a step per token at most
+    assert m1["mpillm_slots_busy"] == 0 and m1["mpillm_queue_length"] == 0, m1
 
 
 # ---------------------------------------------------------------------------------------------

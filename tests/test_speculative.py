@@ -9,13 +9,18 @@ correct implementation.
 """
 from __future__ import annotations
 
+import math
+from pathlib import Path
+
 import numpy as np
 import pytest
 
-from mpillm.serving.sampling import accept_sampled
+from mpillm.serving import sampling
+from mpillm.serving.sampling import Sampler, SamplingParams, accept_sampled, decide
 from mpillm.serving.speculative import AdaptiveLength, LookupDrafter, check_same_vocabulary
 
 CHI2_999 = {3: 16.266, 4: 18.467, 5: 20.515, 7: 24.322}   # 0.999 quantiles, by degrees of freedom
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 
 def chi2_stat(counts: np.ndarray, probs: np.ndarray) -> float:
@@ -65,6 +70,127 @@ def test_acceptance_test_has_power():
     for rule in (always, resample_from_p):
         counts = np.bincount(spec_samples(P, q, 20000, seed=7, rule=rule), minlength=len(P))
         assert chi2_stat(counts, P) > CHI2_999[len(P) - 1], rule.__name__
+
+
+# ---- the fixture's own distributions through decide(), sized for power against the classic bug -----
+# tests/mpi/test_spec_mpi.py samples the llama fixture (target) with the qwen3 fixture as draft model at
+# temperature 1, top-k 8. Its two-sample test of 300 + 300 draws catches the classic mistake (on a
+# rejection, draw from p instead of normalize(max(0, p - q))) only about 40% of the time. Here the same
+# fixtures' logits (tests/fixtures/*/expected.npz, the same prompt) go through the serving path's own
+# code (Sampler.distribution and decide) and the output is checked against the exact target
+# distribution, with a sample size computed from the buggy rule's exact output distribution.
+# Positions 5 and 10 are where the two fixtures' top-8 sets overlap (elsewhere they do not, the
+# draft is always rejected, and the buggy rule is the right one).
+SPEC_POSITIONS = (5, 10)
+POWER = 0.999     # against the classic bug, at significance 0.001
+
+
+def resample_from_p(p, d, q, rng):
+    """The classic mistake: the acceptance test as it should be, then on a rejection a fresh draw
+    from p itself instead of from the positive residual."""
+    qd = 1.0 if q is None else float(q[d])
+    if qd > 0.0 and rng.random() * qd < float(p[d]):
+        return d, True
+    return int(rng.choice(len(p), p=p / p.sum())), False
+
+
+def fixture_logits(pos: int) -> tuple[np.ndarray, np.ndarray]:
+    """(target, draft): the llama and qwen3 fixtures' logits at one position of their shared prompt."""
+    a, b = (np.load(FIXTURES / name / "expected.npz") for name in ("llama", "qwen3"))
+    assert (a["tokens"] == b["tokens"]).all()
+    return a["logits"][pos].astype(np.float64), b["logits"][pos].astype(np.float64)
+
+
+def dense(sampler: Sampler, logits: np.ndarray) -> np.ndarray:
+    ids, probs = sampler.distribution(logits)
+    out = np.zeros(len(logits))
+    out[ids] = probs
+    return out
+
+
+def buggy_output(p: np.ndarray, q: np.ndarray | None, d_fixed: int | None = None) -> np.ndarray:
+    """The exact output distribution of resample_from_p: min(p, q) accepted, the rest drawn from p."""
+    if q is None:
+        q = np.zeros_like(p)
+        q[d_fixed] = 1.0
+    keep = np.minimum(p, q)
+    return keep + (1.0 - keep.sum()) * p
+
+
+def noncentrality_for_power(df: int, crit: float, power: float) -> float:
+    """The smallest noncentrality at which a chi-square test with df degrees of freedom and critical
+    value crit rejects with probability >= power (bisection on noncentral chi-square draws)."""
+    draws = np.random.default_rng(0).standard_normal((200_000, df))
+    lo, hi = 0.0, 500.0
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        shift = math.sqrt(mid)                      # all the noncentrality on one coordinate
+        stat = ((draws[:, :1] + shift) ** 2).sum(1) + (draws[:, 1:] ** 2).sum(1)
+        lo, hi = (lo, mid) if (stat > crit).mean() >= power else (mid, hi)
+    return hi
+
+
+def decide_counts(pos: int, mode: str, n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """n draws of one speculative position through decide(): (counts over the vocabulary, the
+    target's exact distribution p, the draft's q or None for a fixed draft at p's mode)."""
+    lt, ld = fixture_logits(pos)
+    vocab = len(lt)
+    target = Sampler(SamplingParams(temperature=1.0, top_k=8, seed=seed), vocab)
+    draft = Sampler(SamplingParams(temperature=1.0, top_k=8, seed=seed + 1), vocab)
+    p = dense(target, lt)
+    q = dense(draft, ld) if mode == "draft model" else None
+    counts = np.zeros(vocab, np.int64)
+    for _ in range(n):
+        d = int(draft.rng.choice(vocab, p=q)) if q is not None else int(np.argmax(p))
+        t, _ = decide(target, -1, lt, d, q, vocab)
+        counts[t] += 1
+    return counts, p, q
+
+
+def verdict(counts: np.ndarray, p: np.ndarray) -> tuple[bool, str]:
+    """(passes, why): nothing outside the target's support, and chi-square against p within the
+    0.999 quantile for its degrees of freedom."""
+    sup = p > 0
+    stat = chi2_stat(counts[sup], p[sup])
+    df = int(sup.sum()) - 1
+    outside = int(counts[~sup].sum())
+    return outside == 0 and stat < CHI2_999[df], f"chi2 {stat:.1f} (df {df}, limit {CHI2_999[df]}), {outside} outside"
+
+
+def spec_sample_size(pos: int, mode: str) -> int:
+    """Draws needed for POWER against the classic bug: the noncentrality of its exact output
+    distribution is n * sum((bug - p)^2 / p)."""
+    lt, ld = fixture_logits(pos)
+    s = Sampler(SamplingParams(temperature=1.0, top_k=8), len(lt))
+    p = dense(s, lt)
+    bug = buggy_output(p, dense(s, ld), None) if mode == "draft model" else buggy_output(p, None, int(np.argmax(p)))
+    sup = p > 0
+    per_draw = float(((bug[sup] - p[sup]) ** 2 / p[sup]).sum())
+    assert per_draw > 0.05, f"position {pos}: the bug barely moves the output ({per_draw:.3g} per draw)"
+    df = int(sup.sum()) - 1
+    return math.ceil(noncentrality_for_power(df, CHI2_999[df], POWER) / per_draw)
+
+
+SPEC_CASES = [(pos, "draft model") for pos in SPEC_POSITIONS] + [(7, "fixed draft")]
+
+
+@pytest.mark.parametrize("pos,mode", SPEC_CASES)
+def test_decide_keeps_the_fixture_target_distribution(pos, mode):
+    n = spec_sample_size(pos, mode)
+    assert n < 2000, n      # a few hundred draws give the power; keep the suite fast
+    counts, p, q = decide_counts(pos, mode, n, seed=pos)
+    ok, why = verdict(counts, p)
+    assert ok, f"position {pos} {mode}, {n} draws: {why}"
+
+
+@pytest.mark.parametrize("pos,mode", SPEC_CASES)
+def test_decide_check_rejects_resampling_from_p(pos, mode, monkeypatch):
+    """Negative control: the same check, the same draws, with the classic bug as the acceptance rule."""
+    n = spec_sample_size(pos, mode)
+    monkeypatch.setattr(sampling, "accept_sampled", resample_from_p)
+    counts, p, _ = decide_counts(pos, mode, n, seed=pos)
+    ok, why = verdict(counts, p)
+    assert not ok, f"position {pos} {mode}: the buggy rule passed with {n} draws ({why})"
 
 
 def test_acceptance_rate_is_the_overlap():

@@ -28,21 +28,46 @@ def tiny(tmp_path_factory):
     return out
 
 
+def planned(cfg: ModelConfig, rs, short: str) -> tuple[tuple[int, ...], str]:
+    """(shape, type) rank rs must hold of one gpt-oss tensor, written out from gpt-oss's definition
+    and the rank's planned slice (not from convert.synth): its query heads, the KV heads they read,
+    its vocabulary rows and its slice of every expert's hidden size; replicated tensors whole.
+    Types: vectors, the router and the expert bias tables float32, the experts MXFP4 (as gpt-oss
+    ships them, whatever --weight-type says), every other matrix the --weight-type (q4_0 here)."""
+    D, hd, E = cfg.dim, cfg.head_dim, cfg.n_experts
+    q, kv = rs.n_heads_per_partition * hd, rs.n_kv_heads_per_partition * hd
+    ef, V = rs.expert_ffn_per_partition, rs.vocab_per_partition
+    shapes = {
+        "tok_embd": (V, D), "output": (V, D), "output_norm": (D,), "attn_norm": (D,), "ffn_norm": (D,),
+        "wq": (q, D), "wk": (kv, D), "wv": (kv, D), "wo": (D, q), "bq": (q,), "bk": (kv,), "bv": (kv,),
+        "bo": (D,), "sinks": (rs.n_heads_per_partition,), "router": (E, D), "router_b": (E,),
+        "exp_gate": (E, ef, D), "exp_up": (E, ef, D), "exp_down": (E, D, ef),
+        "exp_gate_b": (E, ef), "exp_up_b": (E, ef), "exp_down_b": (E, D),
+    }
+    shape = shapes[short]
+    if len(shape) == 1 or short in ("router", "exp_gate_b", "exp_up_b", "exp_down_b"):
+        return shape, "f32"
+    return shape, "mxfp4" if short in ("exp_gate", "exp_up", "exp_down") else "q4_0"
+
+
 @pytest.mark.parametrize("ws", [1, 2, 4])
 def test_every_tensor_with_its_split_and_type(tiny, ws):
     cfg = ModelConfig(**SHAPES["gpt-oss-tiny"])
     names = N.model_tensors("gpt-oss", cfg.n_layers, tied=False)
     assert "layers/0/bq" in names                    # q/k/v biases
-    for rs in plan(cfg, ws):
+    slices = plan(cfg, ws)
+    if ws > 1:   # the slices really split: every rank holds fewer heads than the model has
+        assert all(rs.n_heads_per_partition < cfg.n_heads for rs in slices)
+    for rs in slices:
         with h5py.File(tiny / f"ws{ws}" / f"rank{rs.tp_rank}.h5", "r") as f:
             for name in names:
                 g = f[name]
                 pat = N.pattern_of(name)
-                full = logical_shape(cfg, name)
                 shape = tuple(int(x) for x in g.attrs["shape"])
-                assert len(shape) == len(full) and all(a <= b for a, b in zip(shape, full)), (name, shape, full)
-                want = tensor_type("gpt-oss-tiny", pat, len(full), "q4_0")
+                want_shape, want = planned(cfg, rs, pat.split("/")[-1])
+                assert shape == want_shape, (ws, rs.tp_rank, name, shape, want_shape)
                 assert g.attrs["type"] == want, (name, g.attrs["type"], want)
+                assert tensor_type("gpt-oss-tiny", pat, len(logical_shape(cfg, name)), "q4_0") == want, name
                 if pat in ("layers/{i}/exp_gate", "layers/{i}/exp_up", "layers/{i}/exp_down"):
                     assert want == "mxfp4"
                     w = quant.dequantize({k: g[k][...].reshape(-1, g[k].shape[-1]) for k in g}, "mxfp4")

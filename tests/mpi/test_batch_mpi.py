@@ -235,8 +235,27 @@ def test_stop_strings_and_eos(bundled):
         # a stop token id ends the sequence without its text
         first = run_alone(svc, ids, SamplingParams(max_tokens=20, ignore_eos=True))
         outs = list(svc.stream(ids, SamplingParams(max_tokens=20, stop_token_ids=(first[2],), ignore_eos=True)))
-        assert [t for o in outs for t in o.token_ids] == first[:first.index(first[2]) + 1]
+        cut = first.index(first[2])
+        assert [t for o in outs for t in o.token_ids] == first[:cut + 1]
         assert outs[-1].finish_reason == "stop"
+        assert "".join(o.text for o in outs) == tok.decode(first[:cut]), "the stop token's text must be left out"
+        assert tok.decode(first[:cut + 1]) != tok.decode(first[:cut])      # (it has text to leave out)
+        # end of sequence: the chat prompt's answer ends on an EOS id, alone and in a batch beside
+        # sequences that do not end, and the EOS token's text is not in the output
+        chat = tok.encode(PROMPTS[2])
+        eos_params = SamplingParams(max_tokens=100)
+        alone = list(Service(eng, tok).stream(chat, eos_params))
+        toks = [t for o in alone for t in o.token_ids]
+        assert alone[-1].finish_reason == "stop" and toks[-1] in tok.eos_ids and len(toks) < 100, toks
+        assert "".join(o.text for o in alone) == tok.decode(toks[:-1])
+        svc = Service(eng, tok)
+        hs = [svc.submit(tok.encode(p), SamplingParams(max_tokens=30, ignore_eos=True)) for p in PROMPTS[:2]]
+        h = svc.submit(chat, eos_params)
+        while not all(x.finished for x in hs + [h]):
+            svc.step()
+        got = collect(hs + [h])
+        assert got[h.request_id] == (toks, "stop", "".join(o.text for o in alone)), got[h.request_id]
+        assert all(got[x.request_id][1] == "length" and len(got[x.request_id][0]) == 30 for x in hs)
         return True
 
     assert on_rank0(eng, fn) or rank != 0

@@ -190,6 +190,13 @@ def test_rejection_at_each_position_keeps_cache_consistent(bundled, wrong):
     assert on_rank0(eng, fn) or rank != 0
 
 
+# The llama and qwen3 fixtures are independent random models: their greedy tokens agree about once in
+# 512, and on the prompts above never. On this prompt (found by a search over random prompts with the
+# float64 forwards of tests/reference_qwen3.py) llama's first token is 262 and after it both models
+# choose 59 (margins 0.77 and 0.12 logit), so a qwen3 drafter's first draft here is accepted.
+AGREE = [1, 386, 320, 193, 358, 246, 453, 475, 161, 368]
+
+
 @pytest.mark.mpi
 def test_fixture_draft_models_greedy_equal_plain(fixture_llama):
     """The llama transformers fixture as the target; as draft models: itself, and the qwen3 fixture
@@ -198,7 +205,7 @@ def test_fixture_draft_models_greedy_equal_plain(fixture_llama):
 
     def fn():
         params = SamplingParams(max_tokens=24, ignore_eos=True)
-        prompts = [prompt, prompt[:5], prompt[2:]]
+        prompts = [prompt, prompt[:5], prompt[2:], AGREE]
         want = plain(eng, tok, prompts, params)
         rates = {}
         for name in ("llama", "qwen3"):
@@ -209,8 +216,11 @@ def test_fixture_draft_models_greedy_equal_plain(fixture_llama):
             m = svc.metrics()
             assert m["draft_tokens_total"] > 0
             rates[name] = m["draft_accepted_total"] / m["draft_tokens_total"]
+        print(f"\nnp={size} greedy acceptance rates {rates}")
         assert rates["llama"] > 0.9, rates          # itself
-        assert rates["qwen3"] < rates["llama"], rates
+        # another model still agrees now and then: a qwen3 drafter whose drafts were all rejected
+        # (or never verified) would pass the equality above with nothing accepted
+        assert 0 < rates["qwen3"] < rates["llama"], rates
         return True
 
     assert on_rank0(eng, fn) or rank != 0
