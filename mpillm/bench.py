@@ -24,7 +24,7 @@ import numpy as np
 from mpi4py import MPI
 
 from mpillm.runtime.errors import run
-from mpillm.options import add_model_args, parse_args_bcast
+from mpillm.options import add_model_args, parse_args_bcast, sync_table
 
 
 def process_age_s() -> float:
@@ -92,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     slots = max(args.concurrency or [1])
     engine = Engine(model_dir, max_seq_len=max(args.max_seq_len, need), threads=args.threads, verbose=False,
                     buffer_type=args.buffer_type, kv_type=args.kv_type, n_slots=slots,
-                    max_batch=max(args.batch_tokens, slots))
+                    max_batch=max(args.batch_tokens, slots), sync=args.sync, wait=args.wait,
+                    sync_table=sync_table(args))
     m = engine.model
 
     def measure() -> dict:

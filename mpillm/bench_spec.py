@@ -25,7 +25,7 @@ from pathlib import Path
 from mpi4py import MPI
 
 from mpillm.runtime.errors import run
-from mpillm.options import add_model_args, parse_args_bcast
+from mpillm.options import add_model_args, parse_args_bcast, sync_table
 
 # Several distinct paragraphs on one subject (written for this benchmark), about 1,000 tokens with
 # the bundled model's tokenizer: nothing in it repeats, so lookup drafts only from the copy.
@@ -135,7 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     comm = MPI.COMM_WORLD
     model_dir = resolve_model(args.model, comm)
     engine = Engine(model_dir, max_seq_len=args.max_seq_len, threads=args.threads, verbose=False,
-                    buffer_type=args.buffer_type, kv_type=args.kv_type, max_batch=args.batch_tokens)
+                    buffer_type=args.buffer_type, kv_type=args.kv_type, max_batch=args.batch_tokens,
+                    sync=args.sync, wait=args.wait,
+                    sync_table=sync_table(args))
 
     def rank0() -> int:
         tok = load_tokenizer(Path(model_dir))

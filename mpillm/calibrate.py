@@ -89,11 +89,19 @@ def calibrate_rank(comm: MPI.Comm, model_dir: Path, avail_bytes: int | None, sec
             "avail_bytes": avail_bytes, "gbps": gbps, "weight_gbps": round(combined, 3)}
 
 
+def sync_choices(bench) -> list[list]:
+    """The faster exchange per measured size, as the engine's --sync auto reads it from a cluster
+    file ([[up to bytes, algorithm], ...]; mpillm.runtime.exchange.choose_algorithm)."""
+    return [[s, "p2p" if tp < ta else "allreduce"] for s, ta, tp in bench]
+
+
 def write_cluster_file(path: Path, reps: list[dict], model_dir: Path, bench) -> None:
     from mpillm import planner
 
-    planner.write_cluster(path, reps, allreduce=[[s, t] for s, t in (bench or [])], model=str(model_dir),
-                          weight_types=model_weight_bytes(model_dir))
+    bench = bench or []
+    planner.write_cluster(path, reps, allreduce=[[s, t] for s, t, _ in bench], model=str(model_dir),
+                          weight_types=model_weight_bytes(model_dir), p2p=[[s, tp] for s, _, tp in bench],
+                          sync={str(len(reps)): sync_choices(bench)} if bench else {})
 
 
 def print_calibration(reps: list[dict], path: Path) -> None:

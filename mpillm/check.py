@@ -197,12 +197,35 @@ def time_allreduce(comm: MPI.Comm, nbytes: int, iters: int, rounds: int = 10) ->
     return float(times.min())
 
 
-def comm_bench(comm: MPI.Comm, scale: float, extra_size: int | None) -> list[tuple[int, float]]:
+def time_p2p(comm: MPI.Comm, nbytes: int, iters: int, rounds: int = 10) -> float:
+    """Seconds per one-round exchange of an nbytes float32 partial (the engine's --sync p2p,
+    mpillm.runtime.collectives), timed as ``time_allreduce`` times the Allreduce."""
+    from mpillm.runtime.collectives import Sync
+
+    n = max(1, nbytes // 4)
+    sync = Sync(comm, "f32", 1, n, "p2p", "poll")
+    buf = np.ones((1, n), np.float32)
+    for _ in range(max(3, iters // 10)):
+        sync(buf)
+    per = max(1, iters // rounds)
+    times = np.zeros(rounds)
+    for k in range(rounds):
+        comm.Barrier()
+        t0 = MPI.Wtime()
+        for _ in range(per):
+            sync(buf)
+        times[k] = (MPI.Wtime() - t0) / per
+    comm.Allreduce(MPI.IN_PLACE, times, op=MPI.MAX)
+    return float(times.min())
+
+
+def comm_bench(comm: MPI.Comm, scale: float, extra_size: int | None) -> list[tuple[int, float, float]]:
+    """(bytes, seconds per Allreduce, seconds per one-round p2p exchange) per message size."""
     sizes = sorted(set(COMM_SIZES) | ({extra_size} if extra_size else set()))
     out = []
     for s in sizes:
         iters = max(3, int(scale * min(200, max(10, (4 * 2**20) // s))))
-        out.append((s, time_allreduce(comm, s, iters)))
+        out.append((s, time_allreduce(comm, s, iters), time_p2p(comm, s, iters)))
     return out
 
 
@@ -270,16 +293,17 @@ def print_table(reps: list[dict], model_dir: Path, args, bench, out=sys.stdout) 
                 print(f"    rank {r['rank']}: {r['verify_line']}", file=out)
     if bench:
         n = len(reps)
-        print(f"  Allreduce (float32 sum, {n} ranks; slowest rank):", file=out)
-        print(f"  {'size':>9} {'latency':>11} {'algbw':>11} {'busbw':>11}", file=out)
-        for s, t in bench:
+        print(f"  Allreduce and the one-round p2p exchange (float32 sum, {n} ranks; slowest rank):", file=out)
+        print(f"  {'size':>9} {'Allreduce':>11} {'algbw':>11} {'busbw':>11} {'p2p':>11}  --sync auto", file=out)
+        for s, t, tp in bench:
             bw = s / t / 1e9
-            print(f"  {human_size(s):>9} {t * 1e6:>8.1f} us {bw:>7.3f} GB/s {bw * 2 * (n - 1) / n:>6.3f} GB/s", file=out)
+            print(f"  {human_size(s):>9} {t * 1e6:>8.1f} us {bw:>7.3f} GB/s {bw * 2 * (n - 1) / n:>6.3f} GB/s "
+                  f"{tp * 1e6:>8.1f} us  {'p2p' if tp < t else 'allreduce'}", file=out)
         dim, layers = r0.get("dim"), r0.get("n_layers")
         if dim and layers and n > 1:
-            t = dict(bench).get(dim * 4)
+            t = {b[0]: min(b[1], b[2]) for b in bench}.get(dim * 4)
             if t:
-                print(f"  => the model's 2 Allreduces per layer x {layers} layers of {dim * 4} B cost about "
+                print(f"  => the model's 2 syncs per layer x {layers} layers of {dim * 4} B cost about "
                       f"{2 * layers * t * 1e3:.2f} ms per token at this latency", file=out)
 
 

@@ -33,6 +33,17 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="precision of the partial sums exchanged between ranks: f32 (MPI_Allreduce), "
                         "f16 or q8_0 (compressed, Allgather + local sum), or f64 (exact sums, dense models: the same "
                         "tokens at every rank count, twice the bytes of f32) (default: %(default)s)")
+    p.add_argument("--sync", choices=("auto", "allreduce", "p2p"), default="auto",
+                   help="how the partial sums travel: allreduce (MPI_Allreduce, or one Allgather for f16 / q8_0), "
+                        "p2p (one round: every rank sends to every other, then sums in rank order), or auto "
+                        "(p2p from 3 ranks for small messages) (default: %(default)s)")
+    p.add_argument("--cluster", default=None, metavar="FILE",
+                   help="a cluster file from `mpillm.check --calibrate`: --sync auto then picks each sync's exchange "
+                        "from the timings measured on these ranks")
+    p.add_argument("--wait", choices=("auto", "poll", "block"), default="auto",
+                   help="how a rank waits for the others: poll (MPI spins), block (spin briefly, then sleep: "
+                        "frees the core for a computing rank), or auto (block when the node has more ranks than "
+                        "cores or a CPU quota) (default: %(default)s)")
     p.add_argument("--kv-type", choices=("f16", "f32"), default="f16",
                    help="KV cache element type: f16 halves the cache's memory and the bytes attention reads "
                         "per token (default: %(default)s)")
@@ -75,14 +86,37 @@ def parse_args_bcast(p: argparse.ArgumentParser, argv: list[str] | None) -> argp
     return args
 
 
+def sync_table(args, comm: MPI.Comm = MPI.COMM_WORLD) -> dict | None:
+    """Collective: the measured sync choices of ``--cluster`` (rank 0 reads the file), or None."""
+    from mpillm.runtime.errors import agree
+
+    path = getattr(args, "cluster", None)
+    if not path:
+        return None
+    table, err = None, None
+    if comm.Get_rank() == 0:
+        from mpillm import planner
+
+        try:
+            table = planner.read_cluster(path).get("sync") or None
+            if table is not None and str(comm.Get_size()) not in table:
+                err = (f"--cluster {path} was measured on {', '.join(sorted(table))} rank(s), this job has "
+                       f"{comm.Get_size()}: run `mpillm.check --calibrate` with this job's ranks")
+        except ValueError as e:
+            err = str(e)
+    agree(comm, err)                       # names rank 0, which read the file
+    return comm.bcast(table, root=0)
+
+
 def open_engine(args, model_dir, verbose: bool | None = None, **kw):
-    """The engine for the shared model flags (every rank)."""
+    """The engine for the shared model flags (every rank; collective)."""
     from mpillm.runtime.engine import Engine
 
+    kw.setdefault("sync_table", sync_table(args))
     return Engine(model_dir, max_seq_len=args.max_seq_len, threads=args.threads,
                   verbose=not getattr(args, "quiet", False) if verbose is None else verbose,
                   buffer_type=args.buffer_type, kv_type=args.kv_type, n_slots=args.parallel,
-                  max_batch=args.batch_tokens, **kw)
+                  max_batch=args.batch_tokens, sync=args.sync, wait=args.wait, **kw)
 
 
 def build_prompt(tok, args) -> list[int]:
@@ -102,4 +136,5 @@ def sampling_params(args):
                           frequency_penalty=args.frequency_penalty, stop=tuple(args.stop))
 
 
-__all__ = ["add_model_args", "add_draft_args", "parse_args_bcast", "open_engine", "build_prompt", "sampling_params"]
+__all__ = ["add_model_args", "add_draft_args", "parse_args_bcast", "sync_table", "open_engine", "build_prompt",
+           "sampling_params"]

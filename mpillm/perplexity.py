@@ -20,7 +20,7 @@ import numpy as np
 from mpi4py import MPI
 
 from mpillm.runtime.errors import run
-from mpillm.options import add_model_args, parse_args_bcast
+from mpillm.options import add_model_args, parse_args_bcast, sync_table
 
 
 def tokenize_for_perplexity(tok, text: str, ctx: int) -> tuple[list[list[int]], bool]:
@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = prepare_model(args, comm)
     engine = Engine(model_dir, max_seq_len=max(args.ctx, args.max_seq_len),
                     threads=args.threads, verbose=False, buffer_type=args.buffer_type,
-                    kv_type=args.kv_type)
+                    kv_type=args.kv_type, sync=args.sync, wait=args.wait,
+                    sync_table=sync_table(args))
 
     def rank0() -> int:
         if args.ctx < 4:

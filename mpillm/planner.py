@@ -7,8 +7,9 @@
 One token of generation on P ranks costs
 
     max over ranks (weight bytes the rank reads / its streaming speed + layers x per-layer cost)
-  + (2 x layers + 1) x sync(message, P, link)         two Allreduce per layer + the embedding's
-  + 3 x sync(16 bytes, P, link)                       the step header, the token, the argmax
+  + (2 x layers + 1) x sync(message, P, link)         two syncs per layer + the embedding's
+  + bcast(step, P, link) + gather(16 bytes, P, link)  the step's plan (one broadcast for a decode
+                                                      step), the argmax back to rank 0
 
 The weight bytes per rank come from the partition the converter would write
 (``partition.plan``, uneven when the cluster is), so a slow rank shows up as the max. A sync
@@ -18,8 +19,11 @@ link's one-way latency plus the per-message cost of the MPI/TCP stack, and the b
 link's goodput. (On the emulated links an Allreduce of 2304 B between 2 ranks measured about one
 full RTT, not half, even with recursive doubling: the link model may under-predict the syncs by
 up to 2x; ``--cluster`` with the Allreduce timings measured on the real ranks avoids the model.)
-``--buffer-type f16|q8_0`` exchange compressed partials with Allgather
-(each rank receives (P-1) shares; distributed-llama's sync). The link figures are the
+``--buffer-type f16|q8_0`` exchange compressed partials as one message per rank (each rank
+receives (P-1) shares). ``--sync p2p`` (the engine's choice from 3 ranks for small messages, as
+distributed-llama's sync) is one round whatever P: a latency, then the (P-1) messages each rank
+sends and receives at the link's rate. ``--wait block`` adds ``BLOCK_WAKE_US`` per sync: the
+sleeping rank wakes up late by about that much. The link figures are the
 emulated cluster's profiles (tests/cluster/netns.py), whose round trips and rates the
 link tests check on real packets; the node figures are cited in the README.
 
@@ -37,8 +41,10 @@ from pathlib import Path
 
 from mpillm.formats import partition
 from mpillm.formats.config import ModelConfig
+from mpillm.runtime.exchange import choose_algorithm, message_bytes
 
 CLUSTER_FORMAT = "mpillm-cluster"
+BLOCK_WAKE_US = 60.0   # --wait block: a sleeping rank notices a finished exchange this much later
 CLUSTER_VERSION = 1
 # Resident memory of a rank besides weights and KV cache (mpillm.check's figure)
 RUNTIME_OVERHEAD = 256 * 2**20
@@ -126,32 +132,90 @@ def table_s(table: list, nbytes: float) -> float:
     return t1 * nbytes / b1
 
 
-def sync_s(cfg: ModelConfig, P: int, link: Link, buffer_type: str = "f32", table: list | None = None) -> float:
+def p2p_s(nbytes_each: float, P: int, link: Link) -> float:
+    """Seconds for the one-round exchange: every rank sends its nbytes_each to the P-1 others and
+    receives theirs; one latency, the messages back to back on each rank's link."""
+    if P <= 1:
+        return 0.0
+    lat = (link.rtt_us / 2 + link.stack_us) * 1e-6
+    return lat + (P - 1) * nbytes_each / (link.goodput_bps / 8)
+
+
+def bcast_s(nbytes: float, P: int, link: Link) -> float:
+    """Seconds for a small broadcast from rank 0 (a binomial tree: ceil(log2 P) rounds)."""
+    if P <= 1:
+        return 0.0
+    lat = (link.rtt_us / 2 + link.stack_us) * 1e-6
+    return math.ceil(math.log2(P)) * (lat + nbytes / (link.goodput_bps / 8))
+
+
+def gather_s(nbytes_each: float, P: int, link: Link) -> float:
+    """Seconds for a small gather to rank 0 (every rank sends at once; rank 0 receives P-1)."""
+    if P <= 1:
+        return 0.0
+    lat = (link.rtt_us / 2 + link.stack_us) * 1e-6
+    return lat + (P - 1) * nbytes_each / (link.goodput_bps / 8)
+
+
+def sync_algorithm(cfg: ModelConfig, P: int, buffer_type: str = "f32", sync: str = "auto") -> str:
+    """The exchange the engine picks for one decode step's sync (mpillm.runtime.collectives)."""
+    return choose_algorithm(sync, P, message_bytes(buffer_type, 1, cfg.dim))
+
+
+def sync_s(cfg: ModelConfig, P: int, link: Link, buffer_type: str = "f32", table: list | None = None,
+           sync: str = "auto", wait: str = "poll") -> float:
     """Seconds of one of the model's per-layer syncs (one generated token, T = 1); ``table`` a
-    measured Allreduce table for these ranks (then the Allgathers of f16 / q8_0 are costed as
-    Allreduces of the bytes each rank receives: both are latency-bound at these sizes)."""
-    d = cfg.dim
+    measured Allreduce table for these ranks (then the one-message exchanges of f16 / q8_0 and the
+    p2p round are costed as Allreduces of the bytes each rank receives: all latency-bound at these
+    sizes)."""
+    if P <= 1:
+        return 0.0
+    m = message_bytes(buffer_type, 1, cfg.dim)
+    algo = sync_algorithm(cfg, P, buffer_type, sync)
+    wake = BLOCK_WAKE_US * 1e-6 if wait == "block" else 0.0
     if table:
-        if buffer_type in ("f32", "f64"):
-            return table_s(table, d * (8 if buffer_type == "f64" else 4))
-        if buffer_type == "f16":
-            return table_s(table, 2 * d * (P - 1))
-        return table_s(table, d * (P - 1)) + table_s(table, d // 32 * 4 * (P - 1))
+        return wake + (table_s(table, m) if algo == "allreduce" and buffer_type in ("f32", "f64")
+                       else table_s(table, m * (P - 1)))
+    if algo == "p2p":
+        return wake + p2p_s(m, P, link)
     if buffer_type in ("f32", "f64"):
-        return allreduce_s(d * (8 if buffer_type == "f64" else 4), P, link)
-    if buffer_type == "f16":
-        return allgather_s(2 * d, P, link)
-    if buffer_type == "q8_0":    # two Allgathers: int8 codes and float32 block scales
-        return allgather_s(d, P, link) + allgather_s(d // 32 * 4, P, link)
-    raise ValueError(f"unknown buffer type {buffer_type!r}")
+        return wake + allreduce_s(m, P, link)
+    return wake + allgather_s(m, P, link)   # f16, q8_0: one Allgather of the packed message
 
 
-def comm_s(cfg: ModelConfig, P: int, link: Link, buffer_type: str = "f32", table: list | None = None) -> float:
+def step_s(P: int, link: Link, table: list | None = None) -> float:
+    """Seconds of a decode step's own collectives: the plan's broadcast and the argmax's gather."""
+    if P <= 1:
+        return 0.0
+    if table:
+        return table_s(table, 672) + table_s(table, 16)
+    return bcast_s(672, P, link) + gather_s(16, P, link)
+
+
+def comm_s(cfg: ModelConfig, P: int, link: Link, buffer_type: str = "f32", table: list | None = None,
+           sync: str = "auto", wait: str = "poll") -> float:
     if P <= 1:
         return 0.0
     n_sync = 2 * cfg.n_layers + 1
-    small = table_s(table, 16) if table else allreduce_s(16, P, link)
-    return n_sync * sync_s(cfg, P, link, buffer_type, table) + 3 * small
+    return n_sync * sync_s(cfg, P, link, buffer_type, table, sync, wait) + step_s(P, link, table)
+
+
+def rounds_per_token(cfg: ModelConfig, P: int, buffer_type: str = "f32", sync: str = "auto") -> dict:
+    """Latency rounds one generated token pays (the quantity a slow link multiplies): the syncs'
+    rounds plus the step's broadcast and gather."""
+    if P <= 1:
+        return {"syncs": 0, "per_sync": 0, "step": 0, "total": 0}
+    algo = sync_algorithm(cfg, P, buffer_type, sync)
+    pow2 = P & (P - 1) == 0
+    if algo == "p2p":
+        per = 1
+    elif buffer_type in ("f32", "f64"):
+        per = math.ceil(math.log2(P)) + (0 if pow2 else 2)     # recursive doubling
+    else:
+        per = math.ceil(math.log2(P))                          # Allgather (recursive doubling / Bruck)
+    n_sync = 2 * cfg.n_layers + 1
+    step = math.ceil(math.log2(P)) + 1                         # the plan's broadcast, the argmax's gather
+    return {"syncs": n_sync, "per_sync": per, "step": step, "total": n_sync * per + step}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -173,7 +237,8 @@ def kv_bytes(cfg: ModelConfig, rs: partition.RankSlice, max_seq_len: int, kv_typ
 
 
 def predict(cfg: ModelConfig, speeds_gbps: list[float], link: Link, wtype: str = "q4_0",
-            buffer_type: str = "f32", weights=None, layer_us=None, table: list | None = None) -> dict:
+            buffer_type: str = "f32", weights=None, layer_us=None, table: list | None = None,
+            sync: str = "auto", wait: str = "poll") -> dict:
     """Predicted ms per generated token on len(speeds_gbps) ranks with the given streaming speeds
     (GB/s); ``weights`` the split (default: even), ``layer_us`` per-rank fixed cost per layer,
     ``table`` measured Allreduce timings to use instead of the link model."""
@@ -182,11 +247,13 @@ def predict(cfg: ModelConfig, speeds_gbps: list[float], link: Link, wtype: str =
     layer_us = layer_us or [0.0] * P
     comp = [rank_read_bytes(cfg, rs, wtype) / (s * 1e9) + cfg.n_layers * lu * 1e-6
             for rs, s, lu in zip(slices, speeds_gbps, layer_us)]
-    comm = comm_s(cfg, P, link, buffer_type, table)
+    comm = comm_s(cfg, P, link, buffer_type, table, sync, wait)
     total = max(comp) + comm
     return {"ranks": P, "compute_ms": [round(c * 1e3, 3) for c in comp], "comm_ms": round(comm * 1e3, 3),
             "ms_per_token": round(total * 1e3, 3), "tok_s": round(1.0 / total, 2),
-            "sync_us": round(sync_s(cfg, P, link, buffer_type, table) * 1e6, 1) if P > 1 else 0.0}
+            "sync_us": round(sync_s(cfg, P, link, buffer_type, table, sync, wait) * 1e6, 1) if P > 1 else 0.0,
+            "sync": sync_algorithm(cfg, P, buffer_type, sync) if P > 1 else "none",
+            "rounds_per_token": rounds_per_token(cfg, P, buffer_type, sync)["total"]}
 
 
 def ideal_weights(speeds: list[float]) -> list[float]:
@@ -197,9 +264,13 @@ def ideal_weights(speeds: list[float]) -> list[float]:
 # cluster file and memory
 # ----------------------------------------------------------------------------------------------
 def write_cluster(path: Path, ranks: list[dict], allreduce: list | None = None, model: str | None = None,
-                  weight_types: dict | None = None) -> None:
+                  weight_types: dict | None = None, p2p: list | None = None, sync: dict | None = None) -> None:
+    """The cluster file: ranks' speeds and memory, the measured Allreduce and p2p exchange per
+    message size ([[bytes, seconds], ...]), and ``sync``: per rank count the faster exchange per
+    size ({"P": [[up to bytes, "allreduce" | "p2p"], ...]}), which the engine's --sync auto uses
+    when given ``--cluster``."""
     doc = {"format": CLUSTER_FORMAT, "version": CLUSTER_VERSION, "model": model, "weight_types": weight_types or {},
-           "ranks": ranks, "allreduce": allreduce or []}
+           "ranks": ranks, "allreduce": allreduce or [], "p2p": p2p or [], "sync": sync or {}}
     Path(path).write_text(json.dumps(doc, indent=1) + "\n")
 
 
@@ -268,7 +339,7 @@ def model_config(name: str) -> tuple[ModelConfig, str]:
 
 
 def table(cfg: ModelConfig, node: Node, link: Link, counts: list[int], wtype: str, buffer_type: str,
-          max_seq_len: int = 4096) -> list[dict]:
+          max_seq_len: int = 4096, sync: str = "auto", wait: str = "poll") -> list[dict]:
     rows = []
     for n in counts:
         try:
@@ -277,7 +348,7 @@ def table(cfg: ModelConfig, node: Node, link: Link, counts: list[int], wtype: st
             rows.append({"nodes": n, "error": str(e)})
             continue
         r = predict(cfg, [node.stream_gbps] * n, link if n > 1 else LINKS["shm"], wtype, buffer_type,
-                    layer_us=[node.layer_us] * n)
+                    layer_us=[node.layer_us] * n, sync=sync, wait=wait)
         rs = partition.plan(cfg, n)
         need = max(rank_stored_bytes(cfg, s, wtype) + kv_bytes(cfg, s, max_seq_len) + RUNTIME_OVERHEAD for s in rs)
         r.update(nodes=n, fits=need <= node.mem_bytes, need_gb=round(need / 1e9, 2))
@@ -318,6 +389,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--weight-type", choices=list(BYTES_PER_WEIGHT), default=None,
                    help="weight type (default: the model's, q4_0 for shapes)")
     p.add_argument("--buffer-type", choices=["f32", "f16", "q8_0"], default="f32")
+    p.add_argument("--sync", choices=["auto", "allreduce", "p2p"], default="auto",
+                   help="the sync exchange to model, as the engine's --sync (default: %(default)s)")
+    p.add_argument("--wait", choices=["poll", "block"], default="poll",
+                   help="how waiting ranks wait, as the engine's --wait (default: %(default)s)")
     p.add_argument("--max-seq-len", type=int, default=4096, help="KV cache length for the memory check")
     p.add_argument("--json", action="store_true", help="print JSON only")
     a = p.parse_args(argv)
@@ -333,8 +408,9 @@ def main(argv: list[str] | None = None) -> int:
         speeds = [r["weight_gbps"] for r in doc["ranks"]]
         ar_table = doc.get("allreduce") if a.link is None else None
         lu = [a.layer_us or 0.0] * len(speeds)
-        even = predict(cfg, speeds, link, wt, a.buffer_type, layer_us=lu, table=ar_table)
-        split = predict(cfg, speeds, link, wt, a.buffer_type, weights=speeds, layer_us=lu, table=ar_table)
+        kw = dict(layer_us=lu, table=ar_table, sync=a.sync, wait=a.wait)
+        even = predict(cfg, speeds, link, wt, a.buffer_type, **kw)
+        split = predict(cfg, speeds, link, wt, a.buffer_type, weights=speeds, **kw)
         out = {"model": a.model, "link": "measured Allreduce table" if ar_table else a.link or "1gbe",
                "speeds_gbps": speeds, "even": even, "calibrated_split": split}
         if a.json:
@@ -348,20 +424,23 @@ def main(argv: list[str] | None = None) -> int:
                   f"(compute per rank {r['compute_ms']} ms, comm {r['comm_ms']} ms)")
         return 0
     node = NODES[a.node]
-    rows = table(cfg, node, link, a.nodes, wt, a.buffer_type, a.max_seq_len)
+    rows = table(cfg, node, link, a.nodes, wt, a.buffer_type, a.max_seq_len, a.sync, a.wait)
     if a.json:
         print(json.dumps({"model": a.model, "node": a.node, "link": a.link, "weight_type": wt,
                           "buffer_type": a.buffer_type, "rows": rows}))
         return 0
     print(f"{a.model} ({wt}) on {node.about}, {node.stream_gbps} GB/s each, linked by {a.link} "
-          f"(RTT {link.rtt_us:.0f} us, {link.goodput_bps / 1e9:.2f} Gbit/s), {a.buffer_type} syncs:")
-    print(f"  {'nodes':>5} {'tok/s':>8} {'ms/token':>9} {'compute':>9} {'comm':>8} {'per sync':>9} {'GB/node':>8}")
+          f"(RTT {link.rtt_us:.0f} us, {link.goodput_bps / 1e9:.2f} Gbit/s), {a.buffer_type} syncs "
+          f"(--sync {a.sync}, --wait {a.wait}):")
+    print(f"  {'nodes':>5} {'tok/s':>8} {'ms/token':>9} {'compute':>9} {'comm':>8} {'per sync':>9} {'exchange':>9} "
+          f"{'rounds':>6} {'GB/node':>8}")
     for r in rows:
         if "error" in r:
             print(f"  {r['nodes']:>5}  {r['error']}")
             continue
         print(f"  {r['nodes']:>5} {r['tok_s']:>8.1f} {r['ms_per_token']:>9.2f} {max(r['compute_ms']):>9.2f} "
-              f"{r['comm_ms']:>8.2f} {r['sync_us']:>7.0f}us {r['need_gb']:>8.2f}{'' if r['fits'] else '  (does not fit)'}")
+              f"{r['comm_ms']:>8.2f} {r['sync_us']:>7.0f}us {r['sync']:>9} {r['rounds_per_token']:>6} "
+              f"{r['need_gb']:>8.2f}{'' if r['fits'] else '  (does not fit)'}")
     for v in verdicts(rows):
         print(f"  - {v}")
     return 0

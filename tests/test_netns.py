@@ -107,11 +107,14 @@ def rank_pids(c: netns.Cluster, host: int) -> list[int]:
     return out
 
 
-def test_rank_kill_ends_job_everywhere(clusters, tmp_path):
+@pytest.mark.parametrize("sync", [[], ["--sync", "p2p", "--wait", "block"]], ids=["default", "p2p-block"])
+def test_rank_kill_ends_job_everywhere(clusters, tmp_path, sync):
+    """Also during the one-round exchange with sleeping waiters (mpillm.runtime.collectives): the
+    survivors are inside Test loops on point-to-point requests, not in a blocking collective."""
     c = clusters(2)
     hf = c.write_hostfile(tmp_path / "hostfile", slots=1)
     argv = c.mpirun_argv(2, hf, [sys.executable, "-m", "mpillm.generate", "--prompt", "Once upon a time",
-                                 "--max-tokens", "4000", "--max-seq-len", "4096"])
+                                 "--max-tokens", "4000", "--max-seq-len", "4096", *sync])
     out_f, err_f = open(tmp_path / "out", "w+"), open(tmp_path / "err", "w+")
     proc = subprocess.Popen(argv, stdout=out_f, stderr=err_f, env=c.env(yield_env(2, None)),
                             start_new_session=True)

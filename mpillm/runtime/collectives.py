@@ -1,21 +1,47 @@
 """The sync: summing the ranks' row-parallel partial results, in place, on every rank.
 
 The forward pass (mpillm.runtime.model) calls ``sync(x)`` after each row-parallel projection
-(twice per layer, and once for the vocabulary-parallel embedding). How the sum travels depends on
-``--buffer-type``:
+(twice per layer, and once for the vocabulary-parallel embedding).
 
-  f32, f64   MPI_Allreduce on the buffer itself (the MPI library picks the algorithm)
-  f16        each rank's partial as fp16, Allgather, every rank sums the parts in rank order
-  q8_0       each rank's partial quantized to q8_0 (int8 codes + one f32 scale per 32), the codes
-             and the scales Allgathered, every rank sums the dequantized parts in rank order
+What travels (``--buffer-type``), as ONE message per rank and sync:
 
-The compressed exchanges sum in the same order on every rank, so the ranks never diverge (as
-distributed-llama's q80 sync does). Every buffer is allocated once, here; ``stats`` counts the
-time, bytes and calls.
+  f32, f64   the partial itself
+  f16        the partial as fp16
+  q8_0       the partial quantized to q8_0: T*dim int8 codes, then T*dim/32 float32 scales, packed
+             into one byte buffer (one message, not one per array: on a real link each message
+             pays the latency)
+
+How it travels (``--sync``):
+
+  allreduce  MPI_Allreduce (f32 / f64) or one MPI_Allgather of the packed messages (f16 / q8_0).
+             Open MPI picks the algorithm: for small messages recursive doubling, log2(P) rounds
+             (more when P is not a power of two), each paying the link's latency.
+  p2p        one round whatever P: every rank sends its message to every other rank and
+             receives theirs (persistent point-to-point requests, all started at once), then sums
+             the P parts. This is distributed-llama's sync; it pays off from 3-4 ranks on a
+             latency-bound link.
+  auto       p2p for P >= 3 ranks on more than one host when a step's message is small, else
+             allreduce (at P = 2 both are one round and MPI's own is leaner, and so is shared
+             memory); a cluster file from ``mpillm.check --calibrate`` (``--cluster``) replaces
+             the rule with measured per-(P, bytes) choices (mpillm.runtime.exchange).
+
+Every exchange that sums locally (f16, q8_0, and p2p at any type) sums the parts in rank order
+with the same code on every rank, so the ranks never diverge.
+
+How a rank waits (``--wait``): ``poll`` lets MPI wait in its own calls (busy-polling, or yielding
+the core when Open MPI's mpi_yield_when_idle is set); ``block`` starts the nonblocking form of
+every collective and tests it, spinning for ``SPIN_S`` and then sleeping between tests, so a
+waiting rank gives its core to the rank that computes (more ranks than cores, a CPU quota, a
+node that also does other work); ``auto`` is block exactly when this node has more ranks than
+cores or a CPU quota, else poll. ``Waiter`` is shared with the engine's own collectives.
+
+Every buffer is allocated once, here; ``stats`` counts the time, bytes and calls.
 """
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 
 import numpy as np
 from mpi4py import MPI
@@ -23,58 +49,200 @@ from mpi4py import MPI
 from mpillm import kernels
 from mpillm.formats.quant import QK
 from mpillm.runtime import ops
+from mpillm.runtime.exchange import BUFFER_TYPES, SYNC_ALGORITHMS, choose_algorithm, message_bytes
 from mpillm.runtime.stats import CommStats
 
-BUFFER_TYPES = ("f32", "f16", "q8_0", "f64")
+WAIT_MODES = ("auto", "poll", "block")
+SPIN_S = 50e-6              # block: test in a loop this long before sleeping
+SLEEP_S = 20e-6             # block: then sleep this long between tests (the kernel rounds it up)
+
+
+def cpu_quota() -> float | None:
+    """The CPUs this process may use by its cgroup's CFS quota (v2 cpu.max, v1 cfs_quota_us), or
+    None when unlimited or unknown."""
+    try:
+        rel = next((ln.split(":", 2)[2] for ln in Path("/proc/self/cgroup").read_text().splitlines()
+                    if ln.startswith("0::")), None)
+        if rel is not None:
+            f = Path("/sys/fs/cgroup") / rel.lstrip("/") / "cpu.max"
+            if not f.exists():
+                f = Path("/sys/fs/cgroup/cpu.max")
+            if f.exists():
+                quota, period = f.read_text().split()[:2]
+                return None if quota == "max" else int(quota) / int(period)
+        q = Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us")
+        if q.exists():
+            quota = int(q.read_text())
+            period = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
+            return None if quota <= 0 else quota / period
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def local_ranks() -> int:
+    """Ranks the launcher started on this node (Open MPI / PMIx / MPICH), 1 if unknown."""
+    for var in ("OMPI_COMM_WORLD_LOCAL_SIZE", "PMIX_LOCAL_SIZE", "MPI_LOCALNRANKS"):
+        try:
+            return max(1, int(os.environ[var]))
+        except (KeyError, ValueError):
+            pass
+    return 1
+
+
+def choose_wait(mode: str) -> str:
+    """``auto``: block when this node's ranks outnumber its CPUs (cores, or the CPU quota)."""
+    if mode not in WAIT_MODES:
+        raise ValueError(f"--wait must be one of {', '.join(WAIT_MODES)}, got {mode!r}")
+    if mode != "auto":
+        return mode
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    quota = cpu_quota()
+    if quota is not None and quota < cpus:
+        return "block"
+    return "block" if local_ranks() > cpus else "poll"
+
+
+class Waiter:
+    """Completes MPI requests in the chosen way (see the module's doc)."""
+
+    def __init__(self, mode: str):
+        self.mode = choose_wait(mode)
+        self.block = self.mode == "block"
+
+    def wait(self, req: MPI.Request) -> None:
+        if not self.block:
+            req.Wait()
+            return
+        t_spin = time.perf_counter() + SPIN_S
+        while not req.Test():
+            if time.perf_counter() > t_spin:
+                time.sleep(SLEEP_S)
+
+    def waitall(self, reqs: list) -> None:
+        if not self.block:
+            MPI.Request.Waitall(reqs)
+            return
+        t_spin = time.perf_counter() + SPIN_S
+        while not MPI.Request.Testall(reqs):
+            if time.perf_counter() > t_spin:
+                time.sleep(SLEEP_S)
 
 
 class Sync:
     """Sums (T, dim) partials over ``comm`` for up to ``max_rows`` rows."""
 
-    def __init__(self, comm: MPI.Comm, buffer_type: str, max_rows: int, dim: int):
+    def __init__(self, comm: MPI.Comm, buffer_type: str, max_rows: int, dim: int, algorithm: str = "auto",
+                 wait: str | Waiter = "auto", table: dict | None = None, hosts: int | None = None):
         if buffer_type not in BUFFER_TYPES:
             raise ValueError(f"--buffer-type must be one of {', '.join(BUFFER_TYPES)}, got {buffer_type!r}")
-        self.comm, self.size, self.buffer_type = comm, comm.Get_size(), buffer_type
+        choose_algorithm(algorithm, 1, 0)   # validates the name
+        self.comm, self.size, self.rank = comm, comm.Get_size(), comm.Get_rank()
+        self.buffer_type, self.algorithm, self.table, self.dim = buffer_type, algorithm, table, dim
+        self.hosts = hosts   # how many hosts the ranks span (the same on every rank: the choice must agree)
+        self.waiter = wait if isinstance(wait, Waiter) else Waiter(wait)
         self.stats = CommStats()
+        self._p2p: dict[tuple[int, int], list] = {}   # (T, message bytes) -> persistent requests
         B, D, P = max_rows, dim, self.size
-        if buffer_type == "f16" and P > 1:
-            self.send16 = np.zeros(B * D, np.float16)           # (T * dim) own partial
-            self.recv16 = np.zeros(P * B * D, np.float16)       # (ranks, T * dim)
-        if buffer_type == "q8_0" and P > 1:
+        if P == 1:
+            return
+        # (ranks, message) in bytes: row r holds rank r's message of a step; this rank's own
+        # message is built in place at its row (the p2p exchange sends it from there)
+        self.parts = np.zeros(P * message_bytes(buffer_type, B, D), np.uint8)
+        if buffer_type == "q8_0":
             self.quantize_q8_0 = kernels.get_path(kernels.active_path()).jit.quantize_q8_0
             self.own = np.zeros((B, D), np.float32)             # (T, dim) own partial, to quantize
             self.own_q = np.zeros((B, D), np.int8)              # (T, dim) its codes
             self.own_d = np.zeros((B, D // QK), np.float32)     # (T, dim / 32) its scales
             self.own_sum = np.zeros((B, D // QK), np.int32)     # (T, dim / 32) code sums (unused here)
-            self.recvq = np.zeros(P * B * D, np.int8)           # (ranks, T * dim)
-            self.recvd = np.zeros(P * B * (D // QK), np.float32)  # (ranks, T * dim / 32)
+
+    def describe(self, rows: int = 1) -> str:
+        """The exchange a step of ``rows`` rows uses, for the plan line."""
+        if self.size == 1:
+            return "none (1 rank)"
+        nbytes = message_bytes(self.buffer_type, rows, self.dim)
+        algo = choose_algorithm(self.algorithm, self.size, nbytes, self.table, self.hosts)
+        how = {"allreduce": "MPI_Allreduce" if self.buffer_type in ("f32", "f64") else "one MPI_Allgather",
+               "p2p": f"one round of {self.size - 1} sends + receives"}[algo]
+        return f"{self.buffer_type} {how} ({nbytes} B per rank), wait {self.waiter.mode}"
+
+    # -- the views of one step's messages ----------------------------------------------------
+    def _parts(self, m: int) -> np.ndarray:
+        return self.parts[:self.size * m].reshape(self.size, m)   # (ranks, message bytes)
 
     def __call__(self, buf: np.ndarray) -> None:
         """Sum a row-parallel partial result (T, dim) over all ranks, in place."""
         if self.size == 1:
             return
         t0 = time.perf_counter()
-        T, P, n = buf.shape[0], self.size, buf.size
-        if self.buffer_type in ("f32", "f64") or buf.dtype == np.float64:
-            self.comm.Allreduce(MPI.IN_PLACE, buf)
-            sent = buf.nbytes
-        elif self.buffer_type == "f16":
-            own = self.send16[:n]
-            np.copyto(own, buf.reshape(-1), casting="same_kind")
-            self.comm.Allgather(own, self.recv16[:P * n])
-            ops.sum_f16_parts(self.recv16[:P * n].view(np.uint16).reshape(P, T, -1), buf)
-            sent = own.nbytes
-        else:  # q8_0
-            self.own[:T] = buf
-            self.quantize_q8_0(self.own[:T], self.own_q[:T], self.own_d[:T], self.own_sum[:T])
-            nb = n // QK
-            self.comm.Allgather(self.own_q[:T], self.recvq[:P * n])
-            self.comm.Allgather(self.own_d[:T], self.recvd[:P * nb])
-            ops.sum_q8_parts(self.recvq[:P * n].reshape(P, T, -1), self.recvd[:P * nb].reshape(P, T, -1), buf)
-            sent = self.own_q[:T].nbytes + self.own_d[:T].nbytes
+        T = buf.shape[0]
+        bt = self.buffer_type
+        if bt in ("f32", "f64"):   # f64 mode syncs the embedding in f32, the projections in f64
+            bt = "f64" if buf.dtype == np.float64 else "f32"
+        m = message_bytes(bt, T, self.dim)
+        algo = choose_algorithm(self.algorithm, self.size, m, self.table, self.hosts)
+        if algo == "allreduce" and bt in ("f32", "f64"):
+            self._allreduce(buf)
+        else:
+            parts = self._parts(m)
+            self._pack(bt, buf, parts[self.rank])
+            if algo == "p2p":
+                self._exchange_p2p(parts, m)
+            else:
+                self._exchange_allgather(parts, m)
+            self._sum(bt, parts, buf)
         self.stats.seconds += time.perf_counter() - t0
-        self.stats.payload_bytes += sent
+        self.stats.payload_bytes += m
         self.stats.calls += 1
 
+    def _allreduce(self, buf: np.ndarray) -> None:
+        if self.waiter.block:
+            self.waiter.wait(self.comm.Iallreduce(MPI.IN_PLACE, buf))
+        else:
+            self.comm.Allreduce(MPI.IN_PLACE, buf)
 
-__all__ = ["BUFFER_TYPES", "Sync"]
+    def _exchange_allgather(self, parts: np.ndarray, m: int) -> None:
+        if self.waiter.block:
+            self.waiter.wait(self.comm.Iallgather(MPI.IN_PLACE, parts))
+        else:
+            self.comm.Allgather(MPI.IN_PLACE, parts)
+
+    def _exchange_p2p(self, parts: np.ndarray, m: int) -> None:
+        """One round: send this rank's row to every peer, receive every peer's row."""
+        reqs = self._p2p.get((parts.shape[0], m))
+        if reqs is None:
+            reqs = []
+            for r in range(self.size):
+                if r != self.rank:
+                    reqs.append(self.comm.Recv_init(parts[r], source=r, tag=7))
+                    reqs.append(self.comm.Send_init(parts[self.rank], dest=r, tag=7))
+            self._p2p[(parts.shape[0], m)] = reqs
+        MPI.Prequest.Startall(reqs)
+        self.waiter.waitall(reqs)
+
+    # -- building this rank's message and summing all of them, in rank order -------------------
+    def _pack(self, bt: str, buf: np.ndarray, msg: np.ndarray) -> None:
+        T, n = buf.shape[0], buf.size
+        if bt in ("f32", "f64"):
+            msg.view(buf.dtype).reshape(buf.shape)[...] = buf
+        elif bt == "f16":
+            np.copyto(msg.view(np.float16), buf.reshape(-1), casting="same_kind")
+        else:
+            self.own[:T] = buf
+            self.quantize_q8_0(self.own[:T], self.own_q[:T], self.own_d[:T], self.own_sum[:T])
+            msg[:n] = self.own_q[:T].reshape(-1).view(np.uint8)
+            msg[n:].view(np.float32)[...] = self.own_d[:T].reshape(-1)
+
+    def _sum(self, bt: str, parts: np.ndarray, buf: np.ndarray) -> None:
+        P, (T, D) = self.size, buf.shape
+        if bt in ("f32", "f64"):
+            np.sum(parts.view(buf.dtype).reshape(P, T, D), axis=0, out=buf)
+        elif bt == "f16":
+            ops.sum_f16_parts(parts.view(np.uint16).reshape(P, T, D), buf)
+        else:
+            n = T * D
+            ops.sum_q8_parts(parts[:, :n].view(np.int8).reshape(P, T, D),
+                             parts[:, n:].view(np.float32).reshape(P, T, D // QK), buf)
+
+
+__all__ = ["WAIT_MODES", "Sync", "Waiter", "choose_wait", "cpu_quota"]

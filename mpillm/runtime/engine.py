@@ -24,7 +24,7 @@ from mpillm import kernels
 from mpillm.formats import format as fmt
 from mpillm.formats.config import ModelConfig
 from mpillm.formats.partition import plan, share_notes, valid_world_sizes
-from mpillm.runtime import ops, steps, warm
+from mpillm.runtime import collectives, exchange, ops, steps, warm
 from mpillm.runtime.errors import FatalError, agree
 from mpillm.runtime.model import Transformer
 from mpillm.runtime.steps import CMD_SCORE, CMD_STEP, CMD_STOP, OUT_GREEDY, OUT_LOGITS
@@ -47,9 +47,10 @@ class Engine:
     def __init__(self, model_dir: Path, max_seq_len: int = 2048, threads: int = 1, max_batch: int = 64,
                  buffer_type: str = "f32", kv_type: str = "f16",
                  comm: MPI.Comm = MPI.COMM_WORLD, verbose: bool = True, n_slots: int = 1,
-                 compile_turn: bool = True):
+                 compile_turn: bool = True, sync: str = "auto", wait: str = "auto", sync_table: dict | None = None):
         self.comm = comm
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
+        self.buffer_type, self.sync_algorithm, self.sync_table = buffer_type, sync, sync_table
         t0 = time.perf_counter()
         err, shard, cfg = None, None, None
         try:
@@ -66,6 +67,8 @@ class Engine:
             if max_seq_len < 2 or max_seq_len > cfg.context_length:
                 raise ValueError(f"--ctx-size {max_seq_len} must be in [2, {cfg.context_length}] "
                                  f"(the model's context length)")
+            self.waiter = collectives.Waiter(wait)
+            exchange.choose_algorithm(sync, self.size, 0)   # a bad --sync is every rank's error
             if n_slots < 1 or max_batch < 1:
                 raise ValueError(f"--parallel ({n_slots}) and --batch-tokens ({max_batch}) must be >= 1")
             shard = fmt.Shard(Path(model_dir) / fmt.shard_relpath(self.size, self.rank), self.size, self.rank)
@@ -86,6 +89,7 @@ class Engine:
         kv_per_token = 2 * cfg.n_layers * kv_heads * cfg.head_dim * (2 if kv_type == "f16" else 4)
         kv_bytes = kv_per_token * max_seq_len * n_slots
         sizes = comm.gather((shard.nbytes, kv_bytes, MPI.Get_processor_name(), shard.notes), root=0)
+        self.hosts = len(set(comm.allgather(MPI.Get_processor_name())))   # the sync choice depends on it
         if self.rank == 0 and verbose:
             self.print_plan(sizes, threads)
         agree(comm, kv_memory_error(kv_per_token, n_slots, max_seq_len))
@@ -95,15 +99,19 @@ class Engine:
                 warm.ensure_shard(shard, kv_type, buffer_type, compile_tiny)
             kernels.set_threads(threads)
             kernels.warmup()
-            self.model = Transformer(shard, comm, max_seq_len, max_batch, buffer_type, kv_type, n_slots)
+            self.model = Transformer(shard, comm, max_seq_len, max_batch, buffer_type, kv_type, n_slots,
+                                     sync, self.waiter, sync_table, self.hosts)
         except (ValueError, MemoryError) as e:
             err = f"{type(e).__name__}: {e}"
         agree(comm, err)
         self.vocab_counts = np.array([p.vocab[1] - p.vocab[0] for p in self.slices], np.int64)
         B, V = max_batch, cfg.vocab_size
-        self.header = np.zeros(steps.HEADER_LEN, np.int64)  # [command, T rows, R output rows, rows of kind LOGITS]
-        self.plan = np.zeros(steps.plan_len(B, B), np.int64)  # tokens (T), positions (T), slots (T), output rows
-        #                                   (R), and per output row its OUT_* kind (STEP) or target (SCORE)
+        # one step on the wire (mpillm.runtime.steps): the header [command, T rows, R output rows,
+        # rows of kind LOGITS], then the plan: tokens (T), positions (T), slots (T), output rows (R),
+        # and per output row its OUT_* kind (STEP) or target (SCORE)
+        self.msg = np.zeros(steps.HEADER_LEN + steps.plan_len(B, B), np.int64)
+        self.header, self.plan = self.msg[:steps.HEADER_LEN], self.msg[steps.HEADER_LEN:]
+        self.first = steps.first_len(B)               # words of the first broadcast of a step
         self.best = np.zeros((B, 2), np.float64)      # (R, 2) this rank's (max logit, global id) per output row
         self.bests = np.zeros(self.size * B * 2, np.float64) if self.rank == 0 else None  # (ranks, R, 2)
         self.send = np.zeros(B * int(self.vocab_counts.max()), np.float32)  # (R_logits, vocab_pp) packed rows
@@ -127,6 +135,15 @@ class Engine:
               f"{cfg.n_kv_heads} KV heads{extra}, vocab {cfg.vocab_size}; world size {self.size}, "
               f"{threads} thread(s) per rank, {self.n_slots} slot(s) x {self.max_seq_len} tokens, "
               f"{self.max_batch} rows per step, kernels {kernels.describe()}", flush=True)
+        if self.size > 1:
+            nbytes = exchange.message_bytes(self.buffer_type, 1, cfg.dim)
+            algo = exchange.choose_algorithm(self.sync_algorithm, self.size, nbytes, self.sync_table, self.hosts)
+            how = {"allreduce": "MPI_Allreduce" if self.buffer_type in ("f32", "f64") else "one MPI_Allgather",
+                   "p2p": f"one round of {self.size - 1} sends + receives per rank"}[algo]
+            measured = ", measured choices" if self.sync_table else ""
+            print(f"  sync: {2 * cfg.n_layers + 1} per token, {self.buffer_type} {how}, {nbytes} B per rank "
+                  f"(--sync {self.sync_algorithm}{measured}, {self.hosts} host(s)); waiting ranks {self.waiter.mode} "
+                  f"(--wait); a decode step of up to {steps.INLINE_WORDS // 5} rows is one broadcast", flush=True)
         shares = share_notes(cfg, self.slices, self.split, [s[0] for s in sizes])
         for rs, (wb, kb, host, notes), share in zip(self.slices, sizes, shares):
             ffn = rs.expert_ffn if cfg.is_moe else rs.ffn
@@ -149,9 +166,14 @@ class Engine:
         logits = self._gather_logits(local, per_row, R, n_logits) if n_logits else None
         return ids, logits
 
-    def _timed(self, fn, *args) -> None:
+    def _timed(self, fn, ifn, *args) -> None:
+        """A collective of the engine's, timed into the comm stats; ``ifn`` its nonblocking form,
+        used when waiting ranks block (--wait)."""
         t0 = time.perf_counter()
-        fn(*args)
+        if self.waiter.block:
+            self.waiter.wait(ifn(*args))
+        else:
+            fn(*args)
         self.model.stats.seconds += time.perf_counter() - t0
 
     def _argmax(self, local: np.ndarray, R: int) -> np.ndarray | None:
@@ -162,7 +184,7 @@ class Engine:
         if self.size == 1:
             return best[:, 1].astype(np.int64)
         allb = self.bests[:self.size * R * 2] if self.rank == 0 else None
-        self._timed(self.comm.Gather, best, allb, 0)
+        self._timed(self.comm.Gather, self.comm.Igather, best, allb, 0)
         if self.rank != 0:
             return None
         allb = allb.reshape(self.size, R, 2)
@@ -178,9 +200,10 @@ class Engine:
         if self.size == 1:
             return rows
         if self.rank != 0:
-            self._timed(self.comm.Gatherv, rows, None, 0)
+            self._timed(self.comm.Gatherv, self.comm.Igatherv, rows, None, 0)
             return None
-        self._timed(self.comm.Gatherv, rows, [self.gather_buf, self.vocab_counts * n, None, MPI.FLOAT], 0)
+        recv = [self.gather_buf, self.vocab_counts * n, None, MPI.FLOAT]
+        self._timed(self.comm.Gatherv, self.comm.Igatherv, rows, recv, 0)
         out, off, v0 = self.full_logits[:n], 0, 0
         for c in self.vocab_counts:
             out[:, v0:v0 + c] = self.gather_buf[off:off + n * c].reshape(n, c)
@@ -197,7 +220,7 @@ class Engine:
             allp = parts[None]
         else:
             buf = self.nll_all[:self.size * R * 3] if self.rank == 0 else None
-            self._timed(self.comm.Gather, parts, buf, 0)
+            self._timed(self.comm.Gather, self.comm.Igather, parts, buf, 0)
             if self.rank != 0:
                 return None
             allp = buf.reshape(self.size, R, 3)
@@ -224,8 +247,7 @@ class Engine:
         n_logits = int(np.count_nonzero(kinds == OUT_LOGITS)) if cmd == CMD_STEP else 0
         self.header[:] = (cmd, T, R, n_logits)
         if self.size > 1:
-            self.comm.Bcast(self.header, root=0)                         # collective: the step's shape
-            self.comm.Bcast(self.plan[:steps.plan_len(T, R)], root=0)    # collective: the step's rows
+            self._bcast_step(steps.plan_len(T, R))
         return self._execute(cmd, T, R, n_logits)
 
     def step(self, tokens, pos: int, all_logits: bool = False, greedy: bool = False, slot: int = 0):
@@ -275,18 +297,35 @@ class Engine:
     def serve(self) -> int:
         """Ranks > 0: follow rank 0's steps until STOP; returns the exit code rank 0 sent."""
         while True:
-            self.comm.Bcast(self.header, root=0)
+            self._bcast(self.msg[:self.first])                    # collective: the step (or STOP)
             cmd, T, R, n_logits = (int(v) for v in self.header)
             if cmd == CMD_STOP:
                 return T
-            self.comm.Bcast(self.plan[:steps.plan_len(T, R)], root=0)
+            n = steps.plan_len(T, R)
+            if steps.HEADER_LEN + n > self.first:                 # collective: the rest of a long plan
+                self._bcast(self.msg[self.first:steps.HEADER_LEN + n])
             self._execute(cmd, T, R, n_logits)
 
     def stop(self, exit_code: int = 0) -> None:
         """Rank 0: release the other ranks from serve(), telling them the job's exit code."""
         if self.rank == 0 and self.size > 1:
             self.header[:] = (CMD_STOP, exit_code, 0, 0)
-            self.comm.Bcast(self.header, root=0)
+            self._bcast(self.msg[:self.first])
+
+    def _bcast(self, buf: np.ndarray) -> None:
+        """Broadcast from rank 0, waiting as --wait says (block: the idle ranks between requests
+        sleep instead of spinning)."""
+        if self.waiter.block:
+            self.waiter.wait(self.comm.Ibcast(buf, root=0))
+        else:
+            self.comm.Bcast(buf, root=0)
+
+    def _bcast_step(self, n: int) -> None:
+        """Rank 0: send the step in self.msg (header and ``n`` plan words): one broadcast when it
+        fits the fixed first part, two otherwise (the others' serve() mirrors this)."""
+        self._bcast(self.msg[:self.first])                        # collective: the step
+        if steps.HEADER_LEN + n > self.first:
+            self._bcast(self.msg[self.first:steps.HEADER_LEN + n])   # collective: the rest of a long plan
 
     def drive(self, fn) -> int:
         """Run ``fn()`` on rank 0 while the other ranks serve; always release them, with rank 0's

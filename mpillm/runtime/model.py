@@ -31,7 +31,7 @@ from mpillm.formats.partition import RankSlice
 from mpillm.formats.quant import QK, QUANTIZED
 from mpillm.kernels import exact
 from mpillm.runtime import fused, ops
-from mpillm.runtime.collectives import Sync
+from mpillm.runtime.collectives import Sync, Waiter
 
 
 KV_TYPES = ("f16", "f32")
@@ -140,7 +140,8 @@ class Layer:
 
 class Transformer:
     def __init__(self, shard: Shard, comm: MPI.Comm, max_seq_len: int, max_batch: int = 64,
-                 buffer_type: str = "f32", kv_type: str = "f16", n_slots: int = 1):
+                 buffer_type: str = "f32", kv_type: str = "f16", n_slots: int = 1, sync: str = "auto",
+                 wait: str | Waiter = "auto", sync_table: dict | None = None, hosts: int | None = None):
         cfg = self.cfg = shard.config
         rs = self.slice = RankSlice(**{k: tuple(v) if isinstance(v, list) else v for k, v in shard.slice.items()})
         self.comm, self.tp_size = comm, comm.Get_size()
@@ -205,7 +206,7 @@ class Transformer:
         self.route_log: list | None = None  # tests: set to [] to record (topk_idx, topk_w) per MoE block
         # the sync after each row-parallel projection (mpillm.runtime.collectives): f32 / f64 use
         # MPI_Allreduce; f16 / q8_0 send compressed partials and every rank sums them in rank order
-        self.sync = Sync(comm, buffer_type, B, D)
+        self.sync = Sync(comm, buffer_type, B, D, sync, wait, sync_table, hosts)
         self.stats = self.sync.stats
         if buffer_type == "f64" and cfg.is_moe:  # the experts' outputs are summed in float32
             raise ValueError("--buffer-type f64 (exact sums) is implemented for dense models only, "

@@ -7,10 +7,14 @@ position ``positions[t]``; the rows ``out_rows`` (ascending, R of them) need out
 (mpillm.serving.scheduler) makes plans; the engine (mpillm.runtime.engine) broadcasts them and
 runs them on every rank.
 
-On the wire a step is two int64 buffers, broadcast from rank 0:
+On the wire a step is one int64 buffer, the header followed by the packed plan:
 
     header (4,)      [command, T, R, rows of kind OUT_LOGITS]   (CMD_STOP: [0, exit code, 0, 0])
     plan   (3T+2R,)  tokens (T) | positions (T) | slots (T) | out_rows (R) | per_row (R)
+
+Rank 0 broadcasts a fixed first part of it, the header and ``INLINE_WORDS`` words of plan, in one
+collective: a decode step of up to 16 sequences (80 words) fits, so it costs one broadcast. Only a
+longer plan (prompt chunks, large batches) sends the rest in a second broadcast.
 
 No MPI and no numba here: the scheduler imports this module without pulling in either.
 """
@@ -23,6 +27,12 @@ import numpy as np
 CMD_STOP, CMD_STEP, CMD_SCORE = 0, 1, 2
 OUT_GREEDY, OUT_LOGITS = 0, 1  # what an output row of a CMD_STEP needs
 HEADER_LEN = 4
+INLINE_WORDS = 80   # plan words sent with the header: T = R = 16 rows
+
+
+def first_len(max_batch: int) -> int:
+    """Words of the first broadcast of every step: the header and the inline part of the plan."""
+    return HEADER_LEN + min(INLINE_WORDS, plan_len(max_batch, max_batch))
 
 
 def plan_len(T: int, R: int) -> int:
@@ -43,5 +53,5 @@ def unpack(plan: np.ndarray, T: int, R: int):
     return (plan[:T], plan[T:2 * T], plan[2 * T:3 * T], plan[3 * T:3 * T + R], plan[3 * T + R:3 * T + 2 * R])
 
 
-__all__ = ["CMD_STOP", "CMD_STEP", "CMD_SCORE", "OUT_GREEDY", "OUT_LOGITS", "HEADER_LEN", "plan_len", "pack",
-           "unpack"]
+__all__ = ["CMD_STOP", "CMD_STEP", "CMD_SCORE", "OUT_GREEDY", "OUT_LOGITS", "HEADER_LEN", "INLINE_WORDS",
+           "first_len", "plan_len", "pack", "unpack"]
