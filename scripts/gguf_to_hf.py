@@ -8,7 +8,8 @@ What it is for: other engines' converters read Hugging Face checkpoints (distrib
 convert-hf.py, the cluster benchmarks' baseline), our models come as GGUF, and both sides must
 run the same weights. Every tensor is dequantized with ``gguf.quants.dequantize`` (a Q4_0 block
 becomes its 32 exact float values, so requantizing it to another 4-bit format with the same
-block size and max/-8 scale gives back the same codes) and written in the checkpoint's layout:
+block size and max/-8 scale gives back the same codes when the block's largest magnitude is
+a -8 code) and written in the checkpoint's layout:
 
 * llama.cpp's converter permutes the rows of attn_q / attn_k inside each head (pairs
   (i, i + hd/2) become neighbours, the interleaved RoPE its kernels use); this script undoes it
