@@ -13,8 +13,8 @@ shaped links, and generates. Its stdout has one line per generated token,
     🔶 Pred   37 ms Sync    0 ms | Sent     0 kB Recv     0 kB | <piece>
 
 (Pred: the node's own compute; Sync: the time spent synchronizing with the workers; both
-truncated to whole ms by its printf; Sent/Recv: bytes since the weights were loaded, the root's
-sockets), and a summary whose ``Prediction ... tokens/s: X (Y ms/tok)`` comes from the
+truncated to whole ms by its printf; Sent/Recv: kB over all the root's sockets during that
+token, truncated too: its getStats resets the counters), and a summary whose ``Prediction ... tokens/s: X (Y ms/tok)`` comes from the
 microsecond totals of Pred + Sync. The workers never exit on their own (they go back to
 listening after a run): every one is started in its own session and killed with its process
 group in ``finally``, and the cluster's teardown kills whatever is left in its namespaces.
@@ -78,12 +78,12 @@ def parse(out: str) -> dict | None:
     if not preds or not s:
         return None
     evals = [tuple(int(x) for x in m.groups()) for m in EVAL.finditer(out)]
-    sent0 = evals[-1][2] if evals else 0
     n = len(preds)
     return {"tok_s": float(s[2]), "ms_tok": float(s[3]), "n_tokens": int(s[1]),
             "comm_ms": round(sum(p[1] for p in preds) / n, 3),
             "compute_ms": round(sum(p[0] for p in preds) / n, 3),
-            "kib_tok": round((preds[-1][2] - sent0) / n, 2),
+            "kib_tok": round(sum(p[2] for p in preds) / n, 2),
+            "recv_kib_tok": round(sum(p[3] for p in preds) / n, 2),
             "prompt_tokens": sum(e[4] for e in evals) + 1}
 
 

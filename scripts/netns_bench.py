@@ -286,7 +286,7 @@ def main() -> int:
             print(f"| {r['ranks']} | {r['profile']} | {r['tool']} | {r['buffer']} | failed | | | |")
     if a.baseline:
         print("\n(dllama: ms/token and tok/s from its own microsecond totals of Pred + Sync; comm = mean of its "
-              "per-token Sync, printed in whole ms, truncated; KiB = what its root sent per token)")
+              "per-token Sync, printed in whole ms, truncated; KiB = what its root sent per token to all workers together)")
     if a.predict:
         print("\nPlanner (calibrated inside each cluster: speeds and Allreduce table) against the measurement:\n")
         print("| ranks | link | buffer | measured ms/token | predicted | pred/meas | measured comm ms | predicted comm "
