@@ -306,7 +306,7 @@ def main() -> int:
                "uptime_after": subprocess.run(["uptime"], capture_output=True, text=True, timeout=10).stdout.strip(),
                "load_average": os.getloadavg(), "cores": os.cpu_count(), "max_tokens": a.max_tokens,
                "prompt": PROMPT, "mpillm_model": a.model or "bundled SmolLM2-135M Q4_1",
-               "mpillm_commit": subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True,
+               "mpillm_commit": subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"], capture_output=True,
                                                text=True, timeout=10).stdout.strip(),
                "layer_us": layer_us, "rows": rows}
         if a.baseline:
