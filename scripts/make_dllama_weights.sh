@@ -29,7 +29,7 @@ models="$root/cache/dllama/models"
 [ -f "$src/converter/convert-hf.py" ] || { echo "make_dllama_weights: no converter in $src (see scripts/build_dllama.sh)" >&2; exit 2; }
 if [ ! -x "$venv/bin/python" ]; then
   echo "make_dllama_weights: making $venv (torch, safetensors, transformers, sentencepiece) ..." >&2
-  python3 -m venv "$venv"
+  timeout 300 python3 -m venv "$venv"
   timeout 1800 "$venv/bin/pip" install -q torch==2.13.0 safetensors numpy transformers sentencepiece tokenizers
 fi
 mkdir -p "$models" "$root/cache/hf" "$root/cache/mp"
