@@ -23,6 +23,7 @@ from mpi4py import MPI
 from mpillm.formats import format as fmt
 from mpillm import kernels, warmup
 from mpillm.runtime import ops
+from mpillm.runtime.memory import available_memory
 from mpillm.runtime.errors import FatalError, agree
 from mpillm.formats.config import ModelConfig
 from mpillm.runtime.model import Transformer
@@ -347,21 +348,11 @@ class Engine:
         return rc
 
 
-def available_memory() -> int | None:
-    """MemAvailable from /proc/meminfo in bytes (None where there is no such file)."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
 def kv_memory_error(kv_per_token: int, n_slots: int, ctx: int, avail: int | None = None) -> str | None:
     """The KV cache is allocated memory (the weights are memory-mapped and may page): refuse a
     slots x context that does not fit in what this node has available, with what would fit.
-    MPILLM_MEMORY_LIMIT (bytes) overrides the measured figure (tests, cgroup-limited jobs)."""
+    MPILLM_MEMORY_LIMIT (bytes) overrides the measured figure (tests); the measured figure is
+    MemAvailable capped by the cgroup's limit (runtime.memory), None (no check) when unknown."""
     env = os.environ.get("MPILLM_MEMORY_LIMIT")
     avail = int(env) if env else (available_memory() if avail is None else avail)
     if avail is None:
