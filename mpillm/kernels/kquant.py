@@ -54,6 +54,7 @@ from numba.core import cgutils, types
 from numba.extending import intrinsic
 
 from mpillm.formats import quant
+from mpillm.kernels import jitcache
 from mpillm.kernels.irgen import F16, F32, F64, I1, I8, I16, I32, I64, PTR, Emit
 from mpillm.kernels.irgen import vec as _vec
 
@@ -596,29 +597,7 @@ def _runners_source() -> str:
 
 
 def _load_runners():
-    import hashlib
-    import importlib.util
-    import os
-    import sys
-    from pathlib import Path
-
-    src = _runners_source()
-    tag = hashlib.sha1(src.encode()).hexdigest()[:12]
-    modname = f"mpillm_kq_run_{tag}"
-    if modname in sys.modules:
-        return sys.modules[modname]
-    base = Path(os.environ.get("NUMBA_CACHE_DIR") or Path.home() / ".cache" / "mpillm" / "numba") / "mpillm_kq"
-    base.mkdir(parents=True, exist_ok=True)
-    file = base / f"kq_run_{tag}.py"
-    if not file.exists():
-        tmp = file.with_name(file.name + f".tmp{os.getpid()}")
-        tmp.write_text(src)
-        os.replace(tmp, file)
-    spec = importlib.util.spec_from_file_location(modname, file)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[modname] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return jitcache.load_generated("kq", "kq_run", _runners_source())
 
 
 _R = _load_runners()
