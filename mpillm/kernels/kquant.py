@@ -54,7 +54,7 @@ from numba.core import cgutils
 from mpillm.formats import quant
 from mpillm.kernels import jitcache, runners
 from mpillm.kernels.checks import rows_ok
-from mpillm.kernels.irgen import VNNI_BYTE_OPERANDS, int_intrinsic, F16, F32, F64, I1, I8, I16, I32, I64, PTR, Emit
+from mpillm.kernels.irgen import F16, F32, F64, I1, I8, I16, I32, I64, PTR, VNNI_BYTE_OPERANDS, Emit, int_intrinsic
 from mpillm.kernels.irgen import vec as _vec
 
 KINDS = ("q5_0", "q5_1", "q4_K", "q5_K", "q6_K", "mxfp4")

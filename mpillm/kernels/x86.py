@@ -53,7 +53,7 @@ from numba.np.ufunc.parallel import _iget_num_threads  # the thread count, cache
 
 from mpillm.kernels import jitcache, portable, runners
 from mpillm.kernels.checks import check_q
-from mpillm.kernels.irgen import VNNI_BYTE_OPERANDS, int_intrinsic, F16, F32, I1, I8, I16, I32, I64, PTR, Emit
+from mpillm.kernels.irgen import F16, F32, I1, I8, I16, I32, I64, PTR, VNNI_BYTE_OPERANDS, Emit, int_intrinsic
 from mpillm.kernels.irgen import vec as _vec
 
 _JIT_PAR = dict(cache=True, fastmath=True, nogil=True, parallel=True)
@@ -304,7 +304,8 @@ def _q_codegen(kind: str, isa: str, R: int, U: int, prefetch: int = 0, pf_d: int
 
 
 def _make_tile(kind: str, isa: str, R: int, U: int, prefetch: int = 0, pf_d: int = 0):
-    return int_intrinsic(f"{isa}_{kind}_tile_{R}x{U}", "wq, wstride, dp, mp, dstride, bp, bstride, op, ostride, nb, n0, t0",
+    return int_intrinsic(f"{isa}_{kind}_tile_{R}x{U}",
+                         "wq, wstride, dp, mp, dstride, bp, bstride, op, ostride, nb, n0, t0",
                          _q_codegen(kind, isa, R, U, prefetch, pf_d))
 
 
