@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 from mpi4py import MPI
 
+from mpillm.runtime import memory
 from mpillm.runtime.errors import FatalError, run
 
 # Resident memory of one rank besides its weights and KV cache: Python, numpy, numba,
@@ -74,27 +75,11 @@ def code_hash() -> str:
 
 
 def available_memory() -> int:
-    """Bytes this host can still give a job: MemAvailable, capped by a cgroup v2 limit if any
-    (Slurm's and containers' memory limits)."""
-    avail = None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                avail = int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    if avail is None:
-        avail = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-    try:
-        cg = Path("/proc/self/cgroup").read_text().strip().splitlines()[-1].split(":", 2)[2]
-        base = Path("/sys/fs/cgroup") / cg.lstrip("/")
-        limit = (base / "memory.max").read_text().strip()
-        if limit != "max":
-            used = int((base / "memory.current").read_text())
-            avail = min(avail, int(limit) - used)
-    except (OSError, IndexError, ValueError):
-        pass
-    return avail
+    """Bytes this host can still give a job: MemAvailable, capped by the cgroup's limit if any
+    (Slurm's and containers' memory limits; runtime.memory); the free physical pages where
+    neither is known."""
+    avail = memory.available_memory()
+    return avail if avail is not None else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
 def software() -> dict:

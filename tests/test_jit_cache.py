@@ -78,9 +78,10 @@ def test_concurrent_saves_keep_every_entry_with_its_own_code(tmp_path):
 
 
 def test_generated_module_is_written_once(tmp_path):
-    """mpillm.runtime.fused's generated module: a second writer (another rank, the same moment) leaves the
-    first file as it is -- same inode and mtime, numba's stamp of what was compiled from it."""
-    from mpillm.runtime.fused import _publish
+    """A generated module (mpillm.runtime.fused's blocks, the kernels' runners): a second writer (another
+    rank, the same moment) leaves the first file as it is -- same inode and mtime, numba's stamp of what
+    was compiled from it."""
+    from mpillm.kernels.jitcache import publish as _publish
 
     f = tmp_path / "fused_x.py"
     _publish(f, "A = 1\n")

@@ -14,93 +14,52 @@ Arguments as the kernels in ``portable``: fp16 arrays as uint16 views; ``out`` f
 """
 from __future__ import annotations
 
-import numpy as np
-from numba import njit, prange
-
-from mpillm.kernels.portable import _make_qtile, check_q
+from mpillm.kernels import jitcache, portable, runners
+from mpillm.kernels.checks import check_q
 from mpillm.kernels.vmath import half_to_float as h2f
 
-QK = 32
 _JIT = dict(cache=True, fastmath=True, parallel=True)
 
 
 # the quantized kinds: the portable kernels' block tiles with float64 accumulation (each block's
-# integer dot exact, then acc += d * xd * isum in float64), R rows x 1 token per tile
+# integer dot exact, then acc += d * xd * isum in float64), R rows x 1 token per tile; runners and
+# entry points generated from mpillm.kernels.runners (as portable's)
 R = 4
-_T40, _O40 = _make_qtile("q4_0", R, 1, f64=True), _make_qtile("q4_0", 1, 1, f64=True)
-_T41, _O41 = _make_qtile("q4_1", R, 1, f64=True), _make_qtile("q4_1", 1, 1, f64=True)
-_T80, _O80 = _make_qtile("q8_0", R, 1, f64=True), _make_qtile("q8_0", 1, 1, f64=True)
-Q40, Q41, Q80 = 0, 1, 2
+_F64_OUT = 'if out.itemsize != 8:\n    raise ValueError("matmul: out must be float64")'
 
 
-@njit(**_JIT)
-def _q_run(kind, wq, wstride, dp, mp, dstride, xp, xstride, xdp, xsp, sstride, op, ostride, nb, N, T):
-    a = (wq, wstride, dp, mp, dstride, xp, xstride, xdp, xsp, sstride, op, ostride, nb)
-    for i in prange((N + R - 1) // R):
-        n0 = i * R
-        for t in range(T):
-            if n0 + R <= N:
-                if kind == Q40:
-                    _T40(*a, n0, t)
-                elif kind == Q41:
-                    _T41(*a, n0, t)
-                else:
-                    _T80(*a, n0, t)
-            else:
-                for n in range(n0, N):
-                    if kind == Q40:
-                        _O40(*a, n, t)
-                    elif kind == Q41:
-                        _O41(*a, n, t)
-                    else:
-                        _O80(*a, n, t)
+# the float weights: one row and token per float64 dot product (w f16 as uint16 bits, or f32)
+_FLOAT = """
 
-
-@njit(cache=True)
-def _q(kind, qs, d, m, xq, xd, xsum, out, qs_per_block):
-    check_q(qs, d, m, xq, xd, xsum, out, qs_per_block)
-    if out.itemsize != 8:
-        raise ValueError("matmul: out must be float64")
-    _q_run(kind, qs.ctypes.data, qs.strides[0], d.ctypes.data, m.ctypes.data, d.strides[0], xq.ctypes.data,
-           xq.strides[0], xd.ctypes.data, xsum.ctypes.data, xd.strides[0], out.ctypes.data, out.strides[0],
-           xd.shape[1], qs.shape[0], xq.shape[0])
-
-
-@njit(cache=True)
-def matmul_q4_0_q8_0_f64(qs, d, xq, xd, xsum, out):
-    _q(Q40, qs, d, d, xq, xd, xsum, out, 16)
-
-
-@njit(cache=True)
-def matmul_q4_1_q8_0_f64(qs, d, m, xq, xd, xsum, out):
-    _q(Q41, qs, d, m, xq, xd, xsum, out, 16)
-
-
-@njit(cache=True)
-def matmul_q8_0_q8_0_f64(qs, d, xq, xd, xsum, out):
-    _q(Q80, qs, d, d, xq, xd, xsum, out, 32)
-
-
-@njit(**_JIT)
-def matmul_f16_f32_f64(w, x, out):
+@njit({flags})
+def matmul_{f}_f32_f64(w, x, out):
     N, T, K = w.shape[0], x.shape[0], x.shape[1]
     for n in prange(N):
         for t in range(T):
             acc = 0.0
             for k in range(K):
-                acc += np.float64(h2f(w[n, k])) * np.float64(x[t, k])
+                acc += np.float64({w}) * np.float64(x[t, k])
             out[t, n] = acc
+"""
 
 
-@njit(**_JIT)
-def matmul_f32_f32_f64(w, x, out):
-    N, T, K = w.shape[0], x.shape[0], x.shape[1]
-    for n in prange(N):
-        for t in range(T):
-            acc = 0.0
-            for k in range(K):
-                acc += np.float64(w[n, k]) * np.float64(x[t, k])
-            out[t, n] = acc
+def _source() -> str:
+    src = runners.HEADER.format(by=__name__) + "import numpy as np\n"
+    for k in portable.QKINDS:
+        src += runners.plain_run(f"run_{k}", runners.flags(_JIT), runners.QPARAMS, "R", "1", k)
+        src += runners.q_entry(f"matmul_{k}_q8_0_f64", "cache=True", k, f"run_{k}", extra=_F64_OUT)
+    for f, w in (("f16", "h2f(w[n, k])"), ("f32", "w[n, k]")):
+        src += _FLOAT.format(flags=runners.flags(_JIT), f=f, w=w)
+    return src
+
+
+_names = dict(check_q=check_q, h2f=h2f, R=R)
+for _k in portable.QKINDS:
+    _names.update(portable.tiles(_k, lambda R_, U_, k=_k: portable._make_qtile(k, R_, U_, f64=True), R, 1))
+_gen = jitcache.load_generated("exact", "exact_run", _source(), _names)
+matmul_q4_0_q8_0_f64, matmul_q4_1_q8_0_f64, matmul_q8_0_q8_0_f64 = (
+    _gen.matmul_q4_0_q8_0_f64, _gen.matmul_q4_1_q8_0_f64, _gen.matmul_q8_0_q8_0_f64)
+matmul_f16_f32_f64, matmul_f32_f32_f64 = _gen.matmul_f16_f32_f64, _gen.matmul_f32_f32_f64
 
 
 from mpillm.kernels.kquant import (matmul_mxfp4_q8_0_f64, matmul_q4_K_q8_0_f64, matmul_q5_0_q8_0_f64, matmul_q5_1_q8_0_f64, matmul_q5_K_q8_0_f64, matmul_q6_K_q8_0_f64)

@@ -1,13 +1,40 @@
 """What every IR-writing kernel module needs: LLVM types and a small emitter bound to one
 ``ir.IRBuilder`` (intrinsic declarations, constants, broadcasts, addresses, masked loads,
-FMA, horizontal sums). The kernel modules subclass ``Emit`` with their own instructions."""
+FMA, horizontal sums, the portable signed dot product). The kernel modules subclass ``Emit`` with
+their own instructions."""
 from __future__ import annotations
 
+import inspect
+
+from llvmlite import binding as _llvm
 from llvmlite import ir
+from numba.core import cgutils, types
+from numba.extending import intrinsic
 
 I1, I8, I16, I32, I64 = (ir.IntType(w) for w in (1, 8, 16, 32, 64))
 F16, F32, F64 = ir.HalfType(), ir.FloatType(), ir.DoubleType()
 PTR = ir.PointerType()
+# LLVM >= 22 has llvm.vector.partial.reduce.add (see Emit.sdot) and declares the x86 VNNI
+# intrinsics on byte vectors (older: i32 vectors; 22 still upgrades those)
+PARTIAL_REDUCE = VNNI_BYTE_OPERANDS = _llvm.llvm_version_info >= (22,)
+
+
+def int_intrinsic(name: str, params: str, codegen):
+    """A numba intrinsic named ``name`` with the arguments ``params`` (comma-separated names), all
+    integers (addresses, strides, counts), that returns nothing; its body is ``codegen``
+    (context, builder, signature, args)."""
+
+    def typer(typingctx, *argtys):
+        if not all(isinstance(t, types.Integer) for t in argtys):
+            return None
+        return types.void(*argtys), codegen
+
+    # numba reads the intrinsic's parameters from its typer's signature: fixed ones, not *argtys
+    P = inspect.Parameter
+    typer.__signature__ = inspect.Signature([P(n.strip(), P.POSITIONAL_OR_KEYWORD)
+                                             for n in ("typingctx," + params).split(",")])
+    typer.__name__ = typer.__qualname__ = name
+    return intrinsic(typer)
 
 
 def vec(t, n):
@@ -57,9 +84,43 @@ class Emit:
         f = self.decl(f"llvm.masked.load.v{ty.count}{suffix(ty.element)}.p0", ty, [PTR, I32, vec(I1, ty.count), ty])
         return self.b.call(f, [p, I32(align), mask, ir.Constant(ty, None) if fill is None else fill])
 
+    def chunked(self, n, size: int, body):
+        """body(i, None) for each whole chunk i (i64) of ``size`` items of n (i64), then once
+        body(i, rem) for a partial last chunk of rem (i32) items, if there is one."""
+        b = self.b
+        whole = b.udiv(n, ir.Constant(I64, size))
+        rem = b.trunc(b.urem(n, ir.Constant(I64, size)), I32)
+        with cgutils.for_range(b, whole) as loop:
+            body(loop.index, None)
+        with b.if_then(b.icmp_unsigned("!=", rem, I32(0)), likely=False):
+            body(whole, rem)
+
     def lanes_below(self, n, limit):
         """<n x i1>: lane index < limit (limit an i32 value; negative gives all false)."""
         return self.b.icmp_signed("<", self.const(I32, n, range(n)), self.splat(limit, n))
+
+    def half(self, base, off):
+        """One fp16 value at base + off -> float."""
+        return self.b.fpext(self.b.bitcast(self.load(base, off, I16), F16), F32)
+
+    def sdot(self, pairs):
+        """sum over (a, x) pairs of sum(sext(a) * sext(x)), a and x <16 x i8>, as i32 (target-neutral).
+
+        Written as ``partial.reduce.add`` into <4 x i32> (LLVM >= 22), which AArch64 with
+        +dotprod selects as one ``sdot`` per pair (plain NEON: smull/saddw), then one
+        horizontal add. Older LLVM: ``reduce.add`` of the products."""
+        v16, v4 = vec(I32, 16), vec(I32, 4)
+        prods = [self.b.mul(self.b.sext(a, v16), self.b.sext(x, v16)) for a, x in pairs]
+        if PARTIAL_REDUCE:
+            f = self.decl("llvm.vector.partial.reduce.add.v4i32.v16i32", v4, [v4, v16])
+            acc = ir.Constant(v4, None)
+            for p in prods:
+                acc = self.b.call(f, [acc, p])
+            return self.b.call(self.decl("llvm.vector.reduce.add.v4i32", I32, [v4]), [acc])
+        tot = prods[0]
+        for p in prods[1:]:
+            tot = self.b.add(tot, p)
+        return self.b.call(self.decl("llvm.vector.reduce.add.v16i32", I32, [v16]), [tot])
 
     def fma(self, a, b, c):
         t = a.type

@@ -11,11 +11,21 @@ A reader between the two steps can likewise pair a new index with an old data fi
 ``flock`` on one lock file per cache directory, so a save (index and data) is atomic to every
 other process's save and load. It costs one flock per cached function loaded or saved
 (microseconds) and does nothing where ``fcntl`` is missing.
+
+numba caches only functions that live in files, so code generated at run time (the kernel
+runners of ``x86``, ``portable``, ``kquant`` and ``exact``; the fused blocks of
+``mpillm.runtime.fused``) is written into the cache directory (``cache_dir()``) and imported
+from there: ``load_generated()``, which writes each file once (``publish()``).
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import importlib.util
 import os
+import sys
+from pathlib import Path
+from types import ModuleType
 
 LOCK_NAME = ".mpillm-cache.lock"
 _installed = False
@@ -61,3 +71,49 @@ def install() -> bool:
     IndexDataCacheFile.save, IndexDataCacheFile.load = locked_save, locked_load
     _installed = True
     return True
+
+
+def cache_dir() -> Path:
+    """numba's cache directory (``mpillm/__init__.py`` keys NUMBA_CACHE_DIR by the package sources)."""
+    return Path(os.environ.get("NUMBA_CACHE_DIR") or Path.home() / ".cache" / "mpillm" / "numba")
+
+
+def publish(file: Path, src: str) -> None:
+    """Write ``file`` whole, once: processes (the ranks of a node) that generate the same module at
+    the same moment each write a private copy and hard-link it into place, and only the first link
+    lands; an existing file is never rewritten. (Replacing it would change its mtime, numba's stamp
+    of the cache entries already compiled from it, and the other ranks would discard and recompile
+    them.)"""
+    tmp = file.with_name(file.name + f".tmp{os.getpid()}")
+    tmp.write_text(src)
+    try:
+        os.link(tmp, file)
+    except FileExistsError:
+        pass
+    except OSError:              # a file system without hard links: replace, as before
+        if not file.exists():
+            os.replace(tmp, file)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_generated(group: str, stem: str, src: str, namespace: dict | None = None) -> ModuleType:
+    """Import generated source ``src`` as module ``mpillm_<stem>_<hash of src>`` from the file
+    ``<cache_dir()>/mpillm_<group>/<stem>_<hash>.py`` (written by ``publish`` when missing), once per
+    process. ``namespace``: names bound in the module before its code runs (the intrinsics and
+    constants its functions use), so the generated file imports nothing from its generator."""
+    tag = hashlib.sha1(src.encode()).hexdigest()[:12]
+    base = cache_dir() / f"mpillm_{group}"
+    base.mkdir(parents=True, exist_ok=True)
+    file = base / f"{stem}_{tag}.py"
+    if not file.exists():
+        publish(file, src)
+    modname = f"mpillm_{stem}_{tag}"
+    if modname in sys.modules:
+        return sys.modules[modname]
+    spec = importlib.util.spec_from_file_location(modname, file)
+    mod = importlib.util.module_from_spec(spec)
+    mod.__dict__.update(namespace or {})
+    sys.modules[modname] = mod
+    spec.loader.exec_module(mod)
+    return mod

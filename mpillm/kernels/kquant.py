@@ -41,20 +41,20 @@ in a loop of their own after the dots. q6_K starts each dot at -32 * (sum of the
 activations), computed once per token and group. The runners are compiled without fastmath:
 with it LLVM contracted the tiles' float operations differently per tile shape, and a row's
 last bit depended on its batch (test_row_does_not_depend_on_its_batch). Portable: one sub-block at a time, ``sdot`` shape
-(``reduce.add(sext * sext)``) per 16 bytes as in ``portable.py``. ``f64`` tiles accumulate
+(``reduce.add(sext * sext)``) per 16 bytes (``irgen.Emit.sdot``, as in ``portable.py``). ``f64`` tiles accumulate
 in float64 (``--buffer-type f64``, kernels.exact).
 """
 from __future__ import annotations
 
 import numpy as np
-from llvmlite import binding as _llvm
 from llvmlite import ir
 from numba import njit
-from numba.core import cgutils, types
-from numba.extending import intrinsic
+from numba.core import cgutils
 
 from mpillm.formats import quant
-from mpillm.kernels.irgen import F16, F32, F64, I1, I8, I16, I32, I64, PTR, Emit
+from mpillm.kernels import jitcache, runners
+from mpillm.kernels.checks import rows_ok
+from mpillm.kernels.irgen import F16, F32, F64, I1, I8, I16, I32, I64, PTR, VNNI_BYTE_OPERANDS, Emit, int_intrinsic
 from mpillm.kernels.irgen import vec as _vec
 
 KINDS = ("q5_0", "q5_1", "q4_K", "q5_K", "q6_K", "mxfp4")
@@ -63,9 +63,6 @@ ARR = {k: tuple(n for n, _ in quant.ARRAYS[k]) for k in KINDS}
 NSLOT = 6  # array slots in a tile's arguments (q5_K has six arrays)
 
 _JIT = dict(cache=True, fastmath=True, nogil=True)
-_JIT_PAR = dict(_JIT, parallel=True)
-_VNNI_BYTE_OPERANDS = _llvm.llvm_version_info >= (22,)
-_PARTIAL_REDUCE = _llvm.llvm_version_info >= (22,)
 # Portable: unsigned codes (q5_1, q4_K, q5_K; 0..31 or 0..15) are centred to signed ones and the
 # offset added back as c * xsum. LLVM proves the raw codes non-negative and turns their sext into
 # zext; a zext x sext product is AArch64's usdot (+i8mm, not on a Cortex-A76) and without it
@@ -81,9 +78,6 @@ class _E(Emit):
 
     def i64(self, v):
         return ir.Constant(I64, v)
-
-    def half(self, base, off):
-        return self.b.fpext(self.b.bitcast(self.load(base, off, I16), F16), F32)
 
     def prefetch(self, base, off):
         """prefetcht1 (into L2): the weights are read once."""
@@ -124,9 +118,9 @@ class _E(Emit):
         b = self.b
         if self.isa == "vnni":
             lanes = n // 4
-            opty = _vec(I8, n) if _VNNI_BYTE_OPERANDS else _vec(I32, lanes)
+            opty = _vec(I8, n) if VNNI_BYTE_OPERANDS else _vec(I32, lanes)
             f = self.decl(f"llvm.x86.avx512.vpdpbusd.{32 * lanes}", acc.type, [acc.type, opty, opty])
-            if not _VNNI_BYTE_OPERANDS:
+            if not VNNI_BYTE_OPERANDS:
                 a, x = b.bitcast(a, opty), b.bitcast(x, opty)
             return b.call(f, [acc, a, x])
         mub = self.decl("llvm.x86.avx2.pmadd.ub.sw", _vec(I16, 16), [_vec(I8, 32), _vec(I8, 32)])
@@ -150,21 +144,6 @@ class _E(Emit):
         parts = [b.call(f, [self.const(I8, 32, table * 2), self.shuffle(idx, None, range(32 * c, 32 * c + 32))
                             if n > 32 else idx]) for c in range(n // 32)]
         return parts[0] if len(parts) == 1 else self.shuffle(parts[0], parts[1], range(64))
-
-    def sdot(self, pairs):
-        """Portable: sum of sext(a) * sext(x) over <16 x i8> pairs, as i32 (sdot shape)."""
-        v16, v4 = _vec(I32, 16), _vec(I32, 4)
-        prods = [self.b.mul(self.b.sext(a, v16), self.b.sext(x, v16)) for a, x in pairs]
-        if _PARTIAL_REDUCE:
-            f = self.decl("llvm.vector.partial.reduce.add.v4i32.v16i32", v4, [v4, v16])
-            acc = ir.Constant(v4, None)
-            for p in prods:
-                acc = self.b.call(f, [acc, p])
-            return self.b.call(self.decl("llvm.vector.reduce.add.v4i32", I32, [v4]), [acc])
-        tot = prods[0]
-        for p in prods[1:]:
-            tot = self.b.add(tot, p)
-        return self.b.call(self.decl("llvm.vector.reduce.add.v16i32", I32, [v16]), [tot])
 
 
 def _nibbles(e: _E, A: dict, r, b0, nsub: int):
@@ -507,18 +486,9 @@ def _tile_codegen(kind: str, isa: str, R: int, U: int, f64: bool = False):
 
 
 def _make_tile(kind, isa, R, U, f64=False):
-    gen = _tile_codegen(kind, isa, R, U, f64)
-
-    def tile(typingctx, a0, s0, a1, s1, a2, s2, a3, s3, a4, s4, a5, s5, dshift, xp, xstride, xdp, xsp, sstride,
-             op, ostride, nb, n0, t0):
-        argtys = (a0, s0, a1, s1, a2, s2, a3, s3, a4, s4, a5, s5, dshift, xp, xstride, xdp, xsp, sstride,
-                  op, ostride, nb, n0, t0)
-        if not all(isinstance(t, types.Integer) for t in argtys):
-            return None
-        return types.void(*argtys), gen
-
-    tile.__name__ = tile.__qualname__ = f"kq_{isa}_{kind}_tile_{R}x{U}{'_f64' if f64 else ''}"
-    return intrinsic(tile)
+    return int_intrinsic(f"kq_{isa}_{kind}_tile_{R}x{U}{'_f64' if f64 else ''}",
+                         "a0, s0, a1, s1, a2, s2, a3, s3, a4, s4, a5, s5, dshift, xp, xstride, xdp, xsp, sstride, op, "
+                         "ostride, nb, n0, t0", _tile_codegen(kind, isa, R, U, f64))
 
 
 # tiles per path and kind: R rows x U tokens (T > 1), R1 rows x 1 token (decode), single rows
@@ -543,98 +513,13 @@ def tile(path: str, kind: str, shape: str):
 
 
 # ----------------------------------------------------------------------------------------------
-# runners: one per path and type, generated from _RUN below into a file (numba caches only
-# functions that live in files; one runner per type keeps each compilation to that type's tiles).
-# prange over row tiles (numba gives each thread a contiguous range); a row tile is used for all
-# T tokens, U at a time, while it is in cache. ``a``: the tile arguments from the slots to nb.
+# shape checks of the array-typed entry points (below)
 # ----------------------------------------------------------------------------------------------
-_RUN = """
-@njit(cache=True, fastmath=False, nogil=True, parallel=True)
-def run_{P}_{K}(a, N, T):
-    RD, R, U = {RD}, {R}, {U}
-    if T == 1:
-        for i in prange((N + RD - 1) // RD):
-            n0 = i * RD
-            if n0 + RD <= N:
-                {P}_{K}_D(*a, n0, 0)
-            else:
-                for n in range(n0, N):
-                    {P}_{K}_O1(*a, n, 0)
-        return
-    for i in prange((N + R - 1) // R):
-        n0 = i * R
-        if n0 + R <= N:
-            t0 = 0
-            while t0 + U <= T:
-                {P}_{K}_RU(*a, n0, t0)
-                t0 += U
-            for t in range(t0, T):
-                {P}_{K}_R1(*a, n0, t)
-        else:
-            for n in range(n0, N):
-                t0 = 0
-                while t0 + U <= T:
-                    {P}_{K}_OU(*a, n, t0)
-                    t0 += U
-                for t in range(t0, T):
-                    {P}_{K}_O1(*a, n, t)
-"""
-
-
-def _runners_source() -> str:
-    lines = ["# generated by mpillm.kernels.kquant (do not edit)", "from numba import njit, prange",
-             "from mpillm.kernels.kquant import tile", ""]
-    for P in SHAPES:
-        for K in KINDS:
-            for sh in SHAPES[P]:
-                lines.append(f"{P}_{K}_{sh} = tile({P!r}, {K!r}, {sh!r})")
-    src = "\n".join(lines) + "\n"
-    for P, sh in SHAPES.items():
-        for K in KINDS:
-            src += _RUN.format(P=P, K=K, RD=sh["D"][0], R=sh["RU"][0], U=sh["RU"][1])
-    return src
-
-
-def _load_runners():
-    import hashlib
-    import importlib.util
-    import os
-    import sys
-    from pathlib import Path
-
-    src = _runners_source()
-    tag = hashlib.sha1(src.encode()).hexdigest()[:12]
-    modname = f"mpillm_kq_run_{tag}"
-    if modname in sys.modules:
-        return sys.modules[modname]
-    base = Path(os.environ.get("NUMBA_CACHE_DIR") or Path.home() / ".cache" / "mpillm" / "numba") / "mpillm_kq"
-    base.mkdir(parents=True, exist_ok=True)
-    file = base / f"kq_run_{tag}.py"
-    if not file.exists():
-        tmp = file.with_name(file.name + f".tmp{os.getpid()}")
-        tmp.write_text(src)
-        os.replace(tmp, file)
-    spec = importlib.util.spec_from_file_location(modname, file)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[modname] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-_R = _load_runners()
-# ----------------------------------------------------------------------------------------------
-# shape checks and the array-typed entry points
-# ----------------------------------------------------------------------------------------------
-@njit(**_JIT)
-def _rows_ok(a):
-    return a.shape[1] <= 1 or a.strides[1] == a.itemsize
-
-
 @njit(**_JIT)
 def _chk(w, N, width):
     if w.shape[0] != N or w.shape[1] != width:
         raise ValueError("matmul: weight arrays do not match (N, K)")
-    if not _rows_ok(w):
+    if not rows_ok(w):
         raise ValueError("matmul: every array's rows must be contiguous")
 
 
@@ -652,7 +537,7 @@ def _check(qs, xq, xd, xsum, out):
         raise ValueError("matmul: out must be (T, N)")
     if T > 1 and xsum.strides[0] != xd.strides[0]:
         raise ValueError("matmul: xd and xsum must have the same row stride")
-    if not (_rows_ok(qs) and _rows_ok(xq) and _rows_ok(xd) and _rows_ok(xsum) and _rows_ok(out)):
+    if not (rows_ok(qs) and rows_ok(xq) and rows_ok(xd) and rows_ok(xsum) and rows_ok(out)):
         raise ValueError("matmul: every array's rows must be contiguous")
     return N, nb, T
 
@@ -737,148 +622,60 @@ def mxfp4(qs, e, xq, xd, xsum, out):
         xq, xd, xsum, out, nb), N, T
 
 
-# the per-path entry points (the kernel API's names; fp16 arrays as uint16 views)
+# ----------------------------------------------------------------------------------------------
+# runners and the per-path entry points (the kernel API's names; fp16 arrays as uint16 views),
+# one per path and type, generated from the templates below into a file (numba caches only
+# functions that live in files; one runner per type keeps each compilation to that type's tiles)
+# with the tiles (``<path>_<kind>_<shape>``) and the checks above (``check_<kind>``) bound by name.
+# prange over row tiles (numba gives each thread a contiguous range); a row tile is used for all
+# T tokens, U at a time, while it is in cache. ``a``: the tile arguments from the slots to nb.
+# ----------------------------------------------------------------------------------------------
+_RUN = """
+
+@njit(cache=True, fastmath=False, nogil=True, parallel=True)
+def run_{P}_{K}(a, N, T):
+    RD, R, U = {RD}, {R}, {U}
+    if T == 1:
+        for i in prange((N + RD - 1) // RD):
+            n0 = i * RD
+            if n0 + RD <= N:
+                {P}_{K}_D(*a, n0, 0)
+            else:
+                for n in range(n0, N):
+                    {P}_{K}_O1(*a, n, 0)
+        return
+{loop}"""
+_ENTRY = """
+
+@njit({flags})
+def {name}({arrays}, xq, xd, xsum, out):
+    a, N, T = check_{K}({arrays}, xq, xd, xsum, out)
+    run_{P}_{K}(a, N, T)
+"""
 
 
-@njit(**_JIT)
-def vnni_matmul_q5_0_q8_0(qs, qh, d, xq, xd, xsum, out):
-    a, N, T = q5_0(qs, qh, d, xq, xd, xsum, out)
-    _R.run_vnni_q5_0(a, N, T)
+def entry_name(path: str, kind: str) -> str:
+    """The name of a path's kernel for a kind: <path>_matmul_<kind>_q8_0, f64: matmul_<kind>_q8_0_f64."""
+    return f"matmul_{kind}_q8_0_f64" if path == "f64" else f"{path}_matmul_{kind}_q8_0"
 
 
-@njit(**_JIT)
-def vnni_matmul_q5_1_q8_0(qs, qh, d, m, xq, xd, xsum, out):
-    a, N, T = q5_1(qs, qh, d, m, xq, xd, xsum, out)
-    _R.run_vnni_q5_1(a, N, T)
+def _runners_source() -> str:
+    src = runners.HEADER.format(by=__name__)
+    for P, sh in SHAPES.items():
+        for K in KINDS:
+            src += _RUN.format(P=P, K=K, RD=sh["D"][0], R=sh["RU"][0], U=sh["RU"][1],
+                               loop=runners.row_tiles(4, *(f"{P}_{K}_{s}" for s in ("RU", "R1", "OU", "O1"))))
+            src += _ENTRY.format(flags=runners.flags(_JIT), name=entry_name(P, K), arrays=", ".join(ARR[K]), P=P, K=K)
+    return src
 
 
-@njit(**_JIT)
-def vnni_matmul_q4_K_q8_0(qs, sc, mn, d, dmin, xq, xd, xsum, out):
-    a, N, T = q4_K(qs, sc, mn, d, dmin, xq, xd, xsum, out)
-    _R.run_vnni_q4_K(a, N, T)
+def _runner_names() -> dict:
+    names = {f"check_{K}": globals()[K] for K in KINDS}
+    names.update({f"{P}_{K}_{sh}": tile(P, K, sh) for P in SHAPES for K in KINDS for sh in SHAPES[P]})
+    return names
 
 
-@njit(**_JIT)
-def vnni_matmul_q5_K_q8_0(qs, qh, sc, mn, d, dmin, xq, xd, xsum, out):
-    a, N, T = q5_K(qs, qh, sc, mn, d, dmin, xq, xd, xsum, out)
-    _R.run_vnni_q5_K(a, N, T)
-
-
-@njit(**_JIT)
-def vnni_matmul_q6_K_q8_0(qs, qh, sc, d, xq, xd, xsum, out):
-    a, N, T = q6_K(qs, qh, sc, d, xq, xd, xsum, out)
-    _R.run_vnni_q6_K(a, N, T)
-
-
-@njit(**_JIT)
-def vnni_matmul_mxfp4_q8_0(qs, e, xq, xd, xsum, out):
-    a, N, T = mxfp4(qs, e, xq, xd, xsum, out)
-    _R.run_vnni_mxfp4(a, N, T)
-
-
-@njit(**_JIT)
-def avx2_matmul_q5_0_q8_0(qs, qh, d, xq, xd, xsum, out):
-    a, N, T = q5_0(qs, qh, d, xq, xd, xsum, out)
-    _R.run_avx2_q5_0(a, N, T)
-
-
-@njit(**_JIT)
-def avx2_matmul_q5_1_q8_0(qs, qh, d, m, xq, xd, xsum, out):
-    a, N, T = q5_1(qs, qh, d, m, xq, xd, xsum, out)
-    _R.run_avx2_q5_1(a, N, T)
-
-
-@njit(**_JIT)
-def avx2_matmul_q4_K_q8_0(qs, sc, mn, d, dmin, xq, xd, xsum, out):
-    a, N, T = q4_K(qs, sc, mn, d, dmin, xq, xd, xsum, out)
-    _R.run_avx2_q4_K(a, N, T)
-
-
-@njit(**_JIT)
-def avx2_matmul_q5_K_q8_0(qs, qh, sc, mn, d, dmin, xq, xd, xsum, out):
-    a, N, T = q5_K(qs, qh, sc, mn, d, dmin, xq, xd, xsum, out)
-    _R.run_avx2_q5_K(a, N, T)
-
-
-@njit(**_JIT)
-def avx2_matmul_q6_K_q8_0(qs, qh, sc, d, xq, xd, xsum, out):
-    a, N, T = q6_K(qs, qh, sc, d, xq, xd, xsum, out)
-    _R.run_avx2_q6_K(a, N, T)
-
-
-@njit(**_JIT)
-def avx2_matmul_mxfp4_q8_0(qs, e, xq, xd, xsum, out):
-    a, N, T = mxfp4(qs, e, xq, xd, xsum, out)
-    _R.run_avx2_mxfp4(a, N, T)
-
-
-@njit(**_JIT)
-def portable_matmul_q5_0_q8_0(qs, qh, d, xq, xd, xsum, out):
-    a, N, T = q5_0(qs, qh, d, xq, xd, xsum, out)
-    _R.run_portable_q5_0(a, N, T)
-
-
-@njit(**_JIT)
-def portable_matmul_q5_1_q8_0(qs, qh, d, m, xq, xd, xsum, out):
-    a, N, T = q5_1(qs, qh, d, m, xq, xd, xsum, out)
-    _R.run_portable_q5_1(a, N, T)
-
-
-@njit(**_JIT)
-def portable_matmul_q4_K_q8_0(qs, sc, mn, d, dmin, xq, xd, xsum, out):
-    a, N, T = q4_K(qs, sc, mn, d, dmin, xq, xd, xsum, out)
-    _R.run_portable_q4_K(a, N, T)
-
-
-@njit(**_JIT)
-def portable_matmul_q5_K_q8_0(qs, qh, sc, mn, d, dmin, xq, xd, xsum, out):
-    a, N, T = q5_K(qs, qh, sc, mn, d, dmin, xq, xd, xsum, out)
-    _R.run_portable_q5_K(a, N, T)
-
-
-@njit(**_JIT)
-def portable_matmul_q6_K_q8_0(qs, qh, sc, d, xq, xd, xsum, out):
-    a, N, T = q6_K(qs, qh, sc, d, xq, xd, xsum, out)
-    _R.run_portable_q6_K(a, N, T)
-
-
-@njit(**_JIT)
-def portable_matmul_mxfp4_q8_0(qs, e, xq, xd, xsum, out):
-    a, N, T = mxfp4(qs, e, xq, xd, xsum, out)
-    _R.run_portable_mxfp4(a, N, T)
-
-
-@njit(**_JIT)
-def matmul_q5_0_q8_0_f64(qs, qh, d, xq, xd, xsum, out):
-    a, N, T = q5_0(qs, qh, d, xq, xd, xsum, out)
-    _R.run_f64_q5_0(a, N, T)
-
-
-@njit(**_JIT)
-def matmul_q5_1_q8_0_f64(qs, qh, d, m, xq, xd, xsum, out):
-    a, N, T = q5_1(qs, qh, d, m, xq, xd, xsum, out)
-    _R.run_f64_q5_1(a, N, T)
-
-
-@njit(**_JIT)
-def matmul_q4_K_q8_0_f64(qs, sc, mn, d, dmin, xq, xd, xsum, out):
-    a, N, T = q4_K(qs, sc, mn, d, dmin, xq, xd, xsum, out)
-    _R.run_f64_q4_K(a, N, T)
-
-
-@njit(**_JIT)
-def matmul_q5_K_q8_0_f64(qs, qh, sc, mn, d, dmin, xq, xd, xsum, out):
-    a, N, T = q5_K(qs, qh, sc, mn, d, dmin, xq, xd, xsum, out)
-    _R.run_f64_q5_K(a, N, T)
-
-
-@njit(**_JIT)
-def matmul_q6_K_q8_0_f64(qs, qh, sc, d, xq, xd, xsum, out):
-    a, N, T = q6_K(qs, qh, sc, d, xq, xd, xsum, out)
-    _R.run_f64_q6_K(a, N, T)
-
-
-@njit(**_JIT)
-def matmul_mxfp4_q8_0_f64(qs, e, xq, xd, xsum, out):
-    a, N, T = mxfp4(qs, e, xq, xd, xsum, out)
-    _R.run_f64_mxfp4(a, N, T)
+_R = jitcache.load_generated("kq", "kq_run", _runners_source(), _runner_names())
+for _P in SHAPES:  # vnni_matmul_q5_0_q8_0, ..., portable_matmul_mxfp4_q8_0, matmul_q5_0_q8_0_f64, ...
+    for _K in KINDS:
+        globals()[entry_name(_P, _K)] = getattr(_R, entry_name(_P, _K))

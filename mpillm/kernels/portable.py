@@ -17,13 +17,14 @@ tokens (U at a time) while it is in L1, so each weight row is read once per call
 """
 from __future__ import annotations
 
-from llvmlite import binding as _llvm
 from llvmlite import ir
 from numba import njit, prange
 from numba.core import cgutils, types
 from numba.extending import intrinsic
 
-from mpillm.kernels.irgen import F16, F32, I8, I16, I32, I64, Emit
+from mpillm.kernels import jitcache, runners
+from mpillm.kernels.checks import check_f, check_q
+from mpillm.kernels.irgen import F16, F32, I8, I16, I32, I64, Emit, int_intrinsic
 from mpillm.kernels.irgen import vec as _vec
 from mpillm.kernels.vmath import quantize_rows_q8_0
 
@@ -91,38 +92,8 @@ def quantize_q8_0(x, xq, xd, xsum):
 
 
 # ----------------------------------------------------------------------------
-# target-neutral vector IR
+# target-neutral vector IR (irgen.Emit: the fp16 scalar load and the signed dot product ``sdot``)
 # ----------------------------------------------------------------------------
-_PARTIAL_REDUCE = _llvm.llvm_version_info >= (22,)
-
-
-class _Emit(Emit):
-    """The shared emitter plus the portable kernels' fp16 scalar load and signed dot product."""
-
-    def half(self, base, off):
-        return self.b.fpext(self.b.bitcast(self.load(base, off, I16), F16), F32)
-
-    def sdot(self, pairs):
-        """sum over (a, x) pairs of sum(sext(a) * sext(x)), a and x <16 x i8>, as i32.
-
-        Written as ``partial.reduce.add`` into <4 x i32> (LLVM >= 22), which AArch64 with
-        +dotprod selects as one ``sdot`` per pair (plain NEON: smull/saddw), then one
-        horizontal add. Older LLVM: ``reduce.add`` of the products."""
-        v16, v4 = _vec(I32, 16), _vec(I32, 4)
-        prods = [self.b.mul(self.b.sext(a, v16), self.b.sext(x, v16)) for a, x in pairs]
-        if _PARTIAL_REDUCE:
-            f = self.decl("llvm.vector.partial.reduce.add.v4i32.v16i32", v4, [v4, v16])
-            acc = ir.Constant(v4, None)
-            for p in prods:
-                acc = self.b.call(f, [acc, p])
-            return self.b.call(self.decl("llvm.vector.reduce.add.v4i32", I32, [v4]), [acc])
-        tot = prods[0]
-        for p in prods[1:]:
-            tot = self.b.add(tot, p)
-        return self.b.call(self.decl("llvm.vector.reduce.add.v16i32", I32, [v16]), [tot])
-
-
-
 def _qtile_codegen(kind: str, R: int, U: int, f64: bool = False):
     """R rows x U tokens of a quantized matmul, one 32-block at a time: an exact int32 dot per
     block (sdot shape), then one float FMA with d * xd per block and (row, token).
@@ -134,7 +105,7 @@ def _qtile_codegen(kind: str, R: int, U: int, f64: bool = False):
     def codegen(context, builder, signature, args):
         (wq, wstride, dp, mp, dstride, xp, xstride, xdp, xsp, sstride, op, ostride, nb, n0, t0) = args
         b = builder
-        e = _Emit(b)
+        e = Emit(b)
         i64 = lambda v: ir.Constant(I64, v)  # noqa: E731
         wq = b.add(wq, b.mul(n0, wstride))
         dp = b.add(dp, b.mul(n0, dstride))
@@ -199,7 +170,7 @@ def _ftile_codegen(half: bool, R: int, U: int, V: int = 16):
     def codegen(context, builder, signature, args):
         (wp, wstride, xp, xstride, op, ostride, K, n0, t0) = args
         b = builder
-        e = _Emit(b)
+        e = Emit(b)
         i64 = lambda v: ir.Constant(I64, v)  # noqa: E731
         wp = b.add(wp, b.mul(n0, wstride))
         xp = b.add(xp, b.mul(t0, xstride))
@@ -207,7 +178,8 @@ def _ftile_codegen(half: bool, R: int, U: int, V: int = 16):
         vz = ir.Constant(_vec(F32, V), None)
         acc = [[cgutils.alloca_once_value(b, vz) for _ in range(U)] for _ in range(R)]
 
-        def step(k, mask):
+        def step(k, rem):
+            mask = None if rem is None else e.lanes_below(V, rem)
             xv = [e.load(xp, b.add(b.mul(i64(u), xstride), b.mul(k, i64(4 * V))), _vec(F32, V), mask)
                   for u in range(U)]
             for r in range(R):
@@ -219,13 +191,7 @@ def _ftile_codegen(half: bool, R: int, U: int, V: int = 16):
                 for u in range(U):
                     b.store(e.fma(w, xv[u], b.load(acc[r][u])), acc[r][u])
 
-        nk = b.udiv(K, i64(V))
-        rem = b.trunc(b.urem(K, i64(V)), I32)
-        with cgutils.for_range(b, nk) as loop:
-            step(loop.index, None)
-        with b.if_then(b.icmp_unsigned("!=", rem, I32(0)), likely=False):
-            mask = b.icmp_signed("<", e.const(I32, V, range(V)), e.splat(rem, V))
-            step(nk, mask)
+        e.chunked(K, V, step)  # the last, partial chunk masked
         for r in range(R):
             for u in range(U):
                 b.store(e.hsum(b.load(acc[r][u])), e.addr(op, b.add(b.mul(i64(u), ostride), i64(4 * r))))
@@ -235,250 +201,59 @@ def _ftile_codegen(half: bool, R: int, U: int, V: int = 16):
 
 
 def _make_qtile(kind, R, U, f64=False):
-    gen = _qtile_codegen(kind, R, U, f64)
-
-    def tile(typingctx, wq, wstride, dp, mp, dstride, xp, xstride, xdp, xsp, sstride, op, ostride, nb, n0, t0):
-        argtys = (wq, wstride, dp, mp, dstride, xp, xstride, xdp, xsp, sstride, op, ostride, nb, n0, t0)
-        if not all(isinstance(t, types.Integer) for t in argtys):
-            return None
-        return types.void(*argtys), gen
-
-    tile.__name__ = tile.__qualname__ = f"generic_{kind}_tile_{R}x{U}{'_f64' if f64 else ''}"
-    return intrinsic(tile)
+    return int_intrinsic(f"generic_{kind}_tile_{R}x{U}{'_f64' if f64 else ''}", runners.QPARAMS + ", n0, t0",
+                         _qtile_codegen(kind, R, U, f64))
 
 
 def _make_ftile(half, R, U):
-    gen = _ftile_codegen(half, R, U)
-
-    def tile(typingctx, wp, wstride, xp, xstride, op, ostride, K, n0, t0):
-        argtys = (wp, wstride, xp, xstride, op, ostride, K, n0, t0)
-        if not all(isinstance(t, types.Integer) for t in argtys):
-            return None
-        return types.void(*argtys), gen
-
-    tile.__name__ = tile.__qualname__ = f"generic_{'f16' if half else 'f32'}_tile_{R}x{U}"
-    return intrinsic(tile)
+    return int_intrinsic(f"generic_{'f16' if half else 'f32'}_tile_{R}x{U}", runners.FPARAMS + ", n0, t0",
+                         _ftile_codegen(half, R, U))
 
 
 RQ, UQ = 4, 2  # quantized tiles: R rows x U tokens (T = 1: R x 1)
 RF, UF = 4, 3  # float tiles
-_q40_RU = _make_qtile("q4_0", RQ, UQ)
-_q40_R1 = _make_qtile("q4_0", RQ, 1)
-_q40_OU = _make_qtile("q4_0", 1, UQ)
-_q40_O1 = _make_qtile("q4_0", 1, 1)
-_q41_RU = _make_qtile("q4_1", RQ, UQ)
-_q41_R1 = _make_qtile("q4_1", RQ, 1)
-_q41_OU = _make_qtile("q4_1", 1, UQ)
-_q41_O1 = _make_qtile("q4_1", 1, 1)
-_q80_RU = _make_qtile("q8_0", RQ, UQ)
-_q80_R1 = _make_qtile("q8_0", RQ, 1)
-_q80_OU = _make_qtile("q8_0", 1, UQ)
-_q80_O1 = _make_qtile("q8_0", 1, 1)
-_f16_RU = _make_ftile(True, RF, UF)
-_f16_R1 = _make_ftile(True, RF, 1)
-_f16_OU = _make_ftile(True, 1, UF)
-_f16_O1 = _make_ftile(True, 1, 1)
-_f32_RU = _make_ftile(False, RF, UF)
-_f32_R1 = _make_ftile(False, RF, 1)
-_f32_OU = _make_ftile(False, 1, UF)
-_f32_O1 = _make_ftile(False, 1, 1)
+QKINDS = ("q4_0", "q4_1", "q8_0")
+
+
+def tiles(prefix: str, make, R: int, U: int) -> dict:
+    """The four tiles a runner (runners.row_tiles) uses, by name: ``<prefix>_RU`` (R x U), ``_R1``
+    (R x 1), ``_OU`` (1 x U), ``_O1`` (1 x 1); make(R, U) builds one."""
+    return {f"{prefix}_RU": make(R, U), f"{prefix}_R1": make(R, 1), f"{prefix}_OU": make(1, U),
+            f"{prefix}_O1": make(1, 1)}
 
 
 # ----------------------------------------------------------------------------
-# shape checks
+# kernels, generated per type from mpillm.kernels.runners (numba caches only functions in
+# files): prange over R-row tiles; each tile loops over U-token tiles. The array-typed entry
+# points (one compilation per array type, e.g. read-only memmaps) only check shapes and call
+# the pointer-typed parallel runner (compiled once). d and m are uint16 views of fp16:
+#   matmul_q4_0_q8_0  out[t, n] = sum_b d[n, b] * xd[t, b] * sum_i (nib - 8) * xq
+#   matmul_q4_1_q8_0  value = d * nib + m
+#   matmul_q8_0_q8_0  qs int8 (N, K)
+#   matmul_f16_f32    w uint16 view of fp16 (N, K), x f32 (T, K), out f32 (T, N)
+#   matmul_f32_f32    w f32 (N, K)
 # ----------------------------------------------------------------------------
-@njit(**_JIT)
-def _rows_ok(a):
-    """The elements of each row are contiguous (rows themselves may be strided)."""
-    return a.shape[1] <= 1 or a.strides[1] == a.itemsize
+def _source() -> str:
+    par, entry = runners.flags(_JIT_PAR), runners.flags(_JIT)
+    src = runners.HEADER.format(by=__name__)
+    for k in QKINDS:
+        src += runners.plain_run(f"run_{k}", par, runners.QPARAMS, "RQ", "UQ", k)
+        src += runners.q_entry(f"matmul_{k}_q8_0", entry, k, f"run_{k}")
+    for f in ("f16", "f32"):
+        src += runners.plain_run(f"run_{f}", par, runners.FPARAMS, "RF", "UF", f)
+        src += runners.f_entry(f"matmul_{f}_f32", entry, f"run_{f}")
+    return src
 
 
-@njit(**_JIT)
-def check_q(qs, d, m, xq, xd, xsum, out, qs_per_block):
-    N = qs.shape[0]
-    T, K = xq.shape
-    nb = K // QK
-    if K % QK:
-        raise ValueError("matmul: K must be a multiple of 32")
-    if qs.shape[1] != nb * qs_per_block or d.shape[0] != N or d.shape[1] != nb:
-        raise ValueError("matmul: weight arrays do not match (N, K)")
-    if m.shape[0] != N or m.shape[1] != nb:
-        raise ValueError("matmul: m must have the shape of d")
-    if xd.shape[0] != T or xd.shape[1] != nb or xsum.shape[0] != T or xsum.shape[1] != nb:
-        raise ValueError("matmul: xd and xsum must be (T, K // 32)")
-    if out.shape[0] != T or out.shape[1] != N:
-        raise ValueError("matmul: out must be (T, N)")
-    # the kernels use one row stride for d and m, and one for xd and xsum; rows must be contiguous
-    if (N > 1 and m.strides[0] != d.strides[0]) or (T > 1 and xsum.strides[0] != xd.strides[0]):
-        raise ValueError("matmul: d and m (xd and xsum) must have the same row stride")
-    if not (_rows_ok(qs) and _rows_ok(d) and _rows_ok(m) and _rows_ok(xq) and _rows_ok(xd) and _rows_ok(xsum)
-            and _rows_ok(out)):
-        raise ValueError("matmul: every array's rows must be contiguous")
-
-
-@njit(**_JIT)
-def check_f(w, x, out):
-    if w.shape[1] != x.shape[1] or out.shape[0] != x.shape[0] or out.shape[1] != w.shape[0]:
-        raise ValueError("matmul: shapes must be w (N, K), x (T, K), out (T, N)")
-    if not (_rows_ok(w) and _rows_ok(x) and _rows_ok(out)):
-        raise ValueError("matmul: every array's rows must be contiguous")
-
-
-# ----------------------------------------------------------------------------
-# kernels: prange over R-row tiles; each tile loops over U-token tiles. The array-typed
-# entry points (one compilation per array type, e.g. read-only memmaps) only check shapes
-# and call the pointer-typed parallel body (compiled once).
-# ----------------------------------------------------------------------------
-@njit(**_JIT_PAR)
-def _q40_run(wq, wstride, dp, mp, dstride, xp, xstride, xdp, xsp, sstride, op, ostride, nb, N, T):
-    a = (wq, wstride, dp, mp, dstride, xp, xstride, xdp, xsp, sstride, op, ostride, nb)
-    for i in prange((N + RQ - 1) // RQ):
-        n0 = i * RQ
-        if n0 + RQ <= N:
-            t0 = 0
-            while t0 + UQ <= T:
-                _q40_RU(*a, n0, t0)
-                t0 += UQ
-            for t in range(t0, T):
-                _q40_R1(*a, n0, t)
-        else:
-            for n in range(n0, N):
-                t0 = 0
-                while t0 + UQ <= T:
-                    _q40_OU(*a, n, t0)
-                    t0 += UQ
-                for t in range(t0, T):
-                    _q40_O1(*a, n, t)
-
-
-@njit(**_JIT_PAR)
-def _q41_run(wq, wstride, dp, mp, dstride, xp, xstride, xdp, xsp, sstride, op, ostride, nb, N, T):
-    a = (wq, wstride, dp, mp, dstride, xp, xstride, xdp, xsp, sstride, op, ostride, nb)
-    for i in prange((N + RQ - 1) // RQ):
-        n0 = i * RQ
-        if n0 + RQ <= N:
-            t0 = 0
-            while t0 + UQ <= T:
-                _q41_RU(*a, n0, t0)
-                t0 += UQ
-            for t in range(t0, T):
-                _q41_R1(*a, n0, t)
-        else:
-            for n in range(n0, N):
-                t0 = 0
-                while t0 + UQ <= T:
-                    _q41_OU(*a, n, t0)
-                    t0 += UQ
-                for t in range(t0, T):
-                    _q41_O1(*a, n, t)
-
-
-@njit(**_JIT_PAR)
-def _q80_run(wq, wstride, dp, mp, dstride, xp, xstride, xdp, xsp, sstride, op, ostride, nb, N, T):
-    a = (wq, wstride, dp, mp, dstride, xp, xstride, xdp, xsp, sstride, op, ostride, nb)
-    for i in prange((N + RQ - 1) // RQ):
-        n0 = i * RQ
-        if n0 + RQ <= N:
-            t0 = 0
-            while t0 + UQ <= T:
-                _q80_RU(*a, n0, t0)
-                t0 += UQ
-            for t in range(t0, T):
-                _q80_R1(*a, n0, t)
-        else:
-            for n in range(n0, N):
-                t0 = 0
-                while t0 + UQ <= T:
-                    _q80_OU(*a, n, t0)
-                    t0 += UQ
-                for t in range(t0, T):
-                    _q80_O1(*a, n, t)
-
-
-@njit(**_JIT_PAR)
-def _f16_run(wp, wstride, xp, xstride, op, ostride, K, N, T):
-    a = (wp, wstride, xp, xstride, op, ostride, K)
-    for i in prange((N + RF - 1) // RF):
-        n0 = i * RF
-        if n0 + RF <= N:
-            t0 = 0
-            while t0 + UF <= T:
-                _f16_RU(*a, n0, t0)
-                t0 += UF
-            for t in range(t0, T):
-                _f16_R1(*a, n0, t)
-        else:
-            for n in range(n0, N):
-                t0 = 0
-                while t0 + UF <= T:
-                    _f16_OU(*a, n, t0)
-                    t0 += UF
-                for t in range(t0, T):
-                    _f16_O1(*a, n, t)
-
-
-@njit(**_JIT_PAR)
-def _f32_run(wp, wstride, xp, xstride, op, ostride, K, N, T):
-    a = (wp, wstride, xp, xstride, op, ostride, K)
-    for i in prange((N + RF - 1) // RF):
-        n0 = i * RF
-        if n0 + RF <= N:
-            t0 = 0
-            while t0 + UF <= T:
-                _f32_RU(*a, n0, t0)
-                t0 += UF
-            for t in range(t0, T):
-                _f32_R1(*a, n0, t)
-        else:
-            for n in range(n0, N):
-                t0 = 0
-                while t0 + UF <= T:
-                    _f32_OU(*a, n, t0)
-                    t0 += UF
-                for t in range(t0, T):
-                    _f32_O1(*a, n, t)
-
-
-@njit(**_JIT)
-def matmul_q4_0_q8_0(qs, d, xq, xd, xsum, out):
-    """out[t, n] = sum_b d[n, b] * xd[t, b] * sum_i (nib - 8) * xq. d is a uint16 view of fp16."""
-    check_q(qs, d, d, xq, xd, xsum, out, 16)
-    _q40_run(qs.ctypes.data, qs.strides[0], d.ctypes.data, 0, d.strides[0], xq.ctypes.data, xq.strides[0],
-             xd.ctypes.data, xsum.ctypes.data, xd.strides[0], out.ctypes.data, out.strides[0], xd.shape[1],
-             qs.shape[0], xq.shape[0])
-
-
-@njit(**_JIT)
-def matmul_q4_1_q8_0(qs, d, m, xq, xd, xsum, out):
-    """value = d * nib + m; d, m uint16 views of fp16."""
-    check_q(qs, d, m, xq, xd, xsum, out, 16)
-    _q41_run(qs.ctypes.data, qs.strides[0], d.ctypes.data, m.ctypes.data, d.strides[0], xq.ctypes.data,
-             xq.strides[0], xd.ctypes.data, xsum.ctypes.data, xd.strides[0], out.ctypes.data, out.strides[0],
-             xd.shape[1], qs.shape[0], xq.shape[0])
-
-
-@njit(**_JIT)
-def matmul_q8_0_q8_0(qs, d, xq, xd, xsum, out):
-    """qs int8 (N, K); d uint16 view of fp16."""
-    check_q(qs, d, d, xq, xd, xsum, out, 32)
-    _q80_run(qs.ctypes.data, qs.strides[0], d.ctypes.data, 0, d.strides[0], xq.ctypes.data, xq.strides[0],
-             xd.ctypes.data, xsum.ctypes.data, xd.strides[0], out.ctypes.data, out.strides[0], xd.shape[1],
-             qs.shape[0], xq.shape[0])
-
-
-@njit(**_JIT)
-def matmul_f16_f32(w, x, out):
-    """w uint16 view of fp16 (N, K), x f32 (T, K), out f32 (T, N)."""
-    check_f(w, x, out)
-    _f16_run(w.ctypes.data, w.strides[0], x.ctypes.data, x.strides[0], out.ctypes.data, out.strides[0],
-             w.shape[1], w.shape[0], x.shape[0])
-
-
-@njit(**_JIT)
-def matmul_f32_f32(w, x, out):
-    check_f(w, x, out)
-    _f32_run(w.ctypes.data, w.strides[0], x.ctypes.data, x.strides[0], out.ctypes.data, out.strides[0],
-             w.shape[1], w.shape[0], x.shape[0])
+_names = dict(check_q=check_q, check_f=check_f, RQ=RQ, UQ=UQ, RF=RF, UF=UF)
+for _k in QKINDS:
+    _names.update(tiles(_k, lambda R, U, k=_k: _make_qtile(k, R, U), RQ, UQ))
+_names.update(tiles("f16", lambda R, U: _make_ftile(True, R, U), RF, UF))
+_names.update(tiles("f32", lambda R, U: _make_ftile(False, R, U), RF, UF))
+_gen = jitcache.load_generated("portable", "portable_run", _source(), _names)
+matmul_q4_0_q8_0, matmul_q4_1_q8_0, matmul_q8_0_q8_0 = (_gen.matmul_q4_0_q8_0, _gen.matmul_q4_1_q8_0,
+                                                         _gen.matmul_q8_0_q8_0)
+matmul_f16_f32, matmul_f32_f32 = _gen.matmul_f16_f32, _gen.matmul_f32_f32
 
 
 # the 5-bit, K-quant and MXFP4 types (kquant.py: the same IR for every path, portable flavour here)

@@ -45,16 +45,15 @@ summed in integers first), so the error is ~1e-7 relative to the sum of
 """
 from __future__ import annotations
 
-import numpy as np
-from llvmlite import binding as _llvm
 from llvmlite import ir
-from numba import njit, prange, types
+from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 from numba.np.ufunc.parallel import _iget_num_threads  # the thread count, cacheable (no ctypes global)
 
-from mpillm.kernels import portable
-from mpillm.kernels.irgen import F16, F32, I1, I8, I16, I32, I64, PTR, Emit
+from mpillm.kernels import jitcache, portable, runners
+from mpillm.kernels.checks import check_q
+from mpillm.kernels.irgen import F16, F32, I1, I8, I16, I32, I64, PTR, VNNI_BYTE_OPERANDS, Emit, int_intrinsic
 from mpillm.kernels.irgen import vec as _vec
 
 _JIT_PAR = dict(cache=True, fastmath=True, nogil=True, parallel=True)
@@ -66,8 +65,6 @@ _JIT_PAR = dict(cache=True, fastmath=True, nogil=True, parallel=True)
 _JIT_PAR_STRICT = dict(_JIT_PAR, fastmath=False)
 _JIT = dict(cache=True, fastmath=True, nogil=True)
 
-# LLVM >= 22 declares the VNNI intrinsics on byte vectors (older: i32 vectors; 22 still upgrades those)
-_VNNI_BYTE_OPERANDS = _llvm.llvm_version_info >= (22,)
 _PF_LOCALITY = 2  # software prefetch into L2 (prefetcht1; see _Emit.prefetch)
 
 
@@ -91,9 +88,9 @@ class _Emit(Emit):
     # -- dot products: i32 lanes += sum of 4 (u8 * s8) products ------------------------
     def _vpdpbusd(self, acc, a, b):
         n = acc.type.count
-        opty = _vec(I8, 4 * n) if _VNNI_BYTE_OPERANDS else acc.type
+        opty = _vec(I8, 4 * n) if VNNI_BYTE_OPERANDS else acc.type
         f = self.decl(f"llvm.x86.avx512.vpdpbusd.{32 * n}", acc.type, [acc.type, opty, opty])
-        if not _VNNI_BYTE_OPERANDS:
+        if not VNNI_BYTE_OPERANDS:
             a, b = self.b.bitcast(a, opty), self.b.bitcast(b, opty)
         return self.b.call(f, [acc, a, b])
 
@@ -294,12 +291,7 @@ def _q_codegen(kind: str, isa: str, R: int, U: int, prefetch: int = 0, pf_d: int
                     if kind == "q4_1":
                         b.store(e.fma(m4, xdsum[u], b.load(macc[r][u])), macc[r][u])
 
-        ngroups = b.udiv(nb, i64(nbg))
-        rem = b.trunc(b.urem(nb, i64(nbg)), I32)
-        with cgutils.for_range(b, ngroups) as loop:
-            group(loop.index, None)
-        with b.if_then(b.icmp_unsigned("!=", rem, I32(0)), likely=False):
-            group(ngroups, rem)
+        e.chunked(nb, nbg, group)
         for r in range(R):
             for u in range(U):
                 s = e.hsum(b.load(acc[r][u]))
@@ -312,29 +304,14 @@ def _q_codegen(kind: str, isa: str, R: int, U: int, prefetch: int = 0, pf_d: int
 
 
 def _make_tile(kind: str, isa: str, R: int, U: int, prefetch: int = 0, pf_d: int = 0):
-    gen = _q_codegen(kind, isa, R, U, prefetch, pf_d)
-
-    def tile(typingctx, wq, wstride, dp, mp, dstride, bp, bstride, op, ostride, nb, n0, t0):
-        argtys = (wq, wstride, dp, mp, dstride, bp, bstride, op, ostride, nb, n0, t0)
-        if not all(isinstance(t, types.Integer) for t in argtys):
-            return None
-        return types.void(*argtys), gen
-
-    tile.__name__ = tile.__qualname__ = f"{isa}_{kind}_tile_{R}x{U}"
-    return intrinsic(tile)
+    return int_intrinsic(f"{isa}_{kind}_tile_{R}x{U}",
+                         "wq, wstride, dp, mp, dstride, bp, bstride, op, ostride, nb, n0, t0",
+                         _q_codegen(kind, isa, R, U, prefetch, pf_d))
 
 
 def _make_prep(kind: str, isa: str):
-    gen = _prep_codegen(kind, isa)
-
-    def prep(typingctx, xp, xstride, xdp, xsp, sstride, nb, T, bp, bstride):
-        argtys = (xp, xstride, xdp, xsp, sstride, nb, T, bp, bstride)
-        if not all(isinstance(t, types.Integer) for t in argtys):
-            return None
-        return types.void(*argtys), gen
-
-    prep.__name__ = prep.__qualname__ = f"{isa}_{kind}_prep"
-    return intrinsic(prep)
+    return int_intrinsic(f"{isa}_{kind}_prep", "xp, xstride, xdp, xsp, sstride, nb, T, bp, bstride",
+                         _prep_codegen(kind, isa))
 
 
 def _prefetch_range_codegen(context, builder, signature, args):
@@ -384,129 +361,57 @@ PF_S, PF_D = 16384, 2048
 T_SMALL = 16
 NB_LONG_40, NB_LONG_41, NB_LONG_80 = NB_LONG, NB_LONG, 0
 
-_v40_prep = _make_prep("q4_0", "vnni")
-_v40_RU = _make_tile("q4_0", "vnni", R_VNNI, U_VNNI)
-_v40_R1 = _make_tile("q4_0", "vnni", 1, 1, PF, PF_D)
-_v40_RS = _make_tile("q4_0", "vnni", R1S, 1, PF_S, PF_D)
-_v40_RT = _make_tile("q4_0", "vnni", R_VNNI, 1)
-_v40_RUp = _make_tile("q4_0", "vnni", R_VNNI, U_VNNI, PF_S, PF_D)
-_v40_R2p = _make_tile("q4_0", "vnni", R_VNNI, 2, PF_S, PF_D)
-_v40_RTp = _make_tile("q4_0", "vnni", R_VNNI, 1, PF_S, PF_D)
-_v40_1U = _make_tile("q4_0", "vnni", 1, U_VNNI)
-_v40_11 = _make_tile("q4_0", "vnni", 1, 1)
-NBG_V40, GB_V40 = group_bytes("q4_0", "vnni")
-_v41_prep = _make_prep("q4_1", "vnni")
-_v41_RU = _make_tile("q4_1", "vnni", R_VNNI, U_VNNI)
-_v41_R1 = _make_tile("q4_1", "vnni", 1, 1, PF, PF_D)
-_v41_RS = _make_tile("q4_1", "vnni", R1S, 1, PF_S, PF_D)
-_v41_RT = _make_tile("q4_1", "vnni", R_VNNI, 1)
-_v41_RUp = _make_tile("q4_1", "vnni", R_VNNI, U_VNNI, PF_S, PF_D)
-_v41_R2p = _make_tile("q4_1", "vnni", R_VNNI, 2, PF_S, PF_D)
-_v41_RTp = _make_tile("q4_1", "vnni", R_VNNI, 1, PF_S, PF_D)
-_v41_1U = _make_tile("q4_1", "vnni", 1, U_VNNI)
-_v41_11 = _make_tile("q4_1", "vnni", 1, 1)
-NBG_V41, GB_V41 = group_bytes("q4_1", "vnni")
-_v80_prep = _make_prep("q8_0", "vnni")
-_v80_RU = _make_tile("q8_0", "vnni", R_VNNI, U_VNNI)
-_v80_R1 = _make_tile("q8_0", "vnni", 1, 1, PF, PF_D)
-_v80_RS = _make_tile("q8_0", "vnni", R1S, 1, PF_S, PF_D)
-_v80_RT = _make_tile("q8_0", "vnni", R_VNNI, 1)
-_v80_RUp = _make_tile("q8_0", "vnni", R_VNNI, U_VNNI, PF_S, PF_D)
-_v80_R2p = _make_tile("q8_0", "vnni", R_VNNI, 2, PF_S, PF_D)
-_v80_RTp = _make_tile("q8_0", "vnni", R_VNNI, 1, PF_S, PF_D)
-_v80_1U = _make_tile("q8_0", "vnni", 1, U_VNNI)
-_v80_11 = _make_tile("q8_0", "vnni", 1, 1)
-NBG_V80, GB_V80 = group_bytes("q8_0", "vnni")
-_a40_prep = _make_prep("q4_0", "avx2")
-_a40_RU = _make_tile("q4_0", "avx2", R_AVX2, U_AVX2)
-_a40_R1 = _make_tile("q4_0", "avx2", 1, 1, PF)
-_a40_RS = _make_tile("q4_0", "avx2", R1S, 1, -1)
-_a40_RT = _make_tile("q4_0", "avx2", R_AVX2, 1)
-_a40_1U = _make_tile("q4_0", "avx2", 1, U_AVX2)
-_a40_11 = _make_tile("q4_0", "avx2", 1, 1)
-NBG_A40, GB_A40 = group_bytes("q4_0", "avx2")
-_a41_prep = _make_prep("q4_1", "avx2")
-_a41_RU = _make_tile("q4_1", "avx2", R_AVX2, U_AVX2)
-_a41_R1 = _make_tile("q4_1", "avx2", 1, 1, PF)
-_a41_RS = _make_tile("q4_1", "avx2", R1S, 1, -1)
-_a41_RT = _make_tile("q4_1", "avx2", R_AVX2, 1)
-_a41_1U = _make_tile("q4_1", "avx2", 1, U_AVX2)
-_a41_11 = _make_tile("q4_1", "avx2", 1, 1)
-NBG_A41, GB_A41 = group_bytes("q4_1", "avx2")
-_a80_prep = _make_prep("q8_0", "avx2")
-_a80_RU = _make_tile("q8_0", "avx2", R_AVX2, U_AVX2)
-_a80_R1 = _make_tile("q8_0", "avx2", 1, 1, PF)
-_a80_RS = _make_tile("q8_0", "avx2", R1S, 1, -1)
-_a80_RT = _make_tile("q8_0", "avx2", R_AVX2, 1)
-_a80_1U = _make_tile("q8_0", "avx2", 1, U_AVX2)
-_a80_11 = _make_tile("q8_0", "avx2", 1, 1)
-NBG_A80, GB_A80 = group_bytes("q8_0", "avx2")
+KINDS = ("q4_0", "q4_1", "q8_0")
+# the tiles of each ISA by name: (R rows, U tokens, prefetch, pf_d) (see _q_codegen)
+TILE_SHAPES = {
+    "vnni": dict(RU=(R_VNNI, U_VNNI, 0, 0), R1=(1, 1, PF, PF_D), RS=(R1S, 1, PF_S, PF_D), RT=(R_VNNI, 1, 0, 0),
+                 RUp=(R_VNNI, U_VNNI, PF_S, PF_D), R2p=(R_VNNI, 2, PF_S, PF_D), RTp=(R_VNNI, 1, PF_S, PF_D),
+                 OU=(1, U_VNNI, 0, 0), O1=(1, 1, 0, 0)),
+    "avx2": dict(RU=(R_AVX2, U_AVX2, 0, 0), R1=(1, 1, PF, 0), RS=(R1S, 1, -1, 0), RT=(R_AVX2, 1, 0, 0),
+                 OU=(1, U_AVX2, 0, 0), O1=(1, 1, 0, 0)),
+}
+NB_LONG_OF = {"vnni": {"q4_0": NB_LONG_40, "q4_1": NB_LONG_41, "q8_0": NB_LONG_80},
+              "avx2": {k: NB_LONG for k in KINDS}}
 
 
 # ----------------------------------------------------------------------------
-# shape checks (kept in this file: numba's cache does not follow calls into other files)
+# The runners, one per ISA and kind, generated from the templates below into a file (numba
+# caches only functions in files) with the tiles bound by name (``<isa>_<kind>_<shape>``).
+# q4_1 runs without fastmath (_JIT_PAR_STRICT): a row's result must not depend on its tile.
+# The array-typed entry points (one compilation per array type, e.g. read-only memmaps) only
+# check shapes and call the pointer-typed parallel runner (compiled once).
 # ----------------------------------------------------------------------------
-@njit(**_JIT)
-def _rows_ok(a):
-    """The elements of each row are contiguous (rows themselves may be strided)."""
-    return a.shape[1] <= 1 or a.strides[1] == a.itemsize
+_HEAD = """
 
-
-@njit(**_JIT)
-def _check_q(qs, d, m, xq, xd, xsum, out, qs_per_block):
-    N = qs.shape[0]
-    T, K = xq.shape
-    nb = K // 32
-    if K % 32:
-        raise ValueError("matmul: K must be a multiple of 32")
-    if qs.shape[1] != nb * qs_per_block or d.shape[0] != N or d.shape[1] != nb:
-        raise ValueError("matmul: weight arrays do not match (N, K)")
-    if m.shape[0] != N or m.shape[1] != nb:
-        raise ValueError("matmul: m must have the shape of d")
-    if xd.shape[0] != T or xd.shape[1] != nb or xsum.shape[0] != T or xsum.shape[1] != nb:
-        raise ValueError("matmul: xd and xsum must be (T, K // 32)")
-    if out.shape[0] != T or out.shape[1] != N:
-        raise ValueError("matmul: out must be (T, N)")
-    # the kernels use one row stride for d and m, and one for xd and xsum; rows must be contiguous
-    if (N > 1 and m.strides[0] != d.strides[0]) or (T > 1 and xsum.strides[0] != xd.strides[0]):
-        raise ValueError("matmul: d and m (xd and xsum) must have the same row stride")
-    if not (_rows_ok(qs) and _rows_ok(d) and _rows_ok(m) and _rows_ok(xq) and _rows_ok(xd) and _rows_ok(xsum)
-            and _rows_ok(out)):
-        raise ValueError("matmul: every array's rows must be contiguous")
-
-
-# ----------------------------------------------------------------------------
-# VNNI kernels: the array-typed entry points (one compilation per array type,
-# e.g. read-only memmaps) only check shapes and call the pointer-typed parallel body
-# (compiled once)
-# ----------------------------------------------------------------------------
-@njit(**_JIT_PAR)
-def _vnni_40_run(wq, wstride, dp, mp, dstride, xp, xstride, xdp, xsp, sstride, op, ostride, nb, N, T):
-    R, U = R_VNNI, U_VNNI
-    bstride = (nb + NBG_V40 - 1) // NBG_V40 * GB_V40
+@njit({flags})
+def run_{P}(wq, wstride, dp, mp, dstride, xp, xstride, xdp, xsp, sstride, op, ostride, nb, N, T):
+    R, U = R_{ISA}, U_{ISA}
+    bstride = (nb + {nbg} - 1) // {nbg} * {gb}
     buf = np.empty(max(1, T * bstride), np.uint8)  # prepared activations (see _prep_codegen)
-    _v40_prep(xp, xstride, xdp, xsp, sstride, nb, T, buf.ctypes.data, bstride)
+    {P}_prep(xp, xstride, xdp, xsp, sstride, nb, T, buf.ctypes.data, bstride)
     a = (wq, wstride, dp, mp, dstride, buf.ctypes.data, bstride, op, ostride, nb)
+"""
+_RUN_VNNI = _HEAD + """\
     if T == 1:
         # one contiguous range of rows per thread; each starts by prefetching the head of its streams
-        rt = 1 if nb >= NB_LONG_40 else R1S
+        rt = 1 if nb >= {nb_long} else R1S
         ntiles = (N + rt - 1) // rt
         nch = max(1, min(_iget_num_threads(), ntiles))
         for c in prange(nch):
             n0 = c * ntiles // nch * rt
             n1 = min(N, (c + 1) * ntiles // nch * rt)
             _prefetch_range(wq + n0 * wstride, min(PF if rt == 1 else PF_S, (n1 - n0) * wstride))
-            _prefetch_range(dp + n0 * dstride, min(PF_D, (n1 - n0) * dstride))
+            _prefetch_range(dp + n0 * dstride, min(PF_D, (n1 - n0) * dstride)){pf_m}
             if rt == 1:
                 for n in range(n0, n1):
-                    _v40_R1(*a, n, 0)
+                    {P}_R1(*a, n, 0)
             else:
                 n = n0
                 while n + R1S <= n1:
-                    _v40_RS(*a, n, 0)
+                    {P}_RS(*a, n, 0)
                     n += R1S
                 for n in range(n, n1):
-                    _v40_11(*a, n, 0)
+                    {P}_O1(*a, n, 0)
     elif T <= T_SMALL:
         # a few tokens (batched decode): compute per weight tile is small, so the tiles stream the
         # weights with the same prefetch as T = 1, and a tail of 2 tokens is one tile, not two
@@ -515,334 +420,70 @@ def _vnni_40_run(wq, wstride, dp, mp, dstride, xp, xstride, xdp, xsp, sstride, o
             if n0 + R <= N:
                 t0 = 0
                 while t0 + U <= T:
-                    _v40_RUp(*a, n0, t0)
+                    {P}_RUp(*a, n0, t0)
                     t0 += U
                 if T - t0 == 2:
-                    _v40_R2p(*a, n0, t0)
+                    {P}_R2p(*a, n0, t0)
                 elif T - t0 == 1:
-                    _v40_RTp(*a, n0, t0)
+                    {P}_RTp(*a, n0, t0)
             else:
                 for n in range(n0, N):
                     for t in range(T):
-                        _v40_11(*a, n, t)
+                        {P}_O1(*a, n, t)
     else:
-        for i in prange((N + R - 1) // R):
-            n0 = i * R
-            if n0 + R <= N:
-                t0 = 0
-                while t0 + U <= T:
-                    _v40_RU(*a, n0, t0)
-                    t0 += U
-                for t in range(t0, T):
-                    _v40_RT(*a, n0, t)
-            else:
-                for n in range(n0, N):
-                    t0 = 0
-                    while t0 + U <= T:
-                        _v40_1U(*a, n, t0)
-                        t0 += U
-                    for t in range(t0, T):
-                        _v40_11(*a, n, t)
-    return buf.size  # keeps buf alive until the tiles are done
-
-
-@njit(**_JIT)
-def vnni_matmul_q4_0_q8_0(qs, d, xq, xd, xsum, out):
-    _check_q(qs, d, d, xq, xd, xsum, out, 16)
-    _vnni_40_run(qs.ctypes.data, qs.strides[0], d.ctypes.data, 0, d.strides[0], xq.ctypes.data,
-                 xq.strides[0], xd.ctypes.data, xsum.ctypes.data, xd.strides[0], out.ctypes.data, out.strides[0],
-                 xd.shape[1], qs.shape[0], xq.shape[0])
-
-
-@njit(**_JIT_PAR_STRICT)
-def _vnni_41_run(wq, wstride, dp, mp, dstride, xp, xstride, xdp, xsp, sstride, op, ostride, nb, N, T):
-    R, U = R_VNNI, U_VNNI
-    bstride = (nb + NBG_V41 - 1) // NBG_V41 * GB_V41
-    buf = np.empty(max(1, T * bstride), np.uint8)  # prepared activations (see _prep_codegen)
-    _v41_prep(xp, xstride, xdp, xsp, sstride, nb, T, buf.ctypes.data, bstride)
-    a = (wq, wstride, dp, mp, dstride, buf.ctypes.data, bstride, op, ostride, nb)
-    if T == 1:
-        # one contiguous range of rows per thread; each starts by prefetching the head of its streams
-        rt = 1 if nb >= NB_LONG_41 else R1S
-        ntiles = (N + rt - 1) // rt
-        nch = max(1, min(_iget_num_threads(), ntiles))
-        for c in prange(nch):
-            n0 = c * ntiles // nch * rt
-            n1 = min(N, (c + 1) * ntiles // nch * rt)
-            _prefetch_range(wq + n0 * wstride, min(PF if rt == 1 else PF_S, (n1 - n0) * wstride))
-            _prefetch_range(dp + n0 * dstride, min(PF_D, (n1 - n0) * dstride))
-            _prefetch_range(mp + n0 * dstride, min(PF_D, (n1 - n0) * dstride))
-            if rt == 1:
-                for n in range(n0, n1):
-                    _v41_R1(*a, n, 0)
-            else:
-                n = n0
-                while n + R1S <= n1:
-                    _v41_RS(*a, n, 0)
-                    n += R1S
-                for n in range(n, n1):
-                    _v41_11(*a, n, 0)
-    elif T <= T_SMALL:  # a few tokens: see _vnni_40_run
-        for i in prange((N + R - 1) // R):
-            n0 = i * R
-            if n0 + R <= N:
-                t0 = 0
-                while t0 + U <= T:
-                    _v41_RUp(*a, n0, t0)
-                    t0 += U
-                if T - t0 == 2:
-                    _v41_R2p(*a, n0, t0)
-                elif T - t0 == 1:
-                    _v41_RTp(*a, n0, t0)
-            else:
-                for n in range(n0, N):
-                    for t in range(T):
-                        _v41_11(*a, n, t)
-    else:
-        for i in prange((N + R - 1) // R):
-            n0 = i * R
-            if n0 + R <= N:
-                t0 = 0
-                while t0 + U <= T:
-                    _v41_RU(*a, n0, t0)
-                    t0 += U
-                for t in range(t0, T):
-                    _v41_RT(*a, n0, t)
-            else:
-                for n in range(n0, N):
-                    t0 = 0
-                    while t0 + U <= T:
-                        _v41_1U(*a, n, t0)
-                        t0 += U
-                    for t in range(t0, T):
-                        _v41_11(*a, n, t)
-    return buf.size  # keeps buf alive until the tiles are done
-
-
-@njit(**_JIT)
-def vnni_matmul_q4_1_q8_0(qs, d, m, xq, xd, xsum, out):
-    _check_q(qs, d, m, xq, xd, xsum, out, 16)
-    _vnni_41_run(qs.ctypes.data, qs.strides[0], d.ctypes.data, m.ctypes.data, d.strides[0], xq.ctypes.data,
-                 xq.strides[0], xd.ctypes.data, xsum.ctypes.data, xd.strides[0], out.ctypes.data, out.strides[0],
-                 xd.shape[1], qs.shape[0], xq.shape[0])
-
-
-@njit(**_JIT_PAR)
-def _vnni_80_run(wq, wstride, dp, mp, dstride, xp, xstride, xdp, xsp, sstride, op, ostride, nb, N, T):
-    R, U = R_VNNI, U_VNNI
-    bstride = (nb + NBG_V80 - 1) // NBG_V80 * GB_V80
-    buf = np.empty(max(1, T * bstride), np.uint8)  # prepared activations (see _prep_codegen)
-    _v80_prep(xp, xstride, xdp, xsp, sstride, nb, T, buf.ctypes.data, bstride)
-    a = (wq, wstride, dp, mp, dstride, buf.ctypes.data, bstride, op, ostride, nb)
-    if T == 1:
-        # one contiguous range of rows per thread; each starts by prefetching the head of its streams
-        rt = 1 if nb >= NB_LONG_80 else R1S
-        ntiles = (N + rt - 1) // rt
-        nch = max(1, min(_iget_num_threads(), ntiles))
-        for c in prange(nch):
-            n0 = c * ntiles // nch * rt
-            n1 = min(N, (c + 1) * ntiles // nch * rt)
-            _prefetch_range(wq + n0 * wstride, min(PF if rt == 1 else PF_S, (n1 - n0) * wstride))
-            _prefetch_range(dp + n0 * dstride, min(PF_D, (n1 - n0) * dstride))
-            if rt == 1:
-                for n in range(n0, n1):
-                    _v80_R1(*a, n, 0)
-            else:
-                n = n0
-                while n + R1S <= n1:
-                    _v80_RS(*a, n, 0)
-                    n += R1S
-                for n in range(n, n1):
-                    _v80_11(*a, n, 0)
-    elif T <= T_SMALL:  # a few tokens: see _vnni_40_run
-        for i in prange((N + R - 1) // R):
-            n0 = i * R
-            if n0 + R <= N:
-                t0 = 0
-                while t0 + U <= T:
-                    _v80_RUp(*a, n0, t0)
-                    t0 += U
-                if T - t0 == 2:
-                    _v80_R2p(*a, n0, t0)
-                elif T - t0 == 1:
-                    _v80_RTp(*a, n0, t0)
-            else:
-                for n in range(n0, N):
-                    for t in range(T):
-                        _v80_11(*a, n, t)
-    else:
-        for i in prange((N + R - 1) // R):
-            n0 = i * R
-            if n0 + R <= N:
-                t0 = 0
-                while t0 + U <= T:
-                    _v80_RU(*a, n0, t0)
-                    t0 += U
-                for t in range(t0, T):
-                    _v80_RT(*a, n0, t)
-            else:
-                for n in range(n0, N):
-                    t0 = 0
-                    while t0 + U <= T:
-                        _v80_1U(*a, n, t0)
-                        t0 += U
-                    for t in range(t0, T):
-                        _v80_11(*a, n, t)
-    return buf.size  # keeps buf alive until the tiles are done
-
-
-@njit(**_JIT)
-def vnni_matmul_q8_0_q8_0(qs, d, xq, xd, xsum, out):
-    _check_q(qs, d, d, xq, xd, xsum, out, 32)
-    _vnni_80_run(qs.ctypes.data, qs.strides[0], d.ctypes.data, 0, d.strides[0], xq.ctypes.data,
-                 xq.strides[0], xd.ctypes.data, xsum.ctypes.data, xd.strides[0], out.ctypes.data, out.strides[0],
-                 xd.shape[1], qs.shape[0], xq.shape[0])
-
-
-# ----------------------------------------------------------------------------
-# AVX2 kernels: the array-typed entry points (one compilation per array type,
-# e.g. read-only memmaps) only check shapes and call the pointer-typed parallel body
-# (compiled once)
-# ----------------------------------------------------------------------------
-@njit(**_JIT_PAR)
-def _avx2_40_run(wq, wstride, dp, mp, dstride, xp, xstride, xdp, xsp, sstride, op, ostride, nb, N, T):
-    R, U = R_AVX2, U_AVX2
-    bstride = (nb + NBG_A40 - 1) // NBG_A40 * GB_A40
-    buf = np.empty(max(1, T * bstride), np.uint8)  # prepared activations (see _prep_codegen)
-    _a40_prep(xp, xstride, xdp, xsp, sstride, nb, T, buf.ctypes.data, bstride)
-    a = (wq, wstride, dp, mp, dstride, buf.ctypes.data, bstride, op, ostride, nb)
-    if T == 1 and nb >= NB_LONG:
+{loop}    return buf.size  # keeps buf alive until the tiles are done
+"""
+_RUN_AVX2 = _HEAD + """\
+    if T == 1 and nb >= {nb_long}:
         for n in prange(N):
-            _a40_R1(*a, n, 0)
+            {P}_R1(*a, n, 0)
     elif T == 1:
         for i in prange((N + R1S - 1) // R1S):
             n0 = i * R1S
             if n0 + R1S <= N:
-                _a40_RS(*a, n0, 0)
+                {P}_RS(*a, n0, 0)
             else:
                 for n in range(n0, N):
-                    _a40_11(*a, n, 0)
+                    {P}_O1(*a, n, 0)
     else:
-        for i in prange((N + R - 1) // R):
-            n0 = i * R
-            if n0 + R <= N:
-                t0 = 0
-                while t0 + U <= T:
-                    _a40_RU(*a, n0, t0)
-                    t0 += U
-                for t in range(t0, T):
-                    _a40_RT(*a, n0, t)
-            else:
-                for n in range(n0, N):
-                    t0 = 0
-                    while t0 + U <= T:
-                        _a40_1U(*a, n, t0)
-                        t0 += U
-                    for t in range(t0, T):
-                        _a40_11(*a, n, t)
-    return buf.size  # keeps buf alive until the tiles are done
+{loop}    return buf.size  # keeps buf alive until the tiles are done
+"""
+_RUN = {"vnni": _RUN_VNNI, "avx2": _RUN_AVX2}
+# VNNI q4_1 also prefetches the head of its m stream
+_PF_M = "\n            _prefetch_range(mp + n0 * dstride, min(PF_D, (n1 - n0) * dstride))"
 
 
-@njit(**_JIT)
-def avx2_matmul_q4_0_q8_0(qs, d, xq, xd, xsum, out):
-    _check_q(qs, d, d, xq, xd, xsum, out, 16)
-    _avx2_40_run(qs.ctypes.data, qs.strides[0], d.ctypes.data, 0, d.strides[0], xq.ctypes.data,
-                 xq.strides[0], xd.ctypes.data, xsum.ctypes.data, xd.strides[0], out.ctypes.data, out.strides[0],
-                 xd.shape[1], qs.shape[0], xq.shape[0])
+def _source() -> str:
+    src = runners.HEADER.format(by=__name__) + "import numpy as np\n"
+    for isa in TILE_SHAPES:
+        for kind in KINDS:
+            P = f"{isa}_{kind}"
+            nbg, gb = group_bytes(kind, isa)
+            src += _RUN[isa].format(flags=runners.flags(_JIT_PAR_STRICT if kind == "q4_1" else _JIT_PAR), P=P,
+                                    ISA=isa.upper(), nbg=nbg, gb=gb, nb_long=NB_LONG_OF[isa][kind],
+                                    pf_m=_PF_M if kind == "q4_1" else "",
+                                    loop=runners.row_tiles(8, f"{P}_RU", f"{P}_RT", f"{P}_OU", f"{P}_O1"))
+            src += runners.q_entry(f"{isa}_matmul_{kind}_q8_0", runners.flags(_JIT), kind, f"run_{P}")
+    return src
 
 
-@njit(**_JIT_PAR_STRICT)  # as _vnni_41_run: a row's result must not depend on its tile
-def _avx2_41_run(wq, wstride, dp, mp, dstride, xp, xstride, xdp, xsp, sstride, op, ostride, nb, N, T):
-    R, U = R_AVX2, U_AVX2
-    bstride = (nb + NBG_A41 - 1) // NBG_A41 * GB_A41
-    buf = np.empty(max(1, T * bstride), np.uint8)  # prepared activations (see _prep_codegen)
-    _a41_prep(xp, xstride, xdp, xsp, sstride, nb, T, buf.ctypes.data, bstride)
-    a = (wq, wstride, dp, mp, dstride, buf.ctypes.data, bstride, op, ostride, nb)
-    if T == 1 and nb >= NB_LONG:
-        for n in prange(N):
-            _a41_R1(*a, n, 0)
-    elif T == 1:
-        for i in prange((N + R1S - 1) // R1S):
-            n0 = i * R1S
-            if n0 + R1S <= N:
-                _a41_RS(*a, n0, 0)
-            else:
-                for n in range(n0, N):
-                    _a41_11(*a, n, 0)
-    else:
-        for i in prange((N + R - 1) // R):
-            n0 = i * R
-            if n0 + R <= N:
-                t0 = 0
-                while t0 + U <= T:
-                    _a41_RU(*a, n0, t0)
-                    t0 += U
-                for t in range(t0, T):
-                    _a41_RT(*a, n0, t)
-            else:
-                for n in range(n0, N):
-                    t0 = 0
-                    while t0 + U <= T:
-                        _a41_1U(*a, n, t0)
-                        t0 += U
-                    for t in range(t0, T):
-                        _a41_11(*a, n, t)
-    return buf.size  # keeps buf alive until the tiles are done
+def _names() -> dict:
+    """What the generated runners use: the tiles (``<isa>_<kind>_<shape>``, ``_prep``), checks, constants."""
+    names = dict(check_q=check_q, _prefetch_range=_prefetch_range, _iget_num_threads=_iget_num_threads,
+                 R1S=R1S, PF=PF, PF_S=PF_S, PF_D=PF_D, T_SMALL=T_SMALL,
+                 R_VNNI=R_VNNI, U_VNNI=U_VNNI, R_AVX2=R_AVX2, U_AVX2=U_AVX2)
+    for isa, shapes in TILE_SHAPES.items():
+        for kind in KINDS:
+            names[f"{isa}_{kind}_prep"] = _make_prep(kind, isa)
+            for shape, (R, U, pf, pf_d) in shapes.items():
+                names[f"{isa}_{kind}_{shape}"] = _make_tile(kind, isa, R, U, pf, pf_d)
+    return names
 
 
-@njit(**_JIT)
-def avx2_matmul_q4_1_q8_0(qs, d, m, xq, xd, xsum, out):
-    _check_q(qs, d, m, xq, xd, xsum, out, 16)
-    _avx2_41_run(qs.ctypes.data, qs.strides[0], d.ctypes.data, m.ctypes.data, d.strides[0], xq.ctypes.data,
-                 xq.strides[0], xd.ctypes.data, xsum.ctypes.data, xd.strides[0], out.ctypes.data, out.strides[0],
-                 xd.shape[1], qs.shape[0], xq.shape[0])
-
-
-@njit(**_JIT_PAR)
-def _avx2_80_run(wq, wstride, dp, mp, dstride, xp, xstride, xdp, xsp, sstride, op, ostride, nb, N, T):
-    R, U = R_AVX2, U_AVX2
-    bstride = (nb + NBG_A80 - 1) // NBG_A80 * GB_A80
-    buf = np.empty(max(1, T * bstride), np.uint8)  # prepared activations (see _prep_codegen)
-    _a80_prep(xp, xstride, xdp, xsp, sstride, nb, T, buf.ctypes.data, bstride)
-    a = (wq, wstride, dp, mp, dstride, buf.ctypes.data, bstride, op, ostride, nb)
-    if T == 1 and nb >= NB_LONG:
-        for n in prange(N):
-            _a80_R1(*a, n, 0)
-    elif T == 1:
-        for i in prange((N + R1S - 1) // R1S):
-            n0 = i * R1S
-            if n0 + R1S <= N:
-                _a80_RS(*a, n0, 0)
-            else:
-                for n in range(n0, N):
-                    _a80_11(*a, n, 0)
-    else:
-        for i in prange((N + R - 1) // R):
-            n0 = i * R
-            if n0 + R <= N:
-                t0 = 0
-                while t0 + U <= T:
-                    _a80_RU(*a, n0, t0)
-                    t0 += U
-                for t in range(t0, T):
-                    _a80_RT(*a, n0, t)
-            else:
-                for n in range(n0, N):
-                    t0 = 0
-                    while t0 + U <= T:
-                        _a80_1U(*a, n, t0)
-                        t0 += U
-                    for t in range(t0, T):
-                        _a80_11(*a, n, t)
-    return buf.size  # keeps buf alive until the tiles are done
-
-
-@njit(**_JIT)
-def avx2_matmul_q8_0_q8_0(qs, d, xq, xd, xsum, out):
-    _check_q(qs, d, d, xq, xd, xsum, out, 32)
-    _avx2_80_run(qs.ctypes.data, qs.strides[0], d.ctypes.data, 0, d.strides[0], xq.ctypes.data,
-                 xq.strides[0], xd.ctypes.data, xsum.ctypes.data, xd.strides[0], out.ctypes.data, out.strides[0],
-                 xd.shape[1], qs.shape[0], xq.shape[0])
+_gen = jitcache.load_generated("x86", "x86_run", _source(), _names())
+for _isa in TILE_SHAPES:  # the entry points: vnni_matmul_q4_0_q8_0, ..., avx2_matmul_q8_0_q8_0
+    for _kind in KINDS:
+        globals()[f"{_isa}_matmul_{_kind}_q8_0"] = getattr(_gen, f"{_isa}_matmul_{_kind}_q8_0")
 
 
 # activation quantization and float matmuls: the portable kernels (LLVM vectorizes them for the host)

@@ -26,6 +26,7 @@ from mpillm.formats.config import ModelConfig
 from mpillm.formats.partition import plan, share_notes, valid_world_sizes
 from mpillm.runtime import collectives, exchange, ops, steps, warm
 from mpillm.runtime.errors import FatalError, agree
+from mpillm.runtime.memory import available_memory
 from mpillm.runtime.model import Transformer
 from mpillm.runtime.steps import CMD_SCORE, CMD_STEP, CMD_STOP, OUT_GREEDY, OUT_LOGITS
 
@@ -364,21 +365,11 @@ def compile_tiny(model_dir: Path, kv_type: str, buffer_type: str, step) -> None:
     e.stop(0)
 
 
-def available_memory() -> int | None:
-    """MemAvailable from /proc/meminfo in bytes (None where there is no such file)."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
 def kv_memory_error(kv_per_token: int, n_slots: int, ctx: int, avail: int | None = None) -> str | None:
     """The KV cache is allocated memory (the weights are memory-mapped and may page): refuse a
     slots x context that does not fit in what this node has available, with what would fit.
-    MPILLM_MEMORY_LIMIT (bytes) overrides the measured figure (tests, cgroup-limited jobs)."""
+    MPILLM_MEMORY_LIMIT (bytes) overrides the measured figure (tests); the measured figure is
+    MemAvailable capped by the cgroup's limit (runtime.memory), None (no check) when unknown."""
     env = os.environ.get("MPILLM_MEMORY_LIMIT")
     avail = int(env) if env else (available_memory() if avail is None else avail)
     if avail is None:

@@ -13,14 +13,9 @@ functions that live in files), then imported; later processes load it from numba
 """
 from __future__ import annotations
 
-import hashlib
-import importlib.util
-import os
-import sys
-from pathlib import Path
-
 from mpillm import kernels
 from mpillm.formats import quant
+from mpillm.kernels import jitcache
 
 _ARGS = {t: tuple(k for k, _ in quant.ARRAYS[t]) for t in quant.WEIGHT_TYPES}  # kernel argument order
 # weight type -> kernel name (the K-quant ``_32`` variants share their type's kernel)
@@ -140,24 +135,6 @@ def ffn_block(T, eps, x, norm_w, xb_x, xb_q, xb_d, xb_s, {wa("w_gate", "w_up")},
 ''' + (_moe_source(types, oai) if "router" in types else "")
 
 
-def _publish(file: Path, src: str) -> None:
-    """Write ``file`` whole, once: ranks that generate the same module at the same moment each
-    write a private copy and hard-link it into place, and only the first link lands. (Replacing
-    the file would change its mtime, numba's stamp of the cache entries already compiled from it,
-    and the other ranks would discard and recompile them.)"""
-    tmp = file.with_name(file.name + f".tmp{os.getpid()}")
-    tmp.write_text(src)
-    try:
-        os.link(tmp, file)
-    except FileExistsError:
-        pass
-    except OSError:              # a file system without hard links: replace, as before
-        if not file.exists():
-            os.replace(tmp, file)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def blocks(types: dict[str, str], qk_norm: bool, f64_out: bool = False, biases: tuple[str, ...] = (),
            oai: bool = False):
     """The generated module (attn_block, ffn_block[, moe_block]) for this weight-type combination;
@@ -166,17 +143,4 @@ def blocks(types: dict[str, str], qk_norm: bool, f64_out: bool = False, biases: 
     name = kernels.active_path()
     path_mod, prefix = kernels.module_of(name)
     src = _source(types, qk_norm, path_mod, prefix, f64_out, tuple(biases), oai)
-    tag = hashlib.sha1(src.encode()).hexdigest()[:12]
-    base = Path(os.environ.get("NUMBA_CACHE_DIR") or Path.home() / ".cache" / "mpillm" / "numba") / "mpillm_fused"
-    base.mkdir(parents=True, exist_ok=True)
-    file = base / f"fused_{tag}.py"
-    if not file.exists():
-        _publish(file, src)
-    modname = f"mpillm_fused_{tag}"
-    if modname in sys.modules:
-        return sys.modules[modname]
-    spec = importlib.util.spec_from_file_location(modname, file)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[modname] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return jitcache.load_generated("fused", "fused", src)

@@ -40,13 +40,14 @@ from pathlib import Path
 from typing import Callable
 
 from mpillm.formats import format as fmt
+from mpillm.kernels import jitcache
 
 DEFAULT_ESTIMATE_S = 60.0   # the bundled model's kernels on a 2-core x86 machine: ~55 s
 
 
 def cache_dir() -> Path:
     """numba's cache directory for these sources (set by mpillm/__init__.py)."""
-    return Path(os.environ["NUMBA_CACHE_DIR"])
+    return jitcache.cache_dir()
 
 
 def _layer_types(shard: fmt.Shard) -> list[dict[str, str]]:
