@@ -62,16 +62,6 @@ def _prune(base: Path, current: Path, max_age_days: float = 14.0) -> None:
         shutil.rmtree(d, ignore_errors=True)
 
 
-def _local_ranks() -> int:
-    """Ranks the launcher started on this node (Open MPI / PRRTE, PMIx, MPICH hydra); 1 if unknown."""
-    for var in ("OMPI_COMM_WORLD_LOCAL_SIZE", "PMIX_LOCAL_SIZE", "MPI_LOCALNRANKS"):
-        try:
-            return max(1, int(os.environ[var]))
-        except (KeyError, ValueError):
-            pass
-    return 1
-
-
 def _yield_when_oversubscribed() -> None:
     """Ranks waiting in a collective give their core away (Open MPI's mpi_yield_when_idle), set
     before MPI starts (mpi4py initializes it when first imported) so the documented mpirun line
@@ -81,7 +71,9 @@ def _yield_when_oversubscribed() -> None:
     nothing measurable (a sched_yield that returns at once; see the README's figures), so it is
     on whenever a launcher started us, and always when ranks outnumber cores. An explicit
     OMPI_MCA_mpi_yield_when_idle in the environment wins."""
-    if _local_ranks() > (os.cpu_count() or 1) or "OMPI_COMM_WORLD_SIZE" in os.environ:
+    from mpillm.runtime.mpisession import local_ranks
+
+    if local_ranks() > (os.cpu_count() or 1) or "OMPI_COMM_WORLD_SIZE" in os.environ:
         os.environ.setdefault("OMPI_MCA_mpi_yield_when_idle", "1")
 
 

@@ -164,44 +164,38 @@ def local_report(args, model_dir: Path, comm: MPI.Comm) -> dict:
 # ----------------------------------------------------------------------------------------------
 # collective timing
 # ----------------------------------------------------------------------------------------------
-def time_allreduce(comm: MPI.Comm, nbytes: int, iters: int, rounds: int = 10) -> float:
-    """Seconds per Allreduce, OSU style (barrier, warm-up, MPI.Wtime): each round is timed on the
+def time_calls(comm: MPI.Comm, call, iters: int, rounds: int = 10) -> float:
+    """Seconds per ``call()``, OSU style (barrier, warm-up, MPI.Wtime): each round is timed on the
     slowest rank; the best round is kept, so a busy machine's hiccups do not hide the link's speed."""
-    buf = np.ones(max(1, nbytes // 4), np.float32)
     for _ in range(max(3, iters // 10)):
-        comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+        call()
     per = max(1, iters // rounds)
     times = np.zeros(rounds)
     for k in range(rounds):
         comm.Barrier()
         t0 = MPI.Wtime()
         for _ in range(per):
-            comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+            call()
         times[k] = (MPI.Wtime() - t0) / per
     comm.Allreduce(MPI.IN_PLACE, times, op=MPI.MAX)
     return float(times.min())
 
 
+def time_allreduce(comm: MPI.Comm, nbytes: int, iters: int, rounds: int = 10) -> float:
+    """Seconds per in-place float32 Allreduce of nbytes."""
+    buf = np.ones(max(1, nbytes // 4), np.float32)
+    return time_calls(comm, lambda: comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM), iters, rounds)
+
+
 def time_p2p(comm: MPI.Comm, nbytes: int, iters: int, rounds: int = 10) -> float:
     """Seconds per one-round exchange of an nbytes float32 partial (the engine's --sync p2p,
-    mpillm.runtime.collectives), timed as ``time_allreduce`` times the Allreduce."""
+    mpillm.runtime.collectives)."""
     from mpillm.runtime.collectives import Sync
 
     n = max(1, nbytes // 4)
     sync = Sync(comm, "f32", 1, n, "p2p", "poll")
     buf = np.ones((1, n), np.float32)
-    for _ in range(max(3, iters // 10)):
-        sync(buf)
-    per = max(1, iters // rounds)
-    times = np.zeros(rounds)
-    for k in range(rounds):
-        comm.Barrier()
-        t0 = MPI.Wtime()
-        for _ in range(per):
-            sync(buf)
-        times[k] = (MPI.Wtime() - t0) / per
-    comm.Allreduce(MPI.IN_PLACE, times, op=MPI.MAX)
-    return float(times.min())
+    return time_calls(comm, lambda: sync(buf), iters, rounds)
 
 
 def comm_bench(comm: MPI.Comm, scale: float, extra_size: int | None) -> list[tuple[int, float, float]]:

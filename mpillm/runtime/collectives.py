@@ -50,6 +50,7 @@ from mpillm import kernels
 from mpillm.formats.quant import QK
 from mpillm.runtime import ops
 from mpillm.runtime.exchange import BUFFER_TYPES, SYNC_ALGORITHMS, choose_algorithm, message_bytes
+from mpillm.runtime.mpisession import local_ranks
 from mpillm.runtime.stats import CommStats
 
 WAIT_MODES = ("auto", "poll", "block")
@@ -78,16 +79,6 @@ def cpu_quota() -> float | None:
     except (OSError, ValueError, IndexError):
         pass
     return None
-
-
-def local_ranks() -> int:
-    """Ranks the launcher started on this node (Open MPI / PMIx / MPICH), 1 if unknown."""
-    for var in ("OMPI_COMM_WORLD_LOCAL_SIZE", "PMIX_LOCAL_SIZE", "MPI_LOCALNRANKS"):
-        try:
-            return max(1, int(os.environ[var]))
-        except (KeyError, ValueError):
-            pass
-    return 1
 
 
 def choose_wait(mode: str) -> str:

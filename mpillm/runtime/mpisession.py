@@ -1,4 +1,5 @@
-"""Stale Open MPI session directories, and their removal.
+"""What the launcher tells a rank (its node's rank count), and stale Open MPI session
+directories and their removal.
 
 ``mpirun`` (PRRTE) keeps its session in ``$TMPDIR/ompi.<its pid>`` (the PMIx rendezvous socket,
 the shared-memory segments of its ranks) and removes it when it exits. One killed with SIGKILL
@@ -23,6 +24,16 @@ from pathlib import Path
 _NAME = re.compile(r"ompi\.(\d+)")
 # processes that own a session directory: the launcher and PRRTE's daemons
 _LAUNCHERS = {"mpirun", "mpiexec", "prterun", "prte", "prted", "orterun", "orted"}
+
+
+def local_ranks() -> int:
+    """Ranks the launcher started on this node (Open MPI / PRRTE, PMIx, MPICH hydra); 1 if unknown."""
+    for var in ("OMPI_COMM_WORLD_LOCAL_SIZE", "PMIX_LOCAL_SIZE", "MPI_LOCALNRANKS"):
+        try:
+            return max(1, int(os.environ[var]))
+        except (KeyError, ValueError):
+            pass
+    return 1
 
 
 def session_base() -> Path:
