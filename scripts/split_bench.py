@@ -88,10 +88,10 @@ def run(cmd: list[str], timeout: float) -> str:
     return r.stdout
 
 
-def bench(cg: CpuQuota, model: Path, gen_tokens: int, timeout: float) -> dict:
+def bench(cg: CpuQuota, model: Path, gen_tokens: int, timeout: float, wait: str = "auto") -> dict:
     out = run(mpirun_cmd(2) + wrapped(cg, [sys.executable, "-m", "mpillm.bench", "--model", str(model),
                                           "--gen-tokens", str(gen_tokens), "--prompt-tokens", "16",
-                                          "--repeats", "2"]), timeout)
+                                          "--repeats", "2", "--wait", wait]), timeout)
     return json.loads(out[out.index("{"):])
 
 
@@ -103,6 +103,11 @@ def main() -> int:
                    help="quota period: short, so a rank that spends its quota waiting in a collective "
                         "is not frozen for many tokens at once (default: %(default)s)")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--even-wait", choices=("auto", "poll", "block"), default="poll",
+                   help="--wait of the even-split runs (default: %(default)s: how the previous release waited)")
+    p.add_argument("--split-wait", choices=("auto", "poll", "block"), default="auto",
+                   help="--wait of the calibrated-split runs (default: %(default)s: the throttled rank sees its "
+                        "CPU quota and sleeps while it waits)")
     p.add_argument("--gen-tokens", type=int, default=48)
     p.add_argument("--timeout", type=float, default=600)
     p.add_argument("--json", type=Path, default=None)
@@ -124,8 +129,8 @@ def main() -> int:
         weights = json.loads((split / "manifest.json").read_text())["splits"]["2"]["weights"]
         rounds = []
         for i in range(a.rounds):
-            e = bench(cg, even, a.gen_tokens, a.timeout)
-            s = bench(cg, split, a.gen_tokens, a.timeout)
+            e = bench(cg, even, a.gen_tokens, a.timeout, a.even_wait)
+            s = bench(cg, split, a.gen_tokens, a.timeout, a.split_wait)
             rounds.append({"even": e, "split": s})
             print(f"  round {i + 1}: even {e['generate_tok_s']:.1f} tok/s, split {s['generate_tok_s']:.1f} tok/s",
                   file=sys.stderr, flush=True)
@@ -138,6 +143,7 @@ def main() -> int:
     res = {
         "what": "rank 1 throttled; calibrated uneven split vs even split, generate tok/s",
         "model": str(a.model), "throttle": desc, "calibrated_gbps": speeds, "split_weights": weights,
+        "even_wait": a.even_wait, "split_wait": a.split_wait,
         "even_generate_tok_s": [round(r["even"]["generate_tok_s"], 2) for r in rounds],
         "split_generate_tok_s": [round(r["split"]["generate_tok_s"], 2) for r in rounds],
         "even_ms_per_token": [round(r["even"]["ms_per_token"], 2) for r in rounds],
