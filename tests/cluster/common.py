@@ -29,9 +29,10 @@ def stats_of(stdout: str) -> dict:
 
 
 @functools.lru_cache(maxsize=None)
-def single_host_text(np_: int, model: str | None = None) -> str:
-    """Greedy text of the fixed prompt on this host alone with np_ ranks (cached per session)."""
-    args = GEN_ARGS + (["--model", model] if model else [])
+def single_host_text(np_: int, model: str | None = None, sync: str | None = None) -> str:
+    """Greedy text of the fixed prompt on this host alone with np_ ranks (cached per session);
+    ``sync`` an explicit --sync (on one host --sync auto always picks the Allreduce)."""
+    args = GEN_ARGS + (["--model", model] if model else []) + (["--sync", sync] if sync else [])
     r = mpirun(np_, args, timeout=240)
     assert r.returncode == 0, f"single-host reference run failed:\n{r.stdout}\n{r.stderr}"
     return text_of(r.stdout)
