@@ -111,6 +111,21 @@ def _as_values(src: SrcTensor) -> np.ndarray:
     return vals.reshape(*first.shape[:-1], vals.shape[-1]).astype(np.float32)
 
 
+def _f32(v) -> float:
+    """A GGUF float32 key as the decimal it was written from (1e-06, not 9.99999997e-07)."""
+    return float(repr(np.float32(v)).removeprefix("np.float32(").rstrip(")"))
+
+
+def _derived(vals: np.ndarray, src_type: str) -> SrcTensor:
+    """A tensor the converter re-laid out from a source tensor of type ``src_type``: float32 / fp16
+    exactly, anything quantized as q8_0 (the transposed key half cannot keep the source's blocks)."""
+    if src_type in ("F32", "F16"):
+        return SrcTensor(src_type.lower(), {"w": vals.astype(np.float32 if src_type == "F32" else np.float16)},
+                         None, src_type)
+    q = quant.quantize(vals.reshape(-1, vals.shape[-1]), "q8_0")
+    return SrcTensor("q8_0", {k: v.reshape(*vals.shape[:-1], v.shape[-1]) for k, v in q.items()}, None, src_type)
+
+
 def _split_kv_b(kv_b: np.ndarray, cfg: ModelConfig, which: str, where: str) -> np.ndarray:
     """kv_b_proj (n_heads * (nope + v), kv_lora) -> wk_b (n_heads, kv_lora, nope) (each head's key
     rows, transposed: the absorbed query is q_nope @ wk_b^T) or wv_b (n_heads, v, kv_lora)."""
@@ -211,11 +226,11 @@ class GGUFSource:
             yarn = _yarn_fields({"factor": g("rope.scaling.factor"),
                                  "original_max_position_embeddings": g("rope.scaling.original_context_length"),
                                  "beta_fast": g("rope.scaling.yarn_beta_fast"), "beta_slow": g("rope.scaling.yarn_beta_slow")})
-            mscale = float(g("rope.scaling.yarn_log_multiplier", 0.0) or 0.0) / 0.1
+            mscale = _f32(g("rope.scaling.yarn_log_multiplier", 0.0) or 0.0) / 0.1
         elif scaling not in (None, "none"):
             raise ValueError(f"{where}: deepseek2.rope.scaling.type {scaling!r} is not supported (yarn or none)")
         n_exp = int(g("expert_count", 0))
-        eps = float(g("attention.layer_norm_rms_epsilon", 1e-6))
+        eps = _f32(g("attention.layer_norm_rms_epsilon", 1e-6))
         self.config = ModelConfig(
             arch="deepseek2", dim=dim, n_layers=n_layers, n_heads=heads, n_kv_heads=heads, head_dim=key,
             ffn_dim=int(g("feed_forward_length", 0)) if int(g("leading_dense_block_count", 0)) else 0,
@@ -256,7 +271,8 @@ class GGUFSource:
                 and self._gguf_name(name) not in self.tensors:
             kv_b = self.tensors[N.GGUF_KV_B.format(i=N.layer_of(name))]
             vals = _as_values(self._load_tensor(kv_b.name))
-            return SrcTensor(None, None, _split_kv_b(vals, self.config, pat.split("/")[-1][1], f"{self.path}: {kv_b.name}"), kv_b.tensor_type.name)
+            per = _split_kv_b(vals, self.config, pat.split("/")[-1][1], f"{self.path}: {kv_b.name}")
+            return _derived(per, kv_b.tensor_type.name)
         src = self._load_tensor(self._gguf_name(name))
         if self.config.arch == "deepseek2":
             src = _mla_fix(self.config, name, src)
@@ -514,7 +530,7 @@ class HFSource:
                 hn = self._hf_names(name)[0]
                 vals, dt = self._read(hn)
                 w = _split_kv_b(vals, self.config, pat.split("/")[-1][1], f"{self.path}: {hn}")
-                return SrcTensor("f32", {"w": w}, None, dt) if dt == "F32" else SrcTensor(None, None, w, dt)
+                return _derived(w, dt) if dt in ("F32", "F16") else SrcTensor(None, None, w, dt)
             return _mla_fix(self.config, name, self._load_plain(name))
         return self._load_plain(name)
 
