@@ -75,9 +75,10 @@ def _deepseek(n_heads: int, n_dense: int, n_experts: int, n_groups: int, groups_
 
 SHAPES["deepseek-v3"] = _deepseek(128, 3, 256, 8, 4, 129280)   # also DeepSeek-R1
 SHAPES["kimi-k2"] = _deepseek(64, 1, 384, 1, 1, 163840)
-# every tensor kind of deepseek2 at a few KiB (tests): one dense layer, then MoE; 4 groups of 2 experts
+# every tensor kind of deepseek2 at a few KiB (tests): one dense layer (FFN 256), then MoE (experts of 128);
+# 4 groups of 2 experts
 SHAPES["deepseek-tiny"] = {**_deepseek(4, 1, 8, 4, 2, 512), "dim": 128, "n_layers": 2, "head_dim": 48,
-                           "ffn_dim": 128, "expert_ffn_dim": 128, "n_experts_used": 3, "q_lora_rank": 64,
+                           "ffn_dim": 256, "expert_ffn_dim": 128, "n_experts_used": 3, "q_lora_rank": 64,
                            "kv_lora_rank": 64, "qk_nope_dim": 32, "qk_rope_dim": 16, "v_head_dim": 32,
                            "context_length": 4096}
 # Types that a shape fixes whatever --weight-type says (gpt-oss ships its experts as MXFP4), and the

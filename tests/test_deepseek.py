@@ -159,8 +159,22 @@ def test_synth_tiny_matches_converter_layout(tmp_path):
             assert sh.get("layers/1/wq_b").shape == (h * 48, 64)
             assert sh.get("layers/1/wo").shape == (128, h * 32)
             assert sh.get("layers/1/shexp_down").shape == (1, 128, rs.expert_ffn_per_partition)
-            assert sh.get("layers/0/w_gate").shape == (rs.ffn_per_partition, 128)
+            assert sh.get("layers/0/w_gate").shape == (rs.ffn_per_partition, 128) and rs.ffn_per_partition != \
+                rs.expert_ffn_per_partition
             assert sh.get("layers/1/wkv_a").shape == (80, 128)
+    # the engine runs it (the dense FFN wider than the experts: their own buffers), and the prompt
+    # token by token over the latent cache gives the batch's logits
+    from mpi4py import MPI
+
+    from mpillm.runtime.engine import Engine
+
+    eng = Engine(tmp_path, max_seq_len=16, max_batch=8, comm=MPI.COMM_SELF, verbose=False, kv_type="f32")
+    toks = [1, 5, 9, 200, 3]
+    batch = eng.step(toks, 0, all_logits=True).copy()
+    steps = np.concatenate([eng.step(toks[t:t + 1], t, all_logits=True) for t in range(len(toks))])
+    eng.stop()
+    assert np.isfinite(batch).all() and batch.std() > 0
+    np.testing.assert_allclose(steps, batch, rtol=1e-5, atol=1e-5 * np.abs(batch).max())
 
 
 def _hf_copy(tmp_path: Path, **changes) -> Path:

@@ -180,7 +180,7 @@ class Transformer:
         self.max_seq_len, self.max_batch, self.n_slots = max_seq_len, max_batch, n_slots
         hd = cfg.head_dim
         nh, nkv = rs.n_heads_per_partition, rs.n_kv_heads_per_partition
-        ffn = max(rs.expert_ffn_per_partition if cfg.is_moe else 0, rs.ffn_per_partition)  # deepseek2 has both
+        ffn = rs.expert_ffn_per_partition if cfg.is_moe else rs.ffn_per_partition
 
         # weights (memory-mapped)
         self.tok_embd = shard.get("tok_embd")  # (vocab_per_partition, dim)
@@ -216,6 +216,11 @@ class Transformer:
         self.gate = np.zeros((B, ffn), np.float32)        # (T, ffn_pp)
         self.up = np.zeros((B, ffn), np.float32)          # (T, ffn_pp)
         self.hb = Acts(np.zeros((B, ffn), np.float32))    # (T, ffn_pp) SiLU(gate) * up
+        # deepseek2's leading dense layers in a MoE model: their own (T, ffn_pp) gate, up, SiLU(gate) * up
+        # (a matmul writes exactly its rows' width)
+        dn = rs.ffn_per_partition
+        self.dense_bufs = ((np.zeros((B, dn), np.float32), np.zeros((B, dn), np.float32),
+                            Acts(np.zeros((B, dn), np.float32))) if cfg.is_moe and cfg.n_dense_layers else None)
         self.partial = np.zeros((B, D), np.float32)       # (T, dim) row-parallel partial sums -> Allreduce
         self.partial64 = np.zeros((B, D), np.float64) if buffer_type == "f64" else None  # (T, dim) exact mode
         self.logits = np.zeros((B, rs.vocab_per_partition), np.float32)  # (T, vocab_pp)
@@ -441,12 +446,13 @@ class Transformer:
             return
         ops.rmsnorm(self.x[:T], L.ffn_norm, self.cfg.norm_eps, self.xb.x[:T])
         self.xb.quantize(T)
-        L.w_gate(self.xb, T, self.gate)
-        L.w_up(self.xb, T, self.up)
-        ops.silu_mul(self.gate[:T], self.up[:T], self.hb.x[:T])
-        self.hb.quantize(T)
+        gate, up, hb = self.dense_bufs or (self.gate, self.up, self.hb)
+        L.w_gate(self.xb, T, gate)
+        L.w_up(self.xb, T, up)
+        ops.silu_mul(gate[:T], up[:T], hb.x[:T])
+        hb.quantize(T)
         part = self.partial if self.partial64 is None else self.partial64
-        L.w_down(self.hb, T, part)
+        L.w_down(hb, T, part)
         self.sync(part[:T])  # Allreduce #2: FFN down projection
         ops.add_inplace(self.x[:T], part[:T])
 
