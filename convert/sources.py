@@ -219,7 +219,8 @@ class GGUFSource:
         if not rope or key <= rope:
             raise ValueError(f"{where}: deepseek2.attention.key_length_mla {key} must exceed "
                              f"deepseek2.rope.dimension_count {rope}")
-        n_layers = int(g("block_count"))
+        # the multi-token-prediction layers, when a converter kept them, are the last blocks: not read
+        n_layers = int(g("block_count")) - int(g("nextn_predict_layers", 0) or 0)
         scaling = g("rope.scaling.type")
         yarn, mscale = {}, 0.0
         if scaling == "yarn":
