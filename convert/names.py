@@ -15,6 +15,9 @@ Vectors and (experts, n) bias tables split along their last axis:
   q_vec / kv_vec  elements of this rank's query / KV heads (head_dim per head)
   q_heads         one element per query head of this rank (gpt-oss sinks)
   exp_vec         every expert's hidden slice (gpt-oss gate/up biases)
+  q_lead          (heads, rows, cols) per-head matrices: this rank's query heads (deepseek2's wk_b, wv_b)
+For deepseek2, q_rows / q_cols count head_dim (qk_nope + qk_rope) rows and v_head_dim columns per head
+(ModelConfig.o_head_dim); its shared experts are stacked (n_shared, rows, cols) and split like experts.
 """
 from __future__ import annotations
 
@@ -49,7 +52,26 @@ TENSORS: tuple[tuple[str, str, str, str], ...] = (
     ("layers/{i}/exp_gate_b", "exp_vec", "", "blk.{i}.ffn_gate_exps.bias"),
     ("layers/{i}/exp_up_b", "exp_vec", "", "blk.{i}.ffn_up_exps.bias"),
     ("layers/{i}/exp_down_b", "replicated", "model.layers.{i}.mlp.experts.down_proj_bias", "blk.{i}.ffn_down_exps.bias"),
+    # deepseek2 (kv_b_proj is split into wk_b / wv_b by convert.sources; GGUF: attn_k_b / attn_v_b, or
+    # the older combined attn_kv_b, see GGUF_KV_B)
+    ("layers/{i}/wq_a", "replicated", "model.layers.{i}.self_attn.q_a_proj.weight", "blk.{i}.attn_q_a.weight"),
+    ("layers/{i}/q_a_norm", "replicated", "model.layers.{i}.self_attn.q_a_layernorm.weight", "blk.{i}.attn_q_a_norm.weight"),
+    ("layers/{i}/wq_b", "q_rows", "model.layers.{i}.self_attn.q_b_proj.weight", "blk.{i}.attn_q_b.weight"),
+    ("layers/{i}/wkv_a", "replicated", "model.layers.{i}.self_attn.kv_a_proj_with_mqa.weight", "blk.{i}.attn_kv_a_mqa.weight"),
+    ("layers/{i}/kv_a_norm", "replicated", "model.layers.{i}.self_attn.kv_a_layernorm.weight", "blk.{i}.attn_kv_a_norm.weight"),
+    ("layers/{i}/wk_b", "q_lead", "model.layers.{i}.self_attn.kv_b_proj.weight", "blk.{i}.attn_k_b.weight"),
+    ("layers/{i}/wv_b", "q_lead", "model.layers.{i}.self_attn.kv_b_proj.weight", "blk.{i}.attn_v_b.weight"),
+    ("layers/{i}/router_corr", "replicated", "model.layers.{i}.mlp.gate.e_score_correction_bias", "blk.{i}.exp_probs_b.bias"),
+    ("layers/{i}/shexp_gate", "exp_rows", "model.layers.{i}.mlp.shared_experts.gate_proj.weight", "blk.{i}.ffn_gate_shexp.weight"),
+    ("layers/{i}/shexp_up", "exp_rows", "model.layers.{i}.mlp.shared_experts.up_proj.weight", "blk.{i}.ffn_up_shexp.weight"),
+    ("layers/{i}/shexp_down", "exp_cols", "model.layers.{i}.mlp.shared_experts.down_proj.weight", "blk.{i}.ffn_down_shexp.weight"),
 )
+# the older deepseek2 GGUFs: kv_b_proj whole, as in the checkpoint
+GGUF_KV_B = "blk.{i}.attn_kv_b.weight"
+# the shared experts, stored (n_shared, rows, cols) from the checkpoint's (n_shared * rows, cols) form
+SHARED_EXPERTS = ("layers/{i}/shexp_gate", "layers/{i}/shexp_up", "layers/{i}/shexp_down")
+# rows whose RoPE part the converter de-interleaves (interleaved pairs -> halves; see convert.sources)
+MLA_ROPE_ROWS = ("layers/{i}/wq", "layers/{i}/wq_b", "layers/{i}/wkv_a")
 
 SPLIT = {name: kind for name, kind, _, _ in TENSORS}
 HF = {name: hf for name, _, hf, _ in TENSORS}
@@ -61,6 +83,10 @@ _DENSE = ["layers/{i}/w_gate", "layers/{i}/w_up", "layers/{i}/w_down"]
 _MOE = ["layers/{i}/router", "layers/{i}/exp_gate", "layers/{i}/exp_up", "layers/{i}/exp_down"]
 _QK = ["layers/{i}/q_norm", "layers/{i}/k_norm"]
 _QKV_BIAS = ["layers/{i}/bq", "layers/{i}/bk", "layers/{i}/bv"]
+_MLA_Q_LORA = ["layers/{i}/wq_a", "layers/{i}/q_a_norm", "layers/{i}/wq_b"]
+_MLA = ["layers/{i}/attn_norm", "layers/{i}/wkv_a", "layers/{i}/kv_a_norm", "layers/{i}/wk_b", "layers/{i}/wv_b",
+        "layers/{i}/wo", "layers/{i}/ffn_norm"]
+_DEEPSEEK_MOE = _MOE + ["layers/{i}/router_corr"] + list(SHARED_EXPERTS)
 LAYER_TENSORS = {
     "llama": _ATTN + _DENSE,
     "qwen2": _ATTN + _QKV_BIAS + _DENSE,
@@ -99,14 +125,30 @@ HF_ARCHITECTURES = {
     "Qwen3ForCausalLM": "qwen3",
     "Qwen3MoeForCausalLM": "qwen3moe",
     "GptOssForCausalLM": "gpt-oss",
+    "DeepseekV3ForCausalLM": "deepseek2",   # DeepSeek-V3/R1, Kimi-K2
 }
-GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen3moe", "gpt-oss")
+GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen3moe", "gpt-oss", "deepseek2")
 
 
-def model_tensors(arch: str, n_layers: int, tied: bool, rope_freqs: bool = False) -> list[str]:
-    """Every internal tensor name a model of this architecture has, in file order."""
+def deepseek_layer(i: int, q_lora: bool, dense_layers: int, router_bias: bool = True,
+                   shared: bool = True) -> list[str]:
+    """deepseek2's tensors of layer i: MLA (wq, or wq_a/q_a_norm/wq_b), then a dense FFN for the
+    first ``dense_layers`` layers, else the router (with its correction bias), routed and shared experts."""
+    attn = _MLA[:1] + (_MLA_Q_LORA if q_lora else ["layers/{i}/wq"]) + _MLA[1:]
+    ffn = _DENSE if i < dense_layers else [n for n in _DEEPSEEK_MOE if (router_bias or not n.endswith("router_corr"))
+                                           and (shared or n not in SHARED_EXPERTS)]
+    return [n.format(i=i) for n in attn + ffn]
+
+
+def model_tensors(arch: str, n_layers: int, tied: bool, rope_freqs: bool = False, cfg=None) -> list[str]:
+    """Every internal tensor name a model of this architecture has, in file order (``cfg``, a
+    ModelConfig, is needed for deepseek2, whose layers differ)."""
     names = ["tok_embd"] + (["rope_freqs"] if rope_freqs else [])
     for i in range(n_layers):
+        if arch == "deepseek2":
+            names += deepseek_layer(i, cfg.q_lora_rank > 0, cfg.n_dense_layers, cfg.router_bias,
+                                    cfg.n_shared_experts > 0)
+            continue
         names += [n.format(i=i) for n in LAYER_TENSORS[arch]]
     names.append("output_norm")
     if not tied:

@@ -40,13 +40,14 @@ def target_type(name: str, src: SrcTensor, weight_type: str, vector: bool) -> st
 
 def _ranges(kind: str, rs: RankSlice, cfg) -> tuple[str, int, int] | None:
     """(axis, start, stop) of a rank's slice for a split kind; None when replicated."""
-    hd = cfg.head_dim
+    hd, od = cfg.head_dim, cfg.o_head_dim
     return {
         "replicated": None,
         "vocab_rows": ("rows",) + rs.vocab,
         "q_rows": ("rows", rs.heads[0] * hd, rs.heads[1] * hd),
         "kv_rows": ("rows", rs.kv_heads[0] * hd, rs.kv_heads[1] * hd),
-        "q_cols": ("cols", rs.heads[0] * hd, rs.heads[1] * hd),
+        "q_cols": ("cols", rs.heads[0] * od, rs.heads[1] * od),
+        "q_lead": ("lead",) + rs.heads,
         "ffn_rows": ("rows",) + rs.ffn,
         "ffn_cols": ("cols",) + rs.ffn,
         "exp_rows": ("rows",) + rs.expert_ffn,
@@ -66,6 +67,8 @@ def slice_arrays(arrays: dict, wtype: str, axis: str, start: int, stop: int) -> 
     variant (super-block scales repeated per 32-block; see mpillm.formats.quant), so the type can change."""
     if axis == "rows":
         return {k: v[..., start:stop, :] for k, v in arrays.items()}, wtype
+    if axis == "lead":
+        return {k: v[start:stop] for k, v in arrays.items()}, wtype
     if wtype in quant.K_TYPES and (start % quant.QK_K or stop % quant.QK_K):
         arrays, wtype = quant.to_per32(arrays, wtype)
     cols = _logical_cols(arrays, wtype)
@@ -185,4 +188,6 @@ def _logical_cols(arrays: dict, wtype: str) -> int:
 def _sliced_shape(shape: tuple, axis: str, start: int, stop: int) -> tuple:
     if axis == "rows":
         return shape[:-2] + (stop - start, shape[-1])
+    if axis == "lead":
+        return (stop - start,) + shape[1:]
     return shape[:-1] + (stop - start,)

@@ -6,6 +6,7 @@ supported quantized/float GGUF tensor (bit-exact), or float32 values.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import struct
 from dataclasses import dataclass
@@ -62,6 +63,94 @@ def _unpermute_rows(a: np.ndarray, n_head: int) -> np.ndarray:
     return a.reshape(n_head, hd // 2, 2, *a.shape[1:]).swapaxes(1, 2).reshape(a.shape)
 
 
+def _deinterleave_rope(a: np.ndarray, n_head: int, nope: int) -> np.ndarray:
+    """Rows (n_head * (nope + rope), ...): each head's RoPE rows from interleaved pairs (2i, 2i+1)
+    (DeepSeek's layout, llama.cpp's deepseek2) to halves (i, i + rope/2), so the engine's NeoX RoPE
+    rotates the same pairs. Queries and keys move alike, so their dot products are unchanged."""
+    per = a.reshape(n_head, a.shape[0] // n_head, *a.shape[1:])
+    rope = per[:, nope:]
+    out = per.copy()
+    out[:, nope:] = np.concatenate([rope[:, 0::2], rope[:, 1::2]], axis=1)
+    return out.reshape(a.shape)
+
+
+def _mla_fix(cfg: ModelConfig, name: str, src: SrcTensor) -> SrcTensor:
+    """deepseek2 tensors as the engine stores them: RoPE rows de-interleaved (wq / wq_b per head,
+    the shared RoPE key rows of wkv_a), shared experts stacked (n_shared, rows, cols)."""
+    pat = N.pattern_of(name)
+
+    def apply(fn):
+        if src.arrays is not None:
+            src.arrays = {k: fn(v) for k, v in src.arrays.items()}
+        else:
+            src.values = fn(src.values)
+
+    if pat in N.MLA_ROPE_ROWS and cfg.rope_interleave:
+        heads, nope = (1, cfg.kv_lora_rank) if pat == "layers/{i}/wkv_a" else (cfg.n_heads, cfg.qk_nope_dim)
+        apply(lambda a: _deinterleave_rope(np.asarray(a), heads, nope))
+    elif pat in N.SHARED_EXPERTS:
+        ns = cfg.n_shared_experts
+        if pat == "layers/{i}/shexp_down":   # (dim, ns * I): the columns of each shared expert
+            if src.arrays is not None and set(src.arrays) != {"w"}:
+                src = SrcTensor(None, None, _as_values(src), src.src_type)
+            apply(lambda a: np.ascontiguousarray(np.asarray(a).reshape(a.shape[0], ns, -1).transpose(1, 0, 2)))
+        else:
+            apply(lambda a: np.asarray(a).reshape(ns, a.shape[0] // ns, *a.shape[1:]))
+    return src
+
+
+def _as_values(src: SrcTensor) -> np.ndarray:
+    """A source tensor's float32 values (dequantized if need be)."""
+    if src.values is not None:
+        return np.asarray(src.values, np.float32)
+    if set(src.arrays) == {"w"}:
+        return np.asarray(src.arrays["w"], np.float32)
+    first = next(iter(src.arrays.values()))
+    flat = {k: np.asarray(v).reshape(-1, v.shape[-1]) for k, v in src.arrays.items()}
+    vals = quant.dequantize(flat, src.wtype)
+    return vals.reshape(*first.shape[:-1], vals.shape[-1]).astype(np.float32)
+
+
+def _f32(v) -> float:
+    """A GGUF float32 key as the decimal it was written from (1e-06, not 9.99999997e-07)."""
+    return float(repr(np.float32(v)).removeprefix("np.float32(").rstrip(")"))
+
+
+def _derived(vals: np.ndarray, src_type: str) -> SrcTensor:
+    """A tensor the converter re-laid out from a source tensor of type ``src_type``: float32 / fp16
+    exactly, anything quantized as q8_0 (the transposed key half cannot keep the source's blocks)."""
+    if src_type in ("F32", "F16"):
+        return SrcTensor(src_type.lower(), {"w": vals.astype(np.float32 if src_type == "F32" else np.float16)},
+                         None, src_type)
+    q = quant.quantize(vals.reshape(-1, vals.shape[-1]), "q8_0")
+    return SrcTensor("q8_0", {k: v.reshape(*vals.shape[:-1], v.shape[-1]) for k, v in q.items()}, None, src_type)
+
+
+def _split_kv_b(kv_b: np.ndarray, cfg: ModelConfig, which: str, where: str) -> np.ndarray:
+    """kv_b_proj (n_heads * (nope + v), kv_lora) -> wk_b (n_heads, kv_lora, nope) (each head's key
+    rows, transposed: the absorbed query is q_nope @ wk_b^T) or wv_b (n_heads, v, kv_lora)."""
+    H, dn, dv, r = cfg.n_heads, cfg.qk_nope_dim, cfg.v_head_dim, cfg.kv_lora_rank
+    if kv_b.shape != (H * (dn + dv), r):
+        raise ValueError(f"{where}: kv_b has shape {kv_b.shape}, expected ({H * (dn + dv)}, {r}) = "
+                         f"(n_heads * (qk_nope_head_dim + v_head_dim), kv_lora_rank)")
+    per = np.asarray(kv_b, np.float32).reshape(H, dn + dv, r)
+    return np.ascontiguousarray(per[:, :dn].transpose(0, 2, 1) if which == "k" else per[:, dn:])
+
+
+def _mla_fields(q_lora, kv_lora, nope, rope, v, interleave, dense, shared, scale, groups, groups_used,
+                norm_eps, mscale=0.0, mscale_all=0.0, where="") -> dict:
+    for key, val in (("kv_lora_rank", kv_lora), ("qk_nope_head_dim", nope), ("qk_rope_head_dim", rope),
+                     ("v_head_dim", v)):
+        if not val or int(val) < 1:
+            raise ValueError(f"{where}: {key} must be >= 1, got {val!r}")
+    return dict(q_lora_rank=int(q_lora or 0), kv_lora_rank=int(kv_lora), qk_nope_dim=int(nope),
+                qk_rope_dim=int(rope), v_head_dim=int(v), rope_interleave=bool(interleave),
+                n_dense_layers=int(dense), n_shared_experts=int(shared), router_func="sigmoid",
+                router_scale=float(scale), n_expert_groups=int(groups or 1), n_groups_used=int(groups_used or 1),
+                router_bias=True, lora_norm_eps=float(norm_eps), yarn_mscale=float(mscale or 0.0),
+                yarn_mscale_all_dim=float(mscale_all or 0.0))
+
+
 # ----------------------------------------------------------------------------------------------
 class GGUFSource:
     _TYPES = {"F32": "f32", "F16": "f16", "Q4_0": "q4_0", "Q4_1": "q4_1", "Q8_0": "q8_0", "Q5_0": "q5_0",
@@ -85,6 +174,9 @@ class GGUFSource:
         dim, heads = int(g("embedding_length")), int(g("attention.head_count"))
         n_vocab = g("vocab_size") or len(f["tokenizer.ggml.tokens"].data)
         moe = arch in ("qwen3moe", "gpt-oss")
+        if arch == "deepseek2":
+            self._init_deepseek(g, dim, heads, int(n_vocab))
+            return
         self.config = ModelConfig(
             **(_gguf_gpt_oss(g, int(g("block_count"))) if arch == "gpt-oss" else {}),
             arch=arch, dim=dim, n_layers=int(g("block_count")), n_heads=heads,
@@ -111,6 +203,62 @@ class GGUFSource:
         if missing:
             raise ValueError(f"{self.path}: tensors missing for architecture {arch}: {', '.join(missing[:5])}")
 
+    def _init_deepseek(self, g, dim: int, heads: int, n_vocab: int) -> None:
+        """deepseek2 (llama.cpp's keys): MLA sizes from attention.*_lora_rank, key/value_length_mla
+        (the per-head sizes; older files put them in key/value_length), rope.dimension_count; the
+        router from expert_* keys (sigmoid gating only); YaRN's mscale from yarn_log_multiplier
+        (= 0.1 mscale_all_dim; llama.cpp's graph leaves cos/sin unscaled, i.e. mscale = mscale_all_dim)."""
+        where = str(self.path)
+        gating = g("expert_gating_func")
+        if gating is not None and int(gating) != 2:
+            raise ValueError(f"{where}: deepseek2.expert_gating_func {int(gating)} (softmax: DeepSeek-V2) is not "
+                             f"supported; only the sigmoid router of DeepSeek-V3/R1 and Kimi-K2 (2)")
+        rope = int(g("rope.dimension_count", 0))
+        key = int(g("attention.key_length_mla", 0) or g("attention.key_length", 0))
+        val = int(g("attention.value_length_mla", 0) or g("attention.value_length", 0))
+        if not rope or key <= rope:
+            raise ValueError(f"{where}: deepseek2.attention.key_length_mla {key} must exceed "
+                             f"deepseek2.rope.dimension_count {rope}")
+        # the multi-token-prediction layers, when a converter kept them, are the last blocks: not read
+        n_layers = int(g("block_count")) - int(g("nextn_predict_layers", 0) or 0)
+        scaling = g("rope.scaling.type")
+        yarn, mscale = {}, 0.0
+        if scaling == "yarn":
+            yarn = _yarn_fields({"factor": g("rope.scaling.factor"),
+                                 "original_max_position_embeddings": g("rope.scaling.original_context_length"),
+                                 "beta_fast": g("rope.scaling.yarn_beta_fast"), "beta_slow": g("rope.scaling.yarn_beta_slow")})
+            mscale = _f32(g("rope.scaling.yarn_log_multiplier", 0.0) or 0.0) / 0.1
+        elif scaling not in (None, "none"):
+            raise ValueError(f"{where}: deepseek2.rope.scaling.type {scaling!r} is not supported (yarn or none)")
+        n_exp = int(g("expert_count", 0))
+        eps = _f32(g("attention.layer_norm_rms_epsilon", 1e-6))
+        self.config = ModelConfig(
+            arch="deepseek2", dim=dim, n_layers=n_layers, n_heads=heads, n_kv_heads=heads, head_dim=key,
+            ffn_dim=int(g("feed_forward_length", 0)) if int(g("leading_dense_block_count", 0)) else 0,
+            vocab_size=n_vocab, rope_theta=float(g("rope.freq_base", 10000.0)), norm_eps=eps,
+            context_length=int(g("context_length", 2048)), tied_embeddings="output.weight" not in self.tensors,
+            n_experts=n_exp, n_experts_used=int(g("expert_used_count", 0)) if n_exp else 0,
+            expert_ffn_dim=int(g("expert_feed_forward_length", 0)) if n_exp else 0,
+            norm_topk_prob=bool(g("expert_weights_norm", False)), **yarn,
+            **_mla_fields(g("attention.q_lora_rank", 0), g("attention.kv_lora_rank"), key - rope, rope, val, True,
+                          min(int(g("leading_dense_block_count", 0)), n_layers), g("expert_shared_count", 0),
+                          g("expert_weights_scale", 1.0), g("expert_group_count", 1), g("expert_group_used_count", 1),
+                          eps, mscale, mscale, where))
+        self.config = dataclasses.replace(self.config, router_bias=any(
+            t.endswith("exp_probs_b.bias") for t in self.tensors))
+        self.names = N.model_tensors("deepseek2", n_layers, self.config.tied_embeddings, cfg=self.config)
+        missing = []
+        for n in self.names:
+            gn = self._gguf_name(n)
+            if gn in self.tensors:
+                continue
+            if N.pattern_of(n) in ("layers/{i}/wk_b", "layers/{i}/wv_b") and \
+                    N.GGUF_KV_B.format(i=N.layer_of(n)) in self.tensors:
+                continue   # the older files: derived from attn_kv_b
+            missing.append(gn)
+        if missing:
+            raise ValueError(f"{where}: tensors missing for architecture deepseek2: {', '.join(missing[:5])}")
+
     def _get(self, key: str, default=None):
         field = self.reader.fields.get(key)
         return default if field is None else field.contents()
@@ -119,9 +267,28 @@ class GGUFSource:
         return N.gguf_name(self.config.arch, N.pattern_of(name)).format(i=N.layer_of(name))
 
     def load(self, name: str) -> SrcTensor:
+        pat = N.pattern_of(name)
+        if self.config.arch == "deepseek2" and pat in ("layers/{i}/wk_b", "layers/{i}/wv_b") \
+                and self._gguf_name(name) not in self.tensors:
+            kv_b = self.tensors[N.GGUF_KV_B.format(i=N.layer_of(name))]
+            vals = _as_values(self._load_tensor(kv_b.name))
+            per = _split_kv_b(vals, self.config, pat.split("/")[-1][1], f"{self.path}: {kv_b.name}")
+            return _derived(per, kv_b.tensor_type.name)
+        src = self._load_tensor(self._gguf_name(name))
+        if self.config.arch == "deepseek2":
+            src = _mla_fix(self.config, name, src)
+        elif self.config.arch == "llama" and pat in ("layers/{i}/wq", "layers/{i}/wk"):
+            nh = self.config.n_heads if name.endswith("wq") else self.config.n_kv_heads
+            if src.arrays is not None:
+                src.arrays = {k: _unpermute_rows(v, nh) for k, v in src.arrays.items()}
+            else:
+                src.values = _unpermute_rows(src.values, nh)
+        return src
+
+    def _load_tensor(self, gname: str) -> SrcTensor:
         import gguf
 
-        t = self.tensors[self._gguf_name(name)]
+        t = self.tensors[gname]
         tname = t.tensor_type.name
         shape = tuple(int(s) for s in reversed(t.shape))  # GGUF lists dims fastest-first
         ours = self._TYPES.get(tname)
@@ -140,12 +307,6 @@ class GGUFSource:
         else:
             vals = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32).reshape(shape)
             src = SrcTensor(None, None, vals, tname)
-        if self.config.arch == "llama" and N.pattern_of(name) in ("layers/{i}/wq", "layers/{i}/wk"):
-            nh = self.config.n_heads if name.endswith("wq") else self.config.n_kv_heads
-            if src.arrays is not None:
-                src.arrays = {k: _unpermute_rows(v, nh) for k, v in src.arrays.items()}
-            else:
-                src.values = _unpermute_rows(src.values, nh)
         return src
 
 
@@ -230,7 +391,8 @@ class HFSource:
         gpt_oss = arch == "gpt-oss"
         rope = hf.get("rope_parameters") or {}  # transformers 5 form, next to or instead of rope_theta
         scaling = rope if rope.get("rope_type", "default") != "default" else (hf.get("rope_scaling") or {})
-        if scaling and not (gpt_oss and scaling.get("rope_type", scaling.get("type")) == "yarn"):
+        yarn_ok = gpt_oss or arch == "deepseek2"
+        if scaling and not (yarn_ok and scaling.get("rope_type", scaling.get("type")) == "yarn"):
             raise ValueError(f"{self.path}: RoPE scaling {scaling} is not supported yet")
         files = sorted(self.path.glob("*.safetensors"))
         if not files:
@@ -242,6 +404,9 @@ class HFSource:
             raise ValueError(f"{self.path}: a {archs[0]} with attention_bias/mlp_bias is not supported "
                              f"(its biases would be ignored)")
         heads = hf["num_attention_heads"]
+        if arch == "deepseek2":
+            self._init_deepseek(hf, scaling, rope)
+            return
         moe = arch in ("qwen3moe", "gpt-oss")
         if moe and (hf.get("mlp_only_layers") or hf.get("decoder_sparse_step", 1) != 1):
             raise ValueError(f"{self.path}: MoE models with dense layers (mlp_only_layers/decoder_sparse_step) are not supported")
@@ -265,6 +430,43 @@ class HFSource:
             refuse_sliding_window(self.path, _hf_sliding_window(hf), self.config.context_length)
         self.names = N.model_tensors(arch, self.config.n_layers, tied)
         self.mxfp4 = gpt_oss and N.HF_GPT_OSS["gate_up"].format(i=0) + "_blocks" in self.index
+        for n in self.names:
+            for hn in self._hf_names(n):
+                if hn not in self.index:
+                    raise ValueError(f"{self.path}: tensor {hn} is missing")
+
+    def _init_deepseek(self, hf: dict, scaling: dict, rope: dict) -> None:
+        """DeepseekV3ForCausalLM (DeepSeek-V3/R1, Kimi-K2): MLA sizes, the sigmoid group-limited
+        router (noaux_tc), shared experts, first_k_dense_replace dense layers; the
+        multi-token-prediction layers (num_nextn_predict_layers, stored after the last layer) are
+        not read."""
+        where = str(self.path)
+        for key, ok in (("scoring_func", ("sigmoid",)), ("topk_method", ("noaux_tc",)), ("moe_layer_freq", (1,))):
+            if hf.get(key) is not None and hf[key] not in ok:
+                raise ValueError(f"{where}: config {key} = {hf[key]!r} is not supported (expected {ok[0]!r})")
+        if hf.get("attention_bias"):
+            raise ValueError(f"{where}: a DeepseekV3 with attention_bias is not supported (its biases would be ignored)")
+        n_layers, heads = hf["num_hidden_layers"], hf["num_attention_heads"]
+        nope, rdim = hf["qk_nope_head_dim"], hf["qk_rope_head_dim"]
+        n_exp = hf.get("n_routed_experts") or 0
+        dense = min(int(hf.get("first_k_dense_replace") or 0), n_layers) if n_exp else n_layers
+        eps = float(hf.get("rms_norm_eps", 1e-6))
+        tied = bool(hf.get("tie_word_embeddings", False)) or "lm_head.weight" not in self.index
+        self.config = ModelConfig(
+            arch="deepseek2", dim=hf["hidden_size"], n_layers=n_layers, n_heads=heads, n_kv_heads=heads,
+            head_dim=nope + rdim, ffn_dim=hf["intermediate_size"] if dense else 0, vocab_size=hf["vocab_size"],
+            rope_theta=float(hf.get("rope_theta") or rope.get("rope_theta") or 10000.0), norm_eps=eps,
+            context_length=int(hf.get("max_position_embeddings", 2048)), tied_embeddings=tied,
+            n_experts=n_exp, n_experts_used=hf.get("num_experts_per_tok", 0) if n_exp else 0,
+            expert_ffn_dim=hf.get("moe_intermediate_size", 0) if n_exp else 0,
+            norm_topk_prob=bool(hf.get("norm_topk_prob", True)),
+            **(_yarn_fields(scaling) if scaling else {}),
+            **_mla_fields(hf.get("q_lora_rank"), hf.get("kv_lora_rank"), nope, rdim, hf.get("v_head_dim"),
+                          hf.get("rope_interleave", True), dense, hf.get("n_shared_experts") or 0,
+                          hf.get("routed_scaling_factor", 1.0), hf.get("n_group"), hf.get("topk_group"), 1e-6,
+                          (scaling or {}).get("mscale"), (scaling or {}).get("mscale_all_dim"), where))
+        self.names = N.model_tensors("deepseek2", n_layers, tied, cfg=self.config)
+        self.mxfp4 = False
         for n in self.names:
             for hn in self._hf_names(n):
                 if hn not in self.index:
@@ -323,6 +525,17 @@ class HFSource:
     def load(self, name: str) -> SrcTensor:
         if self.config.arch == "gpt-oss" and N.pattern_of(name) in _GPT_OSS_FUSED:
             return self._load_gpt_oss_expert(name)
+        if self.config.arch == "deepseek2":
+            pat = N.pattern_of(name)
+            if pat in ("layers/{i}/wk_b", "layers/{i}/wv_b"):
+                hn = self._hf_names(name)[0]
+                vals, dt = self._read(hn)
+                w = _split_kv_b(vals, self.config, pat.split("/")[-1][1], f"{self.path}: {hn}")
+                return _derived(w, dt) if dt in ("F32", "F16") else SrcTensor(None, None, w, dt)
+            return _mla_fix(self.config, name, self._load_plain(name))
+        return self._load_plain(name)
+
+    def _load_plain(self, name: str) -> SrcTensor:
         parts = [self._read(hn) for hn in self._hf_names(name)]
         dt = parts[0][1]
         vals = np.stack([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]

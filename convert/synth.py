@@ -56,18 +56,46 @@ SHAPES["gpt-oss-tiny"] = {**_gpt_oss(2, 4), "dim": 128, "n_heads": 4, "n_kv_head
                           "expert_ffn_dim": 128, "vocab_size": 512, "context_length": 4096, "sliding_window": 8,
                           "rope_orig_context": 128}
 SHAPES["gpt-oss-120b"] = _gpt_oss(36, 128)
+
+
+def _deepseek(n_heads: int, n_dense: int, n_experts: int, n_groups: int, groups_used: int, vocab: int) -> dict:
+    """DeepSeek-V3/R1 (671B) and Kimi-K2 (1T): MLA with q_lora 1536, kv_lora 512, qk_nope 128,
+    qk_rope 64, v 128; 61 layers, the first n_dense dense (FFN 18432), the rest 1 shared + routed
+    experts of 2048, top-8, the sigmoid router with its correction bias, x2.5; YaRN x40 from 4096
+    with mscale = mscale_all_dim = 1. (The multi-token-prediction layer is not part of the shape.)"""
+    return dict(arch="deepseek2", dim=7168, n_layers=61, n_heads=n_heads, n_kv_heads=n_heads, head_dim=192,
+                ffn_dim=18432, vocab_size=vocab, rope_theta=10000.0, norm_eps=1e-6, context_length=163840,
+                tied_embeddings=False, n_experts=n_experts, n_experts_used=8, expert_ffn_dim=2048,
+                norm_topk_prob=True, rope_scaling="yarn", rope_factor=40.0, rope_orig_context=4096,
+                q_lora_rank=1536, kv_lora_rank=512, qk_nope_dim=128, qk_rope_dim=64, v_head_dim=128,
+                yarn_mscale=1.0, yarn_mscale_all_dim=1.0, n_dense_layers=n_dense, n_shared_experts=1,
+                router_func="sigmoid", router_scale=2.5, n_expert_groups=n_groups, n_groups_used=groups_used,
+                router_bias=True)
+
+
+SHAPES["deepseek-v3"] = _deepseek(128, 3, 256, 8, 4, 129280)   # also DeepSeek-R1
+SHAPES["kimi-k2"] = _deepseek(64, 1, 384, 1, 1, 163840)
+# every tensor kind of deepseek2 at a few KiB (tests): one dense layer (FFN 256), then MoE (experts of 128);
+# 4 groups of 2 experts
+SHAPES["deepseek-tiny"] = {**_deepseek(4, 1, 8, 4, 2, 512), "dim": 128, "n_layers": 2, "head_dim": 48,
+                           "ffn_dim": 256, "expert_ffn_dim": 128, "n_experts_used": 3, "q_lora_rank": 64,
+                           "kv_lora_rank": 64, "qk_nope_dim": 32, "qk_rope_dim": 16, "v_head_dim": 32,
+                           "context_length": 4096}
 # Types that a shape fixes whatever --weight-type says (gpt-oss ships its experts as MXFP4), and the
 # --weight-type default of a shape (the released gpt-oss GGUFs keep attention and embeddings in q8_0).
 EXPERT_TYPE = dict.fromkeys(("gpt-oss-20b", "gpt-oss-120b", "gpt-oss-tiny"), "mxfp4")
 DEFAULT_TYPE = dict.fromkeys(EXPERT_TYPE, "q8_0")
 _EXPERT_MATRICES = ("layers/{i}/exp_gate", "layers/{i}/exp_up", "layers/{i}/exp_down")
-_NORMS = ("output_norm", "layers/{i}/attn_norm", "layers/{i}/ffn_norm", "layers/{i}/q_norm", "layers/{i}/k_norm")
+_NORMS = ("output_norm", "layers/{i}/attn_norm", "layers/{i}/ffn_norm", "layers/{i}/q_norm", "layers/{i}/k_norm",
+          "layers/{i}/q_a_norm", "layers/{i}/kv_a_norm")
 
 
 def logical_shape(cfg: ModelConfig, name: str) -> tuple[int, ...]:
     """Full (unsplit) shape of an internal tensor."""
     p = N.pattern_of(name).split("/")[-1]
     D, hd, E = cfg.dim, cfg.head_dim, cfg.n_experts
+    if p == "wo":
+        return (D, cfg.n_heads * cfg.o_head_dim)
     return {
         "tok_embd": (cfg.vocab_size, D), "output": (cfg.vocab_size, D), "output_norm": (D,), "rope_freqs": (hd // 2,),
         "attn_norm": (D,), "ffn_norm": (D,), "q_norm": (hd,), "k_norm": (hd,),
@@ -77,6 +105,13 @@ def logical_shape(cfg: ModelConfig, name: str) -> tuple[int, ...]:
         "router": (E, D), "exp_gate": (E, cfg.expert_ffn_dim, D), "exp_up": (E, cfg.expert_ffn_dim, D),
         "exp_down": (E, D, cfg.expert_ffn_dim),
         "bo": (D,), "sinks": (cfg.n_heads,),
+        # deepseek2 (wo above is (D, q_dim) elsewhere: its columns are v_head_dim per head)
+        "wq_a": (cfg.q_lora_rank, D), "q_a_norm": (cfg.q_lora_rank,), "wq_b": (cfg.q_dim, cfg.q_lora_rank),
+        "wkv_a": (cfg.kv_lora_rank + cfg.qk_rope_dim, D), "kv_a_norm": (cfg.kv_lora_rank,),
+        "wk_b": (cfg.n_heads, cfg.kv_lora_rank, cfg.qk_nope_dim), "wv_b": (cfg.n_heads, cfg.v_head_dim, cfg.kv_lora_rank),
+        "router_corr": (E,), "shexp_gate": (cfg.n_shared_experts, cfg.expert_ffn_dim, D),
+        "shexp_up": (cfg.n_shared_experts, cfg.expert_ffn_dim, D),
+        "shexp_down": (cfg.n_shared_experts, D, cfg.expert_ffn_dim),
         "router_b": (E,), "exp_gate_b": (E, cfg.expert_ffn_dim), "exp_up_b": (E, cfg.expert_ffn_dim),
         "exp_down_b": (E, D),
     }[p]
@@ -114,11 +149,23 @@ def random_tensor(rng: np.random.Generator, wtype: str, shape: tuple[int, ...]) 
     return out
 
 
+def cut(cfg: ModelConfig, n_layers: int | None) -> ModelConfig:
+    """The first ``n_layers`` layers of a shape (the full width). A deepseek2 cut keeps at least one
+    MoE layer when it has two or more layers (its dense layers come first)."""
+    if n_layers is None:
+        return cfg
+    if not 1 <= n_layers <= cfg.n_layers:
+        raise ValueError(f"--layers {n_layers} not in [1, {cfg.n_layers}]")
+    dense = min(cfg.n_dense_layers, n_layers - 1 if n_layers > 1 else 1)
+    return dataclasses.replace(cfg, n_layers=n_layers, n_dense_layers=dense if cfg.is_mla else cfg.n_dense_layers,
+                               sliding_layers=[i for i in cfg.sliding_layers if i < n_layers])
+
+
 def synth(shape: str, out: Path, world_sizes: list[int], wtype: str | None = None, seed: int = 0,
-          progress: bool = True) -> None:
+          progress: bool = True, n_layers: int | None = None) -> None:
     wtype = wtype or DEFAULT_TYPE.get(shape, "q4_0")
-    cfg = ModelConfig(**SHAPES[shape])
-    names = N.model_tensors(cfg.arch, cfg.n_layers, cfg.tied_embeddings)
+    cfg = cut(ModelConfig(**SHAPES[shape]), n_layers)
+    names = N.model_tensors(cfg.arch, cfg.n_layers, cfg.tied_embeddings, cfg=cfg)
     for ws in world_sizes:
         for rs in plan(cfg, ws):
             w = fmt.ShardWriter(out / fmt.shard_relpath(ws, rs.tp_rank), cfg, ws, rs.tp_rank,
@@ -135,7 +182,7 @@ def synth(shape: str, out: Path, world_sizes: list[int], wtype: str | None = Non
                     rng_ = _ranges(N.SPLIT[N.pattern_of(name)], rs, cfg)
                     s = list(full)
                     if rng_ is not None:
-                        axis = -2 if rng_[0] == "rows" and len(s) > 1 else -1  # 1-D: a bias
+                        axis = {"rows": -2 if len(s) > 1 else -1, "lead": 0}.get(rng_[0], -1)  # 1-D rows: a bias
                         s[axis] = rng_[2] - rng_[1]
                     pat = N.pattern_of(name)
                     t = tensor_type(shape, pat, len(s), wtype)
@@ -165,10 +212,12 @@ def main(argv: list[str]) -> int:
                    help="type of the weight matrices (default: q8_0 for gpt-oss, whose experts are always "
                         "MXFP4; q4_0 for the others)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--layers", type=int, default=None,
+                   help="write only the first N layers at full width (so a cut of a large model fits)")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     try:
-        synth(a.shape, a.out, a.world_size, a.weight_type, a.seed, progress=not a.no_progress)
+        synth(a.shape, a.out, a.world_size, a.weight_type, a.seed, progress=not a.no_progress, n_layers=a.layers)
     except ValueError as e:
         print(f"convert synth: error: {e}", file=sys.stderr)
         return 2

@@ -128,7 +128,7 @@ def shard_report(model_dir: Path, size: int, rank: int, max_seq_len: int, read_a
                     np.asarray(a).view(np.uint8).sum(dtype=np.uint64)
         kv_heads = shard.slice["kv_heads"][1] - shard.slice["kv_heads"][0]
         out["weights"] = shard.nbytes
-        out["kv"] = 2 * cfg.n_layers * kv_heads * max_seq_len * cfg.head_dim * 4   # f32 K and V
+        out["kv"] = cfg.n_layers * cfg.kv_values_per_token(kv_heads) * max_seq_len * 4   # f32 K and V (or latent)
         out["logits"] = 2 * MAX_BATCH * cfg.vocab_size * 4 if rank == 0 else 0
     except (ValueError, OSError) as e:
         out["problem"] = str(e)

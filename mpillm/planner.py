@@ -233,7 +233,8 @@ def rank_stored_bytes(cfg: ModelConfig, rs: partition.RankSlice, wtype: str = "q
 
 
 def kv_bytes(cfg: ModelConfig, rs: partition.RankSlice, max_seq_len: int, kv_type: str = "f16") -> int:
-    return 2 * cfg.n_layers * rs.n_kv_heads_per_partition * max_seq_len * cfg.head_dim * (2 if kv_type == "f16" else 4)
+    """The KV cache of one rank (deepseek2: the latent, the same on every rank)."""
+    return cfg.n_layers * cfg.kv_values_per_token(rs.n_kv_heads_per_partition) * max_seq_len * (2 if kv_type == "f16" else 4)
 
 
 def predict(cfg: ModelConfig, speeds_gbps: list[float], link: Link, wtype: str = "q4_0",

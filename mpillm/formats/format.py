@@ -83,6 +83,20 @@ TENSOR_PATTERNS = (
     "layers/{i}/exp_gate_b",  # (n_experts, expert_ffn_per_partition)
     "layers/{i}/exp_up_b",  # (n_experts, expert_ffn_per_partition)
     "layers/{i}/exp_down_b",  # (n_experts, dim)  replicated, added once after Allreduce #2
+    # deepseek2: multi-head latent attention (wq or wq_a/q_a_norm/wq_b; wo as above with v_head_dim per
+    # head), the sigmoid router's correction bias, the shared experts (layers before n_dense_layers
+    # are dense: w_gate/w_up/w_down)
+    "layers/{i}/wq_a",     # (q_lora_rank, dim)  replicated
+    "layers/{i}/q_a_norm",  # (q_lora_rank,)
+    "layers/{i}/wq_b",     # (n_heads_per_partition * head_dim, q_lora_rank)  column-parallel
+    "layers/{i}/wkv_a",    # (kv_lora_rank + qk_rope_dim, dim)  replicated: the latent and the RoPE key
+    "layers/{i}/kv_a_norm",  # (kv_lora_rank,)
+    "layers/{i}/wk_b",     # (n_heads_per_partition, kv_lora_rank, qk_nope_dim)  kv_b's key rows, transposed
+    "layers/{i}/wv_b",     # (n_heads_per_partition, v_head_dim, kv_lora_rank)  kv_b's value rows
+    "layers/{i}/router_corr",  # (n_experts,)  selection-only correction bias, replicated
+    "layers/{i}/shexp_gate",  # (n_shared_experts, expert_ffn_per_partition, dim)
+    "layers/{i}/shexp_up",  # (n_shared_experts, expert_ffn_per_partition, dim)
+    "layers/{i}/shexp_down",  # (n_shared_experts, dim, expert_ffn_per_partition)
 )
 _NAME_RE = re.compile("^(" + "|".join(p.replace("{i}", r"\d+") for p in TENSOR_PATTERNS) + ")$")
 

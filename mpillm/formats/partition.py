@@ -77,9 +77,10 @@ def check_world_size(cfg: ModelConfig, tp_size: int) -> None:
     if tp_size > cfg.n_heads:
         raise ValueError(f"world size {tp_size} exceeds the model's {cfg.n_heads} query heads "
                          f"(tensor parallelism splits whole heads; use at most {cfg.n_heads} ranks)")
-    if tp_size > 1 and cfg.head_dim % QK:
+    if tp_size > 1 and cfg.o_head_dim % QK:
         # wo's input columns split per head; quantized blocks must not straddle ranks
-        raise ValueError(f"head_dim {cfg.head_dim} is not a multiple of {QK}; only world size 1 works")
+        what = "v_head_dim" if cfg.is_mla else "head_dim"
+        raise ValueError(f"{what} {cfg.o_head_dim} is not a multiple of {QK}; only world size 1 works")
     if tp_size > 1 and cfg.ffn_dim % QK:
         raise ValueError(f"FFN size {cfg.ffn_dim} is not a multiple of {QK}; only world size 1 works")
     if cfg.is_moe:
@@ -142,12 +143,28 @@ def rank_elements(cfg: ModelConfig, rs: RankSlice) -> dict[str, int]:
     o columns of every layer), FFN (dense, or the active experts' slices), output (its
     vocabulary rows of the output projection). The planner turns these into bytes and time."""
     d, hd, L = cfg.dim, cfg.head_dim, cfg.n_layers
+    if cfg.is_mla:
+        attn = L * mla_elements(cfg, rs.n_heads_per_partition)
+        moe_layers = L - cfg.n_dense_layers if cfg.is_moe else 0
+        ffn = (L - moe_layers) * 3 * d * rs.ffn_per_partition + moe_layers * 3 * d * rs.expert_ffn_per_partition * (
+            cfg.n_experts_used + cfg.n_shared_experts)
+        return {"attn": attn, "ffn": ffn, "output": rs.vocab_per_partition * d}
     attn = L * d * hd * (2 * rs.n_heads_per_partition + 2 * rs.n_kv_heads_per_partition)
     if cfg.is_moe:
         ffn = L * 3 * d * rs.expert_ffn_per_partition * cfg.n_experts_used
     else:
         ffn = L * 3 * d * rs.ffn_per_partition
     return {"attn": attn, "ffn": ffn, "output": rs.vocab_per_partition * d}
+
+
+def mla_elements(cfg: ModelConfig, heads: int) -> int:
+    """Weight elements of one MLA layer for a rank with ``heads`` query heads: the replicated
+    down-projections (wq_a, wkv_a) and the per-head wq_b (or wq), wk_b, wv_b and wo columns."""
+    d, r, rope = cfg.dim, cfg.kv_lora_rank, cfg.qk_rope_dim
+    down = (cfg.q_lora_rank * d if cfg.q_lora_rank else 0) + (r + rope) * d
+    per_head = ((cfg.q_lora_rank or d) * cfg.head_dim + r * cfg.qk_nope_dim + cfg.v_head_dim * r
+                + cfg.v_head_dim * d)
+    return down + heads * per_head
 
 
 def plan(cfg: ModelConfig, tp_size: int, weights=None) -> list[RankSlice]:
@@ -190,9 +207,12 @@ def _weighted_plan(cfg: ModelConfig, w: list[float]) -> list[RankSlice]:
     total = sum(f["attn"] + f["output"] for f in fixed) + blocks * per_block
     want = [max(0.0, total * x / sum(w) - f["attn"] - f["output"]) / per_block for x, f in zip(w, fixed)]
     ffn = _ranges_of(apportion(blocks, want if sum(want) else w), QK)
+    # deepseek2's leading dense layers: their FFN blocks dealt in the same proportions
+    both = cfg.is_moe and cfg.ffn_dim and cfg.ffn_dim % QK == 0
+    dense_ffn = _ranges_of(apportion(cfg.ffn_dim // QK, [b - a for a, b in ffn]), QK) if both else None
     out = []
-    for rs, f in zip(slices, ffn):
-        dense = f if not cfg.is_moe else (0, 0)
+    for r, (rs, f) in enumerate(zip(slices, ffn)):
+        dense = f if not cfg.is_moe else (dense_ffn[r] if both else (0, 0))
         experts = f if cfg.is_moe else (0, 0)
         out.append(RankSlice(rs.tp_rank, n, rs.heads, rs.kv_heads, dense, experts, rs.vocab))
     return out
@@ -212,6 +232,12 @@ def parse_split(text: str) -> list[float]:
 def rank_stored_elements(cfg: ModelConfig, rs: RankSlice) -> int:
     """Weight elements of a rank's shard: every expert's slice, the embedding and output rows."""
     d, hd, L = cfg.dim, cfg.head_dim, cfg.n_layers
+    if cfg.is_mla:
+        moe_layers = L - cfg.n_dense_layers if cfg.is_moe else 0
+        ffn = (L - moe_layers) * 3 * d * rs.ffn_per_partition + moe_layers * 3 * d * rs.expert_ffn_per_partition * (
+            cfg.n_experts + cfg.n_shared_experts)
+        return L * mla_elements(cfg, rs.n_heads_per_partition) + ffn + rs.vocab_per_partition * d * (
+            1 if cfg.tied_embeddings else 2)
     attn = L * d * hd * (2 * rs.n_heads_per_partition + 2 * rs.n_kv_heads_per_partition)
     ffn = L * 3 * d * (rs.expert_ffn_per_partition * cfg.n_experts if cfg.is_moe else rs.ffn_per_partition)
     return attn + ffn + rs.vocab_per_partition * d * (1 if cfg.tied_embeddings else 2)

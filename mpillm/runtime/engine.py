@@ -40,6 +40,22 @@ def _summarize_notes(notes: list[str]) -> list[tuple[str, int]]:
     return list(out.items())
 
 
+def mla_plan(cfg: ModelConfig) -> str:
+    """The plan line's words for deepseek2: the attention, what each rank caches, the routing."""
+    q = f"q_lora {cfg.q_lora_rank}" if cfg.q_lora_rank else "plain q"
+    w = cfg.kv_values_per_token(0)
+    out = (f", MLA ({q}, kv_lora {cfg.kv_lora_rank}, rope {cfg.qk_rope_dim}, nope {cfg.qk_nope_dim}, v {cfg.v_head_dim}; "
+           f"absorbed), latent KV cache replicated on every rank: {w} values per token and layer "
+           f"({cfg.kv_lora_rank} latent + {cfg.qk_rope_dim} RoPE key, {cfg.n_layers * w} per token)")
+    if cfg.n_dense_layers:
+        out += f", {cfg.n_dense_layers} dense layer(s)"
+    if cfg.is_moe:
+        groups = (f" from {cfg.n_groups_used} of {cfg.n_expert_groups} groups" if cfg.n_expert_groups > 1 else "")
+        out += (f", sigmoid router{' + correction bias' if cfg.router_bias else ''}{groups} x{cfg.router_scale:g}"
+                f", {cfg.n_shared_experts} shared expert(s)")
+    return out
+
+
 class Engine:
     """One rank's share of the model and the step protocol. ``n_slots`` sequences of up to
     ``max_seq_len`` tokens each have their own KV cache slot; a step carries up to
@@ -87,7 +103,7 @@ class Engine:
         self.cfg, self.shard = cfg, shard
         self.max_seq_len, self.max_batch, self.n_slots = max_seq_len, max_batch, n_slots
         kv_heads = shard.slice["kv_heads"][1] - shard.slice["kv_heads"][0]
-        kv_per_token = 2 * cfg.n_layers * kv_heads * cfg.head_dim * (2 if kv_type == "f16" else 4)
+        kv_per_token = cfg.n_layers * cfg.kv_values_per_token(kv_heads) * (2 if kv_type == "f16" else 4)
         kv_bytes = kv_per_token * max_seq_len * n_slots
         sizes = comm.gather((shard.nbytes, kv_bytes, MPI.Get_processor_name(), shard.notes), root=0)
         self.hosts = len(set(comm.allgather(MPI.Get_processor_name())))   # the sync choice depends on it
@@ -132,8 +148,11 @@ class Engine:
             extra += f", window {cfg.sliding_window} on {len(cfg.sliding_layers)} layers"
         extra += ", attention sinks" if cfg.attn_sinks else ""
         extra += f", YaRN x{cfg.rope_factor:g}" if cfg.rope_scaling == "yarn" else ""
-        print(f"mpillm plan: {cfg.arch}, {cfg.n_layers} layers, dim {cfg.dim}, {cfg.n_heads} heads / "
-              f"{cfg.n_kv_heads} KV heads{extra}, vocab {cfg.vocab_size}; world size {self.size}, "
+        if cfg.is_mla:
+            extra += mla_plan(cfg)
+        kv = "" if cfg.is_mla else f" / {cfg.n_kv_heads} KV heads"
+        print(f"mpillm plan: {cfg.arch}, {cfg.n_layers} layers, dim {cfg.dim}, {cfg.n_heads} heads"
+              f"{kv}{extra}, vocab {cfg.vocab_size}; world size {self.size}, "
               f"{threads} thread(s) per rank, {self.n_slots} slot(s) x {self.max_seq_len} tokens, "
               f"{self.max_batch} rows per step, kernels {kernels.describe()}", flush=True)
         if self.size > 1:
@@ -148,8 +167,11 @@ class Engine:
         shares = share_notes(cfg, self.slices, self.split, [s[0] for s in sizes])
         for rs, (wb, kb, host, notes), share in zip(self.slices, sizes, shares):
             ffn = rs.expert_ffn if cfg.is_moe else rs.ffn
+            kvh = "latent KV replicated" if cfg.is_mla else f"KV heads [{rs.kv_heads[0]},{rs.kv_heads[1]})"
+            if cfg.is_mla and cfg.n_dense_layers and cfg.is_moe:
+                kvh += f" dense FFN [{rs.ffn[0]},{rs.ffn[1]})"
             print(f"  rank {rs.tp_rank} on {host}: heads [{rs.heads[0]},{rs.heads[1]}) "
-                  f"KV heads [{rs.kv_heads[0]},{rs.kv_heads[1]}) {'expert ' if cfg.is_moe else ''}FFN "
+                  f"{kvh} {'expert ' if cfg.is_moe else ''}FFN "
                   f"[{ffn[0]},{ffn[1]}) vocab [{rs.vocab[0]},{rs.vocab[1]}) | weights {wb / 2**20:.1f} MiB + "
                   f"KV cache {kb / 2**20:.1f} MiB = {(wb + kb) / 2**20:.1f} MiB | {share}", flush=True)
             for note, n in _summarize_notes(notes):  # lossless re-encodings the converter made

@@ -9,6 +9,14 @@ Per layer (llama / qwen2 / qwen3 / qwen3moe share these blocks):
           |  or MoE: router (replicated) -> top-k experts, each a slice of its hidden size
   -> Allreduce #2 -> residual
 
+deepseek2 (DeepSeek-V3/R1, Kimi-K2) replaces the attention by multi-head latent attention
+(``_mla``; mpillm.runtime.mla): the small down-projections wq_a and wkv_a and the latent KV cache
+are replicated (the latent is shared by every head: splitting it would need another sync), the
+per-head wq_b / wk_b / wv_b slices and wo's columns are this rank's heads', wo row-parallel into
+Allreduce #1. Its first n_dense_layers layers have a dense FFN; the others a sigmoid, group-limited
+router with a selection-only correction bias, routed experts and shared experts, both split along
+their hidden size into Allreduce #2.
+
 gpt-oss adds: biases on q/k/v (column-parallel slices) and o (added once, after Allreduce #1);
 a sink logit per query head in the softmax and a sliding window on some layers (attention);
 YaRN-scaled RoPE tables; router and expert biases, the clamped SwiGLU, and the routed
@@ -30,7 +38,7 @@ from mpillm.formats.format import Shard, Tensor
 from mpillm.formats.partition import RankSlice
 from mpillm.formats.quant import QK, QUANTIZED
 from mpillm.kernels import exact
-from mpillm.runtime import fused, ops
+from mpillm.runtime import fused, mla, ops
 from mpillm.runtime.collectives import Sync, Waiter
 
 
@@ -102,12 +110,16 @@ ATTN_BIASES = ("bq", "bk", "bv")
 class Layer:
     def __init__(self, shard: Shard, i: int, moe: bool, qk_norm: bool):
         g = lambda n: shard.get(f"layers/{i}/{n}")  # noqa: E731
+        self.moe = moe
         self.attn_norm = _vec(g("attn_norm"))  # (dim,)
         self.ffn_norm = _vec(g("ffn_norm"))    # (dim,)
-        self.wq = Linear(g("wq"))              # (n_heads_per_partition * hd, dim)
-        self.wk = Linear(g("wk"))              # (n_kv_heads_per_partition * hd, dim)
-        self.wv = Linear(g("wv"))              # (n_kv_heads_per_partition * hd, dim)
-        self.wo = Linear(g("wo"))              # (dim, n_heads_per_partition * hd)
+        if shard.config.is_mla:
+            self._init_mla(shard, g)
+        else:
+            self.wq = Linear(g("wq"))          # (n_heads_per_partition * hd, dim)
+            self.wk = Linear(g("wk"))          # (n_kv_heads_per_partition * hd, dim)
+            self.wv = Linear(g("wv"))          # (n_kv_heads_per_partition * hd, dim)
+        self.wo = Linear(g("wo"))              # (dim, n_heads_per_partition * o_head_dim)
         self.q_norm = _vec(g("q_norm")) if qk_norm else None  # (hd,)
         self.k_norm = _vec(g("k_norm")) if qk_norm else None  # (hd,)
         # q/k/v biases, this rank's heads' slices (None when the model has none):
@@ -132,10 +144,30 @@ class Layer:
             # the stacked (E, rows, cols) arrays, for the jitted MoE block (mpillm.runtime.fused)
             self.exp_types = {n: g(n).wtype for n in ("exp_gate", "exp_up", "exp_down")}
             self.exp_w = {n: _plain(g(n).arrays, t) for n, t in self.exp_types.items()}
+            # deepseek2: the selection-only correction bias (None: none) and the shared experts
+            self.router_corr = o("router_corr")  # (n_experts,) replicated
+            S = g("shexp_gate").shape[0] if shard.has(f"layers/{i}/shexp_gate") else 0
+            self.shexp_gate = [Linear(g("shexp_gate"), s) for s in range(S)]  # (expert_ffn_per_partition, dim)
+            self.shexp_up = [Linear(g("shexp_up"), s) for s in range(S)]      # (expert_ffn_per_partition, dim)
+            self.shexp_down = [Linear(g("shexp_down"), s) for s in range(S)]  # (dim, expert_ffn_per_partition)
         else:
             self.w_gate = Linear(g("w_gate"))  # (ffn_per_partition, dim)
             self.w_up = Linear(g("w_up"))      # (ffn_per_partition, dim)
             self.w_down = Linear(g("w_down"))  # (dim, ffn_per_partition)
+
+
+    def _init_mla(self, shard: Shard, g) -> None:
+        """deepseek2's attention weights: q via wq_a -> q_a_norm -> wq_b (or plain wq), the latent via
+        wkv_a -> kv_a_norm; kv_b as this rank's heads' wk_b (kv_lora, nope) and wv_b (v, kv_lora)."""
+        q_lora = shard.config.q_lora_rank > 0
+        self.wq_a = Linear(g("wq_a")) if q_lora else None    # (q_lora_rank, dim) replicated
+        self.q_a_norm = _vec(g("q_a_norm")) if q_lora else None  # (q_lora_rank,)
+        self.wq = Linear(g("wq_b") if q_lora else g("wq"))   # (n_heads_pp * head_dim, q_lora_rank or dim)
+        self.wkv_a = Linear(g("wkv_a"))                      # (kv_lora_rank + qk_rope_dim, dim) replicated
+        self.kv_a_norm = _vec(g("kv_a_norm"))                # (kv_lora_rank,)
+        H = g("wk_b").shape[0]
+        self.wk_b = [Linear(g("wk_b"), h) for h in range(H)]  # (kv_lora_rank, qk_nope_dim) per local head
+        self.wv_b = [Linear(g("wv_b"), h) for h in range(H)]  # (v_head_dim, kv_lora_rank) per local head
 
 
 class Transformer:
@@ -156,7 +188,7 @@ class Transformer:
                             for k, v in self.tok_embd.arrays.items()}
         self.output = Linear(self.tok_embd if cfg.tied_embeddings else shard.get("output"))  # (vocab_pp, dim)
         self.output_norm = _vec(shard.get("output_norm"))  # (dim,)
-        self.layers = [Layer(shard, i, cfg.is_moe, cfg.qk_norm) for i in range(cfg.n_layers)]
+        self.layers = [Layer(shard, i, cfg.layer_is_moe(i), cfg.qk_norm) for i in range(cfg.n_layers)]
         self.weight_bytes = shard.nbytes
 
         # which local KV head each local query head reads
@@ -164,7 +196,10 @@ class Transformer:
         freqs = _vec(shard.get("rope_freqs")) if shard.has("rope_freqs") else None  # (hd/2,) Llama 3.x scaling
         yarn = ((cfg.rope_factor, cfg.rope_orig_context, cfg.yarn_beta_fast, cfg.yarn_beta_slow, cfg.yarn_truncate)
                 if cfg.rope_scaling == "yarn" else None)
-        self.cos, self.sin = ops.rope_tables(max_seq_len, hd, cfg.rope_theta, freqs, yarn)  # (S, hd/2)
+        if cfg.is_mla:  # the RoPE parts only: (S, qk_rope_dim / 2)
+            self.cos, self.sin = mla.rope_tables(cfg, max_seq_len)
+        else:
+            self.cos, self.sin = ops.rope_tables(max_seq_len, hd, cfg.rope_theta, freqs, yarn)  # (S, hd/2)
         self.windows = [cfg.window(i) for i in range(cfg.n_layers)]  # keys each layer sees (0: all)
         self.no_sinks = np.zeros(0, np.float32)
 
@@ -173,13 +208,19 @@ class Transformer:
         self.x = np.zeros((B, D), np.float32)             # (T, dim) residual stream
         self.xb = Acts(np.zeros((B, D), np.float32))      # (T, dim) normed input of a block
         self.q = np.zeros((B, nh * hd), np.float32)       # (T, n_heads_pp * hd)
-        self.k = np.zeros((B, nkv * hd), np.float32)      # (T, n_kv_pp * hd)
-        self.v = np.zeros((B, nkv * hd), np.float32)      # (T, n_kv_pp * hd)
-        self.att = Acts(np.zeros((B, nh * hd), np.float32))  # (T, n_heads_pp * hd) attention output
+        kvw = 0 if cfg.is_mla else nkv * hd
+        self.k = np.zeros((B, kvw), np.float32)           # (T, n_kv_pp * hd)
+        self.v = np.zeros((B, kvw), np.float32)           # (T, n_kv_pp * hd)
+        self.att = Acts(np.zeros((B, nh * cfg.o_head_dim), np.float32))  # (T, n_heads_pp * o_head_dim) attention output
         self.scores = np.zeros((max(nh, 1), max_seq_len), np.float32)  # (n_heads_pp, S)
         self.gate = np.zeros((B, ffn), np.float32)        # (T, ffn_pp)
         self.up = np.zeros((B, ffn), np.float32)          # (T, ffn_pp)
         self.hb = Acts(np.zeros((B, ffn), np.float32))    # (T, ffn_pp) SiLU(gate) * up
+        # deepseek2's leading dense layers in a MoE model: their own (T, ffn_pp) gate, up, SiLU(gate) * up
+        # (a matmul writes exactly its rows' width)
+        dn = rs.ffn_per_partition
+        self.dense_bufs = ((np.zeros((B, dn), np.float32), np.zeros((B, dn), np.float32),
+                            Acts(np.zeros((B, dn), np.float32))) if cfg.is_moe and cfg.n_dense_layers else None)
         self.partial = np.zeros((B, D), np.float32)       # (T, dim) row-parallel partial sums -> Allreduce
         self.partial64 = np.zeros((B, D), np.float64) if buffer_type == "f64" else None  # (T, dim) exact mode
         self.logits = np.zeros((B, rs.vocab_per_partition), np.float32)  # (T, vocab_pp)
@@ -189,8 +230,13 @@ class Transformer:
         if kv_type not in KV_TYPES:
             raise ValueError(f"--kv-type must be one of {', '.join(KV_TYPES)}, got {kv_type!r}")
         kv_dtype = np.uint16 if kv_type == "f16" else np.float32
-        self.k_cache = np.zeros((cfg.n_layers, n_slots, nkv, max_seq_len, hd), kv_dtype)
-        self.v_cache = np.zeros((cfg.n_layers, n_slots, nkv, max_seq_len, hd), kv_dtype)
+        if cfg.is_mla:  # the latent cache (layer, n_slots, 1, S, kv_lora + rope), keys and values alike
+            self.k_cache = np.zeros((cfg.n_layers, n_slots, 1, max_seq_len, cfg.kv_values_per_token(nkv)), kv_dtype)
+            self.v_cache = np.zeros((cfg.n_layers, n_slots, 1, 0, 0), kv_dtype)
+            self._init_mla_buffers(B, nh)
+        else:
+            self.k_cache = np.zeros((cfg.n_layers, n_slots, nkv, max_seq_len, hd), kv_dtype)
+            self.v_cache = np.zeros((cfg.n_layers, n_slots, nkv, max_seq_len, hd), kv_dtype)
         if cfg.is_moe:
             E, K = cfg.n_experts, cfg.n_experts_used
             self.router_logits = np.zeros((B, E), np.float32)  # (T, n_experts)
@@ -203,6 +249,9 @@ class Transformer:
             self.exp_active = np.zeros(E, np.int64)            # (E,) experts used by the batch, ascending
             self.exp_rows = np.zeros(B * K, np.int64)          # (T * top_k,) token rows grouped by expert
             self.exp_wts = np.zeros(B * K, np.float32)         # (T * top_k,) their routing weights
+            self.route_sc = np.zeros((2, E), np.float64)       # (2, n_experts) sigmoid router scratch
+            self.route_grp = np.zeros((2, max(cfg.n_expert_groups, 1)), np.float64)  # (2, n_groups)
+            self.no_corr = np.zeros(E, np.float32)             # (n_experts,) stands in for no correction bias
         self.route_log: list | None = None  # tests: set to [] to record (topk_idx, topk_w) per MoE block
         # the sync after each row-parallel projection (mpillm.runtime.collectives): f32 / f64 use
         # MPI_Allreduce; f16 / q8_0 send compressed partials and every rank sums them in rank order
@@ -215,6 +264,22 @@ class Transformer:
 
         self._setup_fused()
 
+    def _init_mla_buffers(self, B: int, nh: int) -> None:
+        """deepseek2's attention buffers (T = max_batch rows)."""
+        cfg = self.cfg
+        r, W = cfg.kv_lora_rank, cfg.kv_lora_rank + cfg.qk_rope_dim
+        self.mla_qa = Acts(np.zeros((B, max(cfg.q_lora_rank, 1)), np.float32))  # (T, q_lora_rank) q_a, normed
+        self.mla_kv = np.zeros((B, W), np.float32)            # (T, kv_lora + rope) this batch's latents
+        self.mla_qn = Acts(np.zeros((B, cfg.qk_nope_dim), np.float32))  # (T, nope) one head's q_nope
+        self.mla_qlat = np.zeros((B, r), np.float32)          # (T, kv_lora) one head's absorbed query
+        self.mla_q = np.zeros((B, nh * W), np.float32)        # (T, n_heads_pp * (kv_lora + rope)) absorbed queries
+        self.mla_o = np.zeros((B, nh * W), np.float32)        # (T, n_heads_pp * (kv_lora + rope)) attention over the latent
+        self.mla_ol = Acts(np.zeros((B, r), np.float32))      # (T, kv_lora) one head's latent output
+        self.mla_vh = np.zeros((B, cfg.v_head_dim), np.float32)  # (T, v_head_dim) one head's value output
+        self.mla_kv_head = np.zeros(nh, np.int64)             # every head reads the one latent "KV head"
+        # the kernel scales scores by 1/sqrt(W): pre-scale the query to get MLA's softmax scale
+        self.mla_q_scale = mla.softmax_scale(cfg) * float(np.sqrt(W))
+
     def _setup_fused(self) -> None:
         """Per-layer argument tuples for the whole-block jitted functions (mpillm.runtime.fused).
         Off with MPILLM_FUSED=0."""
@@ -222,7 +287,7 @@ class Transformer:
 
         self.fused = None
         exact64 = self.partial64 is not None
-        if os.environ.get("MPILLM_FUSED", "1") == "0":
+        if os.environ.get("MPILLM_FUSED", "1") == "0" or self.cfg.is_mla:  # deepseek2: the per-kernel path
             return
         part = self.partial64 if exact64 else self.partial  # where wo / w_down write
         cfg, hd = self.cfg, self.cfg.head_dim
@@ -271,8 +336,11 @@ class Transformer:
         ops.embed(self.tok_embd.wtype, self.embd_arrays, tokens, self.slice.vocab[0], x)
         self.sync(x)  # vocabulary-parallel embedding: each row comes from one rank
         for li, L in enumerate(self.layers):
-            self._attention(L, li, T, positions, slots)
-            if cfg.is_moe:
+            if cfg.is_mla:
+                self._mla(L, li, T, positions, slots)
+            else:
+                self._attention(L, li, T, positions, slots)
+            if L.moe:
                 self._moe(L, T, li)
             else:
                 self._ffn(L, T, li)
@@ -326,6 +394,48 @@ class Transformer:
             ops.add_bias(part[:T], L.bo)  # once, on the summed output
         ops.add_inplace(self.x[:T], part[:T])
 
+    def _mla(self, L: Layer, li: int, T: int, positions: np.ndarray, slots: np.ndarray) -> None:
+        """Multi-head latent attention over this rank's heads, absorbed form (mpillm.runtime.mla)."""
+        cfg = self.cfg
+        r, nope, hd, dv = cfg.kv_lora_rank, cfg.qk_nope_dim, cfg.head_dim, cfg.v_head_dim
+        W = r + cfg.qk_rope_dim
+        ops.rmsnorm(self.x[:T], L.attn_norm, cfg.norm_eps, self.xb.x[:T])
+        self.xb.quantize(T)
+        if L.wq_a is not None:  # q: wq_a (replicated) -> RMSNorm -> wq_b (this rank's heads)
+            qa = self.mla_qa
+            L.wq_a(self.xb, T, qa.x)
+            mla.rmsnorm_cols(qa.x[:T], cfg.q_lora_rank, L.q_a_norm, cfg.lora_norm_eps)
+            qa.quantize(T)
+            L.wq(qa, T, self.q)
+        else:
+            L.wq(self.xb, T, self.q)
+        kv = self.mla_kv[:T]
+        L.wkv_a(self.xb, T, self.mla_kv)  # replicated: the latent and the shared RoPE key
+        mla.rmsnorm_cols(kv, r, L.kv_a_norm, cfg.lora_norm_eps)
+        mla.rope_parts(self.q[:T], positions, hd, nope, cfg.qk_rope_dim, self.cos, self.sin)
+        mla.rope_parts(kv, positions, W, r, cfg.qk_rope_dim, self.cos, self.sin)
+        cache = self.k_cache[li]
+        mla.store_latent(kv, cache, slots, positions)
+        q, qabs, sc = self.q[:T], self.mla_q[:T], self.mla_q_scale
+        for h in range(len(L.wk_b)):  # fold each head's key half of kv_b into its query
+            mla.take_cols(q, h * hd, self.mla_qn.x[:T])
+            self.mla_qn.quantize(T)
+            L.wk_b[h](self.mla_qn, T, self.mla_qlat)
+            mla.put_cols(self.mla_qlat[:T], qabs, h * W, sc)
+            mla.put_cols(q[:, h * hd + nope:(h + 1) * hd], qabs, h * W + r, sc)
+        ops.attention_ext(qabs, cache, cache, slots, positions, W, self.mla_kv_head, self.scores,
+                          self.mla_o[:T], self.no_sinks, 0)
+        for h in range(len(L.wv_b)):  # each head's value half of kv_b after attention
+            mla.take_cols(self.mla_o[:T], h * W, self.mla_ol.x[:T])
+            self.mla_ol.quantize(T)
+            L.wv_b[h](self.mla_ol, T, self.mla_vh)
+            mla.put_cols(self.mla_vh[:T], self.att.x[:T], h * dv, 1.0)
+        self.att.quantize(T)
+        part = self.partial if self.partial64 is None else self.partial64
+        L.wo(self.att, T, part)
+        self.sync(part[:T])  # Allreduce #1: attention output projection (row-parallel over heads)
+        ops.add_inplace(self.x[:T], part[:T])
+
     def _ffn(self, L: Layer, T: int, li: int) -> None:
         if self.fused is not None:
             mod, _, args = self.fused[li]
@@ -336,12 +446,13 @@ class Transformer:
             return
         ops.rmsnorm(self.x[:T], L.ffn_norm, self.cfg.norm_eps, self.xb.x[:T])
         self.xb.quantize(T)
-        L.w_gate(self.xb, T, self.gate)
-        L.w_up(self.xb, T, self.up)
-        ops.silu_mul(self.gate[:T], self.up[:T], self.hb.x[:T])
-        self.hb.quantize(T)
+        gate, up, hb = self.dense_bufs or (self.gate, self.up, self.hb)
+        L.w_gate(self.xb, T, gate)
+        L.w_up(self.xb, T, up)
+        ops.silu_mul(gate[:T], up[:T], hb.x[:T])
+        hb.quantize(T)
         part = self.partial if self.partial64 is None else self.partial64
-        L.w_down(self.hb, T, part)
+        L.w_down(hb, T, part)
         self.sync(part[:T])  # Allreduce #2: FFN down projection
         ops.add_inplace(self.x[:T], part[:T])
 
@@ -360,7 +471,13 @@ class Transformer:
         L.router(self.xb, T, self.router_logits)  # replicated: every rank routes identically
         if L.router_b is not None:
             ops.add_bias(self.router_logits[:T], L.router_b)
-        ops.route_topk(self.router_logits[:T], cfg.norm_topk_prob, self.topk_idx[:T], self.topk_w[:T])
+        if cfg.router_func == "sigmoid":  # deepseek2: the correction bias picks, the plain scores weigh
+            corr = L.router_corr if L.router_corr is not None else self.no_corr
+            ops.route_sigmoid_groups(self.router_logits[:T], corr, L.router_corr is not None, cfg.n_expert_groups,
+                                     cfg.n_groups_used, cfg.norm_topk_prob, cfg.router_scale, self.topk_idx[:T],
+                                     self.topk_w[:T], self.route_sc, self.route_grp)
+        else:
+            ops.route_topk(self.router_logits[:T], cfg.norm_topk_prob, self.topk_idx[:T], self.topk_w[:T])
         if self.route_log is not None:
             self.route_log.append((self.topk_idx[:T].copy(), self.topk_w[:T].copy()))
         out = self.partial[:T]
@@ -389,6 +506,13 @@ class Transformer:
             self.hb.quantize(n)
             L.exp_down[e](self.hb, n, self.ye)
             ops.scatter_add_rows(self.ye[:n], rows, self.exp_wts[r0:r1], out)
+        for s in range(len(L.shexp_gate)):  # deepseek2's shared experts: every token, weight 1
+            L.shexp_gate[s](self.xb, T, self.gate)
+            L.shexp_up[s](self.xb, T, self.up)
+            ops.silu_mul(self.gate[:T], self.up[:T], self.hb.x[:T])
+            self.hb.quantize(T)
+            L.shexp_down[s](self.hb, T, self.ye)
+            ops.add_inplace(out, self.ye[:T])
         self.sync(out)  # Allreduce #2: the MoE block's summed expert outputs
         if L.exp_down_b is not None:  # once, on the summed output: sum_j w_j b_down[e_j]
             ops.add_expert_rows(out, self.topk_idx[:T], self.topk_w[:T], L.exp_down_b)

@@ -340,6 +340,62 @@ def route_topk(logits, renormalize, idx, w):
 
 
 @njit(cache=True)
+def route_sigmoid_groups(logits, corr, use_corr, n_groups, groups_used, renormalize, scale, idx, w, sc, grp):
+    """DeepSeek-V3's router: scores sigmoid(logits); the selection adds the correction bias
+    ``corr`` (E,) when use_corr; with n_groups > 1 the experts form n_groups equal groups, each
+    scored by the sum of its two best selection scores, and only the groups_used best compete;
+    the top k (idx.shape[1]) by selection score win (ties: lower index first). Their weights are
+    the unbiased scores, divided by their sum when ``renormalize``, times ``scale``
+    (routed_scaling_factor). logits (T, E); idx, w (T, k) out; sc (2, E), grp (2, n_groups) scratch."""
+    T, E = logits.shape
+    k = idx.shape[1]
+    per = E // n_groups
+    for t in range(T):
+        for e in range(E):
+            sc[0, e] = 1.0 / (1.0 + math.exp(-np.float64(logits[t, e])))
+            sc[1, e] = sc[0, e] + (np.float64(corr[e]) if use_corr else 0.0)
+        if n_groups > 1:
+            for g in range(n_groups):
+                m1, m2 = -np.inf, -np.inf
+                for e in range(g * per, (g + 1) * per):
+                    v = sc[1, e]
+                    if v > m1:
+                        m2, m1 = m1, v
+                    elif v > m2:
+                        m2 = v
+                grp[0, g] = m1 + m2
+                grp[1, g] = 0.0
+            for j in range(groups_used):
+                best = -1
+                for g in range(n_groups):
+                    if grp[1, g] == 0.0 and (best < 0 or grp[0, g] > grp[0, best]):
+                        best = g
+                grp[1, best] = 1.0
+            for g in range(n_groups):
+                if grp[1, g] == 0.0:
+                    for e in range(g * per, (g + 1) * per):
+                        sc[1, e] = -np.inf
+        tot = 0.0
+        for j in range(k):
+            best = -1
+            for e in range(E):
+                taken = False
+                for jj in range(j):
+                    if idx[t, jj] == e:
+                        taken = True
+                if not taken and (best < 0 or sc[1, e] > sc[1, best]):
+                    best = e
+            idx[t, j] = best
+            w[t, j] = sc[0, best]
+            tot += sc[0, best]
+        for j in range(k):
+            if renormalize:
+                w[t, j] = np.float32(w[t, j] / (tot + 1e-20) * scale)
+            else:
+                w[t, j] = np.float32(w[t, j] * scale)
+
+
+@njit(cache=True)
 def group_by_expert(idx, w, counts, starts, rows, wts, active):
     """Group a batch's (token, expert) pairs by expert, in preallocated buffers (a counting sort).
 

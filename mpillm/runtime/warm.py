@@ -132,6 +132,11 @@ def tiny_config(cfg):
               vocab_size=256, context_length=64)
     if cfg.is_moe:
         kw.update(n_experts=4, n_experts_used=min(2, cfg.n_experts_used), expert_ffn_dim=256)
+    if cfg.is_mla:  # deepseek2: every matrix's columns a multiple of 256; dense layers first (write_tiny)
+        kw.update(n_kv_heads=4, head_dim=320, qk_nope_dim=256, qk_rope_dim=64, v_head_dim=256, kv_lora_rank=256,
+                  q_lora_rank=256 if cfg.q_lora_rank else 0, ffn_dim=256, n_dense_layers=0,
+                  n_expert_groups=2 if cfg.n_expert_groups > 1 else 1, n_groups_used=1,
+                  n_shared_experts=min(cfg.n_shared_experts, 1))
     return dataclasses.replace(cfg, **kw)
 
 
@@ -145,7 +150,8 @@ def write_tiny(shard: fmt.Shard, out: Path) -> None:
     from mpillm.formats.partition import plan
 
     layer_types = _layer_types(shard)
-    cfg = dataclasses.replace(tiny_config(shard.config), n_layers=len(layer_types))
+    cfg = dataclasses.replace(tiny_config(shard.config), n_layers=len(layer_types),
+                              n_dense_layers=sum("w_gate" in t for t in layer_types) if shard.config.is_mla else 0)
     rs = plan(cfg, 1)[0]
     w = fmt.ShardWriter(out / fmt.shard_relpath(1, 0), cfg, 1, 0, json.dumps(dataclasses.asdict(rs)))
     rng = np.random.default_rng(0)

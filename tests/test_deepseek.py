@@ -1,0 +1,224 @@
+"""deepseek2 (DeepSeek-V3/R1, Kimi-K2) pieces that need no MPI job: the float64 reference's two MLA
+forms, config mapping (safetensors and GGUF), the router op, RoPE/softmax-scale tables, malformed
+input, the synthetic shapes and the planner. The engine at 1-4 ranks: tests/mpi/test_deepseek_mpi.py."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import reference_deepseek as R
+from convert import names as N
+from convert.sources import GGUFSource, HFSource
+from convert.synth import SHAPES, cut, logical_shape, synth
+from mpillm import planner
+from mpillm.formats import format as fmt
+from mpillm.formats.config import ModelConfig
+from mpillm.formats.partition import plan, rank_elements
+from mpillm.runtime import mla, ops
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+MODELS = ["deepseek_v3", "deepseek_v3_qproj"]
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_absorbed_mla_equals_expanded(name):
+    """Decoding token by token over the latent cache with kv_b folded into the query and applied
+    after attention (absorbed) gives the expanded per-head K/V forward's logits to float64
+    rounding; both give transformers' (float32) logits; routing is transformers'."""
+    c, W = R.load(FIXTURES / name)
+    exp = np.load(FIXTURES / name / "expected.npz")
+    full, r_full = R.forward(c, W, exp["tokens"], absorbed=False)
+    dec, r_dec = R.forward(c, W, exp["tokens"], absorbed=True)
+    d = float(np.abs(dec - full).max() / np.abs(full).max())
+    assert d < 1e-12, f"absorbed vs expanded: {d:.2e}"
+    for a, b in zip(r_full, r_dec):
+        np.testing.assert_array_equal(a, b)
+    assert float(np.abs(full - exp["logits"]).max()) < 1e-5
+    np.testing.assert_array_equal(np.sort(np.stack(r_full), -1), np.sort(exp["router_topk"], -1))
+
+
+def test_hf_and_gguf_config_mapping():
+    for name in MODELS:
+        hf = HFSource(FIXTURES / name).config
+        gg = GGUFSource(FIXTURES / name / "model.gguf").config
+        assert gg == hf, name
+    hf = HFSource(FIXTURES / "deepseek_v3").config
+    assert (hf.arch, hf.n_heads, hf.n_kv_heads, hf.head_dim, hf.o_head_dim, hf.q_lora_rank, hf.kv_lora_rank) == \
+        ("deepseek2", 4, 4, 48, 32, 32, 32)
+    assert (hf.n_dense_layers, hf.n_shared_experts, hf.n_expert_groups, hf.n_groups_used, hf.router_scale) == (1, 1, 4, 2, 2.5)
+    assert (hf.rope_scaling, hf.rope_factor, hf.rope_orig_context, hf.yarn_mscale_all_dim) == ("yarn", 40.0, 4096, 1.0)
+    assert hf.router_func == "sigmoid" and hf.router_bias and hf.rope_interleave
+    assert HFSource(FIXTURES / "deepseek_v3_qproj").config.q_lora_rank == 0
+    assert hf.kv_values_per_token(4) == 48  # the latent cache: kv_lora + rope per token and layer
+
+
+def test_gguf_tensors_equal_safetensors():
+    """Both GGUF forms (attn_k_b/attn_v_b, and attn_kv_b for the q_proj variant) read as the
+    safetensors import does, tensor for tensor (RoPE rows de-interleaved, kv_b split per head)."""
+    for name in MODELS:
+        hf, gg = HFSource(FIXTURES / name), GGUFSource(FIXTURES / name / "model.gguf")
+        assert hf.names == gg.names
+        for n in hf.names:
+            a, b = hf.load(n), gg.load(n)
+            va = a.values if a.values is not None else a.arrays["w"]
+            vb = b.values if b.values is not None else b.arrays["w"]
+            np.testing.assert_array_equal(np.asarray(va, np.float32), np.asarray(vb, np.float32), err_msg=f"{name} {n}")
+
+
+def test_rope_rows_deinterleaved():
+    """wq_b's RoPE rows: per head the nope rows unchanged, the rope rows (2i, 2i+1) -> (i, i + rope/2)."""
+    src = HFSource(FIXTURES / "deepseek_v3")
+    c, W = R.load(FIXTURES / "deepseek_v3")
+    ours = np.asarray(src.load("layers/0/wq_b").arrays["w"]).reshape(4, 48, -1)
+    raw = W["model.layers.0.self_attn.q_b_proj.weight"].reshape(4, 48, -1)
+    np.testing.assert_array_equal(ours[:, :32], raw[:, :32])
+    np.testing.assert_array_equal(ours[:, 32:40], raw[:, 32::2])
+    np.testing.assert_array_equal(ours[:, 40:], raw[:, 33::2])
+
+
+def test_rope_tables_and_softmax_scale():
+    c, _ = R.load(FIXTURES / "deepseek_v3")
+    cfg = HFSource(FIXTURES / "deepseek_v3").config
+    cos, sin = mla.rope_tables(cfg, 64)
+    rc, rs = R.rope_tables(c, 64)
+    np.testing.assert_allclose(cos, rc, atol=1e-6)
+    np.testing.assert_allclose(sin, rs, atol=1e-6)
+    assert mla.softmax_scale(cfg) == pytest.approx(R.softmax_scale(c), rel=1e-12)
+    assert mla.softmax_scale(cfg) == pytest.approx(48 ** -0.5 * (0.1 * math.log(40) + 1) ** 2, rel=1e-12)
+
+
+@pytest.mark.parametrize("groups,used,corr", [(4, 2, True), (4, 2, False), (1, 1, True), (4, 4, True)])
+def test_router_op_matches_reference(groups, used, corr):
+    rng = np.random.default_rng(7)
+    T, E, k = 32, 8, 3
+    logits = rng.standard_normal((T, E)).astype(np.float32)
+    bias = (0.3 * rng.standard_normal(E)).astype(np.float32)
+    c = {"n_routed_experts": E, "num_experts_per_tok": k, "n_group": groups, "topk_group": used,
+         "routed_scaling_factor": 2.5, "norm_topk_prob": True}
+    W = {"p.mlp.gate.weight": np.eye(E), "p.mlp.gate.e_score_correction_bias": bias.astype(np.float64)}
+    drop = () if corr else ("bias",)
+    idx_ref, w_ref = R.route(c, W, "p.", logits.astype(np.float64), drop)
+    idx, w = np.zeros((T, k), np.int64), np.zeros((T, k), np.float32)
+    ops.route_sigmoid_groups(logits, bias, corr, groups, used, True, 2.5, idx, w, np.zeros((2, E)), np.zeros((2, groups)))
+    np.testing.assert_array_equal(np.sort(idx, -1), np.sort(idx_ref, -1))
+    order = np.argsort(idx, -1)
+    np.testing.assert_allclose(np.take_along_axis(w, order, -1),
+                               np.take_along_axis(w_ref, np.argsort(idx_ref, -1), -1), rtol=1e-6)
+    assert np.allclose(w.sum(-1), 2.5, rtol=1e-6)
+
+
+def test_partition_mla():
+    """Heads split unevenly with divmod; wo's columns count v_head_dim per head; every rank caches
+    the whole latent; the replicated down-projections count on every rank."""
+    cfg = ModelConfig(**SHAPES["deepseek-v3"])
+    s = plan(cfg, 3)
+    assert [x.heads for x in s] == [(0, 43), (43, 86), (86, 128)]
+    assert cfg.o_head_dim == 128 and cfg.kv_values_per_token(43) == 576
+    e = [rank_elements(cfg, x) for x in s]
+    assert e[0]["attn"] > e[2]["attn"]
+    down = (1536 + 576) * 7168 * 61
+    per_head = (1536 * 192 + 512 * 128 + 128 * 512 + 128 * 7168) * 61
+    assert e[0]["attn"] == down + 43 * per_head
+    rs = plan(cfg, 8)[0]
+    assert planner.kv_bytes(cfg, rs, 1000, "f16") == 61 * 576 * 1000 * 2
+
+
+@pytest.mark.parametrize("shape,heads,experts,vocab,dense", [("deepseek-v3", 128, 256, 129280, 3),
+                                                             ("kimi-k2", 64, 384, 163840, 1)])
+def test_full_shapes_known_to_the_planner(shape, heads, experts, vocab, dense):
+    cfg, _ = planner.model_config(shape)
+    assert (cfg.dim, cfg.n_layers, cfg.n_heads, cfg.n_experts, cfg.vocab_size, cfg.n_dense_layers) == \
+        (7168, 61, heads, experts, vocab, dense)
+    total = sum(int(np.prod(logical_shape(cfg, n))) for n in N.model_tensors(cfg.arch, cfg.n_layers, False, cfg=cfg))
+    # DeepSeek-V3: 671B (its 685B checkpoint adds the 14B multi-token-prediction layer); Kimi-K2: 1.03T ("1T")
+    want = {"deepseek-v3": 671e9, "kimi-k2": 1026e9}[shape]
+    assert abs(total - want) / want < 0.01, f"{shape}: {total / 1e9:.1f}B parameters"
+    p = planner.predict(cfg, [20.0] * 8, planner.LINKS["10gbe"])
+    assert p["ranks"] == 8 and p["ms_per_token"] > 0
+    c4 = cut(cfg, 4)
+    assert (c4.n_layers, c4.n_dense_layers) == (4, min(dense, 3))
+
+
+def test_synth_tiny_matches_converter_layout(tmp_path):
+    """convert synth writes every deepseek2 tensor in the shapes the converter's shards have."""
+    synth("deepseek-tiny", tmp_path, [1, 3], progress=False)
+    cfg = ModelConfig(**SHAPES["deepseek-tiny"])
+    for ws in (1, 3):
+        for rs in plan(cfg, ws):
+            sh = fmt.Shard(tmp_path / fmt.shard_relpath(ws, rs.tp_rank), ws, rs.tp_rank)
+            assert set(sh.tensors) == set(N.model_tensors("deepseek2", 2, False, cfg=cfg))
+            h = rs.n_heads_per_partition
+            assert sh.get("layers/1/wk_b").shape == (h, 64, 32)
+            assert sh.get("layers/1/wv_b").shape == (h, 32, 64)
+            assert sh.get("layers/1/wq_b").shape == (h * 48, 64)
+            assert sh.get("layers/1/wo").shape == (128, h * 32)
+            assert sh.get("layers/1/shexp_down").shape == (1, 128, rs.expert_ffn_per_partition)
+            assert sh.get("layers/0/w_gate").shape == (rs.ffn_per_partition, 128) and rs.ffn_per_partition != \
+                rs.expert_ffn_per_partition
+            assert sh.get("layers/1/wkv_a").shape == (80, 128)
+    # the engine runs it (the dense FFN wider than the experts: their own buffers), and the prompt
+    # token by token over the latent cache gives the batch's logits
+    from mpi4py import MPI
+
+    from mpillm.runtime.engine import Engine
+
+    eng = Engine(tmp_path, max_seq_len=16, max_batch=8, comm=MPI.COMM_SELF, verbose=False, kv_type="f32")
+    toks = [1, 5, 9, 200, 3]
+    batch = eng.step(toks, 0, all_logits=True).copy()
+    steps = np.concatenate([eng.step(toks[t:t + 1], t, all_logits=True) for t in range(len(toks))])
+    eng.stop()
+    assert np.isfinite(batch).all() and batch.std() > 0
+    np.testing.assert_allclose(steps, batch, rtol=1e-5, atol=1e-5 * np.abs(batch).max())
+
+
+def _hf_copy(tmp_path: Path, **changes) -> Path:
+    src = FIXTURES / "deepseek_v3"
+    d = json.loads((src / "config.json").read_text())
+    d.update(changes)
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    os.symlink(src / "model.safetensors", tmp_path / "model.safetensors")
+    return tmp_path
+
+
+@pytest.mark.parametrize("changes,match", [
+    ({"scoring_func": "softmax"}, "scoring_func"),
+    ({"topk_method": "greedy"}, "topk_method"),
+    ({"attention_bias": True}, "attention_bias"),
+    ({"kv_lora_rank": None}, "kv_lora_rank"),
+    ({"n_group": 3}, "groups"),
+    ({"v_head_dim": 16}, "kv_b has shape"),
+])
+def test_malformed_checkpoints_name_the_key(tmp_path, changes, match):
+    with pytest.raises(ValueError, match=match):
+        src = HFSource(_hf_copy(tmp_path, **changes))
+        for n in src.names:
+            src.load(n)
+
+
+def test_missing_tensor_named(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    sd = load_file(str(FIXTURES / "deepseek_v3" / "model.safetensors"))
+    del sd["model.layers.1.mlp.gate.e_score_correction_bias"]
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text((FIXTURES / "deepseek_v3" / "config.json").read_text())
+    with pytest.raises(ValueError, match="e_score_correction_bias is missing"):
+        HFSource(tmp_path)
+
+
+def test_config_checks():
+    base = dict(SHAPES["deepseek-tiny"])
+    with pytest.raises(ValueError, match="head_dim 40 must be qk_nope_dim"):
+        ModelConfig(**{**base, "head_dim": 40})
+    with pytest.raises(ValueError, match="n_kv_heads = n_heads"):
+        ModelConfig(**{**base, "n_kv_heads": 1})
+    with pytest.raises(ValueError, match="scores a group by its top two"):
+        ModelConfig(**{**base, "n_expert_groups": 8, "n_groups_used": 2})
+    cfg = ModelConfig(**base)
+    assert dataclasses.replace(cfg, n_layers=2) == cfg
