@@ -56,8 +56,9 @@ class _Request:
     """A request's state on rank 0 beside its scheduler Sequence: sampling, text, delivery."""
 
     def __init__(self, seq: Sequence, params: SamplingParams, sampler: Sampler | None, tokenizer,
-                 sink: Callable[[Output], None], handle: Handle):
+                 sink: Callable[[Output], None], handle: Handle, constraint=None):
         self.seq, self.params, self.sampler = seq, params, sampler
+        self.constraint = constraint
         self.tok, self.sink, self.handle = tokenizer, sink, handle
         self.decoder = tokenizer.stream_decoder()
         self.stops = StopMatcher(params.stop)
@@ -101,7 +102,11 @@ class Service:
 
     # ---- any thread --------------------------------------------------------------------------
     def submit(self, prompt_ids: list[int], params: SamplingParams,
-               sink: Callable[[Output], None] | None = None) -> Handle:
+               sink: Callable[[Output], None] | None = None, constraint=None) -> Handle:
+        """``constraint`` (mpillm.serving.grammar.Constraint): a grammar the output must follow. Its
+        rows gather their logits even when greedy (the engine's distributed argmax cannot see the
+        mask, which lives on rank 0 only), the mask is applied before the pick, and the request
+        ends with "stop" when the grammar is complete, "length" when max_tokens comes first."""
         params.validate()
         ids = [int(t) for t in prompt_ids]
         if not ids:
@@ -120,9 +125,10 @@ class Service:
             self.counters["requests_total"] += 1
         rid = f"{uuid.uuid4().hex[:20]}{next(self._ids)}"
         handle = Handle(rid, len(ids))
-        seq = Sequence(rid, ids, len(ids), wants_logits=params.needs_logits)
-        sampler = Sampler(params, self.vocab_size, ids) if params.needs_logits else None
-        req = _Request(seq, params, sampler, self.tok, sink or handle.outputs.put, handle)
+        logits = params.needs_logits or constraint is not None
+        seq = Sequence(rid, ids, len(ids), wants_logits=logits)
+        sampler = Sampler(params, self.vocab_size, ids, constraint) if logits else None
+        req = _Request(seq, params, sampler, self.tok, sink or handle.outputs.put, handle, constraint)
         seq.owner = req
         self._inbox.put(("submit", req))
         self._wake.set()
@@ -222,7 +228,7 @@ class Service:
         for seq in self.sched.running:
             seq.draft, seq.draft_q = [], None
             req: _Request = seq.owner
-            if seq.pending != 1 or req.closed:
+            if seq.pending != 1 or req.closed or req.constraint is not None:   # drafts would bypass the mask
                 continue
             room = min(req.params.max_tokens - req.generated - 1, self.sched.ctx - len(seq.tokens))
             k = self.drafter.want(seq, room)
@@ -247,6 +253,10 @@ class Service:
         req.generated += 1
         if req.sampler is not None:
             req.sampler.observe(tok)
+        grammar_done = False
+        if req.constraint is not None and tok not in req.stop_ids:
+            req.constraint.consume(tok)
+            grammar_done = req.constraint.done
         if req.t_first is None:
             req.t_first = time.perf_counter()
         with self._lock:
@@ -257,6 +267,10 @@ class Service:
             return
         text, hit = req.stops.put(req.decoder.put(tok))
         if hit:
+            req.output([tok], text, lp, "stop")
+            self._close(req)
+        elif grammar_done:            # the constrained value is complete: nothing may follow
+            text += req.stops.put(req.decoder.flush())[0] + req.stops.flush()
             req.output([tok], text, lp, "stop")
             self._close(req)
         elif req.generated >= req.params.max_tokens or len(seq.tokens) > self.sched.ctx:
