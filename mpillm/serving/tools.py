@@ -286,13 +286,16 @@ def parse_hermes(text: str, final: bool = True) -> Parsed:
 
 
 def parse_llama(text: str, final: bool = True) -> Parsed:
-    body = text.removeprefix("<|python_tag|>")
-    if body.lstrip().startswith("{"):
+    s = text.lstrip()
+    if not final and "<|python_tag|>".startswith(s):
+        return Parsed("")                # could still become a call
+    body = s.removeprefix("<|python_tag|>")
+    if body.lstrip().startswith("{") or (not final and not body.strip()):
         call = _json_call(body, final)
         if call is not None:
             return Parsed("", [call])
         if not final:
-            return Parsed("")            # could still become a call
+            return Parsed("")
     return Parsed(text)
 
 
@@ -361,6 +364,10 @@ def parse_harmony(text: str, final: bool = True) -> Parsed:
     for m in _HARMONY_MSG.finditer(text):
         head = (m.group("head") or "") + (m.group("head2") or "")
         body, ended = m.group("body"), bool(m.group("end"))
+        if not ended and not final:       # hold back what may be the start of a control token
+            k = body.rfind("<")
+            if k >= 0 and "|>" not in body[k:]:
+                body = body[:k]
         to = _HARMONY_TO.search(head)
         if to is not None:
             b = body.strip()
@@ -376,7 +383,7 @@ def parse_harmony(text: str, final: bool = True) -> Parsed:
         else:
             content.append(body)
     if not calls and not content and not reasoning and "<|channel|>" not in text:
-        return Parsed(text)
+        return Parsed(text if final or not text.lstrip().startswith("<") else "")
     return Parsed("".join(content), calls, "".join(reasoning))
 
 

@@ -67,7 +67,8 @@ class Job:
         self.calls = tools.CallStream(call_format) if call_format is not None else None
         # a harmony model's chat reply: reasoning (analysis channel) apart from the answer (final)
         self.parser = (harmony.HarmonyParser(state.tokenizer)
-                       if req.kind == "chat" and harmony.is_harmony(state.tokenizer) and self.calls is None else None)
+                       if req.kind in ("chat", "response") and harmony.is_harmony(state.tokenizer) and self.calls is None
+                       else None)
         self.reasoning = self.parser is not None or call_format == tools.HARMONY
 
     def split(self, out) -> tuple[str, str, list]:

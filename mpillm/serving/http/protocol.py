@@ -182,7 +182,7 @@ COMPLETION_FIELDS = SAMPLING_FIELDS | {"prompt", "logprobs", "echo", "suffix", "
 @dataclass
 class Request:
     """A validated request: what the service needs plus how to answer."""
-    kind: str                          # "chat" or "completion"
+    kind: str                          # "chat", "completion" or "response" (the Responses API)
     prompt_text: str | None            # None when the prompt came as token ids
     prompt_ids: list[int] | None       # set for a token-id prompt (completions)
     sampling: dict                     # keyword arguments of SamplingParams
@@ -197,6 +197,7 @@ class Request:
     tool_choice: str = "auto"          # "auto" | "none" | "required" | the name of a function to call
     parallel_tool_calls: bool = True
     response_format: dict | None = None  # {"type": "json_object"} | {"type": "json_schema", "schema", "name"}
+    extra: dict | None = None          # what a Responses API answer echoes back (responses_api)
 
 
 def _check_unknown(body: dict, allowed: set[str]) -> None:

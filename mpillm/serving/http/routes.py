@@ -21,6 +21,7 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from mpillm.serving import harmony, tools
 from mpillm.serving.grammar import GrammarError, Grammars
 from mpillm.serving.http import protocol as P
+from mpillm.serving.http import responses_api
 from mpillm.serving.http.jobs import Job
 from mpillm.serving.http.metrics import Metrics
 from mpillm.serving.http.responses import respond
@@ -219,6 +220,16 @@ class Handlers:
         self.service_or_503()
         return await self.run(request, req, self.chat_prompt_ids(messages, req.reasoning_effort, req), "messages",
                               self.call_format(req))
+
+    @api
+    async def responses(self, request: Request):
+        """The Responses API (stateless): the chat path under another wire format."""
+        body = P.parse_json_body(await self.read_body(request))
+        req, messages = responses_api.parse(body)
+        self.check_model(req.model)
+        self.service_or_503()
+        return await self.run(request, req, self.chat_prompt_ids(messages, req.reasoning_effort, req), "input",
+                              self.call_format(req), answer=responses_api.respond)
 
     @api
     async def completions(self, request: Request):
