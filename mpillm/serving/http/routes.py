@@ -168,7 +168,19 @@ class Handlers:
                 return None
             return await asyncio.to_thread(self.grammars().constraint, grammar, field)
         except GrammarError as e:
+            if field == "tools":
+                field = self.bad_tool(req) or field
             raise P.bad(field, str(e), "invalid_schema") from None
+
+    def bad_tool(self, req: P.Request) -> str | None:
+        """The field of the first tool whose parameters the grammar engine refuses."""
+        key = "tools[{}].parameters" if req.kind == "response" else "tools[{}].function.parameters"
+        for i, t in enumerate(req.tools or []):
+            try:
+                self.grammars().check(Grammars.json_schema(t.get("parameters") or {"type": "object"}))
+            except GrammarError:
+                return key.format(i)
+        return None
 
     def check_ids(self, ids: list[int], field_name: str) -> None:
         v = self.state.tokenizer.vocab_size
