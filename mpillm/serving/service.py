@@ -309,9 +309,9 @@ class Service:
         self.fail_all("server shutting down")
         self._drain()
 
-    def stream(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[Output]:
+    def stream(self, prompt_ids: list[int], params: SamplingParams, constraint=None) -> Iterator[Output]:
         """Single-threaded use (generate, chat): submit, then step until this request is done."""
-        h = self.submit(prompt_ids, params)
+        h = self.submit(prompt_ids, params, constraint=constraint)
         while True:
             while True:
                 try:
