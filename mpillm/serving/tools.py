@@ -94,13 +94,15 @@ def _generic_system(tools: list[dict], choice, parallel: bool) -> str:
                  f'{{...}}}}]}} ({many}).')
     if choice == "auto":
         lines.append('To answer without a tool, answer with JSON only: {"response": "<your answer>"}.')
-    lines.append('A tool\'s result comes back as {"tool_response": ...}.')
+    lines.append("A tool's result comes back as a message 'Result of the tool call NAME: ...'; once you have the "
+                 "results you need, " + ('answer the user with {"response": "<your answer>"}.' if choice == "auto"
+                                         else "stop."))
     return "\n".join(lines)
 
 
 def _generic_messages(messages: list[dict], tools: list[dict], choice, parallel: bool) -> list[dict]:
     """For a template without tools: the tool description joins the system message, calls become
-    the assistant's JSON, tool results user messages with a ``tool_response`` JSON."""
+    the assistant's JSON, tool results user messages 'Result of the tool call NAME: ...'."""
     out = []
     if tools and choice != "none":
         sys_text = _generic_system(tools, choice, parallel)
@@ -109,15 +111,19 @@ def _generic_messages(messages: list[dict], tools: list[dict], choice, parallel:
             messages = messages[1:]
         else:
             out.append({"role": "system", "content": sys_text})
+    names: dict[str, str] = {}          # tool call id -> function name (for the results)
     for m in messages:
         if m["role"] == "assistant" and m.get("tool_calls"):
+            names.update((c["id"], c["name"]) for c in m["tool_calls"])
             calls = [{"name": c["name"], "arguments": _arguments_value(c["arguments"])} for c in m["tool_calls"]]
-            out.append({"role": "assistant", "content": json.dumps({"tool_calls": calls}, ensure_ascii=False)})
+            if tools and choice != "none":
+                text = json.dumps({"tool_calls": calls}, ensure_ascii=False)
+            else:                        # a free answer follows: the history in prose, not JSON to imitate
+                text = " ".join(f"I called the tool {c['name']} with {c['arguments']}." for c in m["tool_calls"])
+            out.append({"role": "assistant", "content": ((m.get("content") or "") + " " + text).strip()})
         elif m["role"] == "tool":
-            resp = {"tool_call_id": m.get("tool_call_id"), "content": m.get("content") or ""}
-            if m.get("name"):
-                resp["name"] = m["name"]
-            out.append({"role": "user", "content": json.dumps({"tool_response": resp}, ensure_ascii=False)})
+            name = m.get("name") or names.get(m.get("tool_call_id") or "", "tool")
+            out.append({"role": "user", "content": f"Result of the tool call {name}: {m.get('content') or ''}"})
         else:
             out.append({"role": m["role"], "content": m.get("content") or ""})
     return out
