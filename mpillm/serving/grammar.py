@@ -116,9 +116,10 @@ class Constraint:
     def apply(self, logits: np.ndarray) -> None:
         """Set the logits of every token the grammar forbids to -inf (in place)."""
         ok = self.allowed()
-        if not ok.any():              # the grammar is done or broken: nothing may follow but EOS
-            return
-        logits[~ok] = -np.inf
+        t0 = time.perf_counter()
+        if ok.any():                  # none allowed: the grammar is broken; leave the row as it is
+            logits[~ok] = -np.inf
+        self.mask_seconds += time.perf_counter() - t0
 
     def consume(self, token: int) -> bool:
         """Advance past ``token``; False when the grammar did not allow it."""

@@ -94,7 +94,7 @@ class Service:
         self.counters = dict(requests_total=0, requests_finished=0, prompt_tokens_total=0,
                              completion_tokens_total=0, cached_tokens_total=0, steps_total=0, rows_total=0,
                              decode_steps_total=0, draft_tokens_total=0, draft_accepted_total=0,
-                             draft_seconds_total=0.0)
+                             draft_seconds_total=0.0, grammar_masks_total=0, grammar_mask_seconds_total=0.0)
 
     @property
     def context_size(self) -> int:
@@ -298,6 +298,9 @@ class Service:
         self._requests.pop(seq.id, None)
         with self._lock:
             self.counters["requests_finished"] += 1
+            if req.constraint is not None:
+                self.counters["grammar_masks_total"] += req.constraint.masks
+                self.counters["grammar_mask_seconds_total"] += req.constraint.mask_seconds
 
     def run(self, stop: threading.Event, idle_wait: float = 0.05) -> None:
         """Step while there is work; when idle, wait for a submission. Returns when ``stop`` is set,
