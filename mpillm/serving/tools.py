@@ -185,8 +185,9 @@ def call_grammar(fmt: str, tools: list[dict], choice, parallel: bool) -> str | N
         return Grammars.json_schema(_one_of_calls(tools, "parameters"), "tools")
     if fmt == HARMONY:
         alts = " | ".join(
-            f'"<|channel|>commentary to=functions.{t["name"]} <|constrain|>json<|message|>" '
-            f'%json {json.dumps(t.get("parameters") or {"type": "object"}, ensure_ascii=False)}' for t in tools)
+            f'<|channel|> "commentary to=functions.{t["name"]} " <|constrain|> "json" <|message|> '
+            f'%json {json.dumps(t.get("parameters") or {"type": "object"}, ensure_ascii=False)} <|call|>'
+            for t in tools)          # the control tokens unquoted: llguidance matches them as special tokens
         return Grammars.lark(f"start: {alts}\n")
     return None
 

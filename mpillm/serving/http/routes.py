@@ -277,16 +277,18 @@ class Handlers:
         tok = self.state.tokenizer
         if "prompt" in body:
             ids = tok.encode(body["prompt"], add_bos=None if body["add_special_tokens"] else False)
+        elif body["tools"] or any(m.get("tool_calls") or m["role"] == "tool" for m in body["messages"]):
+            try:            # tools: rendered as a chat request with them renders them
+                text = tools.render(tok, body["messages"], body["tools"], "auto" if body["tools"] else "none",
+                                    add_generation_prompt=body["add_generation_prompt"])
+            except ValueError as e:
+                raise P.bad("messages", str(e)) from None
+            ids = tok.encode(text, add_bos=False)
         elif harmony.is_harmony(tok) and body["add_generation_prompt"]:
             ids = self.chat_prompt_ids(body["messages"])
         else:
             try:
-                msgs, add = body["messages"], body["add_generation_prompt"]
-                if body["tools"] or any(m.get("tool_calls") or m["role"] == "tool" for m in msgs):
-                    text = tools.render(tok, msgs, body["tools"], "auto" if body["tools"] else "none",
-                                        add_generation_prompt=add)
-                else:
-                    text = tok.apply_chat_template(msgs, add_generation_prompt=add)
+                text = tok.apply_chat_template(body["messages"], add_generation_prompt=body["add_generation_prompt"])
             except ValueError as e:
                 raise P.bad("messages", str(e)) from None
             ids = tok.encode(text, add_bos=False)
