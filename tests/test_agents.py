@@ -315,6 +315,15 @@ def test_hostile_inputs_then_serving(server):
     refused("tools[1].function.name", "duplicate", tools=[WEATHER, WEATHER])
     refused("tools[0].function.parameters", "Invalid type", tools=[
         {"type": "function", "function": {"name": "f", "parameters": {"type": "strin"}}}], tool_choice="required")
+    # a schema that recurses for ever compiles (llguidance takes $ref cycles) but no finite value
+    # satisfies it: the engine leaves only EOS, and the answer ends with length, never as complete
+    forever = {"$defs": {"n": {"type": "object", "properties": {"c": {"$ref": "#/$defs/n"}}, "required": ["c"],
+                               "additionalProperties": False}}, "$ref": "#/$defs/n"}
+    r = chat(server, messages=ASK, max_tokens=24,
+             response_format={"type": "json_schema", "json_schema": {"name": "f", "schema": forever}})
+    assert r.choices[0].finish_reason == "length"
+    with pytest.raises(ValueError):
+        json.loads(r.choices[0].message.content)
     # control and liveness: a good request right after is served
     r = chat(server, messages=ASK, tools=[WEATHER], tool_choice="required", parallel_tool_calls=False)
     assert r.choices[0].finish_reason == "tool_calls"

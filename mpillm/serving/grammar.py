@@ -127,8 +127,14 @@ class Constraint:
 
     @property
     def done(self) -> bool:
-        """No token can follow (the value is complete and closed)."""
+        """No token can follow: the value is complete and closed, or the engine stopped on an
+        error (``error`` says which)."""
         return bool(self.m.is_stopped())
+
+    @property
+    def accepting(self) -> bool:
+        """The output so far is a complete value (EOS here ends it validly)."""
+        return bool(self.m.is_accepting())
 
     @property
     def error(self) -> str | None:

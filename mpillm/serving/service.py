@@ -12,6 +12,7 @@ only touch a queue and counters. One request's path:
 from __future__ import annotations
 
 import itertools
+import logging
 import queue
 import threading
 import time
@@ -24,6 +25,8 @@ import numpy as np
 from mpillm.runtime.steps import OUT_LOGITS
 from mpillm.serving.sampling import Sampler, SamplingParams, StopMatcher, TokenLogprob, decide, logprobs_of
 from mpillm.serving.scheduler import Scheduler, Sequence
+
+log = logging.getLogger("mpillm.serve")
 
 
 @dataclass
@@ -253,25 +256,33 @@ class Service:
         req.generated += 1
         if req.sampler is not None:
             req.sampler.observe(tok)
-        grammar_done = False
+        grammar_end = None
         if req.constraint is not None and tok not in req.stop_ids:
             req.constraint.consume(tok)
-            grammar_done = req.constraint.done
+            if req.constraint.error is not None:    # the engine gave up (e.g. a limit): cut, not complete
+                log.warning("request %s: grammar engine stopped: %s", seq.id,
+                            req.constraint.error.splitlines()[0][:200])
+                grammar_end = "length"
+            elif req.constraint.done:               # the constrained value is complete: nothing may follow
+                grammar_end = "stop"
         if req.t_first is None:
             req.t_first = time.perf_counter()
         with self._lock:
             self.counters["completion_tokens_total"] += 1
         if tok in req.stop_ids:  # the stop token's own text is not given out; what was held back is
-            req.output([tok], req.stops.put(req.decoder.flush())[0] + req.stops.flush(), lp, "stop")
+            # a constrained value that is not complete was cut short: the grammar had no way on but
+            # EOS (a schema no finite value satisfies); never report it as a complete answer
+            why = "length" if req.constraint is not None and not req.constraint.accepting else "stop"
+            req.output([tok], req.stops.put(req.decoder.flush())[0] + req.stops.flush(), lp, why)
             self._close(req)
             return
         text, hit = req.stops.put(req.decoder.put(tok))
         if hit:
             req.output([tok], text, lp, "stop")
             self._close(req)
-        elif grammar_done:            # the constrained value is complete: nothing may follow
+        elif grammar_end is not None:
             text += req.stops.put(req.decoder.flush())[0] + req.stops.flush()
-            req.output([tok], text, lp, "stop")
+            req.output([tok], text, lp, grammar_end)
             self._close(req)
         elif req.generated >= req.params.max_tokens or len(seq.tokens) > self.sched.ctx:
             text += req.stops.put(req.decoder.flush())[0] + req.stops.flush()
