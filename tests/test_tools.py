@@ -38,7 +38,7 @@ def test_parsers_find_calls(fmt, text, n):
         assert p.reasoning == "Need the weather." and p.content == ""
     # control: the same text read as another family finds no call
     other = T.GENERIC if fmt != T.GENERIC else T.HERMES
-    assert T.parse(other, text).calls == [] or fmt == T.LLAMA
+    assert T.parse(other, text).calls == []
 
 
 @pytest.mark.parametrize("fmt,text", [
@@ -89,6 +89,22 @@ def test_stream_pieces_join_to_the_whole(fmt, text, step):
     assert [args[i] for i in sorted(args)] == [c.arguments for c in whole.calls]
     assert content == whole.content
     assert len(args) >= 1 and all(json.loads(a) for a in args.values())
+
+
+def test_generic_response_streams_as_content():
+    """The generic format's {"response": ...} answer streams as plain content, escapes decoded,
+    piece by piece; an answer cut by max_tokens is the text so far, streamed or not. Control: an
+    object that is no answer is given whole as text."""
+    text = '{"response": "Hello \\"world\\" \\u00e9\\n!"}'
+    s = T.CallStream(T.GENERIC)
+    pieces = [s.feed(ch)[0] for ch in text] + [s.finish()[0]]
+    assert "".join(pieces) == 'Hello "world" \u00e9\n!' and sum(1 for p in pieces if p) > 5
+    assert not s.calls()
+    bad = '{"response": "cut'
+    s = T.CallStream(T.GENERIC)
+    streamed = "".join(s.feed(ch)[0] for ch in bad)
+    assert streamed + s.finish()[0] == "cut" == T.parse(T.GENERIC, bad).content
+    assert T.parse(T.GENERIC, '{"answer": 1}').content == '{"answer": 1}'
 
 
 def test_stream_splits_arguments():

@@ -328,8 +328,8 @@ def parse_generic(text: str, final: bool = True) -> Parsed:
         try:
             v, end = _DEC.raw_decode(s, m.end() - 1)
             return Parsed(v)
-        except ValueError:
-            return Parsed(text) if final else Parsed(_partial_string(s[m.end():]))
+        except ValueError:               # cut (max_tokens): the answer so far, as text
+            return Parsed(_partial_string(s[m.end():]))
     m = re.match(r'\{\s*"tool_calls"\s*:\s*\[\s*', s)
     if m is None:
         if final:

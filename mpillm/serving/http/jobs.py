@@ -111,7 +111,7 @@ class Job:
             raise P.APIError(503, "the server is busy: the request queue is full; retry later", "server_error",
                              None, "queue_full", headers={"Retry-After": str(self.config.retry_after)}) from None
         except ValueError as e:
-            raise P.bad("messages" if self.req.kind == "chat" else "prompt", str(e)) from None
+            raise P.bad({"chat": "messages", "response": "input"}.get(self.req.kind, "prompt"), str(e)) from None
         self.state.jobs.add(self)
         self.watcher = asyncio.ensure_future(self._watch_disconnect())
 
