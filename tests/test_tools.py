@@ -138,7 +138,9 @@ def test_generic_fallback_prompt():
             {"role": "tool", "content": "18 C", "tool_call_id": "c1"}]
     text = T.render(tok, msgs, [WEATHER], "auto", True)
     assert "get_weather" in text.split("<|im_start|>user")[0]          # the tools, in the system message
-    assert "Result of the tool call get_weather: 18 C" in text and '"tool_calls"' in text
+    assert '"tool_response"' in text and "18 C" in text and '"tool_calls"' in text
+    prose = T.render(tok, msgs, [WEATHER], "none", True)      # no call may follow: prose, no JSON to imitate
+    assert "Result of the tool call get_weather: 18 C" in prose and '"tool_calls"' not in prose
     assert "<|im_start|>tool" not in text      # the tool result goes in as a user message
 
 

@@ -94,15 +94,15 @@ def _generic_system(tools: list[dict], choice, parallel: bool) -> str:
                  f'{{...}}}}]}} ({many}).')
     if choice == "auto":
         lines.append('To answer without a tool, answer with JSON only: {"response": "<your answer>"}.')
-    lines.append("A tool's result comes back as a message 'Result of the tool call NAME: ...'; once you have the "
-                 "results you need, " + ('answer the user with {"response": "<your answer>"}.' if choice == "auto"
-                                         else "stop."))
+    lines.append('A tool\'s result comes back as {"tool_response": ...}.')
     return "\n".join(lines)
 
 
 def _generic_messages(messages: list[dict], tools: list[dict], choice, parallel: bool) -> list[dict]:
     """For a template without tools: the tool description joins the system message, calls become
-    the assistant's JSON, tool results user messages 'Result of the tool call NAME: ...'."""
+    the assistant's JSON and tool results user messages ``{"tool_response": ...}``; when no call
+    may follow (``none``), both in prose ('Result of the tool call NAME: ...'), which small models
+    answer rather than imitate."""
     out = []
     if tools and choice != "none":
         sys_text = _generic_system(tools, choice, parallel)
@@ -123,7 +123,12 @@ def _generic_messages(messages: list[dict], tools: list[dict], choice, parallel:
             out.append({"role": "assistant", "content": ((m.get("content") or "") + " " + text).strip()})
         elif m["role"] == "tool":
             name = m.get("name") or names.get(m.get("tool_call_id") or "", "tool")
-            out.append({"role": "user", "content": f"Result of the tool call {name}: {m.get('content') or ''}"})
+            if tools and choice != "none":      # the answer is JSON: the result too
+                resp = {"tool_call_id": m.get("tool_call_id"), "name": name, "content": m.get("content") or ""}
+                text = json.dumps({"tool_response": resp}, ensure_ascii=False)
+            else:                               # a free answer follows: prose, not JSON to imitate
+                text = f"Result of the tool call {name}: {m.get('content') or ''}"
+            out.append({"role": "user", "content": text})
         else:
             out.append({"role": m["role"], "content": m.get("content") or ""})
     return out
