@@ -9,6 +9,12 @@ completions one after the other (distinct prompts, greedy, ``ignore_eos`` so eve
 --max-tokens tokens), and the report gives aggregate generated tokens/s (all tokens over the
 wall time of the level), time to first token and inter-token latency (p50, p99), as JSON.
 Client side only: it measures what a user of the HTTP API sees.
+
+``--constrained all`` sends every request with a JSON schema (``response_format``: an object
+with one long string, so every reply still has --max-tokens tokens); ``--constrained half``
+constrains every other client, and the report gives the tok/s of each kind apart: what a
+constrained row costs the unconstrained rows batched with it. The server's grammar-mask time per
+constrained token comes from its /metrics (mpillm_grammar_mask_seconds / mpillm_grammar_masks).
 """
 from __future__ import annotations
 
@@ -31,9 +37,17 @@ TOPICS = ["the sea", "a mountain", "bread", "a robot", "winter", "a violin", "th
           "a forest", "a market", "a snowflake", "a volcano", "a clock"]
 
 
-async def one_request(client, url: str, model: str | None, prompt: str, max_tokens: int, headers: dict) -> dict:
+# a schema every reply can fill for any --max-tokens: one string that may not end early
+LONG_SCHEMA = {"type": "object", "properties": {"story": {"type": "string", "minLength": 100000}},
+               "required": ["story"], "additionalProperties": False}
+
+
+async def one_request(client, url: str, model: str | None, prompt: str, max_tokens: int, headers: dict,
+                      constrained: bool = False) -> dict:
     body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "temperature": 0,
             "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True}
+    if constrained:
+        body["response_format"] = {"type": "json_schema", "json_schema": {"name": "story", "schema": LONG_SCHEMA}}
     if model:
         body["model"] = model
     t0 = time.perf_counter()
@@ -56,10 +70,11 @@ async def one_request(client, url: str, model: str | None, prompt: str, max_toke
     t1 = time.perf_counter()
     n = usage["completion_tokens"] if usage else len(times)
     return {"t0": t0, "t1": t1, "ttft": (times[0] - t0) if times else None, "itl": list(np.diff(times)),
-            "tokens": n, "chunks": len(times), "error": error}
+            "tokens": n, "chunks": len(times), "error": error, "constrained": constrained}
 
 
-async def level(url: str, model: str | None, clients: int, requests: int, max_tokens: int, headers: dict) -> dict:
+async def level(url: str, model: str | None, clients: int, requests: int, max_tokens: int, headers: dict,
+                constrained: str = "none") -> dict:
     import httpx
 
     limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
@@ -68,8 +83,9 @@ async def level(url: str, model: str | None, clients: int, requests: int, max_to
             out = []
             for j in range(requests):
                 topic = TOPICS[(i * requests + j) % len(TOPICS)]
+                c = constrained == "all" or (constrained == "half" and i % 2 == 0)
                 out.append(await one_request(client, url, model, f"Request {i}.{j}: write a long story about {topic}.",
-                                             max_tokens, headers))
+                                             max_tokens, headers, c))
             return out
         t0 = time.perf_counter()
         results = [r for rs in await asyncio.gather(*(user(i) for i in range(clients))) for r in rs]
@@ -82,11 +98,33 @@ async def level(url: str, model: str | None, clients: int, requests: int, max_to
 
     def pct(v, q):
         return round(float(np.percentile(v, q)) * 1e3, 2) if v else None
-    return {"clients": clients, "requests": len(results), "errors": len(errors), "first_error": errors[0] if errors else None,
+
+    def per_client(rs):
+        return round(float(np.mean([r["tokens"] / (r["t1"] - r["t0"]) for r in rs])), 2) if rs else None
+    kinds = {}
+    if constrained == "half":
+        kinds = {"constrained_per_client_tok_s": per_client([r for r in ok if r["constrained"]]),
+                 "unconstrained_per_client_tok_s": per_client([r for r in ok if not r["constrained"]])}
+    return {"constrained": constrained, **kinds,"clients": clients, "requests": len(results), "errors": len(errors), "first_error": errors[0] if errors else None,
             "tokens": tokens, "wall_s": round(wall, 3), "aggregate_tok_s": round(tokens / wall, 2),
             "per_client_tok_s": round(float(np.mean([r["tokens"] / (r["t1"] - r["t0"]) for r in ok])), 2) if ok else None,
             "ttft_ms_p50": pct(ttft, 50), "ttft_ms_p99": pct(ttft, 99), "itl_ms_p50": pct(itl, 50),
             "itl_ms_p99": pct(itl, 99)}
+
+
+def grammar_counters(url: str, headers: dict) -> tuple[float, float] | None:
+    """(masks, seconds) from an mpillm server's /metrics; None from other servers."""
+    import httpx
+
+    try:
+        text = httpx.get(url + "/metrics", headers=headers, timeout=10).text
+    except httpx.HTTPError:
+        return None
+    vals = dict(line.rsplit(" ", 1) for line in text.splitlines() if line.startswith("mpillm_grammar_mask"))
+    try:
+        return float(vals["mpillm_grammar_masks_total"]), float(vals["mpillm_grammar_mask_seconds_total"])
+    except (KeyError, ValueError):
+        return None
 
 
 def wait_health(url: str, proc: subprocess.Popen, timeout: float) -> None:
@@ -161,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--start-timeout", type=float, default=600)
     p.add_argument("--server-log", default=None, help="write the spawned server's output here")
     p.add_argument("--json", default=None, help="also write the report here")
+    p.add_argument("--constrained", choices=("none", "all", "half"), default="none",
+                   help="requests with a JSON schema: none, all, or every other client (default: %(default)s)")
     args = p.parse_args(argv)
     if args.llama_server and not args.model:
         p.error("--llama-server needs --model GGUF")
@@ -180,7 +220,11 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(level(url, model, 1, 1, 8, headers))     # warm-up
         levels = []
         for n in args.clients:
-            res = asyncio.run(level(url, model, n, args.requests, args.max_tokens, headers))
+            m0 = grammar_counters(url, headers)
+            res = asyncio.run(level(url, model, n, args.requests, args.max_tokens, headers, args.constrained))
+            m1 = grammar_counters(url, headers)
+            if m1 and m0 and m1[0] > m0[0]:
+                res["mask_us_per_token"] = round((m1[1] - m0[1]) / (m1[0] - m0[0]) * 1e6, 1)
             levels.append(res)
             print(f"{what}: {n:3d} clients  {res['aggregate_tok_s']:8.1f} tok/s  TTFT p50 {res['ttft_ms_p50']} ms "
                   f"p99 {res['ttft_ms_p99']} ms  ITL p50 {res['itl_ms_p50']} ms p99 {res['itl_ms_p99']} ms"
@@ -189,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         if proc is not None:
             stop(proc)
     report = {"server": what, "model": model, "max_tokens": args.max_tokens, "requests_per_client": args.requests,
-              "levels": levels}
+              "constrained": args.constrained, "levels": levels}
     text = json.dumps(report, indent=2)
     print(text)
     if args.json:

@@ -7,6 +7,10 @@ conversation so far (the previous prompt plus the tokens the model generated, ex
 generated) are kept, so the service finds them in the slot's KV cache and only the new turn
 is prefilled. Commands: /reset starts a new conversation, /exit (or end of input) leaves.
 Rank 0 reads standard input (mpirun forwards it there) and prints the replies.
+
+With ``--tools FILE`` (a JSON array of OpenAI function tools) the model may call them: a call
+is shown as ``[tool call] NAME ARGUMENTS``, and ``/result TEXT`` gives its result back (the
+oldest unanswered call first); once every call has one, the model goes on.
 """
 from __future__ import annotations
 
@@ -21,7 +25,8 @@ from mpi4py import MPI
 from mpillm.runtime.errors import run
 from mpillm.options import add_model_args, open_engine, parse_args_bcast
 
-HELP = "commands: /reset (new conversation), /exit (leave); anything else is your next message"
+HELP = ("commands: /reset (new conversation), /exit (leave), /result TEXT (a tool call's result, with --tools); "
+        "anything else is your next message")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -39,6 +44,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-stats", action="store_true", help="do not print the token counts and speed after a reply")
     p.add_argument("--reasoning-effort", choices=("low", "medium", "high"), default=None,
                    help="harmony models (gpt-oss): the reasoning effort the system message asks for (default: medium)")
+    p.add_argument("--tools", default=None, metavar="FILE",
+                   help="a JSON file holding an array of OpenAI function tools the model may call")
     p.add_argument("--hide-reasoning", action="store_true",
                    help="harmony models: do not show the model's reasoning (it is shown dimmed before the answer)")
     return p
@@ -47,15 +54,20 @@ def parser() -> argparse.ArgumentParser:
 class Conversation:
     """The messages and the exact token ids of the conversation so far (for prefix reuse)."""
 
-    def __init__(self, tok, system: str | None, reasoning_effort: str | None = None):
+    def __init__(self, tok, system: str | None, reasoning_effort: str | None = None, tools: list[dict] | None = None):
         from mpillm.serving import harmony
 
         self.tok, self.system = tok, system
         self.harmony = harmony.is_harmony(tok)
         self.effort = reasoning_effort
+        self.tools = tools
         self.reset()
 
     def render(self) -> str:
+        if self.tools:
+            from mpillm.serving import tools
+
+            return tools.render(self.tok, self.messages, self.tools, "auto", True, self.effort)
         if self.harmony:
             from mpillm.serving import harmony
 
@@ -67,17 +79,25 @@ class Conversation:
         self.known_ids: list[int] = []     # prompt + generated ids of the last turn
         self.known_text = ""               # the text those ids decode to
 
-    def prompt_ids(self, user_text: str) -> list[int]:
+    def pending(self) -> list[dict]:
+        """The last reply's tool calls that have no result yet."""
+        done = {m.get("tool_call_id") for m in self.messages if m["role"] == "tool"}
+        last = next((m for m in reversed(self.messages) if m["role"] == "assistant"), None)
+        return [c for c in (last or {}).get("tool_calls", []) if c["id"] not in done]
+
+    def prompt_ids(self, user_text: str | None) -> list[int]:
         """The next prompt: the tokens already known, then only the new part of the rendered chat
-        (when the template renders the history as a prefix of the new prompt, as chat templates do)."""
-        self.messages.append({"role": "user", "content": user_text})
+        (when the template renders the history as a prefix of the new prompt, as chat templates do).
+        ``user_text`` None: the model goes on after tool results."""
+        if user_text is not None:
+            self.messages.append({"role": "user", "content": user_text})
         full = self.render()
         if self.known_ids and full.startswith(self.known_text):
             return self.known_ids + self.tok.encode(full[len(self.known_text):], add_bos=False)
         return self.tok.encode(full, add_bos=False)
 
-    def answered(self, prompt_ids: list[int], gen_ids: list[int], reply: str) -> None:
-        self.messages.append({"role": "assistant", "content": reply})
+    def answered(self, prompt_ids: list[int], gen_ids: list[int], reply: str, calls: list[dict] | None = None) -> None:
+        self.messages.append({"role": "assistant", "content": reply, **({"tool_calls": calls} if calls else {})})
         self.known_ids = list(prompt_ids) + list(gen_ids)
         self.known_text = self.tok.decode(self.known_ids)
 
@@ -129,10 +149,65 @@ class ReasoningView:
         return "".join(final)
 
 
+class CallView:
+    """A reply with tools on the terminal: its text, then each call as ``[tool call] NAME ARGS``
+    with the arguments as they stream. ``show`` returns the text an output added."""
+
+    def __init__(self, fmt: str, out):
+        from mpillm.serving.tools import CallStream
+
+        self.stream, self.out = CallStream(fmt), out
+
+    def show(self, o) -> str:
+        text, deltas = self.stream.feed(o.text)
+        if o.finish_reason is not None:
+            more, late = self.stream.finish()
+            text, deltas = text + more, deltas + late
+        self.out.write(text)
+        for d in deltas:
+            if d.id is not None:
+                self.out.write(f"\n[tool call] {d.name} ")
+            self.out.write(d.arguments)
+        self.out.flush()
+        return text
+
+    def calls(self) -> list[dict]:
+        return [{"id": c["id"], "name": c["function"]["name"], "arguments": c["function"]["arguments"]}
+                for c in self.stream.calls()]
+
+
+def load_tools(path: str | None) -> list[dict] | None:
+    """--tools FILE: OpenAI function tools -> [{"name", "description", "parameters"}]."""
+    if not path:
+        return None
+    import json
+
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a JSON array of tools")
+    out = []
+    for t in data:
+        fn = t.get("function", t) if isinstance(t, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise ValueError(f"{path}: every tool needs a function name")
+        out.append({"name": fn["name"], "description": fn.get("description", ""), "parameters": fn.get("parameters")})
+    return out
+
+
 def chat_loop(service, tok, args, inp=sys.stdin, out=sys.stdout) -> int:
     from mpillm.serving.sampling import SamplingParams
 
-    conv = Conversation(tok, args.system, getattr(args, "reasoning_effort", None))
+    tool_list = load_tools(getattr(args, "tools", None))
+    conv = Conversation(tok, args.system, getattr(args, "reasoning_effort", None), tool_list)
+    constraint_of = None
+    if tool_list:
+        from mpillm.serving import tools
+        from mpillm.serving.grammar import Grammars
+
+        fmt = tools.call_format(tok)
+        grammar = tools.call_grammar(fmt, tool_list, "auto", True)
+        grammars = Grammars(tok, service.vocab_size)
+        constraint_of = (lambda: grammars.constraint(grammar)) if grammar else None
     # dim the reasoning with ANSI codes unless NO_COLOR is set or the terminal is dumb (under mpirun
     # rank 0's stdout is a pseudo-terminal even when mpirun's is a pipe, so isatty() cannot tell)
     styled = "NO_COLOR" not in os.environ and os.environ.get("TERM", "dumb") not in ("", "dumb")
@@ -151,16 +226,30 @@ def chat_loop(service, tok, args, inp=sys.stdin, out=sys.stdout) -> int:
             continue
         if text in ("/exit", "/quit"):
             break
-        if text == "/reset":
+        user_text: str | None = text
+        if text.startswith("/result"):
+            waiting = conv.pending()
+            if not waiting:
+                out.write("(no tool call is waiting for a result)\n")
+                out.flush()
+                continue
+            conv.messages.append({"role": "tool", "tool_call_id": waiting[0]["id"], "name": waiting[0]["name"],
+                                  "content": text[len("/result"):].strip()})
+            if len(waiting) > 1:
+                out.write(f"(result of {waiting[0]['name']} kept; {len(waiting) - 1} more call(s) to answer)\n")
+                out.flush()
+                continue
+            user_text = None
+        elif text == "/reset":
             conv.reset()
             out.write("(new conversation)\n")
             out.flush()
             continue
-        if text.startswith("/"):
+        if user_text is not None and text.startswith("/"):
             out.write(f"unknown command {text.split()[0]}; {HELP}\n")
             out.flush()
             continue
-        ids = conv.prompt_ids(text)
+        ids = conv.prompt_ids(user_text)
         room = service.context_size - len(ids)
         if room < 1:
             conv.undo()
@@ -173,10 +262,12 @@ def chat_loop(service, tok, args, inp=sys.stdin, out=sys.stdout) -> int:
                                 repetition_penalty=args.repetition_penalty, seed=args.seed)
         gen, parts, last = [], [], None
         view = ReasoningView(tok, out, styled, not getattr(args, "hide_reasoning", False)) if conv.harmony else None
+        if tool_list:
+            view = CallView(fmt, out)
         t0 = time.perf_counter()
         t_first = None
         try:
-            for o in service.stream(ids, params):
+            for o in service.stream(ids, params, constraint_of() if constraint_of else None):
                 if o.token_ids and t_first is None:
                     t_first = time.perf_counter()
                 gen.extend(o.token_ids)
@@ -199,7 +290,7 @@ def chat_loop(service, tok, args, inp=sys.stdin, out=sys.stdout) -> int:
             out.write(f"(the reply failed: {getattr(last, 'error', None) or getattr(last, 'finish_reason', '?')})\n")
             out.flush()
             continue
-        conv.answered(ids, gen, "".join(parts))
+        conv.answered(ids, gen, "".join(parts), view.calls() if isinstance(view, CallView) else None)
         if not args.no_stats:
             n = last.completion_tokens
             rate = (n - 1) / (t1 - t_first) if t_first and n > 1 and t1 > t_first else 0.0

@@ -12,9 +12,9 @@ from mpiutil import ROOT, budget, kill_session, mpi_env, mpirun_cmd, popen_job
 STATS = re.compile(r"\[prompt (\d+) tokens, (\d+) reused from the KV cache, (\d+) prefilled \| reply (\d+) tokens")
 
 
-def run_chat(np_: int, text: str, timeout: float = 300) -> subprocess.CompletedProcess:
+def run_chat(np_: int, text: str, timeout: float = 300, *extra: str) -> subprocess.CompletedProcess:
     cmd = mpirun_cmd(np_) + [sys.executable, "-m", "mpillm.chat", "--max-seq-len", "512", "--temperature", "0",
-                             "--max-tokens", "12"]
+                             "--max-tokens", "12", *extra]
     limit, note = budget(timeout)
     p = popen_job(cmd, mpi_env(), ROOT, stdin=subprocess.PIPE)
     try:
@@ -43,3 +43,26 @@ def test_chat_reuses_cache_and_resets(np_):
     assert "unknown command /bogus" in r.stdout and "(new conversation)" in r.stdout
     replies = [b for b in r.stdout.split("\n") if b and not b.startswith(("[", "(", "mpillm chat", "unknown"))]
     assert len(replies) >= 3 and replies[0] == replies[-1], r.stdout   # greedy: the same answer after /reset
+
+
+def test_chat_shows_tool_calls_and_takes_results(tmp_path):
+    """--tools: the reply's call is shown as such (name, JSON arguments); /result gives the result
+    back and the model goes on. Control: without --tools no call is shown and /result is refused."""
+    import json
+
+    tools = [{"type": "function", "function": {
+        "name": "get_weather", "description": "Current weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "unit": {"type": "string",
+                                                                                            "enum": ["c", "f"]}},
+                       "required": ["city", "unit"], "additionalProperties": False}}}]
+    f = tmp_path / "tools.json"
+    f.write_text(json.dumps(tools))
+    r = run_chat(1, "What is the weather in Paris?\n/result 18 C, sunny\n/exit\n", 300, "--tools", str(f),
+                 "--max-tokens", "40")
+    assert r.returncode == 0, r.stderr[-3000:]
+    calls = re.findall(r"\[tool call\] (\w+) (\{.*\})", r.stdout)
+    assert calls and calls[0][0] == "get_weather", r.stdout
+    assert set(json.loads(calls[0][1])) == {"city", "unit"}
+    assert len(STATS.findall(r.stdout)) == 2, r.stdout          # the model answered after the result
+    r = run_chat(1, "What is the weather in Paris?\n/result 18 C\n/exit\n", 300)
+    assert "[tool call]" not in r.stdout and "no tool call is waiting" in r.stdout

@@ -35,7 +35,8 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module", params=[1, 2], ids=["np1", "np2"])
 def server(request, model_dir):
-    s = Server(request.param, "--model", str(model_dir), "--log-prompts")   # the prompt text in the log
+    # the prompt text in the log; room for a prompt with tools
+    s = Server(request.param, "--model", str(model_dir), "--log-prompts", "--max-seq-len", "1024")
     try:
         s.wait_ready()
         yield s
@@ -159,3 +160,44 @@ def test_terminal_chat_shows_reasoning_apart_and_keeps_the_answer(model_dir):
     assert f"\x1b[2m{HF.EXPECTED_REASONING}\x1b[0m\n{HF.EXPECTED_FINAL}\n" in r.stdout, repr(r.stdout)
     r = run(cmd + ["--hide-reasoning"], "Capital of France?\n/exit\n")
     assert r.returncode == 0 and "Hmm" not in r.stdout and HF.EXPECTED_FINAL in r.stdout, r.stdout
+
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 6}}, "required": ["city"],
+                   "additionalProperties": False}}}
+
+
+@pytest.mark.timeout(400)
+def test_harmony_tool_call_constrained_and_rendered(server):
+    """tool_choice required on gpt-oss's format: the grammar (harmony's control tokens as special
+    tokens, the arguments' schema) forces a commentary message to functions.get_weather, parsed
+    into tool_calls; streamed pieces join to it; the call and its result render through harmony's
+    renderer for the next turn. Control: without tools the same question gives no call."""
+    import json
+
+    c = client(server)
+    model = c.models.list().data[0].id
+    q = [{"role": "user", "content": "Weather in Paris?"}]
+    r = c.chat.completions.create(model=model, messages=q, tools=[WEATHER], tool_choice="required", temperature=0,
+                                  max_tokens=150)
+    ch = r.choices[0]
+    assert ch.finish_reason == "tool_calls", ch
+    call = ch.message.tool_calls[0]
+    assert call.function.name == "get_weather" and set(json.loads(call.function.arguments)) == {"city"}
+    args = ""
+    for chunk in c.chat.completions.create(model=model, messages=q, tools=[WEATHER], tool_choice="required",
+                                           temperature=0, max_tokens=150, stream=True):
+        for d in (chunk.choices[0].delta.tool_calls or []) if chunk.choices else []:
+            args += d.function.arguments or ""
+    assert args == call.function.arguments
+    history = q + [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": call.id, "type": "function", "function": {"name": "get_weather", "arguments": call.function.arguments}}]},
+        {"role": "tool", "tool_call_id": call.id, "content": "sunny"}]
+    s = Server.__new__(Server)
+    s.url, s.api_key = server.url, None
+    text = s.post("/detokenize", {"tokens": s.post("/tokenize", {"messages": history, "tools": [WEATHER]})["tokens"]})
+    assert "namespace functions" in text["prompt"] and "to=functions.get_weather" in text["prompt"]
+    assert "<|start|>functions.get_weather to=assistant<|channel|>commentary<|message|>sunny<|end|>" in text["prompt"]
+    r = c.chat.completions.create(model=model, messages=q, temperature=0, max_tokens=40)
+    assert r.choices[0].message.tool_calls is None and r.choices[0].message.content == HF.EXPECTED_FINAL

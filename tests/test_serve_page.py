@@ -138,9 +138,11 @@ def api_reply(server, question: str, max_tokens: int) -> tuple[dict, int]:
     return r["choices"][0]["message"], r["usage"]["completion_tokens"]
 
 
-def ask_on_page(d, server, question: str, max_tokens: int, timeout: float = 120, before_send: str = ""):
+def ask_on_page(d, server, question: str, max_tokens: int, timeout: float = 120, before_send: str = "",
+                schema: str = ""):
     """Open the page, set greedy decoding, send ``question`` and wait for the reply to finish;
-    returns the assistant message's element. ``before_send``: a script run in the page just before."""
+    returns the assistant message's element. ``before_send``: a script run in the page just before;
+    ``schema``: the "JSON schema or tools" setting (cleared when empty)."""
     from selenium.webdriver.common.by import By
 
     d.get(server.url + "/")
@@ -148,6 +150,9 @@ def ask_on_page(d, server, question: str, max_tokens: int, timeout: float = 120,
              and "not connected" not in d.find_element(By.ID, "model").text, 20, "the model name")
     d.find_element(By.CSS_SELECTOR, "#settings summary").click()
     d.find_element(By.ID, "system").clear()
+    d.find_element(By.ID, "schema").clear()
+    if schema:
+        d.execute_script("document.getElementById('schema').value = arguments[0];", schema)
     for field, value in (("temperature", "0"), ("max-tokens", str(max_tokens))):
         el = d.find_element(By.ID, field)
         el.clear()
@@ -240,3 +245,53 @@ def test_page_shows_no_reasoning_box_for_a_model_without_reasoning(server, brows
     out = ask_on_page(browser, server, question, 12)
     assert not out.find_elements(By.CSS_SELECTOR, "details"), out.get_attribute("outerHTML")
     assert out.find_element(By.CSS_SELECTOR, ".text").text == msg["content"]
+
+
+# -- tools and JSON schemas ---------------------------------------------------------------------
+WEATHER_TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"},
+                                                    "unit": {"type": "string", "enum": ["c", "f"]}},
+                   "required": ["city", "unit"], "additionalProperties": False}}}]
+
+
+def test_page_shows_a_tool_call_with_name_and_arguments(server, browser):
+    """Tools in the settings: the reply shows the call (name, arguments as JSON), as the API gives it.
+    Control: the same question without tools shows no call."""
+    import json
+
+    from selenium.webdriver.common.by import By
+
+    question = "What is the weather in Paris?"
+    api = server.post("/v1/chat/completions", {"messages": [{"role": "user", "content": question}],
+                                               "tools": WEATHER_TOOLS, "temperature": 0, "max_tokens": 40})
+    call = api["choices"][0]["message"]["tool_calls"][0]["function"]
+    out = ask_on_page(browser, server, question, 40, schema=json.dumps(WEATHER_TOOLS))
+    shown = out.find_elements(By.CSS_SELECTOR, ".calls .call")
+    assert len(shown) == 1, out.get_attribute("outerHTML")
+    assert shown[0].find_element(By.CSS_SELECTOR, ".name").text == "tool call: " + call["name"]
+    assert shown[0].find_element(By.CSS_SELECTOR, "code").text == call["arguments"]
+    json.loads(call["arguments"])
+    out = ask_on_page(browser, server, question, 12)
+    assert not out.find_elements(By.CSS_SELECTOR, ".calls")
+
+
+def test_page_attaches_a_json_schema(server, browser):
+    """A schema object in the settings: the reply is JSON matching it. Control: a malformed
+    setting is reported on the page and nothing is sent."""
+    import json
+
+    from selenium.webdriver.common.by import By
+
+    schema = {"type": "object", "properties": {"capital": {"type": "string", "maxLength": 30}},
+              "required": ["capital"], "additionalProperties": False}
+    out = ask_on_page(browser, server, "What is the capital of France? Answer in JSON.", 40, schema=json.dumps(schema))
+    reply = json.loads(out.find_element(By.CSS_SELECTOR, ".text").text)
+    assert set(reply) == {"capital"} and isinstance(reply["capital"], str)
+    d = browser
+    d.execute_script("document.getElementById('schema').value = '{not json';")
+    d.find_element(By.ID, "input").send_keys("hello")
+    d.find_element(By.ID, "send").click()
+    err = wait_for(lambda: d.find_elements(By.CSS_SELECTOR, ".msg.error .meta"), 10, "the error")
+    assert "JSON schema or tools" in err[0].text
+    d.execute_script("document.getElementById('schema').value = '';")

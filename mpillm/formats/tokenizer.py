@@ -175,6 +175,9 @@ class _HFBackend(_Backend):
     def special_tokens(self) -> dict[str, int]:
         return {t.content: i for i, t in self.tk.get_added_tokens_decoder().items() if t.special}
 
+    def to_json(self) -> str:
+        return self.tk.to_str()
+
 
 class _SPMBackend(_Backend):
     """SentencePiece with llama.cpp's handling of control tokens written in the text: the text is
@@ -353,6 +356,12 @@ class Tokenizer:
                                          bos_token=self.bos_token or "", eos_token=self.eos_token or "", **kwargs)
         except jinja2.exceptions.TemplateError as e:
             raise ValueError(f"chat template error: {e}") from None
+
+    def backend_json(self) -> str | None:
+        """The tokenizers tokenizer as its tokenizer.json text (a grammar engine builds its token
+        table from it); None for a SentencePiece model."""
+        f = getattr(self._backend, "to_json", None)
+        return f() if f is not None else None
 
     def stream_decoder(self, skip_special_tokens: bool = False) -> "StreamDecoder":
         return StreamDecoder(self, skip_special_tokens=skip_special_tokens)

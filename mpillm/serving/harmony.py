@@ -21,6 +21,7 @@ it carries one.  ``HarmonyParser`` takes generated token ids one at a time and g
 from __future__ import annotations
 
 import datetime
+import json
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -65,26 +66,60 @@ def _msg(role: str, text: str, channel: str | None = None) -> str:
     return f"{START}{head}{MESSAGE}{text}{END}"
 
 
+def _tools_section(tools: list[dict]) -> str:
+    """The developer message's ``# Tools`` section: each function with its JSON-schema parameters."""
+    lines = ["# Tools", "", "## functions", "", "namespace functions {", ""]
+    for t in tools:
+        if t.get("description"):
+            lines.append(f"// {t['description']}")
+        params = json.dumps(t.get("parameters") or {}, ensure_ascii=False)
+        lines += [f"type {t['name']} = (_: {params}) => any;", ""]
+    lines.append("} // namespace functions")
+    return "\n".join(lines)
+
+
 def render(messages: list[dict], *, reasoning_effort: str | None = None, date: str | None = None,
-           add_generation_prompt: bool = True, model_identity: str = MODEL_IDENTITY) -> str:
+           add_generation_prompt: bool = True, model_identity: str = MODEL_IDENTITY,
+           tools: list[dict] | None = None) -> str:
     """The harmony prompt for ``messages`` ([{"role", "content"}]; roles system, developer, user,
     assistant).  A leading system or developer message becomes the developer message's
     instructions; assistant turns are kept as their final answers (harmony drops earlier
-    reasoning).  ``date`` defaults to today (UTC), as ``strftime_now`` gives the template."""
+    reasoning).  ``date`` defaults to today (UTC), as ``strftime_now`` gives the template.
+    ``tools`` ([{"name", "description", "parameters"}]) go into the developer message as the
+    ``functions`` namespace; assistant ``tool_calls`` become commentary messages to
+    ``functions.NAME`` ending in ``<|call|>``, tool results messages from ``functions.NAME``."""
     effort = check_effort(reasoning_effort)
     date = date or datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
     system = (f"{model_identity}\nKnowledge cutoff: {KNOWLEDGE_CUTOFF}\nCurrent date: {date}\n\n"
               f"Reasoning: {effort}\n\n{VALID_CHANNELS}")
+    if tools:
+        system += "\nCalls to these tools must go to the commentary channel: 'functions'."
     parts = [_msg("system", system)]
     rest = list(messages)
+    dev = []
     if rest and rest[0].get("role") in ("system", "developer"):
-        parts.append(_msg("developer", "# Instructions\n\n" + _content(rest.pop(0), 0)))
+        dev.append("# Instructions\n\n" + _content(rest.pop(0), 0))
+    if tools:
+        dev.append(_tools_section(tools))
+    if dev:
+        parts.append(_msg("developer", "\n\n".join(dev)))
+    names: dict[str, str] = {}          # tool call id -> function name (for the results)
     for i, m in enumerate(rest):
         role = m.get("role")
         if role == "user":
             parts.append(_msg("user", _content(m, i)))
+        elif role == "assistant" and m.get("tool_calls"):
+            if m.get("content"):
+                parts.append(_msg("assistant", m["content"], COMMENTARY))
+            for c in m["tool_calls"]:
+                names[c.get("id") or ""] = c["name"]
+                parts.append(f"{START}assistant{CHANNEL}{COMMENTARY} to=functions.{c['name']} {CONSTRAIN}json"
+                             f"{MESSAGE}{c['arguments']}{CALL}")
         elif role == "assistant":
             parts.append(_msg("assistant", _content(m, i), FINAL))
+        elif role == "tool":
+            name = m.get("name") or names.get(m.get("tool_call_id") or "", "tool")
+            parts.append(f"{START}functions.{name} to=assistant{CHANNEL}{COMMENTARY}{MESSAGE}{_content(m, i)}{END}")
         elif role in ("system", "developer"):
             raise ValueError(f"message {i}: only the first message may be a {role} message in harmony")
         else:
@@ -101,10 +136,13 @@ def _content(m: dict, i: int) -> str:
     return c
 
 
-def prompt_text(tok, messages: list[dict], reasoning_effort: str | None = None) -> str:
+def prompt_text(tok, messages: list[dict], reasoning_effort: str | None = None,
+                tools: list[dict] | None = None) -> str:
     """The prompt text: the model's own chat template when it has one (given the reasoning effort,
-    as gpt-oss's template reads it), else ``render``."""
+    as gpt-oss's template reads it), else ``render``; ``render`` too for a conversation with tools."""
     effort = check_effort(reasoning_effort)
+    if tools or any(m.get("tool_calls") or m.get("role") == "tool" for m in messages):
+        return render(messages, reasoning_effort=effort, tools=tools)
     if tok.chat_template:
         return tok.apply_chat_template(messages, add_generation_prompt=True, reasoning_effort=effort)
     return render(messages, reasoning_effort=effort)

@@ -90,11 +90,14 @@ class TokenLogprob:
 
 
 class Sampler:
-    """One sequence's sampler. ``context`` holds the prompt ids (repetition penalty)."""
+    """One sequence's sampler. ``context`` holds the prompt ids (repetition penalty); ``constraint``
+    (mpillm.serving.grammar.Constraint, or anything with ``apply(logits)``) masks the logits to the
+    tokens a grammar allows, after the penalties and before the pick."""
 
-    def __init__(self, params: SamplingParams, vocab_size: int, context=()):
+    def __init__(self, params: SamplingParams, vocab_size: int, context=(), constraint=None):
         params.validate()
         self.p = params
+        self.constraint = constraint
         self.rng = np.random.default_rng(params.seed)
         self.work = np.empty(vocab_size, np.float64)   # (vocab,) penalized / scaled logits
         self.counts: dict[int, int] = {}               # output token -> occurrences
@@ -111,6 +114,8 @@ class Sampler:
             np.copyto(self.work, logits)
             if self.p.penalized:
                 self._penalize(self.work)
+            if self.constraint is not None:
+                self.constraint.apply(self.work)
             return int(np.argmax(self.work))
         ids, probs = self.distribution(logits)
         return int(ids[self.rng.choice(len(probs), p=probs)])
@@ -122,6 +127,8 @@ class Sampler:
         np.copyto(w, logits)
         if p.penalized:
             self._penalize(w)
+        if self.constraint is not None:
+            self.constraint.apply(w)
         w /= p.temperature
         cand = None
         if p.top_k and p.top_k < len(w):

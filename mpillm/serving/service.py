@@ -12,6 +12,7 @@ only touch a queue and counters. One request's path:
 from __future__ import annotations
 
 import itertools
+import logging
 import queue
 import threading
 import time
@@ -24,6 +25,8 @@ import numpy as np
 from mpillm.runtime.steps import OUT_LOGITS
 from mpillm.serving.sampling import Sampler, SamplingParams, StopMatcher, TokenLogprob, decide, logprobs_of
 from mpillm.serving.scheduler import Scheduler, Sequence
+
+log = logging.getLogger("mpillm.serve")
 
 
 @dataclass
@@ -56,8 +59,9 @@ class _Request:
     """A request's state on rank 0 beside its scheduler Sequence: sampling, text, delivery."""
 
     def __init__(self, seq: Sequence, params: SamplingParams, sampler: Sampler | None, tokenizer,
-                 sink: Callable[[Output], None], handle: Handle):
+                 sink: Callable[[Output], None], handle: Handle, constraint=None):
         self.seq, self.params, self.sampler = seq, params, sampler
+        self.constraint = constraint
         self.tok, self.sink, self.handle = tokenizer, sink, handle
         self.decoder = tokenizer.stream_decoder()
         self.stops = StopMatcher(params.stop)
@@ -93,7 +97,7 @@ class Service:
         self.counters = dict(requests_total=0, requests_finished=0, prompt_tokens_total=0,
                              completion_tokens_total=0, cached_tokens_total=0, steps_total=0, rows_total=0,
                              decode_steps_total=0, draft_tokens_total=0, draft_accepted_total=0,
-                             draft_seconds_total=0.0)
+                             draft_seconds_total=0.0, grammar_masks_total=0, grammar_mask_seconds_total=0.0)
 
     @property
     def context_size(self) -> int:
@@ -101,7 +105,11 @@ class Service:
 
     # ---- any thread --------------------------------------------------------------------------
     def submit(self, prompt_ids: list[int], params: SamplingParams,
-               sink: Callable[[Output], None] | None = None) -> Handle:
+               sink: Callable[[Output], None] | None = None, constraint=None) -> Handle:
+        """``constraint`` (mpillm.serving.grammar.Constraint): a grammar the output must follow. Its
+        rows gather their logits even when greedy (the engine's distributed argmax cannot see the
+        mask, which lives on rank 0 only), the mask is applied before the pick, and the request
+        ends with "stop" when the grammar is complete, "length" when max_tokens comes first."""
         params.validate()
         ids = [int(t) for t in prompt_ids]
         if not ids:
@@ -120,9 +128,10 @@ class Service:
             self.counters["requests_total"] += 1
         rid = f"{uuid.uuid4().hex[:20]}{next(self._ids)}"
         handle = Handle(rid, len(ids))
-        seq = Sequence(rid, ids, len(ids), wants_logits=params.needs_logits)
-        sampler = Sampler(params, self.vocab_size, ids) if params.needs_logits else None
-        req = _Request(seq, params, sampler, self.tok, sink or handle.outputs.put, handle)
+        logits = params.needs_logits or constraint is not None
+        seq = Sequence(rid, ids, len(ids), wants_logits=logits)
+        sampler = Sampler(params, self.vocab_size, ids, constraint) if logits else None
+        req = _Request(seq, params, sampler, self.tok, sink or handle.outputs.put, handle, constraint)
         seq.owner = req
         self._inbox.put(("submit", req))
         self._wake.set()
@@ -222,7 +231,7 @@ class Service:
         for seq in self.sched.running:
             seq.draft, seq.draft_q = [], None
             req: _Request = seq.owner
-            if seq.pending != 1 or req.closed:
+            if seq.pending != 1 or req.closed or req.constraint is not None:   # drafts would bypass the mask
                 continue
             room = min(req.params.max_tokens - req.generated - 1, self.sched.ctx - len(seq.tokens))
             k = self.drafter.want(seq, room)
@@ -247,17 +256,33 @@ class Service:
         req.generated += 1
         if req.sampler is not None:
             req.sampler.observe(tok)
+        grammar_end = None
+        if req.constraint is not None and tok not in req.stop_ids:
+            req.constraint.consume(tok)
+            if req.constraint.error is not None:    # the engine gave up (e.g. a limit): cut, not complete
+                log.warning("request %s: grammar engine stopped: %s", seq.id,
+                            req.constraint.error.splitlines()[0][:200])
+                grammar_end = "length"
+            elif req.constraint.done:               # the constrained value is complete: nothing may follow
+                grammar_end = "stop"
         if req.t_first is None:
             req.t_first = time.perf_counter()
         with self._lock:
             self.counters["completion_tokens_total"] += 1
         if tok in req.stop_ids:  # the stop token's own text is not given out; what was held back is
-            req.output([tok], req.stops.put(req.decoder.flush())[0] + req.stops.flush(), lp, "stop")
+            # a constrained value that is not complete was cut short: the grammar had no way on but
+            # EOS (a schema no finite value satisfies); never report it as a complete answer
+            why = "length" if req.constraint is not None and not req.constraint.accepting else "stop"
+            req.output([tok], req.stops.put(req.decoder.flush())[0] + req.stops.flush(), lp, why)
             self._close(req)
             return
         text, hit = req.stops.put(req.decoder.put(tok))
         if hit:
             req.output([tok], text, lp, "stop")
+            self._close(req)
+        elif grammar_end is not None:
+            text += req.stops.put(req.decoder.flush())[0] + req.stops.flush()
+            req.output([tok], text, lp, grammar_end)
             self._close(req)
         elif req.generated >= req.params.max_tokens or len(seq.tokens) > self.sched.ctx:
             text += req.stops.put(req.decoder.flush())[0] + req.stops.flush()
@@ -284,6 +309,9 @@ class Service:
         self._requests.pop(seq.id, None)
         with self._lock:
             self.counters["requests_finished"] += 1
+            if req.constraint is not None:
+                self.counters["grammar_masks_total"] += req.constraint.masks
+                self.counters["grammar_mask_seconds_total"] += req.constraint.mask_seconds
 
     def run(self, stop: threading.Event, idle_wait: float = 0.05) -> None:
         """Step while there is work; when idle, wait for a submission. Returns when ``stop`` is set,
@@ -295,9 +323,9 @@ class Service:
         self.fail_all("server shutting down")
         self._drain()
 
-    def stream(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[Output]:
+    def stream(self, prompt_ids: list[int], params: SamplingParams, constraint=None) -> Iterator[Output]:
         """Single-threaded use (generate, chat): submit, then step until this request is done."""
-        h = self.submit(prompt_ids, params)
+        h = self.submit(prompt_ids, params, constraint=constraint)
         while True:
             while True:
                 try:

@@ -82,6 +82,7 @@ def routes(h: Handlers) -> list:
     return [
         Route("/v1/chat/completions", h.chat_completions, methods=["POST"]),
         Route("/v1/completions", h.completions, methods=["POST"]),
+        Route("/v1/responses", h.responses, methods=["POST"]),
         Route("/v1/models", h.models, methods=["GET"]),
         Route("/v1/models/{model:path}", h.model_detail, methods=["GET"]),
         Route("/tokenize", h.tokenize, methods=["POST"]),

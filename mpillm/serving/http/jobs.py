@@ -17,7 +17,7 @@ from typing import Any
 
 from starlette.requests import Request
 
-from mpillm.serving import harmony
+from mpillm.serving import harmony, tools
 from mpillm.serving.http import protocol as P
 from mpillm.serving.http.metrics import Metrics
 
@@ -48,7 +48,7 @@ class Job:
     ``State`` (service, tokenizer, the set of open jobs), ``metrics`` the latency histograms."""
 
     def __init__(self, request: Request, req: P.Request, prompt_ids: list[int], params: Any, *,
-                 config: Any, state: Any, metrics: Metrics):
+                 config: Any, state: Any, metrics: Metrics, constraint: Any = None, call_format: str | None = None):
         self.request, self.req = request, req
         self.config, self.state, self.metrics = config, state, metrics
         self.fmt = P.Formatter(req, config.model_name)
@@ -62,19 +62,34 @@ class Job:
         self.watcher: asyncio.Task | None = None
         self.prompt_ids, self.params = prompt_ids, params
         self.text_parts: list[str] = []
+        self.constraint = constraint      # mpillm.serving.grammar.Constraint or None
+        # tool calls in the reply, found as it streams (call_format: mpillm.serving.tools' formats)
+        self.calls = tools.CallStream(call_format) if call_format is not None else None
         # a harmony model's chat reply: reasoning (analysis channel) apart from the answer (final)
         self.parser = (harmony.HarmonyParser(state.tokenizer)
-                       if req.kind == "chat" and harmony.is_harmony(state.tokenizer) else None)
+                       if req.kind in ("chat", "response") and harmony.is_harmony(state.tokenizer) and self.calls is None
+                       else None)
+        self.reasoning = self.parser is not None or call_format == tools.HARMONY
 
-    def split(self, out) -> tuple[str, str]:
-        """(answer text, reasoning text) an output adds."""
+    def split(self, out) -> tuple[str, str, list]:
+        """(answer text, reasoning text, tool-call pieces) an output adds."""
+        if self.calls is not None:
+            text, deltas = self.calls.feed(out.text)
+            if out.finish_reason is not None:
+                more, late = self.calls.finish()
+                text, deltas = text + more, deltas + late
+            return text, self.calls.take_reasoning(), deltas
         if self.parser is None:
-            return out.text, ""
+            return out.text, "", []
         deltas = self.parser.feed_all(out.token_ids)
         if out.finish_reason is not None:
             deltas += self.parser.finish()
         return ("".join(d.text for d in deltas if d.channel == harmony.FINAL),
-                "".join(d.text for d in deltas if d.channel == harmony.ANALYSIS))
+                "".join(d.text for d in deltas if d.channel == harmony.ANALYSIS), [])
+
+    def tool_calls(self) -> list[dict] | None:
+        """The reply's tool calls in OpenAI's shape (once it is complete), None without tools."""
+        return (self.calls.calls() or None) if self.calls is not None else None
 
     def submit(self, service) -> None:
         from mpillm.serving.service import QueueFull
@@ -88,12 +103,15 @@ class Job:
             except RuntimeError:         # the event loop is closed: the server is going down
                 pass
         try:
-            self.handle = service.submit(self.prompt_ids, self.params, sink)
+            if self.constraint is None:
+                self.handle = service.submit(self.prompt_ids, self.params, sink)
+            else:
+                self.handle = service.submit(self.prompt_ids, self.params, sink, constraint=self.constraint)
         except QueueFull:
             raise P.APIError(503, "the server is busy: the request queue is full; retry later", "server_error",
                              None, "queue_full", headers={"Retry-After": str(self.config.retry_after)}) from None
         except ValueError as e:
-            raise P.bad("messages" if self.req.kind == "chat" else "prompt", str(e)) from None
+            raise P.bad({"chat": "messages", "response": "input"}.get(self.req.kind, "prompt"), str(e)) from None
         self.state.jobs.add(self)
         self.watcher = asyncio.ensure_future(self._watch_disconnect())
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import secrets
 import time
 from dataclasses import dataclass
@@ -181,7 +182,7 @@ COMPLETION_FIELDS = SAMPLING_FIELDS | {"prompt", "logprobs", "echo", "suffix", "
 @dataclass
 class Request:
     """A validated request: what the service needs plus how to answer."""
-    kind: str                          # "chat" or "completion"
+    kind: str                          # "chat", "completion" or "response" (the Responses API)
     prompt_text: str | None            # None when the prompt came as token ids
     prompt_ids: list[int] | None       # set for a token-id prompt (completions)
     sampling: dict                     # keyword arguments of SamplingParams
@@ -192,6 +193,11 @@ class Request:
     top_logprobs: int
     model: str | None
     reasoning_effort: str | None = None
+    tools: list[dict] | None = None    # [{"name", "description", "parameters"}]
+    tool_choice: str = "auto"          # "auto" | "none" | "required" | the name of a function to call
+    parallel_tool_calls: bool = True
+    response_format: dict | None = None  # {"type": "json_object"} | {"type": "json_schema", "schema", "name"}
+    extra: dict | None = None          # what a Responses API answer echoes back (responses_api)
 
 
 def _check_unknown(body: dict, allowed: set[str]) -> None:
@@ -207,20 +213,10 @@ def _check_unsupported(body: dict) -> None:
         raise bad("n", f"n must be 1: this server returns one choice per request (got {n})", "unsupported_value")
     if body.get("best_of") not in (None, 1):
         raise bad("best_of", "best_of must be 1 (or left out)", "unsupported_value")
-    for field in ("tools", "functions"):
-        if body.get(field) not in (None, []):
-            raise bad(field, f"{field} (function calling) is not supported by this server", "unsupported_value")
-    if body.get("tool_choice") not in (None, "none", "auto"):
-        raise bad("tool_choice", "tool_choice is not supported by this server", "unsupported_value")
-    if body.get("function_call") not in (None, "none", "auto"):
-        raise bad("function_call", "function_call is not supported by this server", "unsupported_value")
-    rf = body.get("response_format")
-    if rf is not None:
-        if not isinstance(rf, dict) or not isinstance(rf.get("type"), str):
-            raise bad("response_format", "response_format must be an object with a string field 'type'")
-        if rf["type"] != "text":
-            raise bad("response_format", f"response_format type {rf['type']!r} is not supported "
-                      "(only 'text': this server does not constrain output to a JSON schema)", "unsupported_value")
+    for field in ("functions", "function_call"):
+        if body.get(field) not in (None, [], "none", "auto"):
+            raise bad(field, f"{field} (the deprecated function-calling API) is not supported: use tools and "
+                      "tool_choice", "unsupported_value")
     lb = body.get("logit_bias")
     if lb not in (None, {}):
         raise bad("logit_bias", "logit_bias is not supported by this server", "unsupported_value")
@@ -309,12 +305,52 @@ def message_text(content: Any, field: str) -> str:
     raise bad(field, f"{field} must be a string or an array of text parts, not {_json_type(content)}")
 
 
-ROLES = {"system", "developer", "user", "assistant"}
+ROLES = {"system", "developer", "user", "assistant", "tool"}
 REASONING_EFFORTS = ("low", "medium", "high")   # harmony's levels (gpt-oss); other models ignore the field
+MAX_TOOLS = 128
+MAX_SCHEMA_BYTES = 256 << 10
+TOOL_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+def _tool_name(v: Any, field: str) -> str:
+    name = _text(v, field)
+    if not TOOL_NAME.match(name):
+        raise bad(field, f"{field} must be 1 to 64 letters, digits, '_', '.' or '-', got {name[:80]!r}")
+    return name
+
+
+def _schema(v: Any, field: str) -> dict:
+    if not isinstance(v, dict):
+        raise bad(field, f"{field} must be a JSON schema object, not {_json_type(v)}")
+    size = len(json.dumps(v))
+    if size > MAX_SCHEMA_BYTES:
+        raise bad(field, f"{field} is {size} bytes of JSON; the limit is {MAX_SCHEMA_BYTES}", "schema_too_large")
+    return v
+
+
+def parse_tool_calls(v: Any, field: str) -> list[dict]:
+    """An assistant message's tool_calls -> [{"id", "name", "arguments"}]."""
+    if not isinstance(v, list):
+        raise bad(field, f"{field} must be an array, not {_json_type(v)}")
+    out = []
+    for i, c in enumerate(v):
+        f = f"{field}[{i}]"
+        if not isinstance(c, dict) or not isinstance(c.get("function"), dict):
+            raise bad(f, f"{f} must be an object with a 'function' object")
+        if c.get("type", "function") != "function":
+            raise bad(f"{f}.type", f"{f}.type must be 'function'", "unsupported_value")
+        fn = c["function"]
+        args = fn.get("arguments", "{}")
+        if not isinstance(args, str):
+            raise bad(f"{f}.function.arguments", f"{f}.function.arguments must be a string (JSON text)")
+        out.append({"id": _text(c.get("id", ""), f"{f}.id"), "name": _tool_name(fn.get("name"), f"{f}.function.name"),
+                    "arguments": args})
+    return out
 
 
 def parse_messages(v: Any) -> list[dict]:
-    """messages -> [{"role", "content"}] for the chat template ('developer' is the newer name of 'system')."""
+    """messages -> [{"role", "content"}] for the chat template ('developer' is the newer name of
+    'system'); assistant messages may carry ``tool_calls``, tool messages ``tool_call_id``."""
     if v is None:
         raise bad("messages", "messages is required")
     if not isinstance(v, list):
@@ -331,25 +367,122 @@ def parse_messages(v: Any) -> list[dict]:
             raise bad(f"{f}.role", f"{f}.role must be a string")
         if role not in ROLES:
             raise bad(f"{f}.role", f"{f}.role {role[:40]!r} is not supported (one of: system, developer, user, "
-                      "assistant)", "unsupported_value")
-        extra = sorted(set(m) - {"role", "content", "name", "refusal", "tool_calls", "reasoning_content"})
+                      "assistant, tool)", "unsupported_value")
+        extra = sorted(set(m) - {"role", "content", "name", "refusal", "tool_calls", "reasoning_content",
+                                 "tool_call_id"})
         if extra:
             raise bad(f"{f}.{extra[0]}", f"unrecognized field {f}.{extra[0]}")
-        if m.get("tool_calls"):
-            raise bad(f"{f}.tool_calls", "tool calls are not supported by this server", "unsupported_value")
+        msg: dict = {"role": "system" if role == "developer" else role}
+        calls = m.get("tool_calls")
+        if calls:
+            if role != "assistant":
+                raise bad(f"{f}.tool_calls", f"{f}.tool_calls: only assistant messages carry tool calls")
+            msg["tool_calls"] = parse_tool_calls(calls, f"{f}.tool_calls")
         if "content" not in m or m["content"] is None:
-            raise bad(f"{f}.content", f"{f}.content is required")
+            if not calls:
+                raise bad(f"{f}.content", f"{f}.content is required")
+            msg["content"] = ""
+        else:
+            msg["content"] = message_text(m["content"], f"{f}.content")
         if m.get("name") is not None:
-            _text(m["name"], f"{f}.name")
-        out.append({"role": "system" if role == "developer" else role,
-                    "content": message_text(m["content"], f"{f}.content")})
+            msg["name"] = _text(m["name"], f"{f}.name")
+        if role == "tool":
+            msg["tool_call_id"] = _text(m.get("tool_call_id"), f"{f}.tool_call_id")
+        elif m.get("tool_call_id") is not None:
+            raise bad(f"{f}.tool_call_id", f"{f}.tool_call_id: only tool messages carry a tool_call_id")
+        out.append(msg)
     return out
+
+
+def parse_tools(body: dict, field: str = "tools", flat: bool = False) -> list[dict] | None:
+    """tools -> [{"name", "description", "parameters", "strict"}]; duplicate names are refused.
+    ``flat``: the Responses API's shape (name, parameters beside type, no 'function' object)."""
+    v = body.get(field)
+    if v is None or v == []:
+        return None
+    if not isinstance(v, list):
+        raise bad(field, f"{field} must be an array, not {_json_type(v)}")
+    if len(v) > MAX_TOOLS:
+        raise bad(field, f"{field} holds at most {MAX_TOOLS} tools, got {len(v)}")
+    out, seen = [], {}
+    for i, t in enumerate(v):
+        f = f"{field}[{i}]"
+        if not isinstance(t, dict):
+            raise bad(f, f"{f} must be an object, not {_json_type(t)}")
+        if t.get("type") != "function":
+            raise bad(f"{f}.type", f"{f}.type {str(t.get('type'))[:40]!r} is not supported (only 'function' tools)",
+                      "unsupported_value")
+        fn, ff = (t, f) if flat else (t.get("function"), f"{f}.function")
+        if not isinstance(fn, dict):
+            raise bad(ff, f"{ff} must be an object")
+        name = _tool_name(fn.get("name"), f"{ff}.name")
+        if name in seen:
+            raise bad(f"{ff}.name", f"{ff}.name: duplicate tool name {name!r} (also {field}[{seen[name]}])")
+        seen[name] = i
+        params = fn.get("parameters")
+        tool = {"name": name, "description": _text(fn.get("description") or "", f"{ff}.description"),
+                "parameters": None if params is None else _schema(params, f"{ff}.parameters")}
+        out.append(tool)
+    return out
+
+
+def parse_tool_choice(v: Any, tools: list[dict] | None, field: str = "tool_choice", flat: bool = False) -> str:
+    if v is None:
+        return "auto" if tools else "none"
+    if isinstance(v, str):
+        if v not in ("auto", "none", "required"):
+            raise bad(field, f"{field} must be 'auto', 'none', 'required' or a function, got {v[:40]!r}")
+        if v == "required" and not tools:
+            raise bad(field, f"{field} 'required' needs tools")
+        return v
+    if isinstance(v, dict) and v.get("type") == "function":
+        fn = v if flat else v.get("function")
+        if not isinstance(fn, dict):
+            raise bad(field, f"{field} must name a function: {{'type': 'function', 'function': {{'name': ...}}}}")
+        name = _text(fn.get("name"), f"{field}.function.name" if not flat else f"{field}.name")
+        if not tools or name not in {t["name"] for t in tools}:
+            raise bad(field, f"{field} names the function {name[:64]!r}, which is not in tools")
+        return name
+    raise bad(field, f"{field} must be 'auto', 'none', 'required' or {{'type': 'function', ...}}",
+              "unsupported_value")
+
+
+def parse_response_format(v: Any, field: str = "response_format", flat: bool = False) -> dict | None:
+    """response_format (chat) or text.format (Responses, ``flat``) -> None for text, else
+    {"type": "json_object"} or {"type": "json_schema", "name", "schema", "strict"}."""
+    if v is None:
+        return None
+    if not isinstance(v, dict) or not isinstance(v.get("type"), str):
+        raise bad(field, f"{field} must be an object with a string field 'type'")
+    kind = v["type"]
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "json_object"}
+    if kind != "json_schema":
+        raise bad(f"{field}.type", f"{field}.type {kind[:40]!r} is not supported (text, json_object, json_schema)",
+                  "unsupported_value")
+    js, jf = (v, field) if flat else (v.get("json_schema"), f"{field}.json_schema")
+    if not isinstance(js, dict):
+        raise bad(jf, f"{jf} must be an object with 'name' and 'schema'")
+    name = _text(js.get("name", "response"), f"{jf}.name")
+    schema = _schema(js.get("schema", {}), f"{jf}.schema")
+    if js.get("strict") is not None:
+        get_bool(js, "strict")
+    return {"type": "json_schema", "name": name, "schema": schema, "strict": bool(js.get("strict")),
+            "field": f"{jf}.schema"}
 
 
 def parse_chat(body: dict) -> tuple[Request, list[dict]]:
     _check_unknown(body, CHAT_FIELDS)
     _check_unsupported(body)
     messages = parse_messages(body.get("messages"))
+    tools = parse_tools(body)
+    choice = parse_tool_choice(body.get("tool_choice"), tools)
+    fmt = parse_response_format(body.get("response_format"))
+    if fmt is not None and tools and choice != "none":
+        raise bad("response_format", "response_format together with tools is not supported: the answer follows "
+                  "either the tool-call grammar or the schema", "unsupported_value")
     stream = get_bool(body, "stream")
     include_usage = _stream_options(body, stream)
     sampling, max_tokens = _sampling(body, ("max_tokens", "max_completion_tokens"))
@@ -358,7 +491,7 @@ def parse_chat(body: dict) -> tuple[Request, list[dict]]:
     if top and not logprobs:
         raise bad("top_logprobs", "top_logprobs needs logprobs: true")
     req = Request("chat", None, None, sampling, max_tokens, stream, include_usage, logprobs, top, _model(body),
-                  body.get("reasoning_effort"))
+                  body.get("reasoning_effort"), tools, choice, get_bool(body, "parallel_tool_calls", True), fmt)
     return req, messages
 
 
@@ -392,7 +525,7 @@ def parse_completion(body: dict) -> Request:
 
 
 def parse_tokenize(body: dict) -> dict:
-    _check_unknown(body, {"model", "prompt", "messages", "add_special_tokens", "add_generation_prompt"})
+    _check_unknown(body, {"model", "prompt", "messages", "add_special_tokens", "add_generation_prompt", "tools"})
     _model(body)
     if ("prompt" in body) == ("messages" in body):
         raise bad("prompt", "give exactly one of prompt (a string) or messages (a chat)")
@@ -402,6 +535,7 @@ def parse_tokenize(body: dict) -> dict:
         out["prompt"] = _text(body["prompt"], "prompt")
     else:
         out["messages"] = parse_messages(body["messages"])
+        out["tools"] = parse_tools(body)
     return out
 
 
@@ -476,14 +610,22 @@ class Formatter:
                 "system_fingerprint": None}
 
     # ---- non-streaming
-    def final(self, text: str, finish_reason: str, lps: list | None, u: dict, reasoning: str | None = None) -> dict:
+    def final(self, text: str, finish_reason: str, lps: list | None, u: dict, reasoning: str | None = None,
+              tool_calls: list[dict] | None = None) -> dict:
         """``reasoning``: a reasoning model's reasoning, apart from the answer in ``content`` (the
-        ``reasoning_content`` field llama.cpp's server and vLLM use); None leaves the field out."""
+        ``reasoning_content`` field llama.cpp's server and vLLM use); None leaves the field out.
+        ``tool_calls``: the calls found in the output ([{"id", "type", "function"}]); with them a
+        finished answer's finish_reason is "tool_calls" and blank text is a null content."""
         if self.req.kind == "chat":
             d = self._base("chat.completion")
             message = {"role": "assistant", "content": text, "refusal": None}
             if reasoning is not None:
                 message["reasoning_content"] = reasoning
+            if tool_calls:
+                message["tool_calls"] = tool_calls
+                if not text.strip():
+                    message["content"] = None
+                finish_reason = "tool_calls" if finish_reason == "stop" else finish_reason
             d["choices"] = [{"index": 0, "message": message,
                              "logprobs": chat_logprobs(lps) if self.req.logprobs else None,
                              "finish_reason": finish_reason}]
@@ -523,6 +665,19 @@ class Formatter:
             choice = {"index": 0, "text": text, "logprobs": lp, "finish_reason": finish_reason}
         self.text_len += len(text)
         return self._chunk(choice)
+
+    def tool_chunk(self, deltas: list) -> dict:
+        """A chat stream chunk of tool-call pieces (mpillm.serving.tools.CallDelta): a call's index,
+        id, type and name on its first piece, its arguments in later ones."""
+        calls = []
+        for dl in deltas:
+            c: dict = {"index": dl.index}
+            if dl.id is not None:
+                c.update(id=dl.id, type="function", function={"name": dl.name, "arguments": dl.arguments})
+            else:
+                c["function"] = {"arguments": dl.arguments}
+            calls.append(c)
+        return self._chunk({"index": 0, "delta": {"tool_calls": calls}, "logprobs": None, "finish_reason": None})
 
     def usage_chunk(self, u: dict) -> dict:
         d = self._base("chat.completion.chunk" if self.req.kind == "chat" else "text_completion")

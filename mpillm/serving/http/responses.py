@@ -37,7 +37,7 @@ async def collect(job: Job, out) -> Response | dict:
     text, reasoning, lps = [], [], []
     try:
         while True:
-            answer, thought = job.split(out)
+            answer, thought, _ = job.split(out)
             text.append(answer)
             reasoning.append(thought)
             if out.logprobs:
@@ -54,7 +54,7 @@ async def collect(job: Job, out) -> Response | dict:
     job.text_parts = text
     return job.fmt.final("".join(text), out.finish_reason, lps,
                          P.usage(out.prompt_tokens, out.completion_tokens, out.cached_tokens),
-                         reasoning="".join(reasoning) if job.parser is not None else None)
+                         reasoning="".join(reasoning) if job.reasoning else None, tool_calls=job.tool_calls())
 
 
 async def stream(job: Job, out):
@@ -70,12 +70,15 @@ async def stream(job: Job, out):
             if out.finish_reason is not None and out.finish_reason not in ("stop", "length"):
                 yield P.sse(event_error(out).body())
                 return
-            text, thought = job.split(out)
+            text, thought, calls = job.split(out)
             if text or thought or (out.logprobs and job.req.logprobs):
                 job.text_parts.append(text)
                 yield P.sse(fmt.delta_chunk(text, out.logprobs, reasoning=thought))
+            if calls:
+                yield P.sse(fmt.tool_chunk(calls))
             if out.finish_reason is not None:
-                yield P.sse(fmt.delta_chunk("", None, out.finish_reason))
+                finish = "tool_calls" if out.finish_reason == "stop" and job.tool_calls() else out.finish_reason
+                yield P.sse(fmt.delta_chunk("", None, finish))
                 if job.req.include_usage:
                     yield P.sse(fmt.usage_chunk(P.usage(out.prompt_tokens, out.completion_tokens,
                                                         out.cached_tokens)))

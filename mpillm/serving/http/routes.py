@@ -7,6 +7,7 @@ tokenizer; nothing while loading), the ``Metrics`` and the static directory. A h
 """
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import time
@@ -17,8 +18,10 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 
-from mpillm.serving import harmony
+from mpillm.serving import harmony, tools
+from mpillm.serving.grammar import GrammarError, Grammars
 from mpillm.serving.http import protocol as P
+from mpillm.serving.http import responses_api
 from mpillm.serving.http.jobs import Job
 from mpillm.serving.http.metrics import Metrics
 from mpillm.serving.http.responses import respond
@@ -67,6 +70,7 @@ class Handlers:
     def __init__(self, config: Any, state: Any, metrics: Metrics, static: Path):
         self.config, self.state, self.metrics, self.static = config, state, metrics, static
         self.key = config.api_key.encode("utf-8") if config.api_key else None
+        self._grammars: Grammars | None = None
 
     # ---- request checks -----------------------------------------------------------------------
     def error_response(self, e: P.APIError, request: Request | None = None) -> JSONResponse:
@@ -123,16 +127,60 @@ class Handlers:
                              f"{served!r} (GET /v1/models)", param="model", code="model_not_found")
 
     # ---- prompts ------------------------------------------------------------------------------
-    def chat_prompt_ids(self, messages: list[dict], reasoning_effort: str | None = None) -> list[int]:
+    def chat_prompt_ids(self, messages: list[dict], reasoning_effort: str | None = None,
+                        req: P.Request | None = None) -> list[int]:
+        """The chat's prompt in the model's format, with the request's tools in it."""
         tok = self.state.tokenizer
         try:
-            if harmony.is_harmony(tok):
+            if req is not None and (req.tools or any(m.get("tool_calls") or m["role"] == "tool" for m in messages)):
+                text = tools.render(tok, messages, req.tools, req.tool_choice, req.parallel_tool_calls,
+                                    reasoning_effort)
+            elif harmony.is_harmony(tok):
                 text = harmony.prompt_text(tok, messages, reasoning_effort)
             else:
                 text = tok.apply_chat_template(messages, add_generation_prompt=True)
         except ValueError as e:
             raise P.bad("messages", str(e)) from None
         return tok.encode(text, add_bos=False)
+
+    def grammars(self) -> Grammars:
+        if self._grammars is None:
+            self._grammars = Grammars(self.state.tokenizer, self.service_or_503().vocab_size)
+        return self._grammars
+
+    def call_format(self, req: P.Request) -> str | None:
+        """The tool-call format the reply is parsed with; None when there are no tools to call."""
+        return tools.call_format(self.state.tokenizer) if req.tools and req.tool_choice != "none" else None
+
+    async def constraint(self, req: P.Request, call_format: str | None):
+        """The grammar the reply must follow (response_format, or a forced tool call), compiled off
+        the event loop; a schema the engine cannot compile is a 400 naming the field."""
+        rf, field = req.response_format, "tools"
+        try:
+            if rf is not None:
+                field = rf.get("field", "response_format")
+                grammar = Grammars.json_schema(rf.get("schema") or {"type": "object"}, field)
+            elif call_format is not None:
+                grammar = tools.call_grammar(call_format, req.tools, req.tool_choice, req.parallel_tool_calls)
+            else:
+                return None
+            if grammar is None:
+                return None
+            return await asyncio.to_thread(self.grammars().constraint, grammar, field)
+        except GrammarError as e:
+            if field == "tools":
+                field = self.bad_tool(req) or field
+            raise P.bad(field, str(e), "invalid_schema") from None
+
+    def bad_tool(self, req: P.Request) -> str | None:
+        """The field of the first tool whose parameters the grammar engine refuses."""
+        key = "tools[{}].parameters" if req.kind == "response" else "tools[{}].function.parameters"
+        for i, t in enumerate(req.tools or []):
+            try:
+                self.grammars().check(Grammars.json_schema(t.get("parameters") or {"type": "object"}))
+            except GrammarError:
+                return key.format(i)
+        return None
 
     def check_ids(self, ids: list[int], field_name: str) -> None:
         v = self.state.tokenizer.vocab_size
@@ -163,13 +211,17 @@ class Handlers:
             raise P.bad(msg.split(":", 1)[0] if ":" in msg else None, msg) from None
         return params
 
-    async def run(self, request: Request, req: P.Request, prompt_ids: list[int], prompt_field: str):
-        """Submit the prompt to the service and answer with its completion."""
+    async def run(self, request: Request, req: P.Request, prompt_ids: list[int], prompt_field: str,
+                  call_format: str | None = None, answer=respond):
+        """Submit the prompt to the service and answer with its completion (``answer``: the wire
+        format's responder)."""
         service = self.service_or_503()
         params = self.sampling_params(req, len(prompt_ids), prompt_field)
-        job = Job(request, req, prompt_ids, params, config=self.config, state=self.state, metrics=self.metrics)
+        constraint = await self.constraint(req, call_format)
+        job = Job(request, req, prompt_ids, params, config=self.config, state=self.state, metrics=self.metrics,
+                  constraint=constraint, call_format=call_format)
         job.submit(service)
-        return await respond(job)
+        return await answer(job)
 
     # ---- OpenAI routes ------------------------------------------------------------------------
     @api
@@ -178,7 +230,18 @@ class Handlers:
         req, messages = P.parse_chat(body)
         self.check_model(req.model)
         self.service_or_503()
-        return await self.run(request, req, self.chat_prompt_ids(messages, req.reasoning_effort), "messages")
+        return await self.run(request, req, self.chat_prompt_ids(messages, req.reasoning_effort, req), "messages",
+                              self.call_format(req))
+
+    @api
+    async def responses(self, request: Request):
+        """The Responses API (stateless): the chat path under another wire format."""
+        body = P.parse_json_body(await self.read_body(request))
+        req, messages = responses_api.parse(body)
+        self.check_model(req.model)
+        self.service_or_503()
+        return await self.run(request, req, self.chat_prompt_ids(messages, req.reasoning_effort, req), "input",
+                              self.call_format(req), answer=responses_api.respond)
 
     @api
     async def completions(self, request: Request):
@@ -214,6 +277,13 @@ class Handlers:
         tok = self.state.tokenizer
         if "prompt" in body:
             ids = tok.encode(body["prompt"], add_bos=None if body["add_special_tokens"] else False)
+        elif body["tools"] or any(m.get("tool_calls") or m["role"] == "tool" for m in body["messages"]):
+            try:            # tools: rendered as a chat request with them renders them
+                text = tools.render(tok, body["messages"], body["tools"], "auto" if body["tools"] else "none",
+                                    add_generation_prompt=body["add_generation_prompt"])
+            except ValueError as e:
+                raise P.bad("messages", str(e)) from None
+            ids = tok.encode(text, add_bos=False)
         elif harmony.is_harmony(tok) and body["add_generation_prompt"]:
             ids = self.chat_prompt_ids(body["messages"])
         else:

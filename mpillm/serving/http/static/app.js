@@ -7,7 +7,7 @@ const history = [];          // {role, content} of the finished turns
 let controller = null;       // AbortController of the running request
 let model = null;
 
-const settings = ["system", "temperature", "max-tokens", "api-key"];
+const settings = ["system", "temperature", "max-tokens", "api-key", "schema"];
 for (const id of settings) {
   const saved = localStorage.getItem("mpillm." + id);
   if (saved !== null) $(id).value = saved;
@@ -57,6 +57,37 @@ function setBusy(busy) {
   $("stop").disabled = !busy;
 }
 
+// The "JSON schema or tools" setting: an object constrains the reply to that schema, an array
+// is the tools the model may call. Throws when it is not JSON.
+function constraint() {
+  const raw = $("schema").value.trim();
+  if (!raw) return {};
+  let v;
+  try { v = JSON.parse(raw); } catch (e) { throw new Error("JSON schema or tools: " + e.message); }
+  if (Array.isArray(v)) return { tools: v };
+  return { response_format: { type: "json_schema", json_schema: { name: "page", schema: v, strict: true } } };
+}
+
+// A tool call in the reply: its name, then its arguments as they stream.
+function toolCall(out, span, d) {
+  let calls = out.querySelector(".calls");
+  if (!calls) { calls = document.createElement("div"); calls.className = "calls"; out.insertBefore(calls, span.nextSibling); }
+  let el = calls.querySelector(`[data-index="${d.index}"]`);
+  if (!el) {
+    el = document.createElement("div");
+    el.className = "call";
+    el.dataset.index = d.index;
+    const name = document.createElement("span");
+    name.className = "name";
+    const args = document.createElement("code");
+    el.append(name, args);
+    calls.appendChild(el);
+  }
+  if (d.function && d.function.name) el.querySelector(".name").textContent = "tool call: " + d.function.name;
+  if (d.function && d.function.arguments) el.querySelector("code").textContent += d.function.arguments;
+  return el;
+}
+
 async function send(text) {
   history.push({ role: "user", content: text });
   addMessage("user", text);
@@ -70,6 +101,8 @@ async function send(text) {
     model: model || undefined, messages, stream: true, stream_options: { include_usage: true },
     temperature: Number($("temperature").value), max_tokens: Number($("max-tokens").value),
   };
+  try { Object.assign(body, constraint()); } catch (e) { out.classList.add("error"); setMeta(out, e.message); history.pop(); return; }
+  const calls = [];           // the reply's tool calls, for the history
   controller = new AbortController();
   setBusy(true);
   const t0 = performance.now();
@@ -132,6 +165,13 @@ async function send(text) {
               span.textContent += c.delta.content;
               out.scrollIntoView({ block: "end" });
             }
+            for (const d of (c.delta && c.delta.tool_calls) || []) {
+              if (tFirst === null) tFirst = performance.now();
+              if (d.id) calls[d.index] = { id: d.id, type: "function", function: { name: d.function.name, arguments: "" } };
+              if (d.function && d.function.arguments) calls[d.index].function.arguments += d.function.arguments;
+              toolCall(out, span, d);
+              out.scrollIntoView({ block: "end" });
+            }
             if (c.finish_reason) finish = c.finish_reason;
           }
         }
@@ -146,7 +186,9 @@ async function send(text) {
     controller = null;
   }
   const reply = span.textContent;
-  history.push({ role: "assistant", content: reply });
+  history.push(calls.length ? { role: "assistant", content: reply || null, tool_calls: calls } : { role: "assistant", content: reply });
+  // a call has no result on the page: say so, so that the next turn is a valid conversation
+  for (const c of calls) history.push({ role: "tool", tool_call_id: c.id, content: "(no result: the chat page runs no tools)" });
   const t1 = performance.now();
   const n = usage ? usage.completion_tokens : pieces;
   const gen = tFirst ? (t1 - tFirst) / 1000 : 0;
