@@ -66,6 +66,53 @@ def test_qdisc_parser_on_recorded_output():
         qdisc_tbf("qdisc noqueue 0: root refcnt 2 \n Sent 0 bytes 0 pkt\n")
 
 
+# A TCP round trip h1 -> h0: the other direction and the protocol MPI uses, which the ping that
+# calibrate() tuned the relay's hold with never measured (checking the same ping again would only
+# re-test the calibration loop). Python's socket calls add their own few tens of microseconds.
+ECHO_SERVER = """
+import socket, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], 5399)); s.listen(1); print("ready", flush=True)
+c, _ = s.accept(); c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+while (d := c.recv(64)):
+    c.sendall(d)
+"""
+ECHO_CLIENT = """
+import socket, sys, time
+c = socket.create_connection((sys.argv[1], 5399), timeout=10); c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+out = []
+for _ in range(60):
+    t = time.perf_counter(); c.sendall(b"x"); c.recv(64); out.append((time.perf_counter() - t) * 1e6)
+print(" ".join(f"{v:.1f}" for v in out[10:]))
+"""
+TCP_SLACK_US = 150   # Python's socket calls on both ends, on a loaded 2-core machine
+
+
+def tcp_rtt(c, client: int = 1, server: int = 0) -> float:
+    """25th percentile of 50 TCP round trips of one byte from host ``client`` to host ``server``."""
+    import subprocess
+
+    srv = subprocess.Popen(c.exec_argv(server, [sys.executable, "-c", ECHO_SERVER, c.addrs[server]]),
+                           stdout=subprocess.PIPE, text=True)
+    try:
+        assert srv.stdout.readline().strip() == "ready"
+        r = subprocess.run(c.exec_argv(client, [sys.executable, "-c", ECHO_CLIENT, c.addrs[server]]),
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        return netns.rtt_p25([float(v) for v in r.stdout.split()])
+    finally:
+        srv.kill()
+        srv.wait(timeout=10)
+
+
+def test_tcp_round_trip_check_sees_a_missing_delay():
+    """Control: with the relay's hold at 0 the TCP round trip falls below the profile's bound."""
+    with netns.Cluster(2, "1gbe") as c:
+        c.relay_cmd("delay 0")
+        got = tcp_rtt(c)
+    assert got < (1 - TOL) * netns.PROFILES["1gbe"].rtt_us, got
+
+
 @pytest.mark.parametrize("name", PROFILES)
 def test_profile_rtt_and_bandwidth(name):
     prof = netns.PROFILES[name]
@@ -97,6 +144,7 @@ def test_profile_rtt_and_bandwidth(name):
             c.set_shaping(False)
             ceiling = c.bulk(0, 1)
             c.set_shaping(True)
+        tcp = tcp_rtt(c)
         stats = c.relay_cmd("stats")
         base, hold = c.base_rtt_us, c.one_way_us
     rtt = medians[-1]
@@ -105,9 +153,11 @@ def test_profile_rtt_and_bandwidth(name):
     expect_bps = prof.goodput_bps if not ceiling or ceiling > 1.25 * prof.goodput_bps else \
         min(prof.goodput_bps, 0.8 * ceiling)
     print(f"{name}: RTT p25 {rtt:.0f} us (median {spread[0]:.0f}, max {spread[1]:.0f}; attempts {[round(m) for m in medians]}) (profile {prof.rtt_us:.0f}; "
-          f"emulator's own RTT {base:.0f} us, relay hold {hold:.0f} us each way) | bulk {bps / 1e6:.0f} Mbit/s "
+          f"emulator's own RTT {base:.0f} us, relay hold {hold:.0f} us each way; TCP h1 -> h0 {tcp:.0f} us) | bulk {bps / 1e6:.0f} Mbit/s "
           f"(profile {prof.goodput_bps / 1e6:.0f}"
           f"{f', relay ceiling now {ceiling / 1e6:.0f}' if ceiling else ''}) | relay {stats}")
+    assert (1 - TOL) * prof.rtt_us <= tcp <= (1 + TOL) * prof.rtt_us + TCP_SLACK_US, \
+        f"{name}: TCP round trip h1 -> h0 {tcp:.0f} us, profile {prof.rtt_us:.0f} us"
     assert abs(rtt - prof.rtt_us) <= TOL * prof.rtt_us, \
         f"{name}: RTT (25th percentile) {rtt:.0f} us, profile {prof.rtt_us:.0f} us (+-{TOL:.0%}); all: {sorted(rtts)}"
     assert bps >= (1 - TOL) * expect_bps, \
