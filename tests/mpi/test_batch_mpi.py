@@ -187,6 +187,33 @@ def test_slot_reuse_leaks_nothing(bundled):
 
 
 @pytest.mark.mpi
+def test_poisoning_a_live_position_changes_the_output(bundled):
+    """Positive control for the test above: the same poisoning, but at a position the sequence does
+    read (its cached prefix, reused by the second run of the same prompt), does change the tokens;
+    so an equality over a poisoned cache means the poisoned positions were never read."""
+    eng, tok = bundled
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    ids = tok.encode(PROMPTS[3]) if rank == 0 else None
+    box = {}
+
+    def first():
+        box["svc"] = Service(eng, tok, parallel=1)
+        return run_alone(box["svc"], ids, params)
+
+    clean = on_rank0(eng, first)
+    m = eng.model
+    bad = np.float16(8.0).view(np.uint16) if m.k_cache.dtype == np.uint16 else np.float32(8.0)
+    m.k_cache[:, 0, :, 1:4] = bad      # every rank: positions 1-3 of slot 0, inside the cached prompt
+    m.v_cache[:, 0, :, 1:4] = bad
+    again = on_rank0(eng, lambda: run_alone(box["svc"], ids, params))   # reuses the cached prefix
+    m.k_cache[...] = 0
+    m.v_cache[...] = 0
+    if rank == 0:
+        assert box["svc"].metrics()["cached_tokens_total"] > 3     # the second run read the cache
+        assert again != clean, f"np={size}: poisoning positions 1-3 of the live prefix changed nothing"
+
+
+@pytest.mark.mpi
 def test_queue_cancel_and_bad_prompts(bundled):
     eng, tok = bundled
 
