@@ -272,7 +272,10 @@ class Service:
         if tok in req.stop_ids:  # the stop token's own text is not given out; what was held back is
             # a constrained value that is not complete was cut short: the grammar had no way on but
             # EOS (a schema no finite value satisfies); never report it as a complete answer
-            why = "length" if req.constraint is not None and not req.constraint.accepting else "stop"
+            # (a grammar may itself end with a stop token, harmony's <|call|>: consumed, it completes it)
+            c = req.constraint
+            complete = c is None or c.accepting or (c.consume(tok) and c.error is None and (c.accepting or c.done))
+            why = "stop" if complete else "length"
             req.output([tok], req.stops.put(req.decoder.flush())[0] + req.stops.flush(), lp, why)
             self._close(req)
             return
