@@ -208,7 +208,7 @@ def test_a76_code_runs_on_a76_and_dies_on_a72(compiled):
     a76 = REPORTS.get("cortex-a76")
     if a76 is None:
         pytest.skip("needs the cortex-a76 session first (its cache and target)")
-    code = ("import numpy as np; from mpillm import kernels, quant; p = kernels.get_path(kernels.active_path()); "
+    code = ("import numpy as np; from mpillm import kernels; from mpillm.formats import quant; p = kernels.get_path(kernels.active_path()); "
             "x = np.ones((1, 256), np.float32); xq = np.empty((1, 256), np.int8); xd = np.empty((1, 8), np.float32); "
             "xs = np.empty((1, 8), np.int32); out = np.empty((1, 4), np.float32); p.quantize_q8_0(x, xq, xd, xs); "
             "a = quant.random_arrays('q4_0', 4, 256, np.random.default_rng(0)); print('calling', flush=True); "
