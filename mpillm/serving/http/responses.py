@@ -15,18 +15,25 @@ def event_error(out) -> P.APIError:
     return P.APIError(500, f"the request ended unexpectedly ({out.finish_reason})", "server_error")
 
 
-async def respond(job: Job):
-    """Wait for the job's first output, then answer: refusals before the first token keep their
-    HTTP status; after it, a stream reports errors as events."""
+async def first_output(job: Job):
+    """The job's first output, or DISCONNECTED when the client left first; an output that failed
+    before its first token is raised as its HTTP error (a refusal keeps its status)."""
     try:
         first = await job.next()
     except BaseException:
         job.cancel()
         raise
+    if first is not DISCONNECTED and first.finish_reason in ("error", "cancelled"):
+        raise event_error(first)
+    return first
+
+
+async def respond(job: Job):
+    """Wait for the job's first output, then answer: refusals before the first token keep their
+    HTTP status; after it, a stream reports errors as events."""
+    first = await first_output(job)
     if first is DISCONNECTED:
         return Response(status_code=499)
-    if first.finish_reason in ("error", "cancelled"):
-        raise event_error(first)
     if job.req.stream:
         return EventStream(stream(job, first))
     return await collect(job, first)

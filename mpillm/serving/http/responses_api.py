@@ -18,7 +18,7 @@ from starlette.responses import Response
 
 from mpillm.serving.http import protocol as P
 from mpillm.serving.http.jobs import DISCONNECTED, Job
-from mpillm.serving.http.responses import EventStream, event_error
+from mpillm.serving.http.responses import EventStream, event_error, first_output
 
 FIELDS = {"model", "input", "instructions", "tools", "tool_choice", "parallel_tool_calls", "text", "temperature",
           "top_p", "max_output_tokens", "stream", "store", "metadata", "user", "reasoning", "truncation", "include",
@@ -249,15 +249,9 @@ def _status(out) -> tuple[str, str | None]:
 
 async def respond(job: Job):
     """The Responses API's answer to a submitted job: a response object or its event stream."""
-    try:
-        first = await job.next()
-    except BaseException:
-        job.cancel()
-        raise
+    first = await first_output(job)
     if first is DISCONNECTED:
         return Response(status_code=499)
-    if first.finish_reason in ("error", "cancelled"):
-        raise event_error(first)
     b = Builder(job.req, job.config.model_name)
     if job.req.stream:
         return EventStream(_stream(job, b, first))
