@@ -12,10 +12,14 @@ SYNC_ALGORITHMS = ("auto", "allreduce", "p2p")
 P2P_MAX_BYTES = 64 * 1024   # auto: the one-round exchange for messages up to this size (P >= 3)
 
 
+VALUE_BYTES = {"f32": 4, "f64": 8, "f16": 2}   # q8_0: one byte per value plus a float32 scale per 32
+
+
 def message_bytes(buffer_type: str, rows: int, dim: int) -> int:
-    """Bytes one rank sends per sync of ``rows`` rows (the same on every rank)."""
+    """Bytes one rank sends per sync of ``rows`` rows (the same on every rank). Called by every
+    sync: no allocation."""
     n = rows * dim
-    return {"f32": 4 * n, "f64": 8 * n, "f16": 2 * n, "q8_0": n + 4 * (n // QK)}[buffer_type]
+    return n + 4 * (n // QK) if buffer_type == "q8_0" else VALUE_BYTES[buffer_type] * n
 
 
 def choose_algorithm(algorithm: str, P: int, nbytes: int, table: dict | None = None, hosts: int | None = None) -> str:
