@@ -23,7 +23,7 @@ ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1
 SERVICE_METRICS = {
     "requests_total": ("mpillm_requests", "counter", "requests admitted to the service"),
     "requests_finished": ("mpillm_requests_finished", "counter", "requests that have finished"),
-    "prompt_tokens_total": ("mpillm_prompt_tokens", "counter", "prompt tokens of admitted requests"),
+    "prompt_tokens_total": ("mpillm_prompt_tokens", "counter", "prompt tokens computed (rows run through the model; tokens reused from the KV cache are counted apart)"),
     "completion_tokens_total": ("mpillm_generation_tokens", "counter", "tokens generated"),
     "cached_tokens_total": ("mpillm_cached_prompt_tokens", "counter",
                             "prompt tokens reused from a slot's KV cache"),
