@@ -48,12 +48,14 @@ def llamacpp_version(src: Path) -> dict:
     """What identifies the llama.cpp sources: the llama-cpp-python release they are vendored in (when
     they are), the version strings in their build files, gguf-py's version, the files' hashes."""
     info: dict = {}
-    for line in (src / "CMakeLists.txt").read_text().splitlines():
-        if line.strip().startswith("project(\"llama.cpp\"") or "LLAMA_INSTALL_VERSION" in line and "set(" in line:
-            info.setdefault("cmake", []).append(line.strip())
-    for line in (src / "ggml" / "CMakeLists.txt").read_text().splitlines():
-        if line.startswith("set(GGML_VERSION_"):
-            info.setdefault("ggml", []).append(line.strip())
+    for key, path in (("llama.cpp", src / "CMakeLists.txt"), ("ggml", src / "ggml" / "CMakeLists.txt")):
+        prefix = "LLAMA" if key == "llama.cpp" else "GGML"
+        parts = {}
+        for line in path.read_text().splitlines():
+            for p in ("MAJOR", "MINOR", "PATCH"):
+                if line.startswith(f"set({prefix}_VERSION_{p} "):
+                    parts[p] = line.split()[1].rstrip(")")
+        info[key] = ".".join(parts.get(p, "?") for p in ("MAJOR", "MINOR", "PATCH"))
     for line in (src / "gguf-py" / "pyproject.toml").read_text().splitlines():
         if line.startswith("version"):
             info["gguf-py"] = line.split("=", 1)[1].strip().strip('"')
