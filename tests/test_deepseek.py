@@ -220,6 +220,12 @@ def test_full_shapes_known_to_the_planner(shape, heads, experts, vocab, dense):
     assert p["ranks"] == 8 and p["ms_per_token"] > 0
     c4 = cut(cfg, 4)
     assert (c4.n_layers, c4.n_dense_layers) == (4, min(dense, 3))
+    # the RoPE and router constants of each config.json (sources in convert/synth.py)
+    assert (cfg.rope_theta, cfg.rope_factor, cfg.rope_orig_context, cfg.yarn_beta_fast, cfg.yarn_beta_slow,
+            cfg.yarn_mscale, cfg.yarn_mscale_all_dim, cfg.router_scale, cfg.context_length,
+            cfg.n_expert_groups, cfg.n_groups_used, cfg.n_shared_experts, cfg.n_experts_used) == {
+        "deepseek-v3": (10000.0, 40.0, 4096, 32.0, 1.0, 1.0, 1.0, 2.5, 163840, 8, 4, 1, 8),
+        "kimi-k2": (50000.0, 32.0, 4096, 1.0, 1.0, 1.0, 1.0, 2.827, 131072, 1, 1, 1, 8)}[shape]
 
 
 def test_synth_tiny_matches_converter_layout(tmp_path):
