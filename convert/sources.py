@@ -91,14 +91,17 @@ def _mla_fix(cfg: ModelConfig, name: str, src: SrcTensor) -> SrcTensor:
     elif pat in N.SHARED_EXPERTS:
         ns = cfg.n_shared_experts
         if pat == "layers/{i}/shexp_down":   # (dim, ns * I): the columns of each shared expert
-            if src.arrays is not None and set(src.arrays) != {"w"}:
+            if src.arrays is not None and set(src.arrays) != {"w"} and ns > 1:
                 # quantized (llama.cpp's Q8_0 / Q4_K_M files): every array's columns split into ns
-                # equal parts when no block straddles two experts (ns = 1 always: DeepSeek-V3,
-                # Kimi-K2); else the values, requantized as the kv_b split is
-                cols = _as_values(src).shape[-1] if ns > 1 else 0
-                if ns > 1 and (cols // ns) % quant.block_cols(src.wtype):
-                    return _derived(np.ascontiguousarray(
-                        _as_values(src).reshape(-1, ns, cols // ns).transpose(1, 0, 2)), src.src_type)
+                # equal parts, a K-quant re-encoded per 32 columns first (losslessly) if its
+                # super-blocks straddle two experts; below 32-column experts, float32 values.
+                # (ns = 1, DeepSeek-V3 and Kimi-K2: the blocks as they are.)
+                per = _as_values(src).shape[-1] // ns
+                if src.wtype in quant.K_TYPES and per % quant.QK_K:
+                    src.arrays, src.wtype = quant.to_per32(src.arrays, src.wtype)
+                if per % quant.block_cols(src.wtype):
+                    vals = _as_values(src)
+                    src = SrcTensor("f32", {"w": vals}, None, src.src_type)
             apply(lambda a: np.ascontiguousarray(np.asarray(a).reshape(a.shape[0], ns, -1).transpose(1, 0, 2)))
         else:
             apply(lambda a: np.asarray(a).reshape(ns, a.shape[0] // ns, *a.shape[1:]))

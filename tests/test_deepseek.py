@@ -136,6 +136,25 @@ def test_llamacpp_converter_gguf_logits():
                 assert (gg.argmax(-1) == exp["logits"].argmax(-1)).all()
 
 
+@pytest.mark.parametrize("wtype,cols,ns,kept", [("q8_0", 64, 1, "q8_0"), ("q8_0", 128, 2, "q8_0"), ("q8_0", 64, 4, "f32"),
+                                                 ("q6_K", 512, 2, "q6_K"), ("q6_K", 512, 4, "q6_K_32"),
+                                                 ("q4_K", 256, 1, "q4_K")])
+def test_quantized_shared_expert_down_split(wtype, cols, ns, kept):
+    """A quantized ffn_down_shexp (dim, ns * I) becomes (ns, dim, I) with each shared expert's
+    columns, bit-exactly: its blocks split (a K-quant whose super-blocks straddle two experts re-encoded
+    per 32 columns), float32 values when an expert has fewer columns than a block."""
+    from convert.sources import SrcTensor, _as_values, _mla_fix
+
+    cfg = ModelConfig(**{**SHAPES["deepseek-tiny"], "n_shared_experts": ns})
+    rng = np.random.default_rng(3)
+    raw = quant.random_arrays(wtype, 8, cols, rng) if wtype != "q8_0" else \
+        quant.quantize(rng.standard_normal((8, cols)).astype(np.float32), "q8_0")
+    want = quant.dequantize(raw, wtype).reshape(8, ns, cols // ns).transpose(1, 0, 2)
+    out = _mla_fix(cfg, "layers/1/shexp_down", SrcTensor(wtype, dict(raw), None, wtype.upper()))
+    assert out.wtype == kept and next(iter(out.arrays.values())).shape[:2] == (ns, 8)
+    np.testing.assert_array_equal(_as_values(out), want)
+
+
 def test_gguf_without_gating_func_refused(tmp_path):
     """llama.cpp reads a deepseek2 file without expert_gating_func as DeepSeek-V2's softmax router (its
     converter writes the key only from scoring_func): refused naming the key, not run as sigmoid.
