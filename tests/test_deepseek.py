@@ -103,7 +103,7 @@ def test_llamacpp_converter_gguf_reads_as_safetensors(wtype):
     assert n_quant == (0 if wtype == "f32" else 23)   # every matrix but the router
 
 
-def test_llamacpp_converter_gguf_logits():
+def test_llamacpp_converter_gguf_logits(tmp_path):
     """The engine (1 rank) on llama.cpp's f32 and q8_0 files, through the ordinary GGUF convert path
     (--weight-type auto), gives the logits of the safetensors import (f32; q8_0 requantized by us)
     to 1e-6 of the largest logit, and transformers' logits (f32)."""
@@ -121,19 +121,15 @@ def test_llamacpp_converter_gguf_logits():
         eng.stop()
         return lg
 
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        t = Path(tmp)
-        for wtype in sorted(LLAMACPP):
-            st = logits(FIXTURES / "deepseek_v3", wtype, t / f"st-{wtype}")
-            gg = logits(FIXTURES / "deepseek_v3" / LLAMACPP[wtype], "auto", t / f"gg-{wtype}")
-            d = float(np.abs(gg - st).max() / np.abs(st).max())
-            print(f"\nllama.cpp {wtype} GGUF vs safetensors ({wtype}): max|dlogit|/max|logit| {d:.1e}")
-            assert d <= 1e-6, f"llama.cpp {wtype} GGUF vs safetensors: {d:.2e}"
-            if wtype == "f32":
-                assert float(np.abs(gg - exp["logits"]).max()) < 1e-4
-                assert (gg.argmax(-1) == exp["logits"].argmax(-1)).all()
+    for wtype in sorted(LLAMACPP):
+        st = logits(FIXTURES / "deepseek_v3", wtype, tmp_path / f"st-{wtype}")
+        gg = logits(FIXTURES / "deepseek_v3" / LLAMACPP[wtype], "auto", tmp_path / f"gg-{wtype}")
+        d = float(np.abs(gg - st).max() / np.abs(st).max())
+        print(f"\nllama.cpp {wtype} GGUF vs safetensors ({wtype}): max|dlogit|/max|logit| {d:.1e}")
+        assert d <= 1e-6, f"llama.cpp {wtype} GGUF vs safetensors: {d:.2e}"
+        if wtype == "f32":
+            assert float(np.abs(gg - exp["logits"]).max()) < 1e-4
+            assert (gg.argmax(-1) == exp["logits"].argmax(-1)).all()
 
 
 @pytest.mark.parametrize("wtype,cols,ns,kept", [("q8_0", 64, 1, "q8_0"), ("q8_0", 128, 2, "q8_0"), ("q8_0", 64, 4, "f32"),
