@@ -91,8 +91,17 @@ def _mla_fix(cfg: ModelConfig, name: str, src: SrcTensor) -> SrcTensor:
     elif pat in N.SHARED_EXPERTS:
         ns = cfg.n_shared_experts
         if pat == "layers/{i}/shexp_down":   # (dim, ns * I): the columns of each shared expert
-            if src.arrays is not None and set(src.arrays) != {"w"}:
-                src = SrcTensor(None, None, _as_values(src), src.src_type)
+            if src.arrays is not None and set(src.arrays) != {"w"} and ns > 1:
+                # quantized (llama.cpp's Q8_0 / Q4_K_M files): every array's columns split into ns
+                # equal parts, a K-quant re-encoded per 32 columns first (losslessly) if its
+                # super-blocks straddle two experts; below 32-column experts, float32 values.
+                # (ns = 1, DeepSeek-V3 and Kimi-K2: the blocks as they are.)
+                per = _as_values(src).shape[-1] // ns
+                if src.wtype in quant.K_TYPES and per % quant.QK_K:
+                    src.arrays, src.wtype = quant.to_per32(src.arrays, src.wtype)
+                if per % quant.block_cols(src.wtype):
+                    vals = _as_values(src)
+                    src = SrcTensor("f32", {"w": vals}, None, src.src_type)
             apply(lambda a: np.ascontiguousarray(np.asarray(a).reshape(a.shape[0], ns, -1).transpose(1, 0, 2)))
         else:
             apply(lambda a: np.asarray(a).reshape(ns, a.shape[0] // ns, *a.shape[1:]))
@@ -210,6 +219,12 @@ class GGUFSource:
         (= 0.1 mscale_all_dim; llama.cpp's graph leaves cos/sin unscaled, i.e. mscale = mscale_all_dim)."""
         where = str(self.path)
         gating = g("expert_gating_func")
+        if gating is None and int(g("expert_count", 0) or 0):
+            # llama.cpp reads such a file as DeepSeek-V2's softmax router (its converter writes the key
+            # only from the checkpoint's scoring_func): running it as sigmoid would not be that model
+            raise ValueError(f"{where}: deepseek2.expert_gating_func is missing, which llama.cpp reads as the "
+                             f"softmax router of DeepSeek-V2 (not supported); a DeepSeek-V3/R1 or Kimi-K2 file "
+                             f"has 2 (sigmoid)")
         if gating is not None and int(gating) != 2:
             raise ValueError(f"{where}: deepseek2.expert_gating_func {int(gating)} (softmax: DeepSeek-V2) is not "
                              f"supported; only the sigmoid router of DeepSeek-V3/R1 and Kimi-K2 (2)")

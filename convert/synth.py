@@ -58,23 +58,40 @@ SHAPES["gpt-oss-tiny"] = {**_gpt_oss(2, 4), "dim": 128, "n_heads": 4, "n_kv_head
 SHAPES["gpt-oss-120b"] = _gpt_oss(36, 128)
 
 
-def _deepseek(n_heads: int, n_dense: int, n_experts: int, n_groups: int, groups_used: int, vocab: int) -> dict:
+def _deepseek(n_heads: int, n_dense: int, n_experts: int, n_groups: int, groups_used: int, vocab: int,
+              **over) -> dict:
     """DeepSeek-V3/R1 (671B) and Kimi-K2 (1T): MLA with q_lora 1536, kv_lora 512, qk_nope 128,
     qk_rope 64, v 128; 61 layers, the first n_dense dense (FFN 18432), the rest 1 shared + routed
-    experts of 2048, top-8, the sigmoid router with its correction bias, x2.5; YaRN x40 from 4096
-    with mscale = mscale_all_dim = 1. (The multi-token-prediction layer is not part of the shape.)"""
+    experts of 2048, top-8, the sigmoid router with its correction bias. DeepSeek-V3's RoPE and router
+    constants unless ``over`` says otherwise. (The multi-token-prediction layer is not part of the shape.)"""
     return dict(arch="deepseek2", dim=7168, n_layers=61, n_heads=n_heads, n_kv_heads=n_heads, head_dim=192,
                 ffn_dim=18432, vocab_size=vocab, rope_theta=10000.0, norm_eps=1e-6, context_length=163840,
                 tied_embeddings=False, n_experts=n_experts, n_experts_used=8, expert_ffn_dim=2048,
                 norm_topk_prob=True, rope_scaling="yarn", rope_factor=40.0, rope_orig_context=4096,
+                yarn_beta_fast=32.0, yarn_beta_slow=1.0,
                 q_lora_rank=1536, kv_lora_rank=512, qk_nope_dim=128, qk_rope_dim=64, v_head_dim=128,
                 yarn_mscale=1.0, yarn_mscale_all_dim=1.0, n_dense_layers=n_dense, n_shared_experts=1,
                 router_func="sigmoid", router_scale=2.5, n_expert_groups=n_groups, n_groups_used=groups_used,
-                router_bias=True)
+                router_bias=True) | over
 
 
-SHAPES["deepseek-v3"] = _deepseek(128, 3, 256, 8, 4, 129280)   # also DeepSeek-R1
-SHAPES["kimi-k2"] = _deepseek(64, 1, 384, 1, 1, 163840)
+# DeepSeek-V3 (and R1, the same config): deepseek-ai/DeepSeek-V3's config.json -- hidden_size 7168,
+# num_hidden_layers 61, num_attention_heads 128, q_lora_rank 1536, kv_lora_rank 512, qk_nope_head_dim 128,
+# qk_rope_head_dim 64, v_head_dim 128, intermediate_size 18432, moe_intermediate_size 2048,
+# n_routed_experts 256, num_experts_per_tok 8, n_shared_experts 1, first_k_dense_replace 3, n_group 8,
+# topk_group 4, routed_scaling_factor 2.5, rope_theta 10000, rope_scaling yarn (factor 40,
+# original_max_position_embeddings 4096, beta_fast 32, beta_slow 1, mscale = mscale_all_dim = 1.0),
+# max_position_embeddings 163840, rms_norm_eps 1e-6, vocab_size 129280.
+SHAPES["deepseek-v3"] = _deepseek(128, 3, 256, 8, 4, 129280)
+# Kimi-K2: moonshotai/Kimi-K2-Instruct's config.json (DeepseekV3ForCausalLM, model_type kimi_k2) -- the
+# same MLA and expert sizes with num_attention_heads 64, n_routed_experts 384 in one group (n_group =
+# topk_group = 1), first_k_dense_replace 1, routed_scaling_factor 2.827, rope_theta 50000, rope_scaling
+# yarn (factor 32, original_max_position_embeddings 4096, beta_fast 1.0, beta_slow 1.0, mscale =
+# mscale_all_dim = 1.0), max_position_embeddings 131072, vocab_size 163840 (values as in NVIDIA
+# Megatron-Bridge's KimiK2Provider and hyper-accel/tiny-random-kimi-k2's copy of the config;
+# Kimi-K2-Instruct-0905 has YaRN factor 64 and max_position_embeddings 262144, the weights' shapes alike).
+SHAPES["kimi-k2"] = _deepseek(64, 1, 384, 1, 1, 163840, rope_theta=50000.0, rope_factor=32.0, yarn_beta_fast=1.0,
+                              yarn_beta_slow=1.0, context_length=131072, router_scale=2.827)
 # every tensor kind of deepseek2 at a few KiB (tests): one dense layer (FFN 256), then MoE (experts of 128);
 # 4 groups of 2 experts
 SHAPES["deepseek-tiny"] = {**_deepseek(4, 1, 8, 4, 2, 512), "dim": 128, "n_layers": 2, "head_dim": 48,

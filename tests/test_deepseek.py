@@ -18,6 +18,7 @@ from convert.sources import GGUFSource, HFSource
 from convert.synth import SHAPES, cut, logical_shape, synth
 from mpillm import planner
 from mpillm.formats import format as fmt
+from mpillm.formats import quant
 from mpillm.formats.config import ModelConfig
 from mpillm.formats.partition import plan, rank_elements
 from mpillm.runtime import mla, ops
@@ -69,6 +70,97 @@ def test_gguf_tensors_equal_safetensors():
             va = a.values if a.values is not None else a.arrays["w"]
             vb = b.values if b.values is not None else b.arrays["w"]
             np.testing.assert_array_equal(np.asarray(va, np.float32), np.asarray(vb, np.float32), err_msg=f"{name} {n}")
+
+
+# the files llama.cpp's own converter writes from the deepseek_v3 checkpoint (convert_hf_to_gguf.py
+# --outtype f32 / q8_0; scripts/llamacpp_gguf_fixture.py, which records the llama.cpp version in
+# tests/fixtures/deepseek_v3/llamacpp.json)
+LLAMACPP = {"f32": "llamacpp-f32.gguf", "q8_0": "llamacpp-q8_0.gguf"}
+
+
+@pytest.mark.parametrize("wtype", sorted(LLAMACPP))
+def test_llamacpp_converter_gguf_reads_as_safetensors(wtype):
+    """llama.cpp's real output (attn_k_b / attn_v_b split and transposed by the converter, stacked
+    experts, exp_probs_b, its gating-function, dense-lead and YaRN keys) gives the safetensors import's
+    config, and tensor for tensor its values: bit-equal in f32; in q8_0 the converter's blocks equal
+    our q8_0 quantization of the safetensors (the tensors it keeps F32, norms and router, equal)."""
+    hf, gg = HFSource(FIXTURES / "deepseek_v3"), GGUFSource(FIXTURES / "deepseek_v3" / LLAMACPP[wtype])
+    assert gg.config == hf.config and gg.names == hf.names
+    assert {t.split(".", 2)[-1] for t in gg.tensors if t.startswith("blk.1.")} >= \
+        {"attn_k_b.weight", "attn_v_b.weight", "exp_probs_b.bias", "ffn_gate_exps.weight"}
+    n_quant = 0
+    for n in hf.names:
+        a, b = hf.load(n), gg.load(n)
+        va = np.asarray(a.values if a.values is not None else a.arrays["w"], np.float32)
+        if b.wtype in (None, "f32"):
+            np.testing.assert_array_equal(va, b.values if b.values is not None else b.arrays["w"], err_msg=n)
+            continue
+        assert (b.wtype, b.src_type) == (wtype, "Q8_0"), n
+        want = quant.quantize(va.reshape(-1, va.shape[-1]), "q8_0")
+        for k, v in b.arrays.items():
+            np.testing.assert_array_equal(v.reshape(-1, v.shape[-1]), want[k], err_msg=f"{n} {k}")
+        n_quant += 1
+    assert n_quant == (0 if wtype == "f32" else 23)   # every matrix but the router
+
+
+def test_llamacpp_converter_gguf_logits(tmp_path):
+    """The engine (1 rank) on llama.cpp's f32 and q8_0 files, through the ordinary GGUF convert path
+    (--weight-type auto), gives the logits of the safetensors import (f32; q8_0 requantized by us)
+    to 1e-6 of the largest logit, and transformers' logits (f32)."""
+    from mpi4py import MPI
+
+    from convert.__main__ import convert
+    from mpillm.runtime.engine import Engine
+
+    exp = np.load(FIXTURES / "deepseek_v3" / "expected.npz")
+
+    def logits(src: Path, wtype: str, out: Path) -> np.ndarray:
+        convert(src, out, [1], wtype, progress=False, tokenizer=False)
+        eng = Engine(out, max_seq_len=16, max_batch=16, comm=MPI.COMM_SELF, verbose=False, kv_type="f32")
+        lg = eng.step(exp["tokens"], 0, all_logits=True).copy()
+        eng.stop()
+        return lg
+
+    for wtype in sorted(LLAMACPP):
+        st = logits(FIXTURES / "deepseek_v3", wtype, tmp_path / f"st-{wtype}")
+        gg = logits(FIXTURES / "deepseek_v3" / LLAMACPP[wtype], "auto", tmp_path / f"gg-{wtype}")
+        d = float(np.abs(gg - st).max() / np.abs(st).max())
+        print(f"\nllama.cpp {wtype} GGUF vs safetensors ({wtype}): max|dlogit|/max|logit| {d:.1e}")
+        assert d <= 1e-6, f"llama.cpp {wtype} GGUF vs safetensors: {d:.2e}"
+        if wtype == "f32":
+            assert float(np.abs(gg - exp["logits"]).max()) < 1e-4
+            assert (gg.argmax(-1) == exp["logits"].argmax(-1)).all()
+
+
+@pytest.mark.parametrize("wtype,cols,ns,kept", [("q8_0", 64, 1, "q8_0"), ("q8_0", 128, 2, "q8_0"), ("q8_0", 64, 4, "f32"),
+                                                 ("q6_K", 512, 2, "q6_K"), ("q6_K", 512, 4, "q6_K_32"),
+                                                 ("q4_K", 256, 1, "q4_K")])
+def test_quantized_shared_expert_down_split(wtype, cols, ns, kept):
+    """A quantized ffn_down_shexp (dim, ns * I) becomes (ns, dim, I) with each shared expert's
+    columns, bit-exactly: its blocks split (a K-quant whose super-blocks straddle two experts re-encoded
+    per 32 columns), float32 values when an expert has fewer columns than a block."""
+    from convert.sources import SrcTensor, _as_values, _mla_fix
+
+    cfg = ModelConfig(**{**SHAPES["deepseek-tiny"], "n_shared_experts": ns})
+    rng = np.random.default_rng(3)
+    raw = quant.random_arrays(wtype, 8, cols, rng) if wtype != "q8_0" else \
+        quant.quantize(rng.standard_normal((8, cols)).astype(np.float32), "q8_0")
+    want = quant.dequantize(raw, wtype).reshape(8, ns, cols // ns).transpose(1, 0, 2)
+    out = _mla_fix(cfg, "layers/1/shexp_down", SrcTensor(wtype, dict(raw), None, wtype.upper()))
+    assert out.wtype == kept and next(iter(out.arrays.values())).shape[:2] == (ns, 8)
+    np.testing.assert_array_equal(_as_values(out), want)
+
+
+def test_gguf_without_gating_func_refused(tmp_path):
+    """llama.cpp reads a deepseek2 file without expert_gating_func as DeepSeek-V2's softmax router (its
+    converter writes the key only from scoring_func): refused naming the key, not run as sigmoid.
+    The key is renamed in place (same length), so the copy is otherwise llama.cpp's file."""
+    raw = (FIXTURES / "deepseek_v3" / LLAMACPP["f32"]).read_bytes()
+    key = b"deepseek2.expert_gating_func"
+    assert raw.count(key) == 1
+    (tmp_path / "m.gguf").write_bytes(raw.replace(key, key[:-1] + b"X"))
+    with pytest.raises(ValueError, match="expert_gating_func is missing, which llama.cpp reads as the softmax"):
+        GGUFSource(tmp_path / "m.gguf")
 
 
 def test_rope_rows_deinterleaved():
@@ -143,6 +235,12 @@ def test_full_shapes_known_to_the_planner(shape, heads, experts, vocab, dense):
     assert p["ranks"] == 8 and p["ms_per_token"] > 0
     c4 = cut(cfg, 4)
     assert (c4.n_layers, c4.n_dense_layers) == (4, min(dense, 3))
+    # the RoPE and router constants of each config.json (sources in convert/synth.py)
+    assert (cfg.rope_theta, cfg.rope_factor, cfg.rope_orig_context, cfg.yarn_beta_fast, cfg.yarn_beta_slow,
+            cfg.yarn_mscale, cfg.yarn_mscale_all_dim, cfg.router_scale, cfg.context_length,
+            cfg.n_expert_groups, cfg.n_groups_used, cfg.n_shared_experts, cfg.n_experts_used) == {
+        "deepseek-v3": (10000.0, 40.0, 4096, 32.0, 1.0, 1.0, 1.0, 2.5, 163840, 8, 4, 1, 8),
+        "kimi-k2": (50000.0, 32.0, 4096, 1.0, 1.0, 1.0, 1.0, 2.827, 131072, 1, 1, 1, 8)}[shape]
 
 
 def test_synth_tiny_matches_converter_layout(tmp_path):

@@ -43,10 +43,11 @@ def tmp() -> Path:
 _done: set = set()
 
 
-def converted(tmp: Path, name: str, wtype: str = "f32", gguf: bool = False, split: list[float] | None = None) -> Path:
-    out = tmp / f"{name}-{wtype}{'-gguf' if gguf else ''}{'-split' if split else ''}"
+def converted(tmp: Path, name: str, wtype: str = "f32", gguf: str | None = None, split: list[float] | None = None) -> Path:
+    """``gguf``: a GGUF file of the fixture's directory to convert instead of its safetensors."""
+    out = tmp / f"{name}-{wtype}{'-' + gguf if gguf else ''}{'-split' if split else ''}"
     if out not in _done:
-        src = FIXTURES / name / "model.gguf" if gguf else FIXTURES / name
+        src = FIXTURES / name / gguf if gguf else FIXTURES / name
         if split:
             err = None
             if rank == 0:
@@ -125,17 +126,19 @@ def test_deepseek_decode_matches_prompt(tmp):
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("name", MODELS)
-def test_deepseek_gguf_matches_safetensors(tmp, name):
-    """llama.cpp's deepseek2 GGUF (attn_k_b/attn_v_b, or attn_kv_b for the q_proj variant) gives
-    the safetensors import's logits."""
+@pytest.mark.parametrize("name,gguf,wtype", [(m, "model.gguf", "f32") for m in MODELS] +
+                         [("deepseek_v3", "llamacpp-f32.gguf", "f32"), ("deepseek_v3", "llamacpp-q8_0.gguf", "q8_0")])
+def test_deepseek_gguf_matches_safetensors(tmp, name, gguf, wtype):
+    """deepseek2 GGUFs in llama.cpp's naming give the safetensors import's logits: our writer's
+    (attn_k_b/attn_v_b, or attn_kv_b for the q_proj variant), and the files llama.cpp's own converter
+    wrote (f32, and q8_0 against the safetensors quantized to q8_0 by us: the same blocks)."""
     exp = np.load(FIXTURES / name / "expected.npz")
-    st, _ = run(converted(tmp, name), exp["tokens"])
-    gg, _ = run(converted(tmp, name, "auto", gguf=True), exp["tokens"])
+    st, _ = run(converted(tmp, name, wtype), exp["tokens"])
+    gg, _ = run(converted(tmp, name, "auto", gguf=gguf), exp["tokens"])
     if rank == 0:
         d = rel_rms(gg, st)
-        print(f"\n{name} np={size}: GGUF vs safetensors {d:.2e}")
-        assert d < 1e-5, f"{name} np={size}: GGUF vs safetensors {d:.2e}"
+        print(f"\n{name} {gguf} np={size}: GGUF vs safetensors ({wtype}) {d:.2e}")
+        assert d < 1e-6, f"{name} {gguf} np={size}: GGUF vs safetensors {d:.2e}"
 
 
 @pytest.mark.mpi
