@@ -208,6 +208,74 @@ def _tile_codegen(kind: str, isa: str, R: int, U: int, f64: bool = False):
                             t = b.fadd(t, b.fmul(D(Ms[g]), b.sitofp(sums[u][g], FT)))
                     b.store(b.fadd(b.load(acc[r][u]), b.fmul(t, D(xdv[u]))), acc[r][u])
 
+        def prefetch(b0):
+            """Decode: prefetch each row's streams PF bytes ahead (kquant's scheme: the stream of row r
+            goes on at row r + R, this thread's next tile)."""
+            for r in range(R):
+                for name, bpb in PF_STREAMS[kind]:
+                    base, st = A[name]
+                    k0, rem0, rb = pf_split[name]
+                    p = b.add(rem0, b.mul(b0, i64(bpb)))
+                    over = b.icmp_unsigned(">=", p, rb)
+                    k = b.add(k0, b.zext(over, I64))
+                    p = b.select(over, b.sub(p, rb), p)
+                    off = b.add(b.mul(b.add(rows[r], b.mul(k, i64(R))), st), p)
+                    for line in range(0, 8 * bpb, 64):
+                        e.prefetch(base, b.add(off, i64(line)))
+
+        def group8(b0):
+            """Sub-blocks [b0, b0 + 8) (the main loop): by bit fields. Field k (bits 2k) of the 64 qs bytes
+            holds, in byte 8s + 4h + m, weight 16h + 4k + m of sub-block s; the activations are
+            regrouped to match once per token (X_k: dword i = activation dword 4i + k), so each field
+            costs a shift and a mask and one dot, and the 4 dots accumulate in one <16 x i32> whose
+            lane j is the 16-weight group j of the super-block (sub-block j // 2, half j % 2): one
+            conversion and one FMA with the group scales d * sc per 256 weights and row."""
+            X, XDL, INI, SX = [], [], [], []
+            for u in range(U):
+                x = b.bitcast(e.load(xp, b.add(b.mul(i64(u), xstride), b.mul(b0, i64(32))), _vec(I8, 256)),
+                              _vec(I32, 64))
+                Xk = [b.bitcast(e.shuffle(x, None, [4 * i + k for i in range(16)]), _vec(I8, 64)) for k in range(4)]
+                X.append(Xk)
+                xd = e.load(xdp, b.add(b.mul(i64(u), sstride), b.mul(b0, i64(4))), _vec(F32, 8))
+                XDL.append(e.shuffle(xd, None, [j // 2 for j in range(16)]))
+                z = ir.Constant(_vec(I32, 16), None)
+                c = e.splat_const(I8, 64, 4 if kind == "q3_K" else 1)
+                tot = z
+                for k in range(4):  # per group: 4 (q3_K) or 1 (q2_K) x the sum of its activations
+                    tot = e.dot(tot, c, Xk[k])
+                if kind == "q3_K":
+                    INI.append(b.sub(z, tot))
+                else:
+                    SX.append(b.sitofp(tot, _vec(F32, 16)))
+            if U == 1:
+                prefetch(b0)
+            for r in range(R):
+                Dv, Mv = scales_vec(rows[r], b0, 8)  # <16 x float> per group
+                w = _qdwords(e, A, rows[r], b0, 8)  # <16 x i32>
+                if kind == "q3_K":
+                    hb, hs = A["qh"]
+                    mb = e.load(hb, b.add(b.mul(rows[r], hs), b.mul(b0, i64(4))), _vec(I8, 32))
+                    # byte 8s + 4h + m of field k: bit 16h + 4k + m of sub-block s's mask, i.e. bit
+                    # 4 (k % 2) + m of its byte 2h + k // 2
+                    hbytes = [e.shuffle(mb, None, [4 * s + 2 * h + kk for s in range(8) for h in range(2)
+                                                   for m in range(4)]) for kk in range(2)]
+                for u in range(U):
+                    acc_i = INI[u] if kind == "q3_K" else ir.Constant(_vec(I32, 16), None)
+                    for k in range(4):
+                        c = b.and_(b.lshr(w, e.splat_const(I32, 16, 2 * k)) if k else w,
+                                   e.splat_const(I32, 16, 0x03030303))
+                        c = b.bitcast(c, _vec(I8, 64))
+                        if kind == "q3_K":
+                            bit = e.const(I8, 64, [1 << (4 * (k % 2) + m) for s in range(8) for h in range(2)
+                                                   for m in range(4)])
+                            on = b.icmp_unsigned("!=", b.and_(hbytes[k // 2], bit), ir.Constant(_vec(I8, 64), None))
+                            c = b.or_(c, b.select(on, e.splat_const(I8, 64, 4), ir.Constant(_vec(I8, 64), None)))
+                        acc_i = e.dot(acc_i, c, X[u][k])
+                    t = b.fmul(b.sitofp(acc_i, _vec(F32, 16)), Dv)
+                    if kind == "q2_K":
+                        t = e.fma(Mv, SX[u], t)
+                    b.store(e.fma(t, XDL[u], b.load(acc[r][u])), acc[r][u])
+
         def group_x86(b0, n):
             """Sub-blocks [b0, b0 + n), n = 8 (the main loop), 4, 2 or 1 (the ``_32`` variants' tails):
             parts of 4 (or n < 4) sub-blocks, each half of each part one dot into 4 ns lanes (lane l:
@@ -241,18 +309,6 @@ def _tile_codegen(kind: str, isa: str, R: int, U: int, f64: bool = False):
                 xdl.append(xl_)
                 init.append(ini)
                 xsum.append(xsm)
-            if U == 1 and n == 8:  # decode: prefetch each row's streams PF bytes ahead (kquant's scheme)
-                for r in range(R):
-                    for name, bpb in PF_STREAMS[kind]:
-                        base, st = A[name]
-                        k0, rem0, rb = pf_split[name]
-                        p = b.add(rem0, b.mul(b0, i64(bpb)))
-                        over = b.icmp_unsigned(">=", p, rb)
-                        k = b.add(k0, b.zext(over, I64))
-                        p = b.select(over, b.sub(p, rb), p)
-                        off = b.add(b.mul(b.add(rows[r], b.mul(k, i64(R))), st), p)
-                        for line in range(0, 8 * bpb, 64):
-                            e.prefetch(base, b.add(off, i64(line)))
             pad16 = lambda v, L: v if L == 16 else e.shuffle(  # noqa: E731
                 v, ir.Constant(v.type, None), list(range(L)) + [L] * (16 - L))
             for r in range(R):
@@ -294,7 +350,7 @@ def _tile_codegen(kind: str, isa: str, R: int, U: int, f64: bool = False):
                 group_portable(loop.index)
         else:
             with cgutils.for_range(b, b.udiv(nb, i64(8))) as loop:
-                group_x86(b.mul(loop.index, i64(8)), 8)
+                group8(b.mul(loop.index, i64(8)))
             rest = b.urem(nb, i64(8))  # the _32 variants: tails of 4, 2 and 1 sub-blocks, each at most once
             for n in (4, 2, 1):
                 with b.if_then(b.icmp_unsigned("!=", b.and_(rest, i64(n)), i64(0)), likely=False):
@@ -318,7 +374,7 @@ def _make_tile(kind, isa, R, U, f64=False):
 
 PF = 4096  # decode prefetch distance in bytes of each stream
 PF_STREAMS = {"q2_K": (("qs", 8),), "q3_K": (("qs", 8), ("qh", 4))}  # bytes per 32-weight sub-block
-R_X, U_X, R1_X, R_P, U_P = 4, 2, 2, 4, 2
+R_X, U_X, R1_X, R_P, U_P = 4, 2, 4, 4, 2
 SHAPES = {"vnni": dict(RU=(R_X, U_X), R1=(R_X, 1), OU=(1, U_X), O1=(1, 1), D=(R1_X, 1)),
           "avx2": dict(RU=(R_X, U_X), R1=(R_X, 1), OU=(1, U_X), O1=(1, 1), D=(R1_X, 1)),
           "portable": dict(RU=(R_P, U_P), R1=(R_P, 1), OU=(1, U_P), O1=(1, 1), D=(R_P, 1)),
