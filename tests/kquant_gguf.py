@@ -12,10 +12,11 @@ import numpy as np
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "llama" / "model.gguf"
 DIM, N_HEADS, N_KV, FFN, N_LAYERS = 256, 8, 2, 512, 2
-# tensor -> type per layer (every type at least once, both K-quant row-parallel layers cut at np=3)
+# tensor -> type per layer (every type at least once, both K-quant row-parallel layers cut at np=3;
+# layer 0's w_down is Q3_K, cut into q3_K_32 at np=3)
 TYPES = [
     {"attn_q": "q4_K", "attn_k": "q5_K", "attn_v": "q6_K", "attn_output": "q4_K",
-     "ffn_gate": "q5_0", "ffn_up": "q5_1", "ffn_down": "q6_K"},
+     "ffn_gate": "q2_K", "ffn_up": "q5_1", "ffn_down": "q3_K"},
     {"attn_q": "mxfp4", "attn_k": "q8_0", "attn_v": "q5_0", "attn_output": "q5_K",
      "ffn_gate": "q4_K", "ffn_up": "mxfp4", "ffn_down": "q5_K"},
 ]

@@ -49,10 +49,10 @@ OUT = Path(arm64.CACHE) / "reports"
 # negative control (the fused whole-model blocks of the fixtures and the bundled model take tens
 # of minutes more to compile under emulation).
 FULL = os.environ.get("MPILLM_ARM64_SCOPE", "ci") == "full"
-ALL_TYPES = ("q4_0", "q4_1", "q8_0", "f16", "f32", "q5_0", "q5_1", "q4_K", "q5_K", "q6_K", "mxfp4")
+ALL_TYPES = ("q4_0", "q4_1", "q8_0", "f16", "f32", "q5_0", "q5_1", "q4_K", "q5_K", "q6_K", "mxfp4", "q2_K", "q3_K")
 TYPES = {cpu: ALL_TYPES for cpu in PATH_OF} if FULL else {"cortex-a76": ("q4_0", "q8_0", "q6_K"),
                                                          "cortex-a72": ("q4_0",)}
-KERNEL_TESTS = ["tests/test_kernels.py", "tests/test_kquant.py"]
+KERNEL_TESTS = ["tests/test_kernels.py", "tests/test_kquant.py", "tests/test_lowk.py"]
 FIXTURE_K = "test_fixture_logits and llama and not tied and (q4_0 or q8_0)"
 FIXTURES = {cpu: (1, 2) for cpu in PATH_OF} if FULL else {}
 GENERATE = set(PATH_OF) if FULL else set()

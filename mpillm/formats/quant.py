@@ -68,23 +68,30 @@ ARRAYS: dict[str, tuple[tuple[str, str], ...]] = {
              ("dmin", "float16")),
     "q6_K": (("qs", "uint8"), ("qh", "uint8"), ("sc", "int8"), ("d", "float16")),
     "mxfp4": (("qs", "uint8"), ("e", "uint8")),
+    # Q2_K / Q3_K (2-bit codes; kernels in mpillm.kernels.lowk; see "Q2_K and Q3_K" below)
+    "q2_K": (("qs", "uint8"), ("sc", "uint8"), ("d", "float16"), ("dmin", "float16")),
+    "q3_K": (("qs", "uint8"), ("qh", "uint8"), ("sc", "int8"), ("d", "float16")),
     "f16": (("w", "float16"),),
     "f32": (("w", "float32"),),
 }
 K_TYPES = ("q4_K", "q5_K", "q6_K")
+LOWK_TYPES = ("q2_K", "q3_K")  # 2-bit codes, 8 bytes of qs per 32 weights
+K_TYPES += LOWK_TYPES
 for _t in K_TYPES:  # the same arrays with per-32 super-block scales (see the module docstring)
     ARRAYS[_t + "_32"] = ARRAYS[_t]
 WEIGHT_TYPES = tuple(ARRAYS)
 QUANTIZED = tuple(t for t in WEIGHT_TYPES if t not in ("f16", "f32"))
 # types quantize() can produce from float values (--weight-type); the others are only copied
 QUANTIZABLE = ("q4_0", "q4_1", "q8_0", "q5_0", "q5_1", "mxfp4", "f16", "f32")
-# bytes of qs per 32-block
-QS_BYTES = {t: (32 if t == "q8_0" else 16) for t in QUANTIZED}
 
 
 def base_type(wtype: str) -> str:
     """q4_K_32 -> q4_K (the kernel and the values are the same)."""
     return wtype[:-3] if wtype.endswith("_32") else wtype
+
+
+# bytes of qs per 32-block
+QS_BYTES = {t: (32 if t == "q8_0" else 8 if base_type(t) in LOWK_TYPES else 16) for t in QUANTIZED}
 
 
 def block_cols(wtype: str) -> int:
@@ -101,7 +108,7 @@ def array_shapes(wtype: str, rows: int, cols: int) -> dict[str, tuple[tuple[int,
     nb = cols // QK
     ns = nb if wtype.endswith("_32") else cols // QK_K  # super-block scales
     per_block = {"qs": QS_BYTES.get(wtype, 0), "qh": 8 if base_type(wtype) == "q6_K" else 4,
-                 "sc": 2 if base_type(wtype) == "q6_K" else 1, "mn": 1, "e": 1, "m": 1,
+                 "sc": 2 if base_type(wtype) in ("q6_K",) + LOWK_TYPES else 1, "mn": 1, "e": 1, "m": 1,
                  "d": 1 if wtype in ("q4_0", "q4_1", "q8_0", "q5_0", "q5_1") else None, "dmin": None}
     shapes = {}
     for k, _ in ARRAYS[wtype]:
@@ -189,6 +196,8 @@ def dequantize(arrays: dict[str, np.ndarray], wtype: str) -> np.ndarray:
     """Split-layout arrays -> float32 (rows, cols), exactly as GGML dequantizes."""
     if wtype in ("f32", "f16"):
         return np.asarray(arrays["w"], dtype=np.float32)
+    if base_type(wtype) in LOWK_TYPES:
+        return _lowk_dequantize(arrays, wtype)
     if wtype not in ("q4_0", "q4_1", "q8_0"):
         return _dequantize_new(arrays, wtype)
     d = np.asarray(arrays["d"], dtype=np.float32)[..., None]
@@ -270,7 +279,8 @@ def _dequantize_new(arrays, wtype):
 
 # GGML block structs: bytes per block (32 weights, or 256 for the K-quants)
 GGML_BLOCK_BYTES = {"q4_0": 2 + 16, "q4_1": 2 + 2 + 16, "q8_0": 2 + 32, "q5_0": 2 + 4 + 16, "q5_1": 2 + 2 + 4 + 16,
-                    "mxfp4": 1 + 16, "q4_K": 2 + 2 + 12 + 128, "q5_K": 2 + 2 + 12 + 32 + 128, "q6_K": 128 + 64 + 16 + 2}
+                    "mxfp4": 1 + 16, "q4_K": 2 + 2 + 12 + 128, "q5_K": 2 + 2 + 12 + 32 + 128, "q6_K": 128 + 64 + 16 + 2,
+                    "q2_K": 16 + 64 + 2 + 2, "q3_K": 32 + 64 + 12 + 2}
 
 
 def _f16(b: np.ndarray) -> np.ndarray:
@@ -312,6 +322,8 @@ def split_ggml(raw: np.ndarray, wtype: str, rows: int, cols: int) -> dict[str, n
     bb = GGML_BLOCK_BYTES[wtype]
     nb = cols // QK
     b = np.asarray(raw, dtype=np.uint8).reshape(rows, cols // block_cols(wtype), bb)
+    if wtype in LOWK_TYPES:
+        return _lowk_split(b, wtype, rows)
     c = np.ascontiguousarray
     if wtype == "q4_0":
         return {"qs": c(b[..., 2:]).reshape(rows, -1), "d": _f16(b[..., :2])}
@@ -354,6 +366,8 @@ def join_ggml(arrays: dict[str, np.ndarray], wtype: str) -> np.ndarray:
     """Inverse of split_ggml: split-layout arrays -> GGML block bytes (rows, blocks * block_bytes)."""
     if wtype in ("f32", "f16"):
         return np.ascontiguousarray(arrays["w"]).view(np.uint8)
+    if wtype in LOWK_TYPES:
+        return _lowk_join(arrays, wtype)
     rows, nb = arrays["qs"].shape[0], arrays["qs"].shape[1] // QS_BYTES[wtype]
     qs = np.ascontiguousarray(arrays["qs"]).view(np.uint8).reshape(rows, nb, -1)
     if wtype in ("q4_0", "q4_1", "q8_0", "q5_0", "q5_1", "mxfp4"):
@@ -425,6 +439,11 @@ def random_ggml(wtype: str, rows: int, cols: int, rng: np.random.Generator, scal
         put_f16(2, u(0.5, 1.5) * scale / 63)
     elif wtype == "q6_K":
         put_f16(208, u(0.5, 1.5) * scale / (127 * 32))
+    elif wtype == "q2_K":
+        put_f16(80, u(0.5, 1.5) * scale / (15 * 3))
+        put_f16(82, u(0.5, 1.5) * scale / 15)
+    elif wtype == "q3_K":
+        put_f16(108, u(0.5, 1.5) * scale / (32 * 4))
     return raw.reshape(rows, -1)
 
 
@@ -435,3 +454,114 @@ def random_arrays(wtype: str, rows: int, cols: int, rng: np.random.Generator, sc
     bt = base_type(wtype)
     a = split_ggml(random_ggml(bt, rows, cols, rng, scale), bt, rows, cols)
     return to_per32(a, bt)[0] if wtype.endswith("_32") else a
+
+
+# ----------------------------------------------------------------------------------------------
+# Q2_K and Q3_K (kernels: mpillm.kernels.lowk). GGML's blocks (256 weights):
+#   block_q2_K {u8 scales[16] (low nibble: scale, high: min, one per 16 weights); u8 qs[64]; f16 d, dmin}
+#       value = d * scale * q - dmin * min, q 2-bit
+#   block_q3_K {u8 hmask[32]; u8 qs[64]; u8 scales[12] (sixteen 6-bit scales); f16 d}
+#       value = d * (scale - 32) * (q - (4 if the high bit is clear else 0)), q 2-bit
+# GGML's 2-bit order (byte l of a 128-weight half holds weights l, l+32, l+64, l+96 at bits 0, 2, 4, 6)
+# spans 4 sub-blocks; ours keeps each 32-weight sub-block in its own 8 bytes (so a column split at
+# any 32-block boundary slices it, as the ``_32`` variants need):
+#   qs u8 (rows, nb*8): byte 4h + m of a sub-block holds weight 16h + 4k + m at bits 2k..2k+1
+#       (h = half 0/1, k, m = 0..3): the kernels broadcast dword h to four 32-bit lanes, shift
+#       lane k right by 2k and mask 3 -- 16 codes in element order, one variable shift (vpsrlvd)
+#   q2_K: sc u8 (rows, nb*2) GGML's scale/min bytes as they are, per 16 weights in element order;
+#         d, dmin f16 (rows, ns)                       value = d*(sc & 15)*q - dmin*(sc >> 4)
+#   q3_K: qh u8 (rows, nb*4) the high bits as a 32-bit mask per sub-block (bit i = weight i, as q5_K);
+#         sc i8 (rows, nb*2) the 6-bit scales minus 32, per 16 weights; d f16 (rows, ns)
+#                                                      value = d*sc*(c - 4), c = q | (high bit << 2)
+# q2_K is exactly GGML's 84 bytes per 256 weights; q3_K 114 (GGML: 110, the unpacked scales).
+# ----------------------------------------------------------------------------------------------
+def _lowk_qs(q2: np.ndarray) -> np.ndarray:
+    """(rows, nb, 32) 2-bit codes in element order -> qs (rows, nb*8)."""
+    r = q2.reshape(q2.shape[0], -1, 2, 4, 4).astype(np.uint8)  # (rows, nb, h, k, m)
+    packed = r[:, :, :, 0] | (r[:, :, :, 1] << 2) | (r[:, :, :, 2] << 4) | (r[:, :, :, 3] << 6)
+    return packed.reshape(q2.shape[0], -1)
+
+
+def _lowk_codes2(qs: np.ndarray) -> np.ndarray:
+    """qs (rows, nb*8) -> (rows, nb, 32) 2-bit codes in element order."""
+    b = np.asarray(qs, np.uint8).reshape(qs.shape[0], -1, 2, 1, 4)  # (rows, nb, h, k, m)
+    q = (b >> np.array([0, 2, 4, 6], np.uint8).reshape(4, 1)) & 3
+    return q.reshape(qs.shape[0], -1, 32)
+
+
+def _ggml_codes2(qs: np.ndarray) -> np.ndarray:
+    """GGML's qs (rows, ns, 64) -> (rows, ns * 8, 32) codes in element order."""
+    rows, ns = qs.shape[:2]
+    q = (qs.reshape(rows, ns, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(4, 1)) & 3
+    return q.reshape(rows, ns * 8, 32)
+
+
+def _q3_scales(s: np.ndarray) -> np.ndarray:
+    """GGML's 12 bytes of Q3_K scales (..., 12) -> the sixteen 6-bit values (..., 16) uint8."""
+    lo = (s[..., None, 0:8] >> np.array([0, 4], np.uint8).reshape(2, 1)) & 0x0F  # (..., 2, 8)
+    hi = (s[..., None, 8:12] >> np.array([0, 2, 4, 6], np.uint8).reshape(4, 1)) & 3  # (..., 4, 4)
+    return lo.reshape(s.shape[:-1] + (16,)) | (hi.reshape(s.shape[:-1] + (16,)) << 4)
+
+
+def _q3_pack_scales(v: np.ndarray) -> np.ndarray:
+    """Inverse of _q3_scales."""
+    lo = (v[..., 0:8] & 0x0F) | ((v[..., 8:16] & 0x0F) << 4)
+    h = (v >> 4).reshape(v.shape[:-1] + (4, 4))  # (i, j): scale 4i + j -> byte 8 + j, bits 2i
+    hi = h[..., 0, :] | (h[..., 1, :] << 2) | (h[..., 2, :] << 4) | (h[..., 3, :] << 6)
+    return np.concatenate([lo, hi], axis=-1).astype(np.uint8)
+
+
+def _lowk_split(b: np.ndarray, wtype: str, rows: int) -> dict[str, np.ndarray]:
+    c = np.ascontiguousarray
+    if wtype == "q2_K":
+        return {"qs": _lowk_qs(_ggml_codes2(b[..., 16:80])), "sc": c(b[..., 0:16]).reshape(rows, -1),
+                "d": _f16(b[..., 80:82]), "dmin": _f16(b[..., 82:84])}
+    hm = b[..., 0:32].reshape(rows, -1, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(8, 1)
+    qh = _bitmask(hm & 1).reshape(rows, -1)  # sub-block j: bit j of hmask[0..31]
+    sc = (_q3_scales(b[..., 96:108]).astype(np.int16) - 32).astype(np.int8)
+    return {"qs": _lowk_qs(_ggml_codes2(b[..., 32:96])), "qh": qh, "sc": sc.reshape(rows, -1),
+            "d": _f16(b[..., 108:110])}
+
+
+def _lowk_join(arrays: dict[str, np.ndarray], wtype: str) -> np.ndarray:
+    q = _lowk_codes2(arrays["qs"])
+    rows, nb = q.shape[:2]
+    ns = nb // 8
+    g = q.reshape(rows, ns, 2, 4, 32)  # GGML: half h, sub-block k of it at bits 2k
+    gq = (g[:, :, :, 0] | (g[:, :, :, 1] << 2) | (g[:, :, :, 2] << 4) | (g[:, :, :, 3] << 6)).reshape(rows, ns, 64)
+    d = _bytes(arrays["d"], 2)
+    if wtype == "q2_K":
+        parts = [np.asarray(arrays["sc"], np.uint8).reshape(rows, ns, 16), gq, d, _bytes(arrays["dmin"], 2)]
+    else:
+        hb = np.unpackbits(np.asarray(arrays["qh"], np.uint8).reshape(rows, ns, 8, 4), axis=-1, bitorder="little")
+        hm = (hb << np.arange(8, dtype=np.uint8).reshape(8, 1)).sum(axis=2, dtype=np.uint8)  # (rows, ns, 32)
+        v = (np.asarray(arrays["sc"]).view(np.int8).astype(np.int16) + 32).astype(np.uint8).reshape(rows, ns, 16)
+        parts = [hm, gq, _q3_pack_scales(v), d]
+    return np.concatenate([p.astype(np.uint8) for p in parts], axis=-1).reshape(rows, -1)
+
+
+def lowk_codes(arrays: dict[str, np.ndarray], wtype: str) -> np.ndarray:
+    """q2_K: the 2-bit codes; q3_K: c = q | (high bit << 2), 0..7 -- (rows, nb, 32) int16."""
+    q = _lowk_codes2(arrays["qs"]).astype(np.int16)
+    if base_type(wtype) == "q3_K":
+        hb = np.unpackbits(np.asarray(arrays["qh"], np.uint8).reshape(q.shape[0], -1, 4), axis=-1,
+                           bitorder="little")
+        q |= hb.astype(np.int16) << 2
+    return q
+
+
+def _lowk_dequantize(arrays: dict[str, np.ndarray], wtype: str) -> np.ndarray:
+    """As gguf.quants: (d * scale) * q - dmin * min (q2_K), (d * scale) * (c - 4) (q3_K), float32."""
+    q = lowk_codes(arrays, wtype)
+    rows, nb = q.shape[:2]
+    f32 = np.float32
+    d = np.repeat(np.asarray(arrays["d"], f32), nb // arrays["d"].shape[1], axis=1)[..., None]  # (rows, nb, 1)
+    if base_type(wtype) == "q2_K":
+        sc = np.asarray(arrays["sc"], np.uint8).reshape(rows, nb, 2)
+        dmin = np.repeat(np.asarray(arrays["dmin"], f32), nb // arrays["dmin"].shape[1], axis=1)[..., None]
+        dl, ml = d * (sc & 0x0F).astype(f32), dmin * (sc >> 4).astype(f32)
+        v = dl[..., None] * q.reshape(rows, nb, 2, 16).astype(f32) - ml[..., None]
+    else:
+        dl = d * np.asarray(arrays["sc"]).view(np.int8).reshape(rows, nb, 2).astype(f32)
+        v = dl[..., None] * (q - 4).reshape(rows, nb, 2, 16).astype(f32)
+    return v.reshape(rows, -1)

@@ -15,6 +15,8 @@ weights may be read-only memmaps; T tokens, N weight rows, K columns, nb = K // 
     matmul_q5_K_q8_0(qs, qh, sc, mn, d, dmin, ...)
     matmul_q6_K_q8_0(qs, qh, sc, d, ...)
     matmul_mxfp4_q8_0(qs, e, ...)
+    matmul_q2_K_q8_0(qs, sc, d, dmin, ...)               the types of ``lowk.py``
+    matmul_q3_K_q8_0(qs, qh, sc, d, ...)
     matmul_f16_f32(w, x, out)                    w f16 (N,K), x f32 (T,K)
     matmul_f32_f32(w, x, out)                    w f32 (N,K)
     active_path() -> "vnni" | "avx2" | "neon-dot" | "neon" | "portable"
@@ -57,6 +59,8 @@ jitcache.install()   # ranks of a node share numba's cache: saves and loads unde
 
 PATHS = ("vnni", "avx2", "neon-dot", "neon", "portable")  # best first
 KQ_TYPES = ("q5_0", "q5_1", "q4_K", "q5_K", "q6_K", "mxfp4")  # kernels in kquant.py
+LOWK_TYPES = quant.LOWK_TYPES  # q2_K, q3_K: kernels in lowk.py
+KQ_TYPES += LOWK_TYPES  # (both modules: the same array-typed API)
 _MODULES = {"vnni": "x86", "avx2": "x86", "neon-dot": "portable", "neon": "portable", "portable": "portable"}
 ENV = "MPILLM_KERNELS"
 
@@ -224,7 +228,8 @@ class _JitView:
 
     NAMES = ("quantize_q8_0", "matmul_q4_0_q8_0", "matmul_q4_1_q8_0", "matmul_q8_0_q8_0",
              "matmul_f16_f32", "matmul_f32_f32") + tuple(f"matmul_{t}_q8_0" for t in ("q5_0", "q5_1", "q4_K", "q5_K",
-                                                                                     "q6_K", "mxfp4"))
+                                                                                     "q6_K", "mxfp4")) \
+        + tuple(f"matmul_{t}_q8_0" for t in LOWK_TYPES)
 
     def __init__(self, mod: ModuleType, prefix: str):
         for n in self.NAMES:

@@ -70,3 +70,9 @@ KERNELS = {"q4_0": matmul_q4_0_q8_0_f64, "q4_1": matmul_q4_1_q8_0_f64, "q8_0": m
            "q5_K": matmul_q5_K_q8_0_f64, "q6_K": matmul_q6_K_q8_0_f64, "mxfp4": matmul_mxfp4_q8_0_f64}
 for _t in ("q4_K", "q5_K", "q6_K"):
     KERNELS[_t + "_32"] = KERNELS[_t]
+
+# Q2_K and Q3_K: lowk.py
+from mpillm.kernels.lowk import matmul_q2_K_q8_0_f64, matmul_q3_K_q8_0_f64  # noqa: E402
+
+KERNELS.update({"q2_K": matmul_q2_K_q8_0_f64, "q3_K": matmul_q3_K_q8_0_f64,
+                "q2_K_32": matmul_q2_K_q8_0_f64, "q3_K_32": matmul_q3_K_q8_0_f64})

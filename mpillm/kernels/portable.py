@@ -263,3 +263,6 @@ from mpillm.kernels.kquant import portable_matmul_q5_1_q8_0 as matmul_q5_1_q8_0 
 from mpillm.kernels.kquant import portable_matmul_q5_K_q8_0 as matmul_q5_K_q8_0  # noqa: E402
 from mpillm.kernels.kquant import portable_matmul_q6_K_q8_0 as matmul_q6_K_q8_0  # noqa: E402
 from mpillm.kernels.kquant import portable_matmul_mxfp4_q8_0 as matmul_mxfp4_q8_0  # noqa: E402
+# Q2_K and Q3_K: lowk.py
+from mpillm.kernels.lowk import portable_matmul_q2_K_q8_0 as matmul_q2_K_q8_0  # noqa: E402,F401
+from mpillm.kernels.lowk import portable_matmul_q3_K_q8_0 as matmul_q3_K_q8_0  # noqa: E402,F401

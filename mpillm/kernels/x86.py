@@ -494,3 +494,6 @@ vnni_matmul_f32_f32 = avx2_matmul_f32_f32 = portable.matmul_f32_f32
 
 # the 5-bit, K-quant and MXFP4 types: kquant.py (vpdpbusd / vpmaddubsw on codes in element order)
 from mpillm.kernels.kquant import (avx2_matmul_mxfp4_q8_0, avx2_matmul_q4_K_q8_0, avx2_matmul_q5_0_q8_0, avx2_matmul_q5_1_q8_0, avx2_matmul_q5_K_q8_0, avx2_matmul_q6_K_q8_0, vnni_matmul_mxfp4_q8_0, vnni_matmul_q4_K_q8_0, vnni_matmul_q5_0_q8_0, vnni_matmul_q5_1_q8_0, vnni_matmul_q5_K_q8_0, vnni_matmul_q6_K_q8_0)
+# Q2_K and Q3_K: lowk.py
+from mpillm.kernels.lowk import (avx2_matmul_q2_K_q8_0, avx2_matmul_q3_K_q8_0, vnni_matmul_q2_K_q8_0,  # noqa: E402,F401
+                                 vnni_matmul_q3_K_q8_0)

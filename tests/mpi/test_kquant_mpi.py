@@ -55,3 +55,4 @@ def test_kquant_gguf_against_float64_reference():
 
             notes = fmt.Shard(Path(tmp / "out") / fmt.shard_relpath(3, 1), 3, 1).notes
             assert any("stored as q4_K_32" in n for n in notes)
+            assert any("layers/0/w_down: q3_K stored as q3_K_32" in n for n in notes)  # Q3_K cut too
