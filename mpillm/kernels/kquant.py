@@ -592,11 +592,11 @@ def _tile_codegen(kind: str, isa: str, R: int, U: int, f64: bool = False, pf: bo
             for grp, grp8 in ((group_x86, group_x86_8), (group_min, None)) if has_min else ((group_x86, group_x86_8),):
                 with cgutils.for_range(b, n8) as loop:
                     (grp8 or (lambda b0: grp(b0, 8)))(b.mul(loop.index, i64(8)))
-                # the tails (q5_0 / q5_1 / mxfp4 rows, _32 slices): 4, 2 and 1 sub-blocks, each at most once
+                # the tail (q5_0 / q5_1 / mxfp4 rows, _32 slices): up to 7 sub-blocks, one at a time (one
+                # code path instead of 4 + 2 + 1: each tile's code, and its compilation, is smaller)
                 rest = b.urem(nb, i64(8))
-                for n in (4, 2, 1):
-                    with b.if_then(b.icmp_unsigned("!=", b.and_(rest, i64(n)), i64(0)), likely=False):
-                        grp(b.sub(nb, b.and_(rest, i64(2 * n - 1))), n)
+                with cgutils.for_range(b, rest) as loop:
+                    grp(b.add(b.sub(nb, rest), loop.index), 1)
         for r in range(R):
             for u in range(U):
                 a = b.load(acc[r][u])
@@ -614,17 +614,16 @@ def _make_tile(kind, isa, R, U, f64=False, pf=False):
                          "ostride, nb, n0, t0", _tile_codegen(kind, isa, R, U, f64, pf))
 
 
-# tiles per path and kind: R rows x U tokens (T > T_SMALL), R1 rows x 1 token (decode: D), single
-# rows (O*); 2 <= T <= T_SMALL (batched decode, draft verification): R_S rows x U_S tokens and its
-# token tails (S1 .. S<U_S - 1>), prefetching as decode does (pf: see _tile_codegen's prefetch)
-R_X, U_X, R1_X = 4, 2, 2
-R_S, U_S, T_SMALL = 4, 4, 16
+# tiles per path and kind: R rows x U tokens; portable and f64: RU for T > 1, R1 for its token tail and
+# D for T = 1, single rows (O*) after the last whole row tile
+R_S, U_S = 4, 4
 PF = 4096  # decode prefetch distance in bytes of qs (and of qh, in its own stream)
 # the arrays streamed per row that decode prefetches, with their bytes per 32-element sub-block
 PF_STREAMS = {k: (("qs", 16),) + ((("qh", 8 if k == "q6_K" else 4),) if "qh" in ARR[k] else ()) for k in KINDS}
 R_P, U_P = 4, 2
-_X86 = dict(RU=(R_X, U_X), R1=(R_X, 1), OU=(1, U_X), O1=(1, 1), D=(R1_X, 1, True), S=(R_S, U_S, True),
-            **{f"S{t}": (R_S, t, True) for t in range(1, U_S)})
+# x86: S (R_S x U_S) and its token tails S1 .. S<U_S - 1> for every T > 1 and S1 for T = 1 (D), all
+# prefetching; O1 for the rows after the last whole row tile
+_X86 = dict(S=(R_S, U_S, True), **{f"S{t}": (R_S, t, True) for t in range(1, U_S)}, O1=(1, 1))
 SHAPES = {"vnni": _X86, "avx2": dict(_X86),
           "portable": dict(RU=(R_P, U_P), R1=(R_P, 1), OU=(1, U_P), O1=(1, 1), D=(R_P, 1)),
           "f64": dict(RU=(R_P, 1), R1=(R_P, 1), OU=(1, 1), O1=(1, 1), D=(R_P, 1))}
@@ -772,35 +771,25 @@ def run_{P}_{K}(a, N, T):
                     {P}_{K}_O1(*a, n, 0)
         return
 {loop}"""
-# the x86 paths: _RUN with a branch for 2 <= T <= T_SMALL (prefetching R_S x U_S tiles and their token tails)
+# the x86 paths: T = 1 in R_S x 1 tiles (S1), any other T in R_S x U_S tiles (S) and a tail of T mod U_S
+# tokens (S<t>); all prefetch (the T = 1 stream); rows after the last whole row tile one by one (O1)
 _RUN_S = """
 
 @njit(cache=True, fastmath=False, nogil=True, parallel=True)
 def run_{P}_{K}(a, N, T):
-    RD, R, U, RS, US = {RD}, {R}, {U}, {RS}, {US}
-    if T == 1:
-        for i in prange((N + RD - 1) // RD):
-            n0 = i * RD
-            if n0 + RD <= N:
-                {P}_{K}_D(*a, n0, 0)
-            else:
-                for n in range(n0, N):
-                    {P}_{K}_O1(*a, n, 0)
-        return
-    if T <= {TS}:
-        for i in prange((N + RS - 1) // RS):
-            n0 = i * RS
-            if n0 + RS <= N:
-                t0 = 0
-                while t0 + US <= T:
-                    {P}_{K}_S(*a, n0, t0)
-                    t0 += US
-{tails}            else:
-                for n in range(n0, N):
-                    for t in range(T):
-                        {P}_{K}_O1(*a, n, t)
-        return
-{loop}"""
+    RS, US = {RS}, {US}
+    for i in prange((N + RS - 1) // RS):
+        n0 = i * RS
+        if n0 + RS <= N:
+            t0 = 0
+            while t0 + US <= T:
+                {P}_{K}_S(*a, n0, t0)
+                t0 += US
+{tails}        else:
+            for n in range(n0, N):
+                for t in range(T):
+                    {P}_{K}_O1(*a, n, t)
+"""
 _ENTRY = """
 
 @njit({flags})
@@ -819,14 +808,13 @@ def _runners_source() -> str:
     src = runners.HEADER.format(by=__name__)
     for P, sh in SHAPES.items():
         for K in KINDS:
-            loop = runners.row_tiles(4, *(f"{P}_{K}_{s}" for s in ("RU", "R1", "OU", "O1")))
             if "S" in sh:
-                tails = "".join(f"                {'if' if t == 1 else 'elif'} T - t0 == {t}:\n"
-                                f"                    {P}_{K}_S{t}(*a, n0, t0)\n" for t in range(1, sh["S"][1]))
-                src += _RUN_S.format(P=P, K=K, RD=sh["D"][0], R=sh["RU"][0], U=sh["RU"][1], RS=sh["S"][0],
-                                     US=sh["S"][1], TS=T_SMALL, tails=tails, loop=loop)
+                tails = "".join(f"            {'if' if t == 1 else 'elif'} T - t0 == {t}:\n"
+                                f"                {P}_{K}_S{t}(*a, n0, t0)\n" for t in range(1, sh["S"][1]))
+                src += _RUN_S.format(P=P, K=K, RS=sh["S"][0], US=sh["S"][1], tails=tails)
             else:
-                src += _RUN.format(P=P, K=K, RD=sh["D"][0], R=sh["RU"][0], U=sh["RU"][1], loop=loop)
+                src += _RUN.format(P=P, K=K, RD=sh["D"][0], R=sh["RU"][0], U=sh["RU"][1],
+                                   loop=runners.row_tiles(4, *(f"{P}_{K}_{s}" for s in ("RU", "R1", "OU", "O1"))))
             src += _ENTRY.format(flags=runners.flags(_JIT), name=entry_name(P, K), arrays=", ".join(ARR[K]), P=P, K=K)
     return src
 
