@@ -617,7 +617,7 @@ def _make_tile(kind, isa, R, U, f64=False, pf=False):
 # tiles per path and kind: R rows x U tokens; portable and f64: RU for T > 1, R1 for its token tail and
 # D for T = 1, single rows (O*) after the last whole row tile
 R_S, U_S = 4, 4
-PF = 4096  # decode prefetch distance in bytes of qs (and of qh, in its own stream)
+PF = 16384  # prefetch distance: of the matrix (each stream, qs and qh, kR rows ahead: k R row lengths >= PF)
 # the arrays streamed per row that decode prefetches, with their bytes per 32-element sub-block
 PF_STREAMS = {k: (("qs", 16),) + ((("qh", 8 if k == "q6_K" else 4),) if "qh" in ARR[k] else ()) for k in KINDS}
 R_P, U_P = 4, 2
