@@ -163,12 +163,12 @@ def _cut32(wtype, N, K, seed):
 @pytest.mark.parametrize("path_name", kernels.PATHS)
 @pytest.mark.parametrize("wtype", ["q4_K_32", "q5_K_32", "q6_K_32"])
 def test_k32_tail(path_name, wtype):
-    """A ``_32`` slice whose sub-block count is not a multiple of 8 (K = 352: 8 + 3; the main loop
+    """A ``_32`` slice whose sub-block count is not a multiple of 8 (K = 608: 2 x 8 + 3; the main loop
     and the tail): against the float64 reference, and each token's row bit-identical alone and in
     batches (every tile: N = 11 is two 4-row tiles and 3 single rows)."""
     path = _path(path_name)
     N = 11
-    a, (xq, xd, xs), ref, mag = _cut32(wtype, N, 352, seed=6)
+    a, (xq, xd, xs), ref, mag = _cut32(wtype, N, 608, seed=6)
     alone = np.empty((9, N), np.float32)
     for t in range(9):
         path.matmul(wtype, a, xq[t:t + 1], xd[t:t + 1], xs[t:t + 1], None, alone[t:t + 1])

@@ -29,16 +29,21 @@ kernels); high bits come from 32-bit masks (``bitcast i32 -> <32 x i1>``, zero-e
 bytes: kmov + vpmovm2b on AVX-512); MXFP4 codes map through a 16-entry table (pshufb on x86,
 selects in the portable IR).
 
-x86 (``vnni``, ``avx2``): the codes stay in the qs nibble order (``_codes_nib``): per 4
-sub-blocks, ``vpdpbusd`` (VNNI) or ``vpmaddubsw`` + ``vpmaddwd`` (AVX2; codes < 64 so the i16
-pair sums cannot saturate) of the low nibbles with the activations' first 16 bytes of each
-sub-block, and of the high nibbles with the last 16 (a 128-bit-lane shuffle of the activations
-per token, shared by the tile's rows), land in the same <16 x i32> lanes (lane l: sub-block
-l // 4), converted and FMA'd once with per-lane D * xd into a <16 x float> accumulator per
-(row, token) (q6_K: low and high halves have their own scales, two conversions); tails of 2
-and 1 sub-blocks likewise (1: 32 codes in element order). M terms go to an 8-lane accumulator
-in a loop of their own after the dots. q6_K starts each dot at -32 * (sum of the lane's 4
-activations), computed once per token and group. The runners are compiled without fastmath:
+x86 (``vnni``, ``avx2``): the codes stay in the qs nibble order (``_codes_nib``), their high bits
+added by one masked vpaddb per 64 codes and bit (the masks: one word shuffle of qh, stored, loaded
+into mask registers). Per 8 sub-blocks (``group_x86_8``), per 4 of them ``vpdpbusd`` (VNNI) or
+``vpmaddubsw`` + ``vpmaddwd`` (AVX2; codes < 64 so the i16 pair sums cannot saturate) of the low
+nibbles with the activations' first 16 bytes of each sub-block and of the high nibbles with the last
+16 (a 128-bit-lane shuffle of the activations per token, shared by the tile's rows) land in 16 i32
+lanes (q6_K: low and high halves apart, each from -32 * the lane's activation sum, computed once per
+token); ``vpackssdw`` of the two halves' lanes and ``vpmaddwd`` with the integer scales as words (sc
+of q4_K / q5_K, q6_K's two per sub-block, 1 for the other types) leave 16 exact i32 lanes, two per
+sub-block, converted once and FMA'd with d * xd into a <16 x float> accumulator per (row, token).
+A tail of sub-blocks (q5_0 / q5_1 / mxfp4 rows, ``_32`` slices) runs one at a time (32 codes in
+element order, float scales). M terms go to an 8-lane accumulator in a loop of their own after the
+dots. Tiles: 4 rows x 4 tokens and the 4 x 1..3 token tails, for every T (T = 1: 4 x 1), each
+row's streams (qs, qh) prefetched PF bytes of the matrix ahead (the same place k R rows on: the
+rows are contiguous). The runners are compiled without fastmath:
 with it LLVM contracted the tiles' float operations differently per tile shape, and a row's
 last bit depended on its batch (test_row_does_not_depend_on_its_batch). Portable: one sub-block at a time, ``sdot`` shape
 (``reduce.add(sext * sext)``) per 16 bytes (``irgen.Emit.sdot``, as in ``portable.py``). ``f64`` tiles accumulate
