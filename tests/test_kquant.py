@@ -137,8 +137,44 @@ def test_row_does_not_depend_on_its_batch(path_name, wtype):
     alone = np.empty((9, 11), np.float32)
     for t in range(9):
         path.matmul(wtype, a, xq[t:t + 1], xd[t:t + 1], xs[t:t + 1], None, alone[t:t + 1])
-    for T in (2, 3, 5, 9):
+    for T in (2, 3, 5, 6, 7, 9):  # the x86 4 x 4 tiles: tails of 2, 3, 1 tokens, alone and after a whole tile
         out = np.full((T, 11), np.nan, np.float32)
+        path.matmul(wtype, a, xq[:T], xd[:T], xs[:T], None, out)
+        np.testing.assert_array_equal(out, alone[:T], err_msg=f"{path_name} {wtype}: batch of {T}")
+
+
+def _cut32(wtype, N, K, seed):
+    """A ``_32`` K-quant matrix of K columns (K a multiple of 32, not of 256: a row-parallel slice),
+    cut from a 256-multiple one, with the q8_0 activations of 9 tokens and the float64 reference."""
+    rng = np.random.default_rng(seed)
+    full = quant.random_arrays(wtype, N, -(-K // 256) * 256, rng)
+    nb = K // 32
+    per = {k: full[k].shape[1] // (full["qs"].shape[1] // 16) for k in full}  # bytes or values per sub-block
+    a = {k: np.ascontiguousarray(v[:, :nb * per[k]]) for k, v in full.items()}
+    T = 9
+    x = rng.standard_normal((T, K)).astype(np.float32)
+    xq, xd, xs = np.empty((T, K), np.int8), np.empty((T, nb), np.float32), np.empty((T, nb), np.int32)
+    kernels.get_path("portable").quantize_q8_0(x, xq, xd, xs)
+    xf = (xq.reshape(T, nb, 32).astype(np.float64) * xd[..., None]).reshape(T, K)
+    W = quant.dequantize(a, wtype).astype(np.float64)
+    return a, (xq, xd, xs), xf @ W.T, np.abs(xf) @ np.abs(W).T
+
+
+@pytest.mark.parametrize("path_name", kernels.PATHS)
+@pytest.mark.parametrize("wtype", ["q4_K_32", "q5_K_32", "q6_K_32"])
+def test_k32_tail(path_name, wtype):
+    """A ``_32`` slice whose sub-block count is not a multiple of 8 (K = 608: 2 x 8 + 3; the main loop
+    and the tail): against the float64 reference, and each token's row bit-identical alone and in
+    batches (every tile: N = 11 is two 4-row tiles and 3 single rows)."""
+    path = _path(path_name)
+    N = 11
+    a, (xq, xd, xs), ref, mag = _cut32(wtype, N, 608, seed=6)
+    alone = np.empty((9, N), np.float32)
+    for t in range(9):
+        path.matmul(wtype, a, xq[t:t + 1], xd[t:t + 1], xs[t:t + 1], None, alone[t:t + 1])
+    assert (np.abs(alone - ref) <= 2e-6 * mag + 1e-30).all(), np.abs(alone - ref).max()
+    for T in (3, 6, 9):
+        out = np.full((T, N), np.nan, np.float32)
         path.matmul(wtype, a, xq[:T], xd[:T], xs[:T], None, out)
         np.testing.assert_array_equal(out, alone[:T], err_msg=f"{path_name} {wtype}: batch of {T}")
 

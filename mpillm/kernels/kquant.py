@@ -29,16 +29,21 @@ kernels); high bits come from 32-bit masks (``bitcast i32 -> <32 x i1>``, zero-e
 bytes: kmov + vpmovm2b on AVX-512); MXFP4 codes map through a 16-entry table (pshufb on x86,
 selects in the portable IR).
 
-x86 (``vnni``, ``avx2``): the codes stay in the qs nibble order (``_codes_nib``): per 4
-sub-blocks, ``vpdpbusd`` (VNNI) or ``vpmaddubsw`` + ``vpmaddwd`` (AVX2; codes < 64 so the i16
-pair sums cannot saturate) of the low nibbles with the activations' first 16 bytes of each
-sub-block, and of the high nibbles with the last 16 (a 128-bit-lane shuffle of the activations
-per token, shared by the tile's rows), land in the same <16 x i32> lanes (lane l: sub-block
-l // 4), converted and FMA'd once with per-lane D * xd into a <16 x float> accumulator per
-(row, token) (q6_K: low and high halves have their own scales, two conversions); tails of 2
-and 1 sub-blocks likewise (1: 32 codes in element order). M terms go to an 8-lane accumulator
-in a loop of their own after the dots. q6_K starts each dot at -32 * (sum of the lane's 4
-activations), computed once per token and group. The runners are compiled without fastmath:
+x86 (``vnni``, ``avx2``): the codes stay in the qs nibble order (``_codes_nib``), their high bits
+added by one masked vpaddb per 64 codes and bit (the masks: one word shuffle of qh, stored, loaded
+into mask registers). Per 8 sub-blocks (``group_x86_8``), per 4 of them ``vpdpbusd`` (VNNI) or
+``vpmaddubsw`` + ``vpmaddwd`` (AVX2; codes < 64 so the i16 pair sums cannot saturate) of the low
+nibbles with the activations' first 16 bytes of each sub-block and of the high nibbles with the last
+16 (a 128-bit-lane shuffle of the activations per token, shared by the tile's rows) land in 16 i32
+lanes (q6_K: low and high halves apart, each from -32 * the lane's activation sum, computed once per
+token); ``vpackssdw`` of the two halves' lanes and ``vpmaddwd`` with the integer scales as words (sc
+of q4_K / q5_K, q6_K's two per sub-block, 1 for the other types) leave 16 exact i32 lanes, two per
+sub-block, converted once and FMA'd with d * xd into a <16 x float> accumulator per (row, token).
+A tail of sub-blocks (q5_0 / q5_1 / mxfp4 rows, ``_32`` slices) runs one at a time (32 codes in
+element order, float scales). M terms go to an 8-lane accumulator in a loop of their own after the
+dots. Tiles: 4 rows x 4 tokens and the 4 x 1..3 token tails, for every T (T = 1: 4 x 1), each
+row's streams (qs, qh) prefetched PF bytes of the matrix ahead (the same place k R rows on: the
+rows are contiguous). The runners are compiled without fastmath:
 with it LLVM contracted the tiles' float operations differently per tile shape, and a row's
 last bit depended on its batch (test_row_does_not_depend_on_its_batch). Portable: one sub-block at a time, ``sdot`` shape
 (``reduce.add(sext * sext)``) per 16 bytes (``irgen.Emit.sdot``, as in ``portable.py``). ``f64`` tiles accumulate
@@ -47,6 +52,7 @@ in float64 (``--buffer-type f64``, kernels.exact).
 from __future__ import annotations
 
 import numpy as np
+from llvmlite import binding as _llvm
 from llvmlite import ir
 from numba import njit
 from numba.core import cgutils
@@ -57,6 +63,7 @@ from mpillm.kernels.checks import rows_ok
 from mpillm.kernels.irgen import F16, F32, F64, I1, I8, I16, I32, I64, PTR, VNNI_BYTE_OPERANDS, Emit, int_intrinsic
 from mpillm.kernels.irgen import vec as _vec
 
+_llvm.initialize_native_asmparser()  # the inline masked vpaddb (_E.add_masked) is parsed by LLVM
 KINDS = ("q5_0", "q5_1", "q4_K", "q5_K", "q6_K", "mxfp4")
 KIND_ID = {k: i for i, k in enumerate(KINDS)}
 ARR = {k: tuple(n for n, _ in quant.ARRAYS[k]) for k in KINDS}
@@ -133,6 +140,55 @@ class _E(Emit):
         res = parts[0] if len(parts) == 1 else self.shuffle(parts[0], parts[1], range(16))
         return b.add(acc, res)
 
+    def _x86_2op(self, a, c, name512, name256, outel):
+        """A two-operand x86 integer instruction on 512 bits: one call (vnni) or two 256-bit halves."""
+        n = a.type.count
+        b = self.b
+        rn = 2 * n if outel is I16 else n // 2
+        if self.isa == "vnni":
+            f = self.decl(name512, _vec(outel, rn), [a.type, c.type])
+            return b.call(f, [a, c])
+        h = n // 2
+        ht = _vec(a.type.element, h)
+        f = self.decl(name256, _vec(outel, rn // 2), [ht, _vec(c.type.element, h)])
+        parts = [b.call(f, [self.shuffle(a, None, range(h * i, h * i + h)),
+                            self.shuffle(c, None, range(h * i, h * i + h))]) for i in range(2)]
+        return self.shuffle(parts[0], parts[1], range(rn))
+
+    def packssdw(self, a, c):
+        """<16 x i32> x 2 -> <32 x i16>: per 128-bit lane a's 4 dwords then c's, as words (saturating)."""
+        return self._x86_2op(a, c, "llvm.x86.avx512.packssdw.512", "llvm.x86.avx2.packssdw", I16)
+
+    def pmaddwd(self, a, c):
+        """<32 x i16> x 2 -> <16 x i32>: dword j = a[2j] c[2j] + a[2j+1] c[2j+1]."""
+        return self._x86_2op(a, c, "llvm.x86.avx512.pmaddw.d.512", "llvm.x86.avx2.pmadd.wd", I32)
+
+    def masks64(self, words):
+        """<4k x i16> -> k i64 masks, through a stack slot (stored once, each mask loaded into a mask
+        register from there: without the slot LLVM extracted each with a shift and a truncation)."""
+        b = self.b
+        n = words.type.count // 4
+        slot = cgutils.alloca_once(b, _vec(I64, n))
+        st = b.store(b.bitcast(words, _vec(I64, n)), slot)
+        st.volatile = True
+        out = []
+        for i in range(n):
+            ld = b.load(self.addr(b.ptrtoint(slot, I64), I64(8 * i)), typ=I64)
+            ld.volatile = True
+            out.append(ld)
+        return out
+
+    def add_masked(self, v, m, val):
+        """v + val in the bytes whose bit of the i64 mask m is set (v: <64 x i8>): one masked vpaddb
+        on AVX-512 (inline: LLVM turns the add of a known-zero bit into an or, and a masked or of
+        bytes does not exist, so it emitted an or and a blend); elsewhere a select."""
+        b = self.b
+        c = self.splat_const(I8, 64, val)
+        if self.isa == "vnni":
+            ft = ir.FunctionType(v.type, [I64, v.type, v.type])
+            return b.asm(ft, "vpaddb $3, $2, $0 {$1}", "=v,^Yk,0,v", [m, v, c], False)
+        return b.select(b.bitcast(m, _vec(I1, 64)), b.add(v, c), v)
+
     def pshufb(self, table, idx):
         """Per-128-bit-lane byte table lookup (idx < 16), any multiple of 32 bytes."""
         n = idx.type.count
@@ -200,30 +256,42 @@ def _codes(e: _E, kind: str, A: dict, r, b0, nsub: int):
 def _codes_nib(e: _E, kind: str, A: dict, r, b0, nsub: int):
     """x86: the unsigned codes of sub-blocks [b0, b0 + nsub) of row r in the qs nibble order:
     (lo, hi), each <16 nsub x i8>, lo = elements 0..15 of each sub-block (the low nibbles as they
-    lie), hi = elements 16..31; for nsub = 1 a single <32 x i8> in element order (lo, hi)."""
+    lie), hi = elements 16..31; for nsub = 1 a single <32 x i8> in element order (lo, hi).
+
+    High bits: the qh masks are read as 16-bit words (word 2s / 2s + 1: elements 0..15 / 16..31
+    of sub-block s; q6_K: words 4s .. 4s + 3 the bit-4 mask, then the bit-5 mask); the words of
+    one code vector, gathered by one word shuffle, are its byte mask (<16 nsub x i1>: an AVX-512
+    mask register) and the bit is added where it is set (one masked vpaddb per mask)."""
     b = e.b
     i64 = e.i64
-    n = 16 * nsub
     lo, hi = _nibbles(e, A, r, b0, nsub)
+    q = e.shuffle(lo, hi, range(32)) if nsub == 1 else None
 
-    def bits(m, shift, val):
-        """<nsub x i32> masks -> bits [shift, shift + 16) of each as bytes val / 0."""
-        h = b.trunc(b.lshr(m, e.splat(I32(shift), nsub)) if shift else m, _vec(I16, nsub))
-        return b.select(b.bitcast(h, _vec(I1, n)), e.splat_const(I8, n, val), ir.Constant(_vec(I8, n), None))
+    def add_where(v, words, idx, val):
+        m = b.bitcast(e.shuffle(words, None, idx), _vec(I1, 16 * len(idx)))
+        return b.select(m, b.add(v, e.splat_const(I8, v.type.count, val)), v)
 
-    if kind in ("q5_0", "q5_1", "q5_K"):
+    if kind in ("q5_0", "q5_1", "q5_K", "q6_K"):
         hb, hs = A["qh"]
-        m = e.load(hb, b.add(b.mul(r, hs), b.mul(b0, i64(4))), _vec(I32, nsub))
-        lo, hi = b.or_(lo, bits(m, 0, 16)), b.or_(hi, bits(m, 16, 16))
-    elif kind == "q6_K":
-        hb, hs = A["qh"]
-        m = e.load(hb, b.add(b.mul(r, hs), b.mul(b0, i64(8))), _vec(I32, 2 * nsub))
-        m4 = e.shuffle(m, None, [2 * j for j in range(nsub)])  # per sub-block: bit-4 flags, bit-5 flags
-        m5 = e.shuffle(m, None, [2 * j + 1 for j in range(nsub)])
-        lo = b.or_(lo, b.or_(bits(m4, 0, 16), bits(m5, 0, 32)))
-        hi = b.or_(hi, b.or_(bits(m4, 16, 16), bits(m5, 16, 32)))
+        wps = 4 if kind == "q6_K" else 2  # mask words per sub-block
+        w = e.load(hb, b.add(b.mul(r, hs), b.mul(b0, i64(2 * wps))), _vec(I16, wps * nsub))
+        bits = ((0, 16), (2, 32)) if kind == "q6_K" else ((0, 16),)
+        if nsub == 4:  # one word shuffle gives every 64-bit mask of the two code vectors
+            order = [(t + h, val) for t, val in bits for h in (0, 1)]
+            m = e.masks64(e.shuffle(w, None, [wps * s_ + t for t, _ in order for s_ in range(4)]))
+            for i, (t, val) in enumerate(order):
+                if t % 2 == 0:
+                    lo = e.add_masked(lo, m[i], val)
+                else:
+                    hi = e.add_masked(hi, m[i], val)
+        else:
+            for t, val in bits:
+                if nsub == 1:
+                    q = add_where(q, w, [t, t + 1], val)
+                else:
+                    lo = add_where(lo, w, [wps * s_ + t for s_ in range(nsub)], val)
+                    hi = add_where(hi, w, [wps * s_ + t + 1 for s_ in range(nsub)], val)
     if nsub == 1:
-        q = e.shuffle(lo, hi, range(32))
         return (e.pshufb(_MXFP4_U, q) if kind == "mxfp4" else q),
     if kind == "mxfp4":
         lo, hi = e.pshufb(_MXFP4_U, lo), e.pshufb(_MXFP4_U, hi)
@@ -255,7 +323,7 @@ def _scales(e: _E, kind: str, A: dict, r, blk, dshift):
     return [b.fmul(d, sc)], b.fmul(b.fmul(dm, mn), ir.Constant(F32, -1.0))
 
 
-def _tile_codegen(kind: str, isa: str, R: int, U: int, f64: bool = False):
+def _tile_codegen(kind: str, isa: str, R: int, U: int, f64: bool = False, pf: bool = False):
     has_min = kind in ("q5_1", "q4_K", "q5_K") or (isa != "portable" and kind in ("q5_0", "mxfp4"))
     FT, esz = (F64, 8) if f64 else (F32, 4)
 
@@ -355,6 +423,79 @@ def _tile_codegen(kind: str, isa: str, R: int, U: int, f64: bool = False):
             dm = dvec("dmin", b0, n)
             return b.fmul(d, sc), b.fmul(b.fmul(dm, mn), e.splat(ir.Constant(F32, -1.0), n))
 
+        SEL = [k if j < 2 else 4 + k for k in range(4) for j in range(4)]  # group_x86_8: lane -> sub-block
+
+        def prefetch(b0):
+            """Each row's streams (qs, qh) pf_off bytes ahead: the same place kR rows further on,
+            in a row tile this thread runs later (the rows of a matrix are contiguous, so that is
+            the next kR row-lengths of the stream; pf_off >= PF)."""
+            for r in range(R):
+                for name, bpb in PF_STREAMS[kind]:
+                    base, st = A[name]
+                    off = b.add(b.add(b.mul(rows[r], st), b.mul(b0, i64(bpb))), pf_off[name])
+                    for line in range(0, 8 * bpb, 64):
+                        e.prefetch(base, b.add(off, i64(line)))
+
+        def group_x86_8(b0):
+            """Sub-blocks [b0, b0 + 8) (the main loop), integer until one conversion per (row, token):
+            per 4 sub-blocks (part p) the dot products of the codes in the qs nibble order (low
+            nibbles with the activations' first 16 bytes of each sub-block, XL, high with the last
+            16, XH) land in 16 i32 lanes, 4 per sub-block (q6_K: low and high halves in separate
+            lanes, from -32 * the lane's activation sum); vpackssdw of the two parts' lanes (exact:
+            |lane| < 2^15) and vpmaddwd with the sub-blocks' integer scales as words (q4_K, q5_K: sc;
+            q6_K: sc of each half, two of them; the other types: 1) give 16 i32 lanes, 2 per
+            sub-block (lane l: sub-block SEL[l]), |S| < 2^24, so the conversion is exact; then one
+            FMA with the lanes' float scale (d, or the type's D) times xd."""
+            q6 = kind == "q6_K"
+            xv, xdl, init = [], [], []
+            for u in range(U):
+                xrow = b.add(b.mul(i64(u), xstride), b.mul(b0, i64(32)))
+                xd = e.load(xdp, b.add(b.mul(i64(u), sstride), b.mul(b0, i64(4))), _vec(F32, 8))
+                xdl.append(e.shuffle(xd, None, SEL))
+                ops, ini = [], []
+                for j0 in (0, 4):
+                    x = e.load(xp, b.add(xrow, i64(32 * j0)), _vec(I8, 128))
+                    o = (e.shuffle(x, None, [32 * s_ + i for s_ in range(4) for i in range(16)]),
+                         e.shuffle(x, None, [32 * s_ + 16 + i for s_ in range(4) for i in range(16)]))
+                    ops.append(o)
+                    if q6:  # -32 * (sum of each lane's 4 activations)
+                        z = ir.Constant(_vec(I32, 16), None)
+                        ini.append(tuple(b.sub(z, e.dot(z, e.splat_const(I8, 64, 32), v)) for v in o))
+                xv.append(ops)
+                init.append(ini)
+            if pf:
+                prefetch(b0)
+            z = ir.Constant(_vec(I32, 16), None)
+            for r in range(R):
+                row = rows[r]
+                codes = [_codes_nib(e, kind, A, row, b.add(b0, i64(j0)), 4) for j0 in (0, 4)]
+                if kind in quant.K_TYPES:
+                    rows_cur[0] = row
+                    dl = e.shuffle(dvec("d", b0, 8), None, SEL)
+                    so = b.add(b.mul(row, A["sc"][1]), b.mul(b0, i64(2 if q6 else 1)))
+                    if q6:  # sc of sub-block s: low half 2s, high half 2s + 1
+                        sc = b.sext(e.load(A["sc"][0], so, _vec(I8, 16)), _vec(I16, 16))
+                        scw = [e.shuffle(sc, None, [2 * SEL[m // 2] + h for m in range(32)]) for h in (0, 1)]
+                    else:
+                        sc = b.zext(e.load(A["sc"][0], so, _vec(I8, 8)), _vec(I16, 8))
+                        scw = [e.shuffle(sc, None, [SEL[m // 2] for m in range(32)])]
+                else:
+                    dl = e.shuffle(scales_vec(row, b0, 8)[0], None, SEL)
+                    scw = [e.splat_const(I16, 32, 1)]
+                for u in range(U):
+                    (XL0, XH0), (XL1, XH1) = xv[u]
+                    if q6:
+                        (iL0, iH0), (iL1, iH1) = init[u]
+                        lo = e.packssdw(e.dot(iL0, codes[0][0], XL0), e.dot(iL1, codes[1][0], XL1))
+                        hi = e.packssdw(e.dot(iH0, codes[0][1], XH0), e.dot(iH1, codes[1][1], XH1))
+                        S = b.add(e.pmaddwd(lo, scw[0]), e.pmaddwd(hi, scw[1]))
+                    else:
+                        i0 = e.dot(e.dot(z, codes[0][0], XL0), codes[0][1], XH0)
+                        i1 = e.dot(e.dot(z, codes[1][0], XL1), codes[1][1], XH1)
+                        S = e.pmaddwd(e.packssdw(i0, i1), scw[0])
+                    a = e.fma(b.sitofp(S, _vec(F32, 16)), b.fmul(dl, xdl[u]), b.load(acc[r][u]))
+                    b.store(a, acc[r][u])
+
         def group_x86(b0, n):
             """Sub-blocks [b0, b0 + n), n = 8 (the main loop), 4, 2 or 1 (tails). The codes stay in
             the qs nibble order (``_codes_nib``): per 4 sub-blocks, one dot of the low nibbles with
@@ -389,20 +530,6 @@ def _tile_codegen(kind: str, isa: str, R: int, U: int, f64: bool = False):
                 xv.append(xs_)
                 xdl.append(xl_)
                 init.append(ini)
-            if U == 1 and n == 8:  # decode: prefetch each row's codes PF bytes ahead in its stream
-                for r in range(R):
-                    for name, bpb in PF_STREAMS[kind]:
-                        base, st = A[name]
-                        k0, rem0, rb = pf_split[name]
-                        # the stream of row r goes on at row r + R (this thread's next tile): PF bytes
-                        # ahead is k rows of R further on, at byte p of that row
-                        p = b.add(rem0, b.mul(b0, i64(bpb)))
-                        over = b.icmp_unsigned(">=", p, rb)
-                        k = b.add(k0, b.zext(over, I64))
-                        p = b.select(over, b.sub(p, rb), p)
-                        off = b.add(b.mul(b.add(rows[r], b.mul(k, i64(R))), st), p)
-                        for line in range(0, 8 * bpb, 64):
-                            e.prefetch(base, b.add(off, i64(line)))
             pad16 = lambda v, L: v if L == 16 else e.shuffle(  # noqa: E731
                 v, ir.Constant(v.type, None), list(range(L)) + [L] * (16 - L))
             for r in range(R):
@@ -454,26 +581,27 @@ def _tile_codegen(kind: str, isa: str, R: int, U: int, f64: bool = False):
                 for u in range(U):
                     b.store(e.fma(Mp, xdsum[u], b.load(macc8[r][u])), macc8[r][u])
 
-        pf_split = {}  # decode prefetch: per stream (PF // row bytes, PF % row bytes, row bytes)
-        if isa != "portable" and U == 1:
-            for name, bpb in PF_STREAMS[kind]:
-                rb = b.mul(nb, i64(bpb))
-                rb = b.select(b.icmp_unsigned("==", rb, i64(0)), i64(1), rb)
-                k0 = b.udiv(i64(PF), rb)
-                pf_split[name] = (k0, b.sub(i64(PF), b.mul(k0, rb)), rb)
+        pf_off = {}  # prefetch distance per stream: kR row strides, k a power of two, >= PF bytes
+        if pf:
+            for name, _ in PF_STREAMS[kind]:
+                off = b.mul(A[name][1], i64(R))
+                off = b.select(b.icmp_unsigned("==", off, i64(0)), i64(PF), off)
+                for _ in range(PF.bit_length()):
+                    off = b.select(b.icmp_unsigned("<", off, i64(PF)), b.shl(off, i64(1)), off)
+                pf_off[name] = off
         if isa == "portable":
             with cgutils.for_range(b, nb) as loop:
                 group_portable(loop.index)
         else:
             n8 = b.udiv(nb, i64(8))
-            for grp in (group_x86, group_min) if has_min else (group_x86,):
+            for grp, grp8 in ((group_x86, group_x86_8), (group_min, None)) if has_min else ((group_x86, group_x86_8),):
                 with cgutils.for_range(b, n8) as loop:
-                    grp(b.mul(loop.index, i64(8)), 8)
-                # the tails (q5_0 / q5_1 / mxfp4 rows, _32 slices): 4, 2 and 1 sub-blocks, each at most once
+                    (grp8 or (lambda b0: grp(b0, 8)))(b.mul(loop.index, i64(8)))
+                # the tail (q5_0 / q5_1 / mxfp4 rows, _32 slices): up to 7 sub-blocks, one at a time (one
+                # code path instead of 4 + 2 + 1: each tile's code, and its compilation, is smaller)
                 rest = b.urem(nb, i64(8))
-                for n in (4, 2, 1):
-                    with b.if_then(b.icmp_unsigned("!=", b.and_(rest, i64(n)), i64(0)), likely=False):
-                        grp(b.sub(nb, b.and_(rest, i64(2 * n - 1))), n)
+                with cgutils.for_range(b, rest) as loop:
+                    grp(b.add(b.sub(nb, rest), loop.index), 1)
         for r in range(R):
             for u in range(U):
                 a = b.load(acc[r][u])
@@ -485,20 +613,23 @@ def _tile_codegen(kind: str, isa: str, R: int, U: int, f64: bool = False):
     return codegen
 
 
-def _make_tile(kind, isa, R, U, f64=False):
-    return int_intrinsic(f"kq_{isa}_{kind}_tile_{R}x{U}{'_f64' if f64 else ''}",
+def _make_tile(kind, isa, R, U, f64=False, pf=False):
+    return int_intrinsic(f"kq_{isa}_{kind}_tile_{R}x{U}{'_f64' if f64 else ''}{'_pf' if pf else ''}",
                          "a0, s0, a1, s1, a2, s2, a3, s3, a4, s4, a5, s5, dshift, xp, xstride, xdp, xsp, sstride, op, "
-                         "ostride, nb, n0, t0", _tile_codegen(kind, isa, R, U, f64))
+                         "ostride, nb, n0, t0", _tile_codegen(kind, isa, R, U, f64, pf))
 
 
-# tiles per path and kind: R rows x U tokens (T > 1), R1 rows x 1 token (decode), single rows
-R_X, U_X, R1_X = 4, 2, 2
-PF = 4096  # decode prefetch distance in bytes of qs (and of qh, in its own stream)
+# tiles per path and kind: R rows x U tokens; portable and f64: RU for T > 1, R1 for its token tail and
+# D for T = 1, single rows (O*) after the last whole row tile
+R_S, U_S = 4, 4
+PF = 16384  # prefetch distance: of the matrix (each stream, qs and qh, kR rows ahead: k R row lengths >= PF)
 # the arrays streamed per row that decode prefetches, with their bytes per 32-element sub-block
 PF_STREAMS = {k: (("qs", 16),) + ((("qh", 8 if k == "q6_K" else 4),) if "qh" in ARR[k] else ()) for k in KINDS}
 R_P, U_P = 4, 2
-SHAPES = {"vnni": dict(RU=(R_X, U_X), R1=(R_X, 1), OU=(1, U_X), O1=(1, 1), D=(R1_X, 1)),
-          "avx2": dict(RU=(R_X, U_X), R1=(R_X, 1), OU=(1, U_X), O1=(1, 1), D=(R1_X, 1)),
+# x86: S (R_S x U_S) and its token tails S1 .. S<U_S - 1> for every T > 1 and S1 for T = 1 (D), all
+# prefetching; O1 for the rows after the last whole row tile
+_X86 = dict(S=(R_S, U_S, True), **{f"S{t}": (R_S, t, True) for t in range(1, U_S)}, O1=(1, 1))
+SHAPES = {"vnni": _X86, "avx2": dict(_X86),
           "portable": dict(RU=(R_P, U_P), R1=(R_P, 1), OU=(1, U_P), O1=(1, 1), D=(R_P, 1)),
           "f64": dict(RU=(R_P, 1), R1=(R_P, 1), OU=(1, 1), O1=(1, 1), D=(R_P, 1))}
 TILES = {}  # "<path>_<kind>_<shape>" -> intrinsic (made on first use: see _tiles_of)
@@ -507,8 +638,8 @@ TILES = {}  # "<path>_<kind>_<shape>" -> intrinsic (made on first use: see _tile
 def tile(path: str, kind: str, shape: str):
     key = f"{path}_{kind}_{shape}"
     if key not in TILES:
-        R, U = SHAPES[path][shape]
-        TILES[key] = _make_tile(kind, "portable" if path == "f64" else path, R, U, path == "f64")
+        R, U, *pf = SHAPES[path][shape]
+        TILES[key] = _make_tile(kind, "portable" if path == "f64" else path, R, U, path == "f64", bool(pf and pf[0]))
     return TILES[key]
 
 
@@ -645,6 +776,25 @@ def run_{P}_{K}(a, N, T):
                     {P}_{K}_O1(*a, n, 0)
         return
 {loop}"""
+# the x86 paths: T = 1 in R_S x 1 tiles (S1), any other T in R_S x U_S tiles (S) and a tail of T mod U_S
+# tokens (S<t>); all prefetch (the T = 1 stream); rows after the last whole row tile one by one (O1)
+_RUN_S = """
+
+@njit(cache=True, fastmath=False, nogil=True, parallel=True)
+def run_{P}_{K}(a, N, T):
+    RS, US = {RS}, {US}
+    for i in prange((N + RS - 1) // RS):
+        n0 = i * RS
+        if n0 + RS <= N:
+            t0 = 0
+            while t0 + US <= T:
+                {P}_{K}_S(*a, n0, t0)
+                t0 += US
+{tails}        else:
+            for n in range(n0, N):
+                for t in range(T):
+                    {P}_{K}_O1(*a, n, t)
+"""
 _ENTRY = """
 
 @njit({flags})
@@ -663,8 +813,13 @@ def _runners_source() -> str:
     src = runners.HEADER.format(by=__name__)
     for P, sh in SHAPES.items():
         for K in KINDS:
-            src += _RUN.format(P=P, K=K, RD=sh["D"][0], R=sh["RU"][0], U=sh["RU"][1],
-                               loop=runners.row_tiles(4, *(f"{P}_{K}_{s}" for s in ("RU", "R1", "OU", "O1"))))
+            if "S" in sh:
+                tails = "".join(f"            {'if' if t == 1 else 'elif'} T - t0 == {t}:\n"
+                                f"                {P}_{K}_S{t}(*a, n0, t0)\n" for t in range(1, sh["S"][1]))
+                src += _RUN_S.format(P=P, K=K, RS=sh["S"][0], US=sh["S"][1], tails=tails)
+            else:
+                src += _RUN.format(P=P, K=K, RD=sh["D"][0], R=sh["RU"][0], U=sh["RU"][1],
+                                   loop=runners.row_tiles(4, *(f"{P}_{K}_{s}" for s in ("RU", "R1", "OU", "O1"))))
             src += _ENTRY.format(flags=runners.flags(_JIT), name=entry_name(P, K), arrays=", ".join(ARR[K]), P=P, K=K)
     return src
 
