@@ -533,10 +533,10 @@ _FALLBACK = {"q2_K": "q4_0", "q3_K": "q4_0", "q4_K": "q5_0", "q6_K": "q8_0"}
 def random_q2_K(rng, rows: int, cols: int, std: float) -> np.ndarray:
     """Q2_K bytes (rows, cols/256*84): per 256 weights 16 bytes of 4-bit scale | 4-bit min (one pair
     per 16 weights), 64 bytes of 2-bit codes, fp16 d, fp16 dmin; value = d*sc*q - dmin*m. Uniform codes
-    and scales have E[sc*q] = 7.5*1.5, so dmin = 1.5 d centres the weights; rms about 8.6 d."""
+    and scales have E[sc*q] = 7.5*1.5 = 1.5 E[m], so dmin = 1.5 d centres the weights; rms about 13.9 d."""
     nb = rows * cols // 256
     raw = np.frombuffer(rng.bytes(nb * 84), np.uint8).reshape(nb, 84).copy()
-    d = _fp16_scales(rng, nb, std, 8.6)
+    d = _fp16_scales(rng, nb, std, 13.9)
     raw[:, 80:82] = d.view(np.uint8).reshape(nb, 2)
     raw[:, 82:84] = (d.astype(np.float32) * 1.5).astype(np.float16).view(np.uint8).reshape(nb, 2)
     return raw.reshape(rows, -1)
@@ -544,14 +544,33 @@ def random_q2_K(rng, rows: int, cols: int, std: float) -> np.ndarray:
 
 def random_q3_K(rng, rows: int, cols: int, std: float) -> np.ndarray:
     """Q3_K bytes (rows, cols/256*110): 32 bytes of high bits, 64 bytes of 2-bit codes, 12 bytes of
-    packed 6-bit scales, fp16 d; value = d*(sc-32)*(q - 4*(1-h)). Uniform fields: rms about 42 d."""
+    packed 6-bit scales, fp16 d; value = d*(sc-32)*(q - 4*(1-h)). Uniform fields: mean 0.25 d, rms 43 d."""
     nb = rows * cols // 256
     raw = np.frombuffer(rng.bytes(nb * 110), np.uint8).reshape(nb, 110).copy()
-    raw[:, 108:110] = _fp16_scales(rng, nb, std, 42.0).view(np.uint8).reshape(nb, 2)
+    raw[:, 108:110] = _fp16_scales(rng, nb, std, 43.3).view(np.uint8).reshape(nb, 2)
+    return raw.reshape(rows, -1)
+
+
+def random_q4_K_centred(rng, rows: int, cols: int, std: float) -> np.ndarray:
+    """Q4_K bytes (rows, cols/256*144): fp16 d, fp16 dmin, 12 bytes of packed 6-bit scale/min pairs,
+    128 bytes of nibbles; value = d*sc*q - dmin*m. dmin = 7.5 d makes the weights' mean zero
+    (E[sc*q] = 7.5 E[m]); rms about 258 d. (mpillm.formats.quant.random_ggml's Q4_K blocks have a mean
+    of about -0.9 of their spread: every matmul then adds the same multiple of sum(x) to every output,
+    the hidden states of all tokens line up, and a router sends every token to the same top-k.)"""
+    nb = rows * cols // 256
+    raw = np.frombuffer(rng.bytes(nb * 144), np.uint8).reshape(nb, 144).copy()
+    d = _fp16_scales(rng, nb, std, 258.0)
+    raw[:, 0:2] = d.view(np.uint8).reshape(nb, 2)
+    raw[:, 2:4] = (d.astype(np.float32) * 7.5).astype(np.float16).view(np.uint8).reshape(nb, 2)
     return raw.reshape(rows, -1)
 
 
 def _random_blocks(kind: str, rng, rows: int, cols: int, std: float) -> np.ndarray:
+    """Random valid blocks whose weights have mean about zero (see random_q4_K_centred): Q2_K, Q3_K,
+    Q4_K here; Q4_0, Q8_0 (mean -0.5 d against an rms of 4.6 d and 73 d), Q5_0 and Q6_K (their
+    codes centred on 16 and 32, mean -0.5 d) from the generators above / mpillm's."""
+    if kind == "q4_K":
+        return random_q4_K_centred(rng, rows, cols, std)
     if kind == "q2_K":
         return random_q2_K(rng, rows, cols, std)
     if kind == "q3_K":
@@ -560,7 +579,7 @@ def _random_blocks(kind: str, rng, rows: int, cols: int, std: float) -> np.ndarr
         return RANDOM_BLOCKS[kind][2](rng, rows, cols, std)
     from mpillm.formats import quant
 
-    return quant.random_ggml(kind, rows, cols, rng, scale=2.0 * std)   # q5_0, q4_K, q6_K
+    return quant.random_ggml(kind, rows, cols, rng, scale=2.0 * std)   # q5_0, q6_K
 
 
 def deepseek_type(ftype: str, name: str, cols: int, n_layers: int) -> str:
