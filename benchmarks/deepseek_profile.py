@@ -34,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--passes", type=int, default=2,
                    help="runs of the same prompt and decode; the last is reported (the first maps the weights "
                         "the router picks into memory)")
+    p.add_argument("--touch-all", action="store_true",
+                   help="read every page of the shard before the passes (all experts resident, as in a server "
+                        "that has routed many tokens): the peak RSS then checks the plan's weights + KV cache")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
 
@@ -110,6 +113,11 @@ def main(argv: list[str] | None = None) -> int:
                           faults() - f0))
 
     m.forward = forward
+    if a.touch_all:
+        for t in engine.shard.tensors.values():
+            for arr in t.arrays.values():
+                b = np.asarray(arr).reshape(-1).view(np.uint8)
+                int(b[::4096].sum())
     if engine.rank == 0:
         rng = np.random.default_rng(0)
         prompt = rng.integers(0, engine.cfg.vocab_size, a.prompt_tokens)
@@ -157,6 +165,13 @@ def main(argv: list[str] | None = None) -> int:
         "gen_distinct_experts_per_moe_layer": [
             int(len(np.unique(np.concatenate([r[0].ravel() for r in gen_routes[li::moe_layers]]))))
             for li in range(moe_layers)] if gen_routes else [],
+    }
+    status = dict(line.split(":", 1) for line in open("/proc/self/status") if ":" in line)
+    mine["memory"] = {
+        "plan_weights_bytes": int(engine.shard.nbytes),
+        "plan_kv_cache_bytes": int(m.k_cache.nbytes + m.v_cache.nbytes),
+        **{k: int(status[k].split()[0]) * 1024 for k in ("VmHWM", "VmRSS", "RssAnon", "RssFile") if k in status},
+        "touched_all": a.touch_all,
     }
     everyone = comm.gather(mine, root=0)
     if engine.rank == 0:
