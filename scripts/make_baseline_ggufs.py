@@ -42,6 +42,16 @@ qwen3-30b-a3b-shape-q4_k_m[-{N}l].gguf (--only qwen3-30b-a3b-q4_k_m [--layers N]
     Q4_K_M type choice for qwen3moe (Q4_K; Q6_K for output and, in the use_more_bits layers, attn_v
     and ffn_down_exps; F32 router and norms); --layers N keeps the first N layers.
 
+deepseek-v3-shape-{q4_k_m,q2_k}-{N}l.gguf (--only deepseek-v3-q4_k_m / deepseek-v3-q2_k --layers N)
+    The DeepSeek-V3 shape of `convert synth --shape deepseek-v3` cut to N layers as `--layers N` cuts it
+    (min(3, N-1) dense layers first, then MoE layers; full width), in llama.cpp's current deepseek2 naming
+    and metadata: MLA with split attn_k_b / attn_v_b, key/value_length 576/512 with key/value_length_mla
+    192/128, exp_probs_b, expert_gating_func sigmoid, group counts, expert_weights_scale/norm, YaRN keys
+    with yarn_log_multiplier 0.1 * mscale_all_dim. Types as llama-quantize picks them for Q4_K_M / Q2_K
+    (deepseek_type; --check-types proves it on a small F32 deepseek2 against llama.cpp's own quantizer).
+    Random valid blocks with zero-mean weights, so the router spreads tokens over the experts. One MoE
+    layer is 6.3 GB (Q4_K_M) / 4.1 GB (Q2_K): --layers 2 (1 dense + 1 MoE) makes 9.07 GB / 5.47 GB.
+
 gpt-oss-20b-shape-mxfp4.gguf, gpt-oss-120b-shape-mxfp4.gguf (--only gpt-oss-20b / gpt-oss-120b;
 not made by default: 12.1 GB and 63.4 GB)
     Random weights in the shapes of `python -m convert synth --shape gpt-oss-*` (the same
