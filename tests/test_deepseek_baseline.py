@@ -76,3 +76,20 @@ def test_cut_keeps_a_moe_layer():
     cfg = M.deepseek_cfg(4)
     assert cfg.n_dense_layers == 3 and dataclasses.replace(cfg).n_layers == 4
     assert M.deepseek_cfg(2).n_dense_layers == 1
+
+
+def test_bench_child_usage_is_the_childs_own():
+    """benchmarks.gpt_oss.run_child: the exit code, the output, and the peak RSS of that child alone
+    (wait4), which the DeepSeek results report beside each run with its major page faults."""
+    import subprocess
+
+    from benchmarks.gpt_oss import run_child
+
+    code = "import numpy as np, sys; a = np.ones(200 * 2**20 // 8); print(a.sum() > 0); sys.exit(3)"
+    rc, out, _, usage = run_child([sys.executable, "-c", code], timeout=60)
+    assert rc == 3 and out.strip() == "True"
+    assert 200 * 2**20 < usage["max_rss_bytes"] < 400 * 2**20 and usage["major_faults"] >= 0
+    rc, _, _, small = run_child([sys.executable, "-c", "pass"], timeout=60)
+    assert rc == 0 and small["max_rss_bytes"] < 100 * 2**20     # not the earlier child's peak
+    with pytest.raises(subprocess.TimeoutExpired):
+        run_child([sys.executable, "-c", "import time; time.sleep(30)"], timeout=0.5)
