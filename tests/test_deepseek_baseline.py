@@ -85,11 +85,12 @@ def test_bench_child_usage_is_the_childs_own():
 
     from benchmarks.gpt_oss import run_child
 
-    code = "import numpy as np, sys; a = np.ones(200 * 2**20 // 8); print(a.sum() > 0); sys.exit(3)"
-    rc, out, _, usage = run_child([sys.executable, "-c", code], timeout=60)
+    code = "import numpy as np, sys; a = np.ones(600 * 2**20 // 8); print(a.sum() > 0); sys.exit(3)"
+    rc, out, _, big = run_child([sys.executable, "-c", code], timeout=60)
     assert rc == 3 and out.strip() == "True"
-    assert 200 * 2**20 < usage["max_rss_bytes"] < 400 * 2**20 and usage["major_faults"] >= 0
+    assert big["max_rss_bytes"] > 600 * 2**20 and big["major_faults"] >= 0
     rc, _, _, small = run_child([sys.executable, "-c", "pass"], timeout=60)
-    assert rc == 0 and small["max_rss_bytes"] < 100 * 2**20     # not the earlier child's peak
+    # not the earlier child's peak (a child's figure also holds what it shared with this process when forked)
+    assert rc == 0 and small["max_rss_bytes"] < big["max_rss_bytes"] - 300 * 2**20
     with pytest.raises(subprocess.TimeoutExpired):
         run_child([sys.executable, "-c", "import time; time.sleep(30)"], timeout=0.5)
