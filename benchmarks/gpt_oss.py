@@ -107,16 +107,40 @@ def disk_read_bytes() -> int:
 
 
 # ---- the two programs --------------------------------------------------------------------------
+def run_child(cmd: list[str], timeout: float, preexec=None, **kw) -> tuple[int, str, str, dict]:
+    """Run cmd to completion; (returncode, stdout, stderr, usage) where usage is the child's own
+    resource usage from wait4 (its reaped descendants included: mpirun's ranks): major page faults
+    (pages read from disk) and the peak RSS of the largest process."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, preexec_fn=preexec, **kw)
+        deadline = time.monotonic() + timeout
+        while True:
+            pid, status, ru = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.monotonic() > deadline:
+                proc.kill()
+                _, status, ru = os.wait4(proc.pid, 0)
+                proc.returncode = -9
+                raise subprocess.TimeoutExpired(cmd, timeout)
+            time.sleep(0.05)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        usage = {"major_faults": ru.ru_majflt, "max_rss_bytes": ru.ru_maxrss * 1024}
+        return proc.returncode, out.read().decode(errors="replace"), err.read().decode(errors="replace"), usage
+
+
 def run_llamacpp(bin_dir: Path, gguf: Path, threads: int, n_prompt: int, n_gen: int, reps: int,
                  timeout: float, preexec=None, extra: list[str] = ()) -> dict:
     cmd = [str(bin_dir / "llama-bench"), "-m", str(gguf), "-t", str(threads), "-p", str(n_prompt), "-n",
            str(n_gen), "-r", str(reps), "-o", "json", *extra]
     t0 = time.perf_counter()
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, preexec_fn=preexec)
-    if r.returncode != 0:
-        raise RuntimeError(f"llama-bench failed ({r.returncode}):\n{r.stderr[-3000:]}")
-    rows = json.loads(r.stdout)
-    out = {"cmd": " ".join(cmd), "wall_s": round(time.perf_counter() - t0, 1)}
+    rc, stdout, stderr, usage = run_child(cmd, timeout, preexec)
+    if rc != 0:
+        raise RuntimeError(f"llama-bench failed ({rc}):\n{stderr[-3000:]}")
+    rows = json.loads(stdout)
+    out = {"cmd": " ".join(cmd), "wall_s": round(time.perf_counter() - t0, 1), **usage}
     for row in rows:
         key = "prompt_tok_s" if row["n_prompt"] and not row["n_gen"] else "generate_tok_s"
         out[key] = row["avg_ts"]
@@ -134,13 +158,13 @@ def run_mpillm(np_: int, model: Path, n_prompt: int, n_gen: int, reps: int, time
                "-m", "mpillm.bench", "--model", str(model), "--threads", "1", "--prompt-tokens", str(n_prompt),
                "--gen-tokens", str(n_gen), "--repeats", str(reps), "--json", str(out), *extra]
         t0 = time.perf_counter()
-        r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
-                           preexec_fn=preexec)
-        if r.returncode != 0:
-            raise RuntimeError(f"mpillm.bench -np {np_} failed ({r.returncode}):\n{r.stderr[-3000:]}")
+        rc, _, stderr, usage = run_child(cmd, timeout, preexec, cwd=ROOT, env=env)
+        if rc != 0:
+            raise RuntimeError(f"mpillm.bench -np {np_} failed ({rc}):\n{stderr[-3000:]}")
         res = json.loads(out.read_text())
         res["cmd"] = " ".join(cmd[cmd.index("-np"):])
         res["wall_s"] = round(time.perf_counter() - t0, 1)
+        res.update(usage)   # the ranks' major faults summed, the largest process's peak RSS
         return res
 
 

@@ -42,6 +42,16 @@ qwen3-30b-a3b-shape-q4_k_m[-{N}l].gguf (--only qwen3-30b-a3b-q4_k_m [--layers N]
     Q4_K_M type choice for qwen3moe (Q4_K; Q6_K for output and, in the use_more_bits layers, attn_v
     and ffn_down_exps; F32 router and norms); --layers N keeps the first N layers.
 
+deepseek-v3-shape-{q4_k_m,q2_k}-{N}l.gguf (--only deepseek-v3-q4_k_m / deepseek-v3-q2_k --layers N)
+    The DeepSeek-V3 shape of `convert synth --shape deepseek-v3` cut to N layers as `--layers N` cuts it
+    (min(3, N-1) dense layers first, then MoE layers; full width), in llama.cpp's current deepseek2 naming
+    and metadata: MLA with split attn_k_b / attn_v_b, key/value_length 576/512 with key/value_length_mla
+    192/128, exp_probs_b, expert_gating_func sigmoid, group counts, expert_weights_scale/norm, YaRN keys
+    with yarn_log_multiplier 0.1 * mscale_all_dim. Types as llama-quantize picks them for Q4_K_M / Q2_K
+    (deepseek_type; --check-types proves it on a small F32 deepseek2 against llama.cpp's own quantizer).
+    Random valid blocks with zero-mean weights, so the router spreads tokens over the experts. One MoE
+    layer is 6.3 GB (Q4_K_M) / 4.1 GB (Q2_K): --layers 2 (1 dense + 1 MoE) makes 9.07 GB / 5.47 GB.
+
 gpt-oss-20b-shape-mxfp4.gguf, gpt-oss-120b-shape-mxfp4.gguf (--only gpt-oss-20b / gpt-oss-120b;
 not made by default: 12.1 GB and 63.4 GB)
     Random weights in the shapes of `python -m convert synth --shape gpt-oss-*` (the same
@@ -519,21 +529,328 @@ def make_qwen3_moe_gguf(out: Path, n_layers: int | None = None, seed: int = 0) -
     return {"weight_bytes": weight_bytes, "seed": seed, "n_layers": cfg.n_layers}
 
 
+# ---------------------------------------------------------------- DeepSeek-V3 (deepseek2)
+
+DEEPSEEK_NAME = "deepseek-v3-shape-{ftype}-{n}l.gguf"
+DEEPSEEK_FTYPES = {"q4_k_m": "MOSTLY_Q4_K_M", "q2_k": "MOSTLY_Q2_K"}
+# GGML block layouts (bytes per block) and the weights one block holds
+GGML_BLOCKS = {"q4_0": (18, 32), "q5_0": (22, 32), "q8_0": (34, 32), "q2_K": (84, 256), "q3_K": (110, 256),
+               "q4_K": (144, 256), "q6_K": (210, 256), "f16": (2, 1), "f32": (4, 1)}
+# llama-quant.cpp's tensor_type_fallback: a 256-block type on a row that 256 does not divide
+_FALLBACK = {"q2_K": "q4_0", "q3_K": "q4_0", "q4_K": "q5_0", "q6_K": "q8_0"}
+
+
+def random_q2_K(rng, rows: int, cols: int, std: float) -> np.ndarray:
+    """Q2_K bytes (rows, cols/256*84): per 256 weights 16 bytes of 4-bit scale | 4-bit min (one pair
+    per 16 weights), 64 bytes of 2-bit codes, fp16 d, fp16 dmin; value = d*sc*q - dmin*m. Uniform codes
+    and scales have E[sc*q] = 7.5*1.5 = 1.5 E[m], so dmin = 1.5 d centres the weights; rms about 13.9 d."""
+    nb = rows * cols // 256
+    raw = np.frombuffer(rng.bytes(nb * 84), np.uint8).reshape(nb, 84).copy()
+    d = _fp16_scales(rng, nb, std, 13.9)
+    raw[:, 80:82] = d.view(np.uint8).reshape(nb, 2)
+    raw[:, 82:84] = (d.astype(np.float32) * 1.5).astype(np.float16).view(np.uint8).reshape(nb, 2)
+    return raw.reshape(rows, -1)
+
+
+def random_q3_K(rng, rows: int, cols: int, std: float) -> np.ndarray:
+    """Q3_K bytes (rows, cols/256*110): 32 bytes of high bits, 64 bytes of 2-bit codes, 12 bytes of
+    packed 6-bit scales, fp16 d; value = d*(sc-32)*(q - 4*(1-h)). Uniform fields: mean 0.25 d, rms 43 d."""
+    nb = rows * cols // 256
+    raw = np.frombuffer(rng.bytes(nb * 110), np.uint8).reshape(nb, 110).copy()
+    raw[:, 108:110] = _fp16_scales(rng, nb, std, 43.3).view(np.uint8).reshape(nb, 2)
+    return raw.reshape(rows, -1)
+
+
+def random_q4_K_centred(rng, rows: int, cols: int, std: float) -> np.ndarray:
+    """Q4_K bytes (rows, cols/256*144): fp16 d, fp16 dmin, 12 bytes of packed 6-bit scale/min pairs,
+    128 bytes of nibbles; value = d*sc*q - dmin*m. dmin = 7.5 d makes the weights' mean zero
+    (E[sc*q] = 7.5 E[m]); rms about 258 d. (mpillm.formats.quant.random_ggml's Q4_K blocks have a mean
+    of about -0.9 of their spread: every matmul then adds the same multiple of sum(x) to every output,
+    the hidden states of all tokens line up, and a router sends every token to the same top-k.)"""
+    nb = rows * cols // 256
+    raw = np.frombuffer(rng.bytes(nb * 144), np.uint8).reshape(nb, 144).copy()
+    d = _fp16_scales(rng, nb, std, 258.0)
+    raw[:, 0:2] = d.view(np.uint8).reshape(nb, 2)
+    raw[:, 2:4] = (d.astype(np.float32) * 7.5).astype(np.float16).view(np.uint8).reshape(nb, 2)
+    return raw.reshape(rows, -1)
+
+
+def _random_blocks(kind: str, rng, rows: int, cols: int, std: float) -> np.ndarray:
+    """Random valid blocks whose weights have mean about zero (see random_q4_K_centred): Q2_K, Q3_K,
+    Q4_K here; Q4_0, Q8_0 (mean -0.5 d against an rms of 4.6 d and 73 d), Q5_0 and Q6_K (their
+    codes centred on 16 and 32, mean -0.5 d) from the generators above / mpillm's."""
+    if kind == "q4_K":
+        return random_q4_K_centred(rng, rows, cols, std)
+    if kind == "q2_K":
+        return random_q2_K(rng, rows, cols, std)
+    if kind == "q3_K":
+        return random_q3_K(rng, rows, cols, std)
+    if kind in ("q4_0", "q8_0"):
+        return RANDOM_BLOCKS[kind][2](rng, rows, cols, std)
+    from mpillm.formats import quant
+
+    return quant.random_ggml(kind, rows, cols, rng, scale=2.0 * std)   # q5_0, q6_K
+
+
+def deepseek_type(ftype: str, name: str, cols: int, n_layers: int) -> str:
+    """The type llama.cpp's llama-quantize gives a deepseek2 tensor for --ftype Q4_K_M or Q2_K
+    (src/llama-quant.cpp: tensor_allows_quantization, llama_tensor_get_type_impl with n_expert != 8,
+    tensor_type_fallback). Norms, ffn_gate_inp and exp_probs_b stay F32 as the converter wrote them.
+    Q4_K_M: Q4_K, output Q6_K, ffn_down / ffn_down_exps / ffn_down_shexp Q6_K in the use_more_bits
+    layers (n = block count). Q2_K: Q2_K, token_embd too, output Q6_K, attn_output and every ffn_down* Q3_K.
+    MLA's attn_k_b has qk_nope (128) columns: 256 does not divide them, so Q4_K falls back to Q5_0 and
+    Q2_K to Q4_0. attn_q_a / attn_q_b / attn_kv_a_mqa / attn_k_b / attn_v_b match no category: base type."""
+    if name.endswith(("_norm.weight", "ffn_gate_inp.weight", ".bias")):
+        return "f32"
+    i = int(name.split(".")[1]) if name.startswith("blk.") else -1
+    if name == "output.weight":
+        t = "q6_K"
+    elif ftype == "q4_k_m":
+        t = "q6_K" if "ffn_down" in name and use_more_bits(i, n_layers) else "q4_K"
+    elif ftype == "q2_k":
+        t = "q3_K" if "ffn_down" in name or name.endswith("attn_output.weight") else "q2_K"
+    else:
+        raise ValueError(f"ftype {ftype!r}: one of {', '.join(DEEPSEEK_FTYPES)}")
+    if cols % GGML_BLOCKS[t][1]:
+        t = _FALLBACK[t]
+        if cols % GGML_BLOCKS[t][1]:
+            t = "f16"
+    return t
+
+
+def deepseek_tensors(cfg):
+    """(name, numpy shape, std) in the order llama.cpp's converter writes a DeepSeek-V3 checkpoint:
+    split attn_k_b (heads, kv_lora, nope) and attn_v_b (heads, v, kv_lora), exp_probs_b the router's
+    correction bias; std 0 for norms (ones), 0.02 for the bias, else 1/sqrt(fan_in)."""
+    d, H, r, rope = cfg.dim, cfg.n_heads, cfg.kv_lora_rank, cfg.qk_rope_dim
+    nope, dv, qr, E, F = cfg.qk_nope_dim, cfg.v_head_dim, cfg.q_lora_rank, cfg.n_experts, cfg.expert_ffn_dim
+    yield "token_embd.weight", (cfg.vocab_size, d), 0.02
+    for i in range(cfg.n_layers):
+        p = f"blk.{i}."
+        yield p + "attn_norm.weight", (d,), 0.0
+        yield p + "attn_q_a_norm.weight", (qr,), 0.0
+        yield p + "attn_kv_a_norm.weight", (r,), 0.0
+        yield p + "attn_q_a.weight", (qr, d), d ** -0.5
+        yield p + "attn_q_b.weight", (H * cfg.head_dim, qr), qr ** -0.5
+        yield p + "attn_kv_a_mqa.weight", (r + rope, d), d ** -0.5
+        yield p + "attn_k_b.weight", (H, r, nope), r ** -0.5
+        yield p + "attn_v_b.weight", (H, dv, r), r ** -0.5
+        yield p + "attn_output.weight", (d, H * dv), (H * dv) ** -0.5
+        yield p + "ffn_norm.weight", (d,), 0.0
+        if i < cfg.n_dense_layers:
+            yield p + "ffn_gate.weight", (cfg.ffn_dim, d), d ** -0.5
+            yield p + "ffn_up.weight", (cfg.ffn_dim, d), d ** -0.5
+            yield p + "ffn_down.weight", (d, cfg.ffn_dim), cfg.ffn_dim ** -0.5
+            continue
+        S = cfg.n_shared_experts * F
+        yield p + "ffn_gate_inp.weight", (E, d), d ** -0.5
+        yield p + "exp_probs_b.bias", (E,), 0.02
+        yield p + "ffn_gate_exps.weight", (E, F, d), d ** -0.5
+        yield p + "ffn_up_exps.weight", (E, F, d), d ** -0.5
+        yield p + "ffn_down_exps.weight", (E, d, F), F ** -0.5
+        yield p + "ffn_gate_shexp.weight", (S, d), d ** -0.5
+        yield p + "ffn_up_shexp.weight", (S, d), d ** -0.5
+        yield p + "ffn_down_shexp.weight", (d, S), S ** -0.5
+    yield "output_norm.weight", (d,), 0.0
+    yield "output.weight", (cfg.vocab_size, d), d ** -0.5
+
+
+def deepseek_cfg(n_layers: int, shape: str = "deepseek-v3", **over):
+    """The shape of convert/synth.py cut to n_layers as `convert synth --layers` cuts it (the dense
+    layers first, at least one MoE layer when n_layers >= 2)."""
+    from convert.synth import SHAPES, cut
+    from mpillm.formats.config import ModelConfig
+
+    return cut(ModelConfig(**{**SHAPES[shape], **over}), n_layers)
+
+
+def _write_deepseek_kv(w, cfg, ftype_enum: int, name: str) -> None:
+    """The metadata llama.cpp's converter (conversion/deepseek.py, base.py) writes for DeepSeek-V3."""
+    w.add_name(name)
+    w.add_context_length(cfg.context_length)
+    w.add_embedding_length(cfg.dim)
+    w.add_block_count(cfg.n_layers)
+    w.add_feed_forward_length(cfg.ffn_dim)
+    w.add_head_count(cfg.n_heads)
+    w.add_head_count_kv(1)                          # MLA as MQA with one wide KV head
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_layer_norm_rms_eps(cfg.norm_eps)
+    w.add_expert_count(cfg.n_experts)
+    w.add_expert_used_count(cfg.n_experts_used)
+    w.add_expert_group_count(cfg.n_expert_groups)
+    w.add_expert_group_used_count(cfg.n_groups_used)
+    w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+    w.add_leading_dense_block_count(cfg.n_dense_layers)
+    w.add_vocab_size(cfg.vocab_size)
+    w.add_q_lora_rank(cfg.q_lora_rank)
+    w.add_kv_lora_rank(cfg.kv_lora_rank)
+    w.add_key_length(cfg.kv_lora_rank + cfg.qk_rope_dim)
+    w.add_value_length(cfg.kv_lora_rank)
+    w.add_key_length_mla(cfg.qk_nope_dim + cfg.qk_rope_dim)
+    w.add_value_length_mla(cfg.v_head_dim)
+    w.add_expert_feed_forward_length(cfg.expert_ffn_dim)
+    w.add_expert_shared_count(cfg.n_shared_experts)
+    w.add_expert_weights_scale(cfg.router_scale)
+    if cfg.norm_topk_prob:
+        w.add_expert_weights_norm(True)
+    w.add_rope_dimension_count(cfg.qk_rope_dim)
+    w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+    w.add_rope_scaling_factor(cfg.rope_factor)
+    w.add_rope_scaling_orig_ctx_len(cfg.rope_orig_context)
+    w.add_rope_scaling_yarn_beta_fast(cfg.yarn_beta_fast)
+    w.add_rope_scaling_yarn_beta_slow(cfg.yarn_beta_slow)
+    w.add_rope_scaling_yarn_log_mul(0.1 * cfg.yarn_mscale_all_dim)   # the converter's legacy 0.1 factor
+    w.add_file_type(ftype_enum)
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    tokens, types, merges, fields = _padded_vocab(cfg.vocab_size)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("smollm")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    for key, fn in (("tokenizer.ggml.bos_token_id", w.add_bos_token_id),
+                    ("tokenizer.ggml.eos_token_id", w.add_eos_token_id)):
+        if key in fields:
+            fn(int(fields[key].contents()))
+    w.add_add_bos_token(False)
+
+
+def _write_in_chunks(w, chunks, nbytes: int) -> None:
+    """GGUFWriter.write_tensor_data for a tensor given as consecutive byte chunks (an expert
+    tensor of several GB is never in memory whole)."""
+    fout = w.fout[0]
+    name = next(iter(w.tensors[0]))
+    ti = w.tensors[0].pop(name)
+    assert ti.nbytes == nbytes, (name, ti.nbytes, nbytes)
+    w.write_padding(fout, fout.tell())
+    done = 0
+    for c in chunks:
+        c.tofile(fout)
+        done += c.nbytes
+    assert done == nbytes, (name, done, nbytes)
+    w.write_padding(fout, nbytes)
+    w.state = gguf.gguf_writer.WriterState.WEIGHTS
+
+
+def make_deepseek_gguf(out: Path, ftype: str, n_layers: int, seed: int = 0, cfg=None,
+                       float_type: str | None = None) -> dict:
+    """The DeepSeek-V3 shape (convert/synth.py SHAPES, cut to n_layers) in llama.cpp's deepseek2
+    naming with the types llama-quantize picks for ``ftype``, random valid blocks. ``float_type``
+    ("f32"): every tensor in that float type instead, a source for llama-quantize (the type check)."""
+    cfg = cfg or deepseek_cfg(n_layers)
+    rng = np.random.default_rng(seed)
+    tmp = out.with_suffix(".tmp")
+    w = gguf.GGUFWriter(str(tmp), "deepseek2")
+    fenum = int(gguf.LlamaFileType.ALL_F32 if float_type else getattr(gguf.LlamaFileType, DEEPSEEK_FTYPES[ftype]))
+    _write_deepseek_kv(w, cfg, fenum, f"DeepSeek-V3 shape, {cfg.n_layers} layers (random weights)")
+    specs = []
+    for name, shp, std in deepseek_tensors(cfg):
+        kind = deepseek_type(ftype, name, shp[-1], cfg.n_layers)
+        if float_type and kind != "f32":
+            kind = float_type
+        specs.append((name, shp, kind, std))
+    for name, shp, kind, _ in specs:
+        bb, bc = GGML_BLOCKS[kind]
+        if kind == "f32":
+            w.add_tensor_info(name, shp, np.dtype(np.float32), int(np.prod(shp)) * 4)
+        else:
+            bshape = (*shp[:-1], shp[-1] // bc * bb)
+            w.add_tensor_info(name, bshape, np.dtype(np.uint8), int(np.prod(bshape)),
+                              raw_dtype=getattr(QT, kind.upper()))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    types: dict[str, str] = {}
+    weight_bytes = 0
+    for name, shp, kind, std in specs:
+        types[name] = kind
+        rows_total, cols = int(np.prod(shp[:-1])), shp[-1]
+        bb, bc = GGML_BLOCKS[kind]
+        if kind == "f32" and std == 0.0:
+            data = np.ones(shp, np.float32)
+            w.write_tensor_data(data)
+            weight_bytes += data.nbytes
+            continue
+        nbytes = rows_total * (cols // bc * bb)
+        step = max(1, (256 << 20) // (cols // bc * bb))   # about 256 MiB of blocks at a time
+
+        def chunks(kind=kind, rows_total=rows_total, cols=cols, std=std, step=step):
+            for r0 in range(0, rows_total, step):
+                n = min(step, rows_total - r0)
+                if kind in ("f32", "f16"):
+                    yield (rng.standard_normal((n, cols), dtype=np.float32) * np.float32(std)).astype({"f32": np.float32, "f16": np.float16}[kind])
+                else:
+                    yield _random_blocks(kind, rng, n, cols, std)
+        _write_in_chunks(w, chunks(), nbytes)
+        weight_bytes += nbytes
+    w.close()
+    tmp.replace(out)
+    counts: dict[str, int] = {}
+    for t in types.values():
+        counts[t] = counts.get(t, 0) + 1
+    return {"weight_bytes": weight_bytes, "seed": seed, "n_layers": cfg.n_layers,
+            "n_dense_layers": cfg.n_dense_layers, "ftype": ftype, "type_counts": counts}
+
+
+# a small deepseek2 whose every matrix keeps the full shape's divisibility (256 divides the rows'
+# columns except attn_k_b's nope, 32 divides those): llama-quantize's choice on it is the check
+DEEPSEEK_CHECK = dict(dim=512, n_heads=4, n_kv_heads=4, ffn_dim=1024, vocab_size=49152, n_experts=16, n_experts_used=4,
+                      expert_ffn_dim=256, n_expert_groups=4, n_groups_used=2, q_lora_rank=256, kv_lora_rank=256,
+                      qk_nope_dim=32, qk_rope_dim=32, v_head_dim=64, head_dim=64)   # 8 layers, 3 dense
+
+
+def check_deepseek_types(out_dir: Path, bin_dir: Path) -> dict:
+    """Write DEEPSEEK_CHECK as F32, quantize it with llama.cpp's llama-quantize for each ftype and
+    compare every tensor's type with deepseek_type(): the type choice is llama.cpp's, not a guess."""
+    import subprocess
+
+    cfg = deepseek_cfg(8, **DEEPSEEK_CHECK)
+    src = out_dir / "deepseek-check-f32.gguf"
+    make_deepseek_gguf(src, "q4_k_m", 8, cfg=cfg, float_type="f32")
+    report = {}
+    for ftype in DEEPSEEK_FTYPES:
+        dst = out_dir / f"deepseek-check-{ftype}.gguf"
+        r = subprocess.run([str(bin_dir / "llama-quantize"), str(src), str(dst), ftype.upper(), "1"],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"llama-quantize {ftype} failed:\n{r.stderr[-3000:]}")
+        got = {t.name: t.tensor_type.name.lower().replace("_k", "_K") for t in gguf.GGUFReader(str(dst)).tensors}
+        want = {n: deepseek_type(ftype, n, shp[-1], cfg.n_layers) for n, shp, _ in deepseek_tensors(cfg)}
+        diff = {n: (want.get(n), got.get(n)) for n in set(got) | set(want) if want.get(n) != got.get(n)}
+        report[ftype] = {"tensors": len(got), "differences": diff}
+        dst.unlink()
+    src.unlink()
+    return report
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out-dir", type=Path, default=ROOT / "cache" / "baseline")
     ap.add_argument("--embd-type", choices=["q4_0", "q8_0"], default="q4_0",
                     help="token_embd type of the 1B-shape model (default q4_0)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--only", choices=["smollm2", "shape", "shape-q4_k_m", "qwen3-30b-a3b-q4_k_m", *GPT_OSS_NAMES],
-                    help="make just one of them (the gpt-oss and Qwen3-30B-A3B shapes only when named here)")
+    ap.add_argument("--only", choices=["smollm2", "shape", "shape-q4_k_m", "qwen3-30b-a3b-q4_k_m", *GPT_OSS_NAMES,
+                                       *(f"deepseek-v3-{f}" for f in DEEPSEEK_FTYPES)],
+                    help="make just one of them (the gpt-oss, Qwen3-30B-A3B and DeepSeek-V3 shapes only when named here)")
     ap.add_argument("--layers", type=int, default=None,
-                    help="Qwen3-30B-A3B shape: keep only the first N of its 48 layers (disk, memory)")
+                    help="Qwen3-30B-A3B shape: keep only the first N of its 48 layers (disk, memory); DeepSeek-V3 "
+                         "(required): the first N of its 61, at most N-1 of them dense")
+    ap.add_argument("--check-types", action="store_true",
+                    help="quantize a small F32 deepseek2 with llama.cpp's llama-quantize (Q4_K_M, Q2_K) and compare "
+                         "its per-tensor types with the ones the DeepSeek-V3 files are written in; then exit")
+    ap.add_argument("--llama-bin", type=Path, default=ROOT / "cache" / "llamacpp" / "build" / "bin",
+                    help="llama.cpp's tools, for --check-types")
     ap.add_argument("--force", action="store_true", help="remake files that exist")
     ap.add_argument("--verify", action="store_true",
                     help="load each file in llama.cpp and generate a few tokens")
     a = ap.parse_args(argv)
     a.out_dir.mkdir(parents=True, exist_ok=True)
+    if a.check_types:
+        rep = check_deepseek_types(a.out_dir, a.llama_bin)
+        print(json.dumps(rep, indent=1))
+        return 1 if any(v["differences"] for v in rep.values()) else 0
+    if a.only and a.only.startswith("deepseek") and not a.layers:
+        ap.error("--only deepseek-v3-*: give --layers N (the whole shape is 61 layers, hundreds of GB)")
     report = {}
     jobs = [("smollm2", SMOL_NAME, lambda p: make_smollm2_q4_0(p)),
             ("shape", SHAPE_NAME, lambda p: make_shape_gguf(p, LLAMA_32_1B, a.embd_type, a.seed)),
@@ -541,8 +858,11 @@ def main(argv=None) -> int:
     jobs += [(k, f, lambda p, k=k: make_gpt_oss_gguf(p, k, a.seed)) for k, f in GPT_OSS_NAMES.items()]
     jobs.append(("qwen3-30b-a3b-q4_k_m", QWEN3_MOE_NAME.format(suffix=f"-{a.layers}l" if a.layers else ""),
                  lambda p: make_qwen3_moe_gguf(p, a.layers, a.seed)))
+    for f in DEEPSEEK_FTYPES:
+        jobs.append((f"deepseek-v3-{f}", DEEPSEEK_NAME.format(ftype=f, n=a.layers),
+                     lambda p, f=f: make_deepseek_gguf(p, f, a.layers, a.seed)))
     for key, fname, make in jobs:
-        if (key in GPT_OSS_NAMES or key.startswith("qwen3")) and a.only != key:
+        if (key in GPT_OSS_NAMES or key.startswith(("qwen3", "deepseek"))) and a.only != key:
             continue
         if a.only and a.only != key:
             continue
