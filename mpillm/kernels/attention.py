@@ -1,21 +1,34 @@
-"""One query row of causal attention over a KV cache, in target-neutral vector IR.
+"""Attention over a KV cache in blocks of 16 cached positions, in target-neutral vector IR.
 
-``attend_row`` computes, for one head and one token, out = softmax(K q * scale) V over the
-n cached positions starting at K, V (a sliding window starts later in the cache). ``sink``
-is a logit that joins the softmax without a value (gpt-oss's attention sinks): it takes
-probability mass, out = sum_p exp(s_p - m) V_p / (sum_p exp(s_p - m) + exp(sink - m)) with m
-the max over the scores and the sink; -inf is no sink. The cache holds float32 or IEEE half (as uint16 bits; numba has
-no float16), one row of hd values per position. Written out in IR because numba's version
-kept the output row in memory (a store-to-load chain per position) and reduced each score
-one product at a time; here:
+The driver (``runtime.ops.attention_ext``) takes the rows of a step that share a KV slot (the
+decode row of a sequence, speculative verification rows, the rows of a prompt chunk) and, per
+KV head, walks the cached positions once, in blocks of ``B`` = 16 aligned to multiples of 16:
+an fp16 block is widened into a float32 scratch block once (``kv_rows_f16``), then every query
+that reads it -- each of the G query heads sharing that KV head, for each of those rows --
+takes the block in with ``attend_block``. So a cached key and value is read from memory and
+converted once per (sequence, KV head) and step, not once per row and per query head, and the
+block stays in L1 while the queries go over it.
 
-  scores   4 positions at a time, each a dot product over hd in 16-lane chunks (fp16 rows
-           widened with ``fpext``), reduced to a scalar, scaled, and the running max kept;
-  softmax  the vector exp of kernels.vmath, summed;
-  output   per 16-lane chunk of the output, 4 accumulators over the positions (weights
-           broadcast), combined and scaled by 1 / sum once.
+``attend_block`` is one step of an online softmax for one query and one block, lanes j in
+[lo, hi) of the block being the query's own positions (causal limit, sliding window):
 
-Any hd works (the last chunk is masked); the KV rows must be contiguous.
+  scores   s_j = dot(q, K_j) * scale, 4 positions at a time: per position a 16-lane FMA chain
+           over hd, the 4 chains reduced together by the halving tree (one set of shuffles for
+           4 positions; each lane ends bit for bit what a lone tree gives); lanes outside
+           [lo, hi) are -inf;
+  state    m' = max(m, max_j s_j); w_j = exp(s_j - m') (the vector exp of kernels.vmath; 0
+           outside [lo, hi)); l' = l exp(m - m') + sum_j w_j, with (m, l) two floats per query;
+  output   o' = o exp(m - m') + sum_{j in [lo, hi)} w_j V_j, o being the query's output row.
+
+The driver starts (m, l) at (sink, 1) for a sink logit (gpt-oss) or (-inf, 0), o at 0, and ends
+with o / l. Every number a query computes depends only on its own q, its own range and the
+cache, never on the other rows of the step: the blocks are fixed by absolute position and the
+per-query operations run in the same order whatever else shares the block, so a row's output
+is bit for bit the same alone or in any batch.
+
+The cache holds float32 or IEEE half (uint16 bits; numba has no float16), one row of hd values
+per position, rows contiguous. hd 64 and 128 have bodies with the chunks unrolled; any other hd
+(MLA's 576, odd test sizes) takes the generic body with a masked last chunk.
 """
 from __future__ import annotations
 
@@ -27,160 +40,160 @@ from numba.extending import intrinsic
 from mpillm.kernels.irgen import F16, F32, I1, I16, I32, I64, PTR
 from mpillm.kernels.vmath import N, _E, _vec
 
-P = 4  # positions per step
+B = N  # positions per block: one vector of scores
+P = 4  # positions whose dot products are reduced together
+CG = 4  # output chunks kept in registers at once (hd 128: two passes over the block)
 
 
-def _emit(kv_f16: bool, HD: int | None):
+def _tree4(e, accs):
+    """Four <16 x float> -> <4 x float> of their sums; lane j bit for bit Emit.hsum(accs[j])
+    (the same halving tree: lanes i and i + n/2 added, n = 16, 8, 4, 2)."""
+    b = e.b
+    h = [b.fadd(e.shuffle(a, None, range(8)), e.shuffle(a, None, range(8, 16))) for a in accs]
+    x01 = b.fadd(e.shuffle(h[0], h[1], [0, 1, 2, 3, 8, 9, 10, 11]), e.shuffle(h[0], h[1], [4, 5, 6, 7, 12, 13, 14, 15]))
+    x23 = b.fadd(e.shuffle(h[2], h[3], [0, 1, 2, 3, 8, 9, 10, 11]), e.shuffle(h[2], h[3], [4, 5, 6, 7, 12, 13, 14, 15]))
+    y = b.fadd(e.shuffle(x01, x23, [0, 1, 4, 5, 8, 9, 12, 13]), e.shuffle(x01, x23, [2, 3, 6, 7, 10, 11, 14, 15]))
+    return b.fadd(e.shuffle(y, None, [0, 2, 4, 6]), e.shuffle(y, None, [1, 3, 5, 7]))
+
+
+def _hmax(e, v):
+    """The largest lane of a float vector (maxnum: exact, any order)."""
+    b, n = e.b, v.type.count
+    while n > 1:
+        n //= 2
+        lo, hi = e.shuffle(v, None, range(n)), e.shuffle(v, None, range(n, 2 * n))
+        f = e.decl(f"llvm.maxnum.v{n}f32", _vec(F32, n), [_vec(F32, n)] * 2)
+        v = b.call(f, [lo, hi])
+    return b.extract_element(v, I32(0))
+
+
+def _emit_block(HD: int | None, Q: int):
+    """The body for head size HD (None: any) and Q queries sharing one range [lo, hi) of the block:
+    query i at q + i * qstride, its state at state + 8 i, its output at out + i * ostride. Each
+    query's own operations are the same for every Q (Q only decides which run side by side, sharing
+    the loads of K and V), so a query's result does not depend on the others."""
     def codegen(context, b, sig, args):
-        qp, kp, vp, rstride, n, hd, scale, sink, sp, op = args
+        qp, qstride, kp, vp, rstride, lo, hi, hd, scale, stp, op, ostride = args
         e = _E(b)
         i64 = lambda v: ir.Constant(I64, v)  # noqa: E731
-        esize = 2 if kv_f16 else 4
-        nch = b.udiv(b.add(hd, i64(N - 1)), i64(N))  # 16-lane chunks per row
-        full = b.udiv(hd, i64(N))
-        rem = b.trunc(b.urem(hd, i64(N)), I32)
-        tail_mask = e.lanes_below(N, rem)
-
-        def chunk_mask(c):
-            """None for a full chunk, else the tail mask (selected at run time)."""
-            is_tail = b.icmp_unsigned(">=", c, full)
-            all_on = ir.Constant(_vec(I1), [ir.Constant(I1, 1)] * N)
-            return b.select(is_tail, tail_mask, all_on)
-
-        def load_kv(base, row, c, m):
-            off = b.add(b.mul(row, rstride), b.mul(c, i64(N * esize)))
-            if not kv_f16:
-                return e.loadf(base, off, m)
-            h = e.load(base, off, _vec(I16), m, align=2)
-            return b.fpext(b.bitcast(h, _vec(F16)), _vec(F32))
-
-        def load_kv_full(base, row, c):
-            """Chunk c (a Python int) of a row, unmasked (hd a multiple of 16)."""
-            p = e.addr(base, b.add(b.mul(row, rstride), i64(c * N * esize)))
-            if not kv_f16:
-                return b.load(p, typ=_vec(F32), align=4)
-            return b.fpext(b.bitcast(b.load(p, typ=_vec(I16), align=2), _vec(F16)), _vec(F32))
-
-        def load_q(c, m):
-            return e.loadf(qp, b.mul(c, i64(N * 4)), m)
-
-        # ---- scores: sp[p] = dot(q, K[p]) * scale, and their max
-        mx = cgutils.alloca_once_value(b, sink)  # the sink joins the max (-inf: no sink)
         zero = e.fconst(0.0)
-        if HD:  # q held in registers; chunks unrolled, no masks
-            qv = [b.load(e.addr(qp, i64(4 * N * c)), typ=_vec(F32), align=4) for c in range(HD // N)]
+        qps = [b.add(qp, b.mul(qstride, i64(i))) for i in range(Q)]
+        ops = [b.add(op, b.mul(ostride, i64(i))) for i in range(Q)]
+        sts = [b.add(stp, i64(8 * i)) for i in range(Q)]
+        if HD is None:
+            nch = b.udiv(b.add(hd, i64(N - 1)), i64(N))
+            full = b.udiv(hd, i64(N))
+            tail_mask = e.lanes_below(N, b.trunc(b.urem(hd, i64(N)), I32))
+            all_on = ir.Constant(_vec(I1), [ir.Constant(I1, 1)] * N)
 
-        def scores_step_hd(p0, npos):
-            for j in range(npos):
-                row = b.add(p0, i64(j))
-                acc = None
-                for c in range(HD // N):
-                    kv = load_kv_full(kp, row, c)
-                    acc = b.fmul(qv[c], kv) if acc is None else e.fma(qv[c], kv, acc)
-                s = b.fmul(e.hsum(acc), scale)
-                b.store(s, e.addr(sp, b.mul(row, i64(4))))
-                b.store(b.call(e.decl("llvm.maxnum.f32", F32, [F32, F32]), [b.load(mx), s]), mx)
+            def chunk_mask(c):
+                return b.select(b.icmp_unsigned(">=", c, full), tail_mask, all_on)
 
-        def scores_step(p0, npos):
+        def coff(c):
+            return i64(c * N * 4) if isinstance(c, int) else b.mul(c, i64(N * 4))
+
+        def load(base, off, m=None):
+            if m is None:
+                return b.load(e.addr(base, off), typ=_vec(F32), align=4)
+            return e.loadf(base, off, m)
+
+        def kvload(base, row, c, m=None):
+            """Chunk c of block row ``row`` (c a Python int or an i64 value)."""
+            return load(base, b.add(b.mul(row, rstride), coff(c)), m)
+
+        # ---- scores: every lane of the block, 4 positions at a time (a partial block scores rows
+        # of its range in place of the others, then masks them)
+        hi1 = b.sub(hi, i64(1))
+
+        def row_of(j):
+            r = b.select(b.icmp_signed("<", j, lo), lo, j)
+            return b.select(b.icmp_signed(">", r, hi1), hi1, r)
+
+        rows = [row_of(i64(j)) for j in range(B)]
+        parts = [[] for _ in range(Q)]
+        for g in range(B // P):
+            grows = rows[g * P:(g + 1) * P]
             if HD:
-                scores_step_hd(p0, npos)
-                return
-            accs = [cgutils.alloca_once_value(b, zero) for _ in range(npos)]
-            for a in accs:
-                b.store(zero, a)
-            with cgutils.for_range(b, nch) as cl:
-                c = cl.index
-                m = chunk_mask(c)
-                qv = load_q(c, m)
-                for j in range(npos):
-                    kv = load_kv(kp, b.add(p0, i64(j)), c, m)
-                    b.store(e.fma(qv, kv, b.load(accs[j])), accs[j])
-            for j in range(npos):
-                s = b.fmul(e.hsum(b.load(accs[j])), scale)
-                b.store(s, e.addr(sp, b.mul(b.add(p0, i64(j)), i64(4))))
-                b.store(b.call(e.decl("llvm.maxnum.f32", F32, [F32, F32]), [b.load(mx), s]), mx)
+                accs = [[None] * P for _ in range(Q)]
+                for c in range(HD // N):
+                    qv = [load(qps[i], coff(c)) for i in range(Q)]
+                    for j in range(P):
+                        kv = kvload(kp, grows[j], c)
+                        for i in range(Q):
+                            a = accs[i][j]
+                            accs[i][j] = b.fmul(qv[i], kv) if a is None else e.fma(qv[i], kv, a)
+            else:
+                slots = [[cgutils.alloca_once(b, _vec(F32)) for _ in range(P)] for _ in range(Q)]
+                for sl in slots:
+                    for x in sl:
+                        b.store(zero, x)
+                with cgutils.for_range(b, nch) as cl:
+                    m = chunk_mask(cl.index)
+                    qv = [load(qps[i], coff(cl.index), m) for i in range(Q)]
+                    for j in range(P):
+                        kv = kvload(kp, grows[j], cl.index, m)
+                        for i in range(Q):
+                            b.store(e.fma(qv[i], kv, b.load(slots[i][j])), slots[i][j])
+                accs = [[b.load(x) for x in sl] for sl in slots]
+            for i in range(Q):
+                parts[i].append(_tree4(e, accs[i]))
 
-        steps = b.udiv(n, i64(P))
-        with cgutils.for_range(b, steps) as pl:
-            scores_step(b.mul(pl.index, i64(P)), P)
-        with cgutils.for_range_slice(b, b.mul(steps, i64(P)), n, i64(1), inc=True) as (p, _):
-            scores_step(p, 1)
+        # ---- the online softmax step, per query
+        lanes = e.const(I32, B, range(B))
+        valid = b.and_(b.icmp_signed(">=", lanes, e.splat(b.trunc(lo, I32), B)),
+                       b.icmp_signed("<", lanes, e.splat(b.trunc(hi, I32), B)))
+        ninf = e.fconst(float("-inf"))
+        ws, fvs = [], []
+        for i in range(Q):
+            p = parts[i]
+            sc = e.shuffle(e.shuffle(p[0], p[1], range(8)), e.shuffle(p[2], p[3], range(8)), range(16))
+            s = b.select(valid, b.fmul(sc, e.splat(scale, B)), ninf)
+            m_old = b.load(e.addr(sts[i], None), typ=F32, align=4)
+            l_old = b.load(e.addr(sts[i], i64(4)), typ=F32, align=4)
+            m_new = b.call(e.decl("llvm.maxnum.f32", F32, [F32, F32]), [m_old, _hmax(e, s)])
+            w = b.select(valid, e.exp(b.fsub(s, e.splat(m_new, B))), zero)
+            # exp(m - m'): 1 when the max stays, ~0 from m = -inf (o and l are 0 then); in a vector,
+            # as a libm call would spill the vector registers around it
+            fv = e.exp(e.splat(b.fsub(m_old, m_new), N))
+            b.store(m_new, e.addr(sts[i], None), align=4)
+            b.store(b.fadd(b.fmul(l_old, b.extract_element(fv, I32(0))), e.hsum(w)), e.addr(sts[i], i64(4)), align=4)
+            ws.append([e.shuffle(w, None, [j] * N) for j in range(B)])
+            fvs.append(fv)
 
-        # ---- softmax numerators and their sum
-        tot = cgutils.alloca_once_value(b, zero)
-        mxv = e.splat(b.load(mx), N)
-        nfull = b.udiv(n, i64(N))
-        with cgutils.for_range(b, nfull) as sl:
-            off = b.mul(sl.index, i64(4 * N))
-            v = e.exp(b.fsub(e.loadf(sp, off), mxv))
-            e.store(v, sp, off)
-            b.store(b.fadd(b.load(tot), v), tot)
-        srem = b.trunc(b.urem(n, i64(N)), I32)
-        with b.if_then(b.icmp_unsigned("!=", srem, I32(0)), likely=True):
-            sm = e.lanes_below(N, srem)
-            off = b.mul(nfull, i64(4 * N))
-            v = b.select(sm, e.exp(b.fsub(e.loadf(sp, off, sm), mxv)), zero)
-            e.store(v, sp, off, sm)
-            b.store(b.fadd(b.load(tot), v), tot)
-        # the sink's share of the denominator (exp(-inf) = 0 without a sink)
-        sink_w = b.call(e.decl("llvm.exp.f32", F32, [F32]), [b.fsub(sink, b.load(mx))])
-        inv = b.fdiv(ir.Constant(F32, 1.0), b.fadd(e.hsum(b.load(tot)), sink_w))
-        invv = e.splat(inv, N)
+        # ---- output: o = o f + sum_j w_j V_j, all B lanes unrolled with the weights in registers
+        # (lanes outside [lo, hi) add 0 times a row of the range)
+        def out_chunks(cs, m=None):
+            """The queries' output chunks cs (Python ints, or one i64 value with its mask m) over the block."""
+            accs = [[b.fmul(load(ops[i], coff(c), m), fvs[i]) for c in cs] for i in range(Q)]
+            for j in range(B):
+                for k, c in enumerate(cs):
+                    v = kvload(vp, rows[j], c, m)
+                    for i in range(Q):
+                        accs[i][k] = e.fma(ws[i][j], v, accs[i][k])
+            for i in range(Q):
+                for c, a in zip(cs, accs[i]):
+                    if m is None:
+                        b.store(a, e.addr(ops[i], coff(c)), align=4)
+                    else:
+                        e.store(a, ops[i], coff(c), m)
 
-        # ---- output: per chunk, sum_p w[p] V[p] in P accumulators
-        def splat_w(p):
-            return e.splat(b.load(e.addr(sp, b.mul(p, i64(4))), typ=F32), N)
-
-        if HD:  # every chunk's accumulators in registers, two positions per step
+        if HD:
             nc = HD // N
-            accs = [[cgutils.alloca_once_value(b, zero) for _ in range(nc)] for _ in range(2)]
-            for a in accs[0] + accs[1]:
-                b.store(zero, a)
-            pairs = b.udiv(n, i64(2))
-
-            def out_pos(p, acc_set):
-                w = splat_w(p)
-                for c in range(nc):
-                    b.store(e.fma(w, load_kv_full(vp, p, c), b.load(acc_set[c])), acc_set[c])
-
-            with cgutils.for_range(b, pairs) as pl:
-                out_pos(b.mul(pl.index, i64(2)), accs[0])
-                out_pos(b.add(b.mul(pl.index, i64(2)), i64(1)), accs[1])
-            with b.if_then(b.icmp_unsigned("!=", b.urem(n, i64(2)), i64(0))):
-                out_pos(b.sub(n, i64(1)), accs[0])
-            for c in range(nc):
-                o = b.fmul(b.fadd(b.load(accs[0][c]), b.load(accs[1][c])), invv)
-                b.store(o, e.addr(op, i64(4 * N * c)), align=4)
-            return context.get_dummy_value()
-
-        with cgutils.for_range(b, nch) as cl:
-            c = cl.index
-            m = chunk_mask(c)
-            accs = [cgutils.alloca_once_value(b, zero) for _ in range(P)]
-            for a in accs:
-                b.store(zero, a)
-            with cgutils.for_range(b, steps) as pl:
-                p0 = b.mul(pl.index, i64(P))
-                for j in range(P):
-                    p = b.add(p0, i64(j))
-                    b.store(e.fma(splat_w(p), load_kv(vp, p, c, m), b.load(accs[j])), accs[j])
-            with cgutils.for_range_slice(b, b.mul(steps, i64(P)), n, i64(1), inc=True) as (p, _):
-                b.store(e.fma(splat_w(p), load_kv(vp, p, c, m), b.load(accs[0])), accs[0])
-            o = b.fadd(b.fadd(b.load(accs[0]), b.load(accs[1])), b.fadd(b.load(accs[2]), b.load(accs[3])))
-            f = e.decl(f"llvm.masked.store.v{N}f32.p0", ir.VoidType(), [_vec(F32), PTR, I32, _vec(I1)])
-            b.call(f, [b.fmul(o, invv), e.addr(op, b.mul(c, i64(N * 4))), I32(4), m])
+            cg = max(1, CG // Q) if Q > 1 else CG  # chunks per pass: Q * cg accumulators in registers
+            for c0 in range(0, nc, cg):
+                out_chunks(list(range(c0, min(nc, c0 + cg))))
+        else:
+            with cgutils.for_range(b, nch) as cl:
+                out_chunks([cl.index], chunk_mask(cl.index))
         return context.get_dummy_value()
 
     return codegen
 
 
-def _make(kv_f16: bool):
-    """One intrinsic per cache type; it branches on hd to the bodies specialised for 64 and
-    128 (the common head sizes: q and the output row stay in registers) or the generic one."""
-    bodies = {64: _emit(kv_f16, 64), 128: _emit(kv_f16, 128), None: _emit(kv_f16, None)}
-
+def _pick(bodies, hd_index):
+    """A codegen branching on hd (argument ``hd_index``) to the bodies for 64 and 128, else the generic one."""
     def gen(context, b, sig, args):
-        hd = args[5]
+        hd = args[hd_index]
 
         def pick(sizes):
             if not sizes:
@@ -192,21 +205,56 @@ def _make(kv_f16: bool):
                 with rest:
                     pick(sizes[1:])
 
-        pick([64, 128])
+        pick([s for s in bodies if s is not None])
         return context.get_dummy_value()
+    return gen
 
-    def attend(typingctx, qp, kp, vp, rstride, n, hd, scale, sink, sp, op):
-        ints = (qp, kp, vp, rstride, n, hd, sp, op)
-        if not (all(isinstance(t, types.Integer) for t in ints) and scale == types.float32 and sink == types.float32):
+
+QS = (1, 2, 4)  # queries per call the kernel has bodies for
+_block_gens = {q: _pick({64: _emit_block(64, q), 128: _emit_block(128, q), None: _emit_block(None, q)}, 7) for q in QS}
+
+
+def _attend_typer(Q):
+    def typer(typingctx, qp, qstride, kp, vp, rstride, lo, hi, hd, scale, stp, op, ostride):
+        ints = (qp, qstride, kp, vp, rstride, lo, hi, hd, stp, op, ostride)
+        if not (all(isinstance(t, types.Integer) for t in ints) and scale == types.float32):
             return None
-        sig = types.void(types.int64, types.int64, types.int64, types.int64, types.int64, types.int64,
-                         types.float32, types.float32, types.int64, types.int64)
-        return sig, gen
-
-    attend.__name__ = attend.__qualname__ = f"attend_row_{'f16' if kv_f16 else 'f32'}"
-    return intrinsic(attend)
+        i = types.int64
+        return types.void(i, i, i, i, i, i, i, i, types.float32, i, i, i), _block_gens[Q]
+    typer.__name__ = typer.__qualname__ = f"attend_block{Q}"
+    return intrinsic(typer)
 
 
-# attend_row_<kv type>(q, K, V, row_stride_bytes, n, hd, scale, sink, scores, out): addresses as
-# int64; q, scores and out float32; K and V rows float32 or fp16 bits; scale and sink float32
-attend_row_f32, attend_row_f16 = _make(False), _make(True)
+# attend_block<Q>(q, q_stride, K, V, row_stride, lo, hi, hd, scale, state, out, out_stride): one
+# online-softmax step of Q queries over one block of float32 K, V rows (row j at K + j * row_stride),
+# lanes [lo, hi) theirs (0 <= lo < hi <= B); addresses and strides in bytes as int64; query i's
+# q and out (hd floats) at q + i * q_stride and out + i * out_stride, its state (m, l) at state + 8 i.
+attend_block1, attend_block2, attend_block4 = (_attend_typer(q) for q in QS)
+
+
+def _rows_f16(context, b, sig, args):
+    src, srs, dst, drs, r0, r1, hd = args
+    e = _E(b)
+    i64 = lambda v: ir.Constant(I64, v)  # noqa: E731
+    full = b.udiv(hd, i64(N))
+    rem = b.trunc(b.urem(hd, i64(N)), I32)
+    m = e.lanes_below(N, rem)
+    fn = e.decl(f"llvm.masked.store.v{N}f32.p0", ir.VoidType(), [_vec(F32), PTR, I32, _vec(I1)])
+    with cgutils.for_range_slice(b, r0, r1, i64(1), inc=True) as (r, _):
+        s, d = b.add(src, b.mul(r, srs)), b.add(dst, b.mul(r, drs))
+        with cgutils.for_range(b, full) as cl:
+            h = b.load(e.addr(s, b.mul(cl.index, i64(N * 2))), typ=_vec(I16), align=2)
+            b.store(b.fpext(b.bitcast(h, _vec(F16)), _vec(F32)), e.addr(d, b.mul(cl.index, i64(N * 4))), align=4)
+        with b.if_then(b.icmp_unsigned("!=", rem, I32(0)), likely=False):
+            h = e.load(s, b.mul(full, i64(N * 2)), _vec(I16), m, align=2)
+            b.call(fn, [b.fpext(b.bitcast(h, _vec(F16)), _vec(F32)), e.addr(d, b.mul(full, i64(N * 4))), I32(4), m])
+    return context.get_dummy_value()
+
+
+@intrinsic
+def kv_rows_f16(typingctx, src, srs, dst, drs, r0, r1, hd):
+    """kv_rows_f16(src, src_row_stride, dst, dst_row_stride, r0, r1, hd): rows r0..r1-1 of hd fp16
+    values (uint16 bits) at src widened to float32 rows at dst; addresses and strides in bytes."""
+    if not all(isinstance(t, types.Integer) for t in (src, srs, dst, drs, r0, r1, hd)):
+        return None
+    return types.void(*([types.int64] * 7)), _rows_f16

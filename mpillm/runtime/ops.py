@@ -10,7 +10,8 @@ import math
 import numpy as np
 from numba import njit
 
-from mpillm.kernels.attention import attend_row_f16, attend_row_f32
+from mpillm.kernels.attention import B as _BLOCK
+from mpillm.kernels.attention import attend_block1, attend_block2, attend_block4, kv_rows_f16
 from mpillm.kernels.vmath import f2h, half_to_float, silu_mul_row
 
 
@@ -110,6 +111,18 @@ def store_kv(k, v, kc, vc, slots, positions, hd):
 
 
 _NO_SINKS = np.zeros(0, np.float32)
+_PAD = 16  # floats between the widened K and V blocks
+
+
+def attention_scratch_floats(nh: int, hd: int, max_rows: int) -> int:
+    """float32 scratch ``attention`` needs for steps of up to ``max_rows`` rows of nh local query
+    heads of hd values: an fp16 K and V block widened (apart by 64 bytes more than their size, so a V
+    row never sits 4 KiB from its K row), and the softmax state (m, l) of each query."""
+    return 2 * _BLOCK * hd + _PAD + 2 * max(max_rows, 1) * max(nh, 1)
+
+
+def attention_scratch(nh: int, hd: int, max_rows: int) -> np.ndarray:
+    return np.zeros(attention_scratch_floats(nh, hd, max_rows), np.float32)
 
 
 @njit(cache=True)
@@ -127,34 +140,113 @@ def attention_ext(q, kc, vc, slots, positions, hd, kv_of_head, scores, out, sink
     and a sliding window: with window > 0 row t sees only its last ``window`` positions,
     max(0, positions[t] + 1 - window)..positions[t] (window 0: all).
 
-    q (T, nh * hd); kc, vc (n_slots, n_kv, S, hd) float32, or uint16 holding fp16 bits;
-    kv_of_head (nh,) local KV index of each local query head; scores (nh, S) scratch;
-    out (T, nh * hd). One row at a time in vector IR (kernels.attention).
+    q (T, nh * hd); kc, vc (n_slots, n_kv, S, hd) float32, or uint16 holding fp16 bits (kc and vc
+    may be one array: MLA's latent); kv_of_head (nh,) local KV index of each local query head;
+    scores: contiguous float32 scratch of ``attention_scratch_floats(nh, hd, T)`` or more;
+    out (T, nh * hd).
+
+    The rows of one slot form a group; per group and KV head the cached positions the group reads
+    are walked once, in blocks of 16 (kernels.attention), and each block serves every query head
+    of that KV head for every row of the group, each with its own causal range and softmax state.
     """
     T = q.shape[0]
     nh = q.shape[1] // hd
     if kc.strides[3] != kc.itemsize or vc.strides[2] != kc.strides[2] or vc.strides[1] != kc.strides[1] \
-            or vc.strides[0] != kc.strides[0] or q.strides[1] != 4 or out.strides[1] != 4 \
-            or scores.strides[1] != 4:
+            or vc.strides[0] != kc.strides[0] or q.strides[1] != 4 or out.strides[1] != 4:
         raise ValueError("attention: rows must be contiguous and K, V alike")
     if sinks.shape[0] != 0 and sinks.shape[0] != nh:
         raise ValueError("attention: one sink per query head")
+    st0 = 2 * _BLOCK * hd + _PAD  # (m, l) of query (t, h) at st0 + 2 (t nh + h)
+    if scores.size < st0 + 2 * T * nh or scores.itemsize != 4 or not scores.flags.c_contiguous:
+        raise ValueError("attention: scores must be contiguous float32 scratch of attention_scratch_floats(nh, hd, T)")
+    nkv = 0
+    for h in range(nh):
+        if kv_of_head[h] < 0 or kv_of_head[h] >= kc.shape[1]:
+            raise ValueError("attention: kv_of_head names a KV head the cache does not have")
+        nkv = max(nkv, kv_of_head[h] + 1)
+    for t in range(T):
+        if positions[t] < 0 or positions[t] >= kc.shape[2] or slots[t] < 0 or slots[t] >= kc.shape[0]:
+            raise ValueError("attention: a row's slot or position is outside the cache")
     scale = np.float32(1.0 / math.sqrt(hd))
     rs = kc.strides[2]
-    for h in range(nh):  # serial: a parallel region costs more than a decode step's attention
-        kv = kv_of_head[h]
-        sink = np.float32(sinks[h]) if sinks.shape[0] else np.float32(-np.inf)
-        sp = scores.ctypes.data + h * scores.strides[0]
-        for t in range(T):
-            start = max(0, positions[t] + 1 - window) if window > 0 else 0
-            base = slots[t] * kc.strides[0] + kv * kc.strides[1] + start * rs
-            kp, vp = kc.ctypes.data + base, vc.ctypes.data + base
-            qp = q.ctypes.data + t * q.strides[0] + h * hd * 4
-            op = out.ctypes.data + t * out.strides[0] + h * hd * 4
-            if kc.itemsize == 2:
-                attend_row_f16(qp, kp, vp, rs, positions[t] + 1 - start, hd, scale, sink, sp, op)
-            else:
-                attend_row_f32(qp, kp, vp, rs, positions[t] + 1 - start, hd, scale, sink, sp, op)
+    f16 = kc.itemsize == 2
+    same = vc.ctypes.data == kc.ctypes.data  # MLA: keys and values are one latent cache
+    sc = np.int64(scores.ctypes.data)
+    kc0, vc0 = np.int64(kc.ctypes.data), np.int64(vc.ctypes.data)
+    q0, o0 = np.int64(q.ctypes.data), np.int64(out.ctypes.data)
+    kf = sc                                              # an fp16 K block widened (B rows of hd floats)
+    vf = kf + (0 if same else 4 * (_BLOCK * hd + _PAD))  # the same for V
+    flat = scores.reshape(scores.size)
+    for t0 in range(T):
+        s = slots[t0]
+        first = True
+        for t in range(t0):
+            if slots[t] == s:
+                first = False
+        if not first:
+            continue
+        glo, ghi = kc.shape[2], 0  # the positions some row of the group reads
+        for t in range(t0, T):
+            if slots[t] == s:
+                n = positions[t] + 1
+                glo = min(glo, max(0, n - window) if window > 0 else 0)
+                ghi = max(ghi, n)
+        for kv in range(nkv):
+            for t in range(t0, T):
+                if slots[t] != s:
+                    continue
+                for h in range(nh):
+                    if kv_of_head[h] == kv:
+                        sink = np.float32(sinks[h]) if sinks.shape[0] else np.float32(-np.inf)
+                        flat[st0 + 2 * (t * nh + h)] = sink
+                        flat[st0 + 2 * (t * nh + h) + 1] = np.float32(1.0) if sink > -np.inf else np.float32(0.0)
+                        out[t, h * hd:(h + 1) * hd] = 0.0
+            base = s * kc.strides[0] + kv * kc.strides[1]
+            for blk in range(glo // _BLOCK, (ghi - 1) // _BLOCK + 1):
+                p0 = blk * _BLOCK
+                if f16:  # widen the rows of the block someone reads, once for all the group's queries
+                    c0, c1 = max(p0, glo) - p0, min(p0 + _BLOCK, ghi) - p0
+                    kv_rows_f16(kc0 + base + p0 * rs, rs, kf, hd * 4, c0, c1, hd)
+                    if not same:
+                        kv_rows_f16(vc0 + base + p0 * rs, rs, vf, hd * 4, c0, c1, hd)
+                    kp, vp, bs = kf, vf, hd * 4
+                else:
+                    kp, vp, bs = kc0 + base + p0 * rs, vc0 + base + p0 * rs, rs
+                for t in range(t0, T):
+                    if slots[t] != s:
+                        continue
+                    n = positions[t] + 1
+                    lo = max(p0, max(0, n - window) if window > 0 else 0) - p0
+                    hi = min(p0 + _BLOCK, n) - p0
+                    if hi <= lo:
+                        continue
+                    qt = q0 + t * q.strides[0]
+                    ot = o0 + t * out.strides[0]
+                    h = 0
+                    while h < nh:  # runs of consecutive heads of this KV head, up to 4 per call
+                        if kv_of_head[h] != kv:
+                            h += 1
+                            continue
+                        r = 1
+                        while r < 4 and h + r < nh and kv_of_head[h + r] == kv:
+                            r += 1
+                        r = 4 if r == 4 else (2 if r >= 2 else 1)
+                        qp, op, stp = qt + h * hd * 4, ot + h * hd * 4, sc + 4 * (st0 + 2 * (t * nh + h))
+                        if r == 4:
+                            attend_block4(qp, hd * 4, kp, vp, bs, lo, hi, hd, scale, stp, op, hd * 4)
+                        elif r == 2:
+                            attend_block2(qp, hd * 4, kp, vp, bs, lo, hi, hd, scale, stp, op, hd * 4)
+                        else:
+                            attend_block1(qp, hd * 4, kp, vp, bs, lo, hi, hd, scale, stp, op, hd * 4)
+                        h += r
+            for t in range(t0, T):
+                if slots[t] != s:
+                    continue
+                for h in range(nh):
+                    if kv_of_head[h] == kv:
+                        inv = np.float32(1.0) / flat[st0 + 2 * (t * nh + h) + 1]
+                        for i in range(h * hd, (h + 1) * hd):
+                            out[t, i] *= inv
 
 
 @njit(cache=True, fastmath=True)
