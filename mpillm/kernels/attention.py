@@ -1,34 +1,40 @@
 """Attention over a KV cache in blocks of 16 cached positions, in target-neutral vector IR.
 
-The driver (``runtime.ops.attention_ext``) takes the rows of a step that share a KV slot (the
-decode row of a sequence, speculative verification rows, the rows of a prompt chunk) and, per
-KV head, walks the cached positions once, in blocks of ``B`` = 16 aligned to multiples of 16:
-an fp16 block is widened into a float32 scratch block once (``kv_rows_f16``), then every query
-that reads it -- each of the G query heads sharing that KV head, for each of those rows --
-takes the block in with ``attend_block``. So a cached key and value is read from memory and
-converted once per (sequence, KV head) and step, not once per row and per query head, and the
-block stays in L1 while the queries go over it.
+The drivers (runtime.ops.attention_ext, attention_latent) take the rows of a step that share a KV
+slot (the decode row of a sequence, speculative verification rows, the rows of a prompt chunk)
+and, per KV head, walk the cached positions once, in blocks of ``B`` = 16 aligned to multiples of
+16; every query that reads a block -- each of the G query heads sharing that KV head, for each of
+those rows -- takes it in while it sits in L1. So a cached key and value is brought in once per
+(sequence, KV head) and step, not once per row and per query head.
 
-``attend_block`` is one step of an online softmax for one query and one block, lanes j in
-[lo, hi) of the block being the query's own positions (causal limit, sliding window):
+Each kernel call is one step of an online softmax (flash attention's recurrence) for its queries
+over one block, lanes j in [lo, hi) of the block being the queries' own positions (causal limit,
+sliding window):
 
-  scores   s_j = dot(q, K_j) * scale, 4 positions at a time: per position a 16-lane FMA chain
-           over hd, the 4 chains reduced together by the halving tree (one set of shuffles for
-           4 positions; each lane ends bit for bit what a lone tree gives); lanes outside
-           [lo, hi) are -inf;
+  scores   s_j = dot(q, K_j) * scale; lanes outside [lo, hi) are -inf;
   state    m' = max(m, max_j s_j); w_j = exp(s_j - m') (the vector exp of kernels.vmath; 0
            outside [lo, hi)); l' = l exp(m - m') + sum_j w_j, with (m, l) two floats per query;
-  output   o' = o exp(m - m') + sum_{j in [lo, hi)} w_j V_j, o being the query's output row.
+  output   o' = o exp(m - m') + sum_{j} w_j V_j, o being the query's output row.
 
 The driver starts (m, l) at (sink, 1) for a sink logit (gpt-oss) or (-inf, 0), o at 0, and ends
-with o / l. Every number a query computes depends only on its own q, its own range and the
-cache, never on the other rows of the step: the blocks are fixed by absolute position and the
-per-query operations run in the same order whatever else shares the block, so a row's output
-is bit for bit the same alone or in any batch.
+with o / l.
 
-The cache holds float32 or IEEE half (uint16 bits; numba has no float16), one row of hd values
-per position, rows contiguous. hd 64 and 128 have bodies with the chunks unrolled; any other hd
-(MLA's 576, odd test sizes) takes the generic body with a masked last chunk.
+``attend_tile`` (standard attention) reads keys from the tiled key cache: per block one tile of
+hd rows of 16 positions, so the scores of a block are sum_d q[d] K^T[d], 16 positions in the lanes
+of 4 FMA chains (d mod 4), no horizontal sums. It takes 1, 2 or 4 queries with the same range at
+once, which share the loads and fp16 widening of every K and V vector. Values stay in rows.
+
+``attend_rows`` (MLA, whose one latent cache is both keys and values, in rows) scores 4 rows at a
+time, each a 16-lane FMA chain over hd, the 4 reduced together by the halving tree (lane j bit
+for bit what Emit.hsum gives); an fp16 block is widened into scratch once (``kv_rows_f16``).
+
+Every number a query computes depends only on its own q, its own range and the cache, never on
+the other rows of the step: the blocks are fixed by absolute position, and a query's operations
+run in the same order whatever else shares the block or the call, so a row's output is bit for
+bit the same alone or in any batch.
+
+The cache holds float32 or IEEE half (uint16 bits; numba has no float16). hd 64 and 128 have
+bodies with everything unrolled; any other hd takes the generic body (a masked last chunk).
 """
 from __future__ import annotations
 
@@ -210,26 +216,185 @@ def _pick(bodies, hd_index):
     return gen
 
 
-QS = (1, 2, 4)  # queries per call the kernel has bodies for
-_block_gens = {q: _pick({64: _emit_block(64, q), 128: _emit_block(128, q), None: _emit_block(None, q)}, 7) for q in QS}
+# attend_rows(q, 0, K, V, row_stride, lo, hi, hd, scale, state, out, 0): one online-softmax step
+# of one query over one block of float32 K, V rows (row j at K + j * row_stride), lanes [lo, hi)
+# its own (0 <= lo < hi <= B); addresses and strides in bytes as int64, q and out hd floats, state
+# (m, l) 2 floats. Any hd (the generic body): MLA's latent (kv_lora_rank + rope values).
+_rows_gen = _emit_block(None, 1)
 
 
-def _attend_typer(Q):
-    def typer(typingctx, qp, qstride, kp, vp, rstride, lo, hi, hd, scale, stp, op, ostride):
-        ints = (qp, qstride, kp, vp, rstride, lo, hi, hd, stp, op, ostride)
-        if not (all(isinstance(t, types.Integer) for t in ints) and scale == types.float32):
-            return None
-        i = types.int64
-        return types.void(i, i, i, i, i, i, i, i, types.float32, i, i, i), _block_gens[Q]
-    typer.__name__ = typer.__qualname__ = f"attend_block{Q}"
-    return intrinsic(typer)
+@intrinsic
+def attend_rows(typingctx, qp, qstride, kp, vp, rstride, lo, hi, hd, scale, stp, op, ostride):
+    ints = (qp, qstride, kp, vp, rstride, lo, hi, hd, stp, op, ostride)
+    if not (all(isinstance(t, types.Integer) for t in ints) and scale == types.float32):
+        return None
+    i = types.int64
+    return types.void(i, i, i, i, i, i, i, i, types.float32, i, i, i), _rows_gen
 
 
-# attend_block<Q>(q, q_stride, K, V, row_stride, lo, hi, hd, scale, state, out, out_stride): one
-# online-softmax step of Q queries over one block of float32 K, V rows (row j at K + j * row_stride),
-# lanes [lo, hi) theirs (0 <= lo < hi <= B); addresses and strides in bytes as int64; query i's
-# q and out (hd floats) at q + i * q_stride and out + i * out_stride, its state (m, l) at state + 8 i.
-attend_block1, attend_block2, attend_block4 = (_attend_typer(q) for q in QS)
+def _emit_tile(HD: int | None, Q: int, f16: bool):
+    """The tiled-key body for head size HD (None: any), Q queries sharing the range [lo, hi) of the
+    block, and an fp16 (f16) or float32 cache. The block's keys are one tile of hd rows of B
+    positions, so a score vector is sum_d q[d] K^T[d] (4 chains over d mod 4, summed
+    (c0 + c1) + (c2 + c3)): B scores in lanes, no horizontal sums. Every query's own operations are
+    the same whatever Q, so Q only decides which queries share the loads (and widening) of K and V."""
+    esz = 2 if f16 else 4
+
+    def codegen(context, b, sig, args):
+        (_, kt, vp, vrs, lo, hi, hd, scale, wp), qs, sts, ops = args[:9], args[9:13], args[13:17], args[17:21]
+        e = _E(b)
+        i64 = lambda v: ir.Constant(I64, v)  # noqa: E731
+        zero = e.fconst(0.0)
+
+        def widen(base, off, m=None):
+            """16 cache values at base + off (bytes), as floats (masked lanes 0)."""
+            if not f16:
+                return e.loadf(base, off, m) if m is not None else b.load(e.addr(base, off), typ=_vec(F32), align=4)
+            h = e.load(base, off, _vec(I16), m, align=2)
+            return b.fpext(b.bitcast(h, _vec(F16)), _vec(F32))
+
+        def qd(i, d):  # q_i[d] in every lane
+            return e.splat(b.load(e.addr(qs[i], b.mul(d, i64(4)) if not isinstance(d, int) else i64(4 * d)),
+                                  typ=F32, align=4), N)
+
+        # ---- scores
+        if HD:
+            ch = [[None] * 4 for _ in range(Q)]
+            for d in range(HD):
+                k = widen(kt, i64(d * B * esz))
+                for i in range(Q):
+                    a = ch[i][d % 4]
+                    ch[i][d % 4] = b.fmul(qd(i, d), k) if a is None else e.fma(qd(i, d), k, a)
+        else:
+            chs = [[cgutils.alloca_once(b, _vec(F32)) for _ in range(4)] for _ in range(Q)]
+            for row in chs:
+                for x in row:
+                    b.store(zero, x)
+
+            def step(d, r):
+                k = widen(kt, b.mul(d, i64(B * esz)))
+                for i in range(Q):
+                    b.store(e.fma(qd(i, d), k, b.load(chs[i][r])), chs[i][r])
+
+            quads = b.udiv(hd, i64(4))
+            with cgutils.for_range(b, quads) as dl:
+                for r in range(4):
+                    step(b.add(b.mul(dl.index, i64(4)), i64(r)), r)
+            rem = b.urem(hd, i64(4))
+            for r in range(3):
+                with b.if_then(b.icmp_unsigned(">", rem, i64(r))):
+                    step(b.add(b.mul(quads, i64(4)), i64(r)), r)
+            ch = [[b.load(x) for x in row] for row in chs]
+
+        # ---- the online softmax step, per query
+        lanes = e.const(I32, B, range(B))
+        valid = b.and_(b.icmp_signed(">=", lanes, e.splat(b.trunc(lo, I32), B)),
+                       b.icmp_signed("<", lanes, e.splat(b.trunc(hi, I32), B)))
+        ninf = e.fconst(float("-inf"))
+        fvs = []
+        for i in range(Q):
+            c = ch[i]
+            sc = b.fadd(b.fadd(c[0], c[1]), b.fadd(c[2], c[3]))
+            s = b.select(valid, b.fmul(sc, e.splat(scale, B)), ninf)
+            m_old = b.load(e.addr(sts[i], None), typ=F32, align=4)
+            l_old = b.load(e.addr(sts[i], i64(4)), typ=F32, align=4)
+            m_new = b.call(e.decl("llvm.maxnum.f32", F32, [F32, F32]), [m_old, _hmax(e, s)])
+            w = b.select(valid, e.exp(b.fsub(s, e.splat(m_new, B))), zero)
+            b.store(w, e.addr(wp, i64(4 * B * i)), align=4)
+            # exp(m - m'): 1 when the max stays, ~0 from m = -inf (o and l are 0 then); in a vector,
+            # as a libm call would spill the vector registers around it
+            fv = e.exp(e.splat(b.fsub(m_old, m_new), N))
+            b.store(m_new, e.addr(sts[i], None), align=4)
+            b.store(b.fadd(b.fmul(l_old, b.extract_element(fv, I32(0))), e.hsum(w)), e.addr(sts[i], i64(4)), align=4)
+            fvs.append(fv)
+
+        # ---- output: o = o f + sum_j w_j V_j, the B rows unrolled; rows outside [lo, hi) read a row of
+        # the range instead, with weight 0 (so stale cache rows never enter)
+        hi1 = b.sub(hi, i64(1))
+
+        def row_of(j):
+            r = b.select(b.icmp_signed("<", i64(j), lo), lo, i64(j))
+            return b.select(b.icmp_signed(">", r, hi1), hi1, r)
+
+        vrows = [b.mul(row_of(j), vrs) for j in range(B)]
+
+        def coff(c, size):
+            return i64(c * N * size) if isinstance(c, int) else b.mul(c, i64(N * size))
+
+        def out_chunks(cs, m=None):
+            accs = [[b.fmul(e.loadf(ops[i], coff(c, 4), m) if m is not None else
+                            b.load(e.addr(ops[i], coff(c, 4)), typ=_vec(F32), align=4), fvs[i]) for c in cs]
+                    for i in range(Q)]
+            for j in range(B):
+                for k, c in enumerate(cs):
+                    v = widen(vp, b.add(vrows[j], coff(c, esz)), m)
+                    for i in range(Q):
+                        wj = e.splat(b.load(e.addr(wp, i64(4 * (B * i + j))), typ=F32, align=4), N)
+                        accs[i][k] = e.fma(wj, v, accs[i][k])
+            for i in range(Q):
+                for c, a in zip(cs, accs[i]):
+                    if m is None:
+                        b.store(a, e.addr(ops[i], coff(c, 4)), align=4)
+                    else:
+                        e.store(a, ops[i], coff(c, 4), m)
+
+        if HD:
+            nc = HD // N
+            cg = max(1, CG // Q)  # chunks per pass: Q * cg accumulators
+            for c0 in range(0, nc, cg):
+                out_chunks(list(range(c0, min(nc, c0 + cg))))
+        else:
+            nch = b.udiv(b.add(hd, i64(N - 1)), i64(N))
+            full = b.udiv(hd, i64(N))
+            tail = e.lanes_below(N, b.trunc(b.urem(hd, i64(N)), I32))
+            on = ir.Constant(_vec(I1), [ir.Constant(I1, 1)] * N)
+            with cgutils.for_range(b, nch) as cl:
+                out_chunks([cl.index], b.select(b.icmp_unsigned(">=", cl.index, full), tail, on))
+        return context.get_dummy_value()
+
+    return codegen
+
+
+QS = (1, 2, 4)  # queries per call the tiled kernel has bodies for
+
+
+def _tile_gen(f16: bool):
+    by_q = {q: _pick({64: _emit_tile(64, q, f16), 128: _emit_tile(128, q, f16), None: _emit_tile(None, q, f16)}, 6)
+            for q in QS}
+
+    def gen(context, b, sig, args):
+        nq = args[21]
+        with b.if_else(b.icmp_unsigned("==", nq, ir.Constant(I64, 4))) as (four, fewer):
+            with four:
+                by_q[4](context, b, sig, args)
+            with fewer:
+                with b.if_else(b.icmp_unsigned("==", nq, ir.Constant(I64, 2))) as (two, one):
+                    with two:
+                        by_q[2](context, b, sig, args)
+                    with one:
+                        by_q[1](context, b, sig, args)
+        return context.get_dummy_value()
+    return gen
+
+
+_tile_gens = {True: _tile_gen(True), False: _tile_gen(False)}
+
+
+@intrinsic
+def attend_tile(typingctx, cache, kt, vp, vrs, lo, hi, hd, scale, wp, qa, qb, qc, qd, sa, sb, sc, sd, oa, ob, oc,
+                od, nq):
+    """attend_tile(cache, K_tile, V, V_row_stride, lo, hi, hd, scale, w, q_0..q_3, state_0..state_3,
+    out_0..out_3, nq): one online-softmax step of nq (1, 2 or 4) queries over one block, lanes
+    [lo, hi) theirs (0 <= lo < hi <= B). ``cache`` (the key cache array) only tells the element
+    type: float32, or uint16 holding fp16 bits. K_tile: hd rows of B keys' values; V: B rows of hd
+    values, row j at V + j * V_row_stride; q_i / out_i hd floats, state_i (m, l) 2 floats, w 4 B
+    floats of scratch; addresses and strides in bytes as int64 (unused query slots: any address)."""
+    ints = (kt, vp, vrs, lo, hi, hd, wp, qa, qb, qc, qd, sa, sb, sc, sd, oa, ob, oc, od, nq)
+    if not (isinstance(cache, types.Array) and cache.dtype in (types.uint16, types.float32)
+            and all(isinstance(t, types.Integer) for t in ints) and scale == types.float32):
+        return None
+    i = types.int64
+    return types.void(cache, *([i] * 6), types.float32, *([i] * 14)), _tile_gens[cache.dtype == types.uint16]
 
 
 def _rows_f16(context, b, sig, args):
