@@ -257,34 +257,27 @@ def _emit_tile(HD: int | None, Q: int, f16: bool):
             return e.splat(b.load(e.addr(qs[i], b.mul(d, i64(4)) if not isinstance(d, int) else i64(4 * d)),
                                   typ=F32, align=4), N)
 
-        # ---- scores
-        if HD:
-            ch = [[None] * 4 for _ in range(Q)]
-            for d in range(HD):
-                k = widen(kt, i64(d * B * esz))
-                for i in range(Q):
-                    a = ch[i][d % 4]
-                    ch[i][d % 4] = b.fmul(qd(i, d), k) if a is None else e.fma(qd(i, d), k, a)
-        else:
-            chs = [[cgutils.alloca_once(b, _vec(F32)) for _ in range(4)] for _ in range(Q)]
-            for row in chs:
-                for x in row:
-                    b.store(zero, x)
+        # ---- scores: a loop over d, 4 at a time, one per chain (any other hd finishes with a tail)
+        chs = [[cgutils.alloca_once(b, _vec(F32)) for _ in range(4)] for _ in range(Q)]
+        for row in chs:
+            for x in row:
+                b.store(zero, x)
 
-            def step(d, r):
-                k = widen(kt, b.mul(d, i64(B * esz)))
-                for i in range(Q):
-                    b.store(e.fma(qd(i, d), k, b.load(chs[i][r])), chs[i][r])
+        def step(d, r):
+            k = widen(kt, b.mul(d, i64(B * esz)))
+            for i in range(Q):
+                b.store(e.fma(qd(i, d), k, b.load(chs[i][r])), chs[i][r])
 
-            quads = b.udiv(hd, i64(4))
-            with cgutils.for_range(b, quads) as dl:
-                for r in range(4):
-                    step(b.add(b.mul(dl.index, i64(4)), i64(r)), r)
+        quads = i64(HD // 4) if HD else b.udiv(hd, i64(4))
+        with cgutils.for_range(b, quads) as dl:
+            for r in range(4):
+                step(b.add(b.mul(dl.index, i64(4)), i64(r)), r)
+        if not HD:
             rem = b.urem(hd, i64(4))
             for r in range(3):
                 with b.if_then(b.icmp_unsigned(">", rem, i64(r))):
                     step(b.add(b.mul(quads, i64(4)), i64(r)), r)
-            ch = [[b.load(x) for x in row] for row in chs]
+        ch = [[b.load(x) for x in row] for row in chs]
 
         # ---- the online softmax step, per query
         lanes = e.const(I32, B, range(B))
@@ -313,30 +306,35 @@ def _emit_tile(HD: int | None, Q: int, f16: bool):
         hi1 = b.sub(hi, i64(1))
 
         def row_of(j):
-            r = b.select(b.icmp_signed("<", i64(j), lo), lo, i64(j))
+            r = b.select(b.icmp_signed("<", j, lo), lo, j)
             return b.select(b.icmp_signed(">", r, hi1), hi1, r)
-
-        vrows = [b.mul(row_of(j), vrs) for j in range(B)]
 
         def coff(c, size):
             return i64(c * N * size) if isinstance(c, int) else b.mul(c, i64(N * size))
 
         def out_chunks(cs, m=None):
-            accs = [[b.fmul(e.loadf(ops[i], coff(c, 4), m) if m is not None else
-                            b.load(e.addr(ops[i], coff(c, 4)), typ=_vec(F32), align=4), fvs[i]) for c in cs]
-                    for i in range(Q)]
-            for j in range(B):
+            """The queries' output chunks cs (Python ints, or one i64 value with its mask m): a loop
+            over the block's rows, the accumulators in registers."""
+            accs = [[cgutils.alloca_once(b, _vec(F32)) for _ in cs] for _ in range(Q)]
+            for i in range(Q):
+                for c, a in zip(cs, accs[i]):
+                    o = e.loadf(ops[i], coff(c, 4), m) if m is not None else \
+                        b.load(e.addr(ops[i], coff(c, 4)), typ=_vec(F32), align=4)
+                    b.store(b.fmul(o, fvs[i]), a)
+            with cgutils.for_range(b, i64(B)) as jl:
+                j = jl.index
+                vrow = b.mul(row_of(j), vrs)
                 for k, c in enumerate(cs):
-                    v = widen(vp, b.add(vrows[j], coff(c, esz)), m)
+                    v = widen(vp, b.add(vrow, coff(c, esz)), m)
                     for i in range(Q):
-                        wj = e.splat(b.load(e.addr(wp, i64(4 * (B * i + j))), typ=F32, align=4), N)
-                        accs[i][k] = e.fma(wj, v, accs[i][k])
+                        wj = e.splat(b.load(e.addr(wp, b.add(b.mul(j, i64(4)), i64(4 * B * i))), typ=F32, align=4), N)
+                        b.store(e.fma(wj, v, b.load(accs[i][k])), accs[i][k])
             for i in range(Q):
                 for c, a in zip(cs, accs[i]):
                     if m is None:
-                        b.store(a, e.addr(ops[i], coff(c, 4)), align=4)
+                        b.store(b.load(a), e.addr(ops[i], coff(c, 4)), align=4)
                     else:
-                        e.store(a, ops[i], coff(c, 4), m)
+                        e.store(b.load(a), ops[i], coff(c, 4), m)
 
         if HD:
             nc = HD // N
@@ -359,20 +357,34 @@ QS = (1, 2, 4)  # queries per call the tiled kernel has bodies for
 
 
 def _tile_gen(f16: bool):
-    by_q = {q: _pick({64: _emit_tile(64, q, f16), 128: _emit_tile(128, q, f16), None: _emit_tile(None, q, f16)}, 6)
-            for q in QS}
+    """hd 64 and 128 branch on nq to their 1-, 2- and 4-query bodies; any other hd has one generic
+    body, for one query per call (the driver sends them so)."""
+    by_q = {(hd, q): _emit_tile(hd, q, f16) for hd in (64, 128) for q in QS}
+    generic = _emit_tile(None, 1, f16)
 
     def gen(context, b, sig, args):
-        nq = args[21]
-        with b.if_else(b.icmp_unsigned("==", nq, ir.Constant(I64, 4))) as (four, fewer):
-            with four:
-                by_q[4](context, b, sig, args)
-            with fewer:
-                with b.if_else(b.icmp_unsigned("==", nq, ir.Constant(I64, 2))) as (two, one):
-                    with two:
-                        by_q[2](context, b, sig, args)
-                    with one:
-                        by_q[1](context, b, sig, args)
+        hd, nq = args[6], args[21]
+
+        def on_nq(hd_):
+            with b.if_else(b.icmp_unsigned("==", nq, ir.Constant(I64, 4))) as (four, fewer):
+                with four:
+                    by_q[hd_, 4](context, b, sig, args)
+                with fewer:
+                    with b.if_else(b.icmp_unsigned("==", nq, ir.Constant(I64, 2))) as (two, one):
+                        with two:
+                            by_q[hd_, 2](context, b, sig, args)
+                        with one:
+                            by_q[hd_, 1](context, b, sig, args)
+
+        with b.if_else(b.icmp_unsigned("==", hd, ir.Constant(I64, 64))) as (h64, other):
+            with h64:
+                on_nq(64)
+            with other:
+                with b.if_else(b.icmp_unsigned("==", hd, ir.Constant(I64, 128))) as (h128, rest):
+                    with h128:
+                        on_nq(128)
+                    with rest:
+                        generic(context, b, sig, args)
         return context.get_dummy_value()
     return gen
 
@@ -384,7 +396,7 @@ _tile_gens = {True: _tile_gen(True), False: _tile_gen(False)}
 def attend_tile(typingctx, cache, kt, vp, vrs, lo, hi, hd, scale, wp, qa, qb, qc, qd, sa, sb, sc, sd, oa, ob, oc,
                 od, nq):
     """attend_tile(cache, K_tile, V, V_row_stride, lo, hi, hd, scale, w, q_0..q_3, state_0..state_3,
-    out_0..out_3, nq): one online-softmax step of nq (1, 2 or 4) queries over one block, lanes
+    out_0..out_3, nq): one online-softmax step of nq (1, 2 or 4; 1 unless hd is 64 or 128) queries over one block, lanes
     [lo, hi) theirs (0 <= lo < hi <= B). ``cache`` (the key cache array) only tells the element
     type: float32, or uint16 holding fp16 bits. K_tile: hd rows of B keys' values; V: B rows of hd
     values, row j at V + j * V_row_stride; q_i / out_i hd floats, state_i (m, l) 2 floats, w 4 B

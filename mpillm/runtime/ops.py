@@ -254,6 +254,7 @@ def attention_ext(q, kc, vc, slots, positions, hd, kv_of_head, scores, out, sink
     wp = sc                 # the weights of the (up to 4) queries of one call
     st0 = 4 * _BLOCK        # (m, l) of query (t, h) at st0 + 2 (t nh + h)
     flat = scores.reshape(scores.size)
+    maxq = 4 if hd == 64 or hd == 128 else 1  # queries per kernel call (other head sizes: one)
     nkv = 0
     for h in range(nh):
         nkv = max(nkv, kv_of_head[h] + 1)
@@ -289,7 +290,7 @@ def attention_ext(q, kc, vc, slots, positions, hd, kv_of_head, scores, out, sink
                     for h in range(nh if not last else 1):
                         if not last and kv_of_head[h] != kv:
                             continue
-                        if nq > 0 and (last or nq == 4 or lo != clo or hi != chi):
+                        if nq > 0 and (last or nq == maxq or lo != clo or hi != chi):
                             while nq > 0:  # flush: 4, or 2 then 1
                                 k = 4 if nq == 4 else (2 if nq >= 2 else 1)
                                 attend_tile(kc, kt, vp, vrs, clo, chi, hd, scale, wp, qa, qb, qc, qd, sa, sb, sc_, sd,
