@@ -73,163 +73,75 @@ def _hmax(e, v):
     return b.extract_element(v, I32(0))
 
 
-def _emit_block(HD: int | None, Q: int):
-    """The body for head size HD (None: any) and Q queries sharing one range [lo, hi) of the block:
-    query i at q + i * qstride, its state at state + 8 i, its output at out + i * ostride. Each
-    query's own operations are the same for every Q (Q only decides which run side by side, sharing
-    the loads of K and V), so a query's result does not depend on the others."""
-    def codegen(context, b, sig, args):
-        qp, qstride, kp, vp, rstride, lo, hi, hd, scale, stp, op, ostride = args
-        e = _E(b)
-        i64 = lambda v: ir.Constant(I64, v)  # noqa: E731
-        zero = e.fconst(0.0)
-        qps = [b.add(qp, b.mul(qstride, i64(i))) for i in range(Q)]
-        ops = [b.add(op, b.mul(ostride, i64(i))) for i in range(Q)]
-        sts = [b.add(stp, i64(8 * i)) for i in range(Q)]
-        if HD is None:
-            nch = b.udiv(b.add(hd, i64(N - 1)), i64(N))
-            full = b.udiv(hd, i64(N))
-            tail_mask = e.lanes_below(N, b.trunc(b.urem(hd, i64(N)), I32))
-            all_on = ir.Constant(_vec(I1), [ir.Constant(I1, 1)] * N)
+def _rows_codegen(context, b, sig, args):
+    """The row-key body: one query, any hd, positions [0, hi) of a block of rows that are both its
+    keys and its values (MLA's latent)."""
+    qp, kp, rstride, hi, hd, scale, stp, op = args
+    e = _E(b)
+    i64 = lambda v: ir.Constant(I64, v)  # noqa: E731
+    zero = e.fconst(0.0)
+    full = b.udiv(hd, i64(N))
+    tail_mask = e.lanes_below(N, b.trunc(b.urem(hd, i64(N)), I32))
+    all_on = ir.Constant(_vec(I1), [ir.Constant(I1, 1)] * N)
+    nch = b.udiv(b.add(hd, i64(N - 1)), i64(N))
 
-            def chunk_mask(c):
-                return b.select(b.icmp_unsigned(">=", c, full), tail_mask, all_on)
+    def chunk_mask(c):
+        return b.select(b.icmp_unsigned(">=", c, full), tail_mask, all_on)
 
-        def coff(c):
-            return i64(c * N * 4) if isinstance(c, int) else b.mul(c, i64(N * 4))
+    def load(row, c, m):
+        return e.loadf(kp, b.add(b.mul(row, rstride), b.mul(c, i64(N * 4))), m)
 
-        def load(base, off, m=None):
-            if m is None:
-                return b.load(e.addr(base, off), typ=_vec(F32), align=4)
-            return e.loadf(base, off, m)
+    # ---- scores: every lane of the block, 4 rows at a time (rows past hi - 1 read row hi - 1, masked)
+    hi1 = b.sub(hi, i64(1))
+    rows = [b.select(b.icmp_signed(">", i64(j), hi1), hi1, i64(j)) for j in range(B)]
+    parts = []
+    for g in range(B // P):
+        accs = [cgutils.alloca_once(b, _vec(F32)) for _ in range(P)]
+        for x in accs:
+            b.store(zero, x)
+        with cgutils.for_range(b, nch) as cl:
+            m = chunk_mask(cl.index)
+            qv = e.loadf(qp, b.mul(cl.index, i64(N * 4)), m)
+            for j in range(P):
+                b.store(e.fma(qv, load(rows[g * P + j], cl.index, m), b.load(accs[j])), accs[j])
+        parts.append(_tree4(e, [b.load(x) for x in accs]))
+    sc = e.shuffle(e.shuffle(parts[0], parts[1], range(8)), e.shuffle(parts[2], parts[3], range(8)), range(16))
 
-        def kvload(base, row, c, m=None):
-            """Chunk c of block row ``row`` (c a Python int or an i64 value)."""
-            return load(base, b.add(b.mul(row, rstride), coff(c)), m)
+    # ---- the online softmax step
+    valid = b.icmp_signed("<", e.const(I32, B, range(B)), e.splat(b.trunc(hi, I32), B))
+    s = b.select(valid, b.fmul(sc, e.splat(scale, B)), e.fconst(float("-inf")))
+    m_old = b.load(e.addr(stp, None), typ=F32, align=4)
+    l_old = b.load(e.addr(stp, i64(4)), typ=F32, align=4)
+    m_new = b.call(e.decl("llvm.maxnum.f32", F32, [F32, F32]), [m_old, _hmax(e, s)])
+    w = b.select(valid, e.exp(b.fsub(s, e.splat(m_new, B))), zero)
+    # exp(m - m'): 1 when the max stays, ~0 from m = -inf (o and l are 0 then); in a vector, as a
+    # libm call would spill the vector registers around it
+    fv = e.exp(e.splat(b.fsub(m_old, m_new), N))
+    b.store(m_new, e.addr(stp, None), align=4)
+    b.store(b.fadd(b.fmul(l_old, b.extract_element(fv, I32(0))), e.hsum(w)), e.addr(stp, i64(4)), align=4)
 
-        # ---- scores: every lane of the block, 4 positions at a time (a partial block scores rows
-        # of its range in place of the others, then masks them)
-        hi1 = b.sub(hi, i64(1))
-
-        def row_of(j):
-            r = b.select(b.icmp_signed("<", j, lo), lo, j)
-            return b.select(b.icmp_signed(">", r, hi1), hi1, r)
-
-        rows = [row_of(i64(j)) for j in range(B)]
-        parts = [[] for _ in range(Q)]
-        for g in range(B // P):
-            grows = rows[g * P:(g + 1) * P]
-            if HD:
-                accs = [[None] * P for _ in range(Q)]
-                for c in range(HD // N):
-                    qv = [load(qps[i], coff(c)) for i in range(Q)]
-                    for j in range(P):
-                        kv = kvload(kp, grows[j], c)
-                        for i in range(Q):
-                            a = accs[i][j]
-                            accs[i][j] = b.fmul(qv[i], kv) if a is None else e.fma(qv[i], kv, a)
-            else:
-                slots = [[cgutils.alloca_once(b, _vec(F32)) for _ in range(P)] for _ in range(Q)]
-                for sl in slots:
-                    for x in sl:
-                        b.store(zero, x)
-                with cgutils.for_range(b, nch) as cl:
-                    m = chunk_mask(cl.index)
-                    qv = [load(qps[i], coff(cl.index), m) for i in range(Q)]
-                    for j in range(P):
-                        kv = kvload(kp, grows[j], cl.index, m)
-                        for i in range(Q):
-                            b.store(e.fma(qv[i], kv, b.load(slots[i][j])), slots[i][j])
-                accs = [[b.load(x) for x in sl] for sl in slots]
-            for i in range(Q):
-                parts[i].append(_tree4(e, accs[i]))
-
-        # ---- the online softmax step, per query
-        lanes = e.const(I32, B, range(B))
-        valid = b.and_(b.icmp_signed(">=", lanes, e.splat(b.trunc(lo, I32), B)),
-                       b.icmp_signed("<", lanes, e.splat(b.trunc(hi, I32), B)))
-        ninf = e.fconst(float("-inf"))
-        ws, fvs = [], []
-        for i in range(Q):
-            p = parts[i]
-            sc = e.shuffle(e.shuffle(p[0], p[1], range(8)), e.shuffle(p[2], p[3], range(8)), range(16))
-            s = b.select(valid, b.fmul(sc, e.splat(scale, B)), ninf)
-            m_old = b.load(e.addr(sts[i], None), typ=F32, align=4)
-            l_old = b.load(e.addr(sts[i], i64(4)), typ=F32, align=4)
-            m_new = b.call(e.decl("llvm.maxnum.f32", F32, [F32, F32]), [m_old, _hmax(e, s)])
-            w = b.select(valid, e.exp(b.fsub(s, e.splat(m_new, B))), zero)
-            # exp(m - m'): 1 when the max stays, ~0 from m = -inf (o and l are 0 then); in a vector,
-            # as a libm call would spill the vector registers around it
-            fv = e.exp(e.splat(b.fsub(m_old, m_new), N))
-            b.store(m_new, e.addr(sts[i], None), align=4)
-            b.store(b.fadd(b.fmul(l_old, b.extract_element(fv, I32(0))), e.hsum(w)), e.addr(sts[i], i64(4)), align=4)
-            ws.append([e.shuffle(w, None, [j] * N) for j in range(B)])
-            fvs.append(fv)
-
-        # ---- output: o = o f + sum_j w_j V_j, all B lanes unrolled with the weights in registers
-        # (lanes outside [lo, hi) add 0 times a row of the range)
-        def out_chunks(cs, m=None):
-            """The queries' output chunks cs (Python ints, or one i64 value with its mask m) over the block."""
-            accs = [[b.fmul(load(ops[i], coff(c), m), fvs[i]) for c in cs] for i in range(Q)]
-            for j in range(B):
-                for k, c in enumerate(cs):
-                    v = kvload(vp, rows[j], c, m)
-                    for i in range(Q):
-                        accs[i][k] = e.fma(ws[i][j], v, accs[i][k])
-            for i in range(Q):
-                for c, a in zip(cs, accs[i]):
-                    if m is None:
-                        b.store(a, e.addr(ops[i], coff(c)), align=4)
-                    else:
-                        e.store(a, ops[i], coff(c), m)
-
-        if HD:
-            nc = HD // N
-            cg = max(1, CG // Q) if Q > 1 else CG  # chunks per pass: Q * cg accumulators in registers
-            for c0 in range(0, nc, cg):
-                out_chunks(list(range(c0, min(nc, c0 + cg))))
-        else:
-            with cgutils.for_range(b, nch) as cl:
-                out_chunks([cl.index], chunk_mask(cl.index))
-        return context.get_dummy_value()
-
-    return codegen
-
-
-def _pick(bodies, hd_index):
-    """A codegen branching on hd (argument ``hd_index``) to the bodies for 64 and 128, else the generic one."""
-    def gen(context, b, sig, args):
-        hd = args[hd_index]
-
-        def pick(sizes):
-            if not sizes:
-                bodies[None](context, b, sig, args)
-                return
-            with b.if_else(b.icmp_unsigned("==", hd, ir.Constant(I64, sizes[0]))) as (this, rest):
-                with this:
-                    bodies[sizes[0]](context, b, sig, args)
-                with rest:
-                    pick(sizes[1:])
-
-        pick([s for s in bodies if s is not None])
-        return context.get_dummy_value()
-    return gen
-
-
-# attend_rows(q, 0, K, V, row_stride, lo, hi, hd, scale, state, out, 0): one online-softmax step
-# of one query over one block of float32 K, V rows (row j at K + j * row_stride), lanes [lo, hi)
-# its own (0 <= lo < hi <= B); addresses and strides in bytes as int64, q and out hd floats, state
-# (m, l) 2 floats. Any hd (the generic body): MLA's latent (kv_lora_rank + rope values).
-_rows_gen = _emit_block(None, 1)
+    # ---- output: o = o f + sum_j w_j V_j, the weights broadcast from their lanes
+    with cgutils.for_range(b, nch) as cl:
+        m = chunk_mask(cl.index)
+        off = b.mul(cl.index, i64(N * 4))
+        acc = b.fmul(e.loadf(op, off, m), fv)
+        for j in range(B):
+            acc = e.fma(e.shuffle(w, None, [j] * N), load(rows[j], cl.index, m), acc)
+        e.store(acc, op, off, m)
+    return context.get_dummy_value()
 
 
 @intrinsic
-def attend_rows(typingctx, qp, qstride, kp, vp, rstride, lo, hi, hd, scale, stp, op, ostride):
-    ints = (qp, qstride, kp, vp, rstride, lo, hi, hd, stp, op, ostride)
+def attend_rows(typingctx, qp, kp, rstride, hi, hd, scale, stp, op):
+    """attend_rows(q, KV, row_stride, hi, hd, scale, state, out): one online-softmax step of one query
+    over positions [0, hi) of a block of float32 rows (row j at KV + j * row_stride) that are both
+    keys and values (MLA's latent; 0 < hi <= B); addresses and strides in bytes as int64, q and
+    out hd floats, state (m, l) 2 floats. Any hd."""
+    ints = (qp, kp, rstride, hi, hd, stp, op)
     if not (all(isinstance(t, types.Integer) for t in ints) and scale == types.float32):
         return None
     i = types.int64
-    return types.void(i, i, i, i, i, i, i, i, types.float32, i, i, i), _rows_gen
+    return types.void(i, i, i, i, i, types.float32, i, i), _rows_codegen
 
 
 def _emit_tile(HD: int | None, Q: int, f16: bool):

@@ -365,8 +365,8 @@ def attention_latent(q, cache, slots, positions, hd, kv_of_head, scores, out):
                         continue
                     for h in range(nh):
                         if kv_of_head[h] == kv:
-                            attend_rows(q0 + t * q.strides[0] + h * hd * 4, 0, kp, kp, bs, 0, hi, hd, scale,
-                                        sc + 4 * (st0 + 2 * (t * nh + h)), o0 + t * out.strides[0] + h * hd * 4, 0)
+                            attend_rows(q0 + t * q.strides[0] + h * hd * 4, kp, bs, hi, hd, scale,
+                                        sc + 4 * (st0 + 2 * (t * nh + h)), o0 + t * out.strides[0] + h * hd * 4)
             _finish(flat, out, slots, t0, nh, hd, kv, kv_of_head, st0)
 
 
