@@ -141,7 +141,8 @@ _NO_SINKS = np.zeros(0, np.float32)
 _PAD = 16  # floats between the widened K and V blocks of attention_latent
 
 
-def attention_scratch_floats(nh: int, hd: int, max_rows: int) -> int:
+@njit(cache=True)
+def attention_scratch_floats(nh, hd, max_rows):
     """float32 scratch the attention functions need for steps of up to ``max_rows`` rows of nh
     local query heads of hd values: the weights of the 4 queries of one kernel call, the softmax
     state (m, l) of each query, and (attention_latent) an fp16 latent block widened."""
@@ -149,6 +150,7 @@ def attention_scratch_floats(nh: int, hd: int, max_rows: int) -> int:
 
 
 def attention_scratch(nh: int, hd: int, max_rows: int) -> np.ndarray:
+    """The scratch array (``scores``) the attention functions take, allocated once."""
     return np.zeros(attention_scratch_floats(nh, hd, max_rows), np.float32)
 
 
@@ -325,7 +327,7 @@ def attention_latent(q, cache, slots, positions, hd, kv_of_head, scores, out):
     if cache.strides[3] != cache.itemsize or cache.shape[3] != hd:
         raise ValueError("attention: latent rows must be contiguous, hd values each")
     _check(q, slots, positions, hd, kv_of_head, scores, out, cache.shape[0], cache.shape[1], cache.shape[2])
-    if scores.size < attention_scratch_floats_nb(nh, hd, T):
+    if scores.size < attention_scratch_floats(nh, hd, T):
         raise ValueError("attention: scores must be contiguous float32 scratch of attention_scratch_floats(nh, hd, T)")
     scale = np.float32(1.0 / math.sqrt(hd))
     rs = cache.strides[2]
@@ -368,11 +370,6 @@ def attention_latent(q, cache, slots, positions, hd, kv_of_head, scores, out):
                             attend_rows(q0 + t * q.strides[0] + h * hd * 4, kp, bs, hi, hd, scale,
                                         sc + 4 * (st0 + 2 * (t * nh + h)), o0 + t * out.strides[0] + h * hd * 4)
             _finish(flat, out, slots, t0, nh, hd, kv, kv_of_head, st0)
-
-
-@njit(cache=True)
-def attention_scratch_floats_nb(nh, hd, T):
-    return 4 * _BLOCK + 2 * max(T, 1) * max(nh, 1) + _BLOCK * hd + _PAD
 
 
 @njit(cache=True, fastmath=True)
