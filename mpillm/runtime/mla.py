@@ -7,9 +7,10 @@ the qk_rope_dim RoPE key shared by every head. Attention runs in the absorbed fo
 MLA): each head's query is folded through its key half of kv_b, q_lat = W_UK[h]^T q_nope
 (kv_lora_rank values), so scores are q_lat . latent + q_rope . k_rope, and the attention output
 over the latent goes through the value half after attention, o = W_UV[h] (sum_s p_s latent_s).
-The existing attention kernel does this with one "KV head" of width kv_lora_rank + qk_rope_dim whose
+``ops.attention_latent`` does this with one "KV head" of width kv_lora_rank + qk_rope_dim whose
 keys and values are the same cache rows (the values' last qk_rope_dim columns are computed and
-ignored); the query is pre-scaled so the kernel's 1/sqrt(width) becomes MLA's softmax scale.
+ignored), every head of every row of a sequence reading each latent block once per step; the
+query is pre-scaled so the kernel's 1/sqrt(width) becomes MLA's softmax scale.
 
 Every function writes into buffers the caller allocated once; none allocates.
 """

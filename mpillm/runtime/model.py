@@ -212,7 +212,8 @@ class Transformer:
         self.k = np.zeros((B, kvw), np.float32)           # (T, n_kv_pp * hd)
         self.v = np.zeros((B, kvw), np.float32)           # (T, n_kv_pp * hd)
         self.att = Acts(np.zeros((B, nh * cfg.o_head_dim), np.float32))  # (T, n_heads_pp * o_head_dim) attention output
-        self.scores = np.zeros((max(nh, 1), max_seq_len), np.float32)  # (n_heads_pp, S)
+        # attention scratch: softmax states, the weights of a kernel call, a widened latent block
+        self.scores = ops.attention_scratch(nh, cfg.kv_values_per_token(nkv) if cfg.is_mla else hd, B)
         self.gate = np.zeros((B, ffn), np.float32)        # (T, ffn_pp)
         self.up = np.zeros((B, ffn), np.float32)          # (T, ffn_pp)
         self.hb = Acts(np.zeros((B, ffn), np.float32))    # (T, ffn_pp) SiLU(gate) * up
@@ -235,8 +236,9 @@ class Transformer:
             self.v_cache = np.zeros((cfg.n_layers, n_slots, 1, 0, 0), kv_dtype)
             self._init_mla_buffers(B, nh)
         else:
-            self.k_cache = np.zeros((cfg.n_layers, n_slots, nkv, max_seq_len, hd), kv_dtype)
-            self.v_cache = np.zeros((cfg.n_layers, n_slots, nkv, max_seq_len, hd), kv_dtype)
+            # keys in tiles of 16 positions (ops.key_cache_shape), values in rows
+            self.k_cache = np.zeros((cfg.n_layers, *ops.key_cache_shape(n_slots, nkv, max_seq_len, hd)), kv_dtype)
+            self.v_cache = np.zeros((cfg.n_layers, n_slots, nkv, ops.kv_positions(max_seq_len), hd), kv_dtype)
         if cfg.is_moe:
             E, K = cfg.n_experts, cfg.n_experts_used
             self.router_logits = np.zeros((B, E), np.float32)  # (T, n_experts)
@@ -423,8 +425,7 @@ class Transformer:
             L.wk_b[h](self.mla_qn, T, self.mla_qlat)
             mla.put_cols(self.mla_qlat[:T], qabs, h * W, sc)
             mla.put_cols(q[:, h * hd + nope:(h + 1) * hd], qabs, h * W + r, sc)
-        ops.attention_ext(qabs, cache, cache, slots, positions, W, self.mla_kv_head, self.scores,
-                          self.mla_o[:T], self.no_sinks, 0)
+        ops.attention_latent(qabs, cache, slots, positions, W, self.mla_kv_head, self.scores, self.mla_o[:T])
         for h in range(len(L.wv_b)):  # each head's value half of kv_b after attention
             mla.take_cols(self.mla_o[:T], h * W, self.mla_ol.x[:T])
             self.mla_ol.quantize(T)

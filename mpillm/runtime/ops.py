@@ -10,7 +10,8 @@ import math
 import numpy as np
 from numba import njit
 
-from mpillm.kernels.attention import attend_row_f16, attend_row_f32
+from mpillm.kernels.attention import B as _BLOCK
+from mpillm.kernels.attention import attend_rows, attend_tile, kv_rows_f16
 from mpillm.kernels.vmath import f2h, half_to_float, silu_mul_row
 
 
@@ -92,24 +93,65 @@ def rope_neox(x, positions, hd, cos, sin):
                 x[t, h0 + half + i] = b * c + a * s
 
 
+def key_cache_shape(n_slots: int, n_kv: int, max_seq_len: int, hd: int) -> tuple[int, ...]:
+    """The shape of a layer's key cache: per slot and KV head, tiles of B = 16 positions, each hd
+    rows of 16 (position-major within a row: a key's values run down a column), so attention scores
+    16 positions with vector FMAs and no horizontal sums (kernels.attention). The value cache keeps
+    one row per position: (n_slots, n_kv, S, hd) with S = max_seq_len rounded up to whole tiles."""
+    return (n_slots, n_kv, kv_positions(max_seq_len) // _BLOCK, hd, _BLOCK)
+
+
+def kv_positions(max_seq_len: int) -> int:
+    """Positions a cache holds for max_seq_len: whole tiles of B = 16."""
+    return -(-max_seq_len // _BLOCK) * _BLOCK
+
+
+def tile_keys(keys: np.ndarray) -> np.ndarray:
+    """Keys in rows (n_slots, n_kv, S, hd), S a multiple of 16, in the key cache's tiled layout."""
+    ns, nkv, S, hd = keys.shape
+    return np.ascontiguousarray(keys.reshape(ns, nkv, S // _BLOCK, _BLOCK, hd).transpose(0, 1, 2, 4, 3))
+
+
+def untile_keys(tiles: np.ndarray) -> np.ndarray:
+    """The inverse of tile_keys."""
+    ns, nkv, nt, hd, _ = tiles.shape
+    return np.ascontiguousarray(tiles.transpose(0, 1, 2, 4, 3).reshape(ns, nkv, nt * _BLOCK, hd))
+
+
 @njit(cache=True)
 def store_kv(k, v, kc, vc, slots, positions, hd):
-    """Copy row t of k, v (T, n_kv * hd) into the layer's caches kc, vc (n_slots, n_kv, S, hd) at
-    slot slots[t], position positions[t]; a uint16 cache holds fp16 bits (rounded to nearest even)."""
+    """Copy row t of k, v (T, n_kv * hd) into the layer's caches at slot slots[t], position
+    positions[t]: kc tiled (key_cache_shape), vc (n_slots, n_kv, S, hd); a uint16 cache holds fp16
+    bits (rounded to nearest even)."""
     T, n = k.shape
     for t in range(T):
         s, p = slots[t], positions[t]
+        pt, pl = p // _BLOCK, p % _BLOCK
         for h in range(n // hd):
             for i in range(hd):
                 if kc.itemsize == 2:
-                    kc[s, h, p, i] = f2h(np.float32(k[t, h * hd + i]))
+                    kc[s, h, pt, i, pl] = f2h(np.float32(k[t, h * hd + i]))
                     vc[s, h, p, i] = f2h(np.float32(v[t, h * hd + i]))
                 else:
-                    kc[s, h, p, i] = k[t, h * hd + i]
+                    kc[s, h, pt, i, pl] = k[t, h * hd + i]
                     vc[s, h, p, i] = v[t, h * hd + i]
 
 
 _NO_SINKS = np.zeros(0, np.float32)
+_PAD = 16  # floats between the widened K and V blocks of attention_latent
+
+
+@njit(cache=True)
+def attention_scratch_floats(nh, hd, max_rows):
+    """float32 scratch the attention functions need for steps of up to ``max_rows`` rows of nh
+    local query heads of hd values: the weights of the 4 queries of one kernel call, the softmax
+    state (m, l) of each query, and (attention_latent) an fp16 latent block widened."""
+    return 4 * _BLOCK + 2 * max(max_rows, 1) * max(nh, 1) + _BLOCK * hd + _PAD
+
+
+def attention_scratch(nh: int, hd: int, max_rows: int) -> np.ndarray:
+    """The scratch array (``scores``) the attention functions take, allocated once."""
+    return np.zeros(attention_scratch_floats(nh, hd, max_rows), np.float32)
 
 
 @njit(cache=True)
@@ -122,39 +164,212 @@ def attention(q, kc, vc, slots, positions, hd, kv_of_head, scores, out):
 
 
 @njit(cache=True)
+def _check(q, slots, positions, hd, kv_of_head, scores, out, n_slots, n_kv, S):
+    T = q.shape[0]
+    nh = q.shape[1] // hd
+    if q.strides[1] != 4 or out.strides[1] != 4 or out.shape[0] < T or out.shape[1] != q.shape[1]:
+        raise ValueError("attention: q and out must be (T, n_heads * hd) with contiguous rows")
+    if scores.size < 4 * _BLOCK + 2 * T * nh or scores.itemsize != 4 or not scores.flags.c_contiguous:
+        raise ValueError("attention: scores must be contiguous float32 scratch of attention_scratch_floats(nh, hd, T)")
+    if kv_of_head.shape[0] < nh:
+        raise ValueError("attention: kv_of_head needs one KV head per query head")
+    for h in range(nh):
+        if kv_of_head[h] < 0 or kv_of_head[h] >= n_kv:
+            raise ValueError("attention: kv_of_head names a KV head the cache does not have")
+    for t in range(T):
+        if positions[t] < 0 or positions[t] >= S or slots[t] < 0 or slots[t] >= n_slots:
+            raise ValueError("attention: a row's slot or position is outside the cache")
+
+
+@njit(cache=True)
+def _first_of_slot(slots, t0):
+    """Whether row t0 is the first row of its slot (the one that leads the slot's group)."""
+    for t in range(t0):
+        if slots[t] == slots[t0]:
+            return False
+    return True
+
+
+@njit(cache=True)
+def _start(n, window):
+    return max(0, n - window) if window > 0 else 0
+
+
+@njit(cache=True)
+def _begin(flat, out, slots, t0, nh, hd, kv, kv_of_head, sinks, st0):
+    """Softmax state (m, l) = (sink, 1) or (-inf, 0) and output 0 for the group's queries of KV head kv."""
+    for t in range(t0, slots.shape[0]):
+        if slots[t] != slots[t0]:
+            continue
+        for h in range(nh):
+            if kv_of_head[h] == kv:
+                sink = np.float32(sinks[h]) if sinks.shape[0] else np.float32(-np.inf)
+                flat[st0 + 2 * (t * nh + h)] = sink
+                flat[st0 + 2 * (t * nh + h) + 1] = np.float32(1.0) if sink > -np.inf else np.float32(0.0)
+                out[t, h * hd:(h + 1) * hd] = 0.0
+
+
+@njit(cache=True)
+def _finish(flat, out, slots, t0, nh, hd, kv, kv_of_head, st0):
+    """o / l for the group's queries of KV head kv."""
+    for t in range(t0, slots.shape[0]):
+        if slots[t] != slots[t0]:
+            continue
+        for h in range(nh):
+            if kv_of_head[h] == kv:
+                inv = np.float32(1.0) / flat[st0 + 2 * (t * nh + h) + 1]
+                for i in range(h * hd, (h + 1) * hd):
+                    out[t, i] *= inv
+
+
+@njit(cache=True)
 def attention_ext(q, kc, vc, slots, positions, hd, kv_of_head, scores, out, sinks, window):
     """``attention`` with a sink logit per local query head (sinks (nh,), or empty for none)
     and a sliding window: with window > 0 row t sees only its last ``window`` positions,
     max(0, positions[t] + 1 - window)..positions[t] (window 0: all).
 
-    q (T, nh * hd); kc, vc (n_slots, n_kv, S, hd) float32, or uint16 holding fp16 bits;
-    kv_of_head (nh,) local KV index of each local query head; scores (nh, S) scratch;
-    out (T, nh * hd). One row at a time in vector IR (kernels.attention).
+    q (T, nh * hd); kc the tiled key cache (key_cache_shape), vc (n_slots, n_kv, S, hd), both float32
+    or uint16 holding fp16 bits; kv_of_head (nh,) local KV index of each local query head; scores
+    contiguous float32 scratch of attention_scratch_floats(nh, hd, T) or more; out (T, nh * hd).
+
+    The rows of one slot form a group (a decode row, verification rows, a prompt chunk). Per group
+    and KV head the positions the group reads are walked once, in tiles of 16 (kernels.attention),
+    and each tile serves every query head of that KV head for every row of the group, each query
+    with its own causal range and softmax state; queries with the same range in a tile go through
+    the kernel 4 (or 2) at a time, sharing the loads and widening of K and V.
     """
     T = q.shape[0]
     nh = q.shape[1] // hd
-    if kc.strides[3] != kc.itemsize or vc.strides[2] != kc.strides[2] or vc.strides[1] != kc.strides[1] \
-            or vc.strides[0] != kc.strides[0] or q.strides[1] != 4 or out.strides[1] != 4 \
-            or scores.strides[1] != 4:
-        raise ValueError("attention: rows must be contiguous and K, V alike")
+    if kc.ndim != 5 or kc.shape[4] != _BLOCK or kc.shape[3] != hd or kc.strides[4] != kc.itemsize \
+            or kc.strides[3] != _BLOCK * kc.itemsize or vc.strides[3] != vc.itemsize or vc.shape[3] != hd \
+            or vc.strides[2] != hd * vc.itemsize or vc.itemsize != kc.itemsize \
+            or vc.shape[0] != kc.shape[0] or vc.shape[1] != kc.shape[1] or vc.shape[2] != kc.shape[2] * _BLOCK:
+        raise ValueError("attention: K, V alike: kc tiled (key_cache_shape), vc rows, contiguous")
     if sinks.shape[0] != 0 and sinks.shape[0] != nh:
         raise ValueError("attention: one sink per query head")
+    _check(q, slots, positions, hd, kv_of_head, scores, out, kc.shape[0], kc.shape[1], vc.shape[2])
     scale = np.float32(1.0 / math.sqrt(hd))
-    rs = kc.strides[2]
-    for h in range(nh):  # serial: a parallel region costs more than a decode step's attention
-        kv = kv_of_head[h]
-        sink = np.float32(sinks[h]) if sinks.shape[0] else np.float32(-np.inf)
-        sp = scores.ctypes.data + h * scores.strides[0]
-        for t in range(T):
-            start = max(0, positions[t] + 1 - window) if window > 0 else 0
-            base = slots[t] * kc.strides[0] + kv * kc.strides[1] + start * rs
-            kp, vp = kc.ctypes.data + base, vc.ctypes.data + base
-            qp = q.ctypes.data + t * q.strides[0] + h * hd * 4
-            op = out.ctypes.data + t * out.strides[0] + h * hd * 4
-            if kc.itemsize == 2:
-                attend_row_f16(qp, kp, vp, rs, positions[t] + 1 - start, hd, scale, sink, sp, op)
-            else:
-                attend_row_f32(qp, kp, vp, rs, positions[t] + 1 - start, hd, scale, sink, sp, op)
+    vrs = vc.strides[2]
+    sc = np.int64(scores.ctypes.data)
+    kc0, vc0 = np.int64(kc.ctypes.data), np.int64(vc.ctypes.data)
+    q0, o0 = np.int64(q.ctypes.data), np.int64(out.ctypes.data)
+    wp = sc                 # the weights of the (up to 4) queries of one call
+    st0 = 4 * _BLOCK        # (m, l) of query (t, h) at st0 + 2 (t nh + h)
+    flat = scores.reshape(scores.size)
+    maxq = 4 if hd == 64 or hd == 128 else 1  # queries per kernel call (other head sizes: one)
+    nkv = 0
+    for h in range(nh):
+        nkv = max(nkv, kv_of_head[h] + 1)
+    for t0 in range(T):
+        if not _first_of_slot(slots, t0):
+            continue
+        s = slots[t0]
+        glo, ghi = vc.shape[2], 0  # the positions some row of the group reads
+        for t in range(t0, T):
+            if slots[t] == s:
+                glo = min(glo, _start(positions[t] + 1, window))
+                ghi = max(ghi, positions[t] + 1)
+        for kv in range(nkv):
+            _begin(flat, out, slots, t0, nh, hd, kv, kv_of_head, sinks, st0)
+            for blk in range(glo // _BLOCK, (ghi - 1) // _BLOCK + 1):
+                p0 = blk * _BLOCK
+                kt = kc0 + s * kc.strides[0] + kv * kc.strides[1] + blk * kc.strides[2]
+                vp = vc0 + s * vc.strides[0] + kv * vc.strides[1] + p0 * vrs
+                # the queries reading this tile, in (row, head) order, up to 4 per call while their ranges agree
+                nq = lo = hi = 0
+                qa = qb = qc = qd = sa = sb = sc_ = sd = oa = ob = oc = od = 0
+                clo = chi = 0
+                for t in range(t0, T + 1):
+                    last = t == T
+                    if not last:
+                        if slots[t] != s:
+                            continue
+                        n = positions[t] + 1
+                        lo = max(p0, _start(n, window)) - p0
+                        hi = min(p0 + _BLOCK, n) - p0
+                        if hi <= lo:
+                            continue
+                    for h in range(nh if not last else 1):
+                        if not last and kv_of_head[h] != kv:
+                            continue
+                        if nq > 0 and (last or nq == maxq or lo != clo or hi != chi):
+                            while nq > 0:  # flush: 4, or 2 then 1
+                                k = 4 if nq == 4 else (2 if nq >= 2 else 1)
+                                attend_tile(kc, kt, vp, vrs, clo, chi, hd, scale, wp, qa, qb, qc, qd, sa, sb, sc_, sd,
+                                            oa, ob, oc, od, k)
+                                nq -= k
+                                qa, qb, sa, sb, oa, ob = qc, qd, sc_, sd, oc, od
+                        if last:
+                            break
+                        qp, op = q0 + t * q.strides[0] + h * hd * 4, o0 + t * out.strides[0] + h * hd * 4
+                        stp = sc + 4 * (st0 + 2 * (t * nh + h))
+                        clo, chi = lo, hi
+                        if nq == 0:
+                            qa, sa, oa = qp, stp, op
+                        elif nq == 1:
+                            qb, sb, ob = qp, stp, op
+                        elif nq == 2:
+                            qc, sc_, oc = qp, stp, op
+                        else:
+                            qd, sd, od = qp, stp, op
+                        nq += 1
+            _finish(flat, out, slots, t0, nh, hd, kv, kv_of_head, st0)
+
+
+@njit(cache=True)
+def attention_latent(q, cache, slots, positions, hd, kv_of_head, scores, out):
+    """Causal attention whose keys and values are one cache of rows, (n_slots, n_kv, S, hd) float32 or
+    fp16 bits (MLA's latent: kv_lora_rank + rope values, read as both). As ``attention`` otherwise:
+    per group of rows of one slot and KV head, the positions are walked once in blocks of 16, an
+    fp16 block widened once into scratch and read by every query of the group from there."""
+    T = q.shape[0]
+    nh = q.shape[1] // hd
+    if cache.strides[3] != cache.itemsize or cache.shape[3] != hd:
+        raise ValueError("attention: latent rows must be contiguous, hd values each")
+    _check(q, slots, positions, hd, kv_of_head, scores, out, cache.shape[0], cache.shape[1], cache.shape[2])
+    if scores.size < attention_scratch_floats(nh, hd, T):
+        raise ValueError("attention: scores must be contiguous float32 scratch of attention_scratch_floats(nh, hd, T)")
+    scale = np.float32(1.0 / math.sqrt(hd))
+    rs = cache.strides[2]
+    f16 = cache.itemsize == 2
+    sc = np.int64(scores.ctypes.data)
+    c0_ = np.int64(cache.ctypes.data)
+    q0, o0 = np.int64(q.ctypes.data), np.int64(out.ctypes.data)
+    st0 = 4 * _BLOCK
+    kf = sc + 4 * (st0 + 2 * T * nh + _PAD)   # the widened block
+    flat = scores.reshape(scores.size)
+    nkv = 0
+    for h in range(nh):
+        nkv = max(nkv, kv_of_head[h] + 1)
+    for t0 in range(T):
+        if not _first_of_slot(slots, t0):
+            continue
+        s = slots[t0]
+        ghi = 0
+        for t in range(t0, T):
+            if slots[t] == s:
+                ghi = max(ghi, positions[t] + 1)
+        for kv in range(nkv):
+            _begin(flat, out, slots, t0, nh, hd, kv, kv_of_head, _NO_SINKS, st0)
+            base = s * cache.strides[0] + kv * cache.strides[1]
+            for blk in range((ghi - 1) // _BLOCK + 1):
+                p0 = blk * _BLOCK
+                if f16:
+                    kv_rows_f16(c0_ + base + p0 * rs, rs, kf, hd * 4, 0, min(p0 + _BLOCK, ghi) - p0, hd)
+                    kp, bs = kf, hd * 4
+                else:
+                    kp, bs = c0_ + base + p0 * rs, rs
+                for t in range(t0, T):
+                    if slots[t] != s:
+                        continue
+                    hi = min(p0 + _BLOCK, positions[t] + 1) - p0
+                    if hi <= 0:
+                        continue
+                    for h in range(nh):
+                        if kv_of_head[h] == kv:
+                            attend_rows(q0 + t * q.strides[0] + h * hd * 4, kp, bs, hi, hd, scale,
+                                        sc + 4 * (st0 + 2 * (t * nh + h)), o0 + t * out.strides[0] + h * hd * 4)
+            _finish(flat, out, slots, t0, nh, hd, kv, kv_of_head, st0)
 
 
 @njit(cache=True, fastmath=True)
