@@ -275,3 +275,44 @@ def test_portable_lookup_lowers_to_tbl_and_sdot():
     asm = tm.emit_assembly(m)
     assert len(re.findall(r"\btbl\b", asm)) == 2, asm
     assert re.search(r"\bsdot\b", asm), asm
+
+
+def test_converter_copies_iq4_tensors_and_cuts_super_blocks(tmp_path):
+    """The IQ4 tensors of tests/kquant_gguf.py: stored bit-exactly at one rank (GGML's blocks
+    come back from our arrays); at 3 ranks layer 1's wo is cut inside super-blocks and stored as
+    iq4_xs_32 with the same values, and the notes say so."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import kquant_gguf
+    from convert.__main__ import convert
+    from mpillm.formats import format as fmt
+
+    mats = kquant_gguf.make(tmp_path / "k.gguf")
+    convert(tmp_path / "k.gguf", tmp_path / "out", [1, 3], progress=False, tokenizer=False)
+    s1 = fmt.Shard(tmp_path / "out" / fmt.shard_relpath(1, 0), 1, 0)
+    names = {"blk.0.attn_q.weight": "layers/0/wq", "blk.1.attn_v.weight": "layers/1/wv",
+             "blk.1.attn_output.weight": "layers/1/wo"}
+    for g, n in names.items():
+        wtype, raw = mats[g]
+        assert wtype in quant.IQ4_TYPES and s1.get(n).wtype == wtype
+        if n != "layers/0/wq":  # (wq's rows are un-permuted from llama.cpp's order: same rows, moved)
+            assert np.array_equal(quant.join_ggml(s1.get(n).arrays, wtype), raw), n
+    full = quant.dequantize(s1.get("layers/1/wo").arrays, "iq4_xs")
+    parts, notes = [], []
+    for r in range(3):
+        s = fmt.Shard(tmp_path / "out" / fmt.shard_relpath(3, r), 3, r)
+        t = s.get("layers/1/wo")
+        assert t.wtype == "iq4_xs_32"
+        parts.append(quant.dequantize(t.arrays, t.wtype))
+        notes += s.notes
+    assert np.array_equal(np.concatenate(parts, axis=1), full)
+    assert any("layers/1/wo: iq4_xs stored as iq4_xs_32" in x for x in notes)
+
+
+def test_planner_bytes_per_weight():
+    from mpillm import planner
+
+    for t in TYPES:
+        assert planner.BYTES_PER_WEIGHT[t] == quant.nbytes(t, 1, 256) / 256
