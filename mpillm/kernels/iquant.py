@@ -206,7 +206,9 @@ def _x86_codegen(kind: str, isa: str, R: int, U: int, pf: int):
             d = b.select(sup, e.shuffle(d, None, [0] * G), d)
             return b.fmul(d, b.sitofp(sc, _vec(F32, G)))
 
-        def group(g, rem):
+        def group(g, rem, D=None):
+            """Group g (i64) of G sub-blocks (rem: the valid ones of a partial group, i32); D: the
+            rows' <8 x float> scales of the group's super-block (iq4_xs with d per 256 columns)."""
             mw = None if rem is None else e.lanes_below(W, b.mul(rem, I32(16)))
             X = []
             for u in range(U):
@@ -225,7 +227,7 @@ def _x86_codegen(kind: str, isa: str, R: int, U: int, pf: int):
                 w = e.load(qs, b.add(b.mul(i64(r), qst), b.mul(g, i64(W))), _vec(I8, W), mw)
                 lo = e.pshufb(table, b.and_(w, m15))
                 hi = e.pshufb(table, b.lshr(w, m4))
-                dl = e.shuffle(scales(r, g, rem), None, g_.lanes)
+                dl = e.shuffle(scales(r, g, rem), None, g_.lanes) if D is None else D[r]
                 if isa == "avx2":
                     alo, ahi = e.iabs(lo), e.iabs(hi)
                 for u in range(U):
@@ -237,7 +239,27 @@ def _x86_codegen(kind: str, isa: str, R: int, U: int, pf: int):
                     f = b.sitofp(a, _vec(F32, L))
                     b.store(e.fma(f, b.fmul(dl, X[u][-1]), b.load(acc[r][u])), acc[r][u])
 
-        e.chunked(nb, G, group)
+        def super_block(sb):
+            """iq4_xs with d per 256 columns: the rows' 8 scales d * sc once per super-block sb,
+            then its 8 / G groups (the same float operations as group() alone)."""
+            D = []
+            for r in range(R):
+                d = e.half(dp, b.add(b.mul(i64(r), dst), b.mul(sb, i64(2))))
+                sc = e.load(scp, b.add(b.mul(i64(r), sst), b.mul(sb, i64(8))), _vec(I8, 8))
+                D.append(b.fmul(e.splat(d, 8), b.sitofp(sc, _vec(F32, 8))))
+            for j in range(8 // G):
+                group(b.add(b.mul(sb, i64(8 // G)), i64(j)), None, [e.shuffle(v, None, [G * j + i // 4 for i in range(L)])
+                                                                   for v in D])
+
+        if xs_:
+            with b.if_else(sup) as (per256, per32):
+                with per256:
+                    with cgutils.for_range(b, b.udiv(nb, i64(8))) as loop:
+                        super_block(loop.index)
+                with per32:
+                    e.chunked(nb, G, group)
+        else:
+            e.chunked(nb, G, group)
         for r in range(R):
             for u in range(U):
                 b.store(e.hsum(b.load(acc[r][u])), e.addr(op, b.add(b.mul(i64(u), ostride), i64(4 * r))))
