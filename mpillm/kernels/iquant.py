@@ -26,8 +26,8 @@ The dot products multiply unsigned by signed bytes, and the table is signed:
 - VNNI (``vpdpbusd``, u8 x s8, 4 products summed into an i32 lane, no saturation): the looked-up
   bytes are kv + 128 (1..241, unsigned), and the accumulator starts at -32 * xsum_b in each of
   the sub-block's 4 lanes, so the lanes of a sub-block sum to sum (kv + 128) x - 128 xsum =
-  isum exactly. (Each lane is at most 4 * 241 * 127 + 32 * 32 * 127 < 2^18 in magnitude: its
-  conversion to float is exact.)
+  isum exactly. (A lane takes 8 products, 4 per dot: it is at most 8 * 241 * 127 + 32 * 32 * 127
+  < 2^19 in magnitude, so its conversion to float is exact.)
 - AVX2 (``vpmaddubsw``, u8 x s8, pairs of products summed with SATURATION to i16): kv + 128
   would overflow (241 * 127 * 2 > 32767). The sign trick instead: the unsigned operand is
   |kv| (<= 127) and the activations get kv's sign (``vpsignb``): |kv| * sign(kv) * x = kv * x,
@@ -37,10 +37,15 @@ The dot products multiply unsigned by signed bytes, and the table is signed:
   added (two pair sums added in i16 could overflow). tests/test_iquant.py runs the extremes
   (every code -127 or 113, every activation +-127) against the exact integers.
 
+iq4_xs with d per 256 columns computes d * sc for a super-block's 8 sub-blocks at once, then
+each group takes its lanes of them (the same float values as per group: the _32 form and the
+tails go group by group).
+
 T = 1 (decode) runs tiles of R_D = 4 rows (the prepared activations' loads are shared by the
 rows; the decode kernels are bound by instructions more than by memory here), each row's streams
-prefetched PF bytes ahead in qs (and proportionally ahead in the scales). The runners are compiled without fastmath (as kquant's): every row is the
-same sequence of float operations in any tile, so a row's result does not depend on its batch.
+prefetched PF bytes ahead in qs (and proportionally ahead in the scales). The runners are
+compiled without fastmath (as kquant's): every row is the same sequence of float operations in
+any tile, so a row's result does not depend on its batch.
 
 Portable: one sub-block at a time, 16 bytes of codes at once: the table lookup is AArch64's
 ``tbl`` (``llvm.aarch64.neon.tbl1``) where the host is aarch64, else a 4-level tree of vector
@@ -54,14 +59,13 @@ from __future__ import annotations
 
 import platform
 
-import numpy as np
 from llvmlite import ir
 from numba import njit
 from numba.core import cgutils
 
 from mpillm.formats import quant
 from mpillm.kernels import jitcache, kquant, runners
-from mpillm.kernels.irgen import F16, F32, F64, I1, I8, I16, I32, I64, int_intrinsic
+from mpillm.kernels.irgen import F16, F32, F64, I1, I8, I16, I32, int_intrinsic
 from mpillm.kernels.irgen import vec as _vec
 from mpillm.kernels.kquant import _E, _args, _check, _chk, _dshift
 
@@ -353,7 +357,7 @@ def iq4_xs(qs, sc, d, xq, xd, xsum, out):
 # ----------------------------------------------------------------------------------------------
 R_X, U_X = 4, 2  # x86 prefill tiles
 PF = 16384  # decode prefetch distance in bytes of qs
-R_D = 4  # decode tile rows: the activations' loads are shared by 4 rows (measured: 1.1-1.3x of 1 or 2 rows)
+R_D = 4  # decode tile rows: the activations' loads shared by 4 rows (measured: 1.05-1.3x of 1 row)
 X86_SHAPES = {"RU": (R_X, U_X, 0), "R1": (R_X, 1, 0), "OU": (1, U_X, 0), "O1": (1, 1, 0), "D": (R_D, 1, PF),
               "D1": (1, 1, PF)}
 SHAPES = {"vnni": X86_SHAPES, "avx2": X86_SHAPES,
@@ -376,9 +380,9 @@ def _make_prep(isa: str):
 
 
 # x86: the activations prepared once per call into ``buf`` (``args``: the tile arguments of kquant's
-# checks). The entry point allocates buf and holds it for the call: allocated in the parallel runner,
-# the array was freed before the tiles ran (numba computed its last use, ``buf.size``, ahead of the
-# prange loop) and the parallel launch's own allocations overwrote the prepared activations.
+# checks). The entry point allocates buf and holds it for the call: allocated in the parallel runner
+# (as x86.py does), the prepared activations were at times overwritten before the tiles read them
+# here (results changed from call to call, single-threaded too; never since buf moved out).
 _RUN_X86 = """
 
 @njit({flags})
