@@ -62,6 +62,7 @@ import platform
 from llvmlite import ir
 from numba import njit
 from numba.core import cgutils
+from numba.np.ufunc.parallel import _iget_num_threads  # the thread count, cacheable (as x86.py)
 
 from mpillm.formats import quant
 from mpillm.kernels import jitcache, kquant, runners
@@ -393,13 +394,23 @@ def run_{P}_{K}(args, N, T, buf):
     {P}_prep(xp, xstride, xdp, xsp, sstride, nb, T, buf.ctypes.data, bstride)
     a = (a0, s0, a1, s1, a2, s2, dshift, buf.ctypes.data, bstride, op, ostride, nb)
     if T == 1:
-        for i in prange((N + {RD} - 1) // {RD}):
-            n0 = i * {RD}
-            if n0 + {RD} <= N:
-                {P}_{K}_D(*a, n0, 0)
-            else:
-                for n in range(n0, N):
-                    {P}_{K}_D1(*a, n, 0)
+        # one contiguous range of row tiles per thread, which first prefetches the head of its
+        # streams (the tiles prefetch PF bytes ahead of themselves, not their own first bytes)
+        ntiles = (N + {RD} - 1) // {RD}
+        nch = max(1, min(_iget_num_threads(), ntiles))
+        for c in prange(nch):
+            i0, i1 = c * ntiles // nch, (c + 1) * ntiles // nch
+            n0, n1 = i0 * {RD}, min(N, i1 * {RD})
+            _prefetch_range(a0 + n0 * s0, min(PF, (n1 - n0) * s0))
+            _prefetch_range(a1 + n0 * s1, min(PF // 8, (n1 - n0) * s1))
+            _prefetch_range(a2 + n0 * s2, min(PF // 8, (n1 - n0) * s2))
+            for i in range(i0, i1):
+                n = i * {RD}
+                if n + {RD} <= N:
+                    {P}_{K}_D(*a, n, 0)
+                else:
+                    for m in range(n, N):
+                        {P}_{K}_D1(*a, m, 0)
         return
 {loop}"""
 _ENTRY_X86 = """
@@ -431,8 +442,20 @@ def _runners_source() -> str:
     return src
 
 
+def _prefetch_range_codegen(context, builder, signature, args):
+    base, n = args
+    e = _IE(builder, "")
+    with cgutils.for_range(builder, builder.udiv(n, e.i64(64))) as loop:
+        e.prefetch(base, builder.mul(loop.index, e.i64(64)))
+    return context.get_dummy_value()
+
+
+_prefetch_range = int_intrinsic("iq_prefetch_range", "base, n", _prefetch_range_codegen)
+
+
 def _runner_names() -> dict:
     names = {f"check_{K}": globals()[K] for K in KINDS}
+    names.update(_prefetch_range=_prefetch_range, _iget_num_threads=_iget_num_threads, PF=PF)
     for P in SHAPES:
         if P in ("vnni", "avx2"):
             names[f"{P}_prep"] = _make_prep(P)
