@@ -165,6 +165,7 @@ class GGUFSource:
     _TYPES = {"F32": "f32", "F16": "f16", "Q4_0": "q4_0", "Q4_1": "q4_1", "Q8_0": "q8_0", "Q5_0": "q5_0",
               "Q5_1": "q5_1", "Q4_K": "q4_K", "Q5_K": "q5_K", "Q6_K": "q6_K", "MXFP4": "mxfp4",
               "Q2_K": "q2_K", "Q3_K": "q3_K"}
+    _TYPES = {**_TYPES, "IQ4_NL": "iq4_nl", "IQ4_XS": "iq4_xs"}  # the IQ4 types
 
     def __init__(self, path: Path):
         import gguf

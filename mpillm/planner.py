@@ -51,6 +51,7 @@ RUNTIME_OVERHEAD = 256 * 2**20
 BYTES_PER_WEIGHT = {"q4_0": 18 / 32, "q4_1": 20 / 32, "q8_0": 34 / 32, "f16": 2.0, "f32": 4.0}
 # the 2-bit K-quants as stored (mpillm.formats.quant: q2_K is GGML's 84 bytes per 256 weights, q3_K 114)
 BYTES_PER_WEIGHT.update({"q2_K": 84 / 256, "q3_K": 114 / 256})
+BYTES_PER_WEIGHT.update(iq4_nl=18 / 32, iq4_xs=(16 + 1 + 2 / 8) / 32)  # as stored (mpillm.formats.quant)
 
 
 @dataclass(frozen=True)

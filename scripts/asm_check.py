@@ -142,6 +142,7 @@ def aarch64(dump=None) -> int:
 
 
 ARM_TYPES = ("q4_0", "q4_1", "q8_0", "f16", "f32", "q5_0", "q5_1", "q4_K", "q5_K", "q6_K", "mxfp4", "q2_K", "q3_K")
+ARM_TYPES += ("iq4_nl", "iq4_xs")
 ARM_PATTERNS = {"sdot": r"\bsdot\b", "udot": r"\budot\b", "smull/smlal": r"\b(smull|smlal|sadalp)2?\b",
                 "fcvtl": r"\bfcvtl2?\b", "fmla": r"\bfmla\b"}
 

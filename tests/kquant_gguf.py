@@ -20,11 +20,15 @@ TYPES = [
     {"attn_q": "mxfp4", "attn_k": "q8_0", "attn_v": "q5_0", "attn_output": "q5_K",
      "ffn_gate": "q4_K", "ffn_up": "mxfp4", "ffn_down": "q5_K"},
 ]
+# the IQ4 types in the mix (at 3 ranks layer 1's wo is cut inside super-blocks: iq4_xs_32)
+TYPES[0]["attn_q"], TYPES[1]["attn_v"], TYPES[1]["attn_output"] = "iq4_xs", "iq4_nl", "iq4_xs"
 EMBD_TYPE, OUTPUT_TYPE = "q6_K", "q5_K"
 
 
-def make(path: Path, seed: int = 0) -> dict[str, tuple[str, np.ndarray]]:
-    """Write the GGUF; returns {gguf tensor name: (type, GGML block bytes)} of its matrices."""
+def make(path: Path, seed: int = 0, foreign: dict[str, str] | None = None) -> dict[str, tuple[str, np.ndarray]]:
+    """Write the GGUF; returns {gguf tensor name: (type, GGML block bytes)} of its matrices.
+    ``foreign``: {tensor name: GGUF type name} written instead as random blocks of that type (fp16
+    d first), e.g. a type mpillm does not store."""
     import gguf
 
     from mpillm.formats import quant
@@ -54,6 +58,16 @@ def make(path: Path, seed: int = 0) -> dict[str, tuple[str, np.ndarray]]:
     mats = {}
 
     def mat(name, wtype, rows, cols):
+        if name in (foreign or {}):
+            wtype = foreign[name]
+            qt = getattr(gguf.GGMLQuantizationType, wtype)
+            bs, bb = gguf.GGML_QUANT_SIZES[qt]
+            raw = rng.integers(0, 256, (rows * cols // bs, bb), dtype=np.uint8)
+            raw[:, :2] = np.full(len(raw), 0.01 / np.sqrt(cols), np.float16).view(np.uint8).reshape(-1, 2)
+            raw = raw.reshape(rows, -1)
+            w.add_tensor(name, raw, raw_shape=raw.shape, raw_dtype=qt)
+            mats[name] = (wtype, raw)
+            return
         raw = quant.random_ggml(wtype, rows, cols, rng, scale=2.0 / np.sqrt(cols))
         qt = getattr(gguf.GGMLQuantizationType, wtype.upper())
         w.add_tensor(name, raw, raw_shape=raw.shape, raw_dtype=qt)

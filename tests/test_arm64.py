@@ -50,9 +50,11 @@ OUT = Path(arm64.CACHE) / "reports"
 # of minutes more to compile under emulation).
 FULL = os.environ.get("MPILLM_ARM64_SCOPE", "ci") == "full"
 ALL_TYPES = ("q4_0", "q4_1", "q8_0", "f16", "f32", "q5_0", "q5_1", "q4_K", "q5_K", "q6_K", "mxfp4", "q2_K", "q3_K")
+ALL_TYPES += ("iq4_nl", "iq4_xs")
 TYPES = {cpu: ALL_TYPES for cpu in PATH_OF} if FULL else {"cortex-a76": ("q4_0", "q8_0", "q6_K"),
                                                          "cortex-a72": ("q4_0",)}
-KERNEL_TESTS = ["tests/test_kernels.py", "tests/test_kquant.py", "tests/test_lowk.py"]
+KERNEL_TESTS = ["tests/test_kernels.py", "tests/test_kquant.py", "tests/test_lowk.py",
+                "tests/test_iquant.py"]
 FIXTURE_K = "test_fixture_logits and llama and not tied and (q4_0 or q8_0)"
 FIXTURES = {cpu: (1, 2) for cpu in PATH_OF} if FULL else {}
 GENERATE = set(PATH_OF) if FULL else set()
@@ -103,7 +105,7 @@ def test_path_from_hwcap_and_dot_products(compiled):
     dot = bool(rep["hwcap"] >> 20 & 1)                     # HWCAP_ASIMDDP, as qemu reports it
     assert dot == (cpu == "cortex-a76")
     assert ("+dotprod" in rep["features"]) == dot and rep["cpu"] == cpu
-    q = {k: v for k, v in rep["kernels"].items() if k.startswith("matmul_q") or k.startswith("matmul_mx")}
+    q = {k: v for k, v in rep["kernels"].items() if k.startswith(("matmul_q", "matmul_mx", "matmul_iq"))}
     assert len(rep["kernels"]) == len(TYPES[cpu]), rep["kernels"]
     if dot:
         assert all(v["sdot"] + v["udot"] > 0 for v in q.values()), q

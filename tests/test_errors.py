@@ -188,9 +188,8 @@ def test_unknown_architecture(tmp_path):
     assert "unknown architecture 'GPT2LMHeadModel'" in r.stderr and "LlamaForCausalLM" in r.stderr
 
 
-def _rewrite_gguf(path: Path, extra_kv: dict | None = None, iq4_nl_tensor: str | None = None) -> Path:
-    """The llama fixture's GGUF written again, with extra metadata and one tensor stored as IQ4_NL
-    (random blocks: fp16 d, 16 bytes of 4-bit codes), a type mpillm does not store."""
+def _rewrite_gguf(path: Path, extra_kv: dict | None = None) -> Path:
+    """The llama fixture's GGUF written again, with extra metadata."""
     import gguf
 
     src = gguf.GGUFReader(FIX / "model.gguf")
@@ -206,15 +205,7 @@ def _rewrite_gguf(path: Path, extra_kv: dict | None = None, iq4_nl_tensor: str |
     for k, v in (extra_kv or {}).items():
         w.add_uint32(k, v)
     for t in src.tensors:
-        data = np.asarray(t.data)
-        if t.name == iq4_nl_tensor:
-            nb = data.size // 32
-            q = np.random.default_rng(0).integers(0, 256, (nb, 18), dtype=np.uint8)
-            q[:, :2] = np.full(nb, 0.01, np.float16).view(np.uint8).reshape(nb, 2)
-            q = q.reshape(data.shape[0], -1)
-            w.add_tensor(t.name, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.IQ4_NL)
-        else:
-            w.add_tensor(t.name, data)
+        w.add_tensor(t.name, np.asarray(t.data))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -223,12 +214,17 @@ def _rewrite_gguf(path: Path, extra_kv: dict | None = None, iq4_nl_tensor: str |
 
 
 def test_unsupported_tensor_type(tmp_path):
-    """A GGUF tensor in a type we do not store (IQ4_NL) is refused under auto, converted when asked."""
-    path = _rewrite_gguf(tmp_path / "k.gguf", iq4_nl_tensor="blk.1.attn_v.weight")
+    """A GGUF tensor in a type we do not store (IQ2_XXS: 256-element blocks, so in the 256-wide
+    K-quant GGUF of tests/kquant_gguf.py) is refused under auto, converted when asked."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    import kquant_gguf
+
+    path = tmp_path / "k.gguf"
+    kquant_gguf.make(path, foreign={"blk.1.attn_v.weight": "IQ2_XXS"})
     r = _convert_cli(path, tmp_path / "out", "--world-size", "1", "--no-tokenizer")
     assert r.returncode != 0
     assert "blk.1.attn_v" in r.stderr or "layers/1/wv" in r.stderr
-    assert "IQ4_NL" in r.stderr and "--weight-type" in r.stderr
+    assert "IQ2_XXS" in r.stderr and "--weight-type" in r.stderr
     r = _convert_cli(path, tmp_path / "out", "--world-size", "1", "--no-tokenizer", "--weight-type", "q8_0")
     assert r.returncode == 0, r.stderr
 

@@ -37,7 +37,14 @@ ql/qh interleave become the q4_0 order per 32-element sub-block, the 12 bytes of
 ``join_ggml(split_ggml(raw)) == raw`` (tested); the unpacked scales cost 4 bytes per 256
 weights (q4_K: 4.625 instead of 4.5 bits per weight).
 
-``<t>_32`` (q4_K_32, q5_K_32, q6_K_32): the same type with its super-block scales d (and
+The IQ4 types (GGML's non-linear 4-bit codes; kernels in ``mpillm.kernels.iquant``): the nibbles
+in the q4_0 order index the 16-entry table IQ4_KVALUES (int8, -127..113):
+
+  iq4_nl: qs u8 (rows, nb*16), d f16 (rows, nb)                          d * kv[q]
+  iq4_xs: qs u8 (rows, nb*16), sc i8 (rows, nb) = ls - 32 (GGML's 6-bit   (d*sc) * kv[q]
+          scale unpacked from scales_h / scales_l), d f16 (rows, ns)
+
+``<t>_32`` (q4_K_32, q5_K_32, q6_K_32, iq4_xs_32): the same type with its super-block scales d (and
 dmin) repeated for each 32-element sub-block, shape (rows, nb). A K-quant matrix whose
 columns are split at a point that is not a multiple of 256 (a row-parallel layer at an
 uneven head split) is stored so: the values are unchanged (lossless), the kernels are the
@@ -74,9 +81,16 @@ ARRAYS: dict[str, tuple[tuple[str, str], ...]] = {
     "f16": (("w", "float16"),),
     "f32": (("w", "float32"),),
 }
+# -- the IQ4 types (see the module docstring) ----------------------------------------------------
+IQ4_TYPES = ("iq4_nl", "iq4_xs")
+IQ4_KVALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.int8)
+ARRAYS["iq4_nl"] = (("qs", "uint8"), ("d", "float16"))
+ARRAYS["iq4_xs"] = (("qs", "uint8"), ("sc", "int8"), ("d", "float16"))
+# -- end of the IQ4 types ------------------------------------------------------------------------
 K_TYPES = ("q4_K", "q5_K", "q6_K")
 LOWK_TYPES = ("q2_K", "q3_K")  # 2-bit codes, 8 bytes of qs per 32 weights
 K_TYPES += LOWK_TYPES
+K_TYPES += ("iq4_xs",)  # 256-element super-blocks too: a _32 variant
 for _t in K_TYPES:  # the same arrays with per-32 super-block scales (see the module docstring)
     ARRAYS[_t + "_32"] = ARRAYS[_t]
 WEIGHT_TYPES = tuple(ARRAYS)
@@ -109,7 +123,7 @@ def array_shapes(wtype: str, rows: int, cols: int) -> dict[str, tuple[tuple[int,
     ns = nb if wtype.endswith("_32") else cols // QK_K  # super-block scales
     per_block = {"qs": QS_BYTES.get(wtype, 0), "qh": 8 if base_type(wtype) == "q6_K" else 4,
                  "sc": 2 if base_type(wtype) in ("q6_K",) + LOWK_TYPES else 1, "mn": 1, "e": 1, "m": 1,
-                 "d": 1 if wtype in ("q4_0", "q4_1", "q8_0", "q5_0", "q5_1") else None, "dmin": None}
+                 "d": 1 if wtype in ("q4_0", "q4_1", "q8_0", "q5_0", "q5_1", "iq4_nl") else None, "dmin": None}
     shapes = {}
     for k, _ in ARRAYS[wtype]:
         if k == "w":
@@ -264,6 +278,8 @@ def block_scales(arrays: dict[str, np.ndarray], wtype: str) -> tuple[np.ndarray,
 
 
 def _dequantize_new(arrays, wtype):
+    if base_type(wtype) in IQ4_TYPES:
+        return _dequantize_iq4(arrays, wtype)
     q = codes(arrays, wtype)
     rows, nb = q.shape[:2]
     if base_type(wtype) == "mxfp4":
@@ -281,6 +297,7 @@ def _dequantize_new(arrays, wtype):
 GGML_BLOCK_BYTES = {"q4_0": 2 + 16, "q4_1": 2 + 2 + 16, "q8_0": 2 + 32, "q5_0": 2 + 4 + 16, "q5_1": 2 + 2 + 4 + 16,
                     "mxfp4": 1 + 16, "q4_K": 2 + 2 + 12 + 128, "q5_K": 2 + 2 + 12 + 32 + 128, "q6_K": 128 + 64 + 16 + 2,
                     "q2_K": 16 + 64 + 2 + 2, "q3_K": 32 + 64 + 12 + 2}
+GGML_BLOCK_BYTES.update(iq4_nl=2 + 16, iq4_xs=2 + 2 + 4 + 128)  # IQ4_XS: d, scales_h, scales_l, qs
 
 
 def _f16(b: np.ndarray) -> np.ndarray:
@@ -319,6 +336,8 @@ def split_ggml(raw: np.ndarray, wtype: str, rows: int, cols: int) -> dict[str, n
         return {"w": np.asarray(raw).view(np.dtype(wtype.replace("f", "float"))).reshape(rows, cols)}
     if wtype not in GGML_BLOCK_BYTES:
         raise ValueError(f"no GGML block layout for {wtype!r}")
+    if wtype in IQ4_TYPES:
+        return _split_iq4(raw, wtype, rows, cols)
     bb = GGML_BLOCK_BYTES[wtype]
     nb = cols // QK
     b = np.asarray(raw, dtype=np.uint8).reshape(rows, cols // block_cols(wtype), bb)
@@ -368,6 +387,8 @@ def join_ggml(arrays: dict[str, np.ndarray], wtype: str) -> np.ndarray:
         return np.ascontiguousarray(arrays["w"]).view(np.uint8)
     if wtype in LOWK_TYPES:
         return _lowk_join(arrays, wtype)
+    if wtype in IQ4_TYPES:
+        return _join_iq4(arrays, wtype)
     rows, nb = arrays["qs"].shape[0], arrays["qs"].shape[1] // QS_BYTES[wtype]
     qs = np.ascontiguousarray(arrays["qs"]).view(np.uint8).reshape(rows, nb, -1)
     if wtype in ("q4_0", "q4_1", "q8_0", "q5_0", "q5_1", "mxfp4"):
@@ -444,6 +465,8 @@ def random_ggml(wtype: str, rows: int, cols: int, rng: np.random.Generator, scal
         put_f16(82, u(0.5, 1.5) * scale / 15)
     elif wtype == "q3_K":
         put_f16(108, u(0.5, 1.5) * scale / (32 * 4))
+    elif wtype in IQ4_TYPES:  # iq4_xs: |ls - 32| <= 32 (random bytes give random 6-bit scales)
+        put_f16(0, u(0.5, 1.5) * scale / (127 if wtype == "iq4_nl" else 127 * 32))
     return raw.reshape(rows, -1)
 
 
@@ -565,3 +588,45 @@ def _lowk_dequantize(arrays: dict[str, np.ndarray], wtype: str) -> np.ndarray:
         dl = d * np.asarray(arrays["sc"]).view(np.int8).reshape(rows, nb, 2).astype(f32)
         v = dl[..., None] * (q - 4).reshape(rows, nb, 2, 16).astype(f32)
     return v.reshape(rows, -1)
+# -- the IQ4 types: GGML blocks <-> split arrays, dequantization -----------------------------------
+def _split_iq4(raw: np.ndarray, wtype: str, rows: int, cols: int) -> dict[str, np.ndarray]:
+    """block_iq4_nl {fp16 d; u8 qs[16]} / block_iq4_xs {fp16 d; u16 scales_h; u8 scales_l[4];
+    u8 qs[128]} -> split arrays; the 6-bit scale of sub-block j is scales_l's nibble j (low nibble
+    first) | bits 2j, 2j + 1 of scales_h << 4, stored as ls - 32 (int8)."""
+    bb = GGML_BLOCK_BYTES[wtype]
+    b = np.asarray(raw, dtype=np.uint8).reshape(rows, cols // block_cols(wtype), bb)
+    c = np.ascontiguousarray
+    if wtype == "iq4_nl":
+        return {"qs": c(b[..., 2:]).reshape(rows, -1), "d": _f16(b[..., :2])}
+    ns = b.shape[1]
+    sh = c(b[..., 2:4]).view("<u2")[..., 0]  # (rows, ns)
+    lo = (b[..., 4:8, None] >> np.array([0, 4], np.uint8)) & 0x0F  # (rows, ns, 4, 2)
+    hi = (sh[..., None] >> (2 * np.arange(8, dtype=np.uint16))) & 3  # (rows, ns, 8)
+    ls = lo.reshape(rows, ns, 8) | (hi.astype(np.uint8) << 4)
+    sc = (ls.astype(np.int16) - 32).astype(np.int8)
+    return {"qs": c(b[..., 8:]).reshape(rows, -1), "sc": sc.reshape(rows, -1), "d": _f16(b[..., :2])}
+
+
+def _join_iq4(arrays: dict[str, np.ndarray], wtype: str) -> np.ndarray:
+    rows = arrays["qs"].shape[0]
+    if wtype == "iq4_nl":
+        nb = arrays["qs"].shape[1] // 16
+        qs = np.ascontiguousarray(arrays["qs"]).reshape(rows, nb, 16)
+        return np.concatenate([_bytes(arrays["d"], 2), qs], axis=-1).reshape(rows, -1)
+    ns = arrays["qs"].shape[1] // 128
+    ls = (np.asarray(arrays["sc"]).astype(np.int16) + 32).astype(np.uint8).reshape(rows, ns, 8)
+    sl = (ls[..., 0::2] & 0x0F) | ((ls[..., 1::2] & 0x0F) << 4)
+    sh = ((ls >> 4).astype(np.uint16) << (2 * np.arange(8, dtype=np.uint16))).sum(axis=-1, dtype=np.uint16)
+    parts = [_bytes(arrays["d"], 2), _bytes(sh.astype("<u2"), 2), sl.astype(np.uint8),
+             np.ascontiguousarray(arrays["qs"]).reshape(rows, ns, 128)]
+    return np.concatenate(parts, axis=-1).reshape(rows, -1)
+
+
+def _dequantize_iq4(arrays: dict[str, np.ndarray], wtype: str) -> np.ndarray:
+    """GGML's order of float32 operations: d * kv (iq4_nl), (d * (ls - 32)) * kv (iq4_xs)."""
+    q = _unpack_nibbles(np.asarray(arrays["qs"]))  # (rows, nb, 32)
+    rows, nb = q.shape[:2]
+    d = np.asarray(arrays["d"], np.float32)
+    if base_type(wtype) == "iq4_xs":
+        d = np.repeat(d, nb // d.shape[1], axis=1) * np.asarray(arrays["sc"]).astype(np.float32)
+    return (d[..., None] * IQ4_KVALUES[q].astype(np.float32)).reshape(rows, -1)

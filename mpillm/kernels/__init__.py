@@ -17,6 +17,8 @@ weights may be read-only memmaps; T tokens, N weight rows, K columns, nb = K // 
     matmul_mxfp4_q8_0(qs, e, ...)
     matmul_q2_K_q8_0(qs, sc, d, dmin, ...)               the types of ``lowk.py``
     matmul_q3_K_q8_0(qs, qh, sc, d, ...)
+    matmul_iq4_nl_q8_0(qs, d, ...)                       the IQ4 types (``iquant.py``; iq4_xs_32
+    matmul_iq4_xs_q8_0(qs, sc, d, ...)                   uses the iq4_xs kernel)
     matmul_f16_f32(w, x, out)                    w f16 (N,K), x f32 (T,K)
     matmul_f32_f32(w, x, out)                    w f32 (N,K)
     active_path() -> "vnni" | "avx2" | "neon-dot" | "neon" | "portable"
@@ -61,6 +63,7 @@ PATHS = ("vnni", "avx2", "neon-dot", "neon", "portable")  # best first
 KQ_TYPES = ("q5_0", "q5_1", "q4_K", "q5_K", "q6_K", "mxfp4")  # kernels in kquant.py
 LOWK_TYPES = quant.LOWK_TYPES  # q2_K, q3_K: kernels in lowk.py
 KQ_TYPES += LOWK_TYPES  # (both modules: the same array-typed API)
+KQ_TYPES += quant.IQ4_TYPES  # and in iquant.py (the same API)
 _MODULES = {"vnni": "x86", "avx2": "x86", "neon-dot": "portable", "neon": "portable", "portable": "portable"}
 ENV = "MPILLM_KERNELS"
 
@@ -230,6 +233,7 @@ class _JitView:
              "matmul_f16_f32", "matmul_f32_f32") + tuple(f"matmul_{t}_q8_0" for t in ("q5_0", "q5_1", "q4_K", "q5_K",
                                                                                      "q6_K", "mxfp4")) \
         + tuple(f"matmul_{t}_q8_0" for t in LOWK_TYPES)
+    NAMES += tuple(f"matmul_{t}_q8_0" for t in quant.IQ4_TYPES)
 
     def __init__(self, mod: ModuleType, prefix: str):
         for n in self.NAMES:

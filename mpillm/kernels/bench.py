@@ -140,7 +140,7 @@ def _fmt(r: dict) -> str:
         val = f"{r['GB/s']:7.2f} GB/s  (cpu-time {r['GB/s_cpu']:6.2f})"
     else:
         val = f"{r['GFLOP/s']:7.1f} GFLOP/s  (cpu-time {r['GFLOP/s_cpu']:6.1f})"
-    return (f"{r['path']:9s} {r['wtype']:5s} {r['shape']:20s} {r['place']:5s} T={r['T']:<3d} "
+    return (f"{r['path']:9s} {r['wtype']:6s} {r['shape']:20s} {r['place']:5s} T={r['T']:<3d} "
             f"thr={r['threads']}  {r['us']:10.1f} us  {val}")
 
 

@@ -76,3 +76,7 @@ from mpillm.kernels.lowk import matmul_q2_K_q8_0_f64, matmul_q3_K_q8_0_f64  # no
 
 KERNELS.update({"q2_K": matmul_q2_K_q8_0_f64, "q3_K": matmul_q3_K_q8_0_f64,
                 "q2_K_32": matmul_q2_K_q8_0_f64, "q3_K_32": matmul_q3_K_q8_0_f64})
+
+from mpillm.kernels.iquant import matmul_iq4_nl_q8_0_f64, matmul_iq4_xs_q8_0_f64  # noqa: E402
+
+KERNELS.update(iq4_nl=matmul_iq4_nl_q8_0_f64, iq4_xs=matmul_iq4_xs_q8_0_f64, iq4_xs_32=matmul_iq4_xs_q8_0_f64)

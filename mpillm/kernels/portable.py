@@ -266,3 +266,5 @@ from mpillm.kernels.kquant import portable_matmul_mxfp4_q8_0 as matmul_mxfp4_q8_
 # Q2_K and Q3_K: lowk.py
 from mpillm.kernels.lowk import portable_matmul_q2_K_q8_0 as matmul_q2_K_q8_0  # noqa: E402,F401
 from mpillm.kernels.lowk import portable_matmul_q3_K_q8_0 as matmul_q3_K_q8_0  # noqa: E402,F401
+from mpillm.kernels.iquant import portable_matmul_iq4_nl_q8_0 as matmul_iq4_nl_q8_0  # noqa: E402,F401
+from mpillm.kernels.iquant import portable_matmul_iq4_xs_q8_0 as matmul_iq4_xs_q8_0  # noqa: E402,F401

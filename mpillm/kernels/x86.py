@@ -497,3 +497,5 @@ from mpillm.kernels.kquant import (avx2_matmul_mxfp4_q8_0, avx2_matmul_q4_K_q8_0
 # Q2_K and Q3_K: lowk.py
 from mpillm.kernels.lowk import (avx2_matmul_q2_K_q8_0, avx2_matmul_q3_K_q8_0, vnni_matmul_q2_K_q8_0,  # noqa: E402,F401
                                  vnni_matmul_q3_K_q8_0)
+# the IQ4 types: iquant.py
+from mpillm.kernels.iquant import (avx2_matmul_iq4_nl_q8_0, avx2_matmul_iq4_xs_q8_0, vnni_matmul_iq4_nl_q8_0, vnni_matmul_iq4_xs_q8_0)  # noqa: E402,F401
