@@ -304,7 +304,7 @@ def test_avx2_path_compiled_for_an_avx2_only_cpu():
     compile it for a Haswell target (no AVX-512) in a subprocess and run its tests there."""
     if "avx2" not in kernels.available_paths():
         pytest.skip("host lacks AVX2")
-    env = dict(os.environ, **AVX2_ONLY)
+    env = dict(os.environ, **AVX2_ONLY, MPILLM_NO_WARMUP="1")  # no conftest engine warm-up for Haswell
     env.pop(kernels.ENV, None)
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
                         "-k", "avx2 and (test_matmul or test_quantize or agree)"],

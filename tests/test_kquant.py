@@ -301,7 +301,8 @@ def test_avx2_path_compiled_for_an_avx2_only_cpu():
 
     if "avx2" not in kernels.available_paths():
         pytest.skip("host lacks AVX2")
-    env = dict(os.environ, NUMBA_CPU_NAME="haswell", NUMBA_CPU_FEATURES="+avx2,+fma,+f16c,+bmi2,+popcnt")
+    env = dict(os.environ, NUMBA_CPU_NAME="haswell", NUMBA_CPU_FEATURES="+avx2,+fma,+f16c,+bmi2,+popcnt",
+               MPILLM_NO_WARMUP="1")  # conftest's engine warm-up would compile whole models for Haswell
     env.pop(kernels.ENV, None)
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
                         "-k", "avx2 and test_matmul"], env=env, capture_output=True, text=True, timeout=900)
