@@ -49,9 +49,11 @@ CLUSTER_VERSION = 1
 # Resident memory of a rank besides weights and KV cache (mpillm.check's figure)
 RUNTIME_OVERHEAD = 256 * 2**20
 BYTES_PER_WEIGHT = {"q4_0": 18 / 32, "q4_1": 20 / 32, "q8_0": 34 / 32, "f16": 2.0, "f32": 4.0}
-# the 2-bit K-quants as stored (mpillm.formats.quant: q2_K is GGML's 84 bytes per 256 weights, q3_K 114)
-BYTES_PER_WEIGHT.update({"q2_K": 84 / 256, "q3_K": 114 / 256})
-BYTES_PER_WEIGHT.update(iq4_nl=18 / 32, iq4_xs=(16 + 1 + 2 / 8) / 32)  # as stored (mpillm.formats.quant)
+# the types copied from GGUF, as stored (mpillm.formats.quant's split layouts; bytes per 256 weights:
+# tests/test_planner.py ties every entry to quant.nbytes). A Q4_K_M file is a mix: q4_K bounds it below.
+BYTES_PER_WEIGHT.update({t: b / 256 for t, b in (("q5_0", 176), ("q5_1", 192), ("q4_K", 148), ("q5_K", 180),
+                                                  ("q6_K", 210), ("mxfp4", 136), ("q2_K", 84), ("q3_K", 114),
+                                                  ("iq4_nl", 144), ("iq4_xs", 138))})
 
 
 @dataclass(frozen=True)

@@ -311,13 +311,6 @@ def test_converter_copies_iq4_tensors_and_cuts_super_blocks(tmp_path):
     assert any("layers/1/wo: iq4_xs stored as iq4_xs_32" in x for x in notes)
 
 
-def test_planner_bytes_per_weight():
-    from mpillm import planner
-
-    for t in TYPES:
-        assert planner.BYTES_PER_WEIGHT[t] == quant.nbytes(t, 1, 256) / 256
-
-
 @pytest.mark.skipif(__import__("os").environ.get("NUMBA_CPU_NAME") == "haswell", reason="already on the AVX2-only target")
 def test_avx2_path_compiled_for_an_avx2_only_cpu():
     """As in test_kquant.py: the AVX2 kernels compiled for a Haswell target (no AVX-512 for LLVM to

@@ -182,10 +182,3 @@ def test_shape_errors():
             p.matmul(wtype, dict(a, qs=a["qs"][:, :-8]), xq, xd, xs, None, out)
         with pytest.raises(ValueError, match="out must be"):
             p.matmul(wtype, a, xq, xd, xs, None, np.zeros((2, 5), np.float32))
-
-
-def test_planner_counts_the_stored_bytes():
-    from mpillm import planner
-
-    for t in TYPES:
-        assert planner.BYTES_PER_WEIGHT[t] * 256 == quant.nbytes(t, 1, 256)

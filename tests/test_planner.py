@@ -127,3 +127,13 @@ def test_calibrate_writes_a_cluster_file_convert_reads(tmp_path):
     assert convert_main([str(fx), str(tmp_path / "split"), "--cluster", str(cf), "--no-progress", "--no-tokenizer"]) == 0
     sp = fmt.split_of(fmt.read_manifest(tmp_path / "split"), 2)
     assert sp["gbps"] == [x["weight_gbps"] for x in doc["ranks"]]
+
+
+def test_bytes_per_weight_are_the_stored_bytes():
+    """Every weight type the planner prices costs what mpillm stores for it (quant.nbytes), so a
+    plan for a Q2_K or IQ4_XS model counts the bytes each rank will stream."""
+    from mpillm.formats import quant
+
+    assert set(planner.BYTES_PER_WEIGHT) >= {"q2_K", "q3_K", "q4_K", "q5_K", "q6_K", "iq4_nl", "iq4_xs"}
+    for t, b in planner.BYTES_PER_WEIGHT.items():
+        assert b * 256 == quant.nbytes(t, 1, 256), t
