@@ -70,3 +70,18 @@ def test_split_join_round_trip(wtype):
     back = quant.split_ggml(quant.join_ggml(a, wtype).reshape(-1), wtype, rows, cols)
     for k in a:
         assert np.array_equal(a[k], back[k])
+
+
+@pytest.mark.parametrize("wtype", ["q4_0", "q8_0", "q5_1", "mxfp4", "q4_K", "q5_K", "q6_K", "q2_K", "q3_K",
+                                   "iq4_nl", "iq4_xs"])
+def test_split_in_row_chunks_is_the_whole_split(wtype, monkeypatch):
+    """A tensor of more rows than SPLIT_ROWS is unpacked a chunk at a time (bounded temporaries for
+    the experts tensors); the arrays are the ones one split of the whole tensor gives."""
+    rows, cols = 11, 512
+    raw = quant.random_ggml(wtype, rows, cols, np.random.default_rng(7))
+    whole = quant.split_ggml(raw, wtype, rows, cols)
+    monkeypatch.setattr(quant, "SPLIT_ROWS", 4)   # chunks of 4, 4 and 3 rows
+    chunked = quant.split_ggml(raw, wtype, rows, cols)
+    assert set(chunked) == set(whole)
+    for k in whole:
+        assert chunked[k].dtype == whole[k].dtype and np.array_equal(chunked[k], whole[k]), k

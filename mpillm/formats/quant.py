@@ -330,8 +330,30 @@ def _bitmask(bits: np.ndarray) -> np.ndarray:
     return np.packbits(bits.astype(np.uint8), axis=-1, bitorder="little")
 
 
+SPLIT_ROWS = 4096  # rows split_ggml unpacks at once (the K-quant layouts pass through a byte per weight)
+
+
 def split_ggml(raw: np.ndarray, wtype: str, rows: int, cols: int) -> dict[str, np.ndarray]:
-    """GGML block bytes (uint8, rows x blocks) -> split-layout arrays, bit-exact (lossless)."""
+    """GGML block bytes (uint8, rows x blocks) -> split-layout arrays, bit-exact (lossless).
+
+    Unpacking goes through temporaries of a byte or more per weight, so a tensor of more than
+    ``SPLIT_ROWS`` rows is split that many rows at a time into arrays allocated once: one GGUF
+    tensor holds all of a DeepSeek layer's experts (3.8 G weights), which unpacked whole took
+    more than 12 GB and the converter was killed for it on a 24 GB node."""
+    if rows <= SPLIT_ROWS or wtype in ("f32", "f16"):
+        return _split_block_rows(raw, wtype, rows, cols)
+    raw = np.asarray(raw, dtype=np.uint8).reshape(rows, -1)
+    out: dict[str, np.ndarray] = {}
+    for r0 in range(0, rows, SPLIT_ROWS):
+        n = min(SPLIT_ROWS, rows - r0)
+        for k, v in _split_block_rows(raw[r0:r0 + n], wtype, n, cols).items():
+            if k not in out:
+                out[k] = np.empty((rows,) + v.shape[1:], v.dtype)
+            out[k][r0:r0 + n] = v
+    return out
+
+
+def _split_block_rows(raw: np.ndarray, wtype: str, rows: int, cols: int) -> dict[str, np.ndarray]:
     if wtype in ("f32", "f16"):
         return {"w": np.asarray(raw).view(np.dtype(wtype.replace("f", "float"))).reshape(rows, cols)}
     if wtype not in GGML_BLOCK_BYTES:
