@@ -655,12 +655,13 @@ def _chk(w, N, width):
 
 
 @njit(**_JIT)
-def _check(qs, xq, xd, xsum, out):
-    """(N, nb, T) after checking the activations and out against qs (16 bytes per 32-block)."""
+def _check(qs, xq, xd, xsum, out, qs_bytes=16):
+    """(N, nb, T) after checking the activations and out against qs (``qs_bytes`` per 32-block:
+    16 for the nibble types, 8 for lowk's 2-bit codes)."""
     N = qs.shape[0]
     T, K = xq.shape
     nb = K // 32
-    if K % 32 or qs.shape[1] != nb * 16:
+    if K % 32 or qs.shape[1] != nb * qs_bytes:
         raise ValueError("matmul: weight arrays do not match (N, K)")
     if xd.shape[0] != T or xd.shape[1] != nb or xsum.shape[0] != T or xsum.shape[1] != nb:
         raise ValueError("matmul: xd and xsum must be (T, K // 32)")

@@ -40,10 +40,9 @@ from numba.core import cgutils
 
 from mpillm.formats import quant
 from mpillm.kernels import jitcache, kquant, runners
-from mpillm.kernels.checks import rows_ok
 from mpillm.kernels.irgen import F16, F32, F64, I1, I8, I16, I32, I64, int_intrinsic
 from mpillm.kernels.irgen import vec as _vec
-from mpillm.kernels.kquant import _E, _args, _chk, _dshift
+from mpillm.kernels.kquant import _E, _args, _check, _chk, _dshift
 
 KINDS = quant.LOWK_TYPES  # ("q2_K", "q3_K")
 ARR = {k: tuple(n for n, _ in quant.ARRAYS[k]) for k in KINDS}
@@ -386,28 +385,10 @@ def tile(path: str, kind: str, shape: str):
     return _make_tile(kind, "portable" if path == "f64" else path, R, U, path == "f64")
 
 
-# shape checks of the entry points (kquant's _chk / _dshift / _args; qs here 8 bytes per 32-block)
-@njit(**_JIT)
-def _check8(qs, xq, xd, xsum, out):
-    N = qs.shape[0]
-    T, K = xq.shape
-    nb = K // 32
-    if K % 32 or qs.shape[1] != nb * 8:
-        raise ValueError("matmul: weight arrays do not match (N, K)")
-    if xd.shape[0] != T or xd.shape[1] != nb or xsum.shape[0] != T or xsum.shape[1] != nb:
-        raise ValueError("matmul: xd and xsum must be (T, K // 32)")
-    if out.shape[0] != T or out.shape[1] != N:
-        raise ValueError("matmul: out must be (T, N)")
-    if T > 1 and xsum.strides[0] != xd.strides[0]:
-        raise ValueError("matmul: xd and xsum must have the same row stride")
-    if not (rows_ok(qs) and rows_ok(xq) and rows_ok(xd) and rows_ok(xsum) and rows_ok(out)):
-        raise ValueError("matmul: every array's rows must be contiguous")
-    return N, nb, T
-
-
+# shape checks of the entry points: kquant's, with 8 bytes of qs per 32-block
 @njit(**_JIT)
 def q2_K(qs, sc, d, dmin, xq, xd, xsum, out):
-    N, nb, T = _check8(qs, xq, xd, xsum, out)
+    N, nb, T = _check(qs, xq, xd, xsum, out, 8)
     _chk(sc, N, nb * 2)
     ds = _dshift(d, N, nb)
     _chk(dmin, N, d.shape[1])
@@ -417,7 +398,7 @@ def q2_K(qs, sc, d, dmin, xq, xd, xsum, out):
 
 @njit(**_JIT)
 def q3_K(qs, qh, sc, d, xq, xd, xsum, out):
-    N, nb, T = _check8(qs, xq, xd, xsum, out)
+    N, nb, T = _check(qs, xq, xd, xsum, out, 8)
     _chk(qh, N, nb * 4)
     _chk(sc, N, nb * 2)
     ds = _dshift(d, N, nb)
