@@ -39,7 +39,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from mpillm.formats import partition
+from mpillm.formats import partition, quant
 from mpillm.formats.config import ModelConfig
 from mpillm.runtime.exchange import choose_algorithm, message_bytes
 
@@ -48,12 +48,11 @@ BLOCK_WAKE_US = 60.0   # --wait block: a sleeping rank notices a finished exchan
 CLUSTER_VERSION = 1
 # Resident memory of a rank besides weights and KV cache (mpillm.check's figure)
 RUNTIME_OVERHEAD = 256 * 2**20
-BYTES_PER_WEIGHT = {"q4_0": 18 / 32, "q4_1": 20 / 32, "q8_0": 34 / 32, "f16": 2.0, "f32": 4.0}
-# the types copied from GGUF, as stored (mpillm.formats.quant's split layouts; bytes per 256 weights:
-# tests/test_planner.py ties every entry to quant.nbytes). A Q4_K_M file is a mix: q4_K bounds it below.
-BYTES_PER_WEIGHT.update({t: b / 256 for t, b in (("q5_0", 176), ("q5_1", 192), ("q4_K", 148), ("q5_K", 180),
-                                                  ("q6_K", 210), ("mxfp4", 136), ("q2_K", 84), ("q3_K", 114),
-                                                  ("iq4_nl", 144), ("iq4_xs", 138))})
+# every type the converter stores, at its stored size (mpillm.formats.quant's split layouts; a
+# Q4_K_M file is a mix: q4_K bounds it below)
+BYTES_PER_WEIGHT = {t: quant.nbytes(t, 1, 256) / 256 for t in (
+    "q4_0", "q4_1", "q8_0", "f16", "f32", "q5_0", "q5_1", "q4_K", "q5_K", "q6_K", "mxfp4", "q2_K", "q3_K",
+    "iq4_nl", "iq4_xs")}
 
 
 @dataclass(frozen=True)

@@ -202,6 +202,14 @@ def test_matmul(path_name, wtype, T, K, weights):
     assert np.max(np.abs(out - x64 @ w64.T) / scale) < lim  # against the unquantized weights
 
 
+def _one_token_at_a_time(path, wtype, arrays, xq, xd, xs, x) -> np.ndarray:
+    """Every token's output row computed alone (T = 1)."""
+    alone = np.empty((len(x), N), np.float32)
+    for t in range(len(x)):
+        path.matmul(wtype, arrays, xq[t:t + 1], xd[t:t + 1], xs[t:t + 1], x[t:t + 1], alone[t:t + 1])
+    return alone
+
+
 @pytest.mark.parametrize("path_name", PATHS)
 @pytest.mark.parametrize("wtype", WTYPES)
 def test_row_does_not_depend_on_its_batch(path_name, wtype, weights):
@@ -213,13 +221,33 @@ def test_row_does_not_depend_on_its_batch(path_name, wtype, weights):
     arrays = weights(wtype, K)
     x = _activations(20, K, seed=11)
     xq, xd, xs = _quantized(path, x)
-    alone = np.empty((20, N), np.float32)
-    for t in range(20):
-        path.matmul(wtype, arrays, xq[t:t + 1], xd[t:t + 1], xs[t:t + 1], x[t:t + 1], alone[t:t + 1])
+    alone = _one_token_at_a_time(path, wtype, arrays, xq, xd, xs, x)
     for T in (2, 4, 5, 8, 16, 20):
         out = np.full((T, N), np.nan, np.float32)
         path.matmul(wtype, arrays, xq[:T], xd[:T], xs[:T], x[:T], out)
         np.testing.assert_array_equal(out, alone[:T], err_msg=f"{path_name} {wtype}: batch of {T}")
+
+
+@pytest.mark.parametrize("path_name", PATHS)
+@pytest.mark.parametrize("wtype", ["q4_0", "q4_1", "q8_0"])
+@pytest.mark.parametrize("K", [1088, 4160])
+def test_long_row_does_not_depend_on_its_tile(path_name, wtype, K, weights):
+    """As above for long rows (K = 1088: 34 blocks, two whole 16-block groups and a partial one,
+    which VNNI runs with its 4-block tiles; K = 4160: 130 blocks, the whole-block tiles with their
+    masked partial group), which T = 1 streams one row at a time, and a prefill-sized batch
+    (T = 64): every token's row is bit-identical to the token alone, and to the same rows
+    computed one row further on in the matrix (another position in the row tiles)."""
+    path = _path(path_name)
+    arrays = weights(wtype, K)
+    shifted = {k: v[1:] for k, v in arrays.items()}
+    x = _activations(64, K, seed=13)
+    xq, xd, xs = _quantized(path, x)
+    alone = _one_token_at_a_time(path, wtype, arrays, xq, xd, xs, x)
+    for T in (1, 3, 8, 13, 16, 64):
+        for arr, rows in ((arrays, slice(None)), (shifted, slice(1, None))):
+            out = np.full((T, N - (rows.start or 0)), np.nan, np.float32)
+            path.matmul(wtype, arr, xq[:T], xd[:T], xs[:T], x[:T], out)
+            np.testing.assert_array_equal(out, alone[:T, rows], err_msg=f"{path_name} {wtype}: T = {T}, rows {rows}")
 
 
 @pytest.mark.parametrize("path_name", PATHS)

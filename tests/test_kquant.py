@@ -26,7 +26,8 @@ import kquant_gguf  # noqa: E402
 
 NEW = ["q5_0", "q5_1", "q4_K", "q5_K", "q6_K", "mxfp4"]
 ALL = NEW + ["q4_K_32", "q5_K_32", "q6_K_32"]
-SHAPES = [(1, 7, 512), (3, 9, 768), (5, 6, 352)]  # (T, N, K): N not a multiple of the tiles; 11 sub-blocks = 8 + a pair + 1
+# (T, N, K): N not a multiple of the tiles; 11 sub-blocks = 8 + a pair + 1; T = 11: the x86 2 x 8 tile, then 4 x 3
+SHAPES = [(1, 7, 512), (3, 9, 768), (5, 6, 352), (11, 9, 512)]
 
 
 def _gguf_type(t):
@@ -133,11 +134,13 @@ def test_row_does_not_depend_on_its_batch(path_name, wtype):
     N = 11, rows run in full row tiles and in the single-row leftovers."""
     path = _path(path_name)
     K = 768 if wtype in quant.K_TYPES or wtype.endswith("_32") else 352
-    a, (xq, xd, xs), _ = _case(wtype, 9, 11, K, seed=5)
-    alone = np.empty((9, 11), np.float32)
-    for t in range(9):
+    a, (xq, xd, xs), _ = _case(wtype, 20, 11, K, seed=5)
+    alone = np.empty((20, 11), np.float32)
+    for t in range(20):
         path.matmul(wtype, a, xq[t:t + 1], xd[t:t + 1], xs[t:t + 1], None, alone[t:t + 1])
-    for T in (2, 3, 5, 6, 7, 9):  # the x86 4 x 4 tiles: tails of 2, 3, 1 tokens, alone and after a whole tile
+    # the x86 tiles: 4 x 4 and its tails of 1, 2, 3 tokens, alone and after a whole tile; 2 x 8 for
+    # each whole 8 tokens, alone (8), with 4 x 1 (9), 4 x 4 and 4 x 1 (13), twice with 4 x 4 (20)
+    for T in (2, 3, 5, 6, 7, 8, 9, 13, 20):
         out = np.full((T, 11), np.nan, np.float32)
         path.matmul(wtype, a, xq[:T], xd[:T], xs[:T], None, out)
         np.testing.assert_array_equal(out, alone[:T], err_msg=f"{path_name} {wtype}: batch of {T}")
@@ -162,13 +165,16 @@ def _cut32(wtype, N, K, seed):
 
 @pytest.mark.parametrize("path_name", kernels.PATHS)
 @pytest.mark.parametrize("wtype", ["q4_K_32", "q5_K_32", "q6_K_32"])
-def test_k32_tail(path_name, wtype):
-    """A ``_32`` slice whose sub-block count is not a multiple of 8 (K = 608: 2 x 8 + 3; the main loop
-    and the tail): against the float64 reference, and each token's row bit-identical alone and in
-    batches (every tile: N = 11 is two 4-row tiles and 3 single rows)."""
+@pytest.mark.parametrize("K", [608, 384, 192])
+def test_k32_tail(path_name, wtype, K):
+    """A ``_32`` slice whose sub-block count is not a multiple of 8, so the main loop leaves a tail
+    (K = 608: 2 x 8 + 3, one at a time; 384: 8 + 4, the half group of 4 alone, as Qwen3-30B-A3B's
+    expert down-projection at 2 ranks; 192: 4 + 2, the half group then single sub-blocks): against the
+    float64 reference, and each token's row bit-identical alone and in batches (every tile: N = 11
+    is two 4-row tiles and 3 single rows)."""
     path = _path(path_name)
     N = 11
-    a, (xq, xd, xs), ref, mag = _cut32(wtype, N, 608, seed=6)
+    a, (xq, xd, xs), ref, mag = _cut32(wtype, N, K, seed=6)
     alone = np.empty((9, N), np.float32)
     for t in range(9):
         path.matmul(wtype, a, xq[t:t + 1], xd[t:t + 1], xs[t:t + 1], None, alone[t:t + 1])

@@ -6,6 +6,7 @@
   the dequantized weights on the kernel's own q8_0 activations; the ``_32`` variants at 11
   sub-blocks per row (the x86 main loop plus its tails of 2 and 1);
 - a row's result does not depend on its batch (decode tiles, multi-token tiles, single rows);
+- the AVX2 kernels compiled for an AVX2-only CPU (Haswell) pass the same two checks;
 - the float64-output kernels (--buffer-type f64) against the same reference, tightly;
 - the reference check is sensitive to the rules it guards: references built with Q3_K's high-bit
   sense inverted, with Q2_K's mins dropped, or with the two per-16 scales of a sub-block swapped
@@ -128,6 +129,27 @@ def test_row_does_not_depend_on_its_batch(path_name, wtype):
         out = np.full((T, 11), np.nan, np.float32)
         path.matmul(wtype, a, xq[:T], xd[:T], xs[:T], None, out)
         np.testing.assert_array_equal(out, alone[:T], err_msg=f"{path_name} {wtype}: batch of {T}")
+
+
+@pytest.mark.skipif(__import__("os").environ.get("NUMBA_CPU_NAME") == "haswell", reason="already on the AVX2-only target")
+def test_avx2_path_compiled_for_an_avx2_only_cpu():
+    """As test_kquant.py / test_iquant.py: the AVX2 kernels compiled for a Haswell target (no AVX-512 for
+    LLVM to slip in: the i16 word sums, vpmaddwd and byte shuffles lower differently there), against
+    the reference and for batch independence."""
+    import os
+    import subprocess
+    import sys
+
+    if "avx2" not in kernels.available_paths():
+        pytest.skip("host lacks AVX2")
+    env = dict(os.environ, NUMBA_CPU_NAME="haswell", NUMBA_CPU_FEATURES="+avx2,+fma,+f16c,+bmi2,+popcnt",
+               MPILLM_NO_WARMUP="1")  # conftest's engine warm-up would compile whole models for Haswell
+    env.pop(kernels.ENV, None)
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+                        "-k", "avx2 and (test_matmul or test_row_does_not)"], env=env, capture_output=True, text=True,
+                       timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "14 passed" in r.stdout
 
 
 @pytest.mark.parametrize("wtype", ALL)

@@ -85,3 +85,90 @@ def test_split_in_row_chunks_is_the_whole_split(wtype, monkeypatch):
     assert set(chunked) == set(whole)
     for k in whole:
         assert chunked[k].dtype == whole[k].dtype and np.array_equal(chunked[k], whole[k]), k
+
+
+def _format1_qh(a: dict, wtype: str) -> np.ndarray:
+    """qh as shard format 1 stored it: per sub-block the bit-4 mask (bit e: element e), and for
+    q6_K then the bit-5 mask."""
+    q = quant.codes(a, wtype).astype(np.uint8)  # (rows, nb, 32)
+    m = [np.packbits((q >> b) & 1, axis=-1, bitorder="little") for b in ((4, 5) if wtype == "q6_K" else (4,))]
+    return np.stack(m, axis=-2).reshape(q.shape[0], -1)
+
+
+@pytest.mark.parametrize("wtype", ["q5_K", "q6_K"])
+def test_format1_shard_is_read_in_the_current_layout(tmp_path, wtype):
+    """A format-1 shard's q5_K / q6_K high bits (element-order bit masks per sub-block) are
+    re-encoded at load into the orders the kernels read (lossless: the same arrays as a split of
+    the GGML blocks gives), in chunks; its checksum is still verified over the bytes as stored."""
+    import h5py
+
+    from mpillm.formats import format as fmt
+    from mpillm.formats.config import ModelConfig
+
+    rows, cols = 6, 768
+    a = quant.random_arrays(wtype, rows, cols, np.random.default_rng(11))
+    old = _format1_qh(a, wtype)
+    assert not np.array_equal(old, a["qh"])
+    assert np.array_equal(quant.qh_from_format1(old, wtype, chunk=5), a["qh"])  # 5: a partial last chunk
+    cfg = ModelConfig(arch="llama", dim=576, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64, ffn_dim=1536,
+                      vocab_size=49152)
+    path = tmp_path / "s.h5"
+    w = fmt.ShardWriter(path, cfg, 1, 0, "{}")
+    w.add("output", wtype, (rows, cols), {**a, "qh": old})  # the bytes a format-1 converter wrote
+    w.close()
+    with h5py.File(path, "r+") as f:
+        f.attrs[fmt.ATTR_VERSION] = 1
+    sh = fmt.Shard(path, 1, 0)
+    t = sh.get("output")
+    for k in a:
+        assert np.array_equal(t.arrays[k], a[k]), k
+    assert sh.verify().status == "intact"
+    with h5py.File(path, "r+") as f:  # the same bytes as format 2 are read as they lie (control)
+        f.attrs[fmt.ATTR_VERSION] = 2
+    assert np.array_equal(fmt.Shard(path, 1, 0).get("output").arrays["qh"], old)
+
+
+def _format2_q3_K(a: dict) -> tuple[np.ndarray, np.ndarray]:
+    """q3_K's qs and qh as shard formats 1 and 2 stored them: byte 4h + m of a sub-block's 8 qs bytes
+    holds q & 3 of element 16h + 4k + m at bits 2k; qh a 32-bit mask per sub-block, bit e = c >> 2
+    of element e."""
+    c = quant.lowk_codes(a, "q3_K").astype(np.uint8)  # (rows, nb, 32)
+    g = (c & 3).reshape(c.shape[0], -1, 2, 4, 4)  # (rows, nb, h, k, m)
+    qs = sum(g[:, :, :, k] << (2 * k) for k in range(4)).astype(np.uint8).reshape(c.shape[0], -1)
+    return qs, np.packbits(c >> 2, axis=-1, bitorder="little").reshape(c.shape[0], -1)
+
+
+@pytest.mark.parametrize("wtype,version", [("q3_K", 2), ("q3_K_32", 2), ("q3_K", 1)])
+def test_format2_q3_K_shard_is_read_in_the_current_layout(tmp_path, wtype, version):
+    """Shards before format 3 kept q3_K's low bits in q2_K's layout and its high bits as bit masks;
+    their qs and qh are re-encoded at load into the 3-bit fields the kernels read (the same arrays
+    as a split of the GGML blocks), in chunks; the checksum is still over the bytes as stored."""
+    import h5py
+
+    from mpillm.formats import format as fmt
+    from mpillm.formats.config import ModelConfig
+
+    rows, cols = 6, 768
+    a = quant.random_arrays(wtype, rows, cols, np.random.default_rng(12))
+    qs, qh = _format2_q3_K(a)
+    assert not np.array_equal(qs, a["qs"]) and not np.array_equal(qh, a["qh"])
+    for k, v in zip(("qs", "qh"), quant.q3_K_from_format2(qs, qh, chunk=5)):  # 5: a partial last chunk
+        assert np.array_equal(v, a[k]), k
+    cfg = ModelConfig(arch="llama", dim=576, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64, ffn_dim=1536,
+                      vocab_size=49152)
+    path = tmp_path / "s.h5"
+    w = fmt.ShardWriter(path, cfg, 1, 0, "{}")
+    w.add("output", wtype, (rows, cols), {**a, "qs": qs, "qh": qh})  # the bytes an older converter wrote
+    w.close()
+    with h5py.File(path, "r+") as f:
+        f.attrs[fmt.ATTR_VERSION] = version
+    sh = fmt.Shard(path, 1, 0)
+    t = sh.get("output")
+    for k in a:
+        assert np.array_equal(t.arrays[k], a[k]), k
+    assert np.array_equal(quant.dequantize(t.arrays, wtype), quant.dequantize(a, wtype))
+    assert sh.verify().status == "intact"
+    with h5py.File(path, "r+") as f:  # the same bytes as format 3 are read as they lie (control)
+        f.attrs[fmt.ATTR_VERSION] = 3
+    t3 = fmt.Shard(path, 1, 0).get("output")
+    assert np.array_equal(t3.arrays["qs"], qs) and np.array_equal(t3.arrays["qh"], qh)

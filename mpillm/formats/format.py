@@ -32,7 +32,9 @@ from mpillm.formats import quant
 from mpillm.formats.config import ModelConfig
 
 FORMAT_NAME = "mpillm-shard"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 3  # 3: q3_K's codes as 3-bit fields (formats/quant.py); 2: q5_K's and q6_K's qh in the
+# kernels' orders; 1: element-order bit masks
+READ_VERSIONS = (1, 2, 3)  # older shards are read with those arrays re-encoded in memory (Shard._map)
 MANIFEST_NAME = "mpillm-model"
 MANIFEST_FILE = "manifest.json"
 MANIFEST_SPLITS = "splits"       # world size -> {"weights": per-rank split weights, "gbps": measured speeds}
@@ -118,6 +120,7 @@ class Tensor:
     shape: tuple[int, ...]          # (rows, cols), (n,) for vectors, (E, rows, cols) for experts
     arrays: dict[str, np.ndarray]
     checksum: str | None = None     # as stored in the shard; None: written before checksums existed
+    stored: dict[str, np.ndarray] | None = None  # the arrays as stored when ``arrays`` re-encodes them
 
     @property
     def rows(self) -> int:
@@ -279,8 +282,8 @@ def read_manifest(model_dir: Path) -> dict:
         raise ValueError(f"{path} is corrupt: {e}") from None
     if m.get("format") != MANIFEST_NAME:
         raise ValueError(f"{path}: not an mpillm manifest")
-    if m.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: format version {m.get('format_version')}, this mpillm reads {FORMAT_VERSION}; reconvert")
+    if m.get("format_version") not in READ_VERSIONS:
+        raise ValueError(f"{path}: format version {m.get('format_version')}, this mpillm reads {READ_VERSIONS}; reconvert")
     ModelConfig.from_dict(m["config"])  # validates
     return m
 
@@ -310,8 +313,9 @@ class Shard:
                 raise ValueError(f"shard file {self.path} is corrupt ({e})") from None
             if attrs.get(ATTR_FORMAT) != FORMAT_NAME:
                 raise ValueError(f"{self.path} is not an mpillm shard (format attribute {attrs.get(ATTR_FORMAT)!r})")
-            if int(attrs.get(ATTR_VERSION, -1)) != FORMAT_VERSION:
-                raise ValueError(f"{self.path}: format version {attrs.get(ATTR_VERSION)}, expected {FORMAT_VERSION}")
+            self.version = int(attrs.get(ATTR_VERSION, -1))
+            if self.version not in READ_VERSIONS:
+                raise ValueError(f"{self.path}: format version {attrs.get(ATTR_VERSION)}, expected one of {READ_VERSIONS}")
             ws, rk = int(attrs[ATTR_WORLD_SIZE]), int(attrs[ATTR_RANK])
             if ws != world_size or rk != rank:
                 raise ValueError(f"{self.path} was converted for world size {ws} rank {rk}, "
@@ -353,7 +357,17 @@ class Shard:
                                  f"{off + ds.nbytes}, file has {file_size})")
             arrays[key] = np.memmap(self.path, dtype=dt, mode="r", offset=off, shape=s)
         ck = obj.attrs.get(T_ATTR_CHECKSUM)
-        self.tensors[name] = Tensor(name, wtype, shape, arrays, str(ck) if ck is not None else None)
+        stored = None
+        if self.version < 2 and quant.base_type(wtype) in quant.FORMAT1_QH and arrays["qh"].size:
+            # format 1's q5_K / q6_K high bits: re-encoded into memory (lossless; reconverting the
+            # model maps them from the file instead); the checksum stays over the bytes as stored
+            stored = dict(arrays)
+            arrays["qh"] = quant.qh_from_format1(arrays["qh"], wtype)
+        if self.version < 3 and quant.base_type(wtype) == "q3_K" and arrays["qh"].size:
+            # formats 1 and 2: q3_K's qs and qh re-encoded likewise (q2_K's qs and a bit mask before)
+            stored = dict(arrays)
+            arrays["qs"], arrays["qh"] = quant.q3_K_from_format2(arrays["qs"], arrays["qh"])
+        self.tensors[name] = Tensor(name, wtype, shape, arrays, str(ck) if ck is not None else None, stored)
 
     def verify(self, progress=None) -> VerifyResult:
         """Hash every tensor's mapped bytes and compare with its stored checksum.
@@ -374,7 +388,7 @@ class Shard:
             if algo != CHECKSUM_ALGORITHM:
                 raise ValueError(f"{self.path}: tensor {name} has a {algo!r} checksum; this mpillm knows "
                                  f"{CHECKSUM_ALGORITHM!r}")
-            if checksum(t.arrays, progress) != t.checksum:
+            if checksum(t.stored or t.arrays, progress) != t.checksum:
                 bad.append(name)
         return VerifyResult(self.path, bad, unverifiable, n, time.perf_counter() - t0)
 

@@ -17,15 +17,19 @@ mpillm stores a quantized matrix W of shape (rows, cols) as separate arrays
 The 5-bit, 6-bit, K-quant and MXFP4 types (nb = cols / 32 sub-blocks, ns = cols / 256
 super-blocks). Every one keeps its low 4 bits in ``qs`` in the q4_0 nibble order per
 32-element sub-block, high bits as per-sub-block bit masks (4 bytes = a little-endian
-uint32 whose bit i belongs to element i), and its scales one per byte:
+uint32 whose bit i belongs to element i; q5_K, q6_K: other orders, see below), and its scales one
+per byte:
 
   q5_0: qs u8 (rows, nb*16), qh u8 (rows, nb*4), d f16 (rows, nb)      d * (q - 16)
   q5_1: qs, qh, d, m f16 (rows, nb)                                     d * q + m
   q4_K: qs u8 (rows, nb*16), sc u8 (rows, nb), mn u8 (rows, nb),        (d*sc) * q - (dmin*mn)
         d f16 (rows, ns), dmin f16 (rows, ns)                           (sc, mn: 6-bit, unpacked)
   q5_K: qs, qh u8 (rows, nb*4), sc, mn, d, dmin                         as q4_K, q 5-bit
-  q6_K: qs u8 (rows, nb*16), qh u8 (rows, nb*8) = per sub-block the     (d*sc) * (q - 32)
-        bit-4 mask then the bit-5 mask, sc i8 (rows, nb*2) one per 16
+        (qh: per sub-block 4 bytes, bit 2c + h of byte k = q >> 4 of
+        element 8c + 4h + k)
+  q6_K: qs u8 (rows, nb*16), qh u8 (rows, nb*8) = per sub-block 8     (d*sc) * (q - 32)
+        bytes, byte k holding q >> 4 of elements k, k + 8, k + 16, k + 24
+        in bits 0-1, 2-3, 4-5, 6-7, sc i8 (rows, nb*2) one per 16
         elements, d f16 (rows, ns)
   mxfp4: qs u8 (rows, nb*16) E2M1 codes, e u8 (rows, nb) E8M0 exponent  2^(e-128) * kvalue[code]
                                                                         (kvalue = 2 x E2M1 value)
@@ -234,12 +238,15 @@ def codes(arrays: dict[str, np.ndarray], wtype: str) -> np.ndarray:
     q = _unpack_nibbles(np.asarray(arrays["qs"])).astype(np.int16)
     rows, nb = q.shape[:2]
     bt = base_type(wtype)
-    if bt in ("q5_0", "q5_1", "q5_K"):
+    if bt == "q5_K":  # bit 2c + h of byte k of a sub-block: element 8c + 4h + k
+        hb = np.unpackbits(np.asarray(arrays["qh"]).reshape(rows, nb, 4), axis=-1, bitorder="little")
+        q |= hb.reshape(rows, nb, 4, 8).transpose(0, 1, 3, 2).reshape(rows, nb, 32).astype(np.int16) << 4
+    elif bt in ("q5_0", "q5_1"):
         hb = np.unpackbits(np.asarray(arrays["qh"]).reshape(rows, nb, 4), axis=-1, bitorder="little")
         q |= hb.astype(np.int16) << 4
-    elif bt == "q6_K":
-        hb = np.unpackbits(np.asarray(arrays["qh"]).reshape(rows, nb, 2, 4), axis=-1, bitorder="little")
-        q |= (hb[:, :, 0].astype(np.int16) << 4) | (hb[:, :, 1].astype(np.int16) << 5)
+    elif bt == "q6_K":  # byte k of a sub-block: bits 2c, 2c + 1 are q >> 4 of element 8c + k
+        qh = np.asarray(arrays["qh"]).reshape(rows, nb, 1, 8) >> np.array([0, 2, 4, 6], np.uint8).reshape(4, 1)
+        q |= (qh & 3).astype(np.int16).reshape(rows, nb, 32) << 4
     return q
 
 
@@ -325,9 +332,17 @@ def _pack_scales_k(sc: np.ndarray, mn: np.ndarray) -> np.ndarray:
     return np.concatenate([a, b, c], axis=-1).astype(np.uint8)
 
 
-def _bitmask(bits: np.ndarray) -> np.ndarray:
-    """(..., 32) of 0/1 -> (..., 4) bytes, bit i of the little-endian uint32 = element i."""
-    return np.packbits(bits.astype(np.uint8), axis=-1, bitorder="little")
+def _q5_K_qh(bits: np.ndarray) -> np.ndarray:
+    """q5_K high bits (..., nb, 32) of 0/1 in element order -> qh (..., nb * 4): bit 2c + h of
+    byte k of a sub-block = element 8c + 4h + k."""
+    t = np.swapaxes(bits.reshape(bits.shape[:-1] + (8, 4)), -1, -2)  # [k, 2c + h]
+    return np.packbits(t.astype(np.uint8), axis=-1, bitorder="little").reshape(bits.shape[:-2] + (-1,))
+
+
+def _q6_K_qh(h: np.ndarray) -> np.ndarray:
+    """q6_K high bits (..., 4, 8) of 0..3 ([c, k]: q >> 4 of element 8c + k of a sub-block) -> the 8
+    qh bytes (..., 8): byte k holds field c in bits 2c, 2c + 1."""
+    return h[..., 0, :] | (h[..., 1, :] << 2) | (h[..., 2, :] << 4) | (h[..., 3, :] << 6)
 
 
 SPLIT_ROWS = 4096  # rows split_ggml unpacks at once (the K-quant layouts pass through a byte per weight)
@@ -387,7 +402,7 @@ def _split_block_rows(raw: np.ndarray, wtype: str, rows: int, cols: int) -> dict
         out = {"qs": _pack_nibbles(q)}
         if wtype == "q5_K":
             qh = b[..., 16:48].reshape(rows, ns, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(8, 1)
-            out["qh"] = _bitmask(qh & 1).reshape(rows, -1)  # sub-block j: bit j of qh[0..31]
+            out["qh"] = _q5_K_qh((qh & 1).reshape(rows, nb, 32))  # sub-block j: bit j of qh[0..31]
         out.update(sc=c(sc).reshape(rows, nb), mn=c(mn).reshape(rows, nb), d=_f16(b[..., 0:2]),
                    dmin=_f16(b[..., 2:4]))
         return out
@@ -397,10 +412,30 @@ def _split_block_rows(raw: np.ndarray, wtype: str, rows: int, cols: int) -> dict
         qh = b[..., 128:192].reshape(rows, ns, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(4, 1)
         qh = (qh & 3).reshape(rows, ns, 2, 4, 32)
         q = (ql | (qh << 4)).reshape(rows, nb, 32)
-        hb = np.stack([_bitmask((q >> 4) & 1), _bitmask((q >> 5) & 1)], axis=-2)  # (rows, nb, 2, 4)
+        hb = _q6_K_qh((q >> 4).reshape(rows, nb, 4, 8))  # (rows, nb, 8)
         return {"qs": _pack_nibbles(q & 0x0F), "qh": hb.reshape(rows, -1),
                 "sc": c(b[..., 192:208]).view(np.int8).reshape(rows, -1), "d": _f16(b[..., 208:210])}
     raise ValueError(f"unknown weight type {wtype!r}")
+
+
+FORMAT1_QH = ("q5_K", "q6_K")  # the types whose qh shard format 1 stored as element-order bit masks
+
+
+def qh_from_format1(qh: np.ndarray, wtype: str, chunk: int = 1 << 18) -> np.ndarray:
+    """``qh`` of a q5_K / q6_K tensor of shard format 1 (per sub-block little-endian uint32 masks,
+    bit e = element e: q5_K's bit 4; q6_K's bit 4, then bit 5) -> the current layout (q5_K: bit
+    2c + h of byte k = element 8c + 4h + k; q6_K: byte k = the 2-bit q >> 4 of elements k, k + 8,
+    k + 16, k + 24), any leading shape; lossless, ``chunk`` sub-blocks at a time."""
+    q6 = base_type(wtype) == "q6_K"
+    src = np.asarray(qh, np.uint8).reshape(-1, 8 if q6 else 4)
+    out = np.empty(src.shape, np.uint8)
+    for i in range(0, src.shape[0], chunk):
+        bits = np.unpackbits(src[i:i + chunk].reshape(-1, 2 if q6 else 1, 4), axis=-1, bitorder="little")
+        if not q6:
+            out[i:i + chunk] = _q5_K_qh(bits.reshape(-1, 1, 32))
+            continue
+        out[i:i + chunk] = _q6_K_qh((bits[:, 0] | (bits[:, 1] << 1)).reshape(-1, 4, 8))
+    return out.reshape(np.shape(qh))
 
 
 def join_ggml(arrays: dict[str, np.ndarray], wtype: str) -> np.ndarray:
@@ -515,9 +550,15 @@ def random_arrays(wtype: str, rows: int, cols: int, rng: np.random.Generator, sc
 #       lane k right by 2k and mask 3 -- 16 codes in element order, one variable shift (vpsrlvd)
 #   q2_K: sc u8 (rows, nb*2) GGML's scale/min bytes as they are, per 16 weights in element order;
 #         d, dmin f16 (rows, ns)                       value = d*(sc & 15)*q - dmin*(sc >> 4)
-#   q3_K: qh u8 (rows, nb*4) the high bits as a 32-bit mask per sub-block (bit i = weight i, as q5_K);
+#   q3_K (shard format 3): the 3-bit codes c = q | (high bit << 2) of a sub-block by position
+#         j = 4h + m (0..7) and field k (weight 16h + 4k + m, as q2_K's qs): qs u8 (rows, nb*8) byte
+#         j = c_0 | c_1 << 3 | (c_2 & 3) << 6, qh u8 (rows, nb*4) nibble j (byte j // 2, the low
+#         nibble for even j) = c_3 | (c_2 >> 2) << 3 -- the kernels take each field's 64 codes of 8
+#         sub-blocks with one or two operations and no mask registers (kernels.lowk); format 2 kept
+#         q2_K's qs and the high bits as a 32-bit mask per sub-block (bit i = weight i), read by
+#         q3_K_from_format2;
 #         sc i8 (rows, nb*2) the 6-bit scales minus 32, per 16 weights; d f16 (rows, ns)
-#                                                      value = d*sc*(c - 4), c = q | (high bit << 2)
+#                                                      value = d*sc*(c - 4)
 # q2_K is exactly GGML's 84 bytes per 256 weights; q3_K 114 (GGML: 110, the unpacked scales).
 # ----------------------------------------------------------------------------------------------
 def _lowk_qs(q2: np.ndarray) -> np.ndarray:
@@ -556,20 +597,60 @@ def _q3_pack_scales(v: np.ndarray) -> np.ndarray:
     return np.concatenate([lo, hi], axis=-1).astype(np.uint8)
 
 
+def _q3_pack(c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, nb, 32) q3_K codes 0..7 in element order -> (qs (rows, nb*8), qh (rows, nb*4)) of format 3."""
+    f = c.reshape(c.shape[0], -1, 2, 4, 4).transpose(0, 1, 3, 2, 4).reshape(c.shape[0], -1, 4, 8).astype(np.uint8)
+    qs = f[:, :, 0] | (f[:, :, 1] << 3) | ((f[:, :, 2] & 3) << 6)  # [k, j]: field k, position j = 4h + m
+    nib = f[:, :, 3] | ((f[:, :, 2] >> 2) << 3)
+    qh = nib[..., 0::2] | (nib[..., 1::2] << 4)
+    return qs.reshape(c.shape[0], -1), qh.reshape(c.shape[0], -1)
+
+
+def _q3_unpack(qs: np.ndarray, qh: np.ndarray) -> np.ndarray:
+    """Inverse of _q3_pack: format-3 qs, qh -> (rows, nb, 32) codes in element order (int16)."""
+    rows = qs.shape[0]
+    v = np.asarray(qs, np.uint8).reshape(rows, -1, 8)
+    h = np.asarray(qh, np.uint8).reshape(rows, -1, 4)
+    nib = np.stack([h & 15, h >> 4], axis=-1).reshape(rows, -1, 8)
+    f = np.stack([v & 7, (v >> 3) & 7, (v >> 6) | ((nib >> 3) << 2), nib & 7], axis=2)  # (rows, nb, k, j)
+    return f.reshape(rows, -1, 4, 2, 4).transpose(0, 1, 3, 2, 4).reshape(rows, -1, 32).astype(np.int16)
+
+
+def _q3_codes_format2(qs: np.ndarray, qh: np.ndarray) -> np.ndarray:
+    """Shard format 2's q3_K qs (q2_K's layout) and qh (a 32-bit mask per sub-block) -> codes."""
+    q = _lowk_codes2(qs).astype(np.int16)
+    hb = np.unpackbits(np.asarray(qh, np.uint8).reshape(q.shape[0], -1, 4), axis=-1, bitorder="little")
+    return q | (hb.astype(np.int16) << 2)
+
+
+def q3_K_from_format2(qs: np.ndarray, qh: np.ndarray, chunk: int = 1 << 16) -> tuple[np.ndarray, np.ndarray]:
+    """A q3_K tensor's qs and qh as shard formats 1 and 2 stored them -> format 3's (lossless), any
+    leading shape (experts), ``chunk`` sub-blocks at a time."""
+    src_s = np.asarray(qs, np.uint8).reshape(-1, 8)
+    src_h = np.asarray(qh, np.uint8).reshape(-1, 4)
+    out_s, out_h = np.empty(src_s.shape, np.uint8), np.empty(src_h.shape, np.uint8)
+    for i in range(0, src_s.shape[0], chunk):
+        c = _q3_codes_format2(src_s[i:i + chunk].reshape(1, -1), src_h[i:i + chunk].reshape(1, -1))
+        a, b = _q3_pack(c)
+        out_s[i:i + chunk], out_h[i:i + chunk] = a.reshape(-1, 8), b.reshape(-1, 4)
+    return out_s.reshape(np.shape(qs)), out_h.reshape(np.shape(qh))
+
+
 def _lowk_split(b: np.ndarray, wtype: str, rows: int) -> dict[str, np.ndarray]:
     c = np.ascontiguousarray
     if wtype == "q2_K":
         return {"qs": _lowk_qs(_ggml_codes2(b[..., 16:80])), "sc": c(b[..., 0:16]).reshape(rows, -1),
                 "d": _f16(b[..., 80:82]), "dmin": _f16(b[..., 82:84])}
     hm = b[..., 0:32].reshape(rows, -1, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(8, 1)
-    qh = _bitmask(hm & 1).reshape(rows, -1)  # sub-block j: bit j of hmask[0..31]
+    high = (hm & 1).reshape(rows, -1, 32)  # sub-block j: bit j of hmask[0..31]
+    qs, qh = _q3_pack(_ggml_codes2(b[..., 32:96]) | (high << 2))
     sc = (_q3_scales(b[..., 96:108]).astype(np.int16) - 32).astype(np.int8)
-    return {"qs": _lowk_qs(_ggml_codes2(b[..., 32:96])), "qh": qh, "sc": sc.reshape(rows, -1),
-            "d": _f16(b[..., 108:110])}
+    return {"qs": qs, "qh": qh, "sc": sc.reshape(rows, -1), "d": _f16(b[..., 108:110])}
 
 
 def _lowk_join(arrays: dict[str, np.ndarray], wtype: str) -> np.ndarray:
-    q = _lowk_codes2(arrays["qs"])
+    c = lowk_codes(arrays, wtype)
+    q = (c & 3).astype(np.uint8)
     rows, nb = q.shape[:2]
     ns = nb // 8
     g = q.reshape(rows, ns, 2, 4, 32)  # GGML: half h, sub-block k of it at bits 2k
@@ -578,7 +659,7 @@ def _lowk_join(arrays: dict[str, np.ndarray], wtype: str) -> np.ndarray:
     if wtype == "q2_K":
         parts = [np.asarray(arrays["sc"], np.uint8).reshape(rows, ns, 16), gq, d, _bytes(arrays["dmin"], 2)]
     else:
-        hb = np.unpackbits(np.asarray(arrays["qh"], np.uint8).reshape(rows, ns, 8, 4), axis=-1, bitorder="little")
+        hb = (c >> 2).astype(np.uint8).reshape(rows, ns, 8, 32)  # the high bits, sub-block j -> bit j of hmask
         hm = (hb << np.arange(8, dtype=np.uint8).reshape(8, 1)).sum(axis=2, dtype=np.uint8)  # (rows, ns, 32)
         v = (np.asarray(arrays["sc"]).view(np.int8).astype(np.int16) + 32).astype(np.uint8).reshape(rows, ns, 16)
         parts = [hm, gq, _q3_pack_scales(v), d]
@@ -587,12 +668,9 @@ def _lowk_join(arrays: dict[str, np.ndarray], wtype: str) -> np.ndarray:
 
 def lowk_codes(arrays: dict[str, np.ndarray], wtype: str) -> np.ndarray:
     """q2_K: the 2-bit codes; q3_K: c = q | (high bit << 2), 0..7 -- (rows, nb, 32) int16."""
-    q = _lowk_codes2(arrays["qs"]).astype(np.int16)
     if base_type(wtype) == "q3_K":
-        hb = np.unpackbits(np.asarray(arrays["qh"], np.uint8).reshape(q.shape[0], -1, 4), axis=-1,
-                           bitorder="little")
-        q |= hb.astype(np.int16) << 2
-    return q
+        return _q3_unpack(arrays["qs"], arrays["qh"])
+    return _lowk_codes2(arrays["qs"]).astype(np.int16)
 
 
 def _lowk_dequantize(arrays: dict[str, np.ndarray], wtype: str) -> np.ndarray:

@@ -413,14 +413,6 @@ def run_{P}_{K}(args, N, T, buf):
                         {P}_{K}_D1(*a, m, 0)
         return
 {loop}"""
-_ENTRY_X86 = """
-
-@njit({flags})
-def {name}({arrays}, xq, xd, xsum, out):
-    a, N, T = check_{K}({arrays}, xq, xd, xsum, out)
-    buf = np.empty(max(1, T * ((xd.shape[1] + {G} - 1) // {G} * {GB})), np.uint8)
-    run_{P}_{K}(a, N, T, buf)
-"""
 
 
 def _runners_source() -> str:
@@ -432,8 +424,9 @@ def _runners_source() -> str:
                 g = _Geom(P)
                 src += _RUN_X86.format(flags=runners.flags(_JIT_RUN), P=P, K=K, R=sh["RU"][0], U=sh["RU"][1],
                                        G=g.G, GB=g.GB, RD=sh["D"][0], loop=runners.row_tiles(4, *tiles))
-                src += _ENTRY_X86.format(flags=runners.flags(_JIT), name=kquant.entry_name(P, K), G=g.G, GB=g.GB,
-                                         arrays=", ".join(kquant_arrays(K)), P=P, K=K)
+                src += kquant.ENTRY_BUF.format(flags=runners.flags(_JIT), name=kquant.entry_name(P, K),
+                                               arrays=", ".join(kquant_arrays(K)), P=P, K=K,
+                                               size=f"max(1, T * ((xd.shape[1] + {g.G} - 1) // {g.G} * {g.GB}))")
             else:
                 src += kquant._RUN.format(P=P, K=K, RD=sh["D"][0], R=sh["RU"][0], U=sh["RU"][1],
                                           loop=runners.row_tiles(4, *tiles))

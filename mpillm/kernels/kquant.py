@@ -25,25 +25,35 @@ offset term of the type:
 Decoding: the low nibbles are in the q4_0 order (byte j of a sub-block: element j low, j + 16
 high), so ``lo``/``hi`` of 16 bytes concatenated give the sub-block's 32 codes in element
 order, matching the activation bytes as they are (no preparation pass, unlike the q4_0
-kernels); high bits come from 32-bit masks (``bitcast i32 -> <32 x i1>``, zero-extended to
-bytes: kmov + vpmovm2b on AVX-512); MXFP4 codes map through a 16-entry table (pshufb on x86,
+kernels); q5_0 / q5_1 high bits come from 32-bit masks (``bitcast i32 -> <32 x i1>``,
+zero-extended to bytes: kmov + vpmovm2b on AVX-512), q5_K's from one i32 per sub-block (bit
+2c + h of byte k: element 8c + 4h + k, moved to bit 4 by a 32-bit shift), q6_K's from 2-bit
+fields (one i64 per sub-block: byte k holds q >> 4 of elements k, k + 8, k + 16, k + 24, moved
+to bits 4-5 by a 64-bit shift); MXFP4 codes map through a 16-entry table (pshufb on x86,
 selects in the portable IR).
 
-x86 (``vnni``, ``avx2``): the codes stay in the qs nibble order (``_codes_nib``), their high bits
-added by one masked vpaddb per 64 codes and bit (the masks: one word shuffle of qh, stored, loaded
-into mask registers). Per 8 sub-blocks (``group_x86_8``), per 4 of them ``vpdpbusd`` (VNNI) or
+x86 (``vnni``, ``avx2``): the activations are prepared once per call (``_prep_codegen``, into a
+buffer the entry point allocates): per token and 8 sub-blocks the operands of the low and of the
+high nibbles (XL, XH: the first / last 16 bytes of each sub-block, 4 sub-blocks per 64 bytes), xd
+in the lanes' order and, for q6_K, -32 x the activation sums its offset needs, in the lanes of
+the dots; the tiles only load them. The codes stay in the qs nibble order (``_codes_nib``), their
+high bits added by one masked vpaddb per 64 codes and bit (the masks: one word shuffle of qh,
+stored, loaded into mask registers), q5_K's and q6_K's by a dword / qword permute, a variable
+shift and an and-or (vpternlog) per 64 codes. Per 8 sub-blocks (``group_x86_8``), per 4 of them ``vpdpbusd`` (VNNI) or
 ``vpmaddubsw`` + ``vpmaddwd`` (AVX2; codes < 64 so the i16 pair sums cannot saturate) of the low
-nibbles with the activations' first 16 bytes of each sub-block and of the high nibbles with the last
-16 (a 128-bit-lane shuffle of the activations per token, shared by the tile's rows) land in 16 i32
-lanes (q6_K: low and high halves apart, each from -32 * the lane's activation sum, computed once per
-token); ``vpackssdw`` of the two halves' lanes and ``vpmaddwd`` with the integer scales as words (sc
+nibbles with XL and of the high nibbles with XH land in 16 i32 lanes (q6_K: low and high halves
+apart); ``vpackssdw`` of the two halves' lanes and ``vpmaddwd`` with the integer scales as words (sc
 of q4_K / q5_K, q6_K's two per sub-block, 1 for the other types) leave 16 exact i32 lanes, two per
-sub-block, converted once and FMA'd with d * xd into a <16 x float> accumulator per (row, token).
-A tail of sub-blocks (q5_0 / q5_1 / mxfp4 rows, ``_32`` slices) runs one at a time (32 codes in
-element order, float scales). M terms go to an 8-lane accumulator in a loop of their own after the
-dots. Tiles: 4 rows x 4 tokens and the 4 x 1..3 token tails, for every T (T = 1: 4 x 1), each
-row's streams (qs, qh) prefetched PF bytes of the matrix ahead (the same place k R rows on: the
-rows are contiguous). The runners are compiled without fastmath:
+sub-block (q6_K: its dots start from the prepared -32 x sums, so their lanes hold the sums of
+(q - 32) x, which fit the words exactly), converted once and FMA'd with d * xd into a <16 x float> accumulator per (row,
+token). Each row and token of a tile is emitted after the previous one's accumulator (``_E.after``:
+LLVM otherwise interleaved them and spilled). A tail of sub-blocks (q5_0 / q5_1 / mxfp4 rows,
+``_32`` slices) runs from xq: 4 sub-blocks together when it has them (as a half group), the rest
+one at a time (32 codes in element order, float scales). M terms go to
+an 8-lane accumulator in a loop of their own after the dots. Tiles: per 4-row tile, each whole 8
+tokens in 2 x 8 tiles (W: a row's decoding amortized over 8 tokens), then 4 x 4 (S) and a 4 x 1..3
+tail (T = 1: 4 x 1), each row's streams (qs, qh) prefetched PF bytes of the matrix ahead (the same
+place k R rows on: the rows are contiguous). The runners are compiled without fastmath:
 with it LLVM contracted the tiles' float operations differently per tile shape, and a row's
 last bit depended on its batch (test_row_does_not_depend_on_its_batch). Portable: one sub-block at a time, ``sdot`` shape
 (``reduce.add(sext * sext)``) per 16 bytes (``irgen.Emit.sdot``, as in ``portable.py``). ``f64`` tiles accumulate
@@ -163,6 +173,30 @@ class _E(Emit):
         """<32 x i16> x 2 -> <16 x i32>: dword j = a[2j] c[2j] + a[2j+1] c[2j+1]."""
         return self._x86_2op(a, c, "llvm.x86.avx512.pmaddw.d.512", "llvm.x86.avx2.pmadd.wd", I32)
 
+    def dpwssd(self, acc, a, c):
+        """acc + pmaddwd(a, c) (<16 x i32>): one vpdpwssd on VNNI."""
+        if self.isa == "vnni":
+            ty = _vec(I32, 16)
+            f = self.decl("llvm.x86.avx512.vpdpwssd.512", ty, [ty, ty, ty])
+            return self.b.call(f, [acc, self.b.bitcast(a, ty), self.b.bitcast(c, ty)])
+        return self.b.add(acc, self.pmaddwd(a, c))
+
+    def after(self, v, deps):
+        """v (i64) as an empty inline asm's result that takes deps (float vectors) as inputs: what is
+        computed from it comes after deps in the code LLVM emits (no instruction; the CPU sees v as
+        it was). Without it LLVM's scheduler interleaved a tile's rows and tokens, its registers
+        did not hold them, and the loop spilled (q6_K 4 x 4: 90 spills in 256 instructions)."""
+        b = self.b
+        ins = [b.extract_element(d, I32(0)) for d in deps]
+        ft = ir.FunctionType(I64, [I64] + [d.type for d in ins])
+        return b.asm(ft, "", "=r,0" + ",x" * len(ins), [v] + ins, False)
+
+    def opaque(self, v):
+        """v through an empty inline asm: the same value, but LLVM cannot see through it (so it does
+        not move the shuffles of v's uses before the operations that made v)."""
+        ft = ir.FunctionType(v.type, [v.type])
+        return self.b.asm(ft, "", "=v,0" if self.isa == "vnni" else "=x,0", [v], False)
+
     def masks64(self, words):
         """<4k x i16> -> k i64 masks, through a stack slot (stored once, each mask loaded into a mask
         register from there: without the slot LLVM extracted each with a shift and a truncation)."""
@@ -222,17 +256,22 @@ def _codes(e: _E, kind: str, A: dict, r, b0, nsub: int):
     order = [i for j in range(nsub) for i in list(range(16 * j, 16 * j + 16)) + list(range(n + 16 * j, n + 16 * j + 16))]
     q = e.shuffle(lo, hi, order)
     N = 32 * nsub
-    if kind in ("q5_0", "q5_1", "q5_K"):
+    if kind in ("q5_0", "q5_1"):
         hb, hs = A["qh"]
         m = e.load(hb, b.add(b.mul(r, hs), b.mul(b0, i64(4))), _vec(I32, nsub))
         q = b.or_(q, b.shl(e.bits_to_bytes(m, nsub), e.splat_const(I8, N, 4)))
-    elif kind == "q6_K":
+    elif kind == "q5_K":  # bit 2c + h of byte k of a sub-block's 4: q >> 4 of element 8c + 4h + k
         hb, hs = A["qh"]
-        m = e.load(hb, b.add(b.mul(r, hs), b.mul(b0, i64(8))), _vec(I32, 2 * nsub))
-        h = e.bits_to_bytes(m, 2 * nsub)  # per sub-block: 32 bit-4 flags, then 32 bit-5 flags
-        p4 = e.shuffle(h, None, [64 * j + i for j in range(nsub) for i in range(32)])
-        p5 = e.shuffle(h, None, [64 * j + 32 + i for j in range(nsub) for i in range(32)])
-        q = b.or_(q, b.or_(b.shl(p4, e.splat_const(I8, N, 4)), b.shl(p5, e.splat_const(I8, N, 5))))
+        m = e.load(hb, b.add(b.mul(r, hs), b.mul(b0, i64(4))), _vec(I8, 4 * nsub))
+        rep = e.shuffle(m, None, [4 * j + i % 4 for j in range(nsub) for i in range(32)])
+        h = b.lshr(rep, e.const(I8, N, [i // 4 for _ in range(nsub) for i in range(32)]))
+        q = b.or_(q, b.shl(b.and_(h, e.splat_const(I8, N, 1)), e.splat_const(I8, N, 4)))
+    elif kind == "q6_K":  # byte k of a sub-block's 8: q >> 4 of element 8c + k in bits 2c, 2c + 1
+        hb, hs = A["qh"]
+        m = e.load(hb, b.add(b.mul(r, hs), b.mul(b0, i64(8))), _vec(I8, 8 * nsub))
+        rep = e.shuffle(m, None, [8 * j + i % 8 for j in range(nsub) for i in range(32)])
+        h = b.lshr(rep, e.const(I8, N, [2 * (i // 8) for _ in range(nsub) for i in range(32)]))
+        q = b.or_(q, b.shl(b.and_(h, e.splat_const(I8, N, 3)), e.splat_const(I8, N, 4)))
     if e.isa == "portable":
         if kind in _CENTRE:  # signed codes: LLVM selects sdot only for sext x sext (see _CENTRE)
             q = b.sub(q, e.splat_const(I8, N, _CENTRE[kind]))
@@ -259,23 +298,55 @@ def _codes_nib(e: _E, kind: str, A: dict, r, b0, nsub: int):
     lie), hi = elements 16..31; for nsub = 1 a single <32 x i8> in element order (lo, hi).
 
     High bits: the qh masks are read as 16-bit words (word 2s / 2s + 1: elements 0..15 / 16..31
-    of sub-block s; q6_K: words 4s .. 4s + 3 the bit-4 mask, then the bit-5 mask); the words of
-    one code vector, gathered by one word shuffle, are its byte mask (<16 nsub x i1>: an AVX-512
-    mask register) and the bit is added where it is set (one masked vpaddb per mask)."""
+    of sub-block s); the words of one code vector, gathered by one word shuffle, are its byte mask
+    (<16 nsub x i1>: an AVX-512 mask register) and the bit is added where it is set (one masked
+    vpaddb per mask). q5_K: sub-block s's i32 W (bit 8k + 2c + h: element 8c + 4h + k) goes to
+    dwords 4s .. 4s + 3 of both code vectors, shifted so that bit i (lo) / 4 + i (hi) of each byte
+    lands in bit 4 of dword i, and or-ed in under the mask 0x10. q6_K: sub-block s's 8 qh bytes as one i64 H (bits 8k + 2c, 8k + 2c + 1: the
+    2 high bits of element 8c + k) go to the qwords 2s, 2s + 1 of the code vectors (elements 0..7,
+    8..15 of lo; 16..23, 24..31 of hi), shifted so field c lands in each byte's bits 4-5 (lo: << 4,
+    << 2; hi: >> 0, >> 2: the bits of the neighbouring fields and bytes fall outside 4-5), and
+    or-ed in under the mask 0x30: per 64 codes a permute, a shift and a vpternlog, no mask
+    registers (the format-1 layout, two bit masks, cost 8 kmov + 8 masked vpaddb + 2 stores per
+    256 codes)."""
     b = e.b
     i64 = e.i64
     lo, hi = _nibbles(e, A, r, b0, nsub)
     q = e.shuffle(lo, hi, range(32)) if nsub == 1 else None
 
+    def put(v, bits, mask):  # v | (bits & mask): one vpternlog
+        return b.or_(v, b.and_(b.bitcast(bits, v.type), e.splat_const(I8, v.type.count, mask)))
+
     def add_where(v, words, idx, val):
         m = b.bitcast(e.shuffle(words, None, idx), _vec(I1, 16 * len(idx)))
         return b.select(m, b.add(v, e.splat_const(I8, v.type.count, val)), v)
 
-    if kind in ("q5_0", "q5_1", "q5_K", "q6_K"):
+    if kind == "q6_K":  # per sub-block one i64 H: bits 8k + 2c, 8k + 2c + 1 = q >> 4 of element 8c + k
         hb, hs = A["qh"]
-        wps = 4 if kind == "q6_K" else 2  # mask words per sub-block
+        H = e.load(hb, b.add(b.mul(r, hs), b.mul(b0, i64(8))), _vec(I64, nsub))
+        if nsub == 1:  # qword k of the 32 codes (elements 8k ..): H's field c = k moved to bits 4, 5
+            T = e.shuffle(H, None, [0] * 4)
+            q = put(q, b.lshr(b.shl(T, e.const(I64, 4, [4, 2, 0, 0])), e.const(I64, 4, [0, 0, 0, 2])), 0x30)
+        else:  # H of sub-block s to qwords 2s, 2s + 1 (elements 0..7, 8..15 of lo; 16..23, 24..31 of hi)
+            T = e.shuffle(H, None, [s_ for s_ in range(nsub) for _ in (0, 1)])
+            lo = put(lo, b.shl(T, e.const(I64, 2 * nsub, [4, 2] * nsub)), 0x30)
+            hi = put(hi, b.lshr(T, e.const(I64, 2 * nsub, [0, 2] * nsub)), 0x30)
+    elif kind == "q5_K":  # per sub-block one i32 W: bit 8k + 2c + h = q >> 4 of element 8c + 4h + k
+        hb, hs = A["qh"]
+        W = e.load(hb, b.add(b.mul(r, hs), b.mul(b0, i64(4))), _vec(I32, nsub))
+        if nsub == 1:  # dword i of the 32 codes (elements 4i ..): W's bit i of each byte to bit 4
+            T = e.shuffle(W, None, [0] * 8)
+            q = put(q, b.lshr(b.shl(T, e.const(I32, 8, [4, 3, 2, 1, 0, 0, 0, 0])), e.const(I32, 8, [0, 0, 0, 0, 0, 1, 2, 3])),
+                    0x10)
+        else:  # W of sub-block s to dwords 4s .. 4s + 3 (elements 4i .. of lo: bit i; 16 + 4i .. of hi: bit 4 + i)
+            T = e.shuffle(W, None, [s_ for s_ in range(nsub) for _ in range(4)])
+            lo = put(lo, b.shl(T, e.const(I32, 4 * nsub, [4, 3, 2, 1] * nsub)), 0x10)
+            hi = put(hi, b.lshr(T, e.const(I32, 4 * nsub, [0, 1, 2, 3] * nsub)), 0x10)
+    elif kind in ("q5_0", "q5_1"):
+        hb, hs = A["qh"]
+        wps = 2  # mask words per sub-block
         w = e.load(hb, b.add(b.mul(r, hs), b.mul(b0, i64(2 * wps))), _vec(I16, wps * nsub))
-        bits = ((0, 16), (2, 32)) if kind == "q6_K" else ((0, 16),)
+        bits = ((0, 16),)
         if nsub == 4:  # one word shuffle gives every 64-bit mask of the two code vectors
             order = [(t + h, val) for t, val in bits for h in (0, 1)]
             m = e.masks64(e.shuffle(w, None, [wps * s_ + t for t, _ in order for s_ in range(4)]))
@@ -323,7 +394,59 @@ def _scales(e: _E, kind: str, A: dict, r, blk, dshift):
     return [b.fmul(d, sc)], b.fmul(b.fmul(dm, mn), ir.Constant(F32, -1.0))
 
 
-def _tile_codegen(kind: str, isa: str, R: int, U: int, f64: bool = False, pf: bool = False):
+SEL = [k if j < 2 else 4 + k for k in range(4) for j in range(4)]  # group_x86_8: lane -> sub-block
+GB = 384  # x86: prepared bytes per token and 8 sub-blocks (see _prep_codegen)
+GB6 = 576  # q6_K: the same and its four offset vectors
+GBK = {k: GB6 if k == "q6_K" else GB for k in KINDS}
+
+
+def _prep_codegen(isa: str, q6: bool):
+    """x86: the activations of T tokens prepared once per call for group_x86_8, per token and group
+    of 8 sub-blocks (GB bytes, GB6 for q6_K; the sub-blocks past the last whole group are read from
+    xq by the tails): XL0, XH0, XL1, XH1 (<64 x i8> each: the first / last 16 bytes of each of
+    sub-blocks 0..3 / 4..7, the operands of the low / high nibbles), xd in the lanes' order
+    (<16 x float>, lane l: sub-block SEL[l]) and, for q6_K, I0 .. I3 (<16 x i32>): lane l of Ik =
+    -32 x the sum of the 4 activation bytes that lane l of vpdpbusd with Xk (k: XL0, XH0, XL1, XH1)
+    multiplies (|.| <= 32 x 4 x 128), the accumulators the tile's dots start from: its codes' offset
+    32 then enters inside the dots, and their lanes hold the exact sum of (q - 32) x."""
+    lo_idx = [32 * s_ + i for s_ in range(4) for i in range(16)]
+    hi_idx = [32 * s_ + 16 + i for s_ in range(4) for i in range(16)]
+    gb = GB6 if q6 else GB
+
+    def codegen(context, builder, signature, args):
+        xp, xstride, xdp, xsp, sstride, nb, T, bp, bstride = args
+        b = builder
+        e = _E(b, isa)
+        i64 = e.i64
+        z = ir.Constant(_vec(I32, 16), None)
+        with cgutils.for_range(b, T) as tl:
+            t = tl.index
+            with cgutils.for_range(b, b.udiv(nb, i64(8))) as gl:
+                g = gl.index
+                xo = b.add(b.mul(t, xstride), b.mul(g, i64(256)))
+                bo = b.add(b.mul(t, bstride), b.mul(g, i64(gb)))
+                out = []
+                for j0 in (0, 4):
+                    x = e.load(xp, b.add(xo, i64(32 * j0)), _vec(I8, 128))
+                    out += [e.shuffle(x, None, lo_idx), e.shuffle(x, None, hi_idx)]
+                xd = e.load(xdp, b.add(b.mul(t, sstride), b.mul(g, i64(32))), _vec(F32, 8))
+                vals = out + [e.shuffle(xd, None, SEL)]
+                if q6:
+                    m32 = e.splat_const(I8, 64, 32)
+                    vals += [b.sub(z, e.dot(z, m32, o)) for o in out]
+                for k, v in enumerate(vals):
+                    b.store(v, e.addr(bp, b.add(bo, i64(64 * k))), align=1)
+        return context.get_dummy_value()
+
+    return codegen
+
+
+def _make_prep(isa: str, q6: bool):
+    return int_intrinsic(f"kq_{isa}_prep{'6' if q6 else ''}", "xp, xstride, xdp, xsp, sstride, nb, T, bp, bstride",
+                         _prep_codegen(isa, q6))
+
+
+def _tile_codegen(kind: str, isa: str, R: int, U: int, f64: bool = False, pf: bool = False, xouter: bool = False):
     has_min = kind in ("q5_1", "q4_K", "q5_K") or (isa != "portable" and kind in ("q5_0", "mxfp4"))
     FT, esz = (F64, 8) if f64 else (F32, 4)
 
@@ -332,7 +455,11 @@ def _tile_codegen(kind: str, isa: str, R: int, U: int, f64: bool = False, pf: bo
         e = _E(b, isa)
         i64 = e.i64
         slots = args[:2 * NSLOT]
-        dshift, xp, xstride, xdp, xsp, sstride, op, ostride, nb, n0, t0 = args[2 * NSLOT:]
+        if isa == "portable":
+            dshift, xp, xstride, xdp, xsp, sstride, op, ostride, nb, n0, t0 = args[2 * NSLOT:]
+        else:  # bp, bstride: the activations prepared by _prep_codegen
+            dshift, xp, xstride, xdp, xsp, sstride, op, ostride, nb, bp, bstride, n0, t0 = args[2 * NSLOT:]
+            bp = b.add(bp, b.mul(t0, bstride))
         A = {}
         for i, name in enumerate(ARR[kind]):
             p, s = slots[2 * i], slots[2 * i + 1]
@@ -388,6 +515,22 @@ def _tile_codegen(kind: str, isa: str, R: int, U: int, f64: bool = False, pf: bo
         # body into blocks that LLVM schedules one by one)
         sup = b.icmp_unsigned("==", dshift, i64(3))
         dmask = {n: e.lanes_below(n, b.select(sup, I32(1), I32(n))) for n in (8, 4, 2, 1)}
+        # vnni q6_K: the lanes' order SEL of 8 per-32 scales, or lane 0 everywhere for one per 256: one
+        # vpermps in the loop (with dvec's select LLVM emitted a branch there, and a broadcast);
+        # measured in cache, 1 thread: q6_K 1.13x -> 1.28x the format-1 kernel's speed with it, but
+        # q4_K 0.87x (5 alternated runs each), so q4_K / q5_K keep dvec's select
+        dsel = (b.select(sup, ir.Constant(_vec(I32, 16), None), e.const(I32, 16, SEL))
+                if isa == "vnni" and kind == "q6_K" else None)
+
+        def dlanes(name, b0):
+            """The super-block scale of each of group_x86_8's 16 lanes (lane l: sub-block b0 + SEL[l])."""
+            if dsel is None:
+                return e.shuffle(dvec(name, b0, 8), None, SEL)
+            base, st = A[name]
+            h = e.load(base, b.add(b.mul(rows_cur[0], st), b.mul(b.lshr(b0, dshift), i64(2))), _vec(I16, 8), dmask[8])
+            v = b.fpext(b.bitcast(h, _vec(F16, 8)), _vec(F32, 8))
+            f = e.decl("llvm.x86.avx512.permvar.sf.512", _vec(F32, 16), [_vec(F32, 16), _vec(I32, 16)])
+            return b.call(f, [e.shuffle(v, ir.Constant(v.type, None), list(range(16))), dsel])
 
         def dvec(name, b0, n):
             """<n x float> super-block scales of sub-blocks [b0, b0 + n): one fp16 splat when d is
@@ -423,7 +566,7 @@ def _tile_codegen(kind: str, isa: str, R: int, U: int, f64: bool = False, pf: bo
             dm = dvec("dmin", b0, n)
             return b.fmul(d, sc), b.fmul(b.fmul(dm, mn), e.splat(ir.Constant(F32, -1.0), n))
 
-        SEL = [k if j < 2 else 4 + k for k in range(4) for j in range(4)]  # group_x86_8: lane -> sub-block
+        z = ir.Constant(_vec(I32, 16), None)
 
         def prefetch(b0):
             """Each row's streams (qs, qh) pf_off bytes ahead: the same place kR rows further on,
@@ -440,41 +583,35 @@ def _tile_codegen(kind: str, isa: str, R: int, U: int, f64: bool = False, pf: bo
             """Sub-blocks [b0, b0 + 8) (the main loop), integer until one conversion per (row, token):
             per 4 sub-blocks (part p) the dot products of the codes in the qs nibble order (low
             nibbles with the activations' first 16 bytes of each sub-block, XL, high with the last
-            16, XH) land in 16 i32 lanes, 4 per sub-block (q6_K: low and high halves in separate
-            lanes, from -32 * the lane's activation sum); vpackssdw of the two parts' lanes (exact:
-            |lane| < 2^15) and vpmaddwd with the sub-blocks' integer scales as words (q4_K, q5_K: sc;
-            q6_K: sc of each half, two of them; the other types: 1) give 16 i32 lanes, 2 per
-            sub-block (lane l: sub-block SEL[l]), |S| < 2^24, so the conversion is exact; then one
-            FMA with the lanes' float scale (d, or the type's D) times xd."""
+            16, XH: both prepared, see _prep_codegen) land in 16 i32 lanes, 4 per sub-block (q6_K:
+            low and high halves in separate lanes); vpackssdw of the two parts' lanes (exact:
+            |lane| <= 4 x 63 x 128 < 2^15) and vpmaddwd with the sub-blocks' integer scales as words
+            (q4_K, q5_K: sc; q6_K: sc of each half, two of them; the other types: 1) give 16 i32
+            lanes, 2 per sub-block (lane l: sub-block SEL[l]); q6_K's offset 32 enters inside the
+            dots, which start from the prepared -32 x (activation sums) (lanes of sum (q - 32) x,
+            |.| <= 4 x 32 x 128: exact in the words; the same integers as the format-1 kernel's
+            vpdpwssd of the sums with the negated scales, one instruction and a scale vector less
+            per row); |S| < 2^24, so the conversion is exact; then one FMA with the lanes' float scale (d, or the type's D) times xd."""
             q6 = kind == "q6_K"
-            xv, xdl, init = [], [], []
-            for u in range(U):
-                xrow = b.add(b.mul(i64(u), xstride), b.mul(b0, i64(32)))
-                xd = e.load(xdp, b.add(b.mul(i64(u), sstride), b.mul(b0, i64(4))), _vec(F32, 8))
-                xdl.append(e.shuffle(xd, None, SEL))
-                ops, ini = [], []
-                for j0 in (0, 4):
-                    x = e.load(xp, b.add(xrow, i64(32 * j0)), _vec(I8, 128))
-                    o = (e.shuffle(x, None, [32 * s_ + i for s_ in range(4) for i in range(16)]),
-                         e.shuffle(x, None, [32 * s_ + 16 + i for s_ in range(4) for i in range(16)]))
-                    ops.append(o)
-                    if q6:  # -32 * (sum of each lane's 4 activations)
-                        z = ir.Constant(_vec(I32, 16), None)
-                        ini.append(tuple(b.sub(z, e.dot(z, e.splat_const(I8, 64, 32), v)) for v in o))
-                xv.append(ops)
-                init.append(ini)
+            go = b.mul(b.udiv(b0, i64(8)), i64(GBK[kind]))  # the group's prepared bytes, per token
             if pf:
                 prefetch(b0)
-            z = ir.Constant(_vec(I32, 16), None)
-            for r in range(R):
-                row = rows[r]
+
+            def X(p, k, ty=_vec(I8, 64)):
+                """Prepared vector k of a token whose bytes start at p (0..3: XL0, XH0, XL1, XH1; 4: xd
+                lanes; 5: q6_K's words)."""
+                return e.load(p, i64(64 * k), ty)
+            def row_setup(row):
+                """Row row's decoded codes and scales for the group: (codes, dl, scw)."""
                 codes = [_codes_nib(e, kind, A, row, b.add(b0, i64(j0)), 4) for j0 in (0, 4)]
                 if kind in quant.K_TYPES:
                     rows_cur[0] = row
-                    dl = e.shuffle(dvec("d", b0, 8), None, SEL)
+                    dl = dlanes("d", b0)
                     so = b.add(b.mul(row, A["sc"][1]), b.mul(b0, i64(2 if q6 else 1)))
                     if q6:  # sc of sub-block s: low half 2s, high half 2s + 1
-                        sc = b.sext(e.load(A["sc"][0], so, _vec(I8, 16)), _vec(I16, 16))
+                        # widened once, then two word permutes (the barrier: LLVM otherwise moved the
+                        # shuffles before the sign extension, 3 x (vpshufb + vpmovsxbw) with nsc)
+                        sc = e.opaque(b.sext(e.load(A["sc"][0], so, _vec(I8, 16)), _vec(I16, 16)))
                         scw = [e.shuffle(sc, None, [2 * SEL[m // 2] + h for m in range(32)]) for h in (0, 1)]
                     else:
                         sc = b.zext(e.load(A["sc"][0], so, _vec(I8, 8)), _vec(I16, 8))
@@ -482,19 +619,43 @@ def _tile_codegen(kind: str, isa: str, R: int, U: int, f64: bool = False, pf: bo
                 else:
                     dl = e.shuffle(scales_vec(row, b0, 8)[0], None, SEL)
                     scw = [e.splat_const(I16, 32, 1)]
+                return codes, dl, scw
+
+            def row_token(rd, pu, r, u):
+                """One (row, token): the same operations in every tile shape."""
+                codes, dl, scw = rd
+                XL0, XH0, XL1, XH1 = (X(pu, k) for k in range(4))
+                if q6:  # the dots start from the prepared -32 x (activation sums): lanes of sum (q - 32) x
+                    I0, I1, I2, I3 = (X(pu, 5 + k, _vec(I32, 16)) for k in range(4))
+                    lo = e.packssdw(e.dot(I0, codes[0][0], XL0), e.dot(I2, codes[1][0], XL1))
+                    hi = e.packssdw(e.dot(I1, codes[0][1], XH0), e.dot(I3, codes[1][1], XH1))
+                    S = e.dpwssd(e.pmaddwd(lo, scw[0]), hi, scw[1])
+                else:
+                    i0 = e.dot(e.dot(z, codes[0][0], XL0), codes[0][1], XH0)
+                    i1 = e.dot(e.dot(z, codes[1][0], XL1), codes[1][1], XH1)
+                    S = e.pmaddwd(e.packssdw(i0, i1), scw[0])
+                a = e.fma(b.sitofp(S, _vec(F32, 16)), b.fmul(dl, X(pu, 4, _vec(F32, 16))), b.load(acc[r][u]))
+                b.store(a, acc[r][u])
+                return a
+
+            last = []  # the accumulators just computed: the next row / token comes after them
+            if xouter:  # every row decoded first, then token by token (the token's loads shared by the rows)
+                rds = [row_setup(rows[r]) for r in range(R)]
                 for u in range(U):
-                    (XL0, XH0), (XL1, XH1) = xv[u]
-                    if q6:
-                        (iL0, iH0), (iL1, iH1) = init[u]
-                        lo = e.packssdw(e.dot(iL0, codes[0][0], XL0), e.dot(iL1, codes[1][0], XL1))
-                        hi = e.packssdw(e.dot(iH0, codes[0][1], XH0), e.dot(iH1, codes[1][1], XH1))
-                        S = b.add(e.pmaddwd(lo, scw[0]), e.pmaddwd(hi, scw[1]))
-                    else:
-                        i0 = e.dot(e.dot(z, codes[0][0], XL0), codes[0][1], XH0)
-                        i1 = e.dot(e.dot(z, codes[1][0], XL1), codes[1][1], XH1)
-                        S = e.pmaddwd(e.packssdw(i0, i1), scw[0])
-                    a = e.fma(b.sitofp(S, _vec(F32, 16)), b.fmul(dl, xdl[u]), b.load(acc[r][u]))
-                    b.store(a, acc[r][u])
+                    pu = b.add(b.add(bp, b.mul(i64(u), bstride)), go)
+                    pu = e.after(pu, last) if last else pu
+                    last = [row_token(rds[r], pu, r, u) for r in range(R)]
+                return
+            for r in range(R):
+                rd = row_setup(e.after(rows[r], last) if last else rows[r])
+                for u in range(U):
+                    pu = b.add(b.add(bp, b.mul(i64(u), bstride)), go)
+                    pu = e.after(pu, last) if last else pu
+                    a = row_token(rd, pu, r, u)
+                    # one token (decode): the rows interleaved and the loads shared, but for q5_K and q6_K, whose
+                    # rows hold more registers (measured: q4_K vnni 1.08x slower with the barrier, q6_K avx2
+                    # 0.84x without; q5_K vnni: 8 spills in the loop without it, none with it)
+                    last = [a] if U > 1 or kind in ("q5_K", "q6_K") else []
 
         def group_x86(b0, n):
             """Sub-blocks [b0, b0 + n), n = 8 (the main loop), 4, 2 or 1 (tails). The codes stay in
@@ -597,11 +758,17 @@ def _tile_codegen(kind: str, isa: str, R: int, U: int, f64: bool = False, pf: bo
             for grp, grp8 in ((group_x86, group_x86_8), (group_min, None)) if has_min else ((group_x86, group_x86_8),):
                 with cgutils.for_range(b, n8) as loop:
                     (grp8 or (lambda b0: grp(b0, 8)))(b.mul(loop.index, i64(8)))
-                # the tail (q5_0 / q5_1 / mxfp4 rows, _32 slices): up to 7 sub-blocks, one at a time (one
-                # code path instead of 4 + 2 + 1: each tile's code, and its compilation, is smaller)
+                # the tail (q5_0 / q5_1 / mxfp4 rows, _32 slices): up to 7 sub-blocks, 4 of them together
+                # when there are (Qwen3-30B-A3B's expert down-projection at 2 ranks: 8 + 4 sub-blocks a
+                # row, at 4 ranks 4 + 2), the rest one at a time (no 2-path: less code to compile)
                 rest = b.urem(nb, i64(8))
-                with cgutils.for_range(b, rest) as loop:
-                    grp(b.add(b.sub(nb, rest), loop.index), 1)
+                first = b.sub(nb, rest)
+                four = b.icmp_unsigned(">=", rest, i64(4))
+                with b.if_then(four):
+                    grp(first, 4)
+                first = b.add(first, b.select(four, i64(4), i64(0)))
+                with cgutils.for_range(b, b.sub(nb, first)) as loop:
+                    grp(b.add(first, loop.index), 1)
         for r in range(R):
             for u in range(U):
                 a = b.load(acc[r][u])
@@ -613,10 +780,11 @@ def _tile_codegen(kind: str, isa: str, R: int, U: int, f64: bool = False, pf: bo
     return codegen
 
 
-def _make_tile(kind, isa, R, U, f64=False, pf=False):
-    return int_intrinsic(f"kq_{isa}_{kind}_tile_{R}x{U}{'_f64' if f64 else ''}{'_pf' if pf else ''}",
+def _make_tile(kind, isa, R, U, f64=False, pf=False, xouter=False):
+    return int_intrinsic(f"kq_{isa}_{kind}_tile_{R}x{U}{'_f64' if f64 else ''}{'_pf' if pf else ''}{'_xo' if xouter else ''}",
                          "a0, s0, a1, s1, a2, s2, a3, s3, a4, s4, a5, s5, dshift, xp, xstride, xdp, xsp, sstride, op, "
-                         "ostride, nb, n0, t0", _tile_codegen(kind, isa, R, U, f64, pf))
+                         f"ostride, nb, {'' if isa == 'portable' else 'bp, bstride, '}n0, t0",
+                         _tile_codegen(kind, isa, R, U, f64, pf, xouter))
 
 
 # tiles per path and kind: R rows x U tokens; portable and f64: RU for T > 1, R1 for its token tail and
@@ -628,7 +796,10 @@ PF_STREAMS = {k: (("qs", 16),) + ((("qh", 8 if k == "q6_K" else 4),) if "qh" in 
 R_P, U_P = 4, 2
 # x86: S (R_S x U_S) and its token tails S1 .. S<U_S - 1> for every T > 1 and S1 for T = 1 (D), all
 # prefetching; O1 for the rows after the last whole row tile
-_X86 = dict(S=(R_S, U_S, True), **{f"S{t}": (R_S, t, True) for t in range(1, U_S)}, O1=(1, 1))
+# W (R_W x U_W, R_W dividing R_S): the whole groups of U_W tokens of a row tile first (the weights'
+# decoding per row and group amortized over U_W tokens instead of U_S)
+R_W, U_W = 2, 8
+_X86 = dict(W=(R_W, U_W, True, True), S=(R_S, U_S, True), **{f"S{t}": (R_S, t, True) for t in range(1, U_S)}, O1=(1, 1))
 SHAPES = {"vnni": _X86, "avx2": dict(_X86),
           "portable": dict(RU=(R_P, U_P), R1=(R_P, 1), OU=(1, U_P), O1=(1, 1), D=(R_P, 1)),
           "f64": dict(RU=(R_P, 1), R1=(R_P, 1), OU=(1, 1), O1=(1, 1), D=(R_P, 1))}
@@ -638,8 +809,9 @@ TILES = {}  # "<path>_<kind>_<shape>" -> intrinsic (made on first use: see _tile
 def tile(path: str, kind: str, shape: str):
     key = f"{path}_{kind}_{shape}"
     if key not in TILES:
-        R, U, *pf = SHAPES[path][shape]
-        TILES[key] = _make_tile(kind, "portable" if path == "f64" else path, R, U, path == "f64", bool(pf and pf[0]))
+        R, U, *fl = SHAPES[path][shape]  # fl: (prefetch, tokens outer)
+        fl = list(fl) + [False] * (2 - len(fl))
+        TILES[key] = _make_tile(kind, "portable" if path == "f64" else path, R, U, path == "f64", fl[0], fl[1])
     return TILES[key]
 
 
@@ -762,11 +934,8 @@ def mxfp4(qs, e, xq, xd, xsum, out):
 # prange over row tiles (numba gives each thread a contiguous range); a row tile is used for all
 # T tokens, U at a time, while it is in cache. ``a``: the tile arguments from the slots to nb.
 # ----------------------------------------------------------------------------------------------
-_RUN = """
-
-@njit(cache=True, fastmath=False, nogil=True, parallel=True)
-def run_{P}_{K}(a, N, T):
-    RD, R, U = {RD}, {R}, {U}
+# T = 1: the row tiles (D, the last rows one at a time with O1), shared with lowk's x86 runners
+T1_ROWS = """\
     if T == 1:
         for i in prange((N + RD - 1) // RD):
             n0 = i * RD
@@ -776,25 +945,51 @@ def run_{P}_{K}(a, N, T):
                 for n in range(n0, N):
                     {P}_{K}_O1(*a, n, 0)
         return
-{loop}"""
-# the x86 paths: T = 1 in R_S x 1 tiles (S1), any other T in R_S x U_S tiles (S) and a tail of T mod U_S
-# tokens (S<t>); all prefetch (the T = 1 stream); rows after the last whole row tile one by one (O1)
-_RUN_S = """
+"""
+_RUN = """
 
 @njit(cache=True, fastmath=False, nogil=True, parallel=True)
 def run_{P}_{K}(a, N, T):
-    RS, US = {RS}, {US}
+    RD, R, U = {RD}, {R}, {U}
+""" + T1_ROWS + "{loop}"
+# the x86 paths: per R_S-row tile, the whole groups of U_W tokens in R_W x U_W tiles (W), then R_S x U_S
+# tiles (S) and a tail of fewer than U_S tokens (S<t>; T = 1: S1); all prefetch (the T = 1 stream);
+# rows after the last whole row tile one by one (O1)
+# (the activations prepared first into buf, which the entry point allocates and holds for the call:
+# see iquant's note on a buffer allocated in the parallel runner)
+_RUN_S = """
+
+@njit(cache=True, fastmath=False, nogil=True, parallel=True)
+def run_{P}_{K}(a, N, T, buf):
+    RS, US, RW, UW = {RS}, {US}, {RW}, {UW}
+    dshift, xp, xstride, xdp, xsp, sstride, op, ostride, nb = a[12:]
+    bp, bs = buf.ctypes.data, buf.shape[0] // max(T, 1)
+    {P}_prep{Q6}(xp, xstride, xdp, xsp, sstride, nb, T, bp, bs)
     for i in prange((N + RS - 1) // RS):
         n0 = i * RS
         if n0 + RS <= N:
             t0 = 0
+            while t0 + UW <= T:
+                for r in range(0, RS, RW):
+                    {P}_{K}_W(*a, bp, bs, n0 + r, t0)
+                t0 += UW
             while t0 + US <= T:
-                {P}_{K}_S(*a, n0, t0)
+                {P}_{K}_S(*a, bp, bs, n0, t0)
                 t0 += US
 {tails}        else:
             for n in range(n0, N):
                 for t in range(T):
-                    {P}_{K}_O1(*a, n, t)
+                    {P}_{K}_O1(*a, bp, bs, n, t)
+"""
+# the entry point of a runner that prepares the activations: it allocates their buffer (``size``
+# bytes, an expression of T and xd) and holds it for the call; kquant, lowk and iquant x86
+ENTRY_BUF = """
+
+@njit({flags})
+def {name}({arrays}, xq, xd, xsum, out):
+    a, N, T = check_{K}({arrays}, xq, xd, xsum, out)
+    buf = np.empty({size}, np.uint8)
+    run_{P}_{K}(a, N, T, buf)
 """
 _ENTRY = """
 
@@ -811,16 +1006,19 @@ def entry_name(path: str, kind: str) -> str:
 
 
 def _runners_source() -> str:
-    src = runners.HEADER.format(by=__name__)
+    src = runners.HEADER.format(by=__name__) + "import numpy as np\n"
     for P, sh in SHAPES.items():
         for K in KINDS:
             if "S" in sh:
                 tails = "".join(f"            {'if' if t == 1 else 'elif'} T - t0 == {t}:\n"
-                                f"                {P}_{K}_S{t}(*a, n0, t0)\n" for t in range(1, sh["S"][1]))
-                src += _RUN_S.format(P=P, K=K, RS=sh["S"][0], US=sh["S"][1], tails=tails)
-            else:
-                src += _RUN.format(P=P, K=K, RD=sh["D"][0], R=sh["RU"][0], U=sh["RU"][1],
-                                   loop=runners.row_tiles(4, *(f"{P}_{K}_{s}" for s in ("RU", "R1", "OU", "O1"))))
+                                f"                {P}_{K}_S{t}(*a, bp, bs, n0, t0)\n" for t in range(1, sh["S"][1]))
+                src += _RUN_S.format(P=P, K=K, RS=sh["S"][0], US=sh["S"][1], RW=sh["W"][0], UW=sh["W"][1], tails=tails,
+                                     Q6="6" if K == "q6_K" else "")
+                src += ENTRY_BUF.format(flags=runners.flags(_JIT), name=entry_name(P, K), arrays=", ".join(ARR[K]),
+                                        P=P, K=K, size=f"T * max(1, xd.shape[1] // 8 * {GBK[K]})")
+                continue
+            src += _RUN.format(P=P, K=K, RD=sh["D"][0], R=sh["RU"][0], U=sh["RU"][1],
+                               loop=runners.row_tiles(4, *(f"{P}_{K}_{s}" for s in ("RU", "R1", "OU", "O1"))))
             src += _ENTRY.format(flags=runners.flags(_JIT), name=entry_name(P, K), arrays=", ".join(ARR[K]), P=P, K=K)
     return src
 
@@ -828,6 +1026,7 @@ def _runners_source() -> str:
 def _runner_names() -> dict:
     names = {f"check_{K}": globals()[K] for K in KINDS}
     names.update({f"{P}_{K}_{sh}": tile(P, K, sh) for P in SHAPES for K in KINDS for sh in SHAPES[P]})
+    names.update({f"{P}_prep{q}": _make_prep(P, q == "6") for P in ("vnni", "avx2") for q in ("", "6")})
     return names
 
 

@@ -1,27 +1,32 @@
 """Matmul kernels for the 2-bit K-quants Q2_K and Q3_K, in every path (vnni, avx2, portable, f64).
 
 Layouts: ``mpillm.formats.quant`` ("Q2_K and Q3_K"): per 32-weight sub-block 8 bytes of 2-bit codes,
-byte 4h + m holding weight 16h + 4k + m at bits 2k (h the half, k, m = 0..3); per 16 weights one
-scale byte (q2_K: GGML's scale | min << 4; q3_K: the signed 6-bit scale); q3_K's high bits as a
-32-bit mask per sub-block; d (and dmin) per 256 weights, or per 32 for the ``_32`` variants (the
+byte 4h + m holding weight 16h + 4k + m at bits 2k (h the half, k, m = 0..3); q3_K (shard format
+3) the 3-bit codes c of the same positions j = 4h + m and fields k as qs byte j = c_0 | c_1 << 3 |
+(c_2 & 3) << 6 and qh nibble j = c_3 | (c_2 >> 2) << 3 (``_q3_fields``); per 16 weights one
+scale byte (q2_K: GGML's scale | min << 4; q3_K: the signed 6-bit scale); d (and dmin) per 256 weights, or per 32 for the ``_32`` variants (the
 super-block index is b >> dshift, as in ``kquant``). Activations are q8_0 (xq, xd, xsum), as for
 every quantized kernel. Per sub-block b of a row and a token, with halves g = 0, 1 of 16 weights:
 
     q2_K   out += xd_b * sum_g ( d sc_g * sum_g q x  -  dmin mn_g * sum_g x )
     q3_K   out += xd_b * sum_g   d sc_g * sum_g (c - 4) x            c = q | high << 2, 0..7
 
-Decoding (x86): the 8 bytes of 4 sub-blocks are 8 dwords; one ``shufflevector`` broadcasts dword h
-of each sub-block to 4 lanes (vpermd), ``lshr`` by <0, 2, 4, 6> per lane (vpsrlvd) and ``and 3``
-give the 16 codes of half h of each of the 4 sub-blocks in element order (q3_K: the high bits
-or'ed in as 4 from the mask, as kquant does for q5/q6). They dot (vpdpbusd, or vpmaddubsw +
-vpmaddwd on AVX2) with the activations' first or last 16 bytes of each sub-block -- the same
-per-token operands and the same 16-lane i32 layout (lane l: sub-block l // 4) as kquant's q6_K,
-whose per-16 scales these types share: one conversion and one FMA per half and 4 sub-blocks. q3_K
-starts each dot at -4 x (the lane's 4 activations summed), computed once per token; q2_K's min
-term uses the same per-lane activation sums (times -dmin mn of the lane's half), also once per
-token and shared by the tile's rows. AVX2's vpmaddubsw adds two u8 x s8 products into a
-saturating i16: codes are at most 7 (q3_K; 3 for q2_K) and the multipliers of the sums at most 4,
-so a pair is at most 2 x 7 x 128 = 1792, far from 32767 -- it cannot saturate.
+Decoding (x86), the main loop (``group8``, 8 sub-blocks = one super-block): field k (bits 2k) of
+the 64 qs bytes holds, in byte 8s + 4h + m, weight 16h + 4k + m of sub-block s; the activations are
+regrouped to match once per token, so each field costs a shift, a mask and one dot (q3_K: its 4
+fields from qs and the qh nibbles in 11 operations per row, loads included: ``_q3_fields``; format 2's
+bit masks cost 19 with 8 mask registers), and the 4 dots accumulate in 16 i32 lanes, lane j the 16-weight
+group j (|lane| < 2^15). The scales stay integers: ``vpmaddwd`` of the lanes with each group's scale
+as a word gives sc_j x dot_j exactly; q2_K on VNNI first packs (vpackssdw) the group lanes with the
+groups' activation sums, so one vpmaddwd with <sc, .., 16 mn, ..> words leaves per 128-bit lane the
+two sub-blocks' scaled dots and their 16 x min terms, one conversion and two float operations per
+row and token (times xd, xd / -16, then times d, d, dmin, dmin). AVX2's vpmaddubsw pairs of the 4
+fields are summed in i16 words before one vpmaddwd (a word is 8 products, at most 8 x 7 x 127 from
+q3_K's -4 x sum start: no overflow; a vpmaddubsw pair is at most 2 x 7 x 128 = 1792, it cannot
+saturate). d (and dmin) per super-block run in a loop of their own (one fp16 value broadcast and
+converted per row), the ``_32`` variants' per-sub-block d in another. Tails of the ``_32``
+variants (``group_x86``): one sub-block or parts of 4, the dwords of each expanded by a
+``shufflevector`` and a per-lane shift (float scales per 16 weights, as before).
 
 Portable: one sub-block at a time, the codes expanded in element order by a byte shuffle and a
 per-byte ``lshr`` by a constant vector, signed (q3_K: c - 4; q2_K: q - 2, the 2 added back as
@@ -69,53 +74,133 @@ def _expand(e: _E, dw, sel):
     return b.bitcast(v, _vec(I8, 4 * n))
 
 
-def _high(e: _E, A: dict, r, b0, ns: int, halves):
-    """q3_K's high bits of sub-blocks [b0, b0 + ns) of row r as bytes 4 / 0: per entry of ``halves``
-    (0: weights 0..15 of each sub-block, 1: 16..31, None: all 32) a <16 ns> (or <32 ns>) x i8."""
+def _q3_fields(e: _E, A: dict, r, b0, ns: int):
+    """q3_K's codes of sub-blocks [b0, b0 + ns) of row r as 4 fields (<8 ns x i8> each, byte 8s + j:
+    field k of position j = 4h + m, i.e. weight 16h + 4k + m of sub-block s; formats/quant.py):
+    qs byte j = c_0 | c_1 << 3 | (c_2 & 3) << 6, qh nibble j = c_3 | (c_2 >> 2) << 3. The qh bytes
+    widened to words Z (byte i -> word i: positions 2i, 2i + 1), Z | Z << 4 puts nibble j in bits
+    0-3 of byte j; then c_0 = qs & 7, c_1 = (qs >> 3) & 7 (a dword shift), c_2 = qs >> 6 | (that
+    >> 1) & 4 (one vpternlog), c_3 = that & 7: no mask registers, no byte shuffles."""
     b = e.b
-    hb, hs = A["qh"]
-    m = e.load(hb, b.add(b.mul(r, hs), b.mul(b0, e.i64(4))), _vec(I32, ns))
-    out = []
-    for h in halves:
-        if h is None:
-            bits, n = b.bitcast(m, _vec(I1, 32 * ns)), 32 * ns
-        else:
-            t = b.trunc(b.lshr(m, e.splat(I32(16 * h), ns)) if h else m, _vec(I16, ns))
-            bits, n = b.bitcast(t, _vec(I1, 16 * ns)), 16 * ns
-        out.append(b.select(bits, e.splat_const(I8, n, 4), ir.Constant(_vec(I8, n), None)))
-    return out
+    qb, qst = A["qs"]
+    hb, hst = A["qh"]
+    v = e.load(qb, b.add(b.mul(r, qst), b.mul(b0, e.i64(8))), _vec(I8, 8 * ns))
+    z = b.zext(e.load(hb, b.add(b.mul(r, hst), b.mul(b0, e.i64(4))), _vec(I8, 4 * ns)), _vec(I16, 4 * ns))
+    ew = b.or_(z, b.shl(z, e.splat_const(I16, 4 * ns, 4)))
+    n = 8 * ns
+    seven = e.splat_const(I8, n, 7)
+    f0 = b.and_(v, seven)
+    f1 = b.bitcast(b.and_(b.lshr(b.bitcast(v, _vec(I32, 2 * ns)), e.splat_const(I32, 2 * ns, 3)),
+                          e.splat_const(I32, 2 * ns, 0x07070707)), _vec(I8, n))
+    hi2 = b.and_(b.bitcast(b.lshr(ew, e.splat_const(I16, 4 * ns, 1)), _vec(I8, n)), e.splat_const(I8, n, 4))
+    f2 = b.or_(b.lshr(v, e.splat_const(I8, n, 6)), hi2)
+    f3 = b.and_(b.bitcast(ew, _vec(I8, n)), seven)
+    return [f0, f1, f2, f3]
+
+
+def _q3_order(e: _E, f, idx):
+    """Bytes idx of the 4 fields (f0 | f1 | f2 | f3 concatenated: field k byte p at 8 ns k + p)."""
+    return e.shuffle(e.shuffle(f[0], f[1], range(2 * f[0].type.count)),
+                     e.shuffle(f[2], f[3], range(2 * f[0].type.count)), idx)
 
 
 def _codes_x86(e: _E, kind: str, A: dict, r, b0, ns: int):
     """x86: unsigned codes of sub-blocks [b0, b0 + ns): (lo, hi) <16 ns x i8> (elements 0..15 / 16..31
     of each sub-block in order) for ns > 1; for ns = 1 one <32 x i8> in element order."""
+    if kind == "q3_K":  # field k byte 8s + 4h + m = weight 16h + 4k + m of sub-block s
+        f = _q3_fields(e, A, r, b0, ns)
+        at = lambda s, h, i: 8 * ns * (i // 4) + 8 * s + 4 * h + i % 4  # noqa: E731
+        if ns == 1:
+            return (_q3_order(e, f, [at(0, h, i) for h in range(2) for i in range(16)]),)
+        return tuple(_q3_order(e, f, [at(s, h, i) for s in range(ns) for i in range(16)]) for h in range(2))
     dw = _qdwords(e, A, r, b0, ns)
     if ns == 1:
-        q = _expand(e, dw, [0, 1])
-        if kind == "q3_K":
-            q = e.b.or_(q, _high(e, A, r, b0, 1, [None])[0])
-        return (q,)
-    lo = _expand(e, dw, [2 * s for s in range(ns)])
-    hi = _expand(e, dw, [2 * s + 1 for s in range(ns)])
-    if kind == "q3_K":
-        h0, h1 = _high(e, A, r, b0, ns, [0, 1])
-        lo, hi = e.b.or_(lo, h0), e.b.or_(hi, h1)
-    return lo, hi
+        return (_expand(e, dw, [0, 1]),)
+    return _expand(e, dw, [2 * s for s in range(ns)]), _expand(e, dw, [2 * s + 1 for s in range(ns)])
 
 
 def _codes_portable(e: _E, kind: str, A: dict, r, blk):
     """Portable: the signed codes (code - CENTRE) of sub-block blk of row r, <32 x i8> in element order."""
     b = e.b
+    if kind == "q3_K":
+        q = _q3_order(e, _q3_fields(e, A, r, blk, 1), [8 * k + 4 * h + m for h in range(2) for k in range(4)
+                                                          for m in range(4)])
+        return b.sub(q, e.splat_const(I8, 32, CENTRE[kind]))
     base, stride = A["qs"]
     w = e.load(base, b.add(b.mul(r, stride), b.mul(blk, e.i64(8))), _vec(I8, 8))
     q = e.shuffle(w, None, [4 * h + m for h in range(2) for k in range(4) for m in range(4)])
     q = b.and_(b.lshr(q, e.const(I8, 32, [2 * k for h in range(2) for k in range(4) for m in range(4)])),
                e.splat_const(I8, 32, 3))
-    if kind == "q3_K":
-        hb, hs = A["qh"]
-        m = e.load(hb, b.add(b.mul(r, hs), b.mul(blk, e.i64(4))), _vec(I32, 1))
-        q = b.or_(q, b.shl(e.bits_to_bytes(m, 1), e.splat_const(I8, 32, 2)))
     return b.sub(q, e.splat_const(I8, 32, CENTRE[kind]))
+
+GB = 384  # prepared bytes per super-block and token: X_0 .. X_3 (4 x 64) | 16 floats | 16 i32 (or 32 i16)
+
+
+def _maddubs(e: _E, a, x):
+    """AVX2: <64 x i8> u8 a times s8 x, adjacent pairs summed into <32 x i16> (two vpmaddubsw)."""
+    b = e.b
+    f = e.decl("llvm.x86.avx2.pmadd.ub.sw", _vec(I16, 16), [_vec(I8, 32), _vec(I8, 32)])
+    parts = [b.call(f, [e.shuffle(a, None, range(32 * c, 32 * c + 32)),
+                        e.shuffle(x, None, range(32 * c, 32 * c + 32))]) for c in range(2)]
+    return e.shuffle(parts[0], parts[1], range(32))
+
+
+def _token_parts(e: _E, kind: str, x, xd):
+    """One token's operands for a super-block (the x86 main loop), from its 256 activation bytes x
+    (<64 x i32>) and its 8 xd: X_k (<64 x i8>: dword i = activation dword 4i + k, the order of the
+    codes' field k), F <16 x float> (lane j: xd of sub-block j // 2; q2_K on VNNI: per 128-bit lane L
+    xd of sub-blocks 2L, 2L + 1, then -1/16 of them) and Z <16 x i32> (q3_K: -4 x the sum of each
+    lane's activations, the codes' offset; on AVX2 the same per i16 word; q2_K: each group's sum)."""
+    b = e.b
+    avx2 = e.isa == "avx2"
+    z16 = ir.Constant(_vec(I32, 16), None)
+    Xk = [b.bitcast(e.shuffle(x, None, [4 * i + k for i in range(16)]), _vec(I8, 64)) for k in range(4)]
+    if kind == "q2_K" and not avx2:
+        F = b.fmul(e.shuffle(xd, None, [2 * (j // 4) + j % 2 for j in range(16)]),
+                   e.const(F32, 16, [1.0, 1.0, -0.0625, -0.0625] * 4))
+    else:
+        F = e.shuffle(xd, None, [j // 2 for j in range(16)])
+    if kind == "q3_K":
+        c = e.splat_const(I8, 64, 4)
+        if avx2:
+            tot = _maddubs(e, c, Xk[0])
+            for k in range(1, 4):
+                tot = b.add(tot, _maddubs(e, c, Xk[k]))
+            Z = b.bitcast(b.sub(ir.Constant(_vec(I16, 32), None), tot), _vec(I32, 16))
+        else:
+            tot = z16
+            for k in range(4):
+                tot = e.dot(tot, c, Xk[k])
+            Z = b.sub(z16, tot)
+    else:
+        Z = z16
+        for k in range(4):
+            Z = e.dot(Z, e.splat_const(I8, 64, 1), Xk[k])
+    return Xk, F, Z
+
+
+def _prep_codegen(kind: str, isa: str):
+    """The x86 tiles' prepared activations: per token and whole super-block, _token_parts stored (GB
+    bytes) at bp + t bstride + s GB; once per call, shared by every row tile."""
+
+    def codegen(context, builder, signature, args):
+        xp, xstride, xdp, sstride, nb, T, bp, bstride = args
+        b = builder
+        e = _E(b, isa)
+        i64 = e.i64
+        with cgutils.for_range(b, T) as tl:
+            t = tl.index
+            with cgutils.for_range(b, b.udiv(nb, i64(8))) as sl:
+                s_ = sl.index
+                x = b.bitcast(e.load(xp, b.add(b.mul(t, xstride), b.mul(s_, i64(256))), _vec(I8, 256)), _vec(I32, 64))
+                xd = e.load(xdp, b.add(b.mul(t, sstride), b.mul(s_, i64(32))), _vec(F32, 8))
+                Xk, F, Z = _token_parts(e, kind, x, xd)
+                bo = b.add(b.mul(t, bstride), b.mul(s_, i64(GB)))
+                for i, v in enumerate(Xk + [F, Z]):
+                    b.store(v, e.addr(bp, b.add(bo, i64(64 * i))), align=1)
+        return context.get_dummy_value()
+
+    return codegen
 
 
 def _tile_codegen(kind: str, isa: str, R: int, U: int, f64: bool = False):
@@ -127,7 +212,11 @@ def _tile_codegen(kind: str, isa: str, R: int, U: int, f64: bool = False):
         e = _E(b, isa)
         i64 = e.i64
         slots = args[:2 * kquant.NSLOT]
-        dshift, xp, xstride, xdp, xsp, sstride, op, ostride, nb, n0, t0 = args[2 * kquant.NSLOT:]
+        if isa == "portable":
+            dshift, xp, xstride, xdp, xsp, sstride, op, ostride, nb, n0, t0 = args[2 * kquant.NSLOT:]
+        else:  # x86: the prepared activations (bp, bstride) too
+            dshift, xp, xstride, xdp, xsp, sstride, op, ostride, nb, bp, bstride, n0, t0 = args[2 * kquant.NSLOT:]
+            bp = b.add(bp, b.mul(t0, bstride))
         A = {}
         for i, name in enumerate(ARR[kind]):
             p, s = slots[2 * i], slots[2 * i + 1]
@@ -208,71 +297,120 @@ def _tile_codegen(kind: str, isa: str, R: int, U: int, f64: bool = False):
                     b.store(b.fadd(b.load(acc[r][u]), b.fmul(t, D(xdv[u]))), acc[r][u])
 
         def prefetch(b0):
-            """Decode: prefetch each row's streams PF bytes ahead (kquant's scheme: the stream of row r
-            goes on at row r + R, this thread's next tile)."""
+            """Decode: each row's streams (the codes and the scale bytes) pf_off bytes ahead (kquant's
+            scheme: the same place kR rows on, in a row tile this thread runs later; pf_off >= PF)."""
             for r in range(R):
                 for name, bpb in PF_STREAMS[kind]:
                     base, st = A[name]
-                    k0, rem0, rb = pf_split[name]
-                    p = b.add(rem0, b.mul(b0, i64(bpb)))
-                    over = b.icmp_unsigned(">=", p, rb)
-                    k = b.add(k0, b.zext(over, I64))
-                    p = b.select(over, b.sub(p, rb), p)
-                    off = b.add(b.mul(b.add(rows[r], b.mul(k, i64(R))), st), p)
+                    off = b.add(b.add(b.mul(rows[r], st), b.mul(b0, i64(bpb))), pf_off[name])
                     for line in range(0, 8 * bpb, 64):
                         e.prefetch(base, b.add(off, i64(line)))
 
-        def group8(b0):
+        avx2 = isa == "avx2"
+
+        def group8(b0, per256):
             """Sub-blocks [b0, b0 + 8) (the main loop): by bit fields. Field k (bits 2k) of the 64 qs bytes
             holds, in byte 8s + 4h + m, weight 16h + 4k + m of sub-block s; the activations are
             regrouped to match once per token (X_k: dword i = activation dword 4i + k), so each field
-            costs a shift and a mask and one dot, and the 4 dots accumulate in one <16 x i32> whose
-            lane j is the 16-weight group j of the super-block (sub-block j // 2, half j % 2): one
-            conversion and one FMA with the group scales d * sc per 256 weights and row."""
-            X, XDL, INI, SX = [], [], [], []
-            for u in range(U):
-                x = b.bitcast(e.load(xp, b.add(b.mul(i64(u), xstride), b.mul(b0, i64(32))), _vec(I8, 256)),
-                              _vec(I32, 64))
-                Xk = [b.bitcast(e.shuffle(x, None, [4 * i + k for i in range(16)]), _vec(I8, 64)) for k in range(4)]
-                X.append(Xk)
-                xd = e.load(xdp, b.add(b.mul(i64(u), sstride), b.mul(b0, i64(4))), _vec(F32, 8))
-                XDL.append(e.shuffle(xd, None, [j // 2 for j in range(16)]))
-                z = ir.Constant(_vec(I32, 16), None)
-                c = e.splat_const(I8, 64, 4 if kind == "q3_K" else 1)
-                tot = z
-                for k in range(4):  # per group: 4 (q3_K) or 1 (q2_K) x the sum of its activations
-                    tot = e.dot(tot, c, Xk[k])
+            costs a shift and a mask and one dot, and the 4 dots accumulate in 16 i32 lanes (lane j:
+            the 16-weight group j of the super-block, sub-block j // 2, half j % 2), |lane| < 2^15
+            (q2_K 16 x 3 x 127, q3_K 16 x 4 x 127 from its -4 x sum start). AVX2 sums the fields'
+            vpmaddubsw pairs in i16 words (each word 8 products, |word| <= 8 x 7 x 127) instead
+            of widening each. The integer scales then multiply the lanes (vpmaddwd with each
+            group's scale as a word: VNNI <sc, 0> against the lane's <low word, sign word>, AVX2
+            <sc, sc> against the two words of the lane): S_j = sc_j x dot_j, exact (< 2^24); q2_K
+            likewise M_j = mn_j x (sum of group j's activations). Then per row and token one
+            conversion and two float operations: (d S - dmin M) xd. per256: d (dmin) one fp16
+            value per super-block (dshift 3), else per sub-block (the _32 variants)."""
+            X, XDL, INI, XS, XP = [], [], [], [], []
+            z16 = ir.Constant(_vec(I32, 16), None)
+            pack = q2 and not avx2
+            for u in range(U):  # the prepared operands of token u (_token_parts)
+                bo = b.add(b.mul(i64(u), bstride), b.mul(b.lshr(b0, i64(3)), i64(GB)))
+                X.append([e.load(bp, b.add(bo, i64(64 * k)), _vec(I8, 64)) for k in range(4)])
+                F = e.load(bp, b.add(bo, i64(256)), _vec(F32, 16))
+                Z = e.load(bp, b.add(bo, i64(320)), _vec(I32, 16))
+                (XP if pack else XDL).append(F)
                 if kind == "q3_K":
-                    INI.append(b.sub(z, tot))
+                    INI.append(b.bitcast(Z, _vec(I16, 32)) if avx2 else Z)
                 else:
-                    SX.append(b.sitofp(tot, _vec(F32, 16)))
+                    XS.append(Z if pack else b.bitcast(Z, _vec(I16, 32)))
             if U == 1:
                 prefetch(b0)
             for r in range(R):
-                Dv, Mv = scales_vec(rows[r], b0, 8)  # <16 x float> per group
-                w = _qdwords(e, A, rows[r], b0, 8)  # <16 x i32>
-                if kind == "q3_K":
-                    hb, hs = A["qh"]
-                    mb = e.load(hb, b.add(b.mul(rows[r], hs), b.mul(b0, i64(4))), _vec(I8, 32))
-                    # byte 8s + 4h + m of field k: bit 16h + 4k + m of sub-block s's mask, i.e. bit
-                    # 4 (k % 2) + m of its byte 2h + k // 2
-                    hbytes = [e.shuffle(mb, None, [4 * s + 2 * h + kk for s in range(8) for h in range(2)
-                                                   for m in range(4)]) for kk in range(2)]
-                for u in range(U):
-                    acc_i = INI[u] if kind == "q3_K" else ir.Constant(_vec(I32, 16), None)
+                s8 = e.load(A["sc"][0], b.add(row(rows[r], "sc"), b.mul(b0, i64(2))), _vec(I8, 16))
+                if pack:  # per 128-bit lane L: the words sc of groups 4L .. 4L + 3, then 16 mn of them
+                    # widened first (vpmovzxbw from memory), then one word permute (vpermw): LLVM otherwise
+                    # shuffled the bytes first (vpermq + vpshufd)
+                    sw = e.shuffle(e.opaque(b.zext(s8, _vec(I16, 16))), None, [4 * (w // 8) + w % 4 for w in range(32)])
+                    scw = b.and_(sw, e.const(I16, 32, [15] * 4 + [240] * 4 + [15] * 4 + [240] * 4
+                                             + [15] * 4 + [240] * 4 + [15] * 4 + [240] * 4))
+                elif q2:
+                    sc16 = b.zext(b.and_(s8, e.splat_const(I8, 16, 15)), _vec(I16, 16))
+                    mnw = b.bitcast(b.zext(b.lshr(s8, e.splat_const(I8, 16, 4)), _vec(I32, 16)), _vec(I16, 32))
+                else:
+                    sc16 = b.sext(s8, _vec(I16, 16))
+                if pack:
+                    pass
+                elif avx2:
+                    scw = e.shuffle(sc16, None, [m // 2 for m in range(32)])
+                else:
+                    scw = b.bitcast(b.zext(sc16, _vec(I32, 16)), _vec(I16, 32))
+                if pack:  # per 128-bit lane L: d, d, dmin, dmin of sub-blocks 2L, 2L + 1
+                    if per256:  # d and dmin each broadcast as a word, blended, converted once
+                        sb = b.lshr(b0, i64(3))
+                        hw = [e.splat(e.load(A[name][0], b.add(row(rows[r], name), b.mul(sb, i64(2))), I16), 16)
+                              for name in ("d", "dmin")]
+                        hv = e.shuffle(hw[0], hw[1], [0, 1, 16, 17] * 4)
+                        DM = b.fpext(b.bitcast(hv, _vec(F16, 16)), _vec(F32, 16))
+                    else:
+                        DM = e.shuffle(dvec("d", rows[r], b0, 8), dvec("dmin", rows[r], b0, 8),
+                                       [2 * (j // 4) + j % 2 + (8 if j % 4 > 1 else 0) for j in range(16)])
+                elif per256:  # the fp16 value broadcast, then converted (vpbroadcastw + vcvtph2ps)
+                    sb = b.lshr(b0, i64(3))
+                    hsplat = lambda name: b.fpext(b.bitcast(e.splat(e.load(  # noqa: E731
+                        A[name][0], b.add(row(rows[r], name), b.mul(sb, i64(2))), I16), 16), _vec(F16, 16)), _vec(F32, 16))
+                    dv = hsplat("d")
+                    if q2:
+                        mv = hsplat("dmin")
+                else:
+                    dv = e.shuffle(dvec("d", rows[r], b0, 8), None, [j // 2 for j in range(16)])
+                    if q2:
+                        mv = e.shuffle(dvec("dmin", rows[r], b0, 8), None, [j // 2 for j in range(16)])
+                if kind == "q3_K":  # the 4 fields' 64 codes each (_q3_fields), the order of X_k
+                    codes = _q3_fields(e, A, rows[r], b0, 8)
+                else:
+                    w = _qdwords(e, A, rows[r], b0, 8)  # <16 x i32>
+                    codes = []
                     for k in range(4):
-                        c = b.and_(b.lshr(w, e.splat_const(I32, 16, 2 * k)) if k else w,
-                                   e.splat_const(I32, 16, 0x03030303))
-                        c = b.bitcast(c, _vec(I8, 64))
-                        if kind == "q3_K":
-                            bit = e.const(I8, 64, [1 << (4 * (k % 2) + m) for s in range(8) for h in range(2)
-                                                   for m in range(4)])
-                            on = b.icmp_unsigned("!=", b.and_(hbytes[k // 2], bit), ir.Constant(_vec(I8, 64), None))
-                            c = b.or_(c, b.select(on, e.splat_const(I8, 64, 4), ir.Constant(_vec(I8, 64), None)))
-                        acc_i = e.dot(acc_i, c, X[u][k])
-                    t = b.fmul(b.sitofp(acc_i, _vec(F32, 16)), Dv)
-                    if kind == "q2_K":
-                        t = e.fma(Mv, SX[u], t)
+                        if k == 3:  # the top field: a byte shift, no mask (one vgf2p8affineqb where LLVM has GFNI)
+                            c = b.lshr(b.bitcast(w, _vec(I8, 64)), e.splat_const(I8, 64, 6))
+                        else:
+                            c = b.and_(b.lshr(w, e.splat_const(I32, 16, 2 * k)) if k else w,
+                                       e.splat_const(I32, 16, 0x03030303))
+                            c = b.bitcast(c, _vec(I8, 64))
+                        codes.append(c)
+                for u in range(U):
+                    if avx2:
+                        P = INI[u] if kind == "q3_K" else None
+                        for k in range(4):
+                            p_ = _maddubs(e, codes[k], X[u][k])
+                            P = p_ if P is None else b.add(P, p_)
+                        S = e.pmaddwd(P, scw)
+                    else:
+                        acc_i = INI[u] if kind == "q3_K" else z16
+                        for k in range(4):
+                            acc_i = e.dot(acc_i, codes[k], X[u][k])
+                        if pack:  # lanes 4L + i: S of sub-block 2L + i, then 16 M of them; |.| < 2^20
+                            SM = e.pmaddwd(e.packssdw(acc_i, XS[u]), scw)
+                            t = b.fmul(b.sitofp(SM, _vec(F32, 16)), XP[u])
+                            b.store(e.fma(t, DM, b.load(acc[r][u])), acc[r][u])
+                            continue
+                        S = e.pmaddwd(b.bitcast(acc_i, _vec(I16, 32)), scw)
+                    t = b.fmul(b.sitofp(S, _vec(F32, 16)), dv)
+                    if q2:
+                        M = e.pmaddwd(mnw, XS[u])
+                        t = e.fma(b.fneg(b.sitofp(M, _vec(F32, 16))), mv, t)
                     b.store(e.fma(t, XDL[u], b.load(acc[r][u])), acc[r][u])
 
         def group_x86(b0, n):
@@ -337,19 +475,23 @@ def _tile_codegen(kind: str, isa: str, R: int, U: int, f64: bool = False):
                         a = e.fma(pad16(t, L), pad16(xdl[u][p_], L), a)
                     b.store(a, acc[r][u])
 
-        pf_split = {}  # decode prefetch: per stream (PF // row bytes, PF % row bytes, row bytes)
+        pf_off = {}  # decode prefetch distance per stream: kR row strides, k a power of two, >= PF bytes
         if isa != "portable" and U == 1:
-            for name, bpb in PF_STREAMS[kind]:
-                rb = b.mul(nb, i64(bpb))
-                rb = b.select(b.icmp_unsigned("==", rb, i64(0)), i64(1), rb)
-                k0 = b.udiv(i64(PF), rb)
-                pf_split[name] = (k0, b.sub(i64(PF), b.mul(k0, rb)), rb)
+            for name, _ in PF_STREAMS[kind]:
+                off = b.mul(A[name][1], i64(R))
+                off = b.select(b.icmp_unsigned("==", off, i64(0)), i64(PF), off)
+                for _ in range(PF.bit_length()):
+                    off = b.select(b.icmp_unsigned("<", off, i64(PF)), b.shl(off, i64(1)), off)
+                pf_off[name] = off
         if isa == "portable":
             with cgutils.for_range(b, nb) as loop:
                 group_portable(loop.index)
         else:
-            with cgutils.for_range(b, b.udiv(nb, i64(8))) as loop:
-                group8(b.mul(loop.index, i64(8)))
+            with b.if_else(sup) as (per256, per32):  # d per super-block or per sub-block: two loops
+                for flag, blk in ((True, per256), (False, per32)):
+                    with blk:
+                        with cgutils.for_range(b, b.udiv(nb, i64(8))) as loop:
+                            group8(b.mul(loop.index, i64(8)), flag)
             rest = b.urem(nb, i64(8))  # the _32 variants: tails of 4, 2 and 1 sub-blocks, each at most once
             for n in (4, 2, 1):
                 with b.if_then(b.icmp_unsigned("!=", b.and_(rest, i64(n)), i64(0)), likely=False):
@@ -368,11 +510,20 @@ def _tile_codegen(kind: str, isa: str, R: int, U: int, f64: bool = False):
 def _make_tile(kind, isa, R, U, f64=False):
     return int_intrinsic(f"lk_{isa}_{kind}_tile_{R}x{U}{'_f64' if f64 else ''}",
                          "a0, s0, a1, s1, a2, s2, a3, s3, a4, s4, a5, s5, dshift, xp, xstride, xdp, xsp, sstride, op, "
-                         "ostride, nb, n0, t0", _tile_codegen(kind, isa, R, U, f64))
+                         "ostride, nb, " + ("" if isa == "portable" else "bp, bstride, ") + "n0, t0",
+                         _tile_codegen(kind, isa, R, U, f64))
+
+
+def _make_prep(kind, isa):
+    return int_intrinsic(f"lk_{isa}_{kind}_prep", "xp, xstride, xdp, sstride, nb, T, bp, bstride",
+                         _prep_codegen(kind, isa))
 
 
 PF = 4096  # decode prefetch distance in bytes of each stream
-PF_STREAMS = {"q2_K": (("qs", 8),), "q3_K": (("qs", 8), ("qh", 4))}  # bytes per 32-weight sub-block
+# the streams decode prefetches, with their bytes per 32-weight sub-block. The scale bytes too: without
+# them the 1b-down shape (2048 x 8192) ran q2_K at 15 GB/s (cpu time) against 19 with them, loaded
+# machine, alternated; prefetching d and dmin as well (a line a super-block) measured slower (16 / 18).
+PF_STREAMS = {"q2_K": (("qs", 8), ("sc", 2)), "q3_K": (("qs", 8), ("qh", 4), ("sc", 2))}
 R_X, U_X, R1_X, R_P, U_P = 4, 2, 4, 4, 2
 SHAPES = {"vnni": dict(RU=(R_X, U_X), R1=(R_X, 1), OU=(1, U_X), O1=(1, 1), D=(R1_X, 1)),
           "avx2": dict(RU=(R_X, U_X), R1=(R_X, 1), OU=(1, U_X), O1=(1, 1), D=(R1_X, 1)),
@@ -406,10 +557,31 @@ def q3_K(qs, qh, sc, d, xq, xd, xsum, out):
                  d.ctypes.data, d.strides[0], 0, 0, 0, 0, ds, xq, xd, xsum, out, nb), N, T
 
 
+# x86: the activations prepared once per call (_prep_codegen) into ``buf``, which the entry point
+# allocates and holds for the call (as iquant's); ``args``: the tile arguments of kquant's checks
+_RUN_X86 = """
+
+@njit(cache=True, fastmath=False, nogil=True, parallel=True)
+def run_{P}_{K}(args, N, T, buf):
+    RD, R, U = {RD}, {R}, {U}
+    nb = args[20]
+    bstride = nb // 8 * {GB}
+    {P}_{K}_prep(args[13], args[14], args[15], args[17], nb, T, buf.ctypes.data, bstride)
+    a = args + (np.int64(buf.ctypes.data), np.int64(bstride))
+""" + kquant.T1_ROWS + "{loop}"
+
+
 def _runners_source() -> str:
-    src = runners.HEADER.format(by=__name__)
+    src = runners.HEADER.format(by=__name__) + "import numpy as np\n"
     for P, sh in SHAPES.items():
         for K in KINDS:
+            if P in ("vnni", "avx2"):
+                src += _RUN_X86.format(P=P, K=K, RD=sh["D"][0], R=sh["RU"][0], U=sh["RU"][1], GB=GB,
+                                       loop=runners.row_tiles(4, *(f"{P}_{K}_{s}" for s in ("RU", "R1", "OU", "O1"))))
+                src += kquant.ENTRY_BUF.format(flags=runners.flags(_JIT), name=kquant.entry_name(P, K),
+                                               arrays=", ".join(ARR[K]), P=P, K=K,
+                                               size=f"max(1, T * (xd.shape[1] // 8) * {GB})")
+                continue
             src += kquant._RUN.format(P=P, K=K, RD=sh["D"][0], R=sh["RU"][0], U=sh["RU"][1],
                                       loop=runners.row_tiles(4, *(f"{P}_{K}_{s}" for s in ("RU", "R1", "OU", "O1"))))
             src += kquant._ENTRY.format(flags=runners.flags(_JIT), name=kquant.entry_name(P, K),
@@ -420,6 +592,7 @@ def _runners_source() -> str:
 def _runner_names() -> dict:
     names = {f"check_{K}": globals()[K] for K in KINDS}
     names.update({f"{P}_{K}_{sh}": tile(P, K, sh) for P in SHAPES for K in KINDS for sh in SHAPES[P]})
+    names.update({f"{P}_{K}_prep": _make_prep(K, P) for P in ("vnni", "avx2") for K in KINDS})
     return names
 
 

@@ -42,6 +42,18 @@ stream at a fixed distance, and each thread prefetches the head of its rows firs
 Each lane's float product rounds separately (the lanes of a block are not
 summed in integers first), so the error is ~1e-7 relative to the sum of
 |lane terms|, like a float32 dot product, not exact per block like GGML's.
+
+q4_0, q4_1 and q8_0 on VNNI are the exception where K allows (``_tr_codegen``; rows of whole
+16-block groups or nb >= NB_TR): a group is 16 blocks (4 registers of a q4 row, 8 of q8_0), whose
+dwords are transposed in registers (4 x 4 dword transposes within 128-bit lanes, 8 unpacks per
+row; q8_0 16 plus 8 128-bit-lane selections) so that each i32 lane holds a whole block's exact
+integer dot product, and one sitofp, fmul(d, xd) and fma per (row, token) cover 16 blocks
+instead of 4 (q8_0: 2); the activations are prepared in the matching block order
+(``_tr_prep_codegen``). The transpose is per row and shared by the tile's tokens. What bounds the
+batched tiles is then vpdpbusd itself (8 per 16 q4 blocks, row and token, as before) and the
+per-row transpose and nibble work competing with it for the vector pipes: on the 1B shapes (Zen 4,
+one thread, cpu time) q4_0 T = 8 takes ~0.8-0.95x main's time, ~3.8x its T = 1, where vpdpbusd at
+its measured peak (~3.6e9/s here) alone would be ~1.8x.
 """
 from __future__ import annotations
 
@@ -90,8 +102,8 @@ class _Emit(Emit):
         n = acc.type.count
         opty = _vec(I8, 4 * n) if VNNI_BYTE_OPERANDS else acc.type
         f = self.decl(f"llvm.x86.avx512.vpdpbusd.{32 * n}", acc.type, [acc.type, opty, opty])
-        if not VNNI_BYTE_OPERANDS:
-            a, b = self.b.bitcast(a, opty), self.b.bitcast(b, opty)
+        a = a if a.type == opty else self.b.bitcast(a, opty)
+        b = b if b.type == opty else self.b.bitcast(b, opty)
         return self.b.call(f, [acc, a, b])
 
     def _maddubs(self, a, b):
@@ -204,6 +216,18 @@ def _prep_codegen(kind: str, isa: str):
     return codegen
 
 
+def _tile_at(b: ir.IRBuilder, args) -> tuple:
+    """A tile intrinsic's arguments with its pointers moved to its own rows (n0) and tokens (t0):
+    (wq, wstride, dp, mp, dstride, bp, bstride, op, ostride, nb)."""
+    (wq, wstride, dp, mp, dstride, bp, bstride, op, ostride, nb, n0, t0) = args
+    wq = b.add(wq, b.mul(n0, wstride))
+    dp = b.add(dp, b.mul(n0, dstride))
+    mp = b.add(mp, b.mul(n0, dstride))
+    bp = b.add(bp, b.mul(t0, bstride))
+    op = b.add(b.add(op, b.mul(t0, ostride)), b.mul(n0, ir.Constant(I64, 4)))
+    return wq, wstride, dp, mp, dstride, bp, bstride, op, ostride, nb
+
+
 def _q_codegen(kind: str, isa: str, R: int, U: int, prefetch: int = 0, pf_d: int = 0):
     """IR body of an R-row x U-token tile of a quantized matmul over prepared activations.
 
@@ -216,15 +240,10 @@ def _q_codegen(kind: str, isa: str, R: int, U: int, prefetch: int = 0, pf_d: int
     lanes = [i // lpb for i in range(L)]
 
     def codegen(context, builder, signature, args):
-        (wq, wstride, dp, mp, dstride, bp, bstride, op, ostride, nb, n0, t0) = args
         b = builder
         e = _Emit(b, isa)
         i64 = lambda v: ir.Constant(I64, v)  # noqa: E731
-        wq = b.add(wq, b.mul(n0, wstride))
-        dp = b.add(dp, b.mul(n0, dstride))
-        mp = b.add(mp, b.mul(n0, dstride))
-        bp = b.add(bp, b.mul(t0, bstride))
-        op = b.add(b.add(op, b.mul(t0, ostride)), b.mul(n0, i64(4)))
+        wq, wstride, dp, mp, dstride, bp, bstride, op, ostride, nb = _tile_at(b, args)
         fz = ir.Constant(_vec(F32, L), None)
         acc = [[cgutils.alloca_once_value(b, fz) for _ in range(U)] for _ in range(R)]
         macc = None
@@ -303,15 +322,206 @@ def _q_codegen(kind: str, isa: str, R: int, U: int, prefetch: int = 0, pf_d: int
     return codegen
 
 
-def _make_tile(kind: str, isa: str, R: int, U: int, prefetch: int = 0, pf_d: int = 0):
-    return int_intrinsic(f"{isa}_{kind}_tile_{R}x{U}",
-                         "wq, wstride, dp, mp, dstride, bp, bstride, op, ostride, nb, n0, t0",
-                         _q_codegen(kind, isa, R, U, prefetch, pf_d))
+# -- q4_0 / q4_1 / q8_0 on VNNI: whole blocks per i32 lane (see the module docstring) -------------
+_TR_NB = 16  # blocks per super-group: 256 weight bytes of a row, 4 zmm registers
+# lane i of the tiles' vectors holds block _TR_PERM[kind][i] of the super-group (what the transpose gives)
+_TR_PERM = {"q4_0": [4 * (i % 4) + i // 4 for i in range(16)], "q4_1": [4 * (i % 4) + i // 4 for i in range(16)],
+            "q8_0": [2 * (i % 4) + (i // 4) % 2 + 8 * (i // 8) for i in range(16)]}
+_TR_NREG = {"q4_0": 4, "q4_1": 4, "q8_0": 8}  # weight registers per super-group and row (16 or 32 bytes a block)
+_TR_INIT = {"q4_0": -8, "q4_1": 0, "q8_0": -128}  # the offset folded into the accumulator start, times xsum
+_TR_GB = (8 + 2) * 64  # prepared bytes per super-group and token: 8 operand vectors | init | xd
 
 
-def _make_prep(kind: str, isa: str):
-    return int_intrinsic(f"{isa}_{kind}_prep", "xp, xstride, xdp, xsp, sstride, nb, T, bp, bstride",
-                         _prep_codegen(kind, isa))
+def _tr_prep_codegen(kind: str):
+    """IR body preparing activations for the transposed VNNI tiles (q4_0, q8_0). Per token and
+    super-group of 16 blocks (zero-padded), ``_TR_GB`` bytes of <16 x i32> vectors, lane i for block
+    p = _TR_PERM[kind][i]:
+      q4_0: XL_j, XH_j (j = 0..3)  activation dwords j and 4 + j of block p (the elements that the
+                             low and high nibbles of the block's weight dword j multiply)
+      q8_0: X_j (j = 0..7)   activation dword j of block p
+      init                   -8 * xsum[p] (q4_0: sum (nib - 8) x = sum nib x - 8 xsum) or -128 * xsum[p]
+                             (q8_0: the weights enter vpdpbusd as unsigned w + 128)
+      xd                     the activation scale of block p (float)"""
+    P = _TR_PERM[kind]
+    order = list(range(8)) if kind == "q8_0" else [j + 4 * h for j in range(4) for h in range(2)]
+
+    def codegen(context, builder, signature, args):
+        (xp, xstride, xdp, xsp, sstride, nb, T, bp, bstride) = args
+        b = builder
+        e = _Emit(b, "vnni")
+        i64 = lambda v: ir.Constant(I64, v)  # noqa: E731
+
+        def sgroup(xrow, srow, brow, g, rem):
+            mx = mb = None
+            if rem is not None:
+                mx = e.lanes_below(128, b.mul(rem, I32(8)))
+                mb = e.lanes_below(16, rem)
+            x = e.load(xp, b.add(xrow, b.mul(g, i64(32 * _TR_NB))), _vec(I32, 128), mx)
+            so = b.add(srow, b.mul(g, i64(4 * _TR_NB)))
+            xd = e.load(xdp, so, _vec(F32, 16), mb)
+            xs = e.load(xsp, so, _vec(I32, 16), mb)
+            vs = []
+            for j in order:
+                vs.append(e.shuffle(x, None, [8 * p + j for p in P]))
+            if kind == "q4_1":  # no offset; instead xd * xsum per block (float) for the m term
+                vs.append(b.bitcast(e.shuffle(b.fmul(xd, b.sitofp(xs, _vec(F32, 16))), None, P), _vec(I32, 16)))
+            else:
+                vs.append(e.shuffle(b.mul(xs, e.const(I32, 16, [_TR_INIT[kind]] * 16)), None, P))
+            vs.append(e.shuffle(xd, None, P))
+            bo = b.add(brow, b.mul(g, i64(_TR_GB)))
+            for i, v in enumerate(vs):
+                b.store(v, e.addr(bp, b.add(bo, i64(64 * i))), align=1)
+
+        with cgutils.for_range(b, T) as tl:
+            t = tl.index
+            xrow, srow, brow = b.mul(t, xstride), b.mul(t, sstride), b.mul(t, bstride)
+            e.chunked(nb, _TR_NB, lambda g, rem: sgroup(xrow, srow, brow, g, rem))
+        return context.get_dummy_value()
+
+    return codegen
+
+
+def _tr_codegen(kind: str, R: int, U: int, prefetch: int = 0, pf_d: int = 0):
+    """IR body of an R-row x U-token q4_0, q4_1 or q8_0 VNNI tile with whole blocks per i32 lane.
+
+    Per super-group of 16 blocks and row: 4 zmm loads (A_k: blocks 4k..4k+3, one per 128-bit lane),
+    a 4 x 4 dword transpose within each 128-bit lane (8 unpacks; T_j lane 4c+k = dword j of block
+    4k+c, i.e. lane i holds block _TR_PERM[i]), lo/hi nibbles, the 16 fp16 scales converted and
+    permuted; then per token 8 vpdpbusd into one <16 x i32> whose lanes are the blocks' exact
+    integer dot products (started at -8 * xsum), and one sitofp, fmul(d, xd), fma per 16 blocks.
+    Every tile of any shape (and the masked tail: missing blocks are zero weights, scales and
+    activations, adding fma(0, 0, acc)) does the same float operations per lane, so a row's
+    result does not depend on its tile. prefetch / pf_d as in _q_codegen (> 0 only).
+
+    q4_1: no offset (the accumulator starts at 0); its m * xd * xsum per block (the prepared vector
+    in init's place holds xd * xsum) is fma'd into the same lane after the d term.
+
+    q8_0 (32 bytes a block): 8 registers per super-group (A_m: blocks 2m, 2m + 1, half a block per
+    128-bit lane); the same transpose on A_0..3 and A_4..7, then 128-bit-lane selections
+    (vshufi64x2) of the two results give registers whose lane i holds dword j of block
+    _TR_PERM["q8_0"][i] (j = 0..7); the operand is w ^ 0x80 = w + 128 (unsigned), 8 vpdpbusd per
+    token as for q4_0, and the accumulator starts at -128 * xsum."""
+    P = _TR_PERM[kind]
+    NREG = _TR_NREG[kind]
+    DPB = 4 * NREG // 4  # weight dwords per block: 4 (q4_0) or 8 (q8_0)
+    lo4 = lambda c: [4 * c, 16 + 4 * c, 4 * c + 1, 16 + 4 * c + 1]  # noqa: E731  (vpunpckldq)
+    hi4 = lambda c: [4 * c + 2, 16 + 4 * c + 2, 4 * c + 3, 16 + 4 * c + 3]  # noqa: E731  (vpunpckhdq)
+    UNPL = [i for c in range(4) for i in lo4(c)]
+    UNPH = [i for c in range(4) for i in hi4(c)]
+    QL = [i for c in range(4) for i in (4 * c, 4 * c + 1, 16 + 4 * c, 16 + 4 * c + 1)]  # vpunpcklqdq
+    QH = [i for c in range(4) for i in (4 * c + 2, 4 * c + 3, 16 + 4 * c + 2, 16 + 4 * c + 3)]  # vpunpckhqdq
+    W = 64 * NREG  # weight bytes per super-group and row
+    # q8_0: 128-bit chunks 0, 2 / 1, 3 of two transposed registers
+    C02 = [i for c in (0, 2) for i in range(4 * c, 4 * c + 4)] + [16 + i for c in (0, 2) for i in range(4 * c, 4 * c + 4)]
+    C13 = [i for c in (1, 3) for i in range(4 * c, 4 * c + 4)] + [16 + i for c in (1, 3) for i in range(4 * c, 4 * c + 4)]
+    V = _vec(I32, 16)
+
+    def codegen(context, builder, signature, args):
+        b = builder
+        e = _Emit(b, "vnni")
+        i64 = lambda v: ir.Constant(I64, v)  # noqa: E731
+        wq, wstride, dp, mp, dstride, bp, bstride, op, ostride, nb = _tile_at(b, args)
+        fz = ir.Constant(_vec(F32, 16), None)
+        acc = [[cgutils.alloca_once_value(b, fz) for _ in range(U)] for _ in range(R)]
+        m15 = e.const(I32, 16, [0x0F0F0F0F] * 16)
+        sh4 = e.const(I32, 16, [4] * 16)
+        m80 = e.const(I32, 16, [-0x7F7F7F80] * 16)  # 0x80808080
+
+        def sgroup(g, rem):
+            goff_w = b.mul(g, i64(W))
+            goff_h = b.mul(g, i64(2 * _TR_NB))
+            goff_b = b.mul(g, i64(_TR_GB))
+            if prefetch > 0:  # the tiles' rows are one stream: R * W bytes per step, prefetch bytes ahead
+                for i in range(R * W // 64):
+                    e.prefetch(wq, b.add(b.mul(goff_w, i64(R)), i64(prefetch + 64 * i)), _PF_LOCALITY)
+                if pf_d > 0:
+                    for i in range((2 * _TR_NB * R + 63) // 64):
+                        e.prefetch(dp, b.add(b.mul(goff_h, i64(R)), i64(pf_d + 64 * i)), _PF_LOCALITY)
+                        if kind == "q4_1":
+                            e.prefetch(mp, b.add(b.mul(goff_h, i64(R)), i64(pf_d + 64 * i)), _PF_LOCALITY)
+            xb = [b.add(b.mul(i64(u), bstride), goff_b) for u in range(U)]
+            mblk = None if rem is None else e.lanes_below(16, rem)
+            nib, d, m = [], [], []
+            for r in range(R):
+                wo = b.add(b.mul(i64(r), wstride), goff_w)
+                A = [e.load(wq, b.add(wo, i64(64 * k)), V,
+                            None if rem is None else e.lanes_below(16, b.sub(b.mul(rem, I32(DPB)), I32(16 * k))))
+                     for k in range(NREG)]
+
+                def transpose4(a0, a1, a2, a3):
+                    t01l, t01h = e.shuffle(a0, a1, UNPL), e.shuffle(a0, a1, UNPH)
+                    t23l, t23h = e.shuffle(a2, a3, UNPL), e.shuffle(a2, a3, UNPH)
+                    return [e.shuffle(t01l, t23l, QL), e.shuffle(t01l, t23l, QH),
+                            e.shuffle(t01h, t23h, QL), e.shuffle(t01h, t23h, QH)]
+
+                nr = []
+                if kind != "q8_0":
+                    for t in transpose4(*A):
+                        nr.append(b.and_(t, m15))
+                        nr.append(b.and_(b.lshr(t, sh4), m15))
+                else:
+                    S0, S1 = transpose4(*A[:4]), transpose4(*A[4:])
+                    Tj = [e.shuffle(S0[j], S1[j], C02) for j in range(4)] + [e.shuffle(S0[j], S1[j], C13) for j in range(4)]
+                    nr = [b.xor(t, m80) for t in Tj]
+                nib.append(nr)
+                d.append(e.shuffle(e.half4(dp, b.add(b.mul(i64(r), dstride), goff_h), 16, mblk), None, P))
+                if kind == "q4_1":
+                    m.append(e.shuffle(e.half4(mp, b.add(b.mul(i64(r), dstride), goff_h), 16, mblk), None, P))
+
+            def dot(r, u, X):
+                """X: the token's 10 prepared vectors (XL0 XH0 .. XL3 XH3, init, xd)"""
+                a = ir.Constant(V, None) if kind == "q4_1" else X[8]
+                for i in range(8):
+                    a = e._vpdpbusd(a, nib[r][i], X[i])
+                sc = b.fmul(d[r], X[9])
+                v = e.fma(b.sitofp(a, _vec(F32, 16)), sc, b.load(acc[r][u]))
+                if kind == "q4_1":  # + m * xd * xsum per block, into the same lane
+                    v = e.fma(m[r], b.bitcast(X[8], _vec(F32, 16)), v)
+                b.store(v, acc[r][u])
+
+            if U == 1:
+                # rows in turn, the token's vectors loaded once (10 registers) for the R rows
+                X = [e.load(bp, b.add(xb[0], i64(64 * i)), V) for i in range(10)]
+                X[9] = b.bitcast(X[9], _vec(F32, 16))
+                for r in range(R):
+                    dot(r, 0, X)
+            else:
+                # rows in turn, tokens inner: each prepared vector is used once per row and folds into
+                # its vpdpbusd / vmulps as a memory operand (L1 hits: the U tokens' 640 U bytes of this
+                # super-group are read by the R rows in a row), so the registers hold only one row's 8
+                # nibble vectors, the scales and the R x U accumulators. The address passes through an
+                # empty asm per row: LLVM would otherwise merge the rows' loads of a token's vectors into
+                # values held across the rows, and spill them (seen in the assembly).
+                for r in range(R):
+                    bpr = bp if r == 0 else b.asm(ir.FunctionType(I64, [I64]), "", "=r,0", [bp], False)
+                    for u in range(U):
+                        X = [e.load(bpr, b.add(xb[u], i64(64 * i)), V) for i in range(10)]
+                        X[9] = b.bitcast(X[9], _vec(F32, 16))
+                        dot(r, u, X)
+
+        e.chunked(nb, _TR_NB, sgroup)
+        for r in range(R):
+            for u in range(U):
+                b.store(e.hsum(b.load(acc[r][u])), e.addr(op, b.add(b.mul(i64(u), ostride), i64(4 * r))))
+        return context.get_dummy_value()
+
+    return codegen
+
+
+def _transposed(kind: str, isa: str) -> bool:
+    """q4_0 and q8_0 on VNNI run the whole-block-per-lane tiles (_tr_codegen)."""
+    return kind in _TR_PERM and isa == "vnni"
+
+
+def _make_tile(kind: str, isa: str, R: int, U: int, prefetch: int = 0, pf_d: int = 0, tr: bool = False):
+    cg = _tr_codegen(kind, R, U, prefetch, pf_d) if tr else _q_codegen(kind, isa, R, U, prefetch, pf_d)
+    return int_intrinsic(f"{isa}_{kind}_{'tr' if tr else 'tile'}_{R}x{U}",
+                         "wq, wstride, dp, mp, dstride, bp, bstride, op, ostride, nb, n0, t0", cg)
+
+
+def _make_prep(kind: str, isa: str, tr: bool = False):
+    return int_intrinsic(f"{isa}_{kind}_{'trprep' if tr else 'prep'}", "xp, xstride, xdp, xsp, sstride, nb, T, bp, bstride",
+                         _tr_prep_codegen(kind) if tr else _prep_codegen(kind, isa))
 
 
 def _prefetch_range_codegen(context, builder, signature, args):
@@ -331,8 +541,10 @@ def _prefetch_range(typingctx, base, n):
     return types.void(types.int64, types.int64), _prefetch_range_codegen
 
 
-def group_bytes(kind: str, isa: str) -> tuple[int, int]:
-    """(blocks per group, prepared activation bytes per group and token)."""
+def group_bytes(kind: str, isa: str, tr: bool = False) -> tuple[int, int]:
+    """(blocks per group, prepared activation bytes per group and token); tr: of the whole-block tiles."""
+    if tr:
+        return _TR_NB, _TR_GB
     g = _Geom(kind, isa)
     return g.nbg, g.GB
 
@@ -340,6 +552,12 @@ def group_bytes(kind: str, isa: str) -> tuple[int, int]:
 # Prefill (T > 1) tiles: R rows x U tokens (RT: R x 1 for the leftover tokens).
 R_VNNI, U_VNNI = 4, 3
 R_AVX2, U_AVX2 = 2, 2
+# The whole-block tiles (_tr_codegen; q4_0, q4_1, q8_0 on VNNI): R rows x U tokens for prefill and (with
+# 8, 4, 2, 1 tokens, prefetching) batched decode. Measured (1B shapes, one thread, cpu time on a
+# loaded machine): 1 x 8 (the activations re-read per row: at K = 8192 and T = 16 they exceed L1)
+# and 1 x 16 were slower at T = 16 than main; 4 x 3 / 4 x 8 spill the accumulators and were no
+# better at T = 8; 2 x 8: T = 8 0.76x (gate) / 0.88x (down) main's time, prefill ~1.1-1.2x GFLOP/s.
+R_Q40, U_Q40 = 2, 8
 # T = 1 streams the weights once from memory. Long rows (nb >= NB_LONG blocks): one row at a
 # time (the rows are contiguous, so the matrix is one sequential stream) with a software
 # prefetch into L2 PF bytes ahead (measured here: ~1.3-1.7x the bandwidth of no prefetch or of
@@ -370,6 +588,24 @@ TILE_SHAPES = {
     "avx2": dict(RU=(R_AVX2, U_AVX2, 0, 0), R1=(1, 1, PF, 0), RS=(R1S, 1, -1, 0), RT=(R_AVX2, 1, 0, 0),
                  OU=(1, U_AVX2, 0, 0), O1=(1, 1, 0, 0)),
 }
+# the whole-block tiles by name (R x U as above; their batched-decode tiles R8p .. RTp: see _SMALL_Q40)
+TILE_SHAPES_Q40 = dict(R1=(1, 1, PF, PF_D), RS=(R1S, 1, PF_S, PF_D), O1=(1, 1, 0, 0),
+                       RU=(R_Q40, U_Q40, 0, 0), RT=(R_Q40, 1, 0, 0), OU=(1, U_Q40, 0, 0),
+                       R8p=(R_Q40, 8, PF_S, PF_D), R4p=(R_Q40, 4, PF_S, PF_D),
+                       R2p=(R_Q40, 2, PF_S, PF_D), RTp=(R_Q40, 1, PF_S, PF_D))
+# the (R, U) names each runner uses
+# The whole-block tiles process a partial last group of 16 blocks at the cost of a whole one (masked),
+# which made K = 576 (18 blocks) 1.2-1.3x slower than the 4-block groups at T = 1: a matrix runs
+# them when its rows are whole groups or long enough (nb >= NB_TR) for that to cost <= 1/8 more,
+# otherwise the 4-block tiles. The choice depends only on K, so a row's result still does not
+# depend on T or its tile.
+NB_TR = 128
+
+
+def tile_shapes(isa: str, kind: str, tr: bool = False) -> dict:
+    return TILE_SHAPES_Q40 if tr else TILE_SHAPES[isa]
+
+
 NB_LONG_OF = {"vnni": {"q4_0": NB_LONG_40, "q4_1": NB_LONG_41, "q8_0": NB_LONG_80},
               "avx2": {k: NB_LONG for k in KINDS}}
 
@@ -385,7 +621,7 @@ _HEAD = """
 
 @njit({flags})
 def run_{P}(wq, wstride, dp, mp, dstride, xp, xstride, xdp, xsp, sstride, op, ostride, nb, N, T):
-    R, U = R_{ISA}, U_{ISA}
+    R, U = {RN}, {UN}
     bstride = (nb + {nbg} - 1) // {nbg} * {gb}
     buf = np.empty(max(1, T * bstride), np.uint8)  # prepared activations (see _prep_codegen)
     {P}_prep(xp, xstride, xdp, xsp, sstride, nb, T, buf.ctypes.data, bstride)
@@ -418,14 +654,7 @@ _RUN_VNNI = _HEAD + """\
         for i in prange((N + R - 1) // R):
             n0 = i * R
             if n0 + R <= N:
-                t0 = 0
-                while t0 + U <= T:
-                    {P}_RUp(*a, n0, t0)
-                    t0 += U
-                if T - t0 == 2:
-                    {P}_R2p(*a, n0, t0)
-                elif T - t0 == 1:
-                    {P}_RTp(*a, n0, t0)
+{small}
             else:
                 for n in range(n0, N):
                     for t in range(T):
@@ -449,8 +678,54 @@ _RUN_AVX2 = _HEAD + """\
 {loop}    return buf.size  # keeps buf alive until the tiles are done
 """
 _RUN = {"vnni": _RUN_VNNI, "avx2": _RUN_AVX2}
+# the tokens of a batched-decode row tile: U at a time, then a 2-token tile, then 1
+_SMALL = """\
+                t0 = 0
+                while t0 + U <= T:
+                    {P}_RUp(*a, n0, t0)
+                    t0 += U
+                if T - t0 == 2:
+                    {P}_R2p(*a, n0, t0)
+                elif T - t0 == 1:
+                    {P}_RTp(*a, n0, t0)
+"""
+# the whole-block tiles: 8, 4, 2 and 1 tokens per tile (the rows' transposes are redone per tile)
+_SMALL_Q40 = """\
+                t0 = 0
+                while t0 + 8 <= T:
+                    {P}_R8p(*a, n0, t0)
+                    t0 += 8
+                if T - t0 >= 4:
+                    {P}_R4p(*a, n0, t0)
+                    t0 += 4
+                if T - t0 >= 2:
+                    {P}_R2p(*a, n0, t0)
+                    t0 += 2
+                if T - t0 == 1:
+                    {P}_RTp(*a, n0, t0)
+"""
 # VNNI q4_1 also prefetches the head of its m stream
 _PF_M = "\n            _prefetch_range(mp + n0 * dstride, min(PF_D, (n1 - n0) * dstride))"
+
+
+# q4_0 / q4_1 / q8_0 on VNNI: the runner of the whole-block tiles (``<P>t``) or of the 4-block ones (``<P>g``) by K
+_DISPATCH = """
+
+@njit({flags})
+def run_{P}(wq, wstride, dp, mp, dstride, xp, xstride, xdp, xsp, sstride, op, ostride, nb, N, T):
+    if nb % {nbg} == 0 or nb >= NB_TR:
+        return run_{P}t(wq, wstride, dp, mp, dstride, xp, xstride, xdp, xsp, sstride, op, ostride, nb, N, T)
+    return run_{P}g(wq, wstride, dp, mp, dstride, xp, xstride, xdp, xsp, sstride, op, ostride, nb, N, T)
+"""
+
+
+def _runner(isa: str, kind: str, P: str, tr: bool) -> str:
+    nbg, gb = group_bytes(kind, isa, tr)
+    return _RUN[isa].format(small=(_SMALL_Q40 if tr else _SMALL).format(P=P),
+                            flags=runners.flags(_JIT_PAR_STRICT if kind == "q4_1" else _JIT_PAR), P=P,
+                            RN="R_Q40" if tr else f"R_{isa.upper()}", UN="U_Q40" if tr else f"U_{isa.upper()}",
+                            nbg=nbg, gb=gb, nb_long=NB_LONG_OF[isa][kind], pf_m=_PF_M if kind == "q4_1" else "",
+                            loop=runners.row_tiles(8, f"{P}_RU", f"{P}_RT", f"{P}_OU", f"{P}_O1"))
 
 
 def _source() -> str:
@@ -458,11 +733,11 @@ def _source() -> str:
     for isa in TILE_SHAPES:
         for kind in KINDS:
             P = f"{isa}_{kind}"
-            nbg, gb = group_bytes(kind, isa)
-            src += _RUN[isa].format(flags=runners.flags(_JIT_PAR_STRICT if kind == "q4_1" else _JIT_PAR), P=P,
-                                    ISA=isa.upper(), nbg=nbg, gb=gb, nb_long=NB_LONG_OF[isa][kind],
-                                    pf_m=_PF_M if kind == "q4_1" else "",
-                                    loop=runners.row_tiles(8, f"{P}_RU", f"{P}_RT", f"{P}_OU", f"{P}_O1"))
+            if _transposed(kind, isa):
+                src += _runner(isa, kind, P + "g", False) + _runner(isa, kind, P + "t", True)
+                src += _DISPATCH.format(flags=runners.flags(_JIT), P=P, nbg=_TR_NB)
+            else:
+                src += _runner(isa, kind, P, False)
             src += runners.q_entry(f"{isa}_matmul_{kind}_q8_0", runners.flags(_JIT), kind, f"run_{P}")
     return src
 
@@ -471,12 +746,15 @@ def _names() -> dict:
     """What the generated runners use: the tiles (``<isa>_<kind>_<shape>``, ``_prep``), checks, constants."""
     names = dict(check_q=check_q, _prefetch_range=_prefetch_range, _iget_num_threads=_iget_num_threads,
                  R1S=R1S, PF=PF, PF_S=PF_S, PF_D=PF_D, T_SMALL=T_SMALL,
-                 R_VNNI=R_VNNI, U_VNNI=U_VNNI, R_AVX2=R_AVX2, U_AVX2=U_AVX2)
-    for isa, shapes in TILE_SHAPES.items():
+                 R_VNNI=R_VNNI, U_VNNI=U_VNNI, R_AVX2=R_AVX2, U_AVX2=U_AVX2, R_Q40=R_Q40, U_Q40=U_Q40, NB_TR=NB_TR)
+    for isa in TILE_SHAPES:
         for kind in KINDS:
-            names[f"{isa}_{kind}_prep"] = _make_prep(kind, isa)
-            for shape, (R, U, pf, pf_d) in shapes.items():
-                names[f"{isa}_{kind}_{shape}"] = _make_tile(kind, isa, R, U, pf, pf_d)
+            both = _transposed(kind, isa)
+            for tr in (False, True) if both else (False,):
+                P = f"{isa}_{kind}" + (("t" if tr else "g") if both else "")
+                names[f"{P}_prep"] = _make_prep(kind, isa, tr)
+                for shape, (R, U, pf, pf_d) in tile_shapes(isa, kind, tr).items():
+                    names[f"{P}_{shape}"] = _make_tile(kind, isa, R, U, pf, pf_d, tr)
     return names
 
 
