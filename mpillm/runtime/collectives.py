@@ -58,27 +58,56 @@ SPIN_S = 50e-6              # block: test in a loop this long before sleeping
 SLEEP_S = 20e-6             # block: then sleep this long between tests (the kernel rounds it up)
 
 
-def cpu_quota() -> float | None:
-    """The CPUs this process may use by its cgroup's CFS quota (v2 cpu.max, v1 cfs_quota_us), or
-    None when unlimited or unknown."""
+def cpu_quota(proc_cgroup: str | None = None, root: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """The CPUs this process may use by its cgroup's CFS quota, or None when unlimited or unknown:
+    the smallest quota on the way from this process's own cgroup up to the root (a limit set on
+    a parent binds its children too), read from cgroup v2's ``cpu.max`` or, on a v1 or hybrid
+    host, from ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us`` of the cgroup /proc/self/cgroup names
+    for the ``cpu`` controller (not the root's, which never has a quota).
+    ``proc_cgroup`` and ``root`` stand in for /proc/self/cgroup and /sys/fs/cgroup (tests)."""
     try:
-        rel = next((ln.split(":", 2)[2] for ln in Path("/proc/self/cgroup").read_text().splitlines()
-                    if ln.startswith("0::")), None)
-        if rel is not None:
-            f = Path("/sys/fs/cgroup") / rel.lstrip("/") / "cpu.max"
+        if proc_cgroup is None:
+            proc_cgroup = Path("/proc/self/cgroup").read_text()
+        v1 = v2 = None
+        for ln in proc_cgroup.splitlines():
+            hid, ctrls, rel = (ln.split(":", 2) + ["", ""])[:3]
+            if hid == "0" and ctrls == "":
+                v2 = rel
+            elif "cpu" in ctrls.split(","):
+                v1 = (ctrls, rel)
+        found = []
+
+        def walk(base: Path, rel: str, read):
+            parts = [p for p in rel.split("/") if p]
+            for i in range(len(parts), -1, -1):
+                q = read(base.joinpath(*parts[:i]))
+                if q is not None:
+                    found.append(q)
+
+        def read_v2(d: Path):
+            f = d / "cpu.max"
             if not f.exists():
-                f = Path("/sys/fs/cgroup/cpu.max")
-            if f.exists():
-                quota, period = f.read_text().split()[:2]
-                return None if quota == "max" else int(quota) / int(period)
-        q = Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us")
-        if q.exists():
-            quota = int(q.read_text())
-            period = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
-            return None if quota <= 0 else quota / period
+                return None
+            quota, period = f.read_text().split()[:2]
+            return None if quota == "max" else int(quota) / int(period)
+
+        def read_v1(d: Path):
+            f = d / "cpu.cfs_quota_us"
+            if not f.exists():
+                return None
+            quota = int(f.read_text())
+            return None if quota <= 0 else quota / int((d / "cpu.cfs_period_us").read_text())
+
+        if v1 is not None:
+            # the v1 cpu hierarchy: mounted at cpu (often a link to cpu,cpuacct) or under its controllers' names
+            base = next((root / n for n in ("cpu", v1[0]) if (root / n).is_dir()), None)
+            if base is not None:
+                walk(base, v1[1], read_v1)
+        if v2 is not None:
+            walk(root / "unified" if (root / "unified").is_dir() else root, v2, read_v2)
+        return min(found) if found else None
     except (OSError, ValueError, IndexError):
-        pass
-    return None
+        return None
 
 
 def choose_wait(mode: str) -> str:
@@ -95,11 +124,29 @@ def choose_wait(mode: str) -> str:
 
 
 class Waiter:
-    """Completes MPI requests in the chosen way (see the module's doc)."""
+    """Completes MPI requests in the chosen way (see the module's doc).
+
+    ``block``: this rank sleeps between tests while it waits (its own choice, by ``--wait``).
+    ``nonblocking``: the collectives are started in their nonblocking form (Iallreduce, Ibcast,
+    ...). That form must be the same on every rank: MPI never matches a nonblocking collective
+    with a blocking one, and ranks that chose differently (a CPU quota on one node only, more
+    ranks than cores on one) would wait for each other forever. ``agree(comm)`` makes it the
+    same: nonblocking everywhere as soon as one rank blocks; the polling ranks then ``Wait()``
+    on their requests, which polls as the blocking form does."""
 
     def __init__(self, mode: str):
         self.mode = choose_wait(mode)
         self.block = self.mode == "block"
+        self.nonblocking = self.block      # this rank's wish until agree()
+
+    def agree(self, comm: MPI.Comm) -> "Waiter":
+        """Collective: the collectives' form, the same on every rank of ``comm``."""
+        if comm.Get_size() > 1:
+            self.nonblocking = bool(comm.allreduce(self.block, op=MPI.LOR))
+        return self
+
+    def describe(self) -> str:
+        return self.mode + (" (nonblocking collectives: a rank blocks)" if self.nonblocking and not self.block else "")
 
     def wait(self, req: MPI.Request) -> None:
         if not self.block:
@@ -131,7 +178,9 @@ class Sync:
         self.comm, self.size, self.rank = comm, comm.Get_size(), comm.Get_rank()
         self.buffer_type, self.algorithm, self.table, self.dim = buffer_type, algorithm, table, dim
         self.hosts = hosts   # how many hosts the ranks span (the same on every rank: the choice must agree)
-        self.waiter = wait if isinstance(wait, Waiter) else Waiter(wait)
+        # a Waiter passed in is already agreed (the engine's); one made here is agreed here, by
+        # every rank of comm, as constructing a Sync is
+        self.waiter = wait if isinstance(wait, Waiter) else Waiter(wait).agree(comm)
         self.stats = CommStats()
         self._p2p: dict[tuple[int, int], list] = {}   # (T, message bytes) -> persistent requests
         B, D, P = max_rows, dim, self.size
@@ -155,7 +204,7 @@ class Sync:
         algo = choose_algorithm(self.algorithm, self.size, nbytes, self.table, self.hosts)
         how = {"allreduce": "MPI_Allreduce" if self.buffer_type in ("f32", "f64") else "one MPI_Allgather",
                "p2p": f"one round of {self.size - 1} sends + receives"}[algo]
-        return f"{self.buffer_type} {how} ({nbytes} B per rank), wait {self.waiter.mode}"
+        return f"{self.buffer_type} {how} ({nbytes} B per rank), wait {self.waiter.describe()}"
 
     # -- the views of one step's messages ----------------------------------------------------
     def _parts(self, m: int) -> np.ndarray:
@@ -187,13 +236,13 @@ class Sync:
         self.stats.calls += 1
 
     def _allreduce(self, buf: np.ndarray) -> None:
-        if self.waiter.block:
+        if self.waiter.nonblocking:
             self.waiter.wait(self.comm.Iallreduce(MPI.IN_PLACE, buf))
         else:
             self.comm.Allreduce(MPI.IN_PLACE, buf)
 
     def _exchange_allgather(self, parts: np.ndarray, m: int) -> None:
-        if self.waiter.block:
+        if self.waiter.nonblocking:
             self.waiter.wait(self.comm.Iallgather(MPI.IN_PLACE, parts))
         else:
             self.comm.Allgather(MPI.IN_PLACE, parts)

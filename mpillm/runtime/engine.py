@@ -107,6 +107,7 @@ class Engine:
         kv_bytes = kv_per_token * max_seq_len * n_slots
         sizes = comm.gather((shard.nbytes, kv_bytes, MPI.Get_processor_name(), shard.notes), root=0)
         self.hosts = len(set(comm.allgather(MPI.Get_processor_name())))   # the sync choice depends on it
+        self.waiter.agree(comm)   # collective: the same form of every collective on every rank
         if self.rank == 0 and verbose:
             self.print_plan(sizes, threads)
         agree(comm, kv_memory_error(kv_per_token, n_slots, max_seq_len))
@@ -162,7 +163,7 @@ class Engine:
                    "p2p": f"one round of {self.size - 1} sends + receives per rank"}[algo]
             measured = ", measured choices" if self.sync_table else ""
             print(f"  sync: {2 * cfg.n_layers + 1} per token, {self.buffer_type} {how}, {nbytes} B per rank "
-                  f"(--sync {self.sync_algorithm}{measured}, {self.hosts} host(s)); waiting ranks {self.waiter.mode} "
+                  f"(--sync {self.sync_algorithm}{measured}, {self.hosts} host(s)); waiting ranks {self.waiter.describe()} "
                   f"(--wait); a decode step of up to {steps.INLINE_WORDS // 5} rows is one broadcast", flush=True)
         shares = share_notes(cfg, self.slices, self.split, [s[0] for s in sizes])
         for rs, (wb, kb, host, notes), share in zip(self.slices, sizes, shares):
@@ -193,7 +194,7 @@ class Engine:
         """A collective of the engine's, timed into the comm stats; ``ifn`` its nonblocking form,
         used when waiting ranks block (--wait)."""
         t0 = time.perf_counter()
-        if self.waiter.block:
+        if self.waiter.nonblocking:
             self.waiter.wait(ifn(*args))
         else:
             fn(*args)
@@ -338,7 +339,7 @@ class Engine:
     def _bcast(self, buf: np.ndarray) -> None:
         """Broadcast from rank 0, waiting as --wait says (block: the idle ranks between requests
         sleep instead of spinning)."""
-        if self.waiter.block:
+        if self.waiter.nonblocking:
             self.waiter.wait(self.comm.Ibcast(buf, root=0))
         else:
             self.comm.Bcast(buf, root=0)
