@@ -276,28 +276,29 @@ class Service:
             c = req.constraint
             complete = c is None or c.accepting or (c.consume(tok) and c.error is None and (c.accepting or c.done))
             why = "stop" if complete else "length"
-            req.output([tok], req.stops.put(req.decoder.flush())[0] + req.stops.flush(), lp, why)
-            self._close(req)
+            self._end(req, [tok], req.stops.put(req.decoder.flush())[0] + req.stops.flush(), lp, why)
             return
         text, hit = req.stops.put(req.decoder.put(tok))
         if hit:
-            req.output([tok], text, lp, "stop")
-            self._close(req)
+            self._end(req, [tok], text, lp, "stop")
         elif grammar_end is not None:
             text += req.stops.put(req.decoder.flush())[0] + req.stops.flush()
-            req.output([tok], text, lp, grammar_end)
-            self._close(req)
+            self._end(req, [tok], text, lp, grammar_end)
         elif req.generated >= req.params.max_tokens or len(seq.tokens) > self.sched.ctx:
             text += req.stops.put(req.decoder.flush())[0] + req.stops.flush()
-            req.output([tok], text, lp, "length")
-            self._close(req)
+            self._end(req, [tok], text, lp, "length")
         else:
             req.output([tok], text, lp)
 
     def _finish(self, req: _Request, reason: str, error: str | None = None) -> None:
         """End a request from outside its token stream (cancel, failure)."""
-        req.output([], "", None, reason, error)
+        self._end(req, [], "", None, reason, error)
+
+    def _end(self, req: _Request, ids, text, lp, reason: str, error: str | None = None) -> None:
+        """A request's last output, given out after its slot is free and its counters are final: a
+        client that reads /metrics as soon as its reply is complete sees the slot idle."""
         self._close(req)
+        req.output(ids, text, lp, reason, error)
 
     def _close(self, req: _Request) -> None:
         req.closed = True
