@@ -466,6 +466,32 @@ def test_bench_serve_smoke(server, tmp_path):
     for lv in rep["levels"]:
         assert lv["errors"] == 0 and lv["tokens"] == 6 * lv["clients"]
         assert lv["aggregate_tok_s"] > 0 and lv["ttft_ms_p50"] > 0 and lv["itl_ms_p99"] >= lv["itl_ms_p50"] > 0
+    # --completions: plain text completions (models without a chat template), the same figures
+    assert bench.main(args + ["--completions"]) == 0
+    rep = json.loads(out.read_text())
+    assert [lv["clients"] for lv in rep["levels"]] == [1, 3]
+    for lv in rep["levels"]:
+        assert lv["errors"] == 0 and lv["tokens"] == 6 * lv["clients"] and lv["ttft_ms_p50"] > 0
+
+
+def test_bench_serve_compare_takes_ratios_within_each_round():
+    """benchmarks.serve --against: a level's ratio uses that round's two servers only (a round on a
+    slower machine must not pair with a faster round of the other server), then the median."""
+    import statistics
+
+    import benchmarks.serve as bench
+
+    def lv(n, tok, ttft):
+        return {"clients": n, "aggregate_tok_s": tok, "ttft_ms_p50": ttft}
+    rounds = [{"mpillm": {"levels": [lv(8, 300.0, 40.0)]}, "llama_server": {"levels": [lv(8, 60.0, 100.0)]}},
+              {"mpillm": {"levels": [lv(8, 120.0, 80.0)]}, "llama_server": {"levels": [lv(8, 40.0, 100.0)]}},
+              {"mpillm": {"levels": [lv(8, 200.0, 50.0)]}, "llama_server": {"levels": [lv(8, 100.0, 100.0)]}}]
+    r = bench.compare_rounds(rounds)["8"]
+    assert r["tok_s_ratio_rounds"] == [5.0, 3.0, 2.0] and r["tok_s_ratio_median"] == 3.0
+    assert r["ttft_p50_ratio_rounds"] == [0.4, 0.8, 0.5] and r["ttft_p50_ratio_median"] == 0.5
+    # control: pooling the rounds first (median of all mpillm figures over median of all llama-server's)
+    # pairs round 3's mpillm with round 1's llama-server and gives 200 / 60, not 3
+    assert round(statistics.median([300.0, 120.0, 200.0]) / statistics.median([60.0, 40.0, 100.0]), 3) == 3.333
 
 
 def test_queue_full_is_503_with_retry_after(server):
