@@ -40,7 +40,15 @@ llama-3.2-1b-shape-q4_k_m.gguf
 qwen3-30b-a3b-shape-q4_k_m[-{N}l].gguf (--only qwen3-30b-a3b-q4_k_m [--layers N]; 18.6 GB for all 48)
     Random valid blocks in the shape of `convert synth --shape qwen3-30b-a3b` with llama.cpp's
     Q4_K_M type choice for qwen3moe (Q4_K; Q6_K for output and, in the use_more_bits layers, attn_v
-    and ffn_down_exps; F32 router and norms); --layers N keeps the first N layers.
+    and ffn_down_exps; F32 router and norms); --layers N keeps the first N layers. Zero-mean blocks
+    and token_embd of std 1, as the Q4_0 file below, so the router spreads the tokens.
+
+qwen3-30b-a3b-shape-q4_0[-{N}l].gguf (--only qwen3-30b-a3b-q4_0 [--layers N]; 351 MB a layer + 350 MB)
+    The same shape and writer with every matrix Q4_0 (token_embd and output too), F32 router and
+    norms: the distributed-llama baseline's MoE model (docs/cluster.md), whose q40 converter keeps
+    exactly these in q40 and f32 (its embedding in f32: one row a token). Zero-mean blocks that its
+    requantization gives back byte for byte (random_q4_0_centred), so both tools run the same values;
+    token_embd of std 1, so the router spreads the tokens (qwen3_moe_tensors).
 
 deepseek-v3-shape-{q4_k_m,q2_k}-{N}l.gguf (--only deepseek-v3-q4_k_m / deepseek-v3-q2_k --layers N)
     The DeepSeek-V3 shape of `convert synth --shape deepseek-v3` cut to N layers as `--layers N` cuts it
@@ -432,44 +440,101 @@ def make_gpt_oss_gguf(out: Path, shape: str, seed: int = 0) -> dict:
 
 # ---------------------------------------------------------------- Qwen3-30B-A3B
 
-QWEN3_MOE_NAME = "qwen3-30b-a3b-shape-q4_k_m{suffix}.gguf"
+QWEN3_MOE_NAME = "qwen3-30b-a3b-shape-{ftype}{suffix}.gguf"
+QWEN3_MOE_FTYPES = {"q4_k_m": "MOSTLY_Q4_K_M", "q4_0": "MOSTLY_Q4_0"}
 
 
-def qwen3_moe_tensors(cfg):
-    """(name, numpy shape, kind, std) in file order, with llama.cpp's Q4_K_M choice for qwen3moe:
-    Q4_K everywhere (token_embd included) except output (Q6_K) and attn_v / ffn_down_exps in the
-    layers use_more_bits picks (Q6_K); norms and the router (ffn_gate_inp) F32."""
+def random_q4_0_centred(rng, rows: int, cols: int, std: float) -> np.ndarray:
+    """Q4_0 bytes (rows, cols/32*18) with zero-mean weights that distributed-llama's q40 quantizer
+    (converter/writer.py: scale = the value of largest magnitude / -8, codes int(x / scale + 8.5))
+    gives back byte for byte from their dequantized values, in float32 or float16:
+
+    * every block has a code 0 (one random position forced to 0, the others uniform), so its value
+      -8 d is the block's largest magnitude and the requantized scale is d again;
+    * the fp16 scale d keeps 8 significant bits (the low 3 mantissa bits 0): (q - 8) * d, at most
+      8 + 3 bits, is then exact in float16, so a float16 Hugging Face export holds the exact values;
+    * d's sign is random: the codes' mean (31 * -0.5 - 8) / 32 = -0.73 times a random sign makes the
+      weights' mean zero (a common offset would line the hidden states of all tokens up and send them
+      all to the same experts, see random_q4_K_centred). rms(q - 8) = sqrt((31 * 21.5 + 64) / 32)."""
+    nb = rows * cols // 32
+    blocks = np.empty((nb, 18), dtype=np.uint8)
+    d = _fp16_scales(rng, nb, std, math.sqrt((31 * 21.5 + 64) / 32)).view(np.uint16)
+    sign = rng.integers(0, 2, nb, dtype=np.uint16) << 15
+    blocks[:, :2] = ((d & 0x7FF8) | sign).view(np.uint8).reshape(nb, 2)
+    blocks[:, 2:] = np.frombuffer(rng.bytes(nb * 16), dtype=np.uint8).reshape(nb, 16)
+    pos = rng.integers(0, 32, nb)                 # element j: low nibble of byte j, element j + 16 the high one
+    blocks[np.arange(nb), 2 + pos % 16] &= np.where(pos < 16, 0xF0, 0x0F).astype(np.uint8)
+    return blocks.reshape(rows, cols // 32 * 18)
+
+
+def qwen3_moe_type(ftype: str, name: str, n_layers: int) -> str:
+    """A qwen3moe matrix's type. q4_k_m: llama.cpp's Q4_K_M choice (Q4_K; Q6_K for output and, in the
+    layers use_more_bits picks, attn_v and ffn_down_exps). q4_0: Q4_0 for every matrix, token_embd and
+    output included (llama.cpp's --pure Q4_0; distributed-llama's q40 model has the same matrices in
+    q40, except its embedding, which its converter always writes in f32: a row lookup, 8 KiB a token)."""
+    if ftype == "q4_0":
+        return "q4_0"
+    if ftype != "q4_k_m":
+        raise ValueError(f"ftype {ftype!r}: one of {', '.join(QWEN3_MOE_FTYPES)}")
+    if name == "output.weight":
+        return "q6_K"
+    i = int(name.split(".")[1]) if name.startswith("blk.") else 0
+    if name.endswith(("attn_v.weight", "ffn_down_exps.weight")) and use_more_bits(i, n_layers):
+        return "q6_K"
+    return "q4_K"
+
+
+def qwen3_moe_tensors(cfg, ftype: str = "q4_k_m"):
+    """(name, numpy shape, kind, std) in file order; the matrices' kind is qwen3_moe_type's, norms
+    and the router (ffn_gate_inp) F32 in both (as llama.cpp keeps them and distributed-llama too)."""
     d, E, F, L = cfg.dim, cfg.n_experts, cfg.expert_ffn_dim, cfg.n_layers
     q, kv, hd = cfg.q_dim, cfg.kv_dim, cfg.head_dim
-    more = lambda i: "q6_K" if use_more_bits(i, L) else "q4_K"  # noqa: E731
-    yield "token_embd.weight", (cfg.vocab_size, d), "q4_K", 0.02
+
+    def mat(name, shp, std):
+        return name, shp, qwen3_moe_type(ftype, name, L), std
+
+    # Embeddings of std 1, as large as an attention output's rows. With 0.02 the residual of every late
+    # position is mostly the attention's average over the random values, the same for all tokens, and
+    # the router concentrates (q4_0 4-layer cut, 64-token prompt: 95 / 66 / 52 / 44 distinct experts per
+    # layer; 16 decode tokens 51 / 26 / 23 / 23); with 1.0: 122 / 119 / 106 / 100 and 78 / 81 / 74 / 62,
+    # near uniform routing's 126 and 82.
+    yield mat("token_embd.weight", (cfg.vocab_size, d), 1.0)
     for i in range(L):
         p = f"blk.{i}."
         yield p + "attn_norm.weight", (d,), "f32", 0.0
-        yield p + "attn_q.weight", (q, d), "q4_K", d ** -0.5
-        yield p + "attn_k.weight", (kv, d), "q4_K", d ** -0.5
-        yield p + "attn_v.weight", (kv, d), more(i), d ** -0.5
-        yield p + "attn_output.weight", (d, q), "q4_K", q ** -0.5
+        yield mat(p + "attn_q.weight", (q, d), d ** -0.5)
+        yield mat(p + "attn_k.weight", (kv, d), d ** -0.5)
+        yield mat(p + "attn_v.weight", (kv, d), d ** -0.5)
+        yield mat(p + "attn_output.weight", (d, q), q ** -0.5)
         yield p + "attn_q_norm.weight", (hd,), "f32", 0.0
         yield p + "attn_k_norm.weight", (hd,), "f32", 0.0
         yield p + "ffn_norm.weight", (d,), "f32", 0.0
         yield p + "ffn_gate_inp.weight", (E, d), "f32", d ** -0.5
-        yield p + "ffn_gate_exps.weight", (E, F, d), "q4_K", d ** -0.5
-        yield p + "ffn_up_exps.weight", (E, F, d), "q4_K", d ** -0.5
-        yield p + "ffn_down_exps.weight", (E, d, F), more(i), F ** -0.5
+        yield mat(p + "ffn_gate_exps.weight", (E, F, d), d ** -0.5)
+        yield mat(p + "ffn_up_exps.weight", (E, F, d), d ** -0.5)
+        yield mat(p + "ffn_down_exps.weight", (E, d, F), F ** -0.5)
     yield "output_norm.weight", (d,), "f32", 0.0
-    yield "output.weight", (cfg.vocab_size, d), "q6_K", d ** -0.5
+    yield mat("output.weight", (cfg.vocab_size, d), d ** -0.5)
 
 
-def make_qwen3_moe_gguf(out: Path, n_layers: int | None = None, seed: int = 0) -> dict:
-    """The Qwen3-30B-A3B shape (convert/synth.py SHAPES) as llama.cpp's Q4_K_M would write it,
-    random valid blocks; ``n_layers`` keeps only the first layers (the full 48 are ~18.6 GB)."""
+# the block generators of each file type, both zero-mean: q4_k_m's those of the DeepSeek files
+# (_random_blocks; the first q4_k_m files used mpillm.formats.quant.random_ggml, whose Q4_K mean sent
+# every token of a prompt to the same 8 experts), q4_0's the blocks distributed-llama requantizes exactly
+_QWEN3_MOE_BLOCKS = {"q4_k_m": lambda kind, *a: _random_blocks(kind, *a),
+                     "q4_0": lambda kind, *a: random_q4_0_centred(*a)}
+
+
+def make_qwen3_moe_gguf(out: Path, n_layers: int | None = None, seed: int = 0, ftype: str = "q4_k_m",
+                        cfg=None) -> dict:
+    """The Qwen3-30B-A3B shape (convert/synth.py SHAPES) with the types qwen3_moe_type picks for
+    ``ftype``, random valid blocks; ``n_layers`` keeps only the first layers (the full 48 are
+    ~18.6 GB in Q4_K_M); ``cfg`` (a ModelConfig) another qwen3moe shape (tests)."""
     import dataclasses
 
     from convert.synth import SHAPES
     from mpillm.formats.config import ModelConfig
 
-    cfg = ModelConfig(**SHAPES["qwen3-30b-a3b"])
+    cfg = cfg or ModelConfig(**SHAPES["qwen3-30b-a3b"])
     if n_layers:
         cfg = dataclasses.replace(cfg, n_layers=n_layers)
     rng = np.random.default_rng(seed)
@@ -490,7 +555,7 @@ def make_qwen3_moe_gguf(out: Path, n_layers: int | None = None, seed: int = 0) -
     w.add_expert_used_count(cfg.n_experts_used)
     w.add_expert_feed_forward_length(cfg.expert_ffn_dim)
     w.add_vocab_size(cfg.vocab_size)
-    w.add_file_type(int(gguf.LlamaFileType.MOSTLY_Q4_K_M))
+    w.add_file_type(int(getattr(gguf.LlamaFileType, QWEN3_MOE_FTYPES[ftype])))
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     tokens, types, merges, fields = _padded_vocab(cfg.vocab_size)
     w.add_tokenizer_model("gpt2")
@@ -503,30 +568,31 @@ def make_qwen3_moe_gguf(out: Path, n_layers: int | None = None, seed: int = 0) -
         if key in fields:
             fn(int(fields[key].contents()))
     w.add_add_bos_token(False)
-    specs = list(qwen3_moe_tensors(cfg))
+    specs = list(qwen3_moe_tensors(cfg, ftype))
     for name, shp, kind, _ in specs:
         if kind == "f32":
             w.add_tensor_info(name, shp, np.dtype(np.float32), int(np.prod(shp)) * 4)
         else:
-            qt, bsize, _ = RANDOM_BLOCKS[kind]
-            bshape = (*shp[:-1], shp[-1] // 256 * bsize)
-            w.add_tensor_info(name, bshape, np.dtype(np.uint8), int(np.prod(bshape)), raw_dtype=qt)
+            bb, bc = GGML_BLOCKS[kind]
+            bshape = (*shp[:-1], shp[-1] // bc * bb)
+            w.add_tensor_info(name, bshape, np.dtype(np.uint8), int(np.prod(bshape)), raw_dtype=getattr(QT, kind.upper()))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
+    blocks = _QWEN3_MOE_BLOCKS[ftype]
     weight_bytes = 0
     for name, shp, kind, std in specs:  # one tensor in memory at a time
         if kind == "f32":
             data = (np.ones(shp, np.float32) if std == 0.0
                     else rng.standard_normal(shp, dtype=np.float32) * np.float32(std))
         else:
-            data = RANDOM_BLOCKS[kind][2](rng, int(np.prod(shp[:-1])), shp[-1], std).reshape(*shp[:-1], -1)
+            data = blocks(kind, rng, int(np.prod(shp[:-1])), shp[-1], std).reshape(*shp[:-1], -1)
         weight_bytes += data.nbytes
         w.write_tensor_data(data)
         del data
     w.close()
     tmp.replace(out)
-    return {"weight_bytes": weight_bytes, "seed": seed, "n_layers": cfg.n_layers}
+    return {"weight_bytes": weight_bytes, "seed": seed, "n_layers": cfg.n_layers, "ftype": ftype}
 
 
 # ---------------------------------------------------------------- DeepSeek-V3 (deepseek2)
@@ -829,7 +895,8 @@ def main(argv=None) -> int:
     ap.add_argument("--embd-type", choices=["q4_0", "q8_0"], default="q4_0",
                     help="token_embd type of the 1B-shape model (default q4_0)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--only", choices=["smollm2", "shape", "shape-q4_k_m", "qwen3-30b-a3b-q4_k_m", *GPT_OSS_NAMES,
+    ap.add_argument("--only", choices=["smollm2", "shape", "shape-q4_k_m", *(f"qwen3-30b-a3b-{f}" for f in QWEN3_MOE_FTYPES),
+                                       *GPT_OSS_NAMES,
                                        *(f"deepseek-v3-{f}" for f in DEEPSEEK_FTYPES)],
                     help="make just one of them (the gpt-oss, Qwen3-30B-A3B and DeepSeek-V3 shapes only when named here)")
     ap.add_argument("--layers", type=int, default=None,
@@ -856,8 +923,9 @@ def main(argv=None) -> int:
             ("shape", SHAPE_NAME, lambda p: make_shape_gguf(p, LLAMA_32_1B, a.embd_type, a.seed)),
             ("shape-q4_k_m", SHAPE_KM_NAME, lambda p: make_shape_gguf(p, LLAMA_32_1B, "q6_K", a.seed, k_m=True))]
     jobs += [(k, f, lambda p, k=k: make_gpt_oss_gguf(p, k, a.seed)) for k, f in GPT_OSS_NAMES.items()]
-    jobs.append(("qwen3-30b-a3b-q4_k_m", QWEN3_MOE_NAME.format(suffix=f"-{a.layers}l" if a.layers else ""),
-                 lambda p: make_qwen3_moe_gguf(p, a.layers, a.seed)))
+    for f in QWEN3_MOE_FTYPES:
+        jobs.append((f"qwen3-30b-a3b-{f}", QWEN3_MOE_NAME.format(ftype=f, suffix=f"-{a.layers}l" if a.layers else ""),
+                     lambda p, f=f: make_qwen3_moe_gguf(p, a.layers, a.seed, f)))
     for f in DEEPSEEK_FTYPES:
         jobs.append((f"deepseek-v3-{f}", DEEPSEEK_NAME.format(ftype=f, n=a.layers),
                      lambda p, f=f: make_deepseek_gguf(p, f, a.layers, a.seed)))

@@ -55,6 +55,7 @@ def parse(out: str) -> dict | None:
 
 
 GEN_EXTRA: list[str] = []   # --model / --max-seq-len for mpillm.generate, set by main()
+MODEL_ARGS: list[str] = []  # --model alone, for the calibrations (mpillm.check) of the same model
 
 
 def gen_args(n_tokens: int, buffer_type: str | None = None) -> list[str]:
@@ -160,7 +161,7 @@ def predict_in(c, td: Path, bt: str, layer_us: float, timeout: float) -> dict | 
 
     cf = td / "cluster.json"
     out = _run_in(c, [sys.executable, "-m", "mpillm.check", "--comm-iters", "0.5", "--max-seq-len", "256",
-                      "--calibrate", str(cf), "--calibrate-seconds", "0.4"], timeout, td)
+                      "--calibrate", str(cf), "--calibrate-seconds", "0.4"] + MODEL_ARGS, timeout, td)
     if out is None:
         return None
     doc = planner.read_cluster(cf)
@@ -185,7 +186,7 @@ def fit_layer_us(timeout: float) -> float:
     with tempfile.TemporaryDirectory() as td:
         cf = Path(td) / "c.json"
         r = subprocess.run(mpirun_cmd(1) + [sys.executable, "-m", "mpillm.check", "--no-comm", "--max-seq-len", "256",
-                                            "--calibrate", str(cf)], capture_output=True, text=True,
+                                            "--calibrate", str(cf)] + MODEL_ARGS, capture_output=True, text=True,
                            timeout=timeout, env=mpi_env(), cwd=ROOT)
         g = run_local(1, 48, timeout, None)
         if r.returncode != 0 or not g:
@@ -229,6 +230,7 @@ def main() -> int:
     a = p.parse_args()
     if a.model:
         GEN_EXTRA.extend(["--model", a.model])
+        MODEL_ARGS.extend(["--model", a.model])
     if a.max_seq_len:
         GEN_EXTRA.extend(["--max-seq-len", str(a.max_seq_len)])
     if a.baseline == "dllama":

@@ -112,3 +112,34 @@ def test_bench_child_usage_is_the_childs_own():
     # not the earlier child's peak
     assert u["rc2"] == 0 and u["small"]["max_rss_bytes"] < u["big"]["max_rss_bytes"] - 300 * 2**20
     assert u["timed_out"]
+
+
+def _matrix_means(path: Path) -> dict:
+    """|mean| / std of every quantized matrix of a GGUF."""
+    r = gguf.GGUFReader(str(path))
+    out = {}
+    for t in r.tensors:
+        if t.tensor_type not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+            v = gguf.quants.dequantize(t.data, t.tensor_type)
+            out[t.name] = abs(float(v.mean())) / float(v.std())
+    return out
+
+
+def test_qwen3moe_q4_k_m_matrices_are_zero_mean(tmp_path, monkeypatch):
+    """The Qwen3-MoE Q4_K_M baseline's matrices (Q4_K and Q6_K) have mean about zero, so its router
+    spreads tokens over the experts as a trained model's does; control: the generator its first files
+    were made with (random_ggml's Q4_K, mean about -0.9 of the spread) fails the same check."""
+    from convert.synth import SHAPES
+    from mpillm.formats.config import ModelConfig
+
+    cfg = ModelConfig(**{**SHAPES["qwen3-30b-a3b"], "dim": 256, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2,
+                         "head_dim": 64, "n_experts": 8, "n_experts_used": 2, "expert_ffn_dim": 256,
+                         "vocab_size": 49152})
+    M.make_qwen3_moe_gguf(tmp_path / "new.gguf", ftype="q4_k_m", cfg=cfg)
+    means = _matrix_means(tmp_path / "new.gguf")
+    kinds = {t.tensor_type.name for t in gguf.GGUFReader(str(tmp_path / "new.gguf")).tensors}
+    assert {"Q4_K", "Q6_K"} <= kinds and len(means) >= 10
+    assert max(means.values()) < 0.05, means
+    monkeypatch.setitem(M._QWEN3_MOE_BLOCKS, "q4_k_m", lambda kind, *a: M.RANDOM_BLOCKS[kind][2](*a))
+    M.make_qwen3_moe_gguf(tmp_path / "old.gguf", ftype="q4_k_m", cfg=cfg)
+    assert max(_matrix_means(tmp_path / "old.gguf").values()) > 0.3

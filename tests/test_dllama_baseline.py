@@ -101,3 +101,103 @@ def test_bf16_rounds_to_nearest_even():
     assert got[2] == 1.0                    # a tie goes to the even mantissa
     assert got[3] == 1.0 + 4 * 2 ** -8      # 1 + 3/256 rounds up to 1 + 4/256
     assert np.isfinite(got[4])
+
+
+# ---------------------------------------------------------------- the Qwen3-MoE cut (issue 25)
+
+def _dllama_q40(values: np.ndarray) -> np.ndarray:
+    """distributed-llama's q40 quantizer (converter/writer.py), restated: per 32 values the scale is
+    the value of largest magnitude / -8 (a negative one when tied), codes int(x / scale + 8.5) in 0..15,
+    fp16 scale then 16 bytes of nibbles (element j low, j + 16 high)."""
+    x = values.reshape(-1, 32).astype(np.float32)
+    gmax, gmin = x.max(1), x.min(1)
+    scale = np.where(-gmin > gmax, gmin, gmax) / np.float32(-8)
+    inv = np.where(scale != 0, 1 / scale, 0).astype(np.float32)
+    q = np.clip(x * inv[:, None] + np.float32(8.5), 0, 15).astype(np.uint8)
+    return np.concatenate([scale.astype(np.float16).view(np.uint8).reshape(-1, 2), q[:, :16] | (q[:, 16:] << 4)], 1)
+
+
+def test_q4_0_blocks_are_zero_mean_and_requantize_to_the_same_bytes():
+    """The MoE cut's Q4_0 blocks: mean zero (a router over them spreads tokens), exact in float16, and
+    distributed-llama's q40 quantizer gives back the very same bytes from their values; the 1B shape's
+    generator (uniform codes, positive scales) has none of the three, which shows the checks can fail."""
+    import gguf
+
+    mk = _script("make_baseline_ggufs")
+    for gen, ok in ((mk.random_q4_0_centred, True), (mk.random_q4_0, False)):
+        blocks = gen(np.random.default_rng(5), 64, 2048, 0.02)
+        v = gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType.Q4_0)
+        assert 0.015 < v.std() < 0.025
+        assert (abs(v.mean()) < 0.01 * v.std()) == ok
+        assert np.array_equal(v.astype(np.float16).astype(np.float32), v) == ok
+        for vals in (v, v.astype(np.float16)):
+            assert np.array_equal(_dllama_q40(np.asarray(vals, np.float32)), blocks.reshape(-1, 18)) == ok
+
+
+def _tiny_qwen3moe(path: Path) -> None:
+    from convert.synth import SHAPES
+    from mpillm.formats.config import ModelConfig
+
+    mk = _script("make_baseline_ggufs")
+    cfg = ModelConfig(**{**SHAPES["qwen3-30b-a3b"], "dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2,
+                         "head_dim": 32, "n_experts": 8, "n_experts_used": 2, "expert_ffn_dim": 64,
+                         "vocab_size": 49152})
+    mk.make_qwen3_moe_gguf(path, ftype="q4_0", cfg=cfg)
+
+
+def _shard_arrays(path: Path) -> dict:
+    import h5py
+
+    out = {}
+    with h5py.File(path, "r") as f:
+        f.visititems(lambda k, v: out.__setitem__(k, v[()]) if isinstance(v, h5py.Dataset) else None)
+    return out
+
+
+def test_qwen3moe_export_converts_to_the_same_shards(tmp_path):
+    """A tiny qwen3moe Q4_0 GGUF exported (float16 matrices, f32 router/norms) and converted by our
+    converter gives shards equal, dataset by dataset, to converting the GGUF itself (both as f32, ranks
+    of world sizes 1 and 2); the export has the names and config fields distributed-llama's converter
+    reads for QWEN3_MOE (convert-hf.py), q/k in the checkpoint's own order (no llama permutation)."""
+    import json
+
+    from convert.shards import convert_model
+    from convert.sources import open_source
+    from safetensors import safe_open
+
+    g = _script("gguf_to_hf")
+    src = tmp_path / "tiny.gguf"
+    _tiny_qwen3moe(src)
+    hf = tmp_path / "hf"
+    assert g.main([str(src), str(hf), "--dtype", "f16", "--check-all"]) == 0
+    for s, out in ((src, tmp_path / "from_gguf"), (hf, tmp_path / "from_hf")):
+        convert_model(open_source(s), out, [1, 2], weight_type="f32", progress=False)
+    shards = sorted(p.relative_to(tmp_path / "from_gguf") for p in (tmp_path / "from_gguf").rglob("*.h5"))
+    assert len(shards) == 3
+    for rel in shards:
+        a, b = _shard_arrays(tmp_path / "from_gguf" / rel), _shard_arrays(tmp_path / "from_hf" / rel)
+        assert a.keys() == b.keys() and any("exp_down" in k for k in a)
+        for k in a:
+            assert a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]), (rel, k)
+
+    cfg = json.loads((hf / "config.json").read_text())
+    assert cfg["model_type"] == "qwen3_moe" and cfg["hidden_act"] == "silu" and cfg["rms_norm_eps"] == 1e-06
+    assert (cfg["num_experts"], cfg["num_experts_per_tok"], cfg["moe_intermediate_size"], cfg["head_dim"]) == (8, 2, 64, 32)
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                "max_position_embeddings", "vocab_size", "rope_theta"):
+        assert isinstance(cfg[key], (int, float)), key
+    want = {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"}
+    for i in range(2):
+        p = f"model.layers.{i}."
+        want |= {p + f"self_attn.{n}.weight" for n in ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm")}
+        want |= {p + "input_layernorm.weight", p + "post_attention_layernorm.weight", p + "mlp.gate.weight"}
+        want |= {p + f"mlp.experts.{e}.{n}_proj.weight" for e in range(8) for n in ("gate", "up", "down")}
+    with safe_open(str(hf / "model.safetensors"), framework="numpy") as f:
+        assert set(f.keys()) == want
+        assert f.get_tensor("model.layers.0.mlp.experts.3.down_proj.weight").shape == (64, 64)
+        assert f.get_tensor("model.layers.1.mlp.gate.weight").dtype == np.float32     # the router stays f32
+        q = f.get_tensor("model.layers.0.self_attn.q_proj.weight").astype(np.float32)
+    import gguf
+
+    t = next(t for t in gguf.GGUFReader(str(src)).tensors if t.name == "blk.0.attn_q.weight")
+    assert np.array_equal(q, gguf.quants.dequantize(t.data, t.tensor_type).reshape(q.shape))   # not permuted
