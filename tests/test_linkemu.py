@@ -86,6 +86,11 @@ for _ in range(60):
 print(" ".join(f"{v:.1f}" for v in out[10:]))
 """
 TCP_SLACK_US = 150   # Python's socket calls on both ends, on a loaded 2-core machine
+# The relay's hold is calibrated so that *ping*'s round trip meets the profile, and ping's own cost
+# here can exceed a TCP echo's by 50 us (CI saw thunderbolt's 300 us profile give 253 us over TCP
+# with ping at 295-300): the TCP check's lower bound is 30% under the profile, which a link without
+# its delay still falls far below (the control: about 70-150 us on 1gbe's 300 us).
+TCP_LOW = 0.30
 
 
 def tcp_rtt(c, client: int = 1, server: int = 0) -> float:
@@ -110,7 +115,7 @@ def test_tcp_round_trip_check_sees_a_missing_delay():
     with netns.Cluster(2, "1gbe") as c:
         c.relay_cmd("delay 0")
         got = tcp_rtt(c)
-    assert got < (1 - TOL) * netns.PROFILES["1gbe"].rtt_us, got
+    assert got < (1 - TCP_LOW) * netns.PROFILES["1gbe"].rtt_us, got
 
 
 @pytest.mark.parametrize("name", PROFILES)
@@ -156,7 +161,7 @@ def test_profile_rtt_and_bandwidth(name):
           f"emulator's own RTT {base:.0f} us, relay hold {hold:.0f} us each way; TCP h1 -> h0 {tcp:.0f} us) | bulk {bps / 1e6:.0f} Mbit/s "
           f"(profile {prof.goodput_bps / 1e6:.0f}"
           f"{f', relay ceiling now {ceiling / 1e6:.0f}' if ceiling else ''}) | relay {stats}")
-    assert (1 - TOL) * prof.rtt_us <= tcp <= (1 + TOL) * prof.rtt_us + TCP_SLACK_US, \
+    assert (1 - TCP_LOW) * prof.rtt_us <= tcp <= (1 + TOL) * prof.rtt_us + TCP_SLACK_US, \
         f"{name}: TCP round trip h1 -> h0 {tcp:.0f} us, profile {prof.rtt_us:.0f} us"
     assert abs(rtt - prof.rtt_us) <= TOL * prof.rtt_us, \
         f"{name}: RTT (25th percentile) {rtt:.0f} us, profile {prof.rtt_us:.0f} us (+-{TOL:.0%}); all: {sorted(rtts)}"
