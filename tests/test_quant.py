@@ -123,9 +123,13 @@ def test_format1_shard_is_read_in_the_current_layout(tmp_path, wtype):
     for k in a:
         assert np.array_equal(t.arrays[k], a[k]), k
     assert sh.verify().status == "intact"
+    assert sh.reencoded == {"output": a["qh"].nbytes}
+    assert [n for n in sh.notes if "re-encoded into memory" in n and wtype in n], sh.notes   # the plan says so
     with h5py.File(path, "r+") as f:  # the same bytes as format 2 are read as they lie (control)
         f.attrs[fmt.ATTR_VERSION] = 2
-    assert np.array_equal(fmt.Shard(path, 1, 0).get("output").arrays["qh"], old)
+    sh2 = fmt.Shard(path, 1, 0)
+    assert np.array_equal(sh2.get("output").arrays["qh"], old)
+    assert not sh2.reencoded and not [n for n in sh2.notes if "re-encoded" in n]
 
 
 def _format2_q3_K(a: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -168,7 +172,11 @@ def test_format2_q3_K_shard_is_read_in_the_current_layout(tmp_path, wtype, versi
         assert np.array_equal(t.arrays[k], a[k]), k
     assert np.array_equal(quant.dequantize(t.arrays, wtype), quant.dequantize(a, wtype))
     assert sh.verify().status == "intact"
+    assert sh.reencoded == {"output": a["qs"].nbytes + a["qh"].nbytes}
+    assert [n for n in sh.notes if "re-encoded into memory" in n], sh.notes
     with h5py.File(path, "r+") as f:  # the same bytes as format 3 are read as they lie (control)
         f.attrs[fmt.ATTR_VERSION] = 3
-    t3 = fmt.Shard(path, 1, 0).get("output")
+    sh3 = fmt.Shard(path, 1, 0)
+    assert not sh3.reencoded
+    t3 = sh3.get("output")
     assert np.array_equal(t3.arrays["qs"], qs) and np.array_equal(t3.arrays["qh"], qh)

@@ -297,6 +297,7 @@ class Shard:
     def __init__(self, path: Path, world_size: int, rank: int):
         self.path = Path(path)
         self.tensors: dict[str, Tensor] = {}
+        self.reencoded: dict[str, int] = {}   # tensor -> bytes re-encoded into memory (older formats)
         if not self.path.exists():
             raise ValueError(f"shard file {self.path} is missing")
         import h5py
@@ -329,6 +330,13 @@ class Shard:
                 raise
             except Exception as e:  # noqa: BLE001
                 raise ValueError(f"shard file {self.path} is corrupt ({e})") from None
+        if self.reencoded:
+            # said in the plan under this rank's line: these arrays are copies in anonymous memory,
+            # read and re-encoded at every start, not pages of the file
+            n, b = len(self.reencoded), sum(self.reencoded.values())
+            types = "/".join(sorted({self.tensors[k].wtype for k in self.reencoded}))
+            self.notes.append(f"format-{self.version} shard: {b / 2**20:.1f} MiB of {n} {types} tensor(s) "
+                              f"re-encoded into memory at load (resident, not mapped); reconvert to map them")
 
     def _map(self, name: str, obj, file_size: int) -> None:
         import h5py
@@ -367,6 +375,8 @@ class Shard:
             # formats 1 and 2: q3_K's qs and qh re-encoded likewise (q2_K's qs and a bit mask before)
             stored = dict(arrays)
             arrays["qs"], arrays["qh"] = quant.q3_K_from_format2(arrays["qs"], arrays["qh"])
+        if stored is not None:
+            self.reencoded[name] = sum(arrays[k].nbytes for k in arrays if arrays[k] is not stored[k])
         self.tensors[name] = Tensor(name, wtype, shape, arrays, str(ck) if ck is not None else None, stored)
 
     def verify(self, progress=None) -> VerifyResult:
