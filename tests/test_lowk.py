@@ -93,7 +93,8 @@ def test_ggml_round_trip_and_dequantize(wtype):
 
 
 def _path_cases():
-    shapes = [(1, 7, 512), (3, 9, 768), (5, 6, 352)]  # 352: 11 sub-blocks, _32 types only
+    # 352: 11 sub-blocks, _32 types only; 4608: 18 super-blocks, d converted in two chunks (lowk.DCHUNK)
+    shapes = [(1, 7, 512), (3, 9, 768), (5, 6, 352), (1, 5, 4608)]
     return [(w, T, N, K) for w in ALL for T, N, K in shapes if w.endswith("_32") or K % 256 == 0]
 
 
