@@ -236,6 +236,44 @@ class _E(Emit):
         return parts[0] if len(parts) == 1 else self.shuffle(parts[0], parts[1], range(64))
 
 
+class DBuf:
+    """A tile's rows' super-block scales (fp16, one per 256 columns: d, and dmin) as floats on the
+    stack, DCHUNK super-blocks at a time: the x86 main loops broadcast one float from it instead of
+    loading, shuffling and converting an fp16 value per row and super-block (one vcvtph2ps per row,
+    array and chunk instead)."""
+
+    def __init__(self, e: "_E", A: dict, rows: list, names: tuple):
+        self.e, self.A, self.rows, self.names = e, A, rows, names
+        self.mem = cgutils.alloca_once(e.b, ir.ArrayType(_vec(F32, DCHUNK), len(rows) * len(names)))
+
+    def loop(self, nsb, body) -> None:
+        """body(b0, bi) for each of the nsb super-blocks (b0: its first sub-block, bi: its index in
+        the chunk whose scales the buffer holds)."""
+        e, b = self.e, self.e.b
+        i64 = e.i64
+        with cgutils.for_range(b, b.udiv(b.add(nsb, i64(DCHUNK - 1)), i64(DCHUNK))) as cl:
+            s0 = b.mul(cl.index, i64(DCHUNK))
+            cnt = b.sub(nsb, s0)
+            cnt = b.select(b.icmp_unsigned("<", cnt, i64(DCHUNK)), cnt, i64(DCHUNK))
+            m = e.lanes_below(DCHUNK, b.trunc(cnt, I32))
+            for r, row in enumerate(self.rows):
+                for j, name in enumerate(self.names):
+                    base, st = self.A[name]
+                    h = e.load(base, b.add(b.mul(row, st), b.mul(s0, i64(2))), _vec(I16, DCHUNK), m)
+                    b.store(b.fpext(b.bitcast(h, _vec(F16, DCHUNK)), _vec(F32, DCHUNK)),
+                            b.bitcast(b.gep(self.mem, [I32(0), I32(r * len(self.names) + j)]),
+                                      _vec(F32, DCHUNK).as_pointer()))
+            with cgutils.for_range(b, cnt) as loop:
+                body(b.mul(b.add(s0, loop.index), i64(8)), loop.index)
+
+    def get(self, r: int, name: str, bi):
+        """<16 x float>: array ``name`` of row r's super-block bi of the chunk, broadcast."""
+        e, b = self.e, self.e.b
+        k = r * len(self.names) + self.names.index(name)
+        p = b.gep(b.bitcast(self.mem, F32.as_pointer()), [b.add(e.i64(k * DCHUNK), bi)])
+        return e.splat(b.load(p), 16)
+
+
 def _nibbles(e: _E, A: dict, r, b0, nsub: int):
     """The qs bytes of sub-blocks [b0, b0 + nsub) of row r split into (low, high) nibbles,
     each <16 nsub x i8> as they lie."""
@@ -477,13 +515,7 @@ def _tile_codegen(kind: str, isa: str, R: int, U: int, f64: bool = False, pf: bo
         macc8 = [[cgutils.alloca_once_value(b, ir.Constant(_vec(F32, 8), None)) for _ in range(U)] for _ in range(R)]
         rows_cur = [None]  # the row dvec reads (set by scales_vec)
         # x86 K-quants: each row's d as floats, DCHUNK super-blocks at a time (see the main loop)
-        dbuf_mem = (cgutils.alloca_once(b, ir.ArrayType(_vec(F32, DCHUNK), R))
-                    if isa != "portable" and kind in quant.K_TYPES else None)
-
-        def dbuf(r, bi):
-            """<16 x float>: d of row r's super-block bi of the chunk, broadcast."""
-            p = b.gep(b.bitcast(dbuf_mem, F32.as_pointer()), [b.add(i64(r * DCHUNK), bi)])
-            return e.splat(b.load(p), 16)
+        dbuf = DBuf(e, A, rows, ("d",)) if isa != "portable" and kind in quant.K_TYPES else None
         D = (lambda v: b.fpext(v, FT)) if f64 else (lambda v: v)  # noqa: E731
 
         def tok(u, blk):
@@ -614,7 +646,7 @@ def _tile_codegen(kind: str, isa: str, R: int, U: int, f64: bool = False, pf: bo
                 codes = [_codes_nib(e, kind, A, row, b.add(b0, i64(j0)), 4) for j0 in (0, 4)]
                 if kind in quant.K_TYPES:
                     rows_cur[0] = row
-                    dl = dlanes("d", b0) if bi is None else dbuf(r, bi)
+                    dl = dlanes("d", b0) if bi is None else dbuf.get(r, "d", bi)
                     so = b.add(b.mul(row, A["sc"][1]), b.mul(b0, i64(2 if q6 else 1)))
                     if q6:  # sc of sub-block s: low half 2s, high half 2s + 1
                         # widened once, then two word permutes (the barrier: LLVM otherwise moved the
@@ -764,25 +796,10 @@ def _tile_codegen(kind: str, isa: str, R: int, U: int, f64: bool = False, pf: bo
         else:
             n8 = b.udiv(nb, i64(8))
             for grp, grp8 in ((group_x86, group_x86_8), (group_min, None)) if has_min else ((group_x86, group_x86_8),):
-                if grp8 is not None and dbuf_mem is not None:
-                    with b.if_else(sup) as (per256, per32):   # d per super-block, or per sub-block
+                if grp8 is not None and dbuf is not None:
+                    with b.if_else(sup) as (per256, per32):   # d per super-block (DBuf), or per sub-block
                         with per256:
-                            # d converted to float DCHUNK super-blocks at a time into a buffer on the
-                            # stack (one vcvtph2ps per row and chunk): the loop broadcasts a float from
-                            # it instead of a masked fp16 load, a conversion and a permute per row and
-                            # super-block
-                            with cgutils.for_range(b, b.udiv(b.add(n8, i64(DCHUNK - 1)), i64(DCHUNK))) as cl:
-                                s0 = b.mul(cl.index, i64(DCHUNK))
-                                cnt = b.sub(n8, s0)
-                                cnt = b.select(b.icmp_unsigned("<", cnt, i64(DCHUNK)), cnt, i64(DCHUNK))
-                                m = e.lanes_below(DCHUNK, b.trunc(cnt, I32))
-                                for r in range(R):
-                                    h = e.load(A["d"][0], b.add(b.mul(rows[r], A["d"][1]), b.mul(s0, i64(2))),
-                                               _vec(I16, DCHUNK), m)
-                                    b.store(b.fpext(b.bitcast(h, _vec(F16, DCHUNK)), _vec(F32, DCHUNK)),
-                                            b.bitcast(b.gep(dbuf_mem, [I32(0), I32(r)]), _vec(F32, DCHUNK).as_pointer()))
-                                with cgutils.for_range(b, cnt) as loop:
-                                    grp8(b.mul(b.add(s0, loop.index), i64(8)), loop.index)
+                            dbuf.loop(n8, grp8)
                         with per32:
                             with cgutils.for_range(b, n8) as loop:
                                 grp8(b.mul(loop.index, i64(8)))

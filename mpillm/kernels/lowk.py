@@ -24,7 +24,7 @@ row and token (times xd, xd / -16, then times d, d, dmin, dmin). AVX2's vpmaddub
 fields are summed in i16 words before one vpmaddwd (a word is 8 products, at most 8 x 7 x 127 from
 q3_K's -4 x sum start: no overflow; a vpmaddubsw pair is at most 2 x 7 x 128 = 1792, it cannot
 saturate). d (and dmin) per super-block run in a loop of their own: each row's are converted to float
-16 super-blocks at a time into a buffer on the stack (``DCHUNK``), and the loop broadcasts one from
+16 super-blocks at a time into a buffer on the stack (``kquant.DBuf``), and the loop broadcasts one from
 it (before: an fp16 broadcast, a blend and a conversion per row and super-block; in cache, one thread,
 alternated: q2_K and q3_K about 5% faster); the ``_32`` variants' per-sub-block d in another loop. Tails of the ``_32``
 variants (``group_x86``): one sub-block or parts of 4, the dwords of each expanded by a
@@ -231,13 +231,8 @@ def _tile_codegen(kind: str, isa: str, R: int, U: int, f64: bool = False):
         zero = ir.Constant(FT, 0.0) if isa == "portable" else ir.Constant(_vec(F32, 16), None)
         acc = [[cgutils.alloca_once_value(b, zero) for _ in range(U)] for _ in range(R)]
         D = (lambda v: b.fpext(v, FT)) if f64 else (lambda v: v)  # noqa: E731
-        # x86: d (index 2r) and dmin (2r + 1) of each row as floats, DCHUNK super-blocks (see the loop)
-        dbuf_mem = cgutils.alloca_once(b, ir.ArrayType(_vec(F32, DCHUNK), 2 * R)) if isa != "portable" else None
-
-        def dbuf(r, j, bi):
-            """<16 x float>: d (j = 0) or dmin (1) of row r's super-block bi of the chunk, broadcast."""
-            p = b.gep(b.bitcast(dbuf_mem, F32.as_pointer()), [b.add(b.mul(i64(2 * r + j), i64(DCHUNK)), bi)])
-            return e.splat(b.load(p), 16)
+        # x86: each row's d (and dmin) as floats, DCHUNK super-blocks at a time (kquant.DBuf)
+        dbuf = kquant.DBuf(e, A, rows, ("d", "dmin") if q2 else ("d",)) if isa != "portable" else None
         row = lambda r, name: b.mul(r, A[name][1])  # noqa: E731
 
         # d / dmin: one fp16 value per 256 columns (dshift 3) or per 32 (0); chosen once per tile by a
@@ -367,14 +362,15 @@ def _tile_codegen(kind: str, isa: str, R: int, U: int, f64: bool = False):
                     scw = b.bitcast(b.zext(sc16, _vec(I32, 16)), _vec(I16, 32))
                 if pack:  # per 128-bit lane L: d, d, dmin, dmin of sub-blocks 2L, 2L + 1
                     if per256:  # d and dmin as floats from the tile's buffer (dbuf): two broadcasts, a blend
-                        DM = b.select(e.const(I1, 16, [1, 1, 0, 0] * 4), e.opaque(dbuf(r, 0, bi)), e.opaque(dbuf(r, 1, bi)))
+                        DM = b.select(e.const(I1, 16, [1, 1, 0, 0] * 4), e.opaque(dbuf.get(r, "d", bi)),
+                                      e.opaque(dbuf.get(r, "dmin", bi)))
                     else:
                         DM = e.shuffle(dvec("d", rows[r], b0, 8), dvec("dmin", rows[r], b0, 8),
                                        [2 * (j // 4) + j % 2 + (8 if j % 4 > 1 else 0) for j in range(16)])
                 elif per256:  # the float from the tile's buffer, broadcast (one load)
-                    dv = dbuf(r, 0, bi)
+                    dv = dbuf.get(r, "d", bi)
                     if q2:
-                        mv = dbuf(r, 1, bi)
+                        mv = dbuf.get(r, "dmin", bi)
                 else:
                     dv = e.shuffle(dvec("d", rows[r], b0, 8), None, [j // 2 for j in range(16)])
                     if q2:
@@ -490,24 +486,8 @@ def _tile_codegen(kind: str, isa: str, R: int, U: int, f64: bool = False):
                 group_portable(loop.index)
         else:
             with b.if_else(sup) as (per256, per32):  # d per super-block or per sub-block: two loops
-                with per256:
-                    # d (and dmin) per super-block: converted to float DCHUNK super-blocks at a time into
-                    # a buffer on the stack (one vcvtph2ps per row and chunk), so the loop broadcasts a
-                    # float from it instead of broadcasting, blending and converting an fp16 value per
-                    # row and super-block
-                    nsb = b.udiv(nb, i64(8))
-                    with cgutils.for_range(b, b.udiv(b.add(nsb, i64(DCHUNK - 1)), i64(DCHUNK))) as cl:
-                        s0 = b.mul(cl.index, i64(DCHUNK))
-                        cnt = b.sub(nsb, s0)
-                        cnt = b.select(b.icmp_unsigned("<", cnt, i64(DCHUNK)), cnt, i64(DCHUNK))
-                        m = e.lanes_below(DCHUNK, b.trunc(cnt, I32))
-                        for r in range(R):
-                            for j, name in enumerate(("d", "dmin") if q2 else ("d",)):
-                                h = e.load(A[name][0], b.add(row(rows[r], name), b.mul(s0, i64(2))), _vec(I16, DCHUNK), m)
-                                b.store(b.fpext(b.bitcast(h, _vec(F16, DCHUNK)), _vec(F32, DCHUNK)),
-                                        b.bitcast(b.gep(dbuf_mem, [I32(0), I32(2 * r + j)]), _vec(F32, DCHUNK).as_pointer()))
-                        with cgutils.for_range(b, cnt) as loop:
-                            group8(b.mul(b.add(s0, loop.index), i64(8)), True, loop.index)
+                with per256:  # d (and dmin) per super-block, as floats from the stack (kquant.DBuf)
+                    dbuf.loop(b.udiv(nb, i64(8)), lambda b0, bi: group8(b0, True, bi))
                 with per32:
                     with cgutils.for_range(b, b.udiv(nb, i64(8))) as loop:
                         group8(b.mul(loop.index, i64(8)), False)
@@ -538,7 +518,6 @@ def _make_prep(kind, isa):
                          _prep_codegen(kind, isa))
 
 
-DCHUNK = 16  # super-blocks whose d (and dmin) the x86 tiles convert to float at a time
 PF = 4096  # decode prefetch distance in bytes of each stream
 # the streams decode prefetches, with their bytes per 32-weight sub-block. The scale bytes too: without
 # them the 1b-down shape (2048 x 8192) ran q2_K at 15 GB/s (cpu time) against 19 with them, loaded
