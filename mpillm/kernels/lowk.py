@@ -47,7 +47,7 @@ from numba.core import cgutils
 
 from mpillm.formats import quant
 from mpillm.kernels import jitcache, kquant, runners
-from mpillm.kernels.irgen import F16, F32, F64, I1, I8, I16, I32, I64, int_intrinsic
+from mpillm.kernels.irgen import F16, F32, F64, I1, I8, I16, I32, int_intrinsic
 from mpillm.kernels.irgen import vec as _vec
 from mpillm.kernels.kquant import _E, _args, _check, _chk, _dshift
 
