@@ -27,7 +27,7 @@ import kquant_gguf  # noqa: E402
 NEW = ["q5_0", "q5_1", "q4_K", "q5_K", "q6_K", "mxfp4"]
 ALL = NEW + ["q4_K_32", "q5_K_32", "q6_K_32"]
 # (T, N, K): N not a multiple of the tiles; 11 sub-blocks = 8 + a pair + 1; T = 11: the x86 2 x 8 tile, then 4 x 3
-# (1, 5, 4608): 18 super-blocks, so the x86 tiles convert d in two chunks (16, then 2; kquant.DCHUNK)
+# (1, 5, 4608): 18 super-blocks, more than any other case (lowk's tiles read d in chunks of 16)
 SHAPES = [(1, 7, 512), (3, 9, 768), (5, 6, 352), (11, 9, 512), (1, 5, 4608)]
 
 

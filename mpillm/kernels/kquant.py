@@ -236,44 +236,6 @@ class _E(Emit):
         return parts[0] if len(parts) == 1 else self.shuffle(parts[0], parts[1], range(64))
 
 
-class DBuf:
-    """A tile's rows' super-block scales (fp16, one per 256 columns: d, and dmin) as floats on the
-    stack, DCHUNK super-blocks at a time: the x86 main loops broadcast one float from it instead of
-    loading, shuffling and converting an fp16 value per row and super-block (one vcvtph2ps per row,
-    array and chunk instead)."""
-
-    def __init__(self, e: "_E", A: dict, rows: list, names: tuple):
-        self.e, self.A, self.rows, self.names = e, A, rows, names
-        self.mem = cgutils.alloca_once(e.b, ir.ArrayType(_vec(F32, DCHUNK), len(rows) * len(names)))
-
-    def loop(self, nsb, body) -> None:
-        """body(b0, bi) for each of the nsb super-blocks (b0: its first sub-block, bi: its index in
-        the chunk whose scales the buffer holds)."""
-        e, b = self.e, self.e.b
-        i64 = e.i64
-        with cgutils.for_range(b, b.udiv(b.add(nsb, i64(DCHUNK - 1)), i64(DCHUNK))) as cl:
-            s0 = b.mul(cl.index, i64(DCHUNK))
-            cnt = b.sub(nsb, s0)
-            cnt = b.select(b.icmp_unsigned("<", cnt, i64(DCHUNK)), cnt, i64(DCHUNK))
-            m = e.lanes_below(DCHUNK, b.trunc(cnt, I32))
-            for r, row in enumerate(self.rows):
-                for j, name in enumerate(self.names):
-                    base, st = self.A[name]
-                    h = e.load(base, b.add(b.mul(row, st), b.mul(s0, i64(2))), _vec(I16, DCHUNK), m)
-                    b.store(b.fpext(b.bitcast(h, _vec(F16, DCHUNK)), _vec(F32, DCHUNK)),
-                            b.bitcast(b.gep(self.mem, [I32(0), I32(r * len(self.names) + j)]),
-                                      _vec(F32, DCHUNK).as_pointer()))
-            with cgutils.for_range(b, cnt) as loop:
-                body(b.mul(b.add(s0, loop.index), i64(8)), loop.index)
-
-    def get(self, r: int, name: str, bi):
-        """<16 x float>: array ``name`` of row r's super-block bi of the chunk, broadcast."""
-        e, b = self.e, self.e.b
-        k = r * len(self.names) + self.names.index(name)
-        p = b.gep(b.bitcast(self.mem, F32.as_pointer()), [b.add(e.i64(k * DCHUNK), bi)])
-        return e.splat(b.load(p), 16)
-
-
 def _nibbles(e: _E, A: dict, r, b0, nsub: int):
     """The qs bytes of sub-blocks [b0, b0 + nsub) of row r split into (low, high) nibbles,
     each <16 nsub x i8> as they lie."""
@@ -514,8 +476,6 @@ def _tile_codegen(kind: str, isa: str, R: int, U: int, f64: bool = False, pf: bo
         macc = [[cgutils.alloca_once_value(b, ir.Constant(FT, 0.0)) for _ in range(U)] for _ in range(R)]
         macc8 = [[cgutils.alloca_once_value(b, ir.Constant(_vec(F32, 8), None)) for _ in range(U)] for _ in range(R)]
         rows_cur = [None]  # the row dvec reads (set by scales_vec)
-        # x86 K-quants: each row's d as floats, DCHUNK super-blocks at a time (see the main loop)
-        dbuf = DBuf(e, A, rows, ("d",)) if isa != "portable" and kind in quant.K_TYPES else None
         D = (lambda v: b.fpext(v, FT)) if f64 else (lambda v: v)  # noqa: E731
 
         def tok(u, blk):
@@ -619,7 +579,7 @@ def _tile_codegen(kind: str, isa: str, R: int, U: int, f64: bool = False, pf: bo
                     for line in range(0, 8 * bpb, 64):
                         e.prefetch(base, b.add(off, i64(line)))
 
-        def group_x86_8(b0, bi=None):
+        def group_x86_8(b0):
             """Sub-blocks [b0, b0 + 8) (the main loop), integer until one conversion per (row, token):
             per 4 sub-blocks (part p) the dot products of the codes in the qs nibble order (low
             nibbles with the activations' first 16 bytes of each sub-block, XL, high with the last
@@ -641,12 +601,12 @@ def _tile_codegen(kind: str, isa: str, R: int, U: int, f64: bool = False, pf: bo
                 """Prepared vector k of a token whose bytes start at p (0..3: XL0, XH0, XL1, XH1; 4: xd
                 lanes; 5: q6_K's words)."""
                 return e.load(p, i64(64 * k), ty)
-            def row_setup(row, r):
-                """Row row (the tile's r-th) decoded codes and scales for the group: (codes, dl, scw)."""
+            def row_setup(row):
+                """Row row's decoded codes and scales for the group: (codes, dl, scw)."""
                 codes = [_codes_nib(e, kind, A, row, b.add(b0, i64(j0)), 4) for j0 in (0, 4)]
                 if kind in quant.K_TYPES:
                     rows_cur[0] = row
-                    dl = dlanes("d", b0) if bi is None else dbuf.get(r, "d", bi)
+                    dl = dlanes("d", b0)
                     so = b.add(b.mul(row, A["sc"][1]), b.mul(b0, i64(2 if q6 else 1)))
                     if q6:  # sc of sub-block s: low half 2s, high half 2s + 1
                         # widened once, then two word permutes (the barrier: LLVM otherwise moved the
@@ -680,14 +640,14 @@ def _tile_codegen(kind: str, isa: str, R: int, U: int, f64: bool = False, pf: bo
 
             last = []  # the accumulators just computed: the next row / token comes after them
             if xouter:  # every row decoded first, then token by token (the token's loads shared by the rows)
-                rds = [row_setup(rows[r], r) for r in range(R)]
+                rds = [row_setup(rows[r]) for r in range(R)]
                 for u in range(U):
                     pu = b.add(b.add(bp, b.mul(i64(u), bstride)), go)
                     pu = e.after(pu, last) if last else pu
                     last = [row_token(rds[r], pu, r, u) for r in range(R)]
                 return
             for r in range(R):
-                rd = row_setup(e.after(rows[r], last) if last else rows[r], r)
+                rd = row_setup(e.after(rows[r], last) if last else rows[r])
                 for u in range(U):
                     pu = b.add(b.add(bp, b.mul(i64(u), bstride)), go)
                     pu = e.after(pu, last) if last else pu
@@ -796,16 +756,8 @@ def _tile_codegen(kind: str, isa: str, R: int, U: int, f64: bool = False, pf: bo
         else:
             n8 = b.udiv(nb, i64(8))
             for grp, grp8 in ((group_x86, group_x86_8), (group_min, None)) if has_min else ((group_x86, group_x86_8),):
-                if grp8 is not None and dbuf is not None:
-                    with b.if_else(sup) as (per256, per32):   # d per super-block (DBuf), or per sub-block
-                        with per256:
-                            dbuf.loop(n8, grp8)
-                        with per32:
-                            with cgutils.for_range(b, n8) as loop:
-                                grp8(b.mul(loop.index, i64(8)))
-                else:
-                    with cgutils.for_range(b, n8) as loop:
-                        (grp8 or (lambda b0: grp(b0, 8)))(b.mul(loop.index, i64(8)))
+                with cgutils.for_range(b, n8) as loop:
+                    (grp8 or (lambda b0: grp(b0, 8)))(b.mul(loop.index, i64(8)))
                 # the tail (q5_0 / q5_1 / mxfp4 rows, _32 slices): up to 7 sub-blocks, 4 of them together
                 # when there are (Qwen3-30B-A3B's expert down-projection at 2 ranks: 8 + 4 sub-blocks a
                 # row, at 4 ranks 4 + 2), the rest one at a time (no 2-path: less code to compile)
@@ -838,10 +790,6 @@ def _make_tile(kind, isa, R, U, f64=False, pf=False, xouter=False):
 # tiles per path and kind: R rows x U tokens; portable and f64: RU for T > 1, R1 for its token tail and
 # D for T = 1, single rows (O*) after the last whole row tile
 R_S, U_S = 4, 4
-# super-blocks whose d the x86 K-quant tiles convert to float at a time (into a buffer on the stack: the
-# main loop then broadcasts d from it instead of a masked fp16 load, a conversion and a vpermps per row
-# and super-block; in cache, one thread, alternated 3 x: q4_K, q5_K, q6_K 4-6% faster)
-DCHUNK = 16
 PF = 16384  # prefetch distance: of the matrix (each stream, qs and qh, kR rows ahead: k R row lengths >= PF)
 # the arrays streamed per row that decode prefetches, with their bytes per 32-element sub-block
 PF_STREAMS = {k: (("qs", 16),) + ((("qh", 8 if k == "q6_K" else 4),) if "qh" in ARR[k] else ()) for k in KINDS}

@@ -24,7 +24,7 @@ row and token (times xd, xd / -16, then times d, d, dmin, dmin). AVX2's vpmaddub
 fields are summed in i16 words before one vpmaddwd (a word is 8 products, at most 8 x 7 x 127 from
 q3_K's -4 x sum start: no overflow; a vpmaddubsw pair is at most 2 x 7 x 128 = 1792, it cannot
 saturate). d (and dmin) per super-block run in a loop of their own: each row's are converted to float
-16 super-blocks at a time into a buffer on the stack (``kquant.DBuf``), and the loop broadcasts one from
+16 super-blocks at a time into a buffer on the stack (``DBuf``), and the loop broadcasts one from
 it (before: an fp16 broadcast, a blend and a conversion per row and super-block; in cache, one thread,
 alternated: q2_K and q3_K about 5% faster); the ``_32`` variants' per-sub-block d in another loop. Tails of the ``_32``
 variants (``group_x86``): one sub-block or parts of 4, the dwords of each expanded by a
@@ -205,6 +205,44 @@ def _prep_codegen(kind: str, isa: str):
     return codegen
 
 
+class DBuf:
+    """A tile's rows' super-block scales (fp16, one per 256 columns: d, and dmin) as floats on the
+    stack, DCHUNK super-blocks at a time: the x86 main loops broadcast one float from it instead of
+    loading, shuffling and converting an fp16 value per row and super-block (one vcvtph2ps per row,
+    array and chunk instead)."""
+
+    def __init__(self, e: _E, A: dict, rows: list, names: tuple):
+        self.e, self.A, self.rows, self.names = e, A, rows, names
+        self.mem = cgutils.alloca_once(e.b, ir.ArrayType(_vec(F32, DCHUNK), len(rows) * len(names)))
+
+    def loop(self, nsb, body) -> None:
+        """body(b0, bi) for each of the nsb super-blocks (b0: its first sub-block, bi: its index in
+        the chunk whose scales the buffer holds)."""
+        e, b = self.e, self.e.b
+        i64 = e.i64
+        with cgutils.for_range(b, b.udiv(b.add(nsb, i64(DCHUNK - 1)), i64(DCHUNK))) as cl:
+            s0 = b.mul(cl.index, i64(DCHUNK))
+            cnt = b.sub(nsb, s0)
+            cnt = b.select(b.icmp_unsigned("<", cnt, i64(DCHUNK)), cnt, i64(DCHUNK))
+            m = e.lanes_below(DCHUNK, b.trunc(cnt, I32))
+            for r, row in enumerate(self.rows):
+                for j, name in enumerate(self.names):
+                    base, st = self.A[name]
+                    h = e.load(base, b.add(b.mul(row, st), b.mul(s0, i64(2))), _vec(I16, DCHUNK), m)
+                    b.store(b.fpext(b.bitcast(h, _vec(F16, DCHUNK)), _vec(F32, DCHUNK)),
+                            b.bitcast(b.gep(self.mem, [I32(0), I32(r * len(self.names) + j)]),
+                                      _vec(F32, DCHUNK).as_pointer()))
+            with cgutils.for_range(b, cnt) as loop:
+                body(b.mul(b.add(s0, loop.index), i64(8)), loop.index)
+
+    def get(self, r: int, name: str, bi):
+        """<16 x float>: array ``name`` of row r's super-block bi of the chunk, broadcast."""
+        e, b = self.e, self.e.b
+        k = r * len(self.names) + self.names.index(name)
+        p = b.gep(b.bitcast(self.mem, F32.as_pointer()), [b.add(e.i64(k * DCHUNK), bi)])
+        return e.splat(b.load(p), 16)
+
+
 def _tile_codegen(kind: str, isa: str, R: int, U: int, f64: bool = False):
     FT, esz = (F64, 8) if f64 else (F32, 4)
     q2 = kind == "q2_K"
@@ -231,8 +269,8 @@ def _tile_codegen(kind: str, isa: str, R: int, U: int, f64: bool = False):
         zero = ir.Constant(FT, 0.0) if isa == "portable" else ir.Constant(_vec(F32, 16), None)
         acc = [[cgutils.alloca_once_value(b, zero) for _ in range(U)] for _ in range(R)]
         D = (lambda v: b.fpext(v, FT)) if f64 else (lambda v: v)  # noqa: E731
-        # x86: each row's d (and dmin) as floats, DCHUNK super-blocks at a time (kquant.DBuf)
-        dbuf = kquant.DBuf(e, A, rows, ("d", "dmin") if q2 else ("d",)) if isa != "portable" else None
+        # x86: each row's d (and dmin) as floats, DCHUNK super-blocks at a time (DBuf)
+        dbuf = DBuf(e, A, rows, ("d", "dmin") if q2 else ("d",)) if isa != "portable" else None
         row = lambda r, name: b.mul(r, A[name][1])  # noqa: E731
 
         # d / dmin: one fp16 value per 256 columns (dshift 3) or per 32 (0); chosen once per tile by a
@@ -486,7 +524,7 @@ def _tile_codegen(kind: str, isa: str, R: int, U: int, f64: bool = False):
                 group_portable(loop.index)
         else:
             with b.if_else(sup) as (per256, per32):  # d per super-block or per sub-block: two loops
-                with per256:  # d (and dmin) per super-block, as floats from the stack (kquant.DBuf)
+                with per256:  # d (and dmin) per super-block, as floats from the stack (DBuf)
                     dbuf.loop(b.udiv(nb, i64(8)), lambda b0, bi: group8(b0, True, bi))
                 with per32:
                     with cgutils.for_range(b, b.udiv(nb, i64(8))) as loop:
@@ -518,6 +556,13 @@ def _make_prep(kind, isa):
                          _prep_codegen(kind, isa))
 
 
+# super-blocks whose d (and dmin) DBuf holds as floats at a time. Measured (one thread, 3 alternated
+# rounds, load 0.8-1.0): in cache (512 x 2048) q2_K and q3_K about 5% faster than the fp16 broadcast,
+# blend and conversion per row and super-block it replaces; from DRAM within the noise (q2_K / q4_0
+# 0.75 -> 0.72, q3_K / q4_0 0.99 -> 1.05, medians of 6). The same buffer in kquant's q4_K/q5_K/q6_K
+# tiles was 4-6% faster in cache but the 1B Q4_K_M shape generated ~6% slower end to end in 7 of 8
+# alternated pairs, so kquant keeps its masked loads.
+DCHUNK = 16
 PF = 4096  # decode prefetch distance in bytes of each stream
 # the streams decode prefetches, with their bytes per 32-weight sub-block. The scale bytes too: without
 # them the 1b-down shape (2048 x 8192) ran q2_K at 15 GB/s (cpu time) against 19 with them, loaded
