@@ -297,7 +297,6 @@ class Shard:
     def __init__(self, path: Path, world_size: int, rank: int):
         self.path = Path(path)
         self.tensors: dict[str, Tensor] = {}
-        self.reencoded: dict[str, int] = {}   # tensor -> bytes re-encoded into memory (older formats)
         if not self.path.exists():
             raise ValueError(f"shard file {self.path} is missing")
         import h5py
@@ -375,8 +374,6 @@ class Shard:
             # formats 1 and 2: q3_K's qs and qh re-encoded likewise (q2_K's qs and a bit mask before)
             stored = dict(arrays)
             arrays["qs"], arrays["qh"] = quant.q3_K_from_format2(arrays["qs"], arrays["qh"])
-        if stored is not None:
-            self.reencoded[name] = sum(arrays[k].nbytes for k in arrays if arrays[k] is not stored[k])
         self.tensors[name] = Tensor(name, wtype, shape, arrays, str(ck) if ck is not None else None, stored)
 
     def verify(self, progress=None) -> VerifyResult:
@@ -414,3 +411,9 @@ class Shard:
     @property
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
+
+    @property
+    def reencoded(self) -> dict[str, int]:
+        """Tensor -> bytes of it re-encoded into memory at load (a shard of an older format)."""
+        return {n: sum(v.nbytes for k, v in t.arrays.items() if v is not t.stored[k])
+                for n, t in self.tensors.items() if t.stored is not None}

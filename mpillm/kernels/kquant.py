@@ -235,6 +235,20 @@ class _E(Emit):
                             if n > 32 else idx]) for c in range(n // 32)]
         return parts[0] if len(parts) == 1 else self.shuffle(parts[0], parts[1], range(64))
 
+    def pf_offsets(self, A: dict, streams, R: int, pf: int) -> dict:
+        """Decode prefetch distance of each stream (name, ...) of A: k R row strides, k the least power
+        of two that makes it >= pf bytes (pf itself for a zero stride), so the prefetched lines are
+        the same place of a row tile this thread runs later."""
+        b, i64 = self.b, self.i64
+        out = {}
+        for name, *_ in streams:
+            off = b.mul(A[name][1], i64(R))
+            off = b.select(b.icmp_unsigned("==", off, i64(0)), i64(pf), off)
+            for _ in range(pf.bit_length()):
+                off = b.select(b.icmp_unsigned("<", off, i64(pf)), b.shl(off, i64(1)), off)
+            out[name] = off
+        return out
+
 
 def _nibbles(e: _E, A: dict, r, b0, nsub: int):
     """The qs bytes of sub-blocks [b0, b0 + nsub) of row r split into (low, high) nibbles,
@@ -742,14 +756,7 @@ def _tile_codegen(kind: str, isa: str, R: int, U: int, f64: bool = False, pf: bo
                 for u in range(U):
                     b.store(e.fma(Mp, xdsum[u], b.load(macc8[r][u])), macc8[r][u])
 
-        pf_off = {}  # prefetch distance per stream: kR row strides, k a power of two, >= PF bytes
-        if pf:
-            for name, _ in PF_STREAMS[kind]:
-                off = b.mul(A[name][1], i64(R))
-                off = b.select(b.icmp_unsigned("==", off, i64(0)), i64(PF), off)
-                for _ in range(PF.bit_length()):
-                    off = b.select(b.icmp_unsigned("<", off, i64(PF)), b.shl(off, i64(1)), off)
-                pf_off[name] = off
+        pf_off = e.pf_offsets(A, PF_STREAMS[kind], R, PF) if pf else {}
         if isa == "portable":
             with cgutils.for_range(b, nb) as loop:
                 group_portable(loop.index)

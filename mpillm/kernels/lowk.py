@@ -511,14 +511,7 @@ def _tile_codegen(kind: str, isa: str, R: int, U: int, f64: bool = False):
                         a = e.fma(pad16(t, L), pad16(xdl[u][p_], L), a)
                     b.store(a, acc[r][u])
 
-        pf_off = {}  # decode prefetch distance per stream: kR row strides, k a power of two, >= PF bytes
-        if isa != "portable" and U == 1:
-            for name, _ in PF_STREAMS[kind]:
-                off = b.mul(A[name][1], i64(R))
-                off = b.select(b.icmp_unsigned("==", off, i64(0)), i64(PF), off)
-                for _ in range(PF.bit_length()):
-                    off = b.select(b.icmp_unsigned("<", off, i64(PF)), b.shl(off, i64(1)), off)
-                pf_off[name] = off
+        pf_off = e.pf_offsets(A, PF_STREAMS[kind], R, PF) if isa != "portable" and U == 1 else {}
         if isa == "portable":
             with cgutils.for_range(b, nb) as loop:
                 group_portable(loop.index)
