@@ -8,6 +8,9 @@ real delay through the relay), one rank per host, and times on the real ranks:
 
 * a ping-pong between rank 0 and rank 1 with a message of the sync's size: half its round trip
   is one way's latency plus serialization, the floor of any one-round exchange;
+* a bare MPI_Sendrecv between ranks 0 and 1 with the same message, both directions at once as a
+  sync's messages travel: what the link itself charges for the exchange, before any of mpillm's
+  packing, summing and Python;
 * the engine's sync (mpillm.runtime.collectives.Sync, T = 1 row of ``--dim``) for each buffer
   type, exchange (allreduce, p2p) and wait mode (poll, block), as a decode step calls it.
 
@@ -62,6 +65,11 @@ for bt in ("f32", "q8_0"):
         elif rank == 1:
             c.Recv(msg, source=0, tag=3); c.Send(msg, dest=0, tag=3)
     out[f"pingpong|{bt}"] = timed(pingpong) / 2          # one way
+    other = np.zeros_like(msg)
+    def exchange():      # both ways at once, as a sync's messages travel: the link's own floor for it
+        if rank < 2:
+            c.Sendrecv(msg, dest=1 - rank, sendtag=4, recvbuf=other, source=1 - rank, recvtag=4)
+    out[f"{bt}|sendrecv (MPI only)|poll"] = timed(exchange)
     for algo in ("allreduce", "p2p"):
         for wait in ("poll", "block"):
             s = Sync(c, bt, 1, dim, algo, wait)
