@@ -111,6 +111,9 @@ def main() -> int:
     p.add_argument("--gen-tokens", type=int, default=48)
     p.add_argument("--timeout", type=float, default=600)
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--cluster", type=Path, default=None,
+                   help="the calibration to split by: read if the file exists, else measured and written there "
+                        "(so two trees can be compared on the same split; the calibration itself varies run to run)")
     a = p.parse_args()
     if a.model is None:
         from mpillm.startup import bundled_gguf
@@ -119,10 +122,12 @@ def main() -> int:
     t0 = time.time()
     with CpuQuota(a.quota, a.period_us) as cg, tempfile.TemporaryDirectory(prefix="mpillm-split-") as td:
         td = Path(td)
-        even, split, cluster = td / "even", td / "split", td / "cluster.json"
+        even, split, cluster = td / "even", td / "split", a.cluster or td / "cluster.json"
         run([sys.executable, "-m", "convert", str(a.model), str(even), "--world-size", "2", "--no-progress"], a.timeout)
-        cal_out = run(mpirun_cmd(2) + wrapped(cg, [sys.executable, "-m", "mpillm.check", "--model", str(even),
-                                                  "--no-comm", "--calibrate", str(cluster)]), a.timeout)
+        cal_out = f"calibration read from {cluster}"
+        if not cluster.exists():
+            cal_out = run(mpirun_cmd(2) + wrapped(cg, [sys.executable, "-m", "mpillm.check", "--model", str(even),
+                                                      "--no-comm", "--calibrate", str(cluster)]), a.timeout)
         speeds = [r["weight_gbps"] for r in json.loads(cluster.read_text())["ranks"]]
         run([sys.executable, "-m", "convert", str(a.model), str(split), "--cluster", str(cluster), "--no-progress"],
             a.timeout)

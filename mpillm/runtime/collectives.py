@@ -56,6 +56,10 @@ from mpillm.runtime.stats import CommStats
 WAIT_MODES = ("auto", "poll", "block")
 SPIN_S = 50e-6              # block: test in a loop this long before sleeping
 SLEEP_S = 20e-6             # block: then sleep this long between tests (the kernel rounds it up)
+# The timer slack stays Linux's default (50 us: a 20 us nap lasts about 90 us). With 1 ns (prctl)
+# a nap lasts 40 us and an idle-link blocking sync costs half (p2p 751 -> 362 us at 1gbe), but each
+# nap also costs about 17 us of CPU on a VM, so a rank under a CPU quota woke twice as often and
+# burned its quota: the throttled split ran 8% slower (benchmarks/results/*timer_slack_ab*).
 
 
 def cpu_quota(proc_cgroup: str | None = None, root: Path = Path("/sys/fs/cgroup")) -> float | None:
