@@ -22,8 +22,8 @@ up to 2x; ``--cluster`` with the Allreduce timings measured on the real ranks av
 ``--buffer-type f16|q8_0`` exchange compressed partials as one message per rank (each rank
 receives (P-1) shares). ``--sync p2p`` (the engine's choice from 3 ranks for small messages, as
 distributed-llama's sync) is one round whatever P: a latency, then the (P-1) messages each rank
-sends and receives at the link's rate. ``--wait block`` adds ``BLOCK_WAKE_US`` per sync: the
-sleeping rank wakes up late by about that much. The link figures are the
+sends and receives at the link's rate. ``--wait block`` adds ``BLOCK_WAKE_US`` per sync, as measured
+over TCP (a rank that sleeps between tests moves the exchange along only when it wakes). The link figures are the
 emulated cluster's profiles (tests/cluster/netns.py), whose round trips and rates the
 link tests check on real packets; the node figures are cited in the README.
 
@@ -44,7 +44,11 @@ from mpillm.formats.config import ModelConfig
 from mpillm.runtime.exchange import choose_algorithm, message_bytes
 
 CLUSTER_FORMAT = "mpillm-cluster"
-BLOCK_WAKE_US = 60.0   # --wait block: a sleeping rank notices a finished exchange this much later
+# --wait block: what a sync costs more than polling, measured between 2 emulated hosts (1gbe, 5gbe;
+# f32 and q8_0; Allreduce and p2p: 345-571 us, median 460; scripts/sync_bench.py, 5 runs,
+# benchmarks/results/sync_cost_np2_sendrecv_floor_2026-12-07.json). Not one late wake-up: MPI over
+# TCP progresses only inside the tests between the naps, and an exchange needs several.
+BLOCK_WAKE_US = 460.0
 CLUSTER_VERSION = 1
 # Resident memory of a rank besides weights and KV cache (mpillm.check's figure)
 RUNTIME_OVERHEAD = 256 * 2**20

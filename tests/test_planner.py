@@ -137,3 +137,19 @@ def test_bytes_per_weight_are_the_stored_bytes():
     assert set(planner.BYTES_PER_WEIGHT) >= {"q2_K", "q3_K", "q4_K", "q5_K", "q6_K", "iq4_nl", "iq4_xs"}
     for t, b in planner.BYTES_PER_WEIGHT.items():
         assert b * 256 == quant.nbytes(t, 1, 256), t
+
+
+def test_block_wait_cost_is_the_measured_one():
+    """``--wait block``'s cost per sync is the one scripts/sync_bench.py measured between emulated
+    hosts (block minus poll, per link, buffer type and exchange; median of 5 runs each), not a
+    guess: the planner's 60 us before 2026-12-07 was 8x under every case measured (345-571 us).
+    Control: BLOCK_WAKE_US = 60 fails."""
+    rows = json.loads((Path(__file__).resolve().parents[1] / "benchmarks" / "results" /
+                       "sync_cost_np2_sendrecv_floor_2026-12-07.json").read_text())["rows"]
+    med = {(r["profile"], r["buffer_type"], r["sync"], r["wait"]): sorted(r["us"])[len(r["us"]) // 2] for r in rows}
+    extra = sorted(med[k] - med[k[:3] + ("poll",)] for k in med if k[3] == "block")
+    assert len(extra) == 8
+    assert extra[0] * 0.8 <= planner.BLOCK_WAKE_US <= extra[-1] * 1.2, (planner.BLOCK_WAKE_US, extra)
+    link = planner.LINKS["1gbe"]
+    diff = planner.sync_s(SMOL, 2, link, wait="block") - planner.sync_s(SMOL, 2, link, wait="poll")
+    assert diff == pytest.approx(planner.BLOCK_WAKE_US * 1e-6)
