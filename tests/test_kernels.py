@@ -15,6 +15,7 @@ import sys
 import numpy as np
 import pytest
 
+from avx2only import not_on_avx2_only, run_on_avx2_only
 from mpillm import kernels
 from mpillm.formats import quant
 
@@ -323,22 +324,10 @@ def test_active_path_is_best_available():
     assert kernels.active_path() == kernels.available_paths()[0]
 
 
-AVX2_ONLY = {"NUMBA_CPU_NAME": "haswell", "NUMBA_CPU_FEATURES": "+avx2,+fma,+f16c,+bmi2,+popcnt"}
-
-
-@pytest.mark.skipif(os.environ.get("NUMBA_CPU_NAME") == "haswell", reason="already on the AVX2-only target")
+@not_on_avx2_only
 def test_avx2_path_compiled_for_an_avx2_only_cpu():
-    """On an AVX-512 host LLVM may lower the AVX2 path's IR with AVX-512/VNNI instructions;
-    compile it for a Haswell target (no AVX-512) in a subprocess and run its tests there."""
-    if "avx2" not in kernels.available_paths():
-        pytest.skip("host lacks AVX2")
-    env = dict(os.environ, **AVX2_ONLY, MPILLM_NO_WARMUP="1")  # no conftest engine warm-up for Haswell
-    env.pop(kernels.ENV, None)
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-                        "-k", "avx2 and (test_matmul or test_quantize or agree)"],
-                       env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert " passed" in r.stdout
+    """The AVX2 path compiled for a Haswell target (tests/avx2only.py) and its tests run there."""
+    assert " passed" in run_on_avx2_only(__file__, "avx2 and (test_matmul or test_quantize or agree)", timeout=300)
 
 
 @pytest.mark.parametrize("path_name", PATHS)

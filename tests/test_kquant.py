@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from avx2only import not_on_avx2_only, run_on_avx2_only
 from mpillm import kernels
 from mpillm.formats import quant
 
@@ -299,19 +300,7 @@ def test_converter_bit_exact_and_cut_super_blocks(tmp_path):
     assert any("layers/1/w_down: q5_K stored as q5_K_32" in x for x in notes)
 
 
-@pytest.mark.skipif(__import__("os").environ.get("NUMBA_CPU_NAME") == "haswell", reason="already on the AVX2-only target")
+@not_on_avx2_only
 def test_avx2_path_compiled_for_an_avx2_only_cpu():
-    """As in test_kernels.py: the AVX2 kernels compiled for a Haswell target (no AVX-512 for LLVM
-    to slip in: the bit-mask expansion and byte shuffles lower differently there)."""
-    import os
-    import subprocess
-
-    if "avx2" not in kernels.available_paths():
-        pytest.skip("host lacks AVX2")
-    env = dict(os.environ, NUMBA_CPU_NAME="haswell", NUMBA_CPU_FEATURES="+avx2,+fma,+f16c,+bmi2,+popcnt",
-               MPILLM_NO_WARMUP="1")  # conftest's engine warm-up would compile whole models for Haswell
-    env.pop(kernels.ENV, None)
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-                        "-k", "avx2 and test_matmul"], env=env, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert " passed" in r.stdout
+    """The AVX2 kernels compiled for a Haswell target (tests/avx2only.py)."""
+    assert " passed" in run_on_avx2_only(__file__, "avx2 and test_matmul")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from avx2only import not_on_avx2_only, run_on_avx2_only
 from mpillm import kernels
 from mpillm.formats import quant
 
@@ -132,25 +133,12 @@ def test_row_does_not_depend_on_its_batch(path_name, wtype):
         np.testing.assert_array_equal(out, alone[:T], err_msg=f"{path_name} {wtype}: batch of {T}")
 
 
-@pytest.mark.skipif(__import__("os").environ.get("NUMBA_CPU_NAME") == "haswell", reason="already on the AVX2-only target")
+@not_on_avx2_only
 def test_avx2_path_compiled_for_an_avx2_only_cpu():
-    """As test_kquant.py / test_iquant.py: the AVX2 kernels compiled for a Haswell target (no AVX-512 for
-    LLVM to slip in: the i16 word sums, vpmaddwd and byte shuffles lower differently there), against
-    the reference and for batch independence."""
-    import os
-    import subprocess
-    import sys
-
-    if "avx2" not in kernels.available_paths():
-        pytest.skip("host lacks AVX2")
-    env = dict(os.environ, NUMBA_CPU_NAME="haswell", NUMBA_CPU_FEATURES="+avx2,+fma,+f16c,+bmi2,+popcnt",
-               MPILLM_NO_WARMUP="1")  # conftest's engine warm-up would compile whole models for Haswell
-    env.pop(kernels.ENV, None)
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-                        "-k", "avx2 and (test_matmul or test_row_does_not)"], env=env, capture_output=True, text=True,
-                       timeout=900)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "18 passed" in r.stdout   # test_matmul and test_row_does_not at avx2: every case ran
+    """The AVX2 kernels compiled for a Haswell target (tests/avx2only.py), against the reference and
+    for batch independence."""
+    out = run_on_avx2_only(__file__, "avx2 and (test_matmul or test_row_does_not)")
+    assert "18 passed" in out   # test_matmul and test_row_does_not at avx2: every case ran
 
 
 @pytest.mark.parametrize("wtype", ALL)
