@@ -7,8 +7,10 @@ the decode steps after it, how many distinct experts the router picked, and the 
 
 The same prompt (random tokens, seed 0) and greedy decoding as ``mpillm.bench``. Rank 0 prints the
 plan line (weights + KV cache per rank) and one JSON object: per rank, milliseconds per prompt step
-and per generated token, split by part. Timing wraps each call in perf_counter (about 1 us a call;
-the MLA block makes ~6 calls per local head and layer, so its own figures carry that overhead).
+and per generated token, split by part. Timing wraps each call in perf_counter (about 1 us a call).
+MLA's per-head loops are one jitted call each (mpillm.runtime.fused.mla_heads), so their kv_b
+matmuls count under block.mla; with MPILLM_FUSED=0 the loops run head by head in Python and each
+head's calls show (about 9 a head and layer, each carrying the timer's overhead).
 """
 from __future__ import annotations
 

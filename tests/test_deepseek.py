@@ -132,6 +132,38 @@ def test_llamacpp_converter_gguf_logits(tmp_path):
             assert (gg.argmax(-1) == exp["logits"].argmax(-1)).all()
 
 
+@pytest.mark.parametrize("wtype", ["f32", "q8_0"])
+def test_jitted_head_loops_equal_the_per_head_calls(tmp_path, wtype):
+    """MLA's per-head loops (fold kv_b's key half into each head's query, its value half into each
+    head's output) run as one jitted call each (mpillm.runtime.fused.mla_heads); the Python loop
+    over the heads, kernel call by kernel call, is kept for MPILLM_FUSED=0. Both give the same
+    logits bit for bit, for a prompt and for a decode step after it. Control (by hand): the jitted
+    loop's query scale left out (put_cols(qlat, qabs, e * W, 1.0)) fails both types."""
+    from mpi4py import MPI
+
+    from convert.__main__ import convert
+    from mpillm.runtime.engine import Engine
+
+    exp = np.load(FIXTURES / "deepseek_v3" / "expected.npz")
+    convert(FIXTURES / "deepseek_v3", tmp_path / "m", [1], wtype, progress=False, tokenizer=False)
+    eng = Engine(tmp_path / "m", max_seq_len=32, max_batch=16, comm=MPI.COMM_SELF, verbose=False, kv_type="f32")
+    try:
+        assert eng.model.mla_heads is not None
+        toks = exp["tokens"]
+        runs = []
+        for heads in (eng.model.mla_heads, None):
+            eng.model.mla_heads = heads
+            prompt = eng.step(toks, 0, all_logits=True).copy()
+            step = eng.step(toks[:1], len(toks), all_logits=True).copy()
+            runs.append((prompt, step))
+        np.testing.assert_array_equal(runs[0][0], runs[1][0])
+        np.testing.assert_array_equal(runs[0][1], runs[1][1])
+        if wtype == "f32":
+            assert float(np.abs(runs[0][0] - exp["logits"]).max()) < 1e-4
+    finally:
+        eng.stop()
+
+
 @pytest.mark.parametrize("wtype,cols,ns,kept", [("q8_0", 64, 1, "q8_0"), ("q8_0", 128, 2, "q8_0"), ("q8_0", 64, 4, "f32"),
                                                  ("q6_K", 512, 2, "q6_K"), ("q6_K", 512, 4, "q6_K_32"),
                                                  ("q4_K", 256, 1, "q4_K")])

@@ -168,6 +168,9 @@ class Layer:
         H = g("wk_b").shape[0]
         self.wk_b = [Linear(g("wk_b"), h) for h in range(H)]  # (kv_lora_rank, qk_nope_dim) per local head
         self.wv_b = [Linear(g("wv_b"), h) for h in range(H)]  # (v_head_dim, kv_lora_rank) per local head
+        # the same, stacked (H, rows, ...), for the jitted head loops (mpillm.runtime.fused.mla_heads)
+        self.kv_b_types = (g("wk_b").wtype, g("wv_b").wtype)
+        self.wk_b_all, self.wv_b_all = _plain(g("wk_b").arrays, g("wk_b").wtype), _plain(g("wv_b").arrays, g("wv_b").wtype)
 
 
 class Transformer:
@@ -288,8 +291,12 @@ class Transformer:
         import os
 
         self.fused = None
+        self.mla_heads = None
         exact64 = self.partial64 is not None
-        if os.environ.get("MPILLM_FUSED", "1") == "0" or self.cfg.is_mla:  # deepseek2: the per-kernel path
+        if os.environ.get("MPILLM_FUSED", "1") == "0":
+            return
+        if self.cfg.is_mla:  # deepseek2: the per-kernel path, its per-head loops jitted
+            self.mla_heads = [fused.mla_heads(*L.kv_b_types) for L in self.layers]
             return
         part = self.partial64 if exact64 else self.partial  # where wo / w_down write
         cfg, hd = self.cfg, self.cfg.head_dim
@@ -419,18 +426,27 @@ class Transformer:
         cache = self.k_cache[li]
         mla.store_latent(kv, cache, slots, positions)
         q, qabs, sc = self.q[:T], self.mla_q[:T], self.mla_q_scale
-        for h in range(len(L.wk_b)):  # fold each head's key half of kv_b into its query
-            mla.take_cols(q, h * hd, self.mla_qn.x[:T])
-            self.mla_qn.quantize(T)
-            L.wk_b[h](self.mla_qn, T, self.mla_qlat)
-            mla.put_cols(self.mla_qlat[:T], qabs, h * W, sc)
-            mla.put_cols(q[:, h * hd + nope:(h + 1) * hd], qabs, h * W + r, sc)
+        H, heads = len(L.wk_b), (self.mla_heads[li] if self.mla_heads is not None else None)
+        qn, ol = self.mla_qn, self.mla_ol
+        if heads is not None:  # the same loop, jitted (mpillm.runtime.fused.mla_heads)
+            heads.absorb_q(T, H, hd, nope, W, r, sc, self.q, qn.x, qn.xq, qn.xd, qn.xsum, *L.wk_b_all,
+                           self.mla_qlat, self.mla_q)
+        else:
+            for h in range(H):  # fold each head's key half of kv_b into its query
+                mla.take_cols(q, h * hd, qn.x[:T])
+                qn.quantize(T)
+                L.wk_b[h](qn, T, self.mla_qlat)
+                mla.put_cols(self.mla_qlat[:T], qabs, h * W, sc)
+                mla.put_cols(q[:, h * hd + nope:(h + 1) * hd], qabs, h * W + r, sc)
         ops.attention_latent(qabs, cache, slots, positions, W, self.mla_kv_head, self.scores, self.mla_o[:T])
-        for h in range(len(L.wv_b)):  # each head's value half of kv_b after attention
-            mla.take_cols(self.mla_o[:T], h * W, self.mla_ol.x[:T])
-            self.mla_ol.quantize(T)
-            L.wv_b[h](self.mla_ol, T, self.mla_vh)
-            mla.put_cols(self.mla_vh[:T], self.att.x[:T], h * dv, 1.0)
+        if heads is not None:
+            heads.expand_v(T, H, W, dv, self.mla_o, ol.x, ol.xq, ol.xd, ol.xsum, *L.wv_b_all, self.mla_vh, self.att.x)
+        else:
+            for h in range(H):  # each head's value half of kv_b after attention
+                mla.take_cols(self.mla_o[:T], h * W, ol.x[:T])
+                ol.quantize(T)
+                L.wv_b[h](ol, T, self.mla_vh)
+                mla.put_cols(self.mla_vh[:T], self.att.x[:T], h * dv, 1.0)
         self.att.quantize(T)
         part = self.partial if self.partial64 is None else self.partial64
         L.wo(self.att, T, part)
