@@ -551,8 +551,9 @@ def _make_prep(kind, isa):
 
 # super-blocks whose d (and dmin) DBuf holds as floats at a time. Measured (one thread, 3 alternated
 # rounds, load 0.8-1.0): in cache (512 x 2048) q2_K and q3_K about 5% faster than the fp16 broadcast,
-# blend and conversion per row and super-block it replaces; from DRAM within the noise (q2_K / q4_0
-# 0.75 -> 0.72, q3_K / q4_0 0.99 -> 1.05, medians of 6). The same buffer in kquant's q4_K/q5_K/q6_K
+# blend and conversion per row and super-block it replaces; from DRAM (scripts/decode_interleave.py,
+# alternated with the old tree) q2_K / q4_0 0.755 -> 0.815 and q3_K / q4_0 0.965 -> 1.07 on a quiet
+# sitting (medians of 8), within the noise on a busier one (0.75 -> 0.72, 0.99 -> 1.05). The same buffer in kquant's q4_K/q5_K/q6_K
 # tiles was 4-6% faster in cache but the 1B Q4_K_M shape generated ~6% slower end to end in 7 of 8
 # alternated pairs, so kquant keeps its masked loads.
 DCHUNK = 16

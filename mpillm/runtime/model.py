@@ -165,12 +165,13 @@ class Layer:
         self.wq = Linear(g("wq_b") if q_lora else g("wq"))   # (n_heads_pp * head_dim, q_lora_rank or dim)
         self.wkv_a = Linear(g("wkv_a"))                      # (kv_lora_rank + qk_rope_dim, dim) replicated
         self.kv_a_norm = _vec(g("kv_a_norm"))                # (kv_lora_rank,)
-        H = g("wk_b").shape[0]
-        self.wk_b = [Linear(g("wk_b"), h) for h in range(H)]  # (kv_lora_rank, qk_nope_dim) per local head
-        self.wv_b = [Linear(g("wv_b"), h) for h in range(H)]  # (v_head_dim, kv_lora_rank) per local head
+        wk_b, wv_b = g("wk_b"), g("wv_b")
+        H = wk_b.shape[0]
+        self.wk_b = [Linear(wk_b, h) for h in range(H)]  # (kv_lora_rank, qk_nope_dim) per local head
+        self.wv_b = [Linear(wv_b, h) for h in range(H)]  # (v_head_dim, kv_lora_rank) per local head
         # the same, stacked (H, rows, ...), for the jitted head loops (mpillm.runtime.fused.mla_heads)
-        self.kv_b_types = (g("wk_b").wtype, g("wv_b").wtype)
-        self.wk_b_all, self.wv_b_all = _plain(g("wk_b").arrays, g("wk_b").wtype), _plain(g("wv_b").arrays, g("wv_b").wtype)
+        self.kv_b_types = (wk_b.wtype, wv_b.wtype)
+        self.wk_b_all, self.wv_b_all = _plain(wk_b.arrays, wk_b.wtype), _plain(wv_b.arrays, wv_b.wtype)
 
 
 class Transformer:
