@@ -50,7 +50,17 @@ token). Each row and token of a tile is emitted after the previous one's accumul
 LLVM otherwise interleaved them and spilled). A tail of sub-blocks (q5_0 / q5_1 / mxfp4 rows,
 ``_32`` slices) runs from xq: 4 sub-blocks together when it has them (as a half group), the rest
 one at a time (32 codes in element order, float scales). M terms go to
-an 8-lane accumulator in a loop of their own after the dots. Tiles: per 4-row tile, each whole 8
+an 8-lane accumulator in a loop of their own after the dots (in the same loop they spilled the
+dots' registers in the multi-token tiles; in the one-token tiles, together with the split below,
+they were faster from memory on the 1B down shape, q4_K 0.86 -> 1.00 of q4_0's GB/s, but slower
+on the gate shape, 0.97 -> 0.88, and on short rows, 2048 x 512 q4_K 37 -> 54 us in cache). q4_K's
+and q5_K's one-token loops are emitted twice: for d and dmin per 256 columns (one fp16 load and
+splat per row and group; with dvec's masked load and select LLVM branched inside the loop) and as
+before for the ``_32`` slices. From memory, one thread, q4_0 called alternately
+(``scripts/decode_interleave.py``, 7 alternated rounds, load 0.6-1.0), q5_K on the 1B gate shape
+went from 0.83 (0.72-0.93) to 1.02 (0.98-1.06) of q4_0's GB/s, the AVX2 path's 0.88 -> 1.02; q4_K
+and the down shape stayed inside the noise, as did the expert shapes (2048 x 384 ``_32``, 2048 x
+512, 384 x 2048) in cache (``benchmarks/results/kquant_decode_split_2026-12-07.json``). Tiles: per 4-row tile, each whole 8
 tokens in 2 x 8 tiles (W: a row's decoding amortized over 8 tokens), then 4 x 4 (S) and a 4 x 1..3
 tail (T = 1: 4 x 1), each row's streams (qs, qh) prefetched PF bytes of the matrix ahead (the same
 place k R rows on: the rows are contiguous). The runners are compiled without fastmath:
@@ -490,6 +500,7 @@ def _tile_codegen(kind: str, isa: str, R: int, U: int, f64: bool = False, pf: bo
         macc = [[cgutils.alloca_once_value(b, ir.Constant(FT, 0.0)) for _ in range(U)] for _ in range(R)]
         macc8 = [[cgutils.alloca_once_value(b, ir.Constant(_vec(F32, 8), None)) for _ in range(U)] for _ in range(R)]
         rows_cur = [None]  # the row dvec reads (set by scales_vec)
+        mode = [False]  # True: the loops of a tile whose d (and dmin) are per 256 columns (dshift 3)
         D = (lambda v: b.fpext(v, FT)) if f64 else (lambda v: v)  # noqa: E731
 
         def tok(u, blk):
@@ -536,8 +547,16 @@ def _tile_codegen(kind: str, isa: str, R: int, U: int, f64: bool = False, pf: bo
         dsel = (b.select(sup, ir.Constant(_vec(I32, 16), None), e.const(I32, 16, SEL))
                 if isa == "vnni" and kind == "q6_K" else None)
 
+        def dsplat(name, b0, n):
+            """mode[0] (d per 256 columns): the one fp16 scale of sub-blocks [b0, b0 + 8) as <n x float>."""
+            base, st = A[name]
+            h = e.load(base, b.add(b.mul(rows_cur[0], st), b.mul(b.lshr(b0, i64(3)), i64(2))), I16)
+            return e.splat(b.fpext(b.bitcast(h, F16), F32), n)
+
         def dlanes(name, b0):
             """The super-block scale of each of group_x86_8's 16 lanes (lane l: sub-block b0 + SEL[l])."""
+            if mode[0]:
+                return dsplat(name, b0, 16)
             if dsel is None:
                 return e.shuffle(dvec(name, b0, 8), None, SEL)
             base, st = A[name]
@@ -549,6 +568,8 @@ def _tile_codegen(kind: str, isa: str, R: int, U: int, f64: bool = False, pf: bo
         def dvec(name, b0, n):
             """<n x float> super-block scales of sub-blocks [b0, b0 + n): one fp16 splat when d is
             per 256 columns (dshift 3; the n sub-blocks then share it), else n fp16 values."""
+            if mode[0]:
+                return dsplat(name, b0, n)
             base, st = A[name]
             row = b.mul(rows_cur[0], st)
             h = e.load(base, b.add(row, b.mul(b.lshr(b0, dshift), i64(2))), _vec(I16, n), dmask[n])
@@ -762,20 +783,38 @@ def _tile_codegen(kind: str, isa: str, R: int, U: int, f64: bool = False, pf: bo
                 group_portable(loop.index)
         else:
             n8 = b.udiv(nb, i64(8))
-            for grp, grp8 in ((group_x86, group_x86_8), (group_min, None)) if has_min else ((group_x86, group_x86_8),):
-                with cgutils.for_range(b, n8) as loop:
-                    (grp8 or (lambda b0: grp(b0, 8)))(b.mul(loop.index, i64(8)))
-                # the tail (q5_0 / q5_1 / mxfp4 rows, _32 slices): up to 7 sub-blocks, 4 of them together
-                # when there are (Qwen3-30B-A3B's expert down-projection at 2 ranks: 8 + 4 sub-blocks a
-                # row, at 4 ranks 4 + 2), the rest one at a time (no 2-path: less code to compile)
-                rest = b.urem(nb, i64(8))
-                first = b.sub(nb, rest)
-                four = b.icmp_unsigned(">=", rest, i64(4))
-                with b.if_then(four):
-                    grp(first, 4)
-                first = b.add(first, b.select(four, i64(4), i64(0)))
-                with cgutils.for_range(b, b.sub(nb, first)) as loop:
-                    grp(b.add(first, loop.index), 1)
+            # one token (decode, and the token tails of T > 1), q4_K and q5_K: the loops emitted twice, for
+            # d and dmin per 256 columns (one fp16 load and splat per row and group: no branch inside the
+            # loop) and as before for the _32 slices (module docstring: measured)
+            split = kind in ("q4_K", "q5_K") and U == 1
+
+            def loops(m):
+                mode[0] = m
+                for grp, grp8 in ((group_x86, group_x86_8), (group_min, None)) if has_min else ((group_x86, group_x86_8),):
+                    with cgutils.for_range(b, n8) as loop:
+                        (grp8 or (lambda b0: grp(b0, 8)))(b.mul(loop.index, i64(8)))
+                    if m:  # d per 256 columns: nb % 8 == 0 (_dshift), no tail
+                        continue
+                    # the tail (q5_0 / q5_1 / mxfp4 rows, _32 slices): up to 7 sub-blocks, 4 of them together
+                    # when there are (Qwen3-30B-A3B's expert down-projection at 2 ranks: 8 + 4 sub-blocks a
+                    # row, at 4 ranks 4 + 2), the rest one at a time (no 2-path: less code to compile)
+                    rest = b.urem(nb, i64(8))
+                    first = b.sub(nb, rest)
+                    four = b.icmp_unsigned(">=", rest, i64(4))
+                    with b.if_then(four):
+                        grp(first, 4)
+                    first = b.add(first, b.select(four, i64(4), i64(0)))
+                    with cgutils.for_range(b, b.sub(nb, first)) as loop:
+                        grp(b.add(first, loop.index), 1)
+                mode[0] = False
+            if split:
+                with b.if_else(sup) as (then, other):
+                    with then:
+                        loops(True)
+                    with other:  # the _32 slices: dvec's masked load and select, as the other tiles
+                        loops(False)
+            else:
+                loops(False)
         for r in range(R):
             for u in range(U):
                 a = b.load(acc[r][u])
