@@ -231,11 +231,12 @@ def test_row_does_not_depend_on_its_batch(path_name, wtype, weights):
 
 @pytest.mark.parametrize("path_name", PATHS)
 @pytest.mark.parametrize("wtype", ["q4_0", "q4_1", "q8_0"])
-@pytest.mark.parametrize("K", [1088, 4160])
+@pytest.mark.parametrize("K", [800, 1088, 4160])
 def test_long_row_does_not_depend_on_its_tile(path_name, wtype, K, weights):
-    """As above for long rows (K = 1088: 34 blocks, two whole 16-block groups and a partial one,
-    which VNNI runs with its 4-block tiles; K = 4160: 130 blocks, the whole-block tiles with their
-    masked partial group), which T = 1 streams one row at a time, and a prefill-sized batch
+    """As above for long rows (K = 800: 25 blocks, 16 and a partial group of 9, which VNNI runs with
+    its 4-block tiles; K = 1088: 34 blocks, two whole 16-block groups and a 2-block tail group;
+    K = 4160: 130 blocks, the whole-block tiles with their tail), which T = 1 streams one row at a
+    time, and a prefill-sized batch
     (T = 64): every token's row is bit-identical to the token alone, and to the same rows
     computed one row further on in the matrix (another position in the row tiles)."""
     path = _path(path_name)

@@ -84,16 +84,25 @@ class Emit:
         f = self.decl(f"llvm.masked.load.v{ty.count}{suffix(ty.element)}.p0", ty, [PTR, I32, vec(I1, ty.count), ty])
         return self.b.call(f, [p, I32(align), mask, ir.Constant(ty, None) if fill is None else fill])
 
-    def chunked(self, n, size: int, body):
+    def chunked(self, n, size: int, body, tail=None, tail_max: int = 0):
         """body(i, None) for each whole chunk i (i64) of ``size`` items of n (i64), then once
-        body(i, rem) for a partial last chunk of rem (i32) items, if there is one."""
+        body(i, rem) for a partial last chunk of rem (i32) items, if there is one; with ``tail``,
+        a partial chunk of at most tail_max items goes to tail(i, rem) instead."""
         b = self.b
         whole = b.udiv(n, ir.Constant(I64, size))
         rem = b.trunc(b.urem(n, ir.Constant(I64, size)), I32)
         with cgutils.for_range(b, whole) as loop:
             body(loop.index, None)
+        if tail is None:
+            with b.if_then(b.icmp_unsigned("!=", rem, I32(0)), likely=False):
+                body(whole, rem)
+            return
         with b.if_then(b.icmp_unsigned("!=", rem, I32(0)), likely=False):
-            body(whole, rem)
+            with b.if_else(b.icmp_unsigned("<=", rem, I32(tail_max))) as (small, large):
+                with small:
+                    tail(whole, rem)
+                with large:
+                    body(whole, rem)
 
     def lanes_below(self, n, limit):
         """<n x i1>: lane index < limit (limit an i32 value; negative gives all false)."""

@@ -44,7 +44,7 @@ summed in integers first), so the error is ~1e-7 relative to the sum of
 |lane terms|, like a float32 dot product, not exact per block like GGML's.
 
 q4_0, q4_1 and q8_0 on VNNI are the exception where K allows (``_tr_codegen``; rows of whole
-16-block groups or nb >= NB_TR): a group is 16 blocks (4 registers of a q4 row, 8 of q8_0), whose
+16-block groups, plus a tail of at most one register of weight bytes, or nb >= NB_TR): a group is 16 blocks (4 registers of a q4 row, 8 of q8_0), whose
 dwords are transposed in registers (4 x 4 dword transposes within 128-bit lanes, 8 unpacks per
 row; q8_0 16 plus 8 128-bit-lane selections) so that each i32 lane holds a whole block's exact
 integer dot product, and one sitofp, fmul(d, xd) and fma per (row, token) cover 16 blocks
@@ -330,6 +330,46 @@ _TR_PERM = {"q4_0": [4 * (i % 4) + i // 4 for i in range(16)], "q4_1": [4 * (i %
 _TR_NREG = {"q4_0": 4, "q4_1": 4, "q8_0": 8}  # weight registers per super-group and row (16 or 32 bytes a block)
 _TR_INIT = {"q4_0": -8, "q4_1": 0, "q8_0": -128}  # the offset folded into the accumulator start, times xsum
 _TR_GB = (8 + 2) * 64  # prepared bytes per super-group and token: 8 operand vectors | init | xd
+# A partial last super-group of at most _TR_TAIL blocks (one register of weight bytes) runs as one
+# group in the per-dword layout of the 4-block tiles (_tr_tail_prep / the tiles' tail) instead of a
+# masked super-group that costs a whole one: rows of 16 n + 1..4 blocks (SmolLM2's K = 576: 16 + 2)
+# then run these tiles at the cost of 16 n blocks and a small group.
+_TR_TAIL = {"q4_0": 4, "q4_1": 4, "q8_0": 2}
+
+
+def _tr_tail_prep(e: "_Emit", kind: str, xp, xdp, xsp, bp, xrow, srow, brow, g, rem):
+    """Prepare the tail group (rem <= _TR_TAIL blocks from block 16 g) of one token at super-group
+    slot g: the layout of _prep_codegen's groups (X1 [, X2], init, xd lanes; lane i for block
+    i // lanes-per-block), except q4_1, whose init slot holds xd * xsum of block k in lane
+    4 k and 0 in the other lanes (the tiles fma it with m in lanes; see _tr_codegen)."""
+    b = e.b
+    i64 = lambda v: ir.Constant(I64, v)  # noqa: E731
+    nbt = _TR_TAIL[kind]
+    lpb = 16 // nbt
+    lanes = [i // lpb for i in range(16)]
+    mblk = e.lanes_below(nbt, rem)
+    xo = b.add(xrow, b.mul(g, i64(32 * _TR_NB)))
+    so = b.add(srow, b.mul(g, i64(4 * _TR_NB)))
+    xd = e.load(xdp, so, _vec(F32, nbt), mblk)
+    xs = e.load(xsp, so, _vec(I32, nbt), mblk)
+    if kind == "q8_0":
+        vs = [e.load(xp, xo, _vec(I8, 64), e.lanes_below(64, b.mul(rem, I32(32))))]
+        init = e.shuffle(b.mul(xs, e.const(I32, nbt, [-16] * nbt)), None, lanes)
+    else:
+        xa = e.load(xp, xo, _vec(I8, 64), e.lanes_below(64, b.mul(rem, I32(32))))
+        xb = e.load(xp, b.add(xo, i64(64)), _vec(I8, 64), e.lanes_below(64, b.sub(b.mul(rem, I32(32)), I32(64))))
+        vs = [e.shuffle(xa, xb, [32 * k + j for k in range(nbt) for j in range(16)]),
+              e.shuffle(xa, xb, [32 * k + 16 + j for k in range(nbt) for j in range(16)])]
+        if kind == "q4_0":
+            init = e.shuffle(b.mul(xs, e.const(I32, nbt, [-2] * nbt)), None, lanes)
+        else:  # lane 4 k: xd * xsum of block k; index nbt is lane 0 of the zero operand
+            xdsum = b.fmul(xd, b.sitofp(xs, _vec(F32, nbt)))
+            one = [i // lpb if i % lpb == 0 else nbt for i in range(16)]
+            init = b.bitcast(e.shuffle(xdsum, ir.Constant(_vec(F32, nbt), None), one), _vec(I32, 16))
+    vs += [init, e.shuffle(xd, None, lanes)]
+    bo = b.add(brow, b.mul(g, i64(_TR_GB)))
+    for i, v in enumerate(vs):
+        b.store(v, e.addr(bp, b.add(bo, i64(64 * i))), align=1)
 
 
 def _tr_prep_codegen(kind: str):
@@ -375,7 +415,8 @@ def _tr_prep_codegen(kind: str):
         with cgutils.for_range(b, T) as tl:
             t = tl.index
             xrow, srow, brow = b.mul(t, xstride), b.mul(t, sstride), b.mul(t, bstride)
-            e.chunked(nb, _TR_NB, lambda g, rem: sgroup(xrow, srow, brow, g, rem))
+            e.chunked(nb, _TR_NB, lambda g, rem: sgroup(xrow, srow, brow, g, rem),
+                      lambda g, rem: _tr_tail_prep(e, kind, xp, xdp, xsp, bp, xrow, srow, brow, g, rem), _TR_TAIL[kind])
         return context.get_dummy_value()
 
     return codegen
@@ -499,7 +540,49 @@ def _tr_codegen(kind: str, R: int, U: int, prefetch: int = 0, pf_d: int = 0):
                         X[9] = b.bitcast(X[9], _vec(F32, 16))
                         dot(r, u, X)
 
-        e.chunked(nb, _TR_NB, sgroup)
+        def tail(g, rem):
+            """The last rem <= _TR_TAIL blocks as one group of per-dword lanes (see _tr_tail_prep):
+            its sitofp(dot) * d * xd (q4_1: + m * xd * xsum) is fma'd into the same accumulators,
+            whose lanes are summed at the end whatever they hold."""
+            nbt = _TR_TAIL[kind]
+            lanes = [i // (16 // nbt) for i in range(16)]
+            goff_w = b.mul(g, i64(W))
+            goff_h = b.mul(g, i64(2 * _TR_NB))
+            goff_b = b.mul(g, i64(_TR_GB))
+            if prefetch > 0:  # the stream goes on: R rows of at most 64 bytes each
+                for i in range(R):
+                    e.prefetch(wq, b.add(b.mul(goff_w, i64(R)), i64(prefetch + 64 * i)), _PF_LOCALITY)
+                if pf_d > 0:
+                    e.prefetch(dp, b.add(b.mul(goff_h, i64(R)), i64(pf_d)), _PF_LOCALITY)
+                    if kind == "q4_1":
+                        e.prefetch(mp, b.add(b.mul(goff_h, i64(R)), i64(pf_d)), _PF_LOCALITY)
+            mw = e.lanes_below(64, b.mul(rem, I32(4 * DPB)))
+            mblk = e.lanes_below(nbt, rem)
+            nx = 1 if kind == "q8_0" else 2
+            for r in range(R):
+                w = e.load(wq, b.add(b.mul(i64(r), wstride), goff_w), _vec(I8, 64), mw)
+                ho = b.add(b.mul(i64(r), dstride), goff_h)
+                dl = e.shuffle(e.half4(dp, ho, nbt, mblk), None, lanes)
+                if kind == "q4_1":
+                    ml = e.shuffle(e.half4(mp, ho, nbt, mblk), None, lanes)
+                if kind == "q8_0":
+                    ops = [b.xor(w, e.const(I8, 64, [-128] * 64))]
+                else:
+                    ops = [b.and_(w, e.const(I8, 64, [15] * 64)), b.lshr(w, e.const(I8, 64, [4] * 64))]
+                for u in range(U):
+                    bo = b.add(b.mul(i64(u), bstride), goff_b)
+                    X = [e.load(bp, b.add(bo, i64(64 * i)), _vec(I8, 64)) for i in range(nx)]
+                    iv = e.load(bp, b.add(bo, i64(64 * nx)), V)
+                    xdl = e.load(bp, b.add(bo, i64(64 * (nx + 1))), _vec(F32, 16))
+                    a = ir.Constant(V, None) if kind == "q4_1" else iv
+                    for o, x in zip(ops, X):
+                        a = e._vpdpbusd(a, o, x)
+                    v = e.fma(b.sitofp(a, _vec(F32, 16)), b.fmul(dl, xdl), b.load(acc[r][u]))
+                    if kind == "q4_1":
+                        v = e.fma(ml, b.bitcast(iv, _vec(F32, 16)), v)
+                    b.store(v, acc[r][u])
+
+        e.chunked(nb, _TR_NB, sgroup, tail, _TR_TAIL[kind])
         for r in range(R):
             for u in range(U):
                 b.store(e.hsum(b.load(acc[r][u])), e.addr(op, b.add(b.mul(i64(u), ostride), i64(4 * r))))
@@ -594,11 +677,14 @@ TILE_SHAPES_Q40 = dict(R1=(1, 1, PF, PF_D), RS=(R1S, 1, PF_S, PF_D), O1=(1, 1, 0
                        R8p=(R_Q40, 8, PF_S, PF_D), R4p=(R_Q40, 4, PF_S, PF_D),
                        R2p=(R_Q40, 2, PF_S, PF_D), RTp=(R_Q40, 1, PF_S, PF_D))
 # the (R, U) names each runner uses
-# The whole-block tiles process a partial last group of 16 blocks at the cost of a whole one (masked),
-# which made K = 576 (18 blocks) 1.2-1.3x slower than the 4-block groups at T = 1: a matrix runs
-# them when its rows are whole groups or long enough (nb >= NB_TR) for that to cost <= 1/8 more,
-# otherwise the 4-block tiles. The choice depends only on K, so a row's result still does not
-# depend on T or its tile.
+# The whole-block tiles process a partial last group of more than _TR_TAIL blocks at the cost of a
+# whole one (masked), which made K = 576 (18 blocks) 1.2-1.3x slower than the 4-block groups at
+# T = 1; a tail of at most _TR_TAIL blocks is one 4-block group (q8_0: 2). A matrix runs them when
+# its rows are whole groups plus such a tail, or long enough (nb >= NB_TR) for a masked group to
+# cost <= 1/8 more, otherwise the 4-block tiles. SmolLM2's K = 576 (16 + 2 blocks), from memory,
+# one thread, against the 4-block tiles: q4_1 1536 x 576 at 8 / 16 tokens 0.86 / 0.80 of the time,
+# 64 tokens 0.94-0.99, one token the same. The choice depends only on K, so a row's result still
+# does not depend on T or its tile.
 NB_TR = 128
 
 
@@ -713,7 +799,7 @@ _DISPATCH = """
 
 @njit({flags})
 def run_{P}(wq, wstride, dp, mp, dstride, xp, xstride, xdp, xsp, sstride, op, ostride, nb, N, T):
-    if nb % {nbg} == 0 or nb >= NB_TR:
+    if nb % {nbg} <= {tail} or nb >= NB_TR:
         return run_{P}t(wq, wstride, dp, mp, dstride, xp, xstride, xdp, xsp, sstride, op, ostride, nb, N, T)
     return run_{P}g(wq, wstride, dp, mp, dstride, xp, xstride, xdp, xsp, sstride, op, ostride, nb, N, T)
 """
@@ -735,7 +821,7 @@ def _source() -> str:
             P = f"{isa}_{kind}"
             if _transposed(kind, isa):
                 src += _runner(isa, kind, P + "g", False) + _runner(isa, kind, P + "t", True)
-                src += _DISPATCH.format(flags=runners.flags(_JIT), P=P, nbg=_TR_NB)
+                src += _DISPATCH.format(flags=runners.flags(_JIT), P=P, nbg=_TR_NB, tail=_TR_TAIL[kind])
             else:
                 src += _runner(isa, kind, P, False)
             src += runners.q_entry(f"{isa}_matmul_{kind}_q8_0", runners.flags(_JIT), kind, f"run_{P}")
