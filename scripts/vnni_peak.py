@@ -9,6 +9,8 @@ instructions and int8 multiply-adds per second; with --model it also prints, for
 quantized weights at -np 1, the matmul time of one step of k rows at that peak (the bound no kernel
 of this layout can beat) next to a measured one-row step time (--t1-ms, e.g. from scripts/step_rows.py).
 """
+from __future__ import annotations
+
 import argparse
 import json
 import time
@@ -17,7 +19,7 @@ import numpy as np
 from llvmlite import ir
 from numba import njit
 
-from mpillm.kernels.irgen import I32, int_intrinsic, vec
+from mpillm.kernels.irgen import I32, Emit, int_intrinsic, vec
 
 CHAINS = 12  # independent accumulators: more than the instruction's latency x throughput
 
@@ -26,7 +28,7 @@ def _codegen(context, b, sig, args):
     n, p = args
     v = vec(I32, 16)
     ptr = b.inttoptr(p, ir.PointerType(v))
-    f = _decl(b, v)
+    f = Emit(b).decl("llvm.x86.avx512.vpdpbusd.512", v, [v, v, v])
     a, x = b.load(ptr, align=1), b.load(b.gep(ptr, [I32(1)]), align=1)
     accs = [b.load(b.gep(ptr, [I32(2 + i)]), align=1) for i in range(CHAINS)]
     loop_bb, end_bb = b.append_basic_block("loop"), b.append_basic_block("end")
@@ -52,15 +54,6 @@ def _codegen(context, b, sig, args):
     return context.get_dummy_value()
 
 
-def _decl(b, v):
-    name = "llvm.x86.avx512.vpdpbusd.512"
-    m = b.module
-    try:
-        return m.get_global(name)
-    except KeyError:
-        return ir.Function(m, ir.FunctionType(v, [v, v, v]), name)
-
-
 _chains = int_intrinsic("vnni_peak_chains", "n, p", _codegen)
 
 
@@ -84,15 +77,13 @@ def peak(seconds: float = 0.5) -> float:
     return best
 
 
-def model_macs(model: str) -> int:
-    """int8 multiply-adds of one row through every quantized matrix of the model at -np 1."""
-    from pathlib import Path
+def model_macs(model: str | None) -> int:
+    """int8 multiply-adds of one row through every quantized matrix of the model at -np 1 (None:
+    the bundled one)."""
+    from mpi4py import MPI
 
     from mpillm.formats import quant
     from mpillm.formats.format import Shard
-
-    from mpi4py import MPI
-
     from mpillm.startup import resolve_model
 
     sh = Shard(resolve_model(model, MPI.COMM_SELF) / "ws1" / "rank0.h5", 1, 0)

@@ -231,20 +231,23 @@ def test_row_does_not_depend_on_its_batch(path_name, wtype, weights):
 
 @pytest.mark.parametrize("path_name", PATHS)
 @pytest.mark.parametrize("wtype", ["q4_0", "q4_1", "q8_0"])
-@pytest.mark.parametrize("K", [800, 1088, 4160])
+@pytest.mark.parametrize("K", [640, 800, 1088, 4160])
 def test_long_row_does_not_depend_on_its_tile(path_name, wtype, K, weights):
-    """As above for long rows (K = 800: 25 blocks, 16 and a partial group of 9, which VNNI runs with
+    """As above for long rows (K = 640: 20 blocks, 16 and a 4-block tail group on VNNI, whose q8_0
+    runs its 2-block tiles; K = 800: 25 blocks, 16 and a partial group of 9, which VNNI runs with
     its 4-block tiles; K = 1088: 34 blocks, two whole 16-block groups and a 2-block tail group;
     K = 4160: 130 blocks, the whole-block tiles with their tail), which T = 1 streams one row at a
-    time, and a prefill-sized batch
-    (T = 64): every token's row is bit-identical to the token alone, and to the same rows
-    computed one row further on in the matrix (another position in the row tiles)."""
+    time, and a prefill-sized batch (T = 64): every token's row is right (the float64 reference),
+    bit-identical to the token alone, and to the same rows computed one row further on in the
+    matrix (another position in the row tiles)."""
     path = _path(path_name)
     arrays = weights(wtype, K)
     shifted = {k: v[1:] for k, v in arrays.items()}
     x = _activations(64, K, seed=13)
     xq, xd, xs = _quantized(path, x)
     alone = _one_token_at_a_time(path, wtype, arrays, xq, xd, xs, x)
+    ref, bound = ref_matmul_quant(arrays, wtype, xq, xd, xs)
+    assert np.all(np.abs(alone - ref) <= 1e-5 * (np.abs(ref) + bound)), f"{path_name} {wtype} K = {K}"
     for T in (1, 3, 8, 13, 16, 64):
         for arr, rows in ((arrays, slice(None)), (shifted, slice(1, None))):
             out = np.full((T, N - (rows.start or 0)), np.nan, np.float32)

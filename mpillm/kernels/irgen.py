@@ -93,11 +93,10 @@ class Emit:
         rem = b.trunc(b.urem(n, ir.Constant(I64, size)), I32)
         with cgutils.for_range(b, whole) as loop:
             body(loop.index, None)
-        if tail is None:
-            with b.if_then(b.icmp_unsigned("!=", rem, I32(0)), likely=False):
-                body(whole, rem)
-            return
         with b.if_then(b.icmp_unsigned("!=", rem, I32(0)), likely=False):
+            if tail is None:
+                body(whole, rem)
+                return
             with b.if_else(b.icmp_unsigned("<=", rem, I32(tail_max))) as (small, large):
                 with small:
                     tail(whole, rem)

@@ -149,6 +149,42 @@ class _Geom:
         self.GB = (self.nx + 2) * W  # prepared bytes per group and token: X.. | init | xd lanes
 
 
+def _group_prep(e: "_Emit", G: "_Geom", xp, xdp, xsp, bp, xo, so, bo, rem):
+    """Store one group's prepared activations (see _prep_codegen) at bp + bo, from the activation
+    bytes at xp + xo and the scales and sums at xdp / xsp + so; rem: the valid blocks of a partial
+    group (i32), or None."""
+    b, kind, isa = e.b, G.kind, G.isa
+    W, L, nbg, lpb = G.W, G.L, G.nbg, G.lpb
+    lanes = [i // lpb for i in range(L)]
+    if rem is None:
+        mx0 = mx1 = mblk = None
+    else:
+        mx0 = e.lanes_below(W, b.mul(rem, I32(32)))
+        mx1 = e.lanes_below(W, b.sub(b.mul(rem, I32(32)), I32(W)))
+        mblk = e.lanes_below(nbg, rem)
+    xd = e.load(xdp, so, _vec(F32, nbg), mblk)
+    xs = e.load(xsp, so, _vec(I32, nbg), mblk)
+    if G.q8:
+        xs_ = [e.load(xp, xo, _vec(I8, W), mx0)]
+    else:
+        xa = e.load(xp, xo, _vec(I8, W), mx0)
+        xb = e.load(xp, b.add(xo, ir.Constant(I64, W)), _vec(I8, W), mx1)
+        xs_ = [e.shuffle(xa, xb, [32 * k + j for k in range(nbg) for j in range(16)]),
+               e.shuffle(xa, xb, [32 * k + 16 + j for k in range(nbg) for j in range(16)])]
+    if kind == "q4_0":  # sum (nib - 8) x = sum nib x - 8 xsum; 4 lanes per block
+        init = e.shuffle(b.mul(xs, e.const(I32, nbg, [-2] * nbg)), None, lanes)
+    elif G.q8 and isa == "vnni":  # sum (w + 128) x - 128 xsum; 8 lanes per block
+        init = e.shuffle(b.mul(xs, e.const(I32, nbg, [-16] * nbg)), None, lanes)
+    elif kind == "q4_1":
+        xdsum = b.fmul(xd, b.sitofp(xs, _vec(F32, nbg)))
+        widen = [min(i, nbg) for i in range(L)]  # lanes >= nbg: 0.0 from the second operand
+        init = b.bitcast(e.shuffle(xdsum, ir.Constant(_vec(F32, nbg), None), widen), _vec(I32, L))
+    else:
+        init = ir.Constant(_vec(I32, L), None)
+    for i, v in enumerate(xs_ + [init, e.shuffle(xd, None, lanes)]):
+        b.store(v, e.addr(bp, b.add(bo, ir.Constant(I64, i * W))), align=1)
+
+
 def _prep_codegen(kind: str, isa: str):
     """IR body that prepares the activations of T tokens for a kind's tiles.
 
@@ -160,10 +196,7 @@ def _prep_codegen(kind: str, isa: str):
       xdl        <L x float> activation scale of each lane's block
     """
     G = _Geom(kind, isa)
-    W, L, nbg, lpb = G.W, G.L, G.nbg, G.lpb
-    lanes = [i // lpb for i in range(L)]
-    lo_idx = [32 * k + j for k in range(nbg) for j in range(16)]
-    hi_idx = [32 * k + 16 + j for k in range(nbg) for j in range(16)]
+    nbg = G.nbg
 
     def codegen(context, builder, signature, args):
         (xp, xstride, xdp, xsp, sstride, nb, T, bp, bstride) = args
@@ -172,35 +205,8 @@ def _prep_codegen(kind: str, isa: str):
         i64 = lambda v: ir.Constant(I64, v)  # noqa: E731
 
         def group(xrow, srow, brow, g, rem):
-            if rem is None:
-                mx0 = mx1 = mblk = None
-            else:
-                mx0 = e.lanes_below(W, b.mul(rem, I32(32)))
-                mx1 = e.lanes_below(W, b.sub(b.mul(rem, I32(32)), I32(W)))
-                mblk = e.lanes_below(nbg, rem)
-            xo = b.add(xrow, b.mul(g, i64(32 * nbg)))
-            so = b.add(srow, b.mul(g, i64(4 * nbg)))
-            bo = b.add(brow, b.mul(g, i64(G.GB)))
-            xd = e.load(xdp, so, _vec(F32, nbg), mblk)
-            xs = e.load(xsp, so, _vec(I32, nbg), mblk)
-            if G.q8:
-                xs_ = [e.load(xp, xo, _vec(I8, W), mx0)]
-            else:
-                xa = e.load(xp, xo, _vec(I8, W), mx0)
-                xb = e.load(xp, b.add(xo, i64(W)), _vec(I8, W), mx1)
-                xs_ = [e.shuffle(xa, xb, lo_idx), e.shuffle(xa, xb, hi_idx)]
-            if kind == "q4_0":  # sum (nib - 8) x = sum nib x - 8 xsum; 4 lanes per block
-                init = e.shuffle(b.mul(xs, e.const(I32, nbg, [-2] * nbg)), None, lanes)
-            elif G.q8 and isa == "vnni":  # sum (w + 128) x - 128 xsum; 8 lanes per block
-                init = e.shuffle(b.mul(xs, e.const(I32, nbg, [-16] * nbg)), None, lanes)
-            elif kind == "q4_1":
-                xdsum = b.fmul(xd, b.sitofp(xs, _vec(F32, nbg)))
-                widen = [min(i, nbg) for i in range(L)]  # lanes >= nbg: 0.0 from the second operand
-                init = b.bitcast(e.shuffle(xdsum, ir.Constant(_vec(F32, nbg), None), widen), _vec(I32, L))
-            else:
-                init = ir.Constant(_vec(I32, L), None)
-            for i, v in enumerate(xs_ + [init, e.shuffle(xd, None, lanes)]):
-                b.store(v, e.addr(bp, b.add(bo, i64(i * W))), align=1)
+            _group_prep(e, G, xp, xdp, xsp, bp, b.add(xrow, b.mul(g, i64(32 * nbg))),
+                        b.add(srow, b.mul(g, i64(4 * nbg))), b.add(brow, b.mul(g, i64(G.GB))), rem)
 
         ngroups = b.udiv(nb, i64(nbg))
         rem = b.trunc(b.urem(nb, i64(nbg)), I32)
@@ -331,45 +337,10 @@ _TR_NREG = {"q4_0": 4, "q4_1": 4, "q8_0": 8}  # weight registers per super-group
 _TR_INIT = {"q4_0": -8, "q4_1": 0, "q8_0": -128}  # the offset folded into the accumulator start, times xsum
 _TR_GB = (8 + 2) * 64  # prepared bytes per super-group and token: 8 operand vectors | init | xd
 # A partial last super-group of at most _TR_TAIL blocks (one register of weight bytes) runs as one
-# group in the per-dword layout of the 4-block tiles (_tr_tail_prep / the tiles' tail) instead of a
+# group of the 4-block tiles' per-dword layout (their _group_prep, and the tiles' tail) instead of a
 # masked super-group that costs a whole one: rows of 16 n + 1..4 blocks (SmolLM2's K = 576: 16 + 2)
 # then run these tiles at the cost of 16 n blocks and a small group.
-_TR_TAIL = {"q4_0": 4, "q4_1": 4, "q8_0": 2}
-
-
-def _tr_tail_prep(e: "_Emit", kind: str, xp, xdp, xsp, bp, xrow, srow, brow, g, rem):
-    """Prepare the tail group (rem <= _TR_TAIL blocks from block 16 g) of one token at super-group
-    slot g: the layout of _prep_codegen's groups (X1 [, X2], init, xd lanes; lane i for block
-    i // lanes-per-block), except q4_1, whose init slot holds xd * xsum of block k in lane
-    4 k and 0 in the other lanes (the tiles fma it with m in lanes; see _tr_codegen)."""
-    b = e.b
-    i64 = lambda v: ir.Constant(I64, v)  # noqa: E731
-    nbt = _TR_TAIL[kind]
-    lpb = 16 // nbt
-    lanes = [i // lpb for i in range(16)]
-    mblk = e.lanes_below(nbt, rem)
-    xo = b.add(xrow, b.mul(g, i64(32 * _TR_NB)))
-    so = b.add(srow, b.mul(g, i64(4 * _TR_NB)))
-    xd = e.load(xdp, so, _vec(F32, nbt), mblk)
-    xs = e.load(xsp, so, _vec(I32, nbt), mblk)
-    if kind == "q8_0":
-        vs = [e.load(xp, xo, _vec(I8, 64), e.lanes_below(64, b.mul(rem, I32(32))))]
-        init = e.shuffle(b.mul(xs, e.const(I32, nbt, [-16] * nbt)), None, lanes)
-    else:
-        xa = e.load(xp, xo, _vec(I8, 64), e.lanes_below(64, b.mul(rem, I32(32))))
-        xb = e.load(xp, b.add(xo, i64(64)), _vec(I8, 64), e.lanes_below(64, b.sub(b.mul(rem, I32(32)), I32(64))))
-        vs = [e.shuffle(xa, xb, [32 * k + j for k in range(nbt) for j in range(16)]),
-              e.shuffle(xa, xb, [32 * k + 16 + j for k in range(nbt) for j in range(16)])]
-        if kind == "q4_0":
-            init = e.shuffle(b.mul(xs, e.const(I32, nbt, [-2] * nbt)), None, lanes)
-        else:  # lane 4 k: xd * xsum of block k; index nbt is lane 0 of the zero operand
-            xdsum = b.fmul(xd, b.sitofp(xs, _vec(F32, nbt)))
-            one = [i // lpb if i % lpb == 0 else nbt for i in range(16)]
-            init = b.bitcast(e.shuffle(xdsum, ir.Constant(_vec(F32, nbt), None), one), _vec(I32, 16))
-    vs += [init, e.shuffle(xd, None, lanes)]
-    bo = b.add(brow, b.mul(g, i64(_TR_GB)))
-    for i, v in enumerate(vs):
-        b.store(v, e.addr(bp, b.add(bo, i64(64 * i))), align=1)
+_TR_TAIL = {k: _Geom(k, "vnni").nbg for k in _TR_PERM}  # q4: 4 blocks, q8_0: 2
 
 
 def _tr_prep_codegen(kind: str):
@@ -384,6 +355,7 @@ def _tr_prep_codegen(kind: str):
       xd                     the activation scale of block p (float)"""
     P = _TR_PERM[kind]
     order = list(range(8)) if kind == "q8_0" else [j + 4 * h for j in range(4) for h in range(2)]
+    TG = _Geom(kind, "vnni")  # the tail group's layout
 
     def codegen(context, builder, signature, args):
         (xp, xstride, xdp, xsp, sstride, nb, T, bp, bstride) = args
@@ -415,8 +387,11 @@ def _tr_prep_codegen(kind: str):
         with cgutils.for_range(b, T) as tl:
             t = tl.index
             xrow, srow, brow = b.mul(t, xstride), b.mul(t, sstride), b.mul(t, bstride)
-            e.chunked(nb, _TR_NB, lambda g, rem: sgroup(xrow, srow, brow, g, rem),
-                      lambda g, rem: _tr_tail_prep(e, kind, xp, xdp, xsp, bp, xrow, srow, brow, g, rem), _TR_TAIL[kind])
+            def tail(g, rem):  # one group of the 4-block layout at super-group slot g
+                _group_prep(e, TG, xp, xdp, xsp, bp, b.add(xrow, b.mul(g, i64(32 * _TR_NB))),
+                            b.add(srow, b.mul(g, i64(4 * _TR_NB))), b.add(brow, b.mul(g, i64(_TR_GB))), rem)
+
+            e.chunked(nb, _TR_NB, lambda g, rem: sgroup(xrow, srow, brow, g, rem), tail, _TR_TAIL[kind])
         return context.get_dummy_value()
 
     return codegen
@@ -541,11 +516,12 @@ def _tr_codegen(kind: str, R: int, U: int, prefetch: int = 0, pf_d: int = 0):
                         dot(r, u, X)
 
         def tail(g, rem):
-            """The last rem <= _TR_TAIL blocks as one group of per-dword lanes (see _tr_tail_prep):
-            its sitofp(dot) * d * xd (q4_1: + m * xd * xsum) is fma'd into the same accumulators,
-            whose lanes are summed at the end whatever they hold."""
+            """The last rem <= _TR_TAIL blocks as one group of the 4-block tiles' layout (_group_prep):
+            its sitofp(dot) * d * xd (q4_1: + m * xd * xsum, block k in lane k) is fma'd into the same
+            accumulators, whose lanes are summed at the end whatever they hold."""
             nbt = _TR_TAIL[kind]
             lanes = [i // (16 // nbt) for i in range(16)]
+            widen = [min(i, nbt) for i in range(16)]  # lanes >= nbt: 0.0 from the second operand
             goff_w = b.mul(g, i64(W))
             goff_h = b.mul(g, i64(2 * _TR_NB))
             goff_b = b.mul(g, i64(_TR_GB))
@@ -564,7 +540,7 @@ def _tr_codegen(kind: str, R: int, U: int, prefetch: int = 0, pf_d: int = 0):
                 ho = b.add(b.mul(i64(r), dstride), goff_h)
                 dl = e.shuffle(e.half4(dp, ho, nbt, mblk), None, lanes)
                 if kind == "q4_1":
-                    ml = e.shuffle(e.half4(mp, ho, nbt, mblk), None, lanes)
+                    ml = e.shuffle(e.half4(mp, ho, nbt, mblk), ir.Constant(_vec(F32, nbt), None), widen)
                 if kind == "q8_0":
                     ops = [b.xor(w, e.const(I8, 64, [-128] * 64))]
                 else:
