@@ -46,6 +46,8 @@ def parser() -> argparse.ArgumentParser:
                    help="harmony models (gpt-oss): the reasoning effort the system message asks for (default: medium)")
     p.add_argument("--tools", default=None, metavar="FILE",
                    help="a JSON file holding an array of OpenAI function tools the model may call")
+    p.add_argument("--no-parallel-calls", dest="parallel_calls", action="store_false",
+                   help="with --tools: at most one call per reply (OpenAI's parallel_tool_calls: false)")
     p.add_argument("--hide-reasoning", action="store_true",
                    help="harmony models: do not show the model's reasoning (it is shown dimmed before the answer)")
     return p
@@ -54,20 +56,21 @@ def parser() -> argparse.ArgumentParser:
 class Conversation:
     """The messages and the exact token ids of the conversation so far (for prefix reuse)."""
 
-    def __init__(self, tok, system: str | None, reasoning_effort: str | None = None, tools: list[dict] | None = None):
+    def __init__(self, tok, system: str | None, reasoning_effort: str | None = None, tools: list[dict] | None = None,
+                 parallel_calls: bool = True):
         from mpillm.serving import harmony
 
         self.tok, self.system = tok, system
         self.harmony = harmony.is_harmony(tok)
         self.effort = reasoning_effort
-        self.tools = tools
+        self.tools, self.parallel_calls = tools, parallel_calls
         self.reset()
 
     def render(self) -> str:
         if self.tools:
             from mpillm.serving import tools
 
-            return tools.render(self.tok, self.messages, self.tools, "auto", True, self.effort)
+            return tools.render(self.tok, self.messages, self.tools, "auto", self.parallel_calls, self.effort)
         if self.harmony:
             from mpillm.serving import harmony
 
@@ -157,17 +160,22 @@ class CallView:
         from mpillm.serving.tools import CallStream
 
         self.stream, self.out = CallStream(fmt), out
+        self.after_call = False  # the last thing shown was a call: text after it starts a new line
 
     def show(self, o) -> str:
         text, deltas = self.stream.feed(o.text)
         if o.finish_reason is not None:
             more, late = self.stream.finish()
             text, deltas = text + more, deltas + late
+        if text and self.after_call:
+            self.out.write("\n")
         self.out.write(text)
+        self.after_call = self.after_call and not text
         for d in deltas:
             if d.id is not None:
                 self.out.write(f"\n[tool call] {d.name} ")
             self.out.write(d.arguments)
+            self.after_call = True
         self.out.flush()
         return text
 
@@ -198,14 +206,15 @@ def chat_loop(service, tok, args, inp=sys.stdin, out=sys.stdout) -> int:
     from mpillm.serving.sampling import SamplingParams
 
     tool_list = load_tools(getattr(args, "tools", None))
-    conv = Conversation(tok, args.system, getattr(args, "reasoning_effort", None), tool_list)
+    parallel = getattr(args, "parallel_calls", True)
+    conv = Conversation(tok, args.system, getattr(args, "reasoning_effort", None), tool_list, parallel)
     constraint_of = None
     if tool_list:
         from mpillm.serving import tools
         from mpillm.serving.grammar import Grammars
 
         fmt = tools.call_format(tok)
-        grammar = tools.call_grammar(fmt, tool_list, "auto", True)
+        grammar = tools.call_grammar(fmt, tool_list, "auto", parallel)
         grammars = Grammars(tok, service.vocab_size)
         constraint_of = (lambda: grammars.constraint(grammar)) if grammar else None
     # dim the reasoning with ANSI codes unless NO_COLOR is set or the terminal is dumb (under mpirun

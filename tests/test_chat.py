@@ -57,12 +57,33 @@ def test_chat_shows_tool_calls_and_takes_results(tmp_path):
                        "required": ["city", "unit"], "additionalProperties": False}}}]
     f = tmp_path / "tools.json"
     f.write_text(json.dumps(tools))
+    # one call per reply: the bundled model, allowed several, calls again and again until it is cut
     r = run_chat(1, "What is the weather in Paris?\n/result 18 C, sunny\n/exit\n", 300, "--tools", str(f),
-                 "--max-tokens", "40")
+                 "--max-tokens", "40", "--no-parallel-calls")
     assert r.returncode == 0, r.stderr[-3000:]
     calls = re.findall(r"\[tool call\] (\w+) (\{.*\})", r.stdout)
     assert calls and calls[0][0] == "get_weather", r.stdout
+    assert len(re.findall(r"\[tool call\]", r.stdout.split("[prompt")[0])) == 1, r.stdout  # the first reply: one call
     assert set(json.loads(calls[0][1])) == {"city", "unit"}
     assert len(STATS.findall(r.stdout)) == 2, r.stdout          # the model answered after the result
     r = run_chat(1, "What is the weather in Paris?\n/result 18 C\n/exit\n", 300)
     assert "[tool call]" not in r.stdout and "no tool call is waiting" in r.stdout
+
+
+def test_call_view_puts_text_after_a_call_on_its_own_line():
+    """The reply's text after a tool call starts a new line, so ``[tool call] NAME ARGS`` stays a line
+    of its own (a reply that went on after its call once ran the text onto the arguments)."""
+    import io
+    from types import SimpleNamespace
+
+    from mpillm.chat import CallView
+
+    out = io.StringIO()
+    view = CallView("hermes", out)
+    pieces = ['Sure. <tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}', "</tool_call>", " and more"]
+    for i, p in enumerate(pieces):
+        view.show(SimpleNamespace(text=p, finish_reason="stop" if i == len(pieces) - 1 else None))
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("Sure.")
+    assert lines[1] == '[tool call] get_weather {"city": "Paris"}', lines
+    assert lines[2].strip() == "and more", lines

@@ -256,15 +256,17 @@ WEATHER_TOOLS = [{"type": "function", "function": {
 
 
 def test_page_shows_a_tool_call_with_name_and_arguments(server, browser):
-    """Tools in the settings: the reply shows the call (name, arguments as JSON), as the API gives it.
-    Control: the same question without tools shows no call."""
+    """Tools in the settings: the reply shows the call (name, arguments as JSON), as the API gives it
+    with one call per reply (what the page asks for). Control: the same question without tools
+    shows no call."""
     import json
 
     from selenium.webdriver.common.by import By
 
     question = "What is the weather in Paris?"
     api = server.post("/v1/chat/completions", {"messages": [{"role": "user", "content": question}],
-                                               "tools": WEATHER_TOOLS, "temperature": 0, "max_tokens": 40})
+                                               "tools": WEATHER_TOOLS, "parallel_tool_calls": False,
+                                               "temperature": 0, "max_tokens": 40})
     call = api["choices"][0]["message"]["tool_calls"][0]["function"]
     out = ask_on_page(browser, server, question, 40, schema=json.dumps(WEATHER_TOOLS))
     shown = out.find_elements(By.CSS_SELECTOR, ".calls .call")

@@ -58,13 +58,14 @@ function setBusy(busy) {
 }
 
 // The "JSON schema or tools" setting: an object constrains the reply to that schema, an array
-// is the tools the model may call. Throws when it is not JSON.
+// is the tools the model may call, one call per reply (the page runs no tools, so a reply that goes
+// on calling shows nothing more). Throws when it is not JSON.
 function constraint() {
   const raw = $("schema").value.trim();
   if (!raw) return {};
   let v;
   try { v = JSON.parse(raw); } catch (e) { throw new Error("JSON schema or tools: " + e.message); }
-  if (Array.isArray(v)) return { tools: v };
+  if (Array.isArray(v)) return { tools: v, parallel_tool_calls: false };
   return { response_format: { type: "json_schema", json_schema: { name: "page", schema: v, strict: true } } };
 }
 
