@@ -42,3 +42,36 @@ def check_f(w, x, out):
         raise ValueError("matmul: shapes must be w (N, K), x (T, K), out (T, N)")
     if not (rows_ok(w) and rows_ok(x) and rows_ok(out)):
         raise ValueError("matmul: every array's rows must be contiguous")
+
+
+@njit(**_JIT)
+def dense3(a):
+    """A 3-D array is C-contiguous (the stride of a dimension of size 1 does not matter: numpy leaves
+    it as it was when a transpose moved such a dimension)."""
+    n2 = a.itemsize
+    n1 = a.shape[2] * n2
+    return ((a.shape[2] <= 1 or a.strides[2] == n2) and (a.shape[1] <= 1 or a.strides[1] == n1)
+            and (a.shape[0] <= 1 or a.strides[0] == a.shape[1] * n1))
+
+
+@njit(**_JIT)
+def check_r16(qs, d, m, xq, xd, xsum, out, gbytes):
+    """The interleaved layout (mpillm.kernels.interleaved): qs (G, nb, gbytes), d and m (G, nb, 16),
+    out (T, N) with N in the last group."""
+    G, nb = qs.shape[0], qs.shape[1]
+    T, K = xq.shape
+    N = out.shape[1]
+    if K % 32 or nb != K // 32 or qs.shape[2] != gbytes:
+        raise ValueError("matmul: interleaved codes do not match K")
+    if d.shape[0] != G or d.shape[1] != nb or d.shape[2] != 16 or m.shape[0] != G or m.shape[1] != nb or m.shape[2] != 16:
+        raise ValueError("matmul: interleaved scales do not match the codes")
+    if N > G * 16 or N <= (G - 1) * 16:
+        raise ValueError("matmul: out's rows do not match the interleaved groups")
+    if out.shape[0] != T or xd.shape[0] != T or xd.shape[1] != nb or xsum.shape[0] != T or xsum.shape[1] != nb:
+        raise ValueError("matmul: xd, xsum and out must have T rows")
+    if T > 1 and xsum.strides[0] != xd.strides[0]:
+        raise ValueError("matmul: xd and xsum must have the same row stride")
+    if not (dense3(qs) and dense3(d) and dense3(m)):
+        raise ValueError("matmul: interleaved arrays must be contiguous")
+    if not (rows_ok(xq) and rows_ok(xd) and rows_ok(xsum) and rows_ok(out)):
+        raise ValueError("matmul: every array's rows must be contiguous")

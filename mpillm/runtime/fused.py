@@ -15,12 +15,12 @@ from __future__ import annotations
 
 from mpillm import kernels
 from mpillm.formats import quant
-from mpillm.kernels import jitcache
+from mpillm.kernels import interleaved, jitcache
 
-_ARGS = {t: tuple(k for k, _ in quant.ARRAYS[t]) for t in quant.WEIGHT_TYPES}  # kernel argument order
+_TYPES = {**quant.ARRAYS, **interleaved.ARRAYS}  # the stored types and the runtime's interleaved ones
+_ARGS = {t: tuple(k for k, _ in a) for t, a in _TYPES.items()}  # kernel argument order
 # weight type -> kernel name (the K-quant ``_32`` variants share their type's kernel)
-_KERNEL = {t: (f"matmul_{t}_f32" if t in ("f16", "f32") else f"matmul_{quant.base_type(t)}_q8_0")
-           for t in quant.WEIGHT_TYPES}
+_KERNEL = {t: (f"matmul_{t}_f32" if t in ("f16", "f32") else f"matmul_{quant.base_type(t)}_q8_0") for t in _TYPES}
 KERNEL_NAME = _KERNEL
 
 

@@ -29,6 +29,8 @@ All buffers are allocated once in ``__init__``; ``forward`` allocates no arrays.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 from mpi4py import MPI
 
@@ -36,8 +38,8 @@ from mpillm import kernels
 from mpillm.formats import quant
 from mpillm.formats.format import Shard, Tensor
 from mpillm.formats.partition import RankSlice
-from mpillm.formats.quant import QK, QUANTIZED
-from mpillm.kernels import exact
+from mpillm.formats.quant import QK
+from mpillm.kernels import exact, interleaved
 from mpillm.runtime import fused, mla, ops
 from mpillm.runtime.collectives import Sync, Waiter
 
@@ -62,7 +64,21 @@ class Acts:
             _quantize_q8_0(self.x[:T], self.xq[:T], self.xd[:T], self.xsum[:T])
 
 
-_KEYS = {t: tuple(k for k, _ in quant.ARRAYS[t]) for t in quant.WEIGHT_TYPES}  # kernel argument order
+_KEYS = {t: tuple(k for k, _ in a) for t, a in {**quant.ARRAYS, **interleaved.ARRAYS}.items()}  # kernel argument order
+
+
+def _as_stored(t: Tensor) -> Tensor:
+    return t
+
+
+def _interleaved(t: Tensor) -> Tensor:
+    """A q4_0 / q4_1 / q8_0 weight repacked with 16 rows per register (mpillm.kernels.interleaved:
+    its kernels make a step of several rows cheap); other types as stored. The repacked arrays live
+    in this process's memory; the memory-mapped pages they were read from can be dropped."""
+    if t.wtype not in interleaved.RTYPE:
+        return t
+    rtype, arrays = interleaved.repack(t.wtype, t.arrays)
+    return dataclasses.replace(t, wtype=rtype, arrays=arrays, stored=None)
 
 
 def _plain(arrays: dict, wtype: str) -> tuple:
@@ -81,10 +97,10 @@ class Linear:
     def __init__(self, t: Tensor, index: int | None = None):
         a = t.arrays if index is None else {k: v[index] for k, v in t.arrays.items()}
         self.wtype, self.rows, self.cols = t.wtype, t.shape[-2], t.shape[-1]
-        self.quantized = self.wtype in QUANTIZED
+        self.quantized = self.wtype not in ("f16", "f32")
         jit = kernels.get_path(kernels.active_path()).jit
         self.fn = getattr(jit, fused.KERNEL_NAME[self.wtype])
-        self.fn64 = exact.KERNELS[self.wtype]  # float64 output, for --buffer-type f64
+        self.fn64 = exact.KERNELS.get(self.wtype)  # float64 output, for --buffer-type f64 (never repacked)
         self.w = _plain(a, self.wtype)
         self.nbytes = sum(x.nbytes for x in self.w)
 
@@ -108,18 +124,20 @@ ATTN_BIASES = ("bq", "bk", "bv")
 
 
 class Layer:
-    def __init__(self, shard: Shard, i: int, moe: bool, qk_norm: bool):
+    def __init__(self, shard: Shard, i: int, moe: bool, qk_norm: bool, prep=_as_stored):
+        """prep: Tensor -> Tensor in the layout the matmul kernels read (_as_stored or _interleaved)."""
         g = lambda n: shard.get(f"layers/{i}/{n}")  # noqa: E731
+        w = lambda n: prep(g(n))  # noqa: E731  a matmul's weight
         self.moe = moe
         self.attn_norm = _vec(g("attn_norm"))  # (dim,)
         self.ffn_norm = _vec(g("ffn_norm"))    # (dim,)
         if shard.config.is_mla:
-            self._init_mla(shard, g)
+            self._init_mla(shard, g, w)
         else:
-            self.wq = Linear(g("wq"))          # (n_heads_per_partition * hd, dim)
-            self.wk = Linear(g("wk"))          # (n_kv_heads_per_partition * hd, dim)
-            self.wv = Linear(g("wv"))          # (n_kv_heads_per_partition * hd, dim)
-        self.wo = Linear(g("wo"))              # (dim, n_heads_per_partition * o_head_dim)
+            self.wq = Linear(w("wq"))          # (n_heads_per_partition * hd, dim)
+            self.wk = Linear(w("wk"))          # (n_kv_heads_per_partition * hd, dim)
+            self.wv = Linear(w("wv"))          # (n_kv_heads_per_partition * hd, dim)
+        self.wo = Linear(w("wo"))              # (dim, n_heads_per_partition * o_head_dim)
         self.q_norm = _vec(g("q_norm")) if qk_norm else None  # (hd,)
         self.k_norm = _vec(g("k_norm")) if qk_norm else None  # (hd,)
         # q/k/v biases, this rank's heads' slices (None when the model has none):
@@ -136,36 +154,38 @@ class Layer:
         self.exp_up_b = o("exp_up_b")          # (n_experts, expert_ffn_per_partition)
         self.exp_down_b = o("exp_down_b")      # (n_experts, dim) replicated: added once, after Allreduce #2
         if moe:
-            self.router = Linear(g("router"))  # (n_experts, dim) replicated
-            E = g("exp_gate").shape[0]
-            self.exp_gate = [Linear(g("exp_gate"), e) for e in range(E)]  # (expert_ffn_per_partition, dim)
-            self.exp_up = [Linear(g("exp_up"), e) for e in range(E)]      # (expert_ffn_per_partition, dim)
-            self.exp_down = [Linear(g("exp_down"), e) for e in range(E)]  # (dim, expert_ffn_per_partition)
+            self.router = Linear(w("router"))  # (n_experts, dim) replicated
+            ex = {n: w(n) for n in ("exp_gate", "exp_up", "exp_down")}
+            E = ex["exp_gate"].shape[0]
+            self.exp_gate = [Linear(ex["exp_gate"], e) for e in range(E)]  # (expert_ffn_per_partition, dim)
+            self.exp_up = [Linear(ex["exp_up"], e) for e in range(E)]      # (expert_ffn_per_partition, dim)
+            self.exp_down = [Linear(ex["exp_down"], e) for e in range(E)]  # (dim, expert_ffn_per_partition)
             # the stacked (E, rows, cols) arrays, for the jitted MoE block (mpillm.runtime.fused)
-            self.exp_types = {n: g(n).wtype for n in ("exp_gate", "exp_up", "exp_down")}
-            self.exp_w = {n: _plain(g(n).arrays, t) for n, t in self.exp_types.items()}
+            self.exp_types = {n: t.wtype for n, t in ex.items()}
+            self.exp_w = {n: _plain(t.arrays, t.wtype) for n, t in ex.items()}
             # deepseek2: the selection-only correction bias (None: none) and the shared experts
             self.router_corr = o("router_corr")  # (n_experts,) replicated
-            S = g("shexp_gate").shape[0] if shard.has(f"layers/{i}/shexp_gate") else 0
-            self.shexp_gate = [Linear(g("shexp_gate"), s) for s in range(S)]  # (expert_ffn_per_partition, dim)
-            self.shexp_up = [Linear(g("shexp_up"), s) for s in range(S)]      # (expert_ffn_per_partition, dim)
-            self.shexp_down = [Linear(g("shexp_down"), s) for s in range(S)]  # (dim, expert_ffn_per_partition)
+            sh = {n: w(n) for n in ("shexp_gate", "shexp_up", "shexp_down")} if shard.has(f"layers/{i}/shexp_gate") else {}
+            S = sh["shexp_gate"].shape[0] if sh else 0
+            self.shexp_gate = [Linear(sh["shexp_gate"], s) for s in range(S)]  # (expert_ffn_per_partition, dim)
+            self.shexp_up = [Linear(sh["shexp_up"], s) for s in range(S)]      # (expert_ffn_per_partition, dim)
+            self.shexp_down = [Linear(sh["shexp_down"], s) for s in range(S)]  # (dim, expert_ffn_per_partition)
         else:
-            self.w_gate = Linear(g("w_gate"))  # (ffn_per_partition, dim)
-            self.w_up = Linear(g("w_up"))      # (ffn_per_partition, dim)
-            self.w_down = Linear(g("w_down"))  # (dim, ffn_per_partition)
+            self.w_gate = Linear(w("w_gate"))  # (ffn_per_partition, dim)
+            self.w_up = Linear(w("w_up"))      # (ffn_per_partition, dim)
+            self.w_down = Linear(w("w_down"))  # (dim, ffn_per_partition)
 
 
-    def _init_mla(self, shard: Shard, g) -> None:
+    def _init_mla(self, shard: Shard, g, w) -> None:
         """deepseek2's attention weights: q via wq_a -> q_a_norm -> wq_b (or plain wq), the latent via
         wkv_a -> kv_a_norm; kv_b as this rank's heads' wk_b (kv_lora, nope) and wv_b (v, kv_lora)."""
         q_lora = shard.config.q_lora_rank > 0
-        self.wq_a = Linear(g("wq_a")) if q_lora else None    # (q_lora_rank, dim) replicated
+        self.wq_a = Linear(w("wq_a")) if q_lora else None    # (q_lora_rank, dim) replicated
         self.q_a_norm = _vec(g("q_a_norm")) if q_lora else None  # (q_lora_rank,)
-        self.wq = Linear(g("wq_b") if q_lora else g("wq"))   # (n_heads_pp * head_dim, q_lora_rank or dim)
-        self.wkv_a = Linear(g("wkv_a"))                      # (kv_lora_rank + qk_rope_dim, dim) replicated
+        self.wq = Linear(w("wq_b") if q_lora else w("wq"))   # (n_heads_pp * head_dim, q_lora_rank or dim)
+        self.wkv_a = Linear(w("wkv_a"))                      # (kv_lora_rank + qk_rope_dim, dim) replicated
         self.kv_a_norm = _vec(g("kv_a_norm"))                # (kv_lora_rank,)
-        wk_b, wv_b = g("wk_b"), g("wv_b")
+        wk_b, wv_b = w("wk_b"), w("wv_b")
         H = wk_b.shape[0]
         self.wk_b = [Linear(wk_b, h) for h in range(H)]  # (kv_lora_rank, qk_nope_dim) per local head
         self.wv_b = [Linear(wv_b, h) for h in range(H)]  # (v_head_dim, kv_lora_rank) per local head
@@ -190,9 +210,13 @@ class Transformer:
         self.tok_embd = shard.get("tok_embd")  # (vocab_per_partition, dim)
         self.embd_arrays = {k: (v.view(np.uint16) if v.dtype == np.float16 else v)
                             for k, v in self.tok_embd.arrays.items()}
-        self.output = Linear(self.tok_embd if cfg.tied_embeddings else shard.get("output"))  # (vocab_pp, dim)
+        # the matmuls' weights: q4_0 / q4_1 / q8_0 interleaved on VNNI (not with the float64 partial sums,
+        # whose exact kernels read the stored layout)
+        self.repacked = interleaved.wanted(kernels.active_path()) and buffer_type != "f64"
+        prep = _interleaved if self.repacked else _as_stored
+        self.output = Linear(prep(self.tok_embd if cfg.tied_embeddings else shard.get("output")))  # (vocab_pp, dim)
         self.output_norm = _vec(shard.get("output_norm"))  # (dim,)
-        self.layers = [Layer(shard, i, cfg.layer_is_moe(i), cfg.qk_norm) for i in range(cfg.n_layers)]
+        self.layers = [Layer(shard, i, cfg.layer_is_moe(i), cfg.qk_norm, prep) for i in range(cfg.n_layers)]
         self.weight_bytes = shard.nbytes
 
         # which local KV head each local query head reads

@@ -68,13 +68,14 @@ def _layer_types(shard: fmt.Shard) -> list[dict[str, str]]:
 def signature(shard: fmt.Shard, kv_type: str, buffer_type: str) -> dict:
     """What the kernels are compiled for; equal signatures compile identical code."""
     from mpillm import kernels
+    from mpillm.kernels import interleaved
 
     cfg = shard.config
     top = {n: shard.tensors[n].wtype for n in ("tok_embd", "output", "output_norm", "rope_freqs")
            if n in shard.tensors}
     return {"arch": cfg.arch, "qk_norm": cfg.qk_norm, "moe": cfg.is_moe, "tied": cfg.tied_embeddings,
             "top": top, "layers": _layer_types(shard), "kv_type": kv_type, "buffer_type": buffer_type,
-            "path": kernels.active_path(), "cpu": _cpu_name()}
+            "path": kernels.active_path(), "repack": interleaved.wanted(kernels.active_path()), "cpu": _cpu_name()}
 
 
 def _cpu_name() -> str:

@@ -1,0 +1,263 @@
+"""q4_0 / q4_1 / q8_0 with 16 weight rows interleaved per register (VNNI): the layout that makes a
+step of several rows cheap.
+
+The split layout keeps a row's blocks in the lanes of a register, so a (row, token) dot product
+ends in a horizontal sum, and a step of k rows redoes the activation preparation and the sums k
+times (a step of 8 rows reached about 22% of the ``vpdpbusd`` peak, docs/performance.md). Here a
+matrix is stored per group of 16 rows and per 32-weight block: the block's codes of the 16 rows,
+register c holding bytes 4c..4c+3 of each row's block (4 registers of 64 bytes; q8_0: 8), and
+their 16 fp16 scales (q4_1: and mins) beside them:
+
+    qs (G, nb, 256 | 512) uint8    d (G, nb, 16) fp16 bits    [m (G, nb, 16)]    G = ceil(N / 16)
+
+A token's activation dword is broadcast into ``vpdpbusd`` against such a register, so lane r
+accumulates row r's exact integer dot product of the block; one conversion, one multiply by
+d * xd and one fma per (16 rows, token, block) follow: no horizontal sums, no tail groups, and
+the codes are unpacked once per (16 rows, block) for all the tokens of a tile (8, 4, 2, 1).
+q4_0 starts the integer sum at -8 xsum, q8_0 (stored as w + 128) at -128 xsum, q4_1 adds
+m * xd * xsum per block. Every lane runs the same operations in any tile, so a row's result does
+not depend on its batch, its tile, the thread count or its rank's row range; it differs from the
+split-layout kernels' in the order of float additions only. The rows past N in the last group are
+zero and are never stored (masked store).
+
+The runtime repacks the shards' split arrays into this layout when it loads a model on the VNNI
+path (``repack``; mpillm.runtime.model), as llama.cpp repacks Q4_0 for its CPU backends; the shards
+themselves keep the split layout, which every node of a mixed cluster reads. ``MPILLM_REPACK=0``
+keeps the memory-mapped split layout.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from llvmlite import ir
+from numba.core import cgutils
+from numba.np.ufunc.parallel import _iget_num_threads  # the thread count, cacheable (no ctypes global)
+
+from mpillm.kernels import jitcache, runners
+from mpillm.kernels.checks import check_r16
+from mpillm.kernels.irgen import F16, F32, I1, I8, I16, I32, I64, PTR, VNNI_BYTE_OPERANDS, Emit, int_intrinsic, vec
+
+ROWS = 16  # weight rows per register
+KINDS = ("q4_0", "q4_1", "q8_0")
+RTYPE = {k: f"{k}_r16" for k in KINDS}  # split type -> interleaved type
+BASE = {v: k for k, v in RTYPE.items()}
+# the interleaved types' arrays, in the order the kernels take them (as mpillm.formats.quant.ARRAYS)
+ARRAYS = {RTYPE[k]: (("qs", "uint8"), ("d", "float16")) + ((("m", "float16"),) if k == "q4_1" else ())
+          for k in KINDS}
+GBYTES = {"q4_0": 256, "q4_1": 256, "q8_0": 512}  # code bytes per (16 rows, block)
+# A batched step streams the weights once for all tokens: tiles of 2+ tokens prefetch PF bytes ahead
+# in the code stream (and PF / 8 in the scales); one token is fastest without (measured from memory,
+# one thread: benchmarks/results/interleaved_layout_2026-12-07.json and docs/performance.md).
+PF = 16384
+TILE_TOKENS = (8, 4, 2, 1)
+PF1 = False  # whether one token prefetches too
+# rows of groups per pass over a thread's range: a pass's weights (about CHUNK bytes) stay in L2
+# while every token tile of a step reads them
+CHUNK = 262144
+ENV = "MPILLM_REPACK"
+
+
+def wanted(path: str) -> bool:
+    """Whether the runtime repacks q4_0 / q4_1 / q8_0 weights on kernel path ``path``."""
+    return path == "vnni" and os.environ.get(ENV, "1").strip() != "0"
+
+
+# ----------------------------------------------------------------------------------------------
+# The layout (numpy): split arrays <-> interleaved arrays
+# ----------------------------------------------------------------------------------------------
+def repack(wtype: str, arrays: dict) -> tuple[str, dict]:
+    """(interleaved type, arrays) of a q4_0 / q4_1 / q8_0 matrix's split arrays (N, ...) or a stack
+    of them (E, N, ...); the rows are padded to whole groups of 16 with zero codes and scales."""
+    q = np.asarray(arrays["qs"])
+    lead, N = q.shape[:-2], q.shape[-2]
+    nb = np.asarray(arrays["d"]).shape[-1]
+    G = -(-N // ROWS)
+    pad = [(0, 0)] * len(lead) + [(0, G * ROWS - N), (0, 0)]
+    if wtype == "q8_0":  # w + 128 as an unsigned byte (vpdpbusd's unsigned operand)
+        u = np.pad(q.view(np.uint8) ^ np.uint8(0x80), pad).reshape(*lead, G, ROWS, nb, 8, 4)
+    else:  # byte j of a block: element j (low nibble) and j + 16 (high)
+        u = np.pad(q, pad).reshape(*lead, G, ROWS, nb, 4, 4)
+    n = len(lead)
+    order = tuple(range(n)) + (n, n + 2, n + 3, n + 1, n + 4)  # (G, nb, register, row, byte)
+    out = {"qs": np.ascontiguousarray(u.transpose(order)).reshape(*lead, G, nb, GBYTES[wtype])}
+
+    def scales(a):
+        s = np.pad(np.asarray(a).view(np.uint16), pad).reshape(*lead, G, ROWS, nb)
+        return np.ascontiguousarray(np.swapaxes(s, -1, -2)).view(np.float16)
+
+    out["d"] = scales(arrays["d"])
+    if wtype == "q4_1":
+        out["m"] = scales(arrays["m"])
+    return RTYPE[wtype], out
+
+
+def unpack(rtype: str, arrays: dict, N: int) -> tuple[str, dict]:
+    """The split arrays (N rows) of an interleaved 2-D matrix: ``repack``'s inverse."""
+    kind = BASE[rtype]
+    qs = np.asarray(arrays["qs"])
+    G, nb = qs.shape[0], qs.shape[1]
+    regs = GBYTES[kind] // 64
+    u = qs.reshape(G, nb, regs, ROWS, 4).transpose(0, 3, 1, 2, 4).reshape(G * ROWS, nb * regs * 4)[:N]
+    out = {"qs": (u ^ np.uint8(0x80)).view(np.int8) if kind == "q8_0" else u.copy()}
+    for k in ("d", "m") if kind == "q4_1" else ("d",):
+        s = np.asarray(arrays[k]).view(np.uint16)
+        out[k] = np.ascontiguousarray(s.transpose(0, 2, 1).reshape(G * ROWS, nb)[:N]).view(np.float16)
+    return kind, out
+
+
+# ----------------------------------------------------------------------------------------------
+# The tiles: U tokens x the groups g0..g1 of a matrix (LLVM IR)
+# ----------------------------------------------------------------------------------------------
+PARAMS = "wp, dp, mp, g0, g1, nb, xp, xstride, xsp, xdp, sstride, t0, op, ostride, N"
+
+
+def _codegen(kind: str, U: int, prefetch: int):
+    q8, q41 = kind == "q8_0", kind == "q4_1"
+    gbytes = GBYTES[kind]
+
+    def codegen(context, b, sig, args):
+        wp, dp, mp, g0, g1, nb, xp, xstride, xsp, xdp, sstride, t0, op, ostride, N = args
+        e = Emit(b)
+        i64 = lambda v: ir.Constant(I64, v)  # noqa: E731
+        V, VB, F = vec(I32, 16), vec(I8, 64), vec(F32, 16)
+        opnd = VB if VNNI_BYTE_OPERANDS else V
+        dot = e.decl("llvm.x86.avx512.vpdpbusd.512", V, [V, opnd, opnd])
+        pf = e.decl("llvm.prefetch.p0", ir.VoidType(), [PTR, I32, I32, I32])
+        mstore = e.decl("llvm.masked.store.v16f32.p0", ir.VoidType(), [F, PTR, I32, vec(I1, 16)])
+        m15 = e.const(I32, 16, [0x0F0F0F0F] * 16)
+        sh4 = e.const(I32, 16, [4] * 16)
+        acc = [cgutils.alloca_once(b, F) for _ in range(U)]
+        xoffs = [4 * c for c in range(8)] if q8 else [4 * c for c in range(4)] + [16 + 4 * c for c in range(4)]
+        # per token: the row offsets of its activations and of its scale sums
+        xrow = [b.mul(b.add(t0, i64(u)), xstride) for u in range(U)]
+        srow = [b.mul(b.add(t0, i64(u)), sstride) for u in range(U)]
+        with cgutils.for_range_slice(b, g0, g1, i64(1)) as (g, _):
+            for a in acc:
+                b.store(ir.Constant(F, None), a)
+            with cgutils.for_range(b, nb) as bl:
+                blk = bl.index
+                gb = b.add(b.mul(g, nb), blk)  # (group, block) index in the stream
+                if prefetch:
+                    for line in range(gbytes // 64):
+                        b.call(pf, [e.addr(wp, b.add(b.mul(gb, i64(gbytes)), i64(prefetch + 64 * line))),
+                                    I32(0), I32(2), I32(1)])
+                    for base in (dp, mp) if q41 else (dp,):
+                        b.call(pf, [e.addr(base, b.add(b.mul(gb, i64(32)), i64(prefetch // 8))),
+                                    I32(0), I32(2), I32(1)])
+                wo = b.mul(gb, i64(gbytes))
+                if q8:
+                    W = [e.load(wp, b.add(wo, i64(64 * c)), V) for c in range(8)]
+                else:
+                    raw = [e.load(wp, b.add(wo, i64(64 * c)), V) for c in range(4)]
+                    W = [b.and_(r, m15) for r in raw] + [b.and_(b.lshr(r, sh4), m15) for r in raw]
+                if VNNI_BYTE_OPERANDS:
+                    W = [b.bitcast(w, VB) for w in W]
+
+                def half16(base):
+                    h = e.load(base, b.mul(gb, i64(32)), vec(I16, 16))
+                    return b.fpext(b.bitcast(h, vec(F16, 16)), F)
+
+                d = half16(dp)
+                m = half16(mp) if q41 else None
+                bx = b.mul(blk, i64(32))
+                bs = b.mul(blk, i64(4))
+                for u in range(U):
+                    so = b.add(srow[u], bs)
+                    xs = e.load(xsp, so, I32)
+                    a = ir.Constant(V, None) if q41 else e.splat(b.mul(xs, I32(-128 if q8 else -8)), 16)
+                    xb = b.add(xrow[u], bx)
+                    for c in range(8):
+                        x = e.splat(e.load(xp, b.add(xb, i64(xoffs[c])), I32), 16)
+                        a = b.call(dot, [a, W[c], b.bitcast(x, opnd) if VNNI_BYTE_OPERANDS else x])
+                    xd = e.load(xdp, so, F32)
+                    v = e.fma(b.sitofp(a, F), b.fmul(d, e.splat(xd, 16)), b.load(acc[u]))
+                    if m is not None:
+                        v = e.fma(m, e.splat(b.fmul(xd, b.sitofp(xs, F32)), 16), v)
+                    b.store(v, acc[u])
+            # the 16 rows' results of each token; the last group of a matrix may be partial
+            left = b.trunc(b.sub(N, b.mul(g, i64(ROWS))), I32)
+            mask = e.lanes_below(16, left)
+            for u in range(U):
+                dst = e.addr(op, b.add(b.mul(b.add(t0, i64(u)), ostride), b.mul(g, i64(4 * ROWS))))
+                b.call(mstore, [b.load(acc[u]), dst, I32(4), mask])
+        return context.get_dummy_value()
+
+    return codegen
+
+
+def _tile_name(kind: str, U: int, prefetch: bool) -> str:
+    return f"ilv_{kind}_{U}{'p' if prefetch else ''}"
+
+
+# ----------------------------------------------------------------------------------------------
+# The runners and entry points (generated source: numba caches only functions in files)
+# ----------------------------------------------------------------------------------------------
+_RUN = """
+
+@njit({flags})
+def run_{kind}(wp, dp, mp, G, nb, xp, xstride, xsp, xdp, sstride, op, ostride, N, T):
+    # one contiguous range of groups per thread, in passes of about CHUNK bytes of weights that
+    # every token tile of the step reads while they are in L2
+    nch = max(1, min(_iget_num_threads(), G))
+    per = max(1, CHUNK // max(1, nb * {gbytes}))
+    for c in prange(nch):
+        g0 = c * G // nch
+        g1 = (c + 1) * G // nch
+        while g0 < g1:
+            ge = min(g1, g0 + per)
+            if T == 1:
+                {k}_{t1}(wp, dp, mp, g0, ge, nb, xp, xstride, xsp, xdp, sstride, 0, op, ostride, N)
+            else:
+                t0 = 0
+                while t0 + 8 <= T:
+                    {k}_8p(wp, dp, mp, g0, ge, nb, xp, xstride, xsp, xdp, sstride, t0, op, ostride, N)
+                    t0 += 8
+                if T - t0 >= 4:
+                    {k}_4p(wp, dp, mp, g0, ge, nb, xp, xstride, xsp, xdp, sstride, t0, op, ostride, N)
+                    t0 += 4
+                if T - t0 >= 2:
+                    {k}_2p(wp, dp, mp, g0, ge, nb, xp, xstride, xsp, xdp, sstride, t0, op, ostride, N)
+                    t0 += 2
+                if T - t0 == 1:
+                    {k}_1p(wp, dp, mp, g0, ge, nb, xp, xstride, xsp, xdp, sstride, t0, op, ostride, N)
+            g0 = ge
+
+
+@njit({entry})
+def vnni_matmul_{kind}_r16_q8_0(qs, d, {m}xq, xd, xsum, out):
+    check_r16(qs, d, {mm}, xq, xd, xsum, out, {gbytes})
+    run_{kind}(qs.ctypes.data, d.ctypes.data, {mp}, qs.shape[0], qs.shape[1], xq.ctypes.data, xq.strides[0],
+               xsum.ctypes.data, xd.ctypes.data, xd.strides[0], out.ctypes.data, out.strides[0], out.shape[1],
+               xq.shape[0])
+"""
+# no fastmath: every lane must run the same float operations in every tile
+_JIT_PAR = dict(cache=True, nogil=True, parallel=True)
+_JIT = dict(cache=True, nogil=True)
+
+
+def _source(pf1: bool = PF1) -> str:
+    src = runners.HEADER.format(by=__name__)
+    for kind in KINDS:
+        q41 = kind == "q4_1"
+        src += _RUN.format(flags=runners.flags(_JIT_PAR), entry=runners.flags(_JIT), kind=kind, k=f"ilv_{kind}",
+                           t1="1p" if pf1 else "1",                           gbytes=GBYTES[kind], m="m, " if q41 else "", mm="m" if q41 else "d",
+                           mp="m.ctypes.data" if q41 else "0")
+    return src
+
+
+def _names() -> dict:
+    names = dict(check_r16=check_r16, _iget_num_threads=_iget_num_threads, CHUNK=CHUNK)
+    for kind in KINDS:
+        for U in TILE_TOKENS:
+            for p in (False, True):
+                if U == 1 or p:  # one token: with and without prefetch; several: with
+                    names[_tile_name(kind, U, p)] = int_intrinsic(_tile_name(kind, U, p), PARAMS,
+                                                                  _codegen(kind, U, PF if p else 0))
+    return names
+
+
+_gen = jitcache.load_generated("x86", "interleaved_run", _source(), _names())
+vnni_matmul_q4_0_r16_q8_0 = _gen.vnni_matmul_q4_0_r16_q8_0
+vnni_matmul_q4_1_r16_q8_0 = _gen.vnni_matmul_q4_1_r16_q8_0
+vnni_matmul_q8_0_r16_q8_0 = _gen.vnni_matmul_q8_0_r16_q8_0

@@ -1,0 +1,152 @@
+"""The interleaved layout (mpillm.kernels.interleaved): 16 weight rows per register, which the runtime
+repacks q4_0 / q4_1 / q8_0 into on the VNNI path.
+
+- the repacking is lossless (``unpack`` gives the split arrays back bit for bit, stacks of
+  experts too) and pads the last group;
+- the kernels compute the quantized product (float64 reference of the exact integers), every
+  row bit-identical alone, in any batch (tiles of 8, 4, 2, 1 tokens), at one and two threads and
+  one group further on in the matrix, and write nothing past the matrix's N columns;
+- a model on the VNNI path runs its matmuls on the interleaved weights, and its logits match the
+  split layout's (MPILLM_REPACK=0) to float rounding.
+"""
+from __future__ import annotations
+
+import numba
+import numpy as np
+import pytest
+
+from mpillm import kernels
+from mpillm.formats import quant
+from mpillm.kernels import interleaved
+from test_kernels import ref_matmul_quant
+
+
+def _vnni():
+    try:
+        return kernels.get_path("vnni")
+    except RuntimeError as e:
+        pytest.skip(str(e))
+
+
+def _weights(kind, N, K, seed=0):
+    rng = np.random.default_rng(seed)
+    return quant.quantize((rng.standard_normal((N, K)) * 0.02).astype(np.float32), kind)
+
+
+def _acts(path, T, K, seed=1):
+    x = np.random.default_rng(seed).standard_normal((T, K)).astype(np.float32)
+    xq, xd, xs = np.empty((T, K), np.int8), np.empty((T, K // 32), np.float32), np.empty((T, K // 32), np.int32)
+    path.quantize_q8_0(x, xq, xd, xs)
+    return xq, xd, xs
+
+
+def _call(kind, r, xq, xd, xs, out):
+    fn = getattr(interleaved, f"vnni_matmul_{kind}_r16_q8_0")
+    fn(*(np.asarray(r[k]).view(np.uint16) if k != "qs" else r[k] for k, _ in interleaved.ARRAYS[interleaved.RTYPE[kind]]),
+       xq, xd, xs, out)
+
+
+@pytest.mark.parametrize("kind", interleaved.KINDS)
+def test_repack_is_lossless(kind):
+    w = _weights(kind, 37, 96)
+    rtype, r = interleaved.repack(kind, w)
+    assert rtype == interleaved.RTYPE[kind]
+    assert r["qs"].shape == (3, 3, interleaved.GBYTES[kind]) and r["d"].shape == (3, 3, 16)
+    assert not np.asarray(r["d"]).view(np.uint16)[2, :, 5:].any()  # the padding rows' scales are zero
+    back_type, back = interleaved.unpack(rtype, r, 37)
+    assert back_type == kind and set(back) == set(w)
+    for k in w:
+        np.testing.assert_array_equal(np.asarray(back[k]).view(np.uint8), np.asarray(w[k]).view(np.uint8))
+    # a stack of experts: each expert's slice is that expert repacked alone
+    stack = {k: np.stack([v, v[::-1].copy()]) for k, v in w.items()}
+    _, rs = interleaved.repack(kind, stack)
+    _, alone = interleaved.repack(kind, {k: v[::-1].copy() for k, v in w.items()})
+    for k in rs:
+        np.testing.assert_array_equal(np.asarray(rs[k][1]).view(np.uint8), np.asarray(alone[k]).view(np.uint8))
+
+
+@pytest.mark.parametrize("kind", interleaved.KINDS)
+@pytest.mark.parametrize("N,K", [(37, 96), (48, 576), (21, 1088), (5, 32)])
+def test_matches_reference_in_any_batch(kind, N, K):
+    """Every row against the float64 reference; each token's row bit-identical to the token
+    alone for T = 1..17 (tiles 8, 4, 2, 1 and their mixes), to the rows computed one group further
+    on in the matrix, and at one and two threads; the columns past N are left alone."""
+    path = _vnni()
+    w = _weights(kind, N + 16, K)
+    xq, xd, xs = _acts(path, 17, K)
+    _, r = interleaved.repack(kind, {k: v[16:] for k, v in w.items()})
+    _, shifted = interleaved.repack(kind, w)  # the same rows, one group further on
+    ref, bound = ref_matmul_quant({k: v[16:] for k, v in w.items()}, kind, xq, xd, xs)
+    alone = np.empty((17, N), np.float32)
+    for t in range(17):
+        _call(kind, r, xq[t:t + 1], xd[t:t + 1], xs[t:t + 1], alone[t:t + 1])
+    assert np.all(np.abs(alone - ref) <= 1e-5 * (np.abs(ref) + bound)), kind
+    for threads in sorted({1, min(2, numba.config.NUMBA_NUM_THREADS)}):
+        kernels.set_threads(threads)
+        try:
+            for T in (1, 2, 3, 5, 8, 11, 16, 17):
+                out = np.full((T, N + 5), np.nan, np.float32)
+                _call(kind, r, xq[:T], xd[:T], xs[:T], out[:, :N])
+                np.testing.assert_array_equal(out[:, :N], alone[:T], err_msg=f"{kind} T = {T}, {threads} threads")
+                assert np.isnan(out[:, N:]).all(), "wrote past the matrix's rows"
+                out2 = np.empty((T, N + 16), np.float32)
+                _call(kind, shifted, xq[:T], xd[:T], xs[:T], out2)
+                np.testing.assert_array_equal(out2[:, 16:], alone[:T], err_msg=f"{kind} T = {T}, shifted")
+        finally:
+            kernels.set_threads(numba.config.NUMBA_NUM_THREADS)
+
+
+def test_rejects_mismatched_arrays():
+    path = _vnni()
+    _, r = interleaved.repack("q4_0", _weights("q4_0", 40, 64))
+    xq, xd, xs = _acts(path, 2, 64)
+    with pytest.raises(ValueError, match="rows do not match"):
+        _call("q4_0", r, xq, xd, xs, np.empty((2, 49), np.float32))  # 3 groups hold 33..48 rows
+    xq2, xd2, xs2 = _acts(path, 2, 96)
+    with pytest.raises(ValueError, match="do not match K"):
+        _call("q4_0", r, xq2, xd2, xs2, np.empty((2, 40), np.float32))
+
+
+@pytest.mark.parametrize("wtype", ["q4_0", "q4_1", "q8_0"])
+@pytest.mark.parametrize("name", ["llama", "qwen3_moe"])
+def test_model_runs_interleaved(tmp_path, monkeypatch, wtype, name):
+    """On VNNI the engine repacks the model's matmul weights (dense and stacked experts) and its
+    logits, fused and per kernel, agree with the split layout's (only the order of the float
+    additions across a row's blocks differs)."""
+    from mpi4py import MPI
+
+    from convert.__main__ import convert
+    from mpillm.runtime.engine import Engine
+    from mpiutil import ROOT
+
+    _vnni()
+    if kernels.active_path() != "vnni":
+        pytest.skip(f"the active kernel path is {kernels.active_path()}")
+    fix = ROOT / "tests" / "fixtures" / name
+    convert(fix, tmp_path / "m", [1], wtype, progress=False, tokenizer=False)
+    toks = np.load(fix / "expected.npz")["tokens"]
+    out = {}
+    for repack in ("1", "0"):
+        for fused in ("1", "0"):
+            monkeypatch.setenv("MPILLM_REPACK", repack)
+            monkeypatch.setenv("MPILLM_FUSED", fused)
+            eng = Engine(tmp_path / "m", max_seq_len=32, max_batch=8, comm=MPI.COMM_SELF, verbose=False)
+            L = eng.model.layers[0]
+            mats = [L.wq, L.wo] + (L.exp_gate[:1] if name == "qwen3_moe" else [L.w_down])
+            want = interleaved.RTYPE[wtype] if repack == "1" else wtype
+            assert eng.model.repacked == (repack == "1") and all(m.wtype == want for m in mats)
+            if name == "qwen3_moe":
+                assert L.exp_types["exp_down"] == want
+            out[repack, fused] = (eng.step(toks, 0, all_logits=True), eng.step(toks[:1], len(toks)))
+    # The layouts round differently in the last bits, which can flip an activation's q8_0 rounding
+    # or (qwen3_moe) a near-tied expert choice, and move the later rows' logits by a step of the
+    # quantization. So: both layouts are as close to the transformers reference as each other, and
+    # without routing most rows agree to float rounding.
+    ref = np.load(fix / "expected.npz")["logits"].reshape(len(toks), -1)
+    err = {k: np.abs(o[0] - ref).max() for k, o in out.items()}
+    assert err["1", "1"] <= 1.25 * min(err["0", "1"], err["0", "0"]), err
+    if name == "llama":
+        for key in (("1", "0"), ("0", "1"), ("0", "0")):
+            a, b = (np.concatenate([o[0], o[1]]) for o in (out["1", "1"], out[key]))
+            per_row = np.abs(a - b).max(axis=1)
+            assert np.median(per_row) <= 1e-4 and per_row.max() <= 0.05 * err["0", "1"], (key, per_row)
