@@ -51,7 +51,7 @@ GBYTES = {"q4_0": 256, "q4_1": 256, "q8_0": 512}  # code bytes per (16 rows, blo
 # one thread: benchmarks/results/interleaved_layout_2026-12-07.json and docs/performance.md).
 PF = 16384
 TILE_TOKENS = (8, 4, 2, 1)
-PF1 = False  # whether one token prefetches too
+CHAINS = {8: 1, 4: 1, 2: 2, 1: 4}  # independent vpdpbusd chains per token of a tile of U tokens
 # rows of groups per pass over a thread's range: a pass's weights (about CHUNK bytes) stay in L2
 # while every token tile of a step reads them
 CHUNK = 262144
@@ -165,11 +165,19 @@ def _codegen(kind: str, U: int, prefetch: int):
                 for u in range(U):
                     so = b.add(srow[u], bs)
                     xs = e.load(xsp, so, I32)
-                    a = ir.Constant(V, None) if q41 else e.splat(b.mul(xs, I32(-128 if q8 else -8)), 16)
+                    # CHAINS[U] independent vpdpbusd chains (one token has no other work to overlap the
+                    # 8 dependent ones with), summed as integers: exact, so a row's result is the same in any tile
+                    ch = [ir.Constant(V, None) for _ in range(CHAINS[U])]
+                    if not q41:
+                        ch[0] = e.splat(b.mul(xs, I32(-128 if q8 else -8)), 16)
                     xb = b.add(xrow[u], bx)
                     for c in range(8):
                         x = e.splat(e.load(xp, b.add(xb, i64(xoffs[c])), I32), 16)
-                        a = b.call(dot, [a, W[c], b.bitcast(x, opnd) if VNNI_BYTE_OPERANDS else x])
+                        k = c % len(ch)
+                        ch[k] = b.call(dot, [ch[k], W[c], b.bitcast(x, opnd) if VNNI_BYTE_OPERANDS else x])
+                    a = ch[0]
+                    for c in ch[1:]:
+                        a = b.add(a, c)
                     xd = e.load(xdp, so, F32)
                     v = e.fma(b.sitofp(a, F), b.fmul(d, e.splat(xd, 16)), b.load(acc[u]))
                     if m is not None:
@@ -207,7 +215,7 @@ def run_{kind}(wp, dp, mp, G, nb, xp, xstride, xsp, xdp, sstride, op, ostride, N
         while g0 < g1:
             ge = min(g1, g0 + per)
             if T == 1:
-                {k}_{t1}(wp, dp, mp, g0, ge, nb, xp, xstride, xsp, xdp, sstride, 0, op, ostride, N)
+                {k}_1(wp, dp, mp, g0, ge, nb, xp, xstride, xsp, xdp, sstride, 0, op, ostride, N)
             else:
                 t0 = 0
                 while t0 + 8 <= T:
@@ -236,12 +244,12 @@ _JIT_PAR = dict(cache=True, nogil=True, parallel=True)
 _JIT = dict(cache=True, nogil=True)
 
 
-def _source(pf1: bool = PF1) -> str:
+def _source() -> str:
     src = runners.HEADER.format(by=__name__)
     for kind in KINDS:
         q41 = kind == "q4_1"
         src += _RUN.format(flags=runners.flags(_JIT_PAR), entry=runners.flags(_JIT), kind=kind, k=f"ilv_{kind}",
-                           t1="1p" if pf1 else "1",                           gbytes=GBYTES[kind], m="m, " if q41 else "", mm="m" if q41 else "d",
+                           gbytes=GBYTES[kind], m="m, " if q41 else "", mm="m" if q41 else "d",
                            mp="m.ctypes.data" if q41 else "0")
     return src
 
@@ -251,7 +259,7 @@ def _names() -> dict:
     for kind in KINDS:
         for U in TILE_TOKENS:
             for p in (False, True):
-                if U == 1 or p:  # one token: with and without prefetch; several: with
+                if U == 1 or p:  # one token: alone without prefetch, the last of a batch with; several: with
                     names[_tile_name(kind, U, p)] = int_intrinsic(_tile_name(kind, U, p), PARAMS,
                                                                   _codegen(kind, U, PF if p else 0))
     return names
