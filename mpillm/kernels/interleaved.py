@@ -123,7 +123,6 @@ def _codegen(kind: str, U: int, prefetch: int):
         V, VB, F = vec(I32, 16), vec(I8, 64), vec(F32, 16)
         opnd = VB if VNNI_BYTE_OPERANDS else V
         dot = e.decl("llvm.x86.avx512.vpdpbusd.512", V, [V, opnd, opnd])
-        pf = e.decl("llvm.prefetch.p0", ir.VoidType(), [PTR, I32, I32, I32])
         mstore = e.decl("llvm.masked.store.v16f32.p0", ir.VoidType(), [F, PTR, I32, vec(I1, 16)])
         m15 = e.const(I32, 16, [0x0F0F0F0F] * 16)
         sh4 = e.const(I32, 16, [4] * 16)
@@ -138,14 +137,12 @@ def _codegen(kind: str, U: int, prefetch: int):
             with cgutils.for_range(b, nb) as bl:
                 blk = bl.index
                 gb = b.add(b.mul(g, nb), blk)  # (group, block) index in the stream
-                if prefetch:
-                    for line in range(gbytes // 64):
-                        b.call(pf, [e.addr(wp, b.add(b.mul(gb, i64(gbytes)), i64(prefetch + 64 * line))),
-                                    I32(0), I32(2), I32(1)])
-                    for base in (dp, mp) if q41 else (dp,):
-                        b.call(pf, [e.addr(base, b.add(b.mul(gb, i64(32)), i64(prefetch // 8))),
-                                    I32(0), I32(2), I32(1)])
                 wo = b.mul(gb, i64(gbytes))
+                if prefetch:  # into L2 (the weights are read once)
+                    for line in range(gbytes // 64):
+                        e.prefetch(wp, b.add(wo, i64(prefetch + 64 * line)), 2)
+                    for base in (dp, mp) if q41 else (dp,):
+                        e.prefetch(base, b.add(b.mul(gb, i64(32)), i64(prefetch // 8)), 2)
                 if q8:
                     W = [e.load(wp, b.add(wo, i64(64 * c)), V) for c in range(8)]
                 else:

@@ -103,6 +103,11 @@ class Emit:
                 with large:
                     body(whole, rem)
 
+    def prefetch(self, base, off, locality=3):
+        """Prefetch for read at base + off; locality 3: all cache levels (prefetcht0), 2: L2 (prefetcht1)."""
+        f = self.decl("llvm.prefetch.p0", ir.VoidType(), [PTR, I32, I32, I32])
+        self.b.call(f, [self.addr(base, off), I32(0), I32(locality), I32(1)])
+
     def lanes_below(self, n, limit):
         """<n x i1>: lane index < limit (limit an i32 value; negative gives all false)."""
         return self.b.icmp_signed("<", self.const(I32, n, range(n)), self.splat(limit, n))

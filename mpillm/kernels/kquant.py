@@ -80,7 +80,7 @@ from numba.core import cgutils
 from mpillm.formats import quant
 from mpillm.kernels import jitcache, runners
 from mpillm.kernels.checks import rows_ok
-from mpillm.kernels.irgen import F16, F32, F64, I1, I8, I16, I32, I64, PTR, VNNI_BYTE_OPERANDS, Emit, int_intrinsic
+from mpillm.kernels.irgen import F16, F32, F64, I1, I8, I16, I32, I64, VNNI_BYTE_OPERANDS, Emit, int_intrinsic
 from mpillm.kernels.irgen import vec as _vec
 
 _llvm.initialize_native_asmparser()  # the inline masked vpaddb (_E.add_masked) is parsed by LLVM
@@ -106,10 +106,9 @@ class _E(Emit):
     def i64(self, v):
         return ir.Constant(I64, v)
 
-    def prefetch(self, base, off):
+    def prefetch(self, base, off, locality=2):
         """prefetcht1 (into L2): the weights are read once."""
-        f = self.decl("llvm.prefetch.p0", ir.VoidType(), [PTR, I32, I32, I32])
-        self.b.call(f, [self.addr(base, off), I32(0), I32(2), I32(1)])
+        super().prefetch(base, off, locality)
 
     def half4(self, base, off, n):
         """n fp16 values -> <n x float>."""

@@ -65,7 +65,7 @@ from numba.np.ufunc.parallel import _iget_num_threads  # the thread count, cache
 
 from mpillm.kernels import jitcache, portable, runners
 from mpillm.kernels.checks import check_q
-from mpillm.kernels.irgen import F16, F32, I1, I8, I16, I32, I64, PTR, VNNI_BYTE_OPERANDS, Emit, int_intrinsic
+from mpillm.kernels.irgen import F16, F32, I1, I8, I16, I32, I64, VNNI_BYTE_OPERANDS, Emit, int_intrinsic
 from mpillm.kernels.irgen import vec as _vec
 
 _JIT_PAR = dict(cache=True, fastmath=True, nogil=True, parallel=True)
@@ -91,11 +91,6 @@ class _Emit(Emit):
         """n fp16 values -> <n x float>."""
         h = self.load(base, off, _vec(I16, n), mask)
         return self.b.fpext(self.b.bitcast(h, _vec(F16, n)), _vec(F32, n))
-
-    def prefetch(self, base, off, locality=3):
-        """Prefetch for read; locality 3: all cache levels (prefetcht0), 2: L2 (prefetcht1)."""
-        f = self.decl("llvm.prefetch.p0", ir.VoidType(), [PTR, I32, I32, I32])
-        self.b.call(f, [self.addr(base, off), I32(0), I32(locality), I32(1)])
 
     # -- dot products: i32 lanes += sum of 4 (u8 * s8) products ------------------------
     def _vpdpbusd(self, acc, a, b):
