@@ -27,7 +27,7 @@ from mpillm.formats import quant
 from mpillm.kernels import interleaved
 from mpillm.kernels.bench import LLC_BYTES
 
-KINDS = interleaved.KINDS
+KINDS = interleaved.RKINDS
 SHAPES = {  # name: (N, K)
     "smol-up 1536x576": (1536, 576),
     "smol-attn 576x576": (576, 576),
@@ -45,10 +45,13 @@ def measure(kind: str, N: int, K: int, Ts, rounds: int, rng, copies: int | None 
     path = kernels.get_path("vnni")
     fn = getattr(interleaved, f"vnni_matmul_{kind}_r16_q8_0")
 
-    def run(r, xq, xd, xs, out):
-        fn(r["qs"], *(r[k].view(np.uint16) for k in ("d", "m") if k in r), xq, xd, xs, out)
+    keys = [k for k, _ in interleaved.ARRAYS[interleaved.RTYPE[kind]]]
 
-    base = quant.quantize((rng.standard_normal((N, K)) * 0.02).astype(np.float32), kind)
+    def run(r, xq, xd, xs, out):
+        fn(*(r[k].view(np.uint16) if r[k].dtype == np.float16 else r[k] for k in keys), xq, xd, xs, out)
+
+    base = quant.random_arrays(kind, N, K, rng) if kind in quant.K_TYPES else \
+        quant.quantize((rng.standard_normal((N, K)) * 0.02).astype(np.float32), kind)
     copies = copies or max(2, -(-2 * LLC_BYTES // sum(v.nbytes for v in base.values())))
     mats = [base] + [{k: v.copy() for k, v in base.items()} for _ in range(copies - 1)]
     packed = [interleaved.repack(kind, w)[1] for w in mats]
@@ -100,6 +103,8 @@ def main(argv=None) -> int:
     for name in a.shapes.split(","):
         N, K = SHAPES[name]
         for kind in a.types.split(","):
+            if kind in quant.K_TYPES and K % 256:  # K-quant super-blocks need 256 | K
+                continue
             for r in measure(kind, N, K, [int(t) for t in a.rows.split(",")], a.rounds, rng):
                 r["shape"] = name
                 res.append(r)

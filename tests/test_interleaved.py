@@ -1,5 +1,5 @@
 """The interleaved layout (mpillm.kernels.interleaved): 16 weight rows per register, which the runtime
-repacks q4_0 / q4_1 / q8_0 into on the VNNI path.
+repacks q4_0 / q4_1 / q8_0 / q4_K (and q4_K_32) into on the VNNI path.
 
 - the repacking is lossless (``unpack`` gives the split arrays back bit for bit, stacks of
   experts too) and pads the last group;
@@ -7,7 +7,7 @@ repacks q4_0 / q4_1 / q8_0 into on the VNNI path.
   row bit-identical alone, in any batch (tiles of 8, 4, 2, 1 tokens), at one and two threads and
   one group further on in the matrix, and write nothing past the matrix's N columns;
 - a model on the VNNI path runs its matmuls on the interleaved weights, and its logits match the
-  split layout's (MPILLM_REPACK=0) to float rounding.
+  split layout's (MPILLM_REPACK=0) to float rounding (a K-quant GGUF mix too).
 """
 from __future__ import annotations
 
@@ -28,9 +28,30 @@ def _vnni():
         pytest.skip(str(e))
 
 
+def _cols(kind, K):
+    """q4_K rows are whole super-blocks: K rounded up to 256 (q4_K_32 takes any K, as a cut slice)."""
+    return -(-K // 256) * 256 if kind == "q4_K" else K
+
+
 def _weights(kind, N, K, seed=0):
     rng = np.random.default_rng(seed)
+    if kind == "q4_K_32":  # a row-parallel slice of K columns cut from whole super-blocks
+        full = quant.random_arrays(kind, N, _cols("q4_K", K), rng)
+        per = {k: v.shape[1] // (full["qs"].shape[1] // 16) for k, v in full.items()}
+        return {k: np.ascontiguousarray(v[:, :K // 32 * per[k]]) for k, v in full.items()}
+    if kind == "q4_K":
+        return quant.random_arrays(kind, N, K, rng)
     return quant.quantize((rng.standard_normal((N, K)) * 0.02).astype(np.float32), kind)
+
+
+def _reference(kind, w, xq, xd, xs):
+    """(float64 product, sum of |terms|) on the q8_0 activations."""
+    if kind in ("q4_0", "q4_1", "q8_0"):
+        return ref_matmul_quant(w, kind, xq, xd, xs)
+    T, K = xq.shape
+    xf = (xq.reshape(T, K // 32, 32).astype(np.float64) * xd[..., None]).reshape(T, K)
+    W = quant.dequantize(w, kind).astype(np.float64)
+    return xf @ W.T, np.abs(xf) @ np.abs(W).T
 
 
 def _acts(path, T, K, seed=1):
@@ -41,18 +62,22 @@ def _acts(path, T, K, seed=1):
 
 
 def _call(kind, r, xq, xd, xs, out):
-    fn = getattr(interleaved, f"vnni_matmul_{kind}_r16_q8_0")
-    fn(*(np.asarray(r[k]).view(np.uint16) if k != "qs" else r[k] for k, _ in interleaved.ARRAYS[interleaved.RTYPE[kind]]),
+    rtype = interleaved.RTYPE[kind]
+    fn = getattr(interleaved, f"vnni_matmul_{interleaved.BASE[rtype]}_r16_q8_0")
+    fn(*(np.asarray(r[k]).view(np.uint16) if dt == "float16" else r[k] for k, dt in interleaved.ARRAYS[rtype]),
        xq, xd, xs, out)
 
 
 @pytest.mark.parametrize("kind", interleaved.KINDS)
 def test_repack_is_lossless(kind):
-    w = _weights(kind, 37, 96)
+    K = _cols(kind, 96)
+    w = _weights(kind, 37, K)
     rtype, r = interleaved.repack(kind, w)
     assert rtype == interleaved.RTYPE[kind]
-    assert r["qs"].shape == (3, 3, interleaved.GBYTES[kind]) and r["d"].shape == (3, 3, 16)
-    assert not np.asarray(r["d"]).view(np.uint16)[2, :, 5:].any()  # the padding rows' scales are zero
+    assert r["qs"].shape == (3, K // 32, interleaved.GBYTES[interleaved.BASE[rtype]])
+    for k, _ in interleaved.ARRAYS[rtype][1:]:  # every scale array: (G, its per-row count, 16)
+        assert r[k].shape == (3, w[k].shape[1], 16), k
+        assert not np.asarray(r[k]).view(np.uint8).reshape(3, -1, 16, r[k].itemsize)[2, :, 5:].any()  # padding rows: 0
     back_type, back = interleaved.unpack(rtype, r, 37)
     assert back_type == kind and set(back) == set(w)
     for k in w:
@@ -70,13 +95,15 @@ def test_repack_is_lossless(kind):
 def test_matches_reference_in_any_batch(kind, N, K):
     """Every row against the float64 reference; each token's row bit-identical to the token
     alone for T = 1..17 (tiles 8, 4, 2, 1 and their mixes), to the rows computed one group further
-    on in the matrix, and at one and two threads; the columns past N are left alone."""
+    on in the matrix, and at one and two threads; the columns past N are left alone. (q4_K: K
+    rounded up to whole super-blocks; q4_K_32 at K itself, its d and dmin once per block.)"""
     path = _vnni()
+    K = _cols(kind, K)
     w = _weights(kind, N + 16, K)
     xq, xd, xs = _acts(path, 17, K)
     _, r = interleaved.repack(kind, {k: v[16:] for k, v in w.items()})
     _, shifted = interleaved.repack(kind, w)  # the same rows, one group further on
-    ref, bound = ref_matmul_quant({k: v[16:] for k, v in w.items()}, kind, xq, xd, xs)
+    ref, bound = _reference(kind, {k: v[16:] for k, v in w.items()}, xq, xd, xs)
     alone = np.empty((17, N), np.float32)
     for t in range(17):
         _call(kind, r, xq[t:t + 1], xd[t:t + 1], xs[t:t + 1], alone[t:t + 1])
@@ -150,3 +177,37 @@ def test_model_runs_interleaved(tmp_path, monkeypatch, wtype, name):
             a, b = (np.concatenate([o[0], o[1]]) for o in (out["1", "1"], out[key]))
             per_row = np.abs(a - b).max(axis=1)
             assert np.median(per_row) <= 1e-4 and per_row.max() <= 0.05 * err["0", "1"], (key, per_row)
+
+
+def test_k_quant_gguf_runs_interleaved(tmp_path, monkeypatch):
+    """A llama GGUF whose matrices mix the K-quant, 5-bit, IQ4 and MXFP4 types (tests/kquant_gguf.py):
+    on VNNI the engine repacks its q4_K matrices (and leaves the others as stored), and its logits,
+    fused and per kernel, agree with the split layout's to float rounding."""
+    from mpi4py import MPI
+
+    import kquant_gguf
+    from convert.__main__ import convert
+    from mpillm.runtime.engine import Engine
+    from mpiutil import ROOT
+
+    _vnni()
+    if kernels.active_path() != "vnni":
+        pytest.skip(f"the active kernel path is {kernels.active_path()}")
+    kquant_gguf.make(tmp_path / "k.gguf")
+    convert(tmp_path / "k.gguf", tmp_path / "m", [1], progress=False, tokenizer=False)
+    toks = np.load(ROOT / "tests" / "fixtures" / "llama" / "expected.npz")["tokens"]
+    out = {}
+    for repack in ("1", "0"):
+        for fused in ("1", "0"):
+            monkeypatch.setenv("MPILLM_REPACK", repack)
+            monkeypatch.setenv("MPILLM_FUSED", fused)
+            eng = Engine(tmp_path / "m", max_seq_len=32, max_batch=8, comm=MPI.COMM_SELF, verbose=False)
+            L0, L1 = eng.model.layers
+            want = "q4_K_r16" if repack == "1" else "q4_K"
+            assert (L0.wo.wtype, L1.w_gate.wtype) == (want, want)
+            assert L0.wv.wtype == "q6_K" and L1.w_down.wtype == "q5_K"  # not repacked
+            out[repack, fused] = np.concatenate([eng.step(toks, 0, all_logits=True), eng.step(toks[:1], len(toks))])
+    scale = np.abs(out["0", "0"]).max()
+    for key in (("1", "0"), ("0", "1"), ("0", "0")):
+        per_row = np.abs(out["1", "1"] - out[key]).max(axis=1) / scale
+        assert np.median(per_row) <= 1e-5 and per_row.max() <= 1e-3, (key, per_row)

@@ -75,3 +75,24 @@ def check_r16(qs, d, m, xq, xd, xsum, out, gbytes):
         raise ValueError("matmul: interleaved arrays must be contiguous")
     if not (rows_ok(xq) and rows_ok(xd) and rows_ok(xsum) and rows_ok(out)):
         raise ValueError("matmul: every array's rows must be contiguous")
+
+
+@njit(**_JIT)
+def check_r16k(qs, sc, mn, d, dmin, xq, xd, xsum, out):
+    """The interleaved q4_K (mpillm.kernels.interleaved): check_r16's shapes for qs (gbytes 256), sc and
+    mn (G, nb, 16) bytes, d and dmin (G, nb / 8, 16) (q4_K: one per super-block) or (G, nb, 16) (q4_K_32).
+    Returns the shift from a block to its d (3 or 0)."""
+    check_r16(qs, sc, mn, xq, xd, xsum, out, 256)
+    G, nb = qs.shape[0], qs.shape[1]
+    nd = d.shape[1]
+    if nd * 8 == nb:
+        dsh = 3
+    elif nd == nb:
+        dsh = 0
+    else:
+        raise ValueError("matmul: interleaved super-block scales do not match the codes")
+    if d.shape[0] != G or d.shape[2] != 16 or dmin.shape[0] != G or dmin.shape[1] != nd or dmin.shape[2] != 16:
+        raise ValueError("matmul: interleaved super-block scales do not match the codes")
+    if not (dense3(d) and dense3(dmin)):
+        raise ValueError("matmul: interleaved arrays must be contiguous")
+    return dsh

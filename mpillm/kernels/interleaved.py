@@ -1,5 +1,5 @@
-"""q4_0 / q4_1 / q8_0 with 16 weight rows interleaved per register (VNNI): the layout that makes a
-step of several rows cheap.
+"""q4_0 / q4_1 / q8_0 / q4_K with 16 weight rows interleaved per register (VNNI): the layout that
+makes a step of several rows cheap.
 
 The split layout keeps a row's blocks in the lanes of a register, so a (row, token) dot product
 ends in a horizontal sum, and a step of k rows redoes the activation preparation and the sums k
@@ -15,7 +15,16 @@ accumulates row r's exact integer dot product of the block; one conversion, one 
 d * xd and one fma per (16 rows, token, block) follow: no horizontal sums, no tail groups, and
 the codes are unpacked once per (16 rows, block) for all the tokens of a tile (8, 4, 2, 1).
 q4_0 starts the integer sum at -8 xsum, q8_0 (stored as w + 128) at -128 xsum, q4_1 adds
-m * xd * xsum per block. Every lane runs the same operations in any tile, so a row's result does
+m * xd * xsum per block.
+
+q4_K (and q4_K_32, the same values cut at a 32-column boundary) has q4_1's codes per block, one
+6-bit scale and min per block and the fp16 d and dmin per super-block of 8 blocks (q4_K_32: per
+block); they are kept as stored, per group of 16 rows:
+
+    qs (G, nb, 256)    sc, mn (G, nb, 16) uint8    d, dmin (G, nb / 8 | nb, 16) fp16 bits
+
+so the bytes are the split layout's. Per (16 rows, block) the kernel forms d * sc and
+-(dmin * mn) (exact in float32) and goes on as q4_1 with them as the scale and the min. Every lane runs the same operations in any tile, so a row's result does
 not depend on its batch, its tile, the thread count or its rank's row range; it differs from the
 split-layout kernels' in the order of float additions only. The rows past N in the last group are
 zero and are never stored (masked store).
@@ -35,17 +44,20 @@ from numba.core import cgutils
 from numba.np.ufunc.parallel import _iget_num_threads  # the thread count, cacheable (no ctypes global)
 
 from mpillm.kernels import jitcache, runners
-from mpillm.kernels.checks import check_r16
+from mpillm.kernels.checks import check_r16, check_r16k
 from mpillm.kernels.irgen import F16, F32, I1, I8, I16, I32, I64, PTR, VNNI_BYTE_OPERANDS, Emit, int_intrinsic, vec
 
 ROWS = 16  # weight rows per register
-KINDS = ("q4_0", "q4_1", "q8_0")
-RTYPE = {k: f"{k}_r16" for k in KINDS}  # split type -> interleaved type
-BASE = {v: k for k, v in RTYPE.items()}
+KINDS = ("q4_0", "q4_1", "q8_0", "q4_K", "q4_K_32")
+RTYPE = {k: f"{k[:4]}_r16" for k in KINDS}  # split type -> interleaved type (q4_K_32 and q4_K share one)
+BASE = {"q4_0_r16": "q4_0", "q4_1_r16": "q4_1", "q8_0_r16": "q8_0", "q4_K_r16": "q4_K"}
+RKINDS = tuple(BASE.values())  # the kernels' kinds
 # the interleaved types' arrays, in the order the kernels take them (as mpillm.formats.quant.ARRAYS)
-ARRAYS = {RTYPE[k]: (("qs", "uint8"), ("d", "float16")) + ((("m", "float16"),) if k == "q4_1" else ())
-          for k in KINDS}
-GBYTES = {"q4_0": 256, "q4_1": 256, "q8_0": 512}  # code bytes per (16 rows, block)
+ARRAYS = {"q4_0_r16": (("qs", "uint8"), ("d", "float16")),
+          "q4_1_r16": (("qs", "uint8"), ("d", "float16"), ("m", "float16")),
+          "q8_0_r16": (("qs", "uint8"), ("d", "float16")),
+          "q4_K_r16": (("qs", "uint8"), ("sc", "uint8"), ("mn", "uint8"), ("d", "float16"), ("dmin", "float16"))}
+GBYTES = {"q4_0": 256, "q4_1": 256, "q8_0": 512, "q4_K": 256}  # code bytes per (16 rows, block)
 # A batched step streams the weights once for all tokens: tiles of 2+ tokens prefetch PF bytes ahead
 # in the code stream (and PF / 8 in the scales); one token is fastest without (measured from memory,
 # one thread: benchmarks/results/interleaved_layout_2026-12-07.json and docs/performance.md).
@@ -59,65 +71,80 @@ ENV = "MPILLM_REPACK"
 
 
 def wanted(path: str) -> bool:
-    """Whether the runtime repacks q4_0 / q4_1 / q8_0 weights on kernel path ``path``."""
+    """Whether the runtime repacks q4_0 / q4_1 / q8_0 / q4_K weights on kernel path ``path``."""
     return path == "vnni" and os.environ.get(ENV, "1").strip() != "0"
 
 
 # ----------------------------------------------------------------------------------------------
 # The layout (numpy): split arrays <-> interleaved arrays
 # ----------------------------------------------------------------------------------------------
+def _kind(wtype: str) -> str:
+    return wtype[:4]  # q4_K_32 -> q4_K
+
+
 def repack(wtype: str, arrays: dict) -> tuple[str, dict]:
-    """(interleaved type, arrays) of a q4_0 / q4_1 / q8_0 matrix's split arrays (N, ...) or a stack
-    of them (E, N, ...); the rows are padded to whole groups of 16 with zero codes and scales."""
+    """(interleaved type, arrays) of a q4_0 / q4_1 / q8_0 / q4_K(_32) matrix's split arrays (N, ...)
+    or a stack of them (E, N, ...); the rows are padded to whole groups of 16 with zero codes and
+    scales. Every per-row array of scales (N, n) becomes (G, n, 16): q4_K's d and dmin keep their
+    one value per super-block (q4_K_32: per block), its sc and mn one byte per block."""
+    kind = _kind(wtype)
     q = np.asarray(arrays["qs"])
     lead, N = q.shape[:-2], q.shape[-2]
-    nb = np.asarray(arrays["d"]).shape[-1]
+    nb = q.shape[-1] // (32 if kind == "q8_0" else 16)
     G = -(-N // ROWS)
     pad = [(0, 0)] * len(lead) + [(0, G * ROWS - N), (0, 0)]
-    if wtype == "q8_0":  # w + 128 as an unsigned byte (vpdpbusd's unsigned operand)
+    if kind == "q8_0":  # w + 128 as an unsigned byte (vpdpbusd's unsigned operand)
         u = np.pad(q.view(np.uint8) ^ np.uint8(0x80), pad).reshape(*lead, G, ROWS, nb, 8, 4)
     else:  # byte j of a block: element j (low nibble) and j + 16 (high)
         u = np.pad(q, pad).reshape(*lead, G, ROWS, nb, 4, 4)
     n = len(lead)
     order = tuple(range(n)) + (n, n + 2, n + 3, n + 1, n + 4)  # (G, nb, register, row, byte)
-    out = {"qs": np.ascontiguousarray(u.transpose(order)).reshape(*lead, G, nb, GBYTES[wtype])}
+    out = {"qs": np.ascontiguousarray(u.transpose(order)).reshape(*lead, G, nb, GBYTES[kind])}
 
     def scales(a):
-        s = np.pad(np.asarray(a).view(np.uint16), pad).reshape(*lead, G, ROWS, nb)
-        return np.ascontiguousarray(np.swapaxes(s, -1, -2)).view(np.float16)
+        a = np.asarray(a)
+        s = a.view(np.uint16) if a.dtype == np.float16 else a
+        s = np.pad(s, pad).reshape(*lead, G, ROWS, s.shape[-1])
+        return np.ascontiguousarray(np.swapaxes(s, -1, -2)).view(a.dtype)
 
-    out["d"] = scales(arrays["d"])
-    if wtype == "q4_1":
-        out["m"] = scales(arrays["m"])
+    for k, _ in ARRAYS[RTYPE[wtype]][1:]:
+        out[k] = scales(arrays[k])
     return RTYPE[wtype], out
 
 
 def unpack(rtype: str, arrays: dict, N: int) -> tuple[str, dict]:
-    """The split arrays (N rows) of an interleaved 2-D matrix: ``repack``'s inverse."""
+    """The split arrays (N rows) and type of an interleaved 2-D matrix: ``repack``'s inverse (q4_K_r16:
+    q4_K when d holds one value per 8 blocks, else q4_K_32)."""
     kind = BASE[rtype]
     qs = np.asarray(arrays["qs"])
     G, nb = qs.shape[0], qs.shape[1]
     regs = GBYTES[kind] // 64
     u = qs.reshape(G, nb, regs, ROWS, 4).transpose(0, 3, 1, 2, 4).reshape(G * ROWS, nb * regs * 4)[:N]
     out = {"qs": (u ^ np.uint8(0x80)).view(np.int8) if kind == "q8_0" else u.copy()}
-    for k in ("d", "m") if kind == "q4_1" else ("d",):
-        s = np.asarray(arrays[k]).view(np.uint16)
-        out[k] = np.ascontiguousarray(s.transpose(0, 2, 1).reshape(G * ROWS, nb)[:N]).view(np.float16)
+    for k, _ in ARRAYS[rtype][1:]:
+        a = np.asarray(arrays[k])
+        s = a.view(np.uint16) if a.dtype == np.float16 else a
+        out[k] = np.ascontiguousarray(s.transpose(0, 2, 1).reshape(G * ROWS, s.shape[1])[:N]).view(a.dtype)
+    if kind == "q4_K" and np.asarray(arrays["d"]).shape[1] * 8 != nb:
+        kind = "q4_K_32"
     return kind, out
 
 
 # ----------------------------------------------------------------------------------------------
 # The tiles: U tokens x the groups g0..g1 of a matrix (LLVM IR)
 # ----------------------------------------------------------------------------------------------
-PARAMS = "wp, dp, mp, g0, g1, nb, xp, xstride, xsp, xdp, sstride, t0, op, ostride, N"
+PARAMS = "wp, dp, mp, sp, np_, dsh, g0, g1, nb, xp, xstride, xsp, xdp, sstride, t0, op, ostride, N"
 
 
 def _codegen(kind: str, U: int, prefetch: int):
-    q8, q41 = kind == "q8_0", kind == "q4_1"
+    q8, qk = kind == "q8_0", kind == "q4_K"
+    mins = kind in ("q4_1", "q4_K")  # a per-block min term: m * xd * xsum
     gbytes = GBYTES[kind]
 
     def codegen(context, b, sig, args):
-        wp, dp, mp, g0, g1, nb, xp, xstride, xsp, xdp, sstride, t0, op, ostride, N = args
+        # q4_K: dp, mp = d, dmin (G, nd, 16) with nd = nb >> dsh (dsh 3: one per super-block; 0:
+        # q4_K_32), sp, np_ = sc, mn (G, nb, 16) bytes; the others: dp, mp = d, m (G, nb, 16)
+        wp, dp, mp, sp, np_, dsh, g0, g1, nb, xp, xstride, xsp, xdp, sstride, t0, op, ostride, N = args
         e = Emit(b)
         i64 = lambda v: ir.Constant(I64, v)  # noqa: E731
         V, VB, F = vec(I32, 16), vec(I8, 64), vec(F32, 16)
@@ -141,8 +168,12 @@ def _codegen(kind: str, U: int, prefetch: int):
                 if prefetch:  # into L2 (the weights are read once)
                     for line in range(gbytes // 64):
                         e.prefetch(wp, b.add(wo, i64(prefetch + 64 * line)), 2)
-                    for base in (dp, mp) if q41 else (dp,):
-                        e.prefetch(base, b.add(b.mul(gb, i64(32)), i64(prefetch // 8)), 2)
+                    if qk:  # the super-blocks' d and dmin: 1 / 8 of the scale bytes (the hardware follows them)
+                        for base in (sp, np_):
+                            e.prefetch(base, b.add(b.mul(gb, i64(16)), i64(prefetch // 16)), 2)
+                    else:
+                        for base in (dp, mp) if mins else (dp,):
+                            e.prefetch(base, b.add(b.mul(gb, i64(32)), i64(prefetch // 8)), 2)
                 if q8:
                     W = [e.load(wp, b.add(wo, i64(64 * c)), V) for c in range(8)]
                 else:
@@ -151,12 +182,21 @@ def _codegen(kind: str, U: int, prefetch: int):
                 if VNNI_BYTE_OPERANDS:
                     W = [b.bitcast(w, VB) for w in W]
 
-                def half16(base):
-                    h = e.load(base, b.mul(gb, i64(32)), vec(I16, 16))
+                def half16(base, i):
+                    h = e.load(base, b.mul(i, i64(32)), vec(I16, 16))
                     return b.fpext(b.bitcast(h, vec(F16, 16)), F)
 
-                d = half16(dp)
-                m = half16(mp) if q41 else None
+                if qk:  # per row: d * sc and -(dmin * mn) of this block (exact in float32)
+                    di = b.add(b.mul(g, b.lshr(nb, dsh)), b.lshr(blk, dsh))
+
+                    def byte16(base):
+                        return b.uitofp(b.zext(e.load(base, b.mul(gb, i64(16)), vec(I8, 16)), vec(I32, 16)), F)
+
+                    d = b.fmul(half16(dp, di), byte16(sp))
+                    m = b.fneg(b.fmul(half16(mp, di), byte16(np_)))
+                else:
+                    d = half16(dp, gb)
+                    m = half16(mp, gb) if mins else None
                 bx = b.mul(blk, i64(32))
                 bs = b.mul(blk, i64(4))
                 for u in range(U):
@@ -165,7 +205,7 @@ def _codegen(kind: str, U: int, prefetch: int):
                     # CHAINS[U] independent vpdpbusd chains (one token has no other work to overlap the
                     # 8 dependent ones with), summed as integers: exact, so a row's result is the same in any tile
                     ch = [ir.Constant(V, None) for _ in range(CHAINS[U])]
-                    if not q41:
+                    if not mins:
                         ch[0] = e.splat(b.mul(xs, I32(-128 if q8 else -8)), 16)
                     xb = b.add(xrow[u], bx)
                     for c in range(8):
@@ -201,7 +241,7 @@ def _tile_name(kind: str, U: int, prefetch: bool) -> str:
 _RUN = """
 
 @njit({flags})
-def run_{kind}(wp, dp, mp, G, nb, xp, xstride, xsp, xdp, sstride, op, ostride, N, T):
+def run_{kind}(wp, dp, mp, sp, np_, dsh, G, nb, xp, xstride, xsp, xdp, sstride, op, ostride, N, T):
     # one contiguous range of groups per thread, in passes of about CHUNK bytes of weights that
     # every token tile of the step reads while they are in L2
     nch = max(1, min(_iget_num_threads(), G))
@@ -212,30 +252,38 @@ def run_{kind}(wp, dp, mp, G, nb, xp, xstride, xsp, xdp, sstride, op, ostride, N
         while g0 < g1:
             ge = min(g1, g0 + per)
             if T == 1:
-                {k}_1(wp, dp, mp, g0, ge, nb, xp, xstride, xsp, xdp, sstride, 0, op, ostride, N)
+                {k}_1(wp, dp, mp, sp, np_, dsh, g0, ge, nb, xp, xstride, xsp, xdp, sstride, 0, op, ostride, N)
             else:
                 t0 = 0
                 while t0 + 8 <= T:
-                    {k}_8p(wp, dp, mp, g0, ge, nb, xp, xstride, xsp, xdp, sstride, t0, op, ostride, N)
+                    {k}_8p(wp, dp, mp, sp, np_, dsh, g0, ge, nb, xp, xstride, xsp, xdp, sstride, t0, op, ostride, N)
                     t0 += 8
                 if T - t0 >= 4:
-                    {k}_4p(wp, dp, mp, g0, ge, nb, xp, xstride, xsp, xdp, sstride, t0, op, ostride, N)
+                    {k}_4p(wp, dp, mp, sp, np_, dsh, g0, ge, nb, xp, xstride, xsp, xdp, sstride, t0, op, ostride, N)
                     t0 += 4
                 if T - t0 >= 2:
-                    {k}_2p(wp, dp, mp, g0, ge, nb, xp, xstride, xsp, xdp, sstride, t0, op, ostride, N)
+                    {k}_2p(wp, dp, mp, sp, np_, dsh, g0, ge, nb, xp, xstride, xsp, xdp, sstride, t0, op, ostride, N)
                     t0 += 2
                 if T - t0 == 1:
-                    {k}_1p(wp, dp, mp, g0, ge, nb, xp, xstride, xsp, xdp, sstride, t0, op, ostride, N)
+                    {k}_1p(wp, dp, mp, sp, np_, dsh, g0, ge, nb, xp, xstride, xsp, xdp, sstride, t0, op, ostride, N)
             g0 = ge
 
 
 @njit({entry})
-def vnni_matmul_{kind}_r16_q8_0(qs, d, {m}xq, xd, xsum, out):
-    check_r16(qs, d, {mm}, xq, xd, xsum, out, {gbytes})
-    run_{kind}(qs.ctypes.data, d.ctypes.data, {mp}, qs.shape[0], qs.shape[1], xq.ctypes.data, xq.strides[0],
+def vnni_matmul_{kind}_r16_q8_0({args}xq, xd, xsum, out):
+    {check}
+    run_{kind}(qs.ctypes.data, {ptrs}, qs.shape[0], qs.shape[1], xq.ctypes.data, xq.strides[0],
                xsum.ctypes.data, xd.ctypes.data, xd.strides[0], out.ctypes.data, out.strides[0], out.shape[1],
                xq.shape[0])
 """
+# per kernel kind: its entry's weight arguments, shape check, and the runner's pointers dp, mp, sp, np_, dsh
+_ENTRY = {
+    "q4_0": ("qs, d, ", "check_r16(qs, d, d, xq, xd, xsum, out, 256)", "d.ctypes.data, 0, 0, 0, 0"),
+    "q8_0": ("qs, d, ", "check_r16(qs, d, d, xq, xd, xsum, out, 512)", "d.ctypes.data, 0, 0, 0, 0"),
+    "q4_1": ("qs, d, m, ", "check_r16(qs, d, m, xq, xd, xsum, out, 256)", "d.ctypes.data, m.ctypes.data, 0, 0, 0"),
+    "q4_K": ("qs, sc, mn, d, dmin, ", "dsh = check_r16k(qs, sc, mn, d, dmin, xq, xd, xsum, out)",
+             "d.ctypes.data, dmin.ctypes.data, sc.ctypes.data, mn.ctypes.data, dsh"),
+}
 # no fastmath: every lane must run the same float operations in every tile
 _JIT_PAR = dict(cache=True, nogil=True, parallel=True)
 _JIT = dict(cache=True, nogil=True)
@@ -243,17 +291,16 @@ _JIT = dict(cache=True, nogil=True)
 
 def _source() -> str:
     src = runners.HEADER.format(by=__name__)
-    for kind in KINDS:
-        q41 = kind == "q4_1"
+    for kind in RKINDS:
+        args, check, ptrs = _ENTRY[kind]
         src += _RUN.format(flags=runners.flags(_JIT_PAR), entry=runners.flags(_JIT), kind=kind, k=f"ilv_{kind}",
-                           gbytes=GBYTES[kind], m="m, " if q41 else "", mm="m" if q41 else "d",
-                           mp="m.ctypes.data" if q41 else "0")
+                           gbytes=GBYTES[kind], args=args, check=check, ptrs=ptrs)
     return src
 
 
 def _names() -> dict:
-    names = dict(check_r16=check_r16, _iget_num_threads=_iget_num_threads, CHUNK=CHUNK)
-    for kind in KINDS:
+    names = dict(check_r16=check_r16, check_r16k=check_r16k, _iget_num_threads=_iget_num_threads, CHUNK=CHUNK)
+    for kind in RKINDS:
         for U in TILE_TOKENS:
             for p in (False, True):
                 if U == 1 or p:  # one token: alone without prefetch, the last of a batch with; several: with
@@ -266,3 +313,4 @@ _gen = jitcache.load_generated("x86", "interleaved_run", _source(), _names())
 vnni_matmul_q4_0_r16_q8_0 = _gen.vnni_matmul_q4_0_r16_q8_0
 vnni_matmul_q4_1_r16_q8_0 = _gen.vnni_matmul_q4_1_r16_q8_0
 vnni_matmul_q8_0_r16_q8_0 = _gen.vnni_matmul_q8_0_r16_q8_0
+vnni_matmul_q4_K_r16_q8_0 = _gen.vnni_matmul_q4_K_r16_q8_0

@@ -72,7 +72,7 @@ def _as_stored(t: Tensor) -> Tensor:
 
 
 def _interleaved(t: Tensor) -> Tensor:
-    """A q4_0 / q4_1 / q8_0 weight repacked with 16 rows per register (mpillm.kernels.interleaved:
+    """A q4_0 / q4_1 / q8_0 / q4_K(_32) weight repacked with 16 rows per register (mpillm.kernels.interleaved:
     its kernels make a step of several rows cheap); other types as stored. The repacked arrays live
     in this process's memory; the memory-mapped pages they were read from can be dropped."""
     if t.wtype not in interleaved.RTYPE:
@@ -210,7 +210,7 @@ class Transformer:
         self.tok_embd = shard.get("tok_embd")  # (vocab_per_partition, dim)
         self.embd_arrays = {k: (v.view(np.uint16) if v.dtype == np.float16 else v)
                             for k, v in self.tok_embd.arrays.items()}
-        # the matmuls' weights: q4_0 / q4_1 / q8_0 interleaved on VNNI (not with the float64 partial sums,
+        # the matmuls' weights: q4_0 / q4_1 / q8_0 / q4_K interleaved on VNNI (not with the float64 partial sums,
         # whose exact kernels read the stored layout)
         self.repacked = interleaved.wanted(kernels.active_path()) and buffer_type != "f64"
         prep = _interleaved if self.repacked else _as_stored
