@@ -1,5 +1,5 @@
 """The interleaved layout (mpillm.kernels.interleaved): 16 weight rows per register, which the runtime
-repacks q4_0 / q4_1 / q8_0 / q4_K (and q4_K_32) into on the VNNI path.
+repacks q4_0 / q4_1 / q8_0 / q4_K / q6_K (and the K-quants' _32 variants) into on the VNNI path.
 
 - the repacking is lossless (``unpack`` gives the split arrays back bit for bit, stacks of
   experts too) and pads the last group;
@@ -29,17 +29,17 @@ def _vnni():
 
 
 def _cols(kind, K):
-    """q4_K rows are whole super-blocks: K rounded up to 256 (q4_K_32 takes any K, as a cut slice)."""
-    return -(-K // 256) * 256 if kind == "q4_K" else K
+    """K-quant rows are whole super-blocks: K rounded up to 256 (the _32 variants take any K, as cut slices)."""
+    return -(-K // 256) * 256 if kind in quant.K_TYPES else K
 
 
 def _weights(kind, N, K, seed=0):
     rng = np.random.default_rng(seed)
-    if kind == "q4_K_32":  # a row-parallel slice of K columns cut from whole super-blocks
-        full = quant.random_arrays(kind, N, _cols("q4_K", K), rng)
+    if kind.endswith("_32"):  # a row-parallel slice of K columns cut from whole super-blocks
+        full = quant.random_arrays(kind, N, _cols(quant.base_type(kind), K), rng)
         per = {k: v.shape[1] // (full["qs"].shape[1] // 16) for k, v in full.items()}
         return {k: np.ascontiguousarray(v[:, :K // 32 * per[k]]) for k, v in full.items()}
-    if kind == "q4_K":
+    if kind in quant.K_TYPES:
         return quant.random_arrays(kind, N, K, rng)
     return quant.quantize((rng.standard_normal((N, K)) * 0.02).astype(np.float32), kind)
 
@@ -75,7 +75,11 @@ def test_repack_is_lossless(kind):
     rtype, r = interleaved.repack(kind, w)
     assert rtype == interleaved.RTYPE[kind]
     assert r["qs"].shape == (3, K // 32, interleaved.GBYTES[interleaved.BASE[rtype]])
+    if "qh" in r:  # q6_K's high bits: two registers per (group, block), byte 4 row + k
+        assert r["qh"].shape == (3, K // 32, 128) and not r["qh"].reshape(3, -1, 2, 16, 4)[2, :, :, 5:].any()
     for k, _ in interleaved.ARRAYS[rtype][1:]:  # every scale array: (G, its per-row count, 16)
+        if k == "qh":
+            continue
         assert r[k].shape == (3, w[k].shape[1], 16), k
         assert not np.asarray(r[k]).view(np.uint8).reshape(3, -1, 16, r[k].itemsize)[2, :, 5:].any()  # padding rows: 0
     back_type, back = interleaved.unpack(rtype, r, 37)
@@ -96,7 +100,7 @@ def test_matches_reference_in_any_batch(kind, N, K):
     """Every row against the float64 reference; each token's row bit-identical to the token
     alone for T = 1..17 (tiles 8, 4, 2, 1 and their mixes), to the rows computed one group further
     on in the matrix, and at one and two threads; the columns past N are left alone. (q4_K: K
-    rounded up to whole super-blocks; q4_K_32 at K itself, its d and dmin once per block.)"""
+    rounded up to whole super-blocks; the _32 variants at K itself, d (and dmin) once per block.)"""
     path = _vnni()
     K = _cols(kind, K)
     w = _weights(kind, N + 16, K)
@@ -181,7 +185,7 @@ def test_model_runs_interleaved(tmp_path, monkeypatch, wtype, name):
 
 def test_k_quant_gguf_runs_interleaved(tmp_path, monkeypatch):
     """A llama GGUF whose matrices mix the K-quant, 5-bit, IQ4 and MXFP4 types (tests/kquant_gguf.py):
-    on VNNI the engine repacks its q4_K matrices (and leaves the others as stored), and its logits,
+    on VNNI the engine repacks its q4_K and q6_K matrices (and leaves the others as stored), and its logits,
     fused and per kernel, agree with the split layout's to float rounding."""
     from mpi4py import MPI
 
@@ -203,9 +207,9 @@ def test_k_quant_gguf_runs_interleaved(tmp_path, monkeypatch):
             monkeypatch.setenv("MPILLM_FUSED", fused)
             eng = Engine(tmp_path / "m", max_seq_len=32, max_batch=8, comm=MPI.COMM_SELF, verbose=False)
             L0, L1 = eng.model.layers
-            want = "q4_K_r16" if repack == "1" else "q4_K"
-            assert (L0.wo.wtype, L1.w_gate.wtype) == (want, want)
-            assert L0.wv.wtype == "q6_K" and L1.w_down.wtype == "q5_K"  # not repacked
+            r16 = "_r16" if repack == "1" else ""
+            assert (L0.wo.wtype, L1.w_gate.wtype, L0.wv.wtype) == ("q4_K" + r16, "q4_K" + r16, "q6_K" + r16)
+            assert L1.w_down.wtype == "q5_K" and L0.wk.wtype == "q5_K"  # not repacked
             out[repack, fused] = np.concatenate([eng.step(toks, 0, all_logits=True), eng.step(toks[:1], len(toks))])
     scale = np.abs(out["0", "0"]).max()
     for key in (("1", "0"), ("0", "1"), ("0", "0")):

@@ -236,7 +236,8 @@ class _JitView:
     NAMES += tuple(f"matmul_{t}_q8_0" for t in quant.IQ4_TYPES)
 
     # the interleaved types' kernels (mpillm.kernels.interleaved): the vnni path only
-    OPTIONAL = ("matmul_q4_0_r16_q8_0", "matmul_q4_1_r16_q8_0", "matmul_q8_0_r16_q8_0", "matmul_q4_K_r16_q8_0")
+    OPTIONAL = ("matmul_q4_0_r16_q8_0", "matmul_q4_1_r16_q8_0", "matmul_q8_0_r16_q8_0", "matmul_q4_K_r16_q8_0",
+                "matmul_q6_K_r16_q8_0")
 
     def __init__(self, mod: ModuleType, prefix: str):
         for n in self.NAMES:

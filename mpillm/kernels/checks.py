@@ -55,44 +55,75 @@ def dense3(a):
 
 
 @njit(**_JIT)
-def check_r16(qs, d, m, xq, xd, xsum, out, gbytes):
-    """The interleaved layout (mpillm.kernels.interleaved): qs (G, nb, gbytes), d and m (G, nb, 16),
-    out (T, N) with N in the last group."""
+def _r16_shapes(qs, xq, xd, xsum, out, gbytes):
+    """The interleaved codes qs (G, nb, gbytes) against the activations and out (T, N), N in the last group."""
     G, nb = qs.shape[0], qs.shape[1]
     T, K = xq.shape
     N = out.shape[1]
     if K % 32 or nb != K // 32 or qs.shape[2] != gbytes:
         raise ValueError("matmul: interleaved codes do not match K")
-    if d.shape[0] != G or d.shape[1] != nb or d.shape[2] != 16 or m.shape[0] != G or m.shape[1] != nb or m.shape[2] != 16:
-        raise ValueError("matmul: interleaved scales do not match the codes")
     if N > G * 16 or N <= (G - 1) * 16:
         raise ValueError("matmul: out's rows do not match the interleaved groups")
     if out.shape[0] != T or xd.shape[0] != T or xd.shape[1] != nb or xsum.shape[0] != T or xsum.shape[1] != nb:
         raise ValueError("matmul: xd, xsum and out must have T rows")
     if T > 1 and xsum.strides[0] != xd.strides[0]:
         raise ValueError("matmul: xd and xsum must have the same row stride")
-    if not (dense3(qs) and dense3(d) and dense3(m)):
+    if not dense3(qs):
         raise ValueError("matmul: interleaved arrays must be contiguous")
     if not (rows_ok(xq) and rows_ok(xd) and rows_ok(xsum) and rows_ok(out)):
         raise ValueError("matmul: every array's rows must be contiguous")
 
 
 @njit(**_JIT)
+def _scales3(a, G, n):
+    """A per-row scale array of the interleaved layout: (G, n, 16), contiguous."""
+    if a.shape[0] != G or a.shape[1] != n or a.shape[2] != 16:
+        raise ValueError("matmul: interleaved scales do not match the codes")
+    if not dense3(a):
+        raise ValueError("matmul: interleaved arrays must be contiguous")
+
+
+@njit(**_JIT)
+def _super_shift(d, nb):
+    """3 when d holds one value per super-block of 8 blocks, 0 when one per block (the _32 variants)."""
+    if d.shape[1] * 8 == nb:
+        return 3
+    if d.shape[1] == nb:
+        return 0
+    raise ValueError("matmul: interleaved super-block scales do not match the codes")
+
+
+@njit(**_JIT)
+def check_r16(qs, d, m, xq, xd, xsum, out, gbytes):
+    """The interleaved layout (mpillm.kernels.interleaved): qs (G, nb, gbytes), d and m (G, nb, 16),
+    out (T, N) with N in the last group."""
+    _r16_shapes(qs, xq, xd, xsum, out, gbytes)
+    G, nb = qs.shape[0], qs.shape[1]
+    _scales3(d, G, nb)
+    _scales3(m, G, nb)
+
+
+@njit(**_JIT)
 def check_r16k(qs, sc, mn, d, dmin, xq, xd, xsum, out):
-    """The interleaved q4_K (mpillm.kernels.interleaved): check_r16's shapes for qs (gbytes 256), sc and
-    mn (G, nb, 16) bytes, d and dmin (G, nb / 8, 16) (q4_K: one per super-block) or (G, nb, 16) (q4_K_32).
-    Returns the shift from a block to its d (3 or 0)."""
+    """The interleaved q4_K: qs (G, nb, 256), sc and mn (G, nb, 16) bytes, d and dmin (G, nb / 8, 16)
+    (q4_K: one per super-block) or (G, nb, 16) (q4_K_32). Returns the shift from a block to its d."""
     check_r16(qs, sc, mn, xq, xd, xsum, out, 256)
     G, nb = qs.shape[0], qs.shape[1]
-    nd = d.shape[1]
-    if nd * 8 == nb:
-        dsh = 3
-    elif nd == nb:
-        dsh = 0
-    else:
-        raise ValueError("matmul: interleaved super-block scales do not match the codes")
-    if d.shape[0] != G or d.shape[2] != 16 or dmin.shape[0] != G or dmin.shape[1] != nd or dmin.shape[2] != 16:
-        raise ValueError("matmul: interleaved super-block scales do not match the codes")
-    if not (dense3(d) and dense3(dmin)):
-        raise ValueError("matmul: interleaved arrays must be contiguous")
+    dsh = _super_shift(d, nb)
+    _scales3(d, G, nb >> dsh)
+    _scales3(dmin, G, nb >> dsh)
+    return dsh
+
+
+@njit(**_JIT)
+def check_r16q6(qs, qh, sc, d, xq, xd, xsum, out):
+    """The interleaved q6_K: qs (G, nb, 256), qh (G, nb, 128), sc (G, 2 nb, 16), d (G, nb / 8, 16) or
+    (G, nb, 16) (q6_K_32). Returns the shift from a block to its d."""
+    _r16_shapes(qs, xq, xd, xsum, out, 256)
+    G, nb = qs.shape[0], qs.shape[1]
+    if qh.shape[0] != G or qh.shape[1] != nb or qh.shape[2] != 128 or not dense3(qh):
+        raise ValueError("matmul: interleaved high bits do not match the codes")
+    _scales3(sc, G, 2 * nb)
+    dsh = _super_shift(d, nb)
+    _scales3(d, G, nb >> dsh)
     return dsh

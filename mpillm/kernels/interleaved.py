@@ -24,9 +24,21 @@ block); they are kept as stored, per group of 16 rows:
     qs (G, nb, 256)    sc, mn (G, nb, 16) uint8    d, dmin (G, nb / 8 | nb, 16) fp16 bits
 
 so the bytes are the split layout's. Per (16 rows, block) the kernel forms d * sc and
--(dmin * mn) (exact in float32) and goes on as q4_1 with them as the scale and the min. Every lane runs the same operations in any tile, so a row's result does
-not depend on its batch, its tile, the thread count or its rank's row range; it differs from the
-split-layout kernels' in the order of float additions only. The rows past N in the last group are
+-(dmin * mn) (exact in float32) and goes on as q4_1 with them as the scale and the min.
+
+q6_K (and q6_K_32) keeps its low 4 bits as q4_1's codes and its high 2 bits in two more registers
+per (16 rows, block), byte 4r + k of register h holding those of row r's elements 4c + k for the
+four code registers c = 4h .. 4h + 3 (``_high_bits``), so one shift and one mask put them under
+each code register's nibbles; its int8 scales (one per 16 elements) and fp16 d as stored:
+
+    qs (G, nb, 256)    qh (G, nb, 128)    sc (G, 2 nb, 16) int8    d (G, nb / 8 | nb, 16) fp16 bits
+
+Each half block is its own integer sum (4 vpdpbusd) started at -32 x the sum of its 16
+activations (taken once per call, for all groups), times d * sc of that half.
+
+Every lane runs the same operations in any tile, so a row's result does not depend on its batch,
+its tile, the thread count or its rank's row range; it differs from the split-layout kernels' in
+the order of float additions only. The rows past N in the last group are
 zero and are never stored (masked store).
 
 The runtime repacks the shards' split arrays into this layout when it loads a model on the VNNI
@@ -44,20 +56,22 @@ from numba.core import cgutils
 from numba.np.ufunc.parallel import _iget_num_threads  # the thread count, cacheable (no ctypes global)
 
 from mpillm.kernels import jitcache, runners
-from mpillm.kernels.checks import check_r16, check_r16k
+from mpillm.kernels.checks import check_r16, check_r16k, check_r16q6
 from mpillm.kernels.irgen import F16, F32, I1, I8, I16, I32, I64, PTR, VNNI_BYTE_OPERANDS, Emit, int_intrinsic, vec
 
 ROWS = 16  # weight rows per register
-KINDS = ("q4_0", "q4_1", "q8_0", "q4_K", "q4_K_32")
+KINDS = ("q4_0", "q4_1", "q8_0", "q4_K", "q4_K_32", "q6_K", "q6_K_32")
 RTYPE = {k: f"{k[:4]}_r16" for k in KINDS}  # split type -> interleaved type (q4_K_32 and q4_K share one)
-BASE = {"q4_0_r16": "q4_0", "q4_1_r16": "q4_1", "q8_0_r16": "q8_0", "q4_K_r16": "q4_K"}
+BASE = {"q4_0_r16": "q4_0", "q4_1_r16": "q4_1", "q8_0_r16": "q8_0", "q4_K_r16": "q4_K", "q6_K_r16": "q6_K"}
 RKINDS = tuple(BASE.values())  # the kernels' kinds
 # the interleaved types' arrays, in the order the kernels take them (as mpillm.formats.quant.ARRAYS)
 ARRAYS = {"q4_0_r16": (("qs", "uint8"), ("d", "float16")),
           "q4_1_r16": (("qs", "uint8"), ("d", "float16"), ("m", "float16")),
           "q8_0_r16": (("qs", "uint8"), ("d", "float16")),
-          "q4_K_r16": (("qs", "uint8"), ("sc", "uint8"), ("mn", "uint8"), ("d", "float16"), ("dmin", "float16"))}
-GBYTES = {"q4_0": 256, "q4_1": 256, "q8_0": 512, "q4_K": 256}  # code bytes per (16 rows, block)
+          "q4_K_r16": (("qs", "uint8"), ("sc", "uint8"), ("mn", "uint8"), ("d", "float16"), ("dmin", "float16")),
+          "q6_K_r16": (("qs", "uint8"), ("qh", "uint8"), ("sc", "int8"), ("d", "float16"))}
+GBYTES = {"q4_0": 256, "q4_1": 256, "q8_0": 512, "q4_K": 256, "q6_K": 256}  # low code bytes per (16 rows, block)
+HBYTES = 128  # q6_K: high-bit bytes per (16 rows, block)
 # A batched step streams the weights once for all tokens: tiles of 2+ tokens prefetch PF bytes ahead
 # in the code stream (and PF / 8 in the scales); one token is fastest without (measured from memory,
 # one thread: benchmarks/results/interleaved_layout_2026-12-07.json and docs/performance.md).
@@ -108,8 +122,31 @@ def repack(wtype: str, arrays: dict) -> tuple[str, dict]:
         return np.ascontiguousarray(np.swapaxes(s, -1, -2)).view(a.dtype)
 
     for k, _ in ARRAYS[RTYPE[wtype]][1:]:
-        out[k] = scales(arrays[k])
+        out[k] = _high_bits(arrays[k], lead, G, nb, pad) if k == "qh" else scales(arrays[k])
     return RTYPE[wtype], out
+
+
+def _high_bits(qh, lead, G: int, nb: int, pad) -> np.ndarray:
+    """q6_K's split high bits (..., N, 8 nb: byte j of a block holds q >> 4 of its elements j, j + 8,
+    j + 16, j + 24 at bits 0, 2, 4, 6) -> (..., G, nb, 128): per (group, block) two registers H0, H1,
+    whose byte 4r + k holds q >> 4 of row r's elements 4c + k, c = 4h .. 4h + 3 (register h), at
+    bits 2 (c - 4h): the element of byte k of code register c, whatever c."""
+    q = np.pad(np.asarray(qh), pad).reshape(*lead, G, ROWS, nb, 8)
+    hi = (q[..., None] >> (2 * np.arange(4, dtype=np.uint8))) & 3  # [j, i]: element 8i + j
+    e = np.swapaxes(hi, -1, -2).reshape(*lead, G, ROWS, nb, 2, 4, 4)  # element 16h + 4c' + k: [h, c', k]
+    H = (e << (2 * np.arange(4, dtype=np.uint8))[:, None]).sum(-2, dtype=np.uint8)  # [h, k]
+    n = len(lead)
+    return np.ascontiguousarray(np.moveaxis(H, n + 1, n + 3)).reshape(*lead, G, nb, HBYTES)  # (G, nb, h, row, k)
+
+
+def _high_bits_back(H: np.ndarray, N: int) -> np.ndarray:
+    """``_high_bits``' inverse for one matrix: (G, nb, 128) -> (N, 8 nb)."""
+    G, nb = H.shape[:2]
+    h = H.reshape(G, nb, 2, ROWS, 4)
+    e = (h[:, :, :, :, None, :] >> (2 * np.arange(4, dtype=np.uint8))[:, None]) & 3  # [G, nb, h, row, c', k]
+    e = e.transpose(0, 3, 1, 2, 4, 5).reshape(G * ROWS, nb, 4, 8)  # element 8i + j: [i, j]
+    qh = (e << (2 * np.arange(4, dtype=np.uint8))[:, None]).sum(-2, dtype=np.uint8)
+    return np.ascontiguousarray(qh.reshape(G * ROWS, nb * 8)[:N])
 
 
 def unpack(rtype: str, arrays: dict, N: int) -> tuple[str, dict]:
@@ -123,10 +160,13 @@ def unpack(rtype: str, arrays: dict, N: int) -> tuple[str, dict]:
     out = {"qs": (u ^ np.uint8(0x80)).view(np.int8) if kind == "q8_0" else u.copy()}
     for k, _ in ARRAYS[rtype][1:]:
         a = np.asarray(arrays[k])
+        if k == "qh":
+            out[k] = _high_bits_back(a, N)
+            continue
         s = a.view(np.uint16) if a.dtype == np.float16 else a
         out[k] = np.ascontiguousarray(s.transpose(0, 2, 1).reshape(G * ROWS, s.shape[1])[:N]).view(a.dtype)
-    if kind == "q4_K" and np.asarray(arrays["d"]).shape[1] * 8 != nb:
-        kind = "q4_K_32"
+    if kind in ("q4_K", "q6_K") and np.asarray(arrays["d"]).shape[1] * 8 != nb:
+        kind += "_32"
     return kind, out
 
 
@@ -137,13 +177,14 @@ PARAMS = "wp, dp, mp, sp, np_, dsh, g0, g1, nb, xp, xstride, xsp, xdp, sstride, 
 
 
 def _codegen(kind: str, U: int, prefetch: int):
-    q8, qk = kind == "q8_0", kind == "q4_K"
+    q8, qk, q6 = kind == "q8_0", kind == "q4_K", kind == "q6_K"
     mins = kind in ("q4_1", "q4_K")  # a per-block min term: m * xd * xsum
     gbytes = GBYTES[kind]
 
     def codegen(context, b, sig, args):
         # q4_K: dp, mp = d, dmin (G, nd, 16) with nd = nb >> dsh (dsh 3: one per super-block; 0:
-        # q4_K_32), sp, np_ = sc, mn (G, nb, 16) bytes; the others: dp, mp = d, m (G, nb, 16)
+        # q4_K_32), sp, np_ = sc, mn (G, nb, 16) bytes; q6_K: dp = d (G, nd, 16), mp = qh (G, nb, 128),
+        # sp = sc (G, 2 nb, 16) int8; the others: dp, mp = d, m (G, nb, 16)
         wp, dp, mp, sp, np_, dsh, g0, g1, nb, xp, xstride, xsp, xdp, sstride, t0, op, ostride, N = args
         e = Emit(b)
         i64 = lambda v: ir.Constant(I64, v)  # noqa: E731
@@ -158,6 +199,15 @@ def _codegen(kind: str, U: int, prefetch: int):
         # per token: the row offsets of its activations and of its scale sums
         xrow = [b.mul(b.add(t0, i64(u)), xstride) for u in range(U)]
         srow = [b.mul(b.add(t0, i64(u)), sstride) for u in range(U)]
+        if q6:  # q6_K subtracts 32 per half block: each token's sums of its blocks' first 16 activations,
+            # once per call for all the groups (on the stack, freed at the end of the call)
+            saved = b.call(e.decl("llvm.stacksave.p0", PTR, []), [])
+            lo16 = b.alloca(I32, size=b.mul(nb, i64(U)))
+            red = e.decl("llvm.vector.reduce.add.v16i32", I32, [V])
+            for u in range(U):
+                with cgutils.for_range(b, nb) as bl:
+                    x16 = e.load(xp, b.add(xrow[u], b.mul(bl.index, i64(32))), vec(I8, 16))
+                    b.store(b.call(red, [b.sext(x16, V)]), b.gep(lo16, [b.add(b.mul(i64(u), nb), bl.index)]))
         with cgutils.for_range_slice(b, g0, g1, i64(1)) as (g, _):
             for a in acc:
                 b.store(ir.Constant(F, None), a)
@@ -171,6 +221,10 @@ def _codegen(kind: str, U: int, prefetch: int):
                     if qk:  # the super-blocks' d and dmin: 1 / 8 of the scale bytes (the hardware follows them)
                         for base in (sp, np_):
                             e.prefetch(base, b.add(b.mul(gb, i64(16)), i64(prefetch // 16)), 2)
+                    elif q6:
+                        for line in range(HBYTES // 64):
+                            e.prefetch(mp, b.add(b.mul(gb, i64(HBYTES)), i64(prefetch // 2 + 64 * line)), 2)
+                        e.prefetch(sp, b.add(b.mul(gb, i64(32)), i64(prefetch // 8)), 2)
                     else:
                         for base in (dp, mp) if mins else (dp,):
                             e.prefetch(base, b.add(b.mul(gb, i64(32)), i64(prefetch // 8)), 2)
@@ -179,6 +233,19 @@ def _codegen(kind: str, U: int, prefetch: int):
                 else:
                     raw = [e.load(wp, b.add(wo, i64(64 * c)), V) for c in range(4)]
                     W = [b.and_(r, m15) for r in raw] + [b.and_(b.lshr(r, sh4), m15) for r in raw]
+                if q6:  # the high 2 bits of register c's codes: bits 2 (c mod 4) of H[c // 4], moved to bits 4-5
+                    H = [e.load(mp, b.add(b.mul(gb, i64(HBYTES)), i64(64 * h)), V) for h in range(2)]
+                    m30 = e.const(I32, 16, [0x30303030] * 16)
+
+                    def high(c):
+                        h, sft = H[c // 4], 2 * (c % 4)
+                        if sft < 4:
+                            h = b.shl(h, e.const(I32, 16, [4 - sft] * 16))
+                        elif sft > 4:
+                            h = b.lshr(h, e.const(I32, 16, [sft - 4] * 16))
+                        return b.and_(h, m30)
+
+                    W = [b.or_(w, high(c)) for c, w in enumerate(W)]
                 if VNNI_BYTE_OPERANDS:
                     W = [b.bitcast(w, VB) for w in W]
 
@@ -186,8 +253,13 @@ def _codegen(kind: str, U: int, prefetch: int):
                     h = e.load(base, b.mul(i, i64(32)), vec(I16, 16))
                     return b.fpext(b.bitcast(h, vec(F16, 16)), F)
 
-                if qk:  # per row: d * sc and -(dmin * mn) of this block (exact in float32)
-                    di = b.add(b.mul(g, b.lshr(nb, dsh)), b.lshr(blk, dsh))
+                if qk or q6:
+                    di = b.add(b.mul(g, b.lshr(nb, dsh)), b.lshr(blk, dsh))  # (group, super-block)
+                if q6:  # per row: d * sc of each half block (exact in float32)
+                    d = [b.fmul(half16(dp, di), b.sitofp(b.sext(e.load(sp, b.add(b.mul(gb, i64(32)), i64(16 * h)),
+                                                                       vec(I8, 16)), V), F)) for h in range(2)]
+                    m = None
+                elif qk:  # per row: d * sc and -(dmin * mn) of this block (exact in float32)
 
                     def byte16(base):
                         return b.uitofp(b.zext(e.load(base, b.mul(gb, i64(16)), vec(I8, 16)), vec(I32, 16)), F)
@@ -202,6 +274,24 @@ def _codegen(kind: str, U: int, prefetch: int):
                 for u in range(U):
                     so = b.add(srow[u], bs)
                     xs = e.load(xsp, so, I32)
+                    if q6:  # two integer sums, one per half block (its own scale), each starting at -32 x its xsum
+                        lo = b.load(b.gep(lo16, [b.add(b.mul(i64(u), nb), blk)]))
+                        nh = max(1, CHAINS[U] // 2)
+                        xb = b.add(xrow[u], bx)
+                        v = b.load(acc[u])
+                        xd = e.load(xdp, so, F32)
+                        for h, part in enumerate((lo, b.sub(xs, lo))):
+                            ch = [ir.Constant(V, None) for _ in range(nh)]
+                            ch[0] = e.splat(b.mul(part, I32(-32)), 16)
+                            for c in range(4 * h, 4 * h + 4):
+                                x = e.splat(e.load(xp, b.add(xb, i64(xoffs[c])), I32), 16)
+                                ch[c % nh] = b.call(dot, [ch[c % nh], W[c], b.bitcast(x, opnd) if VNNI_BYTE_OPERANDS else x])
+                            a = ch[0]
+                            for c in ch[1:]:
+                                a = b.add(a, c)
+                            v = e.fma(b.sitofp(a, F), b.fmul(d[h], e.splat(xd, 16)), v)
+                        b.store(v, acc[u])
+                        continue
                     # CHAINS[U] independent vpdpbusd chains (one token has no other work to overlap the
                     # 8 dependent ones with), summed as integers: exact, so a row's result is the same in any tile
                     ch = [ir.Constant(V, None) for _ in range(CHAINS[U])]
@@ -226,6 +316,8 @@ def _codegen(kind: str, U: int, prefetch: int):
             for u in range(U):
                 dst = e.addr(op, b.add(b.mul(b.add(t0, i64(u)), ostride), b.mul(g, i64(4 * ROWS))))
                 b.call(mstore, [b.load(acc[u]), dst, I32(4), mask])
+        if q6:
+            b.call(e.decl("llvm.stackrestore.p0", ir.VoidType(), [PTR]), [saved])
         return context.get_dummy_value()
 
     return codegen
@@ -283,6 +375,8 @@ _ENTRY = {
     "q4_1": ("qs, d, m, ", "check_r16(qs, d, m, xq, xd, xsum, out, 256)", "d.ctypes.data, m.ctypes.data, 0, 0, 0"),
     "q4_K": ("qs, sc, mn, d, dmin, ", "dsh = check_r16k(qs, sc, mn, d, dmin, xq, xd, xsum, out)",
              "d.ctypes.data, dmin.ctypes.data, sc.ctypes.data, mn.ctypes.data, dsh"),
+    "q6_K": ("qs, qh, sc, d, ", "dsh = check_r16q6(qs, qh, sc, d, xq, xd, xsum, out)",
+             "d.ctypes.data, qh.ctypes.data, sc.ctypes.data, 0, dsh"),
 }
 # no fastmath: every lane must run the same float operations in every tile
 _JIT_PAR = dict(cache=True, nogil=True, parallel=True)
@@ -299,7 +393,7 @@ def _source() -> str:
 
 
 def _names() -> dict:
-    names = dict(check_r16=check_r16, check_r16k=check_r16k, _iget_num_threads=_iget_num_threads, CHUNK=CHUNK)
+    names = dict(check_r16=check_r16, check_r16k=check_r16k, check_r16q6=check_r16q6, _iget_num_threads=_iget_num_threads, CHUNK=CHUNK)
     for kind in RKINDS:
         for U in TILE_TOKENS:
             for p in (False, True):
@@ -314,3 +408,4 @@ vnni_matmul_q4_0_r16_q8_0 = _gen.vnni_matmul_q4_0_r16_q8_0
 vnni_matmul_q4_1_r16_q8_0 = _gen.vnni_matmul_q4_1_r16_q8_0
 vnni_matmul_q8_0_r16_q8_0 = _gen.vnni_matmul_q8_0_r16_q8_0
 vnni_matmul_q4_K_r16_q8_0 = _gen.vnni_matmul_q4_K_r16_q8_0
+vnni_matmul_q6_K_r16_q8_0 = _gen.vnni_matmul_q6_K_r16_q8_0
