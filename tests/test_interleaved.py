@@ -215,3 +215,31 @@ def test_k_quant_gguf_runs_interleaved(tmp_path, monkeypatch):
     for key in (("1", "0"), ("0", "1"), ("0", "0")):
         per_row = np.abs(out["1", "1"] - out[key]).max(axis=1) / scale
         assert np.median(per_row) <= 1e-5 and per_row.max() <= 1e-3, (key, per_row)
+
+
+def test_repacks_only_what_fits(tmp_path, monkeypatch):
+    """The repacked copy is the rank's own memory: when the weights it would copy exceed half of what
+    the node can still give (MPILLM_MEMORY_LIMIT stands in for it), the model keeps the memory-mapped
+    layout, so a model larger than the memory still pages, and the plan line says why; with room
+    for the copy the same model is repacked."""
+    from mpi4py import MPI
+
+    from convert.__main__ import convert
+    from mpillm.formats import format as fmt
+    from mpillm.runtime.engine import Engine
+    from mpiutil import ROOT
+
+    _vnni()
+    if kernels.active_path() != "vnni":
+        pytest.skip(f"the active kernel path is {kernels.active_path()}")
+    convert(ROOT / "tests" / "fixtures" / "llama", tmp_path / "m", [1], "q4_0", progress=False, tokenizer=False)
+    shard = fmt.Shard(tmp_path / "m" / fmt.shard_relpath(1, 0), 1, 0)
+    size = sum(v.nbytes for t in shard.tensors.values() if t.wtype == "q4_0" for v in t.arrays.values())
+    monkeypatch.delenv("OMPI_COMM_WORLD_LOCAL_SIZE", raising=False)
+    monkeypatch.delenv("MPILLM_REPACK", raising=False)
+    for limit, repacked in ((1.9, False), (2.1, True)):  # the copy may take half of the limit
+        monkeypatch.setenv("MPILLM_MEMORY_LIMIT", str(int(limit * size)))
+        eng = Engine(tmp_path / "m", max_seq_len=16, max_batch=2, comm=MPI.COMM_SELF, verbose=False)
+        assert eng.model.repacked == repacked
+        assert eng.model.layers[0].wq.wtype == ("q4_0_r16" if repacked else "q4_0")
+        assert ("not repacked" in eng.model.repack_note) != repacked, eng.model.repack_note

@@ -155,7 +155,7 @@ class Engine:
         print(f"mpillm plan: {cfg.arch}, {cfg.n_layers} layers, dim {cfg.dim}, {cfg.n_heads} heads"
               f"{kv}{extra}, vocab {cfg.vocab_size}; world size {self.size}, "
               f"{threads} thread(s) per rank, {self.n_slots} slot(s) x {self.max_seq_len} tokens, "
-              f"{self.max_batch} rows per step, kernels {kernels.describe()}", flush=True)
+              f"{self.max_batch} rows per step, kernels {kernels.describe()}{self.model.repack_note}", flush=True)
         if self.size > 1:
             nbytes = exchange.message_bytes(self.buffer_type, 1, cfg.dim)
             algo = exchange.choose_algorithm(self.sync_algorithm, self.size, nbytes, self.sync_table, self.hosts)

@@ -2,6 +2,7 @@
 limit of its cgroup (Slurm jobs, containers) when one is set."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 _V1_UNLIMITED = 1 << 60  # cgroup v1 reports "no limit" as a huge number (PAGE_COUNTER_MAX pages)
@@ -57,3 +58,14 @@ def available_memory(meminfo: Path = Path("/proc/meminfo"), proc_cgroup: Path = 
     (whichever are known); None when neither is."""
     known = [v for v in (mem_available(meminfo), cgroup_headroom(proc_cgroup, cgroup_root)) if v is not None]
     return min(known) if known else None
+
+
+def rank_budget(fraction: float) -> int | None:
+    """``fraction`` of what this node can still give (MPILLM_MEMORY_LIMIT, in bytes, overrides the
+    measured figure: tests), shared by the node's ranks; None (no limit known) when unmeasurable."""
+    env = os.environ.get("MPILLM_MEMORY_LIMIT")
+    avail = int(env) if env else available_memory()
+    if avail is None:
+        return None
+    local = max(1, int(os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE", "1") or 1))
+    return int(avail * fraction) // local

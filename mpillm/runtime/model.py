@@ -40,7 +40,7 @@ from mpillm.formats.format import Shard, Tensor
 from mpillm.formats.partition import RankSlice
 from mpillm.formats.quant import QK
 from mpillm.kernels import exact, interleaved
-from mpillm.runtime import fused, mla, ops
+from mpillm.runtime import fused, memory, mla, ops
 from mpillm.runtime.collectives import Sync, Waiter
 
 
@@ -79,6 +79,24 @@ def _interleaved(t: Tensor) -> Tensor:
         return t
     rtype, arrays = interleaved.repack(t.wtype, t.arrays)
     return dataclasses.replace(t, wtype=rtype, arrays=arrays, stored=None)
+
+
+# The repacked copy is the rank's own memory: it is made only while the weights it copies take at most
+# this share of what the node can still give, so a model larger than the memory keeps paging through
+# its memory maps (docs/performance.md, "Less RAM than model").
+REPACK_SHARE = 0.5
+
+
+def repack_decision(shard: Shard, buffer_type: str) -> tuple[bool, str]:
+    """(repack?, the plan line's words for it) for this rank's shard."""
+    if not interleaved.wanted(kernels.active_path()) or buffer_type == "f64":
+        return False, ""
+    size = sum(v.nbytes for t in shard.tensors.values() if t.wtype in interleaved.RTYPE for v in t.arrays.values())
+    budget = memory.rank_budget(REPACK_SHARE)
+    if budget is not None and size > budget:
+        return False, (f", weights not repacked ({size / 2**30:.1f} GiB would exceed "
+                       f"{budget / 2**30:.1f} GiB, {REPACK_SHARE:.0%} of this rank's share of free memory)")
+    return True, f", {size / 2**30:.2f} GiB of weights repacked per rank" if size else ""
 
 
 def _plain(arrays: dict, wtype: str) -> tuple:
@@ -210,9 +228,9 @@ class Transformer:
         self.tok_embd = shard.get("tok_embd")  # (vocab_per_partition, dim)
         self.embd_arrays = {k: (v.view(np.uint16) if v.dtype == np.float16 else v)
                             for k, v in self.tok_embd.arrays.items()}
-        # the matmuls' weights: q4_0 / q4_1 / q8_0 / q4_K interleaved on VNNI (not with the float64 partial sums,
-        # whose exact kernels read the stored layout)
-        self.repacked = interleaved.wanted(kernels.active_path()) and buffer_type != "f64"
+        # the matmuls' weights: q4_0 / q4_1 / q8_0 / q4_K / q6_K interleaved on VNNI (not with the float64
+        # partial sums, whose exact kernels read the stored layout; not when the copy would not fit)
+        self.repacked, self.repack_note = repack_decision(shard, buffer_type)
         prep = _interleaved if self.repacked else _as_stored
         self.output = Linear(prep(self.tok_embd if cfg.tied_embeddings else shard.get("output")))  # (vocab_pp, dim)
         self.output_norm = _vec(shard.get("output_norm"))  # (dim,)
