@@ -61,6 +61,25 @@ def _acts(path, T, K, seed=1):
     return xq, xd, xs
 
 
+def _vnni_active():
+    _vnni()
+    if kernels.active_path() != "vnni":
+        pytest.skip(f"the active kernel path is {kernels.active_path()}")
+
+
+def _each_layout(monkeypatch, model_dir):
+    """(repack, fused, engine) with MPILLM_REPACK and MPILLM_FUSED each on and off."""
+    from mpi4py import MPI
+
+    from mpillm.runtime.engine import Engine
+
+    for repack in ("1", "0"):
+        for fused in ("1", "0"):
+            monkeypatch.setenv("MPILLM_REPACK", repack)
+            monkeypatch.setenv("MPILLM_FUSED", fused)
+            yield repack, fused, Engine(model_dir, max_seq_len=32, max_batch=8, comm=MPI.COMM_SELF, verbose=False)
+
+
 def _call(kind, r, xq, xd, xs, out):
     rtype = interleaved.RTYPE[kind]
     fn = getattr(interleaved, f"vnni_matmul_{interleaved.BASE[rtype]}_r16_q8_0")
@@ -144,31 +163,22 @@ def test_model_runs_interleaved(tmp_path, monkeypatch, wtype, name):
     """On VNNI the engine repacks the model's matmul weights (dense and stacked experts) and its
     logits, fused and per kernel, agree with the split layout's (only the order of the float
     additions across a row's blocks differs)."""
-    from mpi4py import MPI
-
     from convert.__main__ import convert
-    from mpillm.runtime.engine import Engine
     from mpiutil import ROOT
 
-    _vnni()
-    if kernels.active_path() != "vnni":
-        pytest.skip(f"the active kernel path is {kernels.active_path()}")
+    _vnni_active()
     fix = ROOT / "tests" / "fixtures" / name
     convert(fix, tmp_path / "m", [1], wtype, progress=False, tokenizer=False)
     toks = np.load(fix / "expected.npz")["tokens"]
     out = {}
-    for repack in ("1", "0"):
-        for fused in ("1", "0"):
-            monkeypatch.setenv("MPILLM_REPACK", repack)
-            monkeypatch.setenv("MPILLM_FUSED", fused)
-            eng = Engine(tmp_path / "m", max_seq_len=32, max_batch=8, comm=MPI.COMM_SELF, verbose=False)
-            L = eng.model.layers[0]
-            mats = [L.wq, L.wo] + (L.exp_gate[:1] if name == "qwen3_moe" else [L.w_down])
-            want = interleaved.RTYPE[wtype] if repack == "1" else wtype
-            assert eng.model.repacked == (repack == "1") and all(m.wtype == want for m in mats)
-            if name == "qwen3_moe":
-                assert L.exp_types["exp_down"] == want
-            out[repack, fused] = (eng.step(toks, 0, all_logits=True), eng.step(toks[:1], len(toks)))
+    for repack, fused, eng in _each_layout(monkeypatch, tmp_path / "m"):
+        L = eng.model.layers[0]
+        mats = [L.wq, L.wo] + (L.exp_gate[:1] if name == "qwen3_moe" else [L.w_down])
+        want = interleaved.RTYPE[wtype] if repack == "1" else wtype
+        assert eng.model.repacked == (repack == "1") and all(m.wtype == want for m in mats)
+        if name == "qwen3_moe":
+            assert L.exp_types["exp_down"] == want
+        out[repack, fused] = (eng.step(toks, 0, all_logits=True), eng.step(toks[:1], len(toks)))
     # The layouts round differently in the last bits, which can flip an activation's q8_0 rounding
     # or (qwen3_moe) a near-tied expert choice, and move the later rows' logits by a step of the
     # quantization. So: both layouts are as close to the transformers reference as each other, and
@@ -187,30 +197,21 @@ def test_k_quant_gguf_runs_interleaved(tmp_path, monkeypatch):
     """A llama GGUF whose matrices mix the K-quant, 5-bit, IQ4 and MXFP4 types (tests/kquant_gguf.py):
     on VNNI the engine repacks its q4_K and q6_K matrices (and leaves the others as stored), and its logits,
     fused and per kernel, agree with the split layout's to float rounding."""
-    from mpi4py import MPI
-
     import kquant_gguf
     from convert.__main__ import convert
-    from mpillm.runtime.engine import Engine
     from mpiutil import ROOT
 
-    _vnni()
-    if kernels.active_path() != "vnni":
-        pytest.skip(f"the active kernel path is {kernels.active_path()}")
+    _vnni_active()
     kquant_gguf.make(tmp_path / "k.gguf")
     convert(tmp_path / "k.gguf", tmp_path / "m", [1], progress=False, tokenizer=False)
     toks = np.load(ROOT / "tests" / "fixtures" / "llama" / "expected.npz")["tokens"]
     out = {}
-    for repack in ("1", "0"):
-        for fused in ("1", "0"):
-            monkeypatch.setenv("MPILLM_REPACK", repack)
-            monkeypatch.setenv("MPILLM_FUSED", fused)
-            eng = Engine(tmp_path / "m", max_seq_len=32, max_batch=8, comm=MPI.COMM_SELF, verbose=False)
-            L0, L1 = eng.model.layers
-            r16 = "_r16" if repack == "1" else ""
-            assert (L0.wo.wtype, L1.w_gate.wtype, L0.wv.wtype) == ("q4_K" + r16, "q4_K" + r16, "q6_K" + r16)
-            assert L1.w_down.wtype == "q5_K" and L0.wk.wtype == "q5_K"  # not repacked
-            out[repack, fused] = np.concatenate([eng.step(toks, 0, all_logits=True), eng.step(toks[:1], len(toks))])
+    for repack, fused, eng in _each_layout(monkeypatch, tmp_path / "m"):
+        L0, L1 = eng.model.layers
+        r16 = "_r16" if repack == "1" else ""
+        assert (L0.wo.wtype, L1.w_gate.wtype, L0.wv.wtype) == ("q4_K" + r16, "q4_K" + r16, "q6_K" + r16)
+        assert L1.w_down.wtype == "q5_K" and L0.wk.wtype == "q5_K"  # not repacked
+        out[repack, fused] = np.concatenate([eng.step(toks, 0, all_logits=True), eng.step(toks[:1], len(toks))])
     scale = np.abs(out["0", "0"]).max()
     for key in (("1", "0"), ("0", "1"), ("0", "0")):
         per_row = np.abs(out["1", "1"] - out[key]).max(axis=1) / scale
@@ -229,9 +230,7 @@ def test_repacks_only_what_fits(tmp_path, monkeypatch):
     from mpillm.runtime.engine import Engine
     from mpiutil import ROOT
 
-    _vnni()
-    if kernels.active_path() != "vnni":
-        pytest.skip(f"the active kernel path is {kernels.active_path()}")
+    _vnni_active()
     convert(ROOT / "tests" / "fixtures" / "llama", tmp_path / "m", [1], "q4_0", progress=False, tokenizer=False)
     shard = fmt.Shard(tmp_path / "m" / fmt.shard_relpath(1, 0), 1, 0)
     size = sum(v.nbytes for t in shard.tensors.values() if t.wtype == "q4_0" for v in t.arrays.values())

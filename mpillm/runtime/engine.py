@@ -27,7 +27,7 @@ from mpillm.formats.partition import plan, share_notes, valid_world_sizes
 from mpillm.runtime import collectives, exchange, ops, steps, warm
 from mpillm.runtime.errors import FatalError, agree
 from mpillm.runtime.memory import available_memory
-from mpillm.runtime.model import Transformer
+from mpillm.runtime.model import Transformer, repack_decision
 from mpillm.runtime.steps import CMD_SCORE, CMD_STEP, CMD_STOP, OUT_GREEDY, OUT_LOGITS
 
 
@@ -108,6 +108,7 @@ class Engine:
         sizes = comm.gather((shard.nbytes, kv_bytes, MPI.Get_processor_name(), shard.notes), root=0)
         self.hosts = len(set(comm.allgather(MPI.Get_processor_name())))   # the sync choice depends on it
         self.waiter.agree(comm)   # collective: the same form of every collective on every rank
+        self.repack = repack_decision(shard, buffer_type)   # the matmul weights' layout (and the plan's words)
         if self.rank == 0 and verbose:
             self.print_plan(sizes, threads)
         agree(comm, kv_memory_error(kv_per_token, n_slots, max_seq_len))
@@ -118,7 +119,7 @@ class Engine:
             kernels.set_threads(threads)
             kernels.warmup()
             self.model = Transformer(shard, comm, max_seq_len, max_batch, buffer_type, kv_type, n_slots,
-                                     sync, self.waiter, sync_table, self.hosts)
+                                     sync, self.waiter, sync_table, self.hosts, self.repack)
         except (ValueError, MemoryError) as e:
             err = f"{type(e).__name__}: {e}"
         agree(comm, err)
@@ -155,7 +156,7 @@ class Engine:
         print(f"mpillm plan: {cfg.arch}, {cfg.n_layers} layers, dim {cfg.dim}, {cfg.n_heads} heads"
               f"{kv}{extra}, vocab {cfg.vocab_size}; world size {self.size}, "
               f"{threads} thread(s) per rank, {self.n_slots} slot(s) x {self.max_seq_len} tokens, "
-              f"{self.max_batch} rows per step, kernels {kernels.describe()}{self.model.repack_note}", flush=True)
+              f"{self.max_batch} rows per step, kernels {kernels.describe()}{self.repack[1]}", flush=True)
         if self.size > 1:
             nbytes = exchange.message_bytes(self.buffer_type, 1, cfg.dim)
             algo = exchange.choose_algorithm(self.sync_algorithm, self.size, nbytes, self.sync_table, self.hosts)

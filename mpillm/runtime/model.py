@@ -215,7 +215,9 @@ class Layer:
 class Transformer:
     def __init__(self, shard: Shard, comm: MPI.Comm, max_seq_len: int, max_batch: int = 64,
                  buffer_type: str = "f32", kv_type: str = "f16", n_slots: int = 1, sync: str = "auto",
-                 wait: str | Waiter = "auto", sync_table: dict | None = None, hosts: int | None = None):
+                 wait: str | Waiter = "auto", sync_table: dict | None = None, hosts: int | None = None,
+                 repack: tuple[bool, str] | None = None):
+        """repack: ``repack_decision``'s answer when the caller has it already (None: decide here)."""
         cfg = self.cfg = shard.config
         rs = self.slice = RankSlice(**{k: tuple(v) if isinstance(v, list) else v for k, v in shard.slice.items()})
         self.comm, self.tp_size = comm, comm.Get_size()
@@ -230,7 +232,7 @@ class Transformer:
                             for k, v in self.tok_embd.arrays.items()}
         # the matmuls' weights: q4_0 / q4_1 / q8_0 / q4_K / q6_K interleaved on VNNI (not with the float64
         # partial sums, whose exact kernels read the stored layout; not when the copy would not fit)
-        self.repacked, self.repack_note = repack_decision(shard, buffer_type)
+        self.repacked, self.repack_note = repack or repack_decision(shard, buffer_type)
         prep = _interleaved if self.repacked else _as_stored
         self.output = Linear(prep(self.tok_embd if cfg.tied_embeddings else shard.get("output")))  # (vocab_pp, dim)
         self.output_norm = _vec(shard.get("output_norm"))  # (dim,)
