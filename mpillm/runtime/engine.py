@@ -12,7 +12,6 @@ broadcasts STOP.
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 import time
 from pathlib import Path
@@ -26,7 +25,8 @@ from mpillm.formats.config import ModelConfig
 from mpillm.formats.partition import plan, share_notes, valid_world_sizes
 from mpillm.runtime import collectives, exchange, ops, steps, warm
 from mpillm.runtime.errors import FatalError, agree
-from mpillm.runtime.memory import available_memory
+from mpillm.runtime.memory import rank_budget
+from mpillm.runtime.mpisession import local_ranks
 from mpillm.runtime.model import Transformer, repack_decision
 from mpillm.runtime.steps import CMD_SCORE, CMD_STEP, CMD_STOP, OUT_GREEDY, OUT_LOGITS
 
@@ -394,12 +394,10 @@ def kv_memory_error(kv_per_token: int, n_slots: int, ctx: int, avail: int | None
     slots x context that does not fit in what this node has available, with what would fit.
     MPILLM_MEMORY_LIMIT (bytes) overrides the measured figure (tests); the measured figure is
     MemAvailable capped by the cgroup's limit (runtime.memory), None (no check) when unknown."""
-    env = os.environ.get("MPILLM_MEMORY_LIMIT")
-    avail = int(env) if env else (available_memory() if avail is None else avail)
-    if avail is None:
+    budget = rank_budget(0.9, avail)  # ranks on one node share its memory; keep 10% for the rest
+    if budget is None:
         return None
-    local = max(1, int(os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE", "1") or 1))
-    budget = int(avail * 0.9) // local  # ranks on one node share its memory; keep 10% for the rest
+    local = local_ranks()
     need = kv_per_token * n_slots * ctx
     if need <= budget:
         return None

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from mpillm.runtime.mpisession import local_ranks
+
 _V1_UNLIMITED = 1 << 60  # cgroup v1 reports "no limit" as a huge number (PAGE_COUNTER_MAX pages)
 
 
@@ -60,12 +62,12 @@ def available_memory(meminfo: Path = Path("/proc/meminfo"), proc_cgroup: Path = 
     return min(known) if known else None
 
 
-def rank_budget(fraction: float) -> int | None:
+def rank_budget(fraction: float, avail: int | None = None) -> int | None:
     """``fraction`` of what this node can still give (MPILLM_MEMORY_LIMIT, in bytes, overrides the
-    measured figure: tests), shared by the node's ranks; None (no limit known) when unmeasurable."""
+    measured figure or ``avail``: tests), shared by the node's ranks; None (no limit known) when
+    unmeasurable."""
     env = os.environ.get("MPILLM_MEMORY_LIMIT")
-    avail = int(env) if env else available_memory()
+    avail = int(env) if env else (available_memory() if avail is None else avail)
     if avail is None:
         return None
-    local = max(1, int(os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE", "1") or 1))
-    return int(avail * fraction) // local
+    return int(avail * fraction) // local_ranks()

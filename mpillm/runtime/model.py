@@ -72,7 +72,7 @@ def _as_stored(t: Tensor) -> Tensor:
 
 
 def _interleaved(t: Tensor) -> Tensor:
-    """A q4_0 / q4_1 / q8_0 / q4_K(_32) weight repacked with 16 rows per register (mpillm.kernels.interleaved:
+    """A q4_0 / q4_1 / q8_0 / q4_K / q6_K (or _32) weight repacked with 16 rows per register (mpillm.kernels.interleaved:
     its kernels make a step of several rows cheap); other types as stored. The repacked arrays live
     in this process's memory; the memory-mapped pages they were read from can be dropped."""
     if t.wtype not in interleaved.RTYPE:
