@@ -1,4 +1,4 @@
-"""q4_0 / q4_1 / q8_0 / q4_K with 16 weight rows interleaved per register (VNNI): the layout that
+"""q4_0 / q4_1 / q8_0 / q4_K / q6_K with 16 weight rows interleaved per register (VNNI): the layout that
 makes a step of several rows cheap.
 
 The split layout keeps a row's blocks in the lanes of a register, so a (row, token) dot product
@@ -55,13 +55,14 @@ from llvmlite import ir
 from numba.core import cgutils
 from numba.np.ufunc.parallel import _iget_num_threads  # the thread count, cacheable (no ctypes global)
 
+from mpillm.formats import quant
 from mpillm.kernels import jitcache, runners
 from mpillm.kernels.checks import check_r16, check_r16k, check_r16q6
 from mpillm.kernels.irgen import F16, F32, I1, I8, I16, I32, I64, PTR, VNNI_BYTE_OPERANDS, Emit, int_intrinsic, vec
 
 ROWS = 16  # weight rows per register
 KINDS = ("q4_0", "q4_1", "q8_0", "q4_K", "q4_K_32", "q6_K", "q6_K_32")
-RTYPE = {k: f"{k[:4]}_r16" for k in KINDS}  # split type -> interleaved type (q4_K_32 and q4_K share one)
+RTYPE = {k: f"{quant.base_type(k)}_r16" for k in KINDS}  # split type -> interleaved type (q4_K_32 and q4_K share one)
 BASE = {"q4_0_r16": "q4_0", "q4_1_r16": "q4_1", "q8_0_r16": "q8_0", "q4_K_r16": "q4_K", "q6_K_r16": "q6_K"}
 RKINDS = tuple(BASE.values())  # the kernels' kinds
 # the interleaved types' arrays, in the order the kernels take them (as mpillm.formats.quant.ARRAYS)
@@ -85,23 +86,19 @@ ENV = "MPILLM_REPACK"
 
 
 def wanted(path: str) -> bool:
-    """Whether the runtime repacks q4_0 / q4_1 / q8_0 / q4_K weights on kernel path ``path``."""
+    """Whether the runtime repacks q4_0 / q4_1 / q8_0 / q4_K / q6_K weights on kernel path ``path``."""
     return path == "vnni" and os.environ.get(ENV, "1").strip() != "0"
 
 
 # ----------------------------------------------------------------------------------------------
 # The layout (numpy): split arrays <-> interleaved arrays
 # ----------------------------------------------------------------------------------------------
-def _kind(wtype: str) -> str:
-    return wtype[:4]  # q4_K_32 -> q4_K
-
-
 def repack(wtype: str, arrays: dict) -> tuple[str, dict]:
-    """(interleaved type, arrays) of a q4_0 / q4_1 / q8_0 / q4_K(_32) matrix's split arrays (N, ...)
+    """(interleaved type, arrays) of a q4_0 / q4_1 / q8_0 / q4_K / q6_K (or _32) matrix's split arrays (N, ...)
     or a stack of them (E, N, ...); the rows are padded to whole groups of 16 with zero codes and
     scales. Every per-row array of scales (N, n) becomes (G, n, 16): q4_K's d and dmin keep their
     one value per super-block (q4_K_32: per block), its sc and mn one byte per block."""
-    kind = _kind(wtype)
+    kind = quant.base_type(wtype)
     q = np.asarray(arrays["qs"])
     lead, N = q.shape[:-2], q.shape[-2]
     nb = q.shape[-1] // (32 if kind == "q8_0" else 16)
