@@ -329,41 +329,50 @@ def _tile_name(kind: str, U: int, prefetch: bool) -> str:
 # ----------------------------------------------------------------------------------------------
 _RUN = """
 
-@njit({flags})
-def run_{kind}(wp, dp, mp, sp, np_, dsh, G, nb, xp, xstride, xsp, xdp, sstride, op, ostride, N, T):
-    # one contiguous range of groups per thread, in passes of about CHUNK bytes of weights that
-    # every token tile of the step reads while they are in L2
-    nch = max(1, min(_iget_num_threads(), G))
+@njit({serial})
+def groups_{kind}(wp, dp, mp, sp, np_, dsh, G, nb, xp, xstride, xsp, xdp, sstride, op, ostride, N, T, g0, g1):
+    # the groups g0..g1, in passes of about CHUNK bytes of weights that every token tile of the
+    # step reads while they are in L2
     per = max(1, CHUNK // max(1, nb * {gbytes}))
+    while g0 < g1:
+        ge = min(g1, g0 + per)
+        if T == 1:
+            {k}_1(wp, dp, mp, sp, np_, dsh, g0, ge, nb, xp, xstride, xsp, xdp, sstride, 0, op, ostride, N)
+        else:
+            t0 = 0
+            while t0 + 8 <= T:
+                {k}_8p(wp, dp, mp, sp, np_, dsh, g0, ge, nb, xp, xstride, xsp, xdp, sstride, t0, op, ostride, N)
+                t0 += 8
+            if T - t0 >= 4:
+                {k}_4p(wp, dp, mp, sp, np_, dsh, g0, ge, nb, xp, xstride, xsp, xdp, sstride, t0, op, ostride, N)
+                t0 += 4
+            if T - t0 >= 2:
+                {k}_2p(wp, dp, mp, sp, np_, dsh, g0, ge, nb, xp, xstride, xsp, xdp, sstride, t0, op, ostride, N)
+                t0 += 2
+            if T - t0 == 1:
+                {k}_1p(wp, dp, mp, sp, np_, dsh, g0, ge, nb, xp, xstride, xsp, xdp, sstride, t0, op, ostride, N)
+        g0 = ge
+
+
+@njit({flags})
+def run_{kind}(wp, dp, mp, sp, np_, dsh, G, nb, xp, xstride, xsp, xdp, sstride, op, ostride, N, T, nch):
+    # one contiguous range of groups per thread
     for c in prange(nch):
-        g0 = c * G // nch
-        g1 = (c + 1) * G // nch
-        while g0 < g1:
-            ge = min(g1, g0 + per)
-            if T == 1:
-                {k}_1(wp, dp, mp, sp, np_, dsh, g0, ge, nb, xp, xstride, xsp, xdp, sstride, 0, op, ostride, N)
-            else:
-                t0 = 0
-                while t0 + 8 <= T:
-                    {k}_8p(wp, dp, mp, sp, np_, dsh, g0, ge, nb, xp, xstride, xsp, xdp, sstride, t0, op, ostride, N)
-                    t0 += 8
-                if T - t0 >= 4:
-                    {k}_4p(wp, dp, mp, sp, np_, dsh, g0, ge, nb, xp, xstride, xsp, xdp, sstride, t0, op, ostride, N)
-                    t0 += 4
-                if T - t0 >= 2:
-                    {k}_2p(wp, dp, mp, sp, np_, dsh, g0, ge, nb, xp, xstride, xsp, xdp, sstride, t0, op, ostride, N)
-                    t0 += 2
-                if T - t0 == 1:
-                    {k}_1p(wp, dp, mp, sp, np_, dsh, g0, ge, nb, xp, xstride, xsp, xdp, sstride, t0, op, ostride, N)
-            g0 = ge
+        groups_{kind}(wp, dp, mp, sp, np_, dsh, G, nb, xp, xstride, xsp, xdp, sstride, op, ostride, N, T,
+                      c * G // nch, (c + 1) * G // nch)
 
 
 @njit({entry})
 def vnni_matmul_{kind}_r16_q8_0({args}xq, xd, xsum, out):
     {check}
-    run_{kind}(qs.ctypes.data, {ptrs}, qs.shape[0], qs.shape[1], xq.ctypes.data, xq.strides[0],
-               xsum.ctypes.data, xd.ctypes.data, xd.strides[0], out.ctypes.data, out.strides[0], out.shape[1],
-               xq.shape[0])
+    G = qs.shape[0]
+    nch = max(1, min(_iget_num_threads(), G))
+    if nch == 1:  # one thread: no parallel region (its launch costs about 1 us a call)
+        groups_{kind}(qs.ctypes.data, {ptrs}, G, qs.shape[1], xq.ctypes.data, xq.strides[0], xsum.ctypes.data,
+                      xd.ctypes.data, xd.strides[0], out.ctypes.data, out.strides[0], out.shape[1], xq.shape[0], 0, G)
+    else:
+        run_{kind}(qs.ctypes.data, {ptrs}, G, qs.shape[1], xq.ctypes.data, xq.strides[0], xsum.ctypes.data,
+                   xd.ctypes.data, xd.strides[0], out.ctypes.data, out.strides[0], out.shape[1], xq.shape[0], nch)
 """
 # per kernel kind: its entry's weight arguments, shape check, and the runner's pointers dp, mp, sp, np_, dsh
 _ENTRY = {
@@ -384,8 +393,8 @@ def _source() -> str:
     src = runners.HEADER.format(by=__name__)
     for kind in RKINDS:
         args, check, ptrs = _ENTRY[kind]
-        src += _RUN.format(flags=runners.flags(_JIT_PAR), entry=runners.flags(_JIT), kind=kind, k=f"ilv_{kind}",
-                           gbytes=GBYTES[kind], args=args, check=check, ptrs=ptrs)
+        src += _RUN.format(flags=runners.flags(_JIT_PAR), serial=runners.flags(_JIT), entry=runners.flags(_JIT),
+                           kind=kind, k=f"ilv_{kind}", gbytes=GBYTES[kind], args=args, check=check, ptrs=ptrs)
     return src
 
 
