@@ -1,6 +1,6 @@
 """gpt-oss shape: mpillm at -np 2 (one thread per rank) against llama.cpp with 2 threads on the same
 GGUF, ratios in one run (``--triad``: and each engine's weight bandwidth against the machine's STREAM
-triad, measured before each round); optionally under a memory limit smaller than the model (weights page in
+triad, measured before and after each round); optionally under a memory limit smaller than the model (weights page in
 from disk through the memory maps).
 
   python -m benchmarks.gpt_oss --gguf cache/baseline/gpt-oss-20b-shape-mxfp4.gguf \
@@ -215,9 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     rounds = []
     for k in range(a.rounds):
         rnd: dict = {"round": k, "t": time.strftime("%H:%M:%S", time.gmtime()), "load_avg": os.getloadavg()}
-        if a.triad:
+        if a.triad:  # before and after the round: this machine's bandwidth moves from minute to minute
             from hpl.stream import triad_bandwidth
-            rnd["triad_gb_s"] = triad_bandwidth(threads=a.np)
+            rnd["triad_before_gb_s"] = triad_bandwidth(threads=a.np)
         if a.only != "mpillm":
             rnd["llama_cpp"], rnd["llama_cpp_paging"] = limited(
                 "llama", limit, [a.gguf], lambda pre: run_llamacpp(a.llama_bin, a.gguf, a.np, a.prompt_tokens,
@@ -232,13 +232,16 @@ def main(argv: list[str] | None = None) -> int:
             m, L = rnd["mpillm"], rnd["llama_cpp"]
             rnd["ratios"] = {"generate_mpillm_over_llamacpp": m["generate_tok_s"] / L["generate_tok_s"],
                              "prompt_mpillm_over_llamacpp": m["prompt_tok_s"] / L["prompt_tok_s"]}
+        if a.triad:
+            rnd["triad_after_gb_s"] = triad_bandwidth(threads=a.np)
+            rnd["triad_gb_s"] = (rnd["triad_before_gb_s"] + rnd["triad_after_gb_s"]) / 2
         if "mpillm" in rnd and "triad_gb_s" in rnd:  # the weights a generated token reads, per second, over the triad
             wb = rnd["mpillm"]["weight_bytes_per_token"]
             rnd["weight_gb_s_over_triad"] = {eng: r["generate_tok_s"] * wb / 1e9 / rnd["triad_gb_s"]
                                              for eng, r in (("mpillm", rnd["mpillm"]), ("llamacpp", rnd.get("llama_cpp")))
                                              if r}
-        print(json.dumps({k2: v for k2, v in rnd.items() if k2 in ("round", "t", "ratios", "triad_gb_s",
-                                                                     "weight_gb_s_over_triad")}
+        print(json.dumps({k2: v for k2, v in rnd.items() if k2 in ("round", "t", "ratios", "triad_before_gb_s",
+                                                                     "triad_after_gb_s", "weight_gb_s_over_triad")}
                          | {"mpillm_tok_s": [rnd.get("mpillm", {}).get(x) for x in ("prompt_tok_s", "generate_tok_s")],
                             "llamacpp_tok_s": [rnd.get("llama_cpp", {}).get(x) for x in ("prompt_tok_s",
                                                                                        "generate_tok_s")]}),
