@@ -242,3 +242,37 @@ def test_repacks_only_what_fits(tmp_path, monkeypatch):
         assert eng.model.repacked == repacked
         assert eng.model.layers[0].wq.wtype == ("q4_0_r16" if repacked else "q4_0")
         assert ("not repacked" in eng.model.repack_note) != repacked, eng.model.repack_note
+
+
+def test_warm_up_compiles_the_layout_the_model_will_run(tmp_path, monkeypatch):
+    """The warm-up's tiny twin is repacked exactly when the real model will be: a model too large to
+    repack runs the stored layout's kernels, so those are the ones to compile ahead (the tiny twin
+    itself always fits), and the compile marker's signature says which."""
+    from convert.__main__ import convert
+    from mpillm.formats import format as fmt
+    from mpillm.runtime import engine, warm
+    from mpiutil import ROOT
+
+    _vnni_active()
+    convert(ROOT / "tests" / "fixtures" / "llama", tmp_path / "m", [1], "q4_0", progress=False, tokenizer=False)
+    shard = fmt.Shard(tmp_path / "m" / fmt.shard_relpath(1, 0), 1, 0)
+    size = sum(v.nbytes for t in shard.tensors.values() if t.wtype == "q4_0" for v in t.arrays.values())
+    monkeypatch.delenv("OMPI_COMM_WORLD_LOCAL_SIZE", raising=False)
+    monkeypatch.delenv("MPILLM_REPACK", raising=False)
+    seen = []
+
+    class Recording(engine.Engine):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            seen.append(self.model.repacked)
+
+    monkeypatch.setattr(engine, "Engine", Recording)
+    sigs = []
+    for limit, repacked in ((1.9, False), (2.1, True)):
+        monkeypatch.setenv("MPILLM_MEMORY_LIMIT", str(int(limit * size)))
+        sig = warm.signature(shard, "f16", "f32")
+        assert sig["repack"] == repacked
+        warm.compile_for(shard, "f16", "f32", engine.compile_tiny, repack=sig["repack"])
+        assert seen[-1] == repacked
+        sigs.append(warm.marker(sig))
+    assert sigs[0] != sigs[1]

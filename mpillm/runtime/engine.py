@@ -64,7 +64,10 @@ class Engine:
     def __init__(self, model_dir: Path, max_seq_len: int = 2048, threads: int = 1, max_batch: int = 64,
                  buffer_type: str = "f32", kv_type: str = "f16",
                  comm: MPI.Comm = MPI.COMM_WORLD, verbose: bool = True, n_slots: int = 1,
-                 compile_turn: bool = True, sync: str = "auto", wait: str = "auto", sync_table: dict | None = None):
+                 compile_turn: bool = True, sync: str = "auto", wait: str = "auto", sync_table: dict | None = None,
+                 repack: bool | None = None):
+        """repack: None decides by this rank's free memory (model.repack_decision); False keeps the
+        stored layout (the warm-up's tiny twin of a model that will not be repacked)."""
         self.comm = comm
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
         self.buffer_type, self.sync_algorithm, self.sync_table = buffer_type, sync, sync_table
@@ -108,7 +111,8 @@ class Engine:
         sizes = comm.gather((shard.nbytes, kv_bytes, MPI.Get_processor_name(), shard.notes), root=0)
         self.hosts = len(set(comm.allgather(MPI.Get_processor_name())))   # the sync choice depends on it
         self.waiter.agree(comm)   # collective: the same form of every collective on every rank
-        self.repack = repack_decision(shard, buffer_type)   # the matmul weights' layout (and the plan's words)
+        # the matmul weights' layout (and the plan's words)
+        self.repack = (False, "") if repack is False else repack_decision(shard, buffer_type)
         if self.rank == 0 and verbose:
             self.print_plan(sizes, threads)
         agree(comm, kv_memory_error(kv_per_token, n_slots, max_seq_len))
@@ -369,16 +373,17 @@ class Engine:
         return rc
 
 
-def compile_tiny(model_dir: Path, kv_type: str, buffer_type: str, step) -> None:
+def compile_tiny(model_dir: Path, kv_type: str, buffer_type: str, repack: bool, step) -> None:
     """The warm-up's compile run (mpillm.runtime.warm calls it under the node's compile lock with
     a tiny model of the real one's weight types): an Engine on COMM_SELF through a prompt step, a
     scoring step, token steps and a mixed batch, so every kernel the real model calls compiles
     (the engine's own kernels.warmup() the matmul kernels, the first forward the fused blocks).
+    ``repack``: whether the real model's weights will be repacked (its kernels are the ones to compile).
     ``step(name)`` is called before each stage."""
     step("matmul kernels")
     # compile_turn=False: this process already holds the node's compile lock
     e = Engine(model_dir, max_seq_len=16, max_batch=8, buffer_type=buffer_type, kv_type=kv_type,
-               comm=MPI.COMM_SELF, verbose=False, n_slots=2, compile_turn=False)
+               comm=MPI.COMM_SELF, verbose=False, n_slots=2, compile_turn=False, repack=repack)
     step("attention and FFN blocks (prompt)")
     e.step([1, 2, 3], 0)
     e.score([1, 2, 3, 4], 1, slot=1)

@@ -13,8 +13,9 @@ any MPI collective:
 
 * a *signature* of what will be compiled (the weight types of each distinct layer, the
   embedding and output types, the architecture's options, KV cache and sync buffer types,
-  the kernel path and the CPU) names a marker file in the cache directory; if it exists the
-  cache is warm and nothing happens (a few milliseconds);
+  the kernel path, whether this rank's weights will be repacked, and the CPU) names a marker
+  file in the cache directory; if it exists the cache is warm and nothing happens (a few
+  milliseconds);
 * otherwise the rank takes a file lock in the cache directory: the first rank of the node
   compiles, the others wait and then find the marker and load from the cache;
 * compiling means running a tiny model with the same weight types (a few KiB of random
@@ -68,14 +69,14 @@ def _layer_types(shard: fmt.Shard) -> list[dict[str, str]]:
 def signature(shard: fmt.Shard, kv_type: str, buffer_type: str) -> dict:
     """What the kernels are compiled for; equal signatures compile identical code."""
     from mpillm import kernels
-    from mpillm.kernels import interleaved
+    from mpillm.runtime.model import repack_decision
 
     cfg = shard.config
     top = {n: shard.tensors[n].wtype for n in ("tok_embd", "output", "output_norm", "rope_freqs")
            if n in shard.tensors}
     return {"arch": cfg.arch, "qk_norm": cfg.qk_norm, "moe": cfg.is_moe, "tied": cfg.tied_embeddings,
             "top": top, "layers": _layer_types(shard), "kv_type": kv_type, "buffer_type": buffer_type,
-            "path": kernels.active_path(), "repack": interleaved.wanted(kernels.active_path()), "cpu": _cpu_name()}
+            "path": kernels.active_path(), "repack": repack_decision(shard, buffer_type)[0], "cpu": _cpu_name()}
 
 
 def _cpu_name() -> str:
@@ -171,13 +172,15 @@ def write_tiny(shard: fmt.Shard, out: Path) -> None:
     fmt.write_manifest(out, cfg, [1], source="mpillm.warmup")
 
 
-# compile_tiny(model_dir, kv_type, buffer_type, step): runs a model directory through every kind
-# of step on COMM_SELF (mpillm.runtime.engine.compile_tiny)
-CompileTiny = Callable[[Path, str, str, Callable[[str], None]], None]
+# compile_tiny(model_dir, kv_type, buffer_type, repack, step): runs a model directory through every
+# kind of step on COMM_SELF, its weights repacked or not (mpillm.runtime.engine.compile_tiny)
+CompileTiny = Callable[[Path, str, str, bool, Callable[[str], None]], None]
 
 
-def compile_for(shard: fmt.Shard, kv_type: str, buffer_type: str, compile_tiny: CompileTiny, progress=None) -> None:
-    """Write the tiny twin of ``shard``'s model and run it through ``compile_tiny``.
+def compile_for(shard: fmt.Shard, kv_type: str, buffer_type: str, compile_tiny: CompileTiny, progress=None,
+                repack: bool = True) -> None:
+    """Write the tiny twin of ``shard``'s model and run it through ``compile_tiny``, repacked when the
+    real one will be (a model too large to repack runs, and so compiles, the stored layout's kernels).
     ``progress(step_name)`` is called before each step."""
     step = progress or (lambda name: None)
     with tempfile.TemporaryDirectory(prefix="mpillm-warmup-") as tmp:
@@ -186,7 +189,7 @@ def compile_for(shard: fmt.Shard, kv_type: str, buffer_type: str, compile_tiny: 
             write_tiny(shard, Path(tmp))
         except (KeyError, ValueError) as e:  # a tensor kind the tiny model does not know: compile on use
             raise Unsupported(str(e)) from None
-        compile_tiny(Path(tmp), kv_type, buffer_type, step)
+        compile_tiny(Path(tmp), kv_type, buffer_type, repack, step)
 
 
 STEPS = 4
@@ -230,7 +233,7 @@ def ensure_shard(shard: fmt.Shard, kv_type: str, buffer_type: str, compile_tiny:
             bar.set_postfix_str(name)   # refreshes: the count of steps done and the one now running
 
         try:
-            compile_for(shard, kv_type, buffer_type, compile_tiny, step)
+            compile_for(shard, kv_type, buffer_type, compile_tiny, step, sig["repack"])
         except (Unsupported, ValueError):   # the engine itself reports a real problem, by name
             return False
         except Exception as e:  # noqa: BLE001 - a warm-up is an optimization: the run compiles on use
