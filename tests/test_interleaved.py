@@ -218,16 +218,11 @@ def test_k_quant_gguf_runs_interleaved(tmp_path, monkeypatch):
         assert np.median(per_row) <= 1e-5 and per_row.max() <= 1e-3, (key, per_row)
 
 
-def test_repacks_only_what_fits(tmp_path, monkeypatch):
-    """The repacked copy is the rank's own memory: when the weights it would copy exceed half of what
-    the node can still give (MPILLM_MEMORY_LIMIT stands in for it), the model keeps the memory-mapped
-    layout, so a model larger than the memory still pages, and the plan line says why; with room
-    for the copy the same model is repacked."""
-    from mpi4py import MPI
-
+def _q4_0_llama(tmp_path, monkeypatch):
+    """The llama fixture as q4_0 at tmp_path/m (on VNNI), its shard and the bytes a repack would copy;
+    the node's memory is then whatever MPILLM_MEMORY_LIMIT says, shared by no other rank."""
     from convert.__main__ import convert
     from mpillm.formats import format as fmt
-    from mpillm.runtime.engine import Engine
     from mpiutil import ROOT
 
     _vnni_active()
@@ -236,6 +231,19 @@ def test_repacks_only_what_fits(tmp_path, monkeypatch):
     size = sum(v.nbytes for t in shard.tensors.values() if t.wtype == "q4_0" for v in t.arrays.values())
     monkeypatch.delenv("OMPI_COMM_WORLD_LOCAL_SIZE", raising=False)
     monkeypatch.delenv("MPILLM_REPACK", raising=False)
+    return shard, size
+
+
+def test_repacks_only_what_fits(tmp_path, monkeypatch):
+    """The repacked copy is the rank's own memory: when the weights it would copy exceed half of what
+    the node can still give (MPILLM_MEMORY_LIMIT stands in for it), the model keeps the memory-mapped
+    layout, so a model larger than the memory still pages, and the plan line says why; with room
+    for the copy the same model is repacked."""
+    from mpi4py import MPI
+
+    from mpillm.runtime.engine import Engine
+
+    shard, size = _q4_0_llama(tmp_path, monkeypatch)
     for limit, repacked in ((1.9, False), (2.1, True)):  # the copy may take half of the limit
         monkeypatch.setenv("MPILLM_MEMORY_LIMIT", str(int(limit * size)))
         eng = Engine(tmp_path / "m", max_seq_len=16, max_batch=2, comm=MPI.COMM_SELF, verbose=False)
@@ -248,17 +256,9 @@ def test_warm_up_compiles_the_layout_the_model_will_run(tmp_path, monkeypatch):
     """The warm-up's tiny twin is repacked exactly when the real model will be: a model too large to
     repack runs the stored layout's kernels, so those are the ones to compile ahead (the tiny twin
     itself always fits), and the compile marker's signature says which."""
-    from convert.__main__ import convert
-    from mpillm.formats import format as fmt
     from mpillm.runtime import engine, warm
-    from mpiutil import ROOT
 
-    _vnni_active()
-    convert(ROOT / "tests" / "fixtures" / "llama", tmp_path / "m", [1], "q4_0", progress=False, tokenizer=False)
-    shard = fmt.Shard(tmp_path / "m" / fmt.shard_relpath(1, 0), 1, 0)
-    size = sum(v.nbytes for t in shard.tensors.values() if t.wtype == "q4_0" for v in t.arrays.values())
-    monkeypatch.delenv("OMPI_COMM_WORLD_LOCAL_SIZE", raising=False)
-    monkeypatch.delenv("MPILLM_REPACK", raising=False)
+    shard, size = _q4_0_llama(tmp_path, monkeypatch)
     seen = []
 
     class Recording(engine.Engine):
