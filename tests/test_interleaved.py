@@ -243,11 +243,16 @@ def test_repacks_only_what_fits(tmp_path, monkeypatch):
 
     from mpillm.runtime.engine import Engine
 
+    from mpillm.runtime import warm
+
     shard, size = _q4_0_llama(tmp_path, monkeypatch)
+    turns = []  # the engine's compile turn warms the layout it decided on, not one decided again
+    ensure = warm.ensure_shard
+    monkeypatch.setattr(warm, "ensure_shard", lambda *a, **k: turns.append(k.get("repack")) or ensure(*a, **k))
     for limit, repacked in ((1.9, False), (2.1, True)):  # the copy may take half of the limit
         monkeypatch.setenv("MPILLM_MEMORY_LIMIT", str(int(limit * size)))
         eng = Engine(tmp_path / "m", max_seq_len=16, max_batch=2, comm=MPI.COMM_SELF, verbose=False)
-        assert eng.model.repacked == repacked
+        assert eng.model.repacked == repacked and turns[-1] is repacked
         assert eng.model.layers[0].wq.wtype == ("q4_0_r16" if repacked else "q4_0")
         assert ("not repacked" in eng.model.repack_note) != repacked, eng.model.repack_note
 

@@ -65,9 +65,9 @@ class Engine:
                  buffer_type: str = "f32", kv_type: str = "f16",
                  comm: MPI.Comm = MPI.COMM_WORLD, verbose: bool = True, n_slots: int = 1,
                  compile_turn: bool = True, sync: str = "auto", wait: str = "auto", sync_table: dict | None = None,
-                 repack: bool | None = None):
-        """repack: None decides by this rank's free memory (model.repack_decision); False keeps the
-        stored layout (the warm-up's tiny twin of a model that will not be repacked)."""
+                 repack: bool = True):
+        """repack: True repacks what fits in this rank's free memory (model.repack_decision); False keeps
+        the stored layout (the warm-up's tiny twin of a model that will not be repacked)."""
         self.comm = comm
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
         self.buffer_type, self.sync_algorithm, self.sync_table = buffer_type, sync, sync_table
@@ -112,14 +112,14 @@ class Engine:
         self.hosts = len(set(comm.allgather(MPI.Get_processor_name())))   # the sync choice depends on it
         self.waiter.agree(comm)   # collective: the same form of every collective on every rank
         # the matmul weights' layout (and the plan's words)
-        self.repack = (False, "") if repack is False else repack_decision(shard, buffer_type)
+        self.repack = repack_decision(shard, buffer_type) if repack else (False, "")
         if self.rank == 0 and verbose:
             self.print_plan(sizes, threads)
         agree(comm, kv_memory_error(kv_per_token, n_slots, max_seq_len))
         err = None
         try:
             if compile_turn:   # one rank per node compiles, the others wait (False: the caller holds the turn)
-                warm.ensure_shard(shard, kv_type, buffer_type, compile_tiny)
+                warm.ensure_shard(shard, kv_type, buffer_type, compile_tiny, repack=self.repack[0])
             kernels.set_threads(threads)
             kernels.warmup()
             self.model = Transformer(shard, comm, max_seq_len, max_batch, buffer_type, kv_type, n_slots,

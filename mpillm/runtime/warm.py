@@ -66,17 +66,20 @@ def _layer_types(shard: fmt.Shard) -> list[dict[str, str]]:
     return out
 
 
-def signature(shard: fmt.Shard, kv_type: str, buffer_type: str) -> dict:
-    """What the kernels are compiled for; equal signatures compile identical code."""
+def signature(shard: fmt.Shard, kv_type: str, buffer_type: str, repack: bool | None = None) -> dict:
+    """What the kernels are compiled for; equal signatures compile identical code. ``repack``: whether
+    the rank's weights will be repacked, as the Engine decided (None: decide here, by the same rule)."""
     from mpillm import kernels
     from mpillm.runtime.model import repack_decision
 
+    if repack is None:
+        repack = repack_decision(shard, buffer_type)[0]
     cfg = shard.config
     top = {n: shard.tensors[n].wtype for n in ("tok_embd", "output", "output_norm", "rope_freqs")
            if n in shard.tensors}
     return {"arch": cfg.arch, "qk_norm": cfg.qk_norm, "moe": cfg.is_moe, "tied": cfg.tied_embeddings,
             "top": top, "layers": _layer_types(shard), "kv_type": kv_type, "buffer_type": buffer_type,
-            "path": kernels.active_path(), "repack": repack_decision(shard, buffer_type)[0], "cpu": _cpu_name()}
+            "path": kernels.active_path(), "repack": repack, "cpu": _cpu_name()}
 
 
 def _cpu_name() -> str:
@@ -200,12 +203,13 @@ class Unsupported(Exception):
 
 
 def ensure_shard(shard: fmt.Shard, kv_type: str, buffer_type: str, compile_tiny: CompileTiny,
-                 announce: bool = False, progress: bool = False) -> bool:
+                 announce: bool = False, progress: bool = False, repack: bool | None = None) -> bool:
     """Make sure the kernels this shard's model needs are in the cache; True if it compiled.
     Not collective: each rank decides alone (a rank whose signature is warm returns at once).
-    The Engine calls it quietly, so ranks that build an Engine directly (the MPI tests) also take
-    turns compiling instead of all compiling the same kernels."""
-    sig = signature(shard, kv_type, buffer_type)
+    The Engine calls it quietly, with its own repack decision (see ``signature``), so ranks that
+    build an Engine directly (the MPI tests) also take turns compiling instead of all compiling the
+    same kernels."""
+    sig = signature(shard, kv_type, buffer_type, repack)
     if is_warm(sig):
         return False
     if announce:
