@@ -1,5 +1,5 @@
 """The interleaved layout (mpillm.kernels.interleaved): 16 weight rows per register, which the runtime
-repacks q4_0 / q4_1 / q8_0 / q4_K / q6_K (and the K-quants' _32 variants) into on the VNNI path.
+repacks q4_0 / q4_1 / q8_0 / q4_K / q6_K / q2_K (and the K-quants' _32 variants) into on the VNNI path.
 
 - the repacking is lossless (``unpack`` gives the split arrays back bit for bit, stacks of
   experts too) and pads the last group;
@@ -37,7 +37,7 @@ def _weights(kind, N, K, seed=0):
     rng = np.random.default_rng(seed)
     if kind.endswith("_32"):  # a row-parallel slice of K columns cut from whole super-blocks
         full = quant.random_arrays(kind, N, _cols(quant.base_type(kind), K), rng)
-        per = {k: v.shape[1] // (full["qs"].shape[1] // 16) for k, v in full.items()}
+        per = {k: v.shape[1] // (full["qs"].shape[1] // quant.QS_BYTES[kind]) for k, v in full.items()}
         return {k: np.ascontiguousarray(v[:, :K // 32 * per[k]]) for k, v in full.items()}
     if kind in quant.K_TYPES:
         return quant.random_arrays(kind, N, K, rng)
@@ -195,7 +195,7 @@ def test_model_runs_interleaved(tmp_path, monkeypatch, wtype, name):
 
 def test_k_quant_gguf_runs_interleaved(tmp_path, monkeypatch):
     """A llama GGUF whose matrices mix the K-quant, 5-bit, IQ4 and MXFP4 types (tests/kquant_gguf.py):
-    on VNNI the engine repacks its q4_K and q6_K matrices (and leaves the others as stored), and its logits,
+    on VNNI the engine repacks its q4_K, q6_K and q2_K matrices (and leaves the others as stored), and its logits,
     fused and per kernel, agree with the split layout's to float rounding."""
     import kquant_gguf
     from convert.__main__ import convert
@@ -209,7 +209,8 @@ def test_k_quant_gguf_runs_interleaved(tmp_path, monkeypatch):
     for repack, fused, eng in _each_layout(monkeypatch, tmp_path / "m"):
         L0, L1 = eng.model.layers
         r16 = "_r16" if repack == "1" else ""
-        assert (L0.wo.wtype, L1.w_gate.wtype, L0.wv.wtype) == ("q4_K" + r16, "q4_K" + r16, "q6_K" + r16)
+        assert (L0.wo.wtype, L1.w_gate.wtype, L0.wv.wtype, L0.w_gate.wtype) == \
+            ("q4_K" + r16, "q4_K" + r16, "q6_K" + r16, "q2_K" + r16)
         assert L1.w_down.wtype == "q5_K" and L0.wk.wtype == "q5_K"  # not repacked
         out[repack, fused] = np.concatenate([eng.step(toks, 0, all_logits=True), eng.step(toks[:1], len(toks))])
     scale = np.abs(out["0", "0"]).max()

@@ -127,3 +127,16 @@ def check_r16q6(qs, qh, sc, d, xq, xd, xsum, out):
     dsh = _super_shift(d, nb)
     _scales3(d, G, nb >> dsh)
     return dsh
+
+
+@njit(**_JIT)
+def check_r16q2(qs, sc, d, dmin, xq, xd, xsum, out):
+    """The interleaved q2_K: qs (G, nb, 128), sc (G, 2 nb, 16) bytes, d and dmin (G, nb / 8, 16) or
+    (G, nb, 16) (q2_K_32). Returns the shift from a block to its d."""
+    _r16_shapes(qs, xq, xd, xsum, out, 128)
+    G, nb = qs.shape[0], qs.shape[1]
+    _scales3(sc, G, 2 * nb)
+    dsh = _super_shift(d, nb)
+    _scales3(d, G, nb >> dsh)
+    _scales3(dmin, G, nb >> dsh)
+    return dsh

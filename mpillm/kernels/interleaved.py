@@ -1,5 +1,5 @@
-"""q4_0 / q4_1 / q8_0 / q4_K / q6_K with 16 weight rows interleaved per register (VNNI): the layout that
-makes a step of several rows cheap.
+"""q4_0 / q4_1 / q8_0 / q4_K / q6_K / q2_K with 16 weight rows interleaved per register (VNNI): the
+layout that makes a step of several rows cheap.
 
 The split layout keeps a row's blocks in the lanes of a register, so a (row, token) dot product
 ends in a horizontal sum, and a step of k rows redoes the activation preparation and the sums k
@@ -36,6 +36,18 @@ each code register's nibbles; its int8 scales (one per 16 elements) and fp16 d a
 Each half block is its own integer sum (4 vpdpbusd) started at -32 x the sum of its 16
 activations (taken once per call, for all groups), times d * sc of that half.
 
+q2_K (and q2_K_32) keeps its 2-bit codes as two registers per (16 rows, block), one per 16-element
+half (sub-block): row r's dword h of the split layout's 8 bytes per block (byte 4h + m holds
+elements 16h + 4k + m at bits 2k, mpillm.formats.quant) goes to lane r of register h, so one shift
+by 2k and a mask give register c = 4h + k's codes, elements 4c .. 4c + 3 in each lane, as the
+other types' registers hold them; its scale / min bytes (one per 16 elements) and fp16 d and dmin
+as stored:
+
+    qs (G, nb, 128)    sc (G, 2 nb, 16) uint8 (scale | min << 4)    d, dmin (G, nb / 8 | nb, 16) fp16 bits
+
+Each half block is its own integer sum (4 vpdpbusd, from 0: the codes are unsigned), times
+d * scale, plus -(dmin * min) times the half's activation sum (as q6_K's halves take it).
+
 Every lane runs the same operations in any tile, so a row's result does not depend on its batch,
 its tile, the thread count or its rank's row range; it differs from the split-layout kernels' in
 the order of float additions only. The rows past N in the last group are
@@ -57,21 +69,24 @@ from numba.np.ufunc.parallel import _iget_num_threads  # the thread count, cache
 
 from mpillm.formats import quant
 from mpillm.kernels import jitcache, runners
-from mpillm.kernels.checks import check_r16, check_r16k, check_r16q6
+from mpillm.kernels.checks import check_r16, check_r16k, check_r16q2, check_r16q6
 from mpillm.kernels.irgen import F16, F32, I1, I8, I16, I32, I64, PTR, VNNI_BYTE_OPERANDS, Emit, int_intrinsic, vec
 
 ROWS = 16  # weight rows per register
-KINDS = ("q4_0", "q4_1", "q8_0", "q4_K", "q4_K_32", "q6_K", "q6_K_32")
+KINDS = ("q4_0", "q4_1", "q8_0", "q4_K", "q4_K_32", "q6_K", "q6_K_32", "q2_K", "q2_K_32")
 RTYPE = {k: f"{quant.base_type(k)}_r16" for k in KINDS}  # split type -> interleaved type (q4_K_32 and q4_K share one)
-BASE = {"q4_0_r16": "q4_0", "q4_1_r16": "q4_1", "q8_0_r16": "q8_0", "q4_K_r16": "q4_K", "q6_K_r16": "q6_K"}
+BASE = {"q4_0_r16": "q4_0", "q4_1_r16": "q4_1", "q8_0_r16": "q8_0", "q4_K_r16": "q4_K", "q6_K_r16": "q6_K",
+        "q2_K_r16": "q2_K"}
 RKINDS = tuple(BASE.values())  # the kernels' kinds
 # the interleaved types' arrays, in the order the kernels take them (as mpillm.formats.quant.ARRAYS)
 ARRAYS = {"q4_0_r16": (("qs", "uint8"), ("d", "float16")),
           "q4_1_r16": (("qs", "uint8"), ("d", "float16"), ("m", "float16")),
           "q8_0_r16": (("qs", "uint8"), ("d", "float16")),
           "q4_K_r16": (("qs", "uint8"), ("sc", "uint8"), ("mn", "uint8"), ("d", "float16"), ("dmin", "float16")),
-          "q6_K_r16": (("qs", "uint8"), ("qh", "uint8"), ("sc", "int8"), ("d", "float16"))}
-GBYTES = {"q4_0": 256, "q4_1": 256, "q8_0": 512, "q4_K": 256, "q6_K": 256}  # low code bytes per (16 rows, block)
+          "q6_K_r16": (("qs", "uint8"), ("qh", "uint8"), ("sc", "int8"), ("d", "float16")),
+          "q2_K_r16": (("qs", "uint8"), ("sc", "uint8"), ("d", "float16"), ("dmin", "float16"))}
+# (low) code bytes per (16 rows, block)
+GBYTES = {"q4_0": 256, "q4_1": 256, "q8_0": 512, "q4_K": 256, "q6_K": 256, "q2_K": 128}
 HBYTES = 128  # q6_K: high-bit bytes per (16 rows, block)
 # A batched step streams the weights once for all tokens: tiles of 2+ tokens prefetch PF bytes ahead
 # in the code stream (and PF / 8 in the scales); one token is fastest without (measured from memory,
@@ -86,7 +101,7 @@ ENV = "MPILLM_REPACK"
 
 
 def wanted(path: str) -> bool:
-    """Whether the runtime repacks q4_0 / q4_1 / q8_0 / q4_K / q6_K weights on kernel path ``path``."""
+    """Whether the runtime repacks q4_0 / q4_1 / q8_0 / q4_K / q6_K / q2_K weights on kernel path ``path``."""
     return path == "vnni" and os.environ.get(ENV, "1").strip() != "0"
 
 
@@ -94,20 +109,20 @@ def wanted(path: str) -> bool:
 # The layout (numpy): split arrays <-> interleaved arrays
 # ----------------------------------------------------------------------------------------------
 def repack(wtype: str, arrays: dict) -> tuple[str, dict]:
-    """(interleaved type, arrays) of a q4_0 / q4_1 / q8_0 / q4_K / q6_K (or _32) matrix's split arrays (N, ...)
-    or a stack of them (E, N, ...); the rows are padded to whole groups of 16 with zero codes and
-    scales. Every per-row array of scales (N, n) becomes (G, n, 16): q4_K's d and dmin keep their
-    one value per super-block (q4_K_32: per block), its sc and mn one byte per block."""
+    """(interleaved type, arrays) of a q4_0 / q4_1 / q8_0 / q4_K / q6_K / q2_K (or _32) matrix's split
+    arrays (N, ...) or a stack of them (E, N, ...); the rows are padded to whole groups of 16 with
+    zero codes and scales. Every per-row array of scales (N, n) becomes (G, n, 16): q4_K's d and
+    dmin keep their one value per super-block (q4_K_32: per block), its sc and mn one byte per block."""
     kind = quant.base_type(wtype)
     q = np.asarray(arrays["qs"])
     lead, N = q.shape[:-2], q.shape[-2]
-    nb = q.shape[-1] // (32 if kind == "q8_0" else 16)
+    nb = q.shape[-1] // quant.QS_BYTES[kind]
     G = -(-N // ROWS)
     pad = [(0, 0)] * len(lead) + [(0, G * ROWS - N), (0, 0)]
     if kind == "q8_0":  # w + 128 as an unsigned byte (vpdpbusd's unsigned operand)
         u = np.pad(q.view(np.uint8) ^ np.uint8(0x80), pad).reshape(*lead, G, ROWS, nb, 8, 4)
-    else:  # byte j of a block: element j (low nibble) and j + 16 (high)
-        u = np.pad(q, pad).reshape(*lead, G, ROWS, nb, 4, 4)
+    else:  # q4: byte j of a block holds element j (low nibble) and j + 16 (high); q2_K: dword h, half h
+        u = np.pad(q, pad).reshape(*lead, G, ROWS, nb, GBYTES[kind] // 64, 4)
     n = len(lead)
     order = tuple(range(n)) + (n, n + 2, n + 3, n + 1, n + 4)  # (G, nb, register, row, byte)
     out = {"qs": np.ascontiguousarray(u.transpose(order)).reshape(*lead, G, nb, GBYTES[kind])}
@@ -148,7 +163,7 @@ def _high_bits_back(H: np.ndarray, N: int) -> np.ndarray:
 
 def unpack(rtype: str, arrays: dict, N: int) -> tuple[str, dict]:
     """The split arrays (N rows) and type of an interleaved 2-D matrix: ``repack``'s inverse (q4_K_r16:
-    q4_K when d holds one value per 8 blocks, else q4_K_32)."""
+    q4_K when d holds one value per 8 blocks, else q4_K_32; q6_K_r16 and q2_K_r16 alike)."""
     kind = BASE[rtype]
     qs = np.asarray(arrays["qs"])
     G, nb = qs.shape[0], qs.shape[1]
@@ -162,7 +177,7 @@ def unpack(rtype: str, arrays: dict, N: int) -> tuple[str, dict]:
             continue
         s = a.view(np.uint16) if a.dtype == np.float16 else a
         out[k] = np.ascontiguousarray(s.transpose(0, 2, 1).reshape(G * ROWS, s.shape[1])[:N]).view(a.dtype)
-    if kind in ("q4_K", "q6_K") and np.asarray(arrays["d"]).shape[1] * 8 != nb:
+    if kind in ("q4_K", "q6_K", "q2_K") and np.asarray(arrays["d"]).shape[1] * 8 != nb:
         kind += "_32"
     return kind, out
 
@@ -174,14 +189,15 @@ PARAMS = "wp, dp, mp, sp, np_, dsh, g0, g1, nb, xp, xstride, xsp, xdp, sstride, 
 
 
 def _codegen(kind: str, U: int, prefetch: int):
-    q8, qk, q6 = kind == "q8_0", kind == "q4_K", kind == "q6_K"
+    q8, qk, q6, q2 = kind == "q8_0", kind == "q4_K", kind == "q6_K", kind == "q2_K"
     mins = kind in ("q4_1", "q4_K")  # a per-block min term: m * xd * xsum
     gbytes = GBYTES[kind]
 
     def codegen(context, b, sig, args):
         # q4_K: dp, mp = d, dmin (G, nd, 16) with nd = nb >> dsh (dsh 3: one per super-block; 0:
         # q4_K_32), sp, np_ = sc, mn (G, nb, 16) bytes; q6_K: dp = d (G, nd, 16), mp = qh (G, nb, 128),
-        # sp = sc (G, 2 nb, 16) int8; the others: dp, mp = d, m (G, nb, 16)
+        # sp = sc (G, 2 nb, 16) int8; q2_K: dp, mp = d, dmin (G, nd, 16), sp = sc (G, 2 nb, 16) bytes;
+        # the others: dp, mp = d, m (G, nb, 16)
         wp, dp, mp, sp, np_, dsh, g0, g1, nb, xp, xstride, xsp, xdp, sstride, t0, op, ostride, N = args
         e = Emit(b)
         i64 = lambda v: ir.Constant(I64, v)  # noqa: E731
@@ -192,12 +208,13 @@ def _codegen(kind: str, U: int, prefetch: int):
         m15 = e.const(I32, 16, [0x0F0F0F0F] * 16)
         sh4 = e.const(I32, 16, [4] * 16)
         acc = [cgutils.alloca_once(b, F) for _ in range(U)]
-        xoffs = [4 * c for c in range(8)] if q8 else [4 * c for c in range(4)] + [16 + 4 * c for c in range(4)]
+        xoffs = [4 * c for c in range(8)] if q8 or q2 else [4 * c for c in range(4)] + [16 + 4 * c for c in range(4)]
         # per token: the row offsets of its activations and of its scale sums
         xrow = [b.mul(b.add(t0, i64(u)), xstride) for u in range(U)]
         srow = [b.mul(b.add(t0, i64(u)), sstride) for u in range(U)]
-        if q6:  # q6_K subtracts 32 per half block: each token's sums of its blocks' first 16 activations,
-            # once per call for all the groups (on the stack, freed at the end of the call)
+        if q6 or q2:  # a term per half block (q6_K: -32 x, q2_K: the min x its activation sum): each
+            # token's sums of its blocks' first 16 activations, once per call for all the groups (on the
+            # stack, freed at the end of the call)
             saved = b.call(e.decl("llvm.stacksave.p0", PTR, []), [])
             lo16 = b.alloca(I32, size=b.mul(nb, i64(U)))
             red = e.decl("llvm.vector.reduce.add.v16i32", I32, [V])
@@ -218,6 +235,8 @@ def _codegen(kind: str, U: int, prefetch: int):
                     if qk:  # the super-blocks' d and dmin: 1 / 8 of the scale bytes (the hardware follows them)
                         for base in (sp, np_):
                             e.prefetch(base, b.add(b.mul(gb, i64(16)), i64(prefetch // 16)), 2)
+                    elif q2:  # the scale bytes: a quarter of the codes' (d and dmin: the hardware follows them)
+                        e.prefetch(sp, b.add(b.mul(gb, i64(32)), i64(prefetch // 4)), 2)
                     elif q6:
                         for line in range(HBYTES // 64):
                             e.prefetch(mp, b.add(b.mul(gb, i64(HBYTES)), i64(prefetch // 2 + 64 * line)), 2)
@@ -227,6 +246,11 @@ def _codegen(kind: str, U: int, prefetch: int):
                             e.prefetch(base, b.add(b.mul(gb, i64(32)), i64(prefetch // 8)), 2)
                 if q8:
                     W = [e.load(wp, b.add(wo, i64(64 * c)), V) for c in range(8)]
+                elif q2:  # register c = 4h + k: half h's dwords shifted right by 2k, masked to 2 bits
+                    raw = [e.load(wp, b.add(wo, i64(64 * h)), V) for h in range(2)]
+                    m3 = e.const(I32, 16, [0x03030303] * 16)
+                    W = [b.and_(b.lshr(raw[c // 4], e.const(I32, 16, [2 * (c % 4)] * 16)) if c % 4 else raw[c // 4], m3)
+                         for c in range(8)]
                 else:
                     raw = [e.load(wp, b.add(wo, i64(64 * c)), V) for c in range(4)]
                     W = [b.and_(r, m15) for r in raw] + [b.and_(b.lshr(r, sh4), m15) for r in raw]
@@ -250,12 +274,17 @@ def _codegen(kind: str, U: int, prefetch: int):
                     h = e.load(base, b.mul(i, i64(32)), vec(I16, 16))
                     return b.fpext(b.bitcast(h, vec(F16, 16)), F)
 
-                if qk or q6:
+                if qk or q6 or q2:
                     di = b.add(b.mul(g, b.lshr(nb, dsh)), b.lshr(blk, dsh))  # (group, super-block)
                 if q6:  # per row: d * sc of each half block (exact in float32)
                     d = [b.fmul(half16(dp, di), b.sitofp(b.sext(e.load(sp, b.add(b.mul(gb, i64(32)), i64(16 * h)),
                                                                        vec(I8, 16)), V), F)) for h in range(2)]
                     m = None
+                elif q2:  # per row and half block: d * scale and -(dmin * min) (exact in float32)
+                    sb = [b.zext(e.load(sp, b.add(b.mul(gb, i64(32)), i64(16 * h)), vec(I8, 16)), V) for h in range(2)]
+                    dh, mh = half16(dp, di), half16(mp, di)
+                    d = [b.fmul(dh, b.uitofp(b.and_(s, e.const(I32, 16, [15] * 16)), F)) for s in sb]
+                    m = [b.fneg(b.fmul(mh, b.uitofp(b.lshr(s, e.const(I32, 16, [4] * 16)), F))) for s in sb]
                 elif qk:  # per row: d * sc and -(dmin * mn) of this block (exact in float32)
 
                     def byte16(base):
@@ -271,7 +300,8 @@ def _codegen(kind: str, U: int, prefetch: int):
                 for u in range(U):
                     so = b.add(srow[u], bs)
                     xs = e.load(xsp, so, I32)
-                    if q6:  # two integer sums, one per half block (its own scale), each starting at -32 x its xsum
+                    if q6 or q2:  # two integer sums, one per half block (its own scale); q6_K's start at
+                        # -32 x the half's xsum, q2_K's at 0 and its min term follows each
                         lo = b.load(b.gep(lo16, [b.add(b.mul(i64(u), nb), blk)]))
                         nh = max(1, CHAINS[U] // 2)
                         xb = b.add(xrow[u], bx)
@@ -279,7 +309,8 @@ def _codegen(kind: str, U: int, prefetch: int):
                         xd = e.load(xdp, so, F32)
                         for h, part in enumerate((lo, b.sub(xs, lo))):
                             ch = [ir.Constant(V, None) for _ in range(nh)]
-                            ch[0] = e.splat(b.mul(part, I32(-32)), 16)
+                            if q6:
+                                ch[0] = e.splat(b.mul(part, I32(-32)), 16)
                             for c in range(4 * h, 4 * h + 4):
                                 x = e.splat(e.load(xp, b.add(xb, i64(xoffs[c])), I32), 16)
                                 ch[c % nh] = b.call(dot, [ch[c % nh], W[c], b.bitcast(x, opnd) if VNNI_BYTE_OPERANDS else x])
@@ -287,6 +318,8 @@ def _codegen(kind: str, U: int, prefetch: int):
                             for c in ch[1:]:
                                 a = b.add(a, c)
                             v = e.fma(b.sitofp(a, F), b.fmul(d[h], e.splat(xd, 16)), v)
+                            if q2:
+                                v = e.fma(m[h], e.splat(b.fmul(xd, b.sitofp(part, F32)), 16), v)
                         b.store(v, acc[u])
                         continue
                     # CHAINS[U] independent vpdpbusd chains (one token has no other work to overlap the
@@ -313,7 +346,7 @@ def _codegen(kind: str, U: int, prefetch: int):
             for u in range(U):
                 dst = e.addr(op, b.add(b.mul(b.add(t0, i64(u)), ostride), b.mul(g, i64(4 * ROWS))))
                 b.call(mstore, [b.load(acc[u]), dst, I32(4), mask])
-        if q6:
+        if q6 or q2:
             b.call(e.decl("llvm.stackrestore.p0", ir.VoidType(), [PTR]), [saved])
         return context.get_dummy_value()
 
@@ -383,6 +416,8 @@ _ENTRY = {
              "d.ctypes.data, dmin.ctypes.data, sc.ctypes.data, mn.ctypes.data, dsh"),
     "q6_K": ("qs, qh, sc, d, ", "dsh = check_r16q6(qs, qh, sc, d, xq, xd, xsum, out)",
              "d.ctypes.data, qh.ctypes.data, sc.ctypes.data, 0, dsh"),
+    "q2_K": ("qs, sc, d, dmin, ", "dsh = check_r16q2(qs, sc, d, dmin, xq, xd, xsum, out)",
+             "d.ctypes.data, dmin.ctypes.data, sc.ctypes.data, 0, dsh"),
 }
 # no fastmath: every lane must run the same float operations in every tile
 _JIT_PAR = dict(cache=True, nogil=True, parallel=True)
@@ -399,7 +434,8 @@ def _source() -> str:
 
 
 def _names() -> dict:
-    names = dict(check_r16=check_r16, check_r16k=check_r16k, check_r16q6=check_r16q6, _iget_num_threads=_iget_num_threads, CHUNK=CHUNK)
+    names = dict(check_r16=check_r16, check_r16k=check_r16k, check_r16q6=check_r16q6, check_r16q2=check_r16q2,
+                 _iget_num_threads=_iget_num_threads, CHUNK=CHUNK)
     for kind in RKINDS:
         for U in TILE_TOKENS:
             for p in (False, True):
@@ -415,3 +451,4 @@ vnni_matmul_q4_1_r16_q8_0 = _gen.vnni_matmul_q4_1_r16_q8_0
 vnni_matmul_q8_0_r16_q8_0 = _gen.vnni_matmul_q8_0_r16_q8_0
 vnni_matmul_q4_K_r16_q8_0 = _gen.vnni_matmul_q4_K_r16_q8_0
 vnni_matmul_q6_K_r16_q8_0 = _gen.vnni_matmul_q6_K_r16_q8_0
+vnni_matmul_q2_K_r16_q8_0 = _gen.vnni_matmul_q2_K_r16_q8_0
