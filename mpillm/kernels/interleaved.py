@@ -280,11 +280,11 @@ def _codegen(kind: str, U: int, prefetch: int):
                     d = [b.fmul(half16(dp, di), b.sitofp(b.sext(e.load(sp, b.add(b.mul(gb, i64(32)), i64(16 * h)),
                                                                        vec(I8, 16)), V), F)) for h in range(2)]
                     m = None
-                elif q2:  # per row and half block: d * scale and -(dmin * min) (exact in float32)
+                elif q2:  # per row: each half block's scale and min as integers, d and -dmin
                     sb = [b.zext(e.load(sp, b.add(b.mul(gb, i64(32)), i64(16 * h)), vec(I8, 16)), V) for h in range(2)]
-                    dh, mh = half16(dp, di), half16(mp, di)
-                    d = [b.fmul(dh, b.uitofp(b.and_(s, e.const(I32, 16, [15] * 16)), F)) for s in sb]
-                    m = [b.fneg(b.fmul(mh, b.uitofp(b.lshr(s, e.const(I32, 16, [4] * 16)), F))) for s in sb]
+                    q2sc = [b.and_(s, e.const(I32, 16, [15] * 16)) for s in sb]
+                    q2mn = [b.lshr(s, e.const(I32, 16, [4] * 16)) for s in sb]
+                    d, m = half16(dp, di), b.fneg(half16(mp, di))
                 elif qk:  # per row: d * sc and -(dmin * mn) of this block (exact in float32)
 
                     def byte16(base):
@@ -301,13 +301,14 @@ def _codegen(kind: str, U: int, prefetch: int):
                     so = b.add(srow[u], bs)
                     xs = e.load(xsp, so, I32)
                     if q6 or q2:  # two integer sums, one per half block (its own scale); q6_K's start at
-                        # -32 x the half's xsum, q2_K's at 0 and its min term follows each
+                        # -32 x the half's xsum, q2_K's at 0 (see below)
                         lo = b.load(b.gep(lo16, [b.add(b.mul(i64(u), nb), blk)]))
                         nh = max(1, CHAINS[U] // 2)
                         xb = b.add(xrow[u], bx)
                         v = b.load(acc[u])
                         xd = e.load(xdp, so, F32)
-                        for h, part in enumerate((lo, b.sub(xs, lo))):
+                        sums, parts = [], (lo, b.sub(xs, lo))
+                        for h, part in enumerate(parts):
                             ch = [ir.Constant(V, None) for _ in range(nh)]
                             if q6:
                                 ch[0] = e.splat(b.mul(part, I32(-32)), 16)
@@ -317,9 +318,16 @@ def _codegen(kind: str, U: int, prefetch: int):
                             a = ch[0]
                             for c in ch[1:]:
                                 a = b.add(a, c)
-                            v = e.fma(b.sitofp(a, F), b.fmul(d[h], e.splat(xd, 16)), v)
-                            if q2:
-                                v = e.fma(m[h], e.splat(b.fmul(xd, b.sitofp(part, F32)), 16), v)
+                            if q6:
+                                v = e.fma(b.sitofp(a, F), b.fmul(d[h], e.splat(xd, 16)), v)
+                            sums.append(a)
+                        if q2:  # sc0 x sum0 + sc1 x sum1 and mn0 x xsum0 + mn1 x xsum1, exact as integers
+                            # (|.| < 2^18), then one multiply-add each by d x xd and -dmin x xd
+                            S = b.add(b.mul(sums[0], q2sc[0]), b.mul(sums[1], q2sc[1]))
+                            M = b.add(b.mul(q2mn[0], e.splat(parts[0], 16)), b.mul(q2mn[1], e.splat(parts[1], 16)))
+                            xv = e.splat(xd, 16)
+                            v = e.fma(b.sitofp(S, F), b.fmul(d, xv), v)
+                            v = e.fma(b.sitofp(M, F), b.fmul(m, xv), v)
                         b.store(v, acc[u])
                         continue
                     # CHAINS[U] independent vpdpbusd chains (one token has no other work to overlap the
