@@ -114,12 +114,13 @@ def test_repack_is_lossless(kind):
 
 
 @pytest.mark.parametrize("kind", interleaved.KINDS)
-@pytest.mark.parametrize("N,K", [(37, 96), (48, 576), (21, 1088), (5, 32)])
+@pytest.mark.parametrize("N,K", [(37, 96), (48, 576), (21, 1088), (5, 32), (7, 4096)])
 def test_matches_reference_in_any_batch(kind, N, K):
     """Every row against the float64 reference; each token's row bit-identical to the token
     alone for T = 1..17 (tiles 8, 4, 2, 1 and their mixes), to the rows computed one group further
     on in the matrix, and at one and two threads; the columns past N are left alone. (q4_K: K
-    rounded up to whole super-blocks; the _32 variants at K itself, d (and dmin) once per block.)"""
+    rounded up to whole super-blocks; the _32 variants at K itself, d (and dmin) once per block.
+    K = 4096: rows long enough for q2_K's one-token prefetching tile, interleaved.PF1_BLOCKS.)"""
     path = _vnni()
     K = _cols(kind, K)
     w = _weights(kind, N + 16, K)

@@ -4,6 +4,9 @@ Matvec (T = 1): GB/s of weight bytes streamed. "dram" shapes rotate over
 copies of the matrix totalling more than twice the last-level cache, so the
 weights come from memory; "cache" shapes reuse one copy (cache-resident, like
 SmolLM2's layers). Prefill (T = 64): GFLOP/s (2 N K T per call).
+The path ``vnni-r16`` is the VNNI path on the layout the runtime runs there: q4_0, q4_1,
+q8_0, q4_K, q6_K and q2_K repacked with 16 rows per register (mpillm.kernels.interleaved),
+the other types as stored.
 Timings are the best of several repetitions; on a shared machine compare
 ratios within one run.
 """
@@ -18,6 +21,7 @@ import numpy as np
 
 from mpillm import kernels
 from mpillm.formats import quant
+from mpillm.kernels import interleaved
 
 SHAPES = {  # name: (rows N, cols K, placement)
     "1b-gate 8192x2048": (8192, 2048, "dram"),
@@ -34,6 +38,32 @@ SHAPES.update({  # by name only (--shapes): SmolLM2's attention and output (q8_0
     "smol-out-stream 49152x576": (49152, 576, "dram"),
 })
 LLC_BYTES = 32 << 20
+R16 = "vnni-r16"  # the vnni path on the runtime's repacked layout
+
+
+class _Repacked:
+    """The vnni path's ``matmul`` on weights repacked as the runtime repacks them (the types
+    ``interleaved.RTYPE`` names; the others as stored)."""
+
+    def __init__(self):
+        self.p = kernels.get_path("vnni")
+        self.quantize_q8_0 = self.p.quantize_q8_0
+
+    @staticmethod
+    def weights(wtype: str, ws: list[dict]) -> list[dict]:
+        return [interleaved.repack(wtype, w)[1] for w in ws] if wtype in interleaved.RTYPE else ws
+
+    def matmul(self, wtype, arrays, xq, xd, xsum, x, out) -> None:
+        if wtype not in interleaved.RTYPE:
+            return self.p.matmul(wtype, arrays, xq, xd, xsum, x, out)
+        rtype = interleaved.RTYPE[wtype]
+        fn = getattr(self.p.jit, f"matmul_{interleaved.BASE[rtype]}_r16_q8_0")
+        fn(*(arrays[k].view(np.uint16) if dt == "float16" else arrays[k] for k, dt in interleaved.ARRAYS[rtype]),
+           xq, xd, xsum, out)
+
+
+def _path(name: str):
+    return _Repacked() if name == R16 else kernels.get_path(name)
 
 
 @numba.njit(parallel=True, fastmath=True, cache=True)
@@ -106,6 +136,7 @@ def run(paths, wtypes, threads, shapes, T_prefill=64, reps=7, quick=False, decod
             nbytes = quant.nbytes(wtype, N, K)
             copies = max(1, -(-2 * LLC_BYTES // nbytes)) if place == "dram" else 1
             ws = _weights(wtype, N, K, copies, rng)
+            ws_r16 = _Repacked.weights(wtype, ws) if R16 in paths else None
             for T in (1,) if decode_only else (1, T_prefill):
                 x = rng.standard_normal((T, K)).astype(np.float32)
                 xq = np.empty((T, K), np.int8)
@@ -113,13 +144,14 @@ def run(paths, wtypes, threads, shapes, T_prefill=64, reps=7, quick=False, decod
                 xs = np.empty((T, K // 32), np.int32)
                 out = np.empty((T, N), np.float32)
                 for pname in paths:
-                    p = kernels.get_path(pname)
+                    p = _path(pname)
                     p.quantize_q8_0(x, xq, xd, xs)
                     if T > 1 and pname == "portable" and quick:
                         continue
                     for nt in threads:
                         numba.set_num_threads(nt)
-                        sec, cpu = time_matmul(p, wtype, ws, xq, xd, xs, x, out, 3 if quick else reps,
+                        sec, cpu = time_matmul(p, wtype, ws_r16 if pname == R16 else ws, xq, xd, xs, x, out,
+                                               3 if quick else reps,
                                                min_inner=copies if T == 1 else 1)
                         row = dict(path=pname, wtype=wtype, shape=sname, place=place, T=T, threads=nt,
                                    us=round(sec * 1e6, 1))
@@ -129,6 +161,11 @@ def run(paths, wtypes, threads, shapes, T_prefill=64, reps=7, quick=False, decod
                         else:
                             row["GFLOP/s"] = round(2 * N * K * T / sec / 1e9, 1)
                             row["GFLOP/s_cpu"] = round(2 * N * K * T / cpu / 1e9, 1)
+                        if pname == R16 and wtype in interleaved.RTYPE:  # the same product as the stored layout's
+                            ref, got = np.empty_like(out), np.empty_like(out)
+                            kernels.get_path("vnni").matmul(wtype, ws[0], xq, xd, xs, x, ref)
+                            p.matmul(wtype, ws_r16[0], xq, xd, xs, x, got)
+                            row["max_rel_diff_vs_stored"] = float(np.abs(got - ref).max() / np.abs(ref).max())
                         rows.append(row)
                         print(_fmt(row), flush=True)
     numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
@@ -140,13 +177,17 @@ def _fmt(r: dict) -> str:
         val = f"{r['GB/s']:7.2f} GB/s  (cpu-time {r['GB/s_cpu']:6.2f})"
     else:
         val = f"{r['GFLOP/s']:7.1f} GFLOP/s  (cpu-time {r['GFLOP/s_cpu']:6.1f})"
+    diff = f"  diff vs stored {r['max_rel_diff_vs_stored']:.1e}" if "max_rel_diff_vs_stored" in r else ""
     return (f"{r['path']:9s} {r['wtype']:6s} {r['shape']:20s} {r['place']:5s} T={r['T']:<3d} "
-            f"thr={r['threads']}  {r['us']:10.1f} us  {val}")
+            f"thr={r['threads']}  {r['us']:10.1f} us  {val}{diff}")
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--paths", default=",".join(kernels.available_paths()), help="comma-separated kernel paths")
+    paths = kernels.available_paths()
+    paths += [R16] if "vnni" in paths else []
+    ap.add_argument("--paths", default=",".join(paths), help=f"comma-separated kernel paths ({R16}: the vnni "
+                    "path on the runtime's repacked layout)")
     ap.add_argument("--types", default="q4_0,q4_1,q8_0,f16,f32", help="comma-separated weight types "
                     f"({', '.join(t for t in quant.WEIGHT_TYPES if not t.endswith('_32'))})")
     ap.add_argument("--threads", default="1,2", help="comma-separated thread counts")
@@ -159,7 +200,7 @@ def main(argv=None) -> None:
     a = ap.parse_args(argv)
     threads = [t for t in map(int, a.threads.split(",")) if t <= numba.config.NUMBA_NUM_THREADS]
     for pname in a.paths.split(","):
-        kernels.get_path(pname).warmup()
+        kernels.get_path("vnni" if pname == R16 else pname).warmup()
     print(f"# host paths: {kernels.available_paths()}; numba threading layer: {numba.threading_layer()}")
     for nt in threads:
         bw, bwc = read_bandwidth(nt)
