@@ -1,5 +1,5 @@
 """The interleaved layout (mpillm.kernels.interleaved): 16 weight rows per register, which the runtime
-repacks q4_0 / q4_1 / q8_0 / q4_K / q6_K / q2_K (and the K-quants' _32 variants) into on the VNNI path.
+repacks q4_0 / q4_1 / q8_0 / q4_K / q6_K / q2_K / q3_K (and the K-quants' _32 variants) into on the VNNI path.
 
 - the repacking is lossless (``unpack`` gives the split arrays back bit for bit, stacks of
   experts too) and pads the last group;
@@ -94,8 +94,10 @@ def test_repack_is_lossless(kind):
     rtype, r = interleaved.repack(kind, w)
     assert rtype == interleaved.RTYPE[kind]
     assert r["qs"].shape == (3, K // 32, interleaved.GBYTES[interleaved.BASE[rtype]])
-    if "qh" in r:  # q6_K's high bits: two registers per (group, block), byte 4 row + k
+    if "qh" in r and quant.base_type(kind) == "q6_K":  # q6_K's high bits: two registers per (group, block), byte 4 row + k
         assert r["qh"].shape == (3, K // 32, 128) and not r["qh"].reshape(3, -1, 2, 16, 4)[2, :, :, 5:].any()
+    if "qh" in r and quant.base_type(kind) == "q3_K":  # q3_K's: one register, byte 4 row + k
+        assert r["qh"].shape == (3, K // 32, 64) and not r["qh"].reshape(3, -1, 16, 4)[2, :, 5:].any()
     for k, _ in interleaved.ARRAYS[rtype][1:]:  # every scale array: (G, its per-row count, 16)
         if k == "qh":
             continue
@@ -196,7 +198,7 @@ def test_model_runs_interleaved(tmp_path, monkeypatch, wtype, name):
 
 def test_k_quant_gguf_runs_interleaved(tmp_path, monkeypatch):
     """A llama GGUF whose matrices mix the K-quant, 5-bit, IQ4 and MXFP4 types (tests/kquant_gguf.py):
-    on VNNI the engine repacks its q4_K, q6_K and q2_K matrices (and leaves the others as stored), and its logits,
+    on VNNI the engine repacks its q4_K, q6_K, q2_K and q3_K matrices (and leaves the others as stored), and its logits,
     fused and per kernel, agree with the split layout's to float rounding."""
     import kquant_gguf
     from convert.__main__ import convert
@@ -210,8 +212,8 @@ def test_k_quant_gguf_runs_interleaved(tmp_path, monkeypatch):
     for repack, fused, eng in _each_layout(monkeypatch, tmp_path / "m"):
         L0, L1 = eng.model.layers
         r16 = "_r16" if repack == "1" else ""
-        assert (L0.wo.wtype, L1.w_gate.wtype, L0.wv.wtype, L0.w_gate.wtype) == \
-            ("q4_K" + r16, "q4_K" + r16, "q6_K" + r16, "q2_K" + r16)
+        assert (L0.wo.wtype, L1.w_gate.wtype, L0.wv.wtype, L0.w_gate.wtype, L0.w_down.wtype) == \
+            ("q4_K" + r16, "q4_K" + r16, "q6_K" + r16, "q2_K" + r16, "q3_K" + r16)
         assert L1.w_down.wtype == "q5_K" and L0.wk.wtype == "q5_K"  # not repacked
         out[repack, fused] = np.concatenate([eng.step(toks, 0, all_logits=True), eng.step(toks[:1], len(toks))])
     scale = np.abs(out["0", "0"]).max()

@@ -21,7 +21,7 @@ def _vnni():
 def test_benchmark_checks_its_kernels(kind, monkeypatch):
     _vnni()
     rng = np.random.default_rng(7)
-    K = 256 if kind in ("q4_K", "q6_K", "q2_K") else 160  # whole super-blocks
+    K = 256 if kind in ("q4_K", "q6_K", "q2_K", "q3_K") else 160  # whole super-blocks
     rows = interleaved.measure(kind, 48, K, [15], 1, rng, copies=2)
     assert rows[0]["rows_independent_of_batch"] and rows[0]["max_rel_diff"] < 1e-5
     assert rows[0]["us_interleaved"] > 0 and rows[0]["us_current"] > 0

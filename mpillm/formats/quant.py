@@ -597,7 +597,7 @@ def _q3_pack_scales(v: np.ndarray) -> np.ndarray:
     return np.concatenate([lo, hi], axis=-1).astype(np.uint8)
 
 
-def _q3_pack(c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def q3_pack(c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(rows, nb, 32) q3_K codes 0..7 in element order -> (qs (rows, nb*8), qh (rows, nb*4)) of format 3."""
     f = c.reshape(c.shape[0], -1, 2, 4, 4).transpose(0, 1, 3, 2, 4).reshape(c.shape[0], -1, 4, 8).astype(np.uint8)
     qs = f[:, :, 0] | (f[:, :, 1] << 3) | ((f[:, :, 2] & 3) << 6)  # [k, j]: field k, position j = 4h + m
@@ -607,7 +607,7 @@ def _q3_pack(c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _q3_unpack(qs: np.ndarray, qh: np.ndarray) -> np.ndarray:
-    """Inverse of _q3_pack: format-3 qs, qh -> (rows, nb, 32) codes in element order (int16)."""
+    """Inverse of q3_pack: format-3 qs, qh -> (rows, nb, 32) codes in element order (int16)."""
     rows = qs.shape[0]
     v = np.asarray(qs, np.uint8).reshape(rows, -1, 8)
     h = np.asarray(qh, np.uint8).reshape(rows, -1, 4)
@@ -631,7 +631,7 @@ def q3_K_from_format2(qs: np.ndarray, qh: np.ndarray, chunk: int = 1 << 16) -> t
     out_s, out_h = np.empty(src_s.shape, np.uint8), np.empty(src_h.shape, np.uint8)
     for i in range(0, src_s.shape[0], chunk):
         c = _q3_codes_format2(src_s[i:i + chunk].reshape(1, -1), src_h[i:i + chunk].reshape(1, -1))
-        a, b = _q3_pack(c)
+        a, b = q3_pack(c)
         out_s[i:i + chunk], out_h[i:i + chunk] = a.reshape(-1, 8), b.reshape(-1, 4)
     return out_s.reshape(np.shape(qs)), out_h.reshape(np.shape(qh))
 
@@ -643,7 +643,7 @@ def _lowk_split(b: np.ndarray, wtype: str, rows: int) -> dict[str, np.ndarray]:
                 "d": _f16(b[..., 80:82]), "dmin": _f16(b[..., 82:84])}
     hm = b[..., 0:32].reshape(rows, -1, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(8, 1)
     high = (hm & 1).reshape(rows, -1, 32)  # sub-block j: bit j of hmask[0..31]
-    qs, qh = _q3_pack(_ggml_codes2(b[..., 32:96]) | (high << 2))
+    qs, qh = q3_pack(_ggml_codes2(b[..., 32:96]) | (high << 2))
     sc = (_q3_scales(b[..., 96:108]).astype(np.int16) - 32).astype(np.int8)
     return {"qs": qs, "qh": qh, "sc": sc.reshape(rows, -1), "d": _f16(b[..., 108:110])}
 

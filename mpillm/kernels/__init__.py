@@ -21,10 +21,11 @@ weights may be read-only memmaps; T tokens, N weight rows, K columns, nb = K // 
     matmul_iq4_xs_q8_0(qs, sc, d, ...)                   uses the iq4_xs kernel)
     matmul_q4_0_r16_q8_0(qs, d, ...)             the interleaved layout (``interleaved.py``: 16 weight
     matmul_q4_1_r16_q8_0(qs, d, m, ...)                  rows per register, vnni only; the runtime repacks
-    matmul_q8_0_r16_q8_0(qs, d, ...)                     q4_0 / q4_1 / q8_0 / q4_K / q6_K / q2_K and
-    matmul_q4_K_r16_q8_0(qs, sc, mn, d, dmin, ...)       the _32 variants into it, ``interleaved.repack``;
+    matmul_q8_0_r16_q8_0(qs, d, ...)                     q4_0 / q4_1 / q8_0 / q4_K / q6_K / q2_K / q3_K
+    matmul_q4_K_r16_q8_0(qs, sc, mn, d, dmin, ...)       and the _32 variants into it, ``interleaved.repack``;
     matmul_q6_K_r16_q8_0(qs, qh, sc, d, ...)             qs (G, nb, 128 | 256 | 512), scales (G, n, 16))
     matmul_q2_K_r16_q8_0(qs, sc, d, dmin, ...)
+    matmul_q3_K_r16_q8_0(qs, qh, sc, d, ...)
     matmul_f16_f32(w, x, out)                    w f16 (N,K), x f32 (T,K)
     matmul_f32_f32(w, x, out)                    w f32 (N,K)
     active_path() -> "vnni" | "avx2" | "neon-dot" | "neon" | "portable"
@@ -243,7 +244,7 @@ class _JitView:
 
     # the interleaved types' kernels (mpillm.kernels.interleaved): the vnni path only
     OPTIONAL = ("matmul_q4_0_r16_q8_0", "matmul_q4_1_r16_q8_0", "matmul_q8_0_r16_q8_0", "matmul_q4_K_r16_q8_0",
-                "matmul_q6_K_r16_q8_0", "matmul_q2_K_r16_q8_0")
+                "matmul_q6_K_r16_q8_0", "matmul_q2_K_r16_q8_0", "matmul_q3_K_r16_q8_0")
 
     def __init__(self, mod: ModuleType, prefix: str):
         for n in self.NAMES:

@@ -5,7 +5,7 @@ copies of the matrix totalling more than twice the last-level cache, so the
 weights come from memory; "cache" shapes reuse one copy (cache-resident, like
 SmolLM2's layers). Prefill (T = 64): GFLOP/s (2 N K T per call).
 The path ``vnni-r16`` is the VNNI path on the layout the runtime runs there: q4_0, q4_1,
-q8_0, q4_K, q6_K and q2_K repacked with 16 rows per register (mpillm.kernels.interleaved),
+q8_0, q4_K, q6_K, q2_K and q3_K repacked with 16 rows per register (mpillm.kernels.interleaved),
 the other types as stored.
 Timings are the best of several repetitions; on a shared machine compare
 ratios within one run.

@@ -140,3 +140,17 @@ def check_r16q2(qs, sc, d, dmin, xq, xd, xsum, out):
     _scales3(d, G, nb >> dsh)
     _scales3(dmin, G, nb >> dsh)
     return dsh
+
+
+@njit(**_JIT)
+def check_r16q3(qs, qh, sc, d, xq, xd, xsum, out):
+    """The interleaved q3_K: qs (G, nb, 128), qh (G, nb, 64), sc (G, 2 nb, 16) int8, d (G, nb / 8, 16)
+    or (G, nb, 16) (q3_K_32). Returns the shift from a block to its d."""
+    _r16_shapes(qs, xq, xd, xsum, out, 128)
+    G, nb = qs.shape[0], qs.shape[1]
+    if qh.shape[0] != G or qh.shape[1] != nb or qh.shape[2] != 64 or not dense3(qh):
+        raise ValueError("matmul: interleaved high bits do not match the codes")
+    _scales3(sc, G, 2 * nb)
+    dsh = _super_shift(d, nb)
+    _scales3(d, G, nb >> dsh)
+    return dsh

@@ -1,5 +1,5 @@
-"""q4_0 / q4_1 / q8_0 / q4_K / q6_K / q2_K with 16 weight rows interleaved per register (VNNI): the
-layout that makes a step of several rows cheap.
+"""q4_0 / q4_1 / q8_0 / q4_K / q6_K / q2_K / q3_K with 16 weight rows interleaved per register (VNNI):
+the layout that makes a step of several rows cheap.
 
 The split layout keeps a row's blocks in the lanes of a register, so a (row, token) dot product
 ends in a horizontal sum, and a step of k rows redoes the activation preparation and the sums k
@@ -45,8 +45,19 @@ as stored:
 
     qs (G, nb, 128)    sc (G, 2 nb, 16) uint8 (scale | min << 4)    d, dmin (G, nb / 8 | nb, 16) fp16 bits
 
-Each half block is its own integer sum (4 vpdpbusd, from 0: the codes are unsigned), times
-d * scale, plus -(dmin * min) times the half's activation sum (as q6_K's halves take it).
+Each half block is its own integer sum (4 vpdpbusd, from 0: the codes are unsigned); the two
+sums times their scales and the two mins times the halves' activation sums (as q6_K's halves take
+them) are added as integers, then times d and -dmin.
+
+q3_K (and q3_K_32) keeps the low 2 bits of its 3-bit codes c as q2_K's two registers and the
+high bits in one more, byte k of lane r holding those of row r's elements 4c + k at bit c
+(c = 0..7), so a shift and a mask put them at bit 2 under code register c; its int8 scales (one
+per 16 elements, minus 32) and fp16 d as stored:
+
+    qs (G, nb, 128)    qh (G, nb, 64)    sc (G, 2 nb, 16) int8    d (G, nb / 8 | nb, 16) fp16 bits
+
+Each half block's integer sum starts at -4 x the half's activation sum (the codes' offset); the
+two sums times their scales are added as integers, then times d.
 
 Every lane runs the same operations in any tile, so a row's result does not depend on its batch,
 its tile, the thread count or its rank's row range; it differs from the split-layout kernels' in
@@ -69,14 +80,14 @@ from numba.np.ufunc.parallel import _iget_num_threads  # the thread count, cache
 
 from mpillm.formats import quant
 from mpillm.kernels import jitcache, runners
-from mpillm.kernels.checks import check_r16, check_r16k, check_r16q2, check_r16q6
+from mpillm.kernels.checks import check_r16, check_r16k, check_r16q2, check_r16q3, check_r16q6
 from mpillm.kernels.irgen import F16, F32, I1, I8, I16, I32, I64, PTR, VNNI_BYTE_OPERANDS, Emit, int_intrinsic, vec
 
 ROWS = 16  # weight rows per register
-KINDS = ("q4_0", "q4_1", "q8_0", "q4_K", "q4_K_32", "q6_K", "q6_K_32", "q2_K", "q2_K_32")
+KINDS = ("q4_0", "q4_1", "q8_0", "q4_K", "q4_K_32", "q6_K", "q6_K_32", "q2_K", "q2_K_32", "q3_K", "q3_K_32")
 RTYPE = {k: f"{quant.base_type(k)}_r16" for k in KINDS}  # split type -> interleaved type (q4_K_32 and q4_K share one)
 BASE = {"q4_0_r16": "q4_0", "q4_1_r16": "q4_1", "q8_0_r16": "q8_0", "q4_K_r16": "q4_K", "q6_K_r16": "q6_K",
-        "q2_K_r16": "q2_K"}
+        "q2_K_r16": "q2_K", "q3_K_r16": "q3_K"}
 RKINDS = tuple(BASE.values())  # the kernels' kinds
 # the interleaved types' arrays, in the order the kernels take them (as mpillm.formats.quant.ARRAYS)
 ARRAYS = {"q4_0_r16": (("qs", "uint8"), ("d", "float16")),
@@ -84,10 +95,12 @@ ARRAYS = {"q4_0_r16": (("qs", "uint8"), ("d", "float16")),
           "q8_0_r16": (("qs", "uint8"), ("d", "float16")),
           "q4_K_r16": (("qs", "uint8"), ("sc", "uint8"), ("mn", "uint8"), ("d", "float16"), ("dmin", "float16")),
           "q6_K_r16": (("qs", "uint8"), ("qh", "uint8"), ("sc", "int8"), ("d", "float16")),
-          "q2_K_r16": (("qs", "uint8"), ("sc", "uint8"), ("d", "float16"), ("dmin", "float16"))}
+          "q2_K_r16": (("qs", "uint8"), ("sc", "uint8"), ("d", "float16"), ("dmin", "float16")),
+          "q3_K_r16": (("qs", "uint8"), ("qh", "uint8"), ("sc", "int8"), ("d", "float16"))}
 # (low) code bytes per (16 rows, block)
-GBYTES = {"q4_0": 256, "q4_1": 256, "q8_0": 512, "q4_K": 256, "q6_K": 256, "q2_K": 128}
+GBYTES = {"q4_0": 256, "q4_1": 256, "q8_0": 512, "q4_K": 256, "q6_K": 256, "q2_K": 128, "q3_K": 128}
 HBYTES = 128  # q6_K: high-bit bytes per (16 rows, block)
+HBYTES3 = 64  # q3_K: high-bit bytes per (16 rows, block)
 # A batched step streams the weights once for all tokens: tiles of 2+ tokens prefetch PF bytes ahead
 # in the code stream (and PF / 8 in the scales); one token is fastest without (measured from memory,
 # one thread: benchmarks/results/interleaved_layout_2026-12-07.json and docs/performance.md).
@@ -105,7 +118,7 @@ ENV = "MPILLM_REPACK"
 
 
 def wanted(path: str) -> bool:
-    """Whether the runtime repacks q4_0 / q4_1 / q8_0 / q4_K / q6_K / q2_K weights on kernel path ``path``."""
+    """Whether the runtime repacks q4_0 / q4_1 / q8_0 / q4_K / q6_K / q2_K / q3_K weights on kernel path ``path``."""
     return path == "vnni" and os.environ.get(ENV, "1").strip() != "0"
 
 
@@ -113,7 +126,7 @@ def wanted(path: str) -> bool:
 # The layout (numpy): split arrays <-> interleaved arrays
 # ----------------------------------------------------------------------------------------------
 def repack(wtype: str, arrays: dict) -> tuple[str, dict]:
-    """(interleaved type, arrays) of a q4_0 / q4_1 / q8_0 / q4_K / q6_K / q2_K (or _32) matrix's split
+    """(interleaved type, arrays) of a q4_0 / q4_1 / q8_0 / q4_K / q6_K / q2_K / q3_K (or _32) matrix's split
     arrays (N, ...) or a stack of them (E, N, ...); the rows are padded to whole groups of 16 with
     zero codes and scales. Every per-row array of scales (N, n) becomes (G, n, 16): q4_K's d and
     dmin keep their one value per super-block (q4_K_32: per block), its sc and mn one byte per block."""
@@ -123,7 +136,17 @@ def repack(wtype: str, arrays: dict) -> tuple[str, dict]:
     nb = q.shape[-1] // quant.QS_BYTES[kind]
     G = -(-N // ROWS)
     pad = [(0, 0)] * len(lead) + [(0, G * ROWS - N), (0, 0)]
-    if kind == "q8_0":  # w + 128 as an unsigned byte (vpdpbusd's unsigned operand)
+    if kind == "q3_K":  # the codes' low 2 bits as q2_K's qs; the high bits in their own register
+        c = quant.lowk_codes({"qs": q.reshape(-1, q.shape[-1]), "qh": np.asarray(arrays["qh"]).reshape(-1, nb * 4)},
+                             "q3_K").astype(np.uint8).reshape(-1, nb, 2, 4, 4)  # element 16h + 4k + m: [h, k, m]
+        low = c & 3
+        q = (low[:, :, :, 0] | low[:, :, :, 1] << 2 | low[:, :, :, 2] << 4 | low[:, :, :, 3] << 6).reshape(*lead, N, -1)
+        u = np.pad(q, pad).reshape(*lead, G, ROWS, nb, 2, 4)
+        hb = (c >> 2).reshape(*lead, N, nb, 8, 4)  # element 4c + k: [c, k]
+        hbytes = (hb << np.arange(8, dtype=np.uint8)[:, None]).sum(-2, dtype=np.uint8)  # (..., N, nb, k)
+        qh = np.pad(hbytes, pad + [(0, 0)]).reshape(*lead, G, ROWS, nb, 4)
+        qh = np.ascontiguousarray(np.swapaxes(qh, -3, -2)).reshape(*lead, G, nb, HBYTES3)  # (G, nb, row, k)
+    elif kind == "q8_0":  # w + 128 as an unsigned byte (vpdpbusd's unsigned operand)
         u = np.pad(q.view(np.uint8) ^ np.uint8(0x80), pad).reshape(*lead, G, ROWS, nb, 8, 4)
     else:  # q4: byte j of a block holds element j (low nibble) and j + 16 (high); q2_K: dword h, half h
         u = np.pad(q, pad).reshape(*lead, G, ROWS, nb, GBYTES[kind] // 64, 4)
@@ -138,7 +161,10 @@ def repack(wtype: str, arrays: dict) -> tuple[str, dict]:
         return np.ascontiguousarray(np.swapaxes(s, -1, -2)).view(a.dtype)
 
     for k, _ in ARRAYS[RTYPE[wtype]][1:]:
-        out[k] = _high_bits(arrays[k], lead, G, nb, pad) if k == "qh" else scales(arrays[k])
+        if k == "qh":
+            out[k] = qh if kind == "q3_K" else _high_bits(arrays[k], lead, G, nb, pad)
+        else:
+            out[k] = scales(arrays[k])
     return RTYPE[wtype], out
 
 
@@ -167,21 +193,27 @@ def _high_bits_back(H: np.ndarray, N: int) -> np.ndarray:
 
 def unpack(rtype: str, arrays: dict, N: int) -> tuple[str, dict]:
     """The split arrays (N rows) and type of an interleaved 2-D matrix: ``repack``'s inverse (q4_K_r16:
-    q4_K when d holds one value per 8 blocks, else q4_K_32; q6_K_r16 and q2_K_r16 alike)."""
+    q4_K when d holds one value per 8 blocks, else q4_K_32; q6_K_r16, q2_K_r16 and q3_K_r16 alike)."""
     kind = BASE[rtype]
     qs = np.asarray(arrays["qs"])
     G, nb = qs.shape[0], qs.shape[1]
     regs = GBYTES[kind] // 64
     u = qs.reshape(G, nb, regs, ROWS, 4).transpose(0, 3, 1, 2, 4).reshape(G * ROWS, nb * regs * 4)[:N]
     out = {"qs": (u ^ np.uint8(0x80)).view(np.int8) if kind == "q8_0" else u.copy()}
+    if kind == "q3_K":  # 3-bit codes from the two parts, then the stored qs and qh
+        low = (u.reshape(N, nb, 2, 1, 4) >> np.arange(0, 8, 2, dtype=np.uint8)[:, None]) & 3  # [h, k, m]
+        h = np.asarray(arrays["qh"]).reshape(G, nb, ROWS, 4).transpose(0, 2, 1, 3).reshape(G * ROWS, nb, 1, 4)[:N]
+        high = (h >> np.arange(8, dtype=np.uint8)[:, None]) & 1  # element 4c + k: [c, k]
+        out["qs"], out["qh"] = quant.q3_pack(low.reshape(N, nb, 32) | high.reshape(N, nb, 32) << 2)
     for k, _ in ARRAYS[rtype][1:]:
         a = np.asarray(arrays[k])
         if k == "qh":
-            out[k] = _high_bits_back(a, N)
+            if kind == "q6_K":
+                out[k] = _high_bits_back(a, N)
             continue
         s = a.view(np.uint16) if a.dtype == np.float16 else a
         out[k] = np.ascontiguousarray(s.transpose(0, 2, 1).reshape(G * ROWS, s.shape[1])[:N]).view(a.dtype)
-    if kind in ("q4_K", "q6_K", "q2_K") and np.asarray(arrays["d"]).shape[1] * 8 != nb:
+    if kind in ("q4_K", "q6_K", "q2_K", "q3_K") and np.asarray(arrays["d"]).shape[1] * 8 != nb:
         kind += "_32"
     return kind, out
 
@@ -193,7 +225,7 @@ PARAMS = "wp, dp, mp, sp, np_, dsh, g0, g1, nb, xp, xstride, xsp, xdp, sstride, 
 
 
 def _codegen(kind: str, U: int, prefetch: int):
-    q8, qk, q6, q2 = kind == "q8_0", kind == "q4_K", kind == "q6_K", kind == "q2_K"
+    q8, qk, q6, q2, q3 = kind == "q8_0", kind == "q4_K", kind == "q6_K", kind == "q2_K", kind == "q3_K"
     mins = kind in ("q4_1", "q4_K")  # a per-block min term: m * xd * xsum
     gbytes = GBYTES[kind]
 
@@ -201,6 +233,7 @@ def _codegen(kind: str, U: int, prefetch: int):
         # q4_K: dp, mp = d, dmin (G, nd, 16) with nd = nb >> dsh (dsh 3: one per super-block; 0:
         # q4_K_32), sp, np_ = sc, mn (G, nb, 16) bytes; q6_K: dp = d (G, nd, 16), mp = qh (G, nb, 128),
         # sp = sc (G, 2 nb, 16) int8; q2_K: dp, mp = d, dmin (G, nd, 16), sp = sc (G, 2 nb, 16) bytes;
+        # q3_K: dp = d (G, nd, 16), mp = qh (G, nb, 64), sp = sc (G, 2 nb, 16) int8;
         # the others: dp, mp = d, m (G, nb, 16)
         wp, dp, mp, sp, np_, dsh, g0, g1, nb, xp, xstride, xsp, xdp, sstride, t0, op, ostride, N = args
         e = Emit(b)
@@ -212,11 +245,11 @@ def _codegen(kind: str, U: int, prefetch: int):
         m15 = e.const(I32, 16, [0x0F0F0F0F] * 16)
         sh4 = e.const(I32, 16, [4] * 16)
         acc = [cgutils.alloca_once(b, F) for _ in range(U)]
-        xoffs = [4 * c for c in range(8)] if q8 or q2 else [4 * c for c in range(4)] + [16 + 4 * c for c in range(4)]
+        xoffs = [4 * c for c in range(8)] if q8 or q2 or q3 else [4 * c for c in range(4)] + [16 + 4 * c for c in range(4)]
         # per token: the row offsets of its activations and of its scale sums
         xrow = [b.mul(b.add(t0, i64(u)), xstride) for u in range(U)]
         srow = [b.mul(b.add(t0, i64(u)), sstride) for u in range(U)]
-        if q6 or q2:  # a term per half block (q6_K: -32 x, q2_K: the min x its activation sum): each
+        if q6 or q2 or q3:  # a term per half block (q6_K: -32 x, q3_K: -4 x, q2_K: the min x its activation sum): each
             # token's sums of its blocks' first 16 activations, once per call for all the groups (on the
             # stack, freed at the end of the call)
             saved = b.call(e.decl("llvm.stacksave.p0", PTR, []), [])
@@ -239,8 +272,10 @@ def _codegen(kind: str, U: int, prefetch: int):
                     if qk:  # the super-blocks' d and dmin: 1 / 8 of the scale bytes (the hardware follows them)
                         for base in (sp, np_):
                             e.prefetch(base, b.add(b.mul(gb, i64(16)), i64(prefetch // 16)), 2)
-                    elif q2:  # the scale bytes: a quarter of the codes' (d and dmin: the hardware follows them)
+                    elif q2 or q3:  # the scale bytes: a quarter of the codes' (d and dmin: the hardware follows them)
                         e.prefetch(sp, b.add(b.mul(gb, i64(32)), i64(prefetch // 4)), 2)
+                        if q3:  # the high bits: half the codes'
+                            e.prefetch(mp, b.add(b.mul(gb, i64(HBYTES3)), i64(prefetch // 2)), 2)
                     elif q6:
                         for line in range(HBYTES // 64):
                             e.prefetch(mp, b.add(b.mul(gb, i64(HBYTES)), i64(prefetch // 2 + 64 * line)), 2)
@@ -250,11 +285,21 @@ def _codegen(kind: str, U: int, prefetch: int):
                             e.prefetch(base, b.add(b.mul(gb, i64(32)), i64(prefetch // 8)), 2)
                 if q8:
                     W = [e.load(wp, b.add(wo, i64(64 * c)), V) for c in range(8)]
-                elif q2:  # register c = 4h + k: half h's dwords shifted right by 2k, masked to 2 bits
+                elif q2 or q3:  # register c = 4h + k: half h's dwords shifted right by 2k, masked to 2 bits
                     raw = [e.load(wp, b.add(wo, i64(64 * h)), V) for h in range(2)]
                     m3 = e.const(I32, 16, [0x03030303] * 16)
                     W = [b.and_(b.lshr(raw[c // 4], e.const(I32, 16, [2 * (c % 4)] * 16)) if c % 4 else raw[c // 4], m3)
                          for c in range(8)]
+                    if q3:  # the high bits: bit c of each byte of H, moved to bit 2 under register c
+                        H = e.load(mp, b.mul(gb, i64(HBYTES3)), V)
+                        m4 = e.const(I32, 16, [0x04040404] * 16)
+
+                        def high3(c):
+                            if c < 2:
+                                return b.and_(b.shl(H, e.const(I32, 16, [2 - c] * 16)), m4)
+                            return b.and_(b.lshr(H, e.const(I32, 16, [c - 2] * 16)) if c > 2 else H, m4)
+
+                        W = [b.or_(w, high3(c)) for c, w in enumerate(W)]
                 else:
                     raw = [e.load(wp, b.add(wo, i64(64 * c)), V) for c in range(4)]
                     W = [b.and_(r, m15) for r in raw] + [b.and_(b.lshr(r, sh4), m15) for r in raw]
@@ -278,7 +323,7 @@ def _codegen(kind: str, U: int, prefetch: int):
                     h = e.load(base, b.mul(i, i64(32)), vec(I16, 16))
                     return b.fpext(b.bitcast(h, vec(F16, 16)), F)
 
-                if qk or q6 or q2:
+                if qk or q6 or q2 or q3:
                     di = b.add(b.mul(g, b.lshr(nb, dsh)), b.lshr(blk, dsh))  # (group, super-block)
                 if q6:  # per row: d * sc of each half block (exact in float32)
                     d = [b.fmul(half16(dp, di), b.sitofp(b.sext(e.load(sp, b.add(b.mul(gb, i64(32)), i64(16 * h)),
@@ -289,6 +334,9 @@ def _codegen(kind: str, U: int, prefetch: int):
                     q2sc = [b.and_(s, e.const(I32, 16, [15] * 16)) for s in sb]
                     q2mn = [b.lshr(s, e.const(I32, 16, [4] * 16)) for s in sb]
                     d, m = half16(dp, di), b.fneg(half16(mp, di))
+                elif q3:  # per row: each half block's signed scale as an integer, d
+                    q2sc = [b.sext(e.load(sp, b.add(b.mul(gb, i64(32)), i64(16 * h)), vec(I8, 16)), V) for h in range(2)]
+                    d, m = half16(dp, di), None
                 elif qk:  # per row: d * sc and -(dmin * mn) of this block (exact in float32)
 
                     def byte16(base):
@@ -304,8 +352,8 @@ def _codegen(kind: str, U: int, prefetch: int):
                 for u in range(U):
                     so = b.add(srow[u], bs)
                     xs = e.load(xsp, so, I32)
-                    if q6 or q2:  # two integer sums, one per half block (its own scale); q6_K's start at
-                        # -32 x the half's xsum, q2_K's at 0 (see below)
+                    if q6 or q2 or q3:  # two integer sums, one per half block (its own scale); q6_K's start
+                        # at -32 x the half's xsum, q3_K's at -4 x, q2_K's at 0 (see below)
                         lo = b.load(b.gep(lo16, [b.add(b.mul(i64(u), nb), blk)]))
                         nh = max(1, CHAINS[U] // 2)
                         xb = b.add(xrow[u], bx)
@@ -314,8 +362,8 @@ def _codegen(kind: str, U: int, prefetch: int):
                         sums, parts = [], (lo, b.sub(xs, lo))
                         for h, part in enumerate(parts):
                             ch = [ir.Constant(V, None) for _ in range(nh)]
-                            if q6:
-                                ch[0] = e.splat(b.mul(part, I32(-32)), 16)
+                            if q6 or q3:
+                                ch[0] = e.splat(b.mul(part, I32(-32 if q6 else -4)), 16)
                             for c in range(4 * h, 4 * h + 4):
                                 x = e.splat(e.load(xp, b.add(xb, i64(xoffs[c])), I32), 16)
                                 ch[c % nh] = b.call(dot, [ch[c % nh], W[c], b.bitcast(x, opnd) if VNNI_BYTE_OPERANDS else x])
@@ -332,6 +380,9 @@ def _codegen(kind: str, U: int, prefetch: int):
                             xv = e.splat(xd, 16)
                             v = e.fma(b.sitofp(S, F), b.fmul(d, xv), v)
                             v = e.fma(b.sitofp(M, F), b.fmul(m, xv), v)
+                        if q3:  # sc0 x sum0 + sc1 x sum1, exact as an integer (|.| < 2^19), then times d x xd
+                            S = b.add(b.mul(sums[0], q2sc[0]), b.mul(sums[1], q2sc[1]))
+                            v = e.fma(b.sitofp(S, F), b.fmul(d, e.splat(xd, 16)), v)
                         b.store(v, acc[u])
                         continue
                     # CHAINS[U] independent vpdpbusd chains (one token has no other work to overlap the
@@ -358,7 +409,7 @@ def _codegen(kind: str, U: int, prefetch: int):
             for u in range(U):
                 dst = e.addr(op, b.add(b.mul(b.add(t0, i64(u)), ostride), b.mul(g, i64(4 * ROWS))))
                 b.call(mstore, [b.load(acc[u]), dst, I32(4), mask])
-        if q6 or q2:
+        if q6 or q2 or q3:
             b.call(e.decl("llvm.stackrestore.p0", ir.VoidType(), [PTR]), [saved])
         return context.get_dummy_value()
 
@@ -432,6 +483,8 @@ _ENTRY = {
              "d.ctypes.data, qh.ctypes.data, sc.ctypes.data, 0, dsh"),
     "q2_K": ("qs, sc, d, dmin, ", "dsh = check_r16q2(qs, sc, d, dmin, xq, xd, xsum, out)",
              "d.ctypes.data, dmin.ctypes.data, sc.ctypes.data, 0, dsh"),
+    "q3_K": ("qs, qh, sc, d, ", "dsh = check_r16q3(qs, qh, sc, d, xq, xd, xsum, out)",
+             "d.ctypes.data, qh.ctypes.data, sc.ctypes.data, 0, dsh"),
 }
 # no fastmath: every lane must run the same float operations in every tile
 _JIT_PAR = dict(cache=True, nogil=True, parallel=True)
@@ -449,7 +502,7 @@ def _source() -> str:
 
 
 def _names() -> dict:
-    names = dict(check_r16=check_r16, check_r16k=check_r16k, check_r16q6=check_r16q6, check_r16q2=check_r16q2,
+    names = dict(check_r16=check_r16, check_r16k=check_r16k, check_r16q6=check_r16q6, check_r16q2=check_r16q2, check_r16q3=check_r16q3,
                  _iget_num_threads=_iget_num_threads, CHUNK=CHUNK)
     for kind in RKINDS:
         for U in TILE_TOKENS:
@@ -467,3 +520,4 @@ vnni_matmul_q8_0_r16_q8_0 = _gen.vnni_matmul_q8_0_r16_q8_0
 vnni_matmul_q4_K_r16_q8_0 = _gen.vnni_matmul_q4_K_r16_q8_0
 vnni_matmul_q6_K_r16_q8_0 = _gen.vnni_matmul_q6_K_r16_q8_0
 vnni_matmul_q2_K_r16_q8_0 = _gen.vnni_matmul_q2_K_r16_q8_0
+vnni_matmul_q3_K_r16_q8_0 = _gen.vnni_matmul_q3_K_r16_q8_0

@@ -834,7 +834,8 @@ from mpillm.kernels.lowk import (avx2_matmul_q2_K_q8_0, avx2_matmul_q3_K_q8_0, v
                                  vnni_matmul_q3_K_q8_0)
 # the IQ4 types: iquant.py
 from mpillm.kernels.iquant import (avx2_matmul_iq4_nl_q8_0, avx2_matmul_iq4_xs_q8_0, vnni_matmul_iq4_nl_q8_0, vnni_matmul_iq4_xs_q8_0)  # noqa: E402,F401
-# q4_0 / q4_1 / q8_0 / q4_K / q6_K / q2_K with 16 rows interleaved (the runtime repacks them on VNNI): interleaved.py
-from mpillm.kernels.interleaved import (vnni_matmul_q2_K_r16_q8_0, vnni_matmul_q4_0_r16_q8_0,  # noqa: E402,F401
-                                        vnni_matmul_q4_1_r16_q8_0, vnni_matmul_q4_K_r16_q8_0,
-                                        vnni_matmul_q6_K_r16_q8_0, vnni_matmul_q8_0_r16_q8_0)
+# q4_0 / q4_1 / q8_0 / q4_K / q6_K / q2_K / q3_K with 16 rows interleaved (the runtime repacks them on VNNI): interleaved.py
+from mpillm.kernels.interleaved import (vnni_matmul_q2_K_r16_q8_0, vnni_matmul_q3_K_r16_q8_0,  # noqa: E402,F401
+                                        vnni_matmul_q4_0_r16_q8_0, vnni_matmul_q4_1_r16_q8_0,
+                                        vnni_matmul_q4_K_r16_q8_0, vnni_matmul_q6_K_r16_q8_0,
+                                        vnni_matmul_q8_0_r16_q8_0)

@@ -72,8 +72,9 @@ def _as_stored(t: Tensor) -> Tensor:
 
 
 def _interleaved(t: Tensor) -> Tensor:
-    """A q4_0 / q4_1 / q8_0 / q4_K / q6_K / q2_K (or _32) weight repacked with 16 rows per register (mpillm.kernels.interleaved:
-    its kernels make a step of several rows cheap); other types as stored. The repacked arrays live
+    """A weight of a type ``interleaved.RTYPE`` names (q4_0 / q4_1 / q8_0 / q4_K / q6_K / q2_K / q3_K, or
+    _32) repacked with 16 rows per register (mpillm.kernels.interleaved: its kernels make a step of
+    several rows cheap); other types as stored. The repacked arrays live
     in this process's memory; the memory-mapped pages they were read from can be dropped."""
     if t.wtype not in interleaved.RTYPE:
         return t
@@ -230,7 +231,7 @@ class Transformer:
         self.tok_embd = shard.get("tok_embd")  # (vocab_per_partition, dim)
         self.embd_arrays = {k: (v.view(np.uint16) if v.dtype == np.float16 else v)
                             for k, v in self.tok_embd.arrays.items()}
-        # the matmuls' weights: q4_0 / q4_1 / q8_0 / q4_K / q6_K / q2_K interleaved on VNNI (not with the float64
+        # the matmuls' weights: q4_0 / q4_1 / q8_0 / q4_K / q6_K / q2_K / q3_K interleaved on VNNI (not with the float64
         # partial sums, whose exact kernels read the stored layout; not when the copy would not fit)
         self.repacked, self.repack_note = repack or repack_decision(shard, buffer_type)
         prep = _interleaved if self.repacked else _as_stored
