@@ -105,10 +105,11 @@ HBYTES3 = 64  # q3_K: high-bit bytes per (16 rows, block)
 # in the code stream (and PF / 8 in the scales); one token is fastest without (measured from memory,
 # one thread: benchmarks/results/interleaved_layout_2026-12-07.json and docs/performance.md).
 PF = 16384
-# One token on rows of at least this many blocks (K >= 4096) takes the prefetching tile too: q2_K's
-# interleaved T = 1 kernel read 13% more GB/s from memory with it at K = 7168 and 8192 and 2-6% less
-# at K <= 2048 (one thread, same process, alternated).
-PF1_BLOCKS = {"q2_K": 128}
+# One token on rows of at least this many blocks takes the prefetching tile too (one thread, from
+# memory, same process, alternated): q2_K's T = 1 kernel read 12-37% more GB/s with it at K = 7168
+# and 8192 and 2-6% less at K <= 2048; q3_K's 6-7% more at K = 1024 and 2048, 20% more at 7168 and
+# 8192 (cold experts picked at random too).
+PF1_BLOCKS = {"q2_K": 128, "q3_K": 0}
 TILE_TOKENS = (8, 4, 2, 1)
 CHAINS = {8: 1, 4: 1, 2: 2, 1: 4}  # independent vpdpbusd chains per token of a tile of U tokens
 # rows of groups per pass over a thread's range: a pass's weights (about CHUNK bytes) stay in L2
@@ -434,7 +435,7 @@ def groups_{kind}(wp, dp, mp, sp, np_, dsh, G, nb, xp, xstride, xsp, xdp, sstrid
         ge = min(g1, g0 + per)
         if T == 1 and nb < {pf1}:
             {k}_1(wp, dp, mp, sp, np_, dsh, g0, ge, nb, xp, xstride, xsp, xdp, sstride, 0, op, ostride, N)
-        elif T == 1:  # long rows: the prefetching tile (PF1_BLOCKS)
+        elif T == 1:  # long rows (q3_K: any): the prefetching tile (PF1_BLOCKS)
             {k}_1p(wp, dp, mp, sp, np_, dsh, g0, ge, nb, xp, xstride, xsp, xdp, sstride, 0, op, ostride, N)
         else:
             t0 = 0
