@@ -115,6 +115,17 @@ def test_repack_is_lossless(kind):
         np.testing.assert_array_equal(np.asarray(rs[k][1]).view(np.uint8), np.asarray(alone[k]).view(np.uint8))
 
 
+def test_q3_K_repack_in_chunks_equals_one_pass():
+    """q3_K's codes are unpacked a few million at a time (a stack of experts' codes at once would
+    take GBs): chunks that cut the rows anywhere give the same bytes as one pass."""
+    w = _weights("q3_K", 37, 512)
+    nb = 512 // 32
+    one = interleaved._q3_parts(w["qs"], w["qh"], nb)
+    for codes in (32 * nb, 5 * 32 * nb, 16 * 32 * nb):  # 1, 5 and 16 rows per chunk
+        for a, b in zip(one, interleaved._q3_parts(w["qs"], w["qh"], nb, codes=codes)):
+            np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.parametrize("kind", interleaved.KINDS)
 @pytest.mark.parametrize("N,K", [(37, 96), (48, 576), (21, 1088), (5, 32), (7, 4096)])
 def test_matches_reference_in_any_batch(kind, N, K):

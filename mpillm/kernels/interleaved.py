@@ -138,14 +138,9 @@ def repack(wtype: str, arrays: dict) -> tuple[str, dict]:
     G = -(-N // ROWS)
     pad = [(0, 0)] * len(lead) + [(0, G * ROWS - N), (0, 0)]
     if kind == "q3_K":  # the codes' low 2 bits as q2_K's qs; the high bits in their own register
-        c = quant.lowk_codes({"qs": q.reshape(-1, q.shape[-1]), "qh": np.asarray(arrays["qh"]).reshape(-1, nb * 4)},
-                             "q3_K").astype(np.uint8).reshape(-1, nb, 2, 4, 4)  # element 16h + 4k + m: [h, k, m]
-        low = c & 3
-        q = (low[:, :, :, 0] | low[:, :, :, 1] << 2 | low[:, :, :, 2] << 4 | low[:, :, :, 3] << 6).reshape(*lead, N, -1)
-        u = np.pad(q, pad).reshape(*lead, G, ROWS, nb, 2, 4)
-        hb = (c >> 2).reshape(*lead, N, nb, 8, 4)  # element 4c + k: [c, k]
-        hbytes = (hb << np.arange(8, dtype=np.uint8)[:, None]).sum(-2, dtype=np.uint8)  # (..., N, nb, k)
-        qh = np.pad(hbytes, pad + [(0, 0)]).reshape(*lead, G, ROWS, nb, 4)
+        q, hbytes = _q3_parts(q.reshape(-1, q.shape[-1]), np.asarray(arrays["qh"]).reshape(-1, nb * 4), nb)
+        u = np.pad(q.reshape(*lead, N, -1), pad).reshape(*lead, G, ROWS, nb, 2, 4)
+        qh = np.pad(hbytes.reshape(*lead, N, nb, 4), pad + [(0, 0)]).reshape(*lead, G, ROWS, nb, 4)
         qh = np.ascontiguousarray(np.swapaxes(qh, -3, -2)).reshape(*lead, G, nb, HBYTES3)  # (G, nb, row, k)
     elif kind == "q8_0":  # w + 128 as an unsigned byte (vpdpbusd's unsigned operand)
         u = np.pad(q.view(np.uint8) ^ np.uint8(0x80), pad).reshape(*lead, G, ROWS, nb, 8, 4)
@@ -167,6 +162,23 @@ def repack(wtype: str, arrays: dict) -> tuple[str, dict]:
         else:
             out[k] = scales(arrays[k])
     return RTYPE[wtype], out
+
+
+def _q3_parts(qs, qh, nb: int, codes: int = 1 << 22) -> tuple[np.ndarray, np.ndarray]:
+    """q3_K's stored qs and qh (M rows) -> (the low 2 bits in q2_K's stored layout (M, 8 nb), the
+    high bits (M, nb, 4): byte k of a block holds those of its elements 4c + k at bit c), about
+    ``codes`` codes at a time (a stack of experts' int16 codes would take several GB at once)."""
+    M = qs.shape[0]
+    low_b, high_b = np.empty((M, nb * 8), np.uint8), np.empty((M, nb, 4), np.uint8)
+    step = max(1, codes // (32 * nb))
+    for i in range(0, M, step):
+        c = quant.lowk_codes({"qs": qs[i:i + step], "qh": qh[i:i + step]}, "q3_K").astype(np.uint8)
+        low = c.reshape(-1, nb, 2, 4, 4) & 3  # element 16h + 4k + m: [h, k, m]
+        low_b[i:i + step] = (low[:, :, :, 0] | low[:, :, :, 1] << 2 | low[:, :, :, 2] << 4
+                             | low[:, :, :, 3] << 6).reshape(-1, nb * 8)
+        hb = (c >> 2).reshape(-1, nb, 8, 4)  # element 4c + k: [c, k]
+        high_b[i:i + step] = (hb << np.arange(8, dtype=np.uint8)[:, None]).sum(-2, dtype=np.uint8)
+    return low_b, high_b
 
 
 def _high_bits(qh, lead, G: int, nb: int, pad) -> np.ndarray:
