@@ -254,6 +254,7 @@ def _codegen(kind: str, U: int, prefetch: int):
         V, VB, F = vec(I32, 16), vec(I8, 64), vec(F32, 16)
         opnd = VB if VNNI_BYTE_OPERANDS else V
         dot = e.decl("llvm.x86.avx512.vpdpbusd.512", V, [V, opnd, opnd])
+        dpw = e.decl("llvm.x86.avx512.vpdpwssd.512", V, [V, V, V]) if q2 else None
         mstore = e.decl("llvm.masked.store.v16f32.p0", ir.VoidType(), [F, PTR, I32, vec(I1, 16)])
         m15 = e.const(I32, 16, [0x0F0F0F0F] * 16)
         sh4 = e.const(I32, 16, [4] * 16)
@@ -271,7 +272,11 @@ def _codegen(kind: str, U: int, prefetch: int):
             for u in range(U):
                 with cgutils.for_range(b, nb) as bl:
                     x16 = e.load(xp, b.add(xrow[u], b.mul(bl.index, i64(32))), vec(I8, 16))
-                    b.store(b.call(red, [b.sext(x16, V)]), b.gep(lo16, [b.add(b.mul(i64(u), nb), bl.index)]))
+                    lo = b.call(red, [b.sext(x16, V)])
+                    if q2:  # both halves' sums as the two words of a dword (|sum| <= 16 x 128), for vpdpwssd
+                        hi = b.sub(e.load(xsp, b.add(srow[u], b.mul(bl.index, i64(4))), I32), lo)
+                        lo = b.or_(b.and_(lo, I32(0xFFFF)), b.shl(hi, I32(16)))
+                    b.store(lo, b.gep(lo16, [b.add(b.mul(i64(u), nb), bl.index)]))
         with cgutils.for_range_slice(b, g0, g1, i64(1)) as (g, _):
             for a in acc:
                 b.store(ir.Constant(F, None), a)
@@ -345,7 +350,8 @@ def _codegen(kind: str, U: int, prefetch: int):
                 elif q2:  # per row: each half block's scale and min as integers, d and -dmin
                     sb = [b.zext(e.load(sp, b.add(b.mul(gb, i64(32)), i64(16 * h)), vec(I8, 16)), V) for h in range(2)]
                     q2sc = [b.and_(s, e.const(I32, 16, [15] * 16)) for s in sb]
-                    q2mn = [b.lshr(s, e.const(I32, 16, [4] * 16)) for s in sb]
+                    sh4v = e.const(I32, 16, [4] * 16)  # the two mins as the two words of each row's dword
+                    q2mn = b.or_(b.lshr(sb[0], sh4v), b.shl(b.lshr(sb[1], sh4v), e.const(I32, 16, [16] * 16)))
                     d, m = half16(dp, di), b.fneg(half16(mp, di))
                 elif q3:  # per row: each half block's signed scale as an integer, d
                     q2sc = [b.sext(e.load(sp, b.add(b.mul(gb, i64(32)), i64(16 * h)), vec(I8, 16)), V) for h in range(2)]
@@ -389,7 +395,7 @@ def _codegen(kind: str, U: int, prefetch: int):
                         if q2:  # sc0 x sum0 + sc1 x sum1 and mn0 x xsum0 + mn1 x xsum1, exact as integers
                             # (|.| < 2^18), then one multiply-add each by d x xd and -dmin x xd
                             S = b.add(b.mul(sums[0], q2sc[0]), b.mul(sums[1], q2sc[1]))
-                            M = b.add(b.mul(q2mn[0], e.splat(parts[0], 16)), b.mul(q2mn[1], e.splat(parts[1], 16)))
+                            M = b.call(dpw, [ir.Constant(V, None), q2mn, e.splat(lo, 16)])  # lo: both halves' sums
                             xv = e.splat(xd, 16)
                             v = e.fma(b.sitofp(S, F), b.fmul(d, xv), v)
                             v = e.fma(b.sitofp(M, F), b.fmul(m, xv), v)
