@@ -169,6 +169,14 @@ def test_rejects_mismatched_arrays():
     xq2, xd2, xs2 = _acts(path, 2, 96)
     with pytest.raises(ValueError, match="do not match K"):
         _call("q4_0", r, xq2, xd2, xs2, np.empty((2, 40), np.float32))
+    # the low-bit types' own arrays: q3_K's high bits, q2_K's dmin
+    xq3, xd3, xs3 = _acts(path, 2, 256)
+    _, r3 = interleaved.repack("q3_K", _weights("q3_K", 40, 256))
+    with pytest.raises(ValueError, match="high bits do not match"):
+        _call("q3_K", dict(r3, qh=np.ascontiguousarray(r3["qh"][:, :, :32])), xq3, xd3, xs3, np.empty((2, 40), np.float32))
+    _, r2 = interleaved.repack("q2_K", _weights("q2_K", 40, 256))
+    with pytest.raises(ValueError, match="scales do not match"):
+        _call("q2_K", dict(r2, dmin=np.ascontiguousarray(r2["dmin"][:2])), xq3, xd3, xs3, np.empty((2, 40), np.float32))
 
 
 @pytest.mark.parametrize("wtype", ["q4_0", "q4_1", "q8_0"])

@@ -116,16 +116,31 @@ def check_r16k(qs, sc, mn, d, dmin, xq, xd, xsum, out):
 
 
 @njit(**_JIT)
-def check_r16q6(qs, qh, sc, d, xq, xd, xsum, out):
-    """The interleaved q6_K: qs (G, nb, 256), qh (G, nb, 128), sc (G, 2 nb, 16), d (G, nb / 8, 16) or
-    (G, nb, 16) (q6_K_32). Returns the shift from a block to its d."""
-    _r16_shapes(qs, xq, xd, xsum, out, 256)
+def _r16_halves(qs, sc, d, xq, xd, xsum, out, gbytes):
+    """The interleaved K-quants with a scale per half block (q6_K, q2_K, q3_K): qs (G, nb, gbytes),
+    sc (G, 2 nb, 16), d (G, nb / 8, 16) or (G, nb, 16) (the _32 slices). Returns the shift from a
+    block to its d."""
+    _r16_shapes(qs, xq, xd, xsum, out, gbytes)
     G, nb = qs.shape[0], qs.shape[1]
-    if qh.shape[0] != G or qh.shape[1] != nb or qh.shape[2] != 128 or not dense3(qh):
-        raise ValueError("matmul: interleaved high bits do not match the codes")
     _scales3(sc, G, 2 * nb)
     dsh = _super_shift(d, nb)
     _scales3(d, G, nb >> dsh)
+    return dsh
+
+
+@njit(**_JIT)
+def _r16_high(qh, qs, hbytes):
+    """The high bits of an interleaved q6_K / q3_K: (G, nb, hbytes) beside the codes, contiguous."""
+    if qh.shape[0] != qs.shape[0] or qh.shape[1] != qs.shape[1] or qh.shape[2] != hbytes or not dense3(qh):
+        raise ValueError("matmul: interleaved high bits do not match the codes")
+
+
+@njit(**_JIT)
+def check_r16q6(qs, qh, sc, d, xq, xd, xsum, out):
+    """The interleaved q6_K: qs (G, nb, 256), qh (G, nb, 128), sc (G, 2 nb, 16), d (G, nb / 8, 16) or
+    (G, nb, 16) (q6_K_32). Returns the shift from a block to its d."""
+    dsh = _r16_halves(qs, sc, d, xq, xd, xsum, out, 256)
+    _r16_high(qh, qs, 128)
     return dsh
 
 
@@ -133,12 +148,8 @@ def check_r16q6(qs, qh, sc, d, xq, xd, xsum, out):
 def check_r16q2(qs, sc, d, dmin, xq, xd, xsum, out):
     """The interleaved q2_K: qs (G, nb, 128), sc (G, 2 nb, 16) bytes, d and dmin (G, nb / 8, 16) or
     (G, nb, 16) (q2_K_32). Returns the shift from a block to its d."""
-    _r16_shapes(qs, xq, xd, xsum, out, 128)
-    G, nb = qs.shape[0], qs.shape[1]
-    _scales3(sc, G, 2 * nb)
-    dsh = _super_shift(d, nb)
-    _scales3(d, G, nb >> dsh)
-    _scales3(dmin, G, nb >> dsh)
+    dsh = _r16_halves(qs, sc, d, xq, xd, xsum, out, 128)
+    _scales3(dmin, qs.shape[0], qs.shape[1] >> dsh)
     return dsh
 
 
@@ -146,11 +157,6 @@ def check_r16q2(qs, sc, d, dmin, xq, xd, xsum, out):
 def check_r16q3(qs, qh, sc, d, xq, xd, xsum, out):
     """The interleaved q3_K: qs (G, nb, 128), qh (G, nb, 64), sc (G, 2 nb, 16) int8, d (G, nb / 8, 16)
     or (G, nb, 16) (q3_K_32). Returns the shift from a block to its d."""
-    _r16_shapes(qs, xq, xd, xsum, out, 128)
-    G, nb = qs.shape[0], qs.shape[1]
-    if qh.shape[0] != G or qh.shape[1] != nb or qh.shape[2] != 64 or not dense3(qh):
-        raise ValueError("matmul: interleaved high bits do not match the codes")
-    _scales3(sc, G, 2 * nb)
-    dsh = _super_shift(d, nb)
-    _scales3(d, G, nb >> dsh)
+    dsh = _r16_halves(qs, sc, d, xq, xd, xsum, out, 128)
+    _r16_high(qh, qs, 64)
     return dsh
