@@ -343,18 +343,21 @@ def _codegen(kind: str, U: int, prefetch: int):
 
                 if qk or q6 or q2 or q3:
                     di = b.add(b.mul(g, b.lshr(nb, dsh)), b.lshr(blk, dsh))  # (group, super-block)
+
+                def half_scales(ext):  # per row, the scale bytes of each half block, widened by ext
+                    return [ext(e.load(sp, b.add(b.mul(gb, i64(32)), i64(16 * h)), vec(I8, 16)), V) for h in range(2)]
+
                 if q6:  # per row: d * sc of each half block (exact in float32)
-                    d = [b.fmul(half16(dp, di), b.sitofp(b.sext(e.load(sp, b.add(b.mul(gb, i64(32)), i64(16 * h)),
-                                                                       vec(I8, 16)), V), F)) for h in range(2)]
+                    d = [b.fmul(half16(dp, di), b.sitofp(s, F)) for s in half_scales(b.sext)]
                     m = None
                 elif q2:  # per row: each half block's scale and min as integers, d and -dmin
-                    sb = [b.zext(e.load(sp, b.add(b.mul(gb, i64(32)), i64(16 * h)), vec(I8, 16)), V) for h in range(2)]
-                    q2sc = [b.and_(s, e.const(I32, 16, [15] * 16)) for s in sb]
+                    sb = half_scales(b.zext)
+                    hsc = [b.and_(s, e.const(I32, 16, [15] * 16)) for s in sb]
                     sh4v = e.const(I32, 16, [4] * 16)  # the two mins as the two words of each row's dword
-                    q2mn = b.or_(b.lshr(sb[0], sh4v), b.shl(b.lshr(sb[1], sh4v), e.const(I32, 16, [16] * 16)))
+                    hmn = b.or_(b.lshr(sb[0], sh4v), b.shl(b.lshr(sb[1], sh4v), e.const(I32, 16, [16] * 16)))
                     d, m = half16(dp, di), b.fneg(half16(mp, di))
                 elif q3:  # per row: each half block's signed scale as an integer, d
-                    q2sc = [b.sext(e.load(sp, b.add(b.mul(gb, i64(32)), i64(16 * h)), vec(I8, 16)), V) for h in range(2)]
+                    hsc = half_scales(b.sext)
                     d, m = half16(dp, di), None
                 elif qk:  # per row: d * sc and -(dmin * mn) of this block (exact in float32)
 
@@ -378,10 +381,11 @@ def _codegen(kind: str, U: int, prefetch: int):
                         xb = b.add(xrow[u], bx)
                         v = b.load(acc[u])
                         xd = e.load(xdp, so, F32)
-                        sums, parts = [], (lo, b.sub(xs, lo))
-                        for h, part in enumerate(parts):
+                        sums = []
+                        for h in range(2):
                             ch = [ir.Constant(V, None) for _ in range(nh)]
-                            if q6 or q3:
+                            if q6 or q3:  # lo: the first half's activation sum (q2_K: both halves', packed)
+                                part = lo if h == 0 else b.sub(xs, lo)
                                 ch[0] = e.splat(b.mul(part, I32(-32 if q6 else -4)), 16)
                             for c in range(4 * h, 4 * h + 4):
                                 x = e.splat(e.load(xp, b.add(xb, i64(xoffs[c])), I32), 16)
@@ -392,16 +396,14 @@ def _codegen(kind: str, U: int, prefetch: int):
                             if q6:
                                 v = e.fma(b.sitofp(a, F), b.fmul(d[h], e.splat(xd, 16)), v)
                             sums.append(a)
-                        if q2:  # sc0 x sum0 + sc1 x sum1 and mn0 x xsum0 + mn1 x xsum1, exact as integers
-                            # (|.| < 2^18), then one multiply-add each by d x xd and -dmin x xd
-                            S = b.add(b.mul(sums[0], q2sc[0]), b.mul(sums[1], q2sc[1]))
-                            M = b.call(dpw, [ir.Constant(V, None), q2mn, e.splat(lo, 16)])  # lo: both halves' sums
+                        if q2 or q3:  # sc0 x sum0 + sc1 x sum1, exact as an integer (|.| < 2^19), times d x xd;
+                            # q2_K: mn0 x xsum0 + mn1 x xsum1 in one vpdpwssd, times -dmin x xd
+                            S = b.add(b.mul(sums[0], hsc[0]), b.mul(sums[1], hsc[1]))
                             xv = e.splat(xd, 16)
                             v = e.fma(b.sitofp(S, F), b.fmul(d, xv), v)
-                            v = e.fma(b.sitofp(M, F), b.fmul(m, xv), v)
-                        if q3:  # sc0 x sum0 + sc1 x sum1, exact as an integer (|.| < 2^19), then times d x xd
-                            S = b.add(b.mul(sums[0], q2sc[0]), b.mul(sums[1], q2sc[1]))
-                            v = e.fma(b.sitofp(S, F), b.fmul(d, e.splat(xd, 16)), v)
+                            if q2:
+                                M = b.call(dpw, [ir.Constant(V, None), hmn, e.splat(lo, 16)])
+                                v = e.fma(b.sitofp(M, F), b.fmul(m, xv), v)
                         b.store(v, acc[u])
                         continue
                     # CHAINS[U] independent vpdpbusd chains (one token has no other work to overlap the
@@ -451,10 +453,8 @@ def groups_{kind}(wp, dp, mp, sp, np_, dsh, G, nb, xp, xstride, xsp, xdp, sstrid
     per = max(1, CHUNK // max(1, nb * {gbytes}))
     while g0 < g1:
         ge = min(g1, g0 + per)
-        if T == 1 and nb < {pf1}:
-            {k}_1(wp, dp, mp, sp, np_, dsh, g0, ge, nb, xp, xstride, xsp, xdp, sstride, 0, op, ostride, N)
-        elif T == 1:  # long rows (q3_K: any): the prefetching tile (PF1_BLOCKS)
-            {k}_1p(wp, dp, mp, sp, np_, dsh, g0, ge, nb, xp, xstride, xsp, xdp, sstride, 0, op, ostride, N)
+        if T == 1:
+            {one}
         else:
             t0 = 0
             while t0 + 8 <= T:
@@ -510,19 +510,31 @@ _JIT_PAR = dict(cache=True, nogil=True, parallel=True)
 _JIT = dict(cache=True, nogil=True)
 
 
+def _one_token(kind: str) -> str:
+    """The runner's one-token call: the plain tile, or the prefetching one on rows of at least
+    PF1_BLOCKS[kind] blocks (at 0 the plain tile is not called, so not compiled)."""
+    call = f"ilv_{kind}_1{{}}(wp, dp, mp, sp, np_, dsh, g0, ge, nb, xp, xstride, xsp, xdp, sstride, 0, op, ostride, N)"
+    if kind not in PF1_BLOCKS:
+        return call.format("")
+    if PF1_BLOCKS[kind] == 0:
+        return call.format("p")
+    return (f"if nb < {PF1_BLOCKS[kind]}:\n                {call.format('')}\n"
+            f"            else:  # long rows: the prefetching tile\n                {call.format('p')}")
+
+
 def _source() -> str:
     src = runners.HEADER.format(by=__name__)
     for kind in RKINDS:
         args, check, ptrs = _ENTRY[kind]
         src += _RUN.format(flags=runners.flags(_JIT_PAR), serial=runners.flags(_JIT), entry=runners.flags(_JIT),
                            kind=kind, k=f"ilv_{kind}", gbytes=GBYTES[kind], args=args, check=check, ptrs=ptrs,
-                           pf1=PF1_BLOCKS.get(kind, 1 << 40))
+                           one=_one_token(kind))
     return src
 
 
 def _names() -> dict:
-    names = dict(check_r16=check_r16, check_r16k=check_r16k, check_r16q6=check_r16q6, check_r16q2=check_r16q2, check_r16q3=check_r16q3,
-                 _iget_num_threads=_iget_num_threads, CHUNK=CHUNK)
+    names = dict(check_r16=check_r16, check_r16k=check_r16k, check_r16q6=check_r16q6, check_r16q2=check_r16q2,
+                 check_r16q3=check_r16q3, _iget_num_threads=_iget_num_threads, CHUNK=CHUNK)
     for kind in RKINDS:
         for U in TILE_TOKENS:
             for p in (False, True):
